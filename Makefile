@@ -1,0 +1,47 @@
+# maskfl: the two commands are `make demo` and `make test`.
+# Every target creates or reuses .venv and installs what it needs itself,
+# including the mosquitto broker binary when it is missing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.maskfl-dev-installed
+DEMO_ARGS ?=
+BENCH_JSON ?= bench.json
+
+.PHONY: demo test lint bench mosquitto venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "maskfl needs Python >= 3.11; set PYTHON=python3.11")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+# Installs the broker binary (not a service) when it is not on this machine.
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; then :; else \
+		echo "mosquitto not found: installing it with apt-get"; \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q mosquitto; \
+	fi
+
+test: $(STAMP) mosquitto
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP) mosquitto
+	$(VENV)/bin/maskfl-demo $(DEMO_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+bench: $(STAMP) mosquitto
+	$(VENV)/bin/maskfl-bench all --json $(BENCH_JSON)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,119 @@
+"""The one exception tree of maskfl.
+
+Every error maskfl raises on purpose is a :class:`MaskflError`. Foreign errors
+(PyNaCl, paho, sqlite, pydantic) are translated where they happen, with
+``raise ... from exc``, so callers only ever catch ours::
+
+    MaskflError
+    ├── ProtocolError                  a protocol rule was broken
+    │   ├── RemoteProtocolError        ... by a peer: drop, receipt, count, go on
+    │   │   └── CertificateError       ... its enrollment certificate is not acceptable
+    │   └── LocalProtocolError         ... by us: a bug or a misuse of the API
+    ├── CryptoError                    a key, seal or signature operation failed locally
+    ├── TransportError                 the MQTT link failed (connect, publish, subscribe)
+    ├── StorageError                   SQLite or the checkpoint files failed
+    ├── ConfigError                    a configuration value is wrong; names field and fix
+    └── AggregationError               the aggregate cannot be formed (shape, word size, backend)
+
+A :class:`RemoteProtocolError` carries a machine-readable :class:`Reason`; the
+coordinator puts that reason into the receipt it sends back and counts it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Why a message from the network was rejected (sent in receipts, counted in metrics)."""
+
+    MALFORMED = "malformed"
+    WRONG_FLEET = "wrong_fleet"
+    WRONG_ROUND = "wrong_round"
+    WRONG_PHASE = "wrong_phase"
+    BAD_SIGNATURE = "bad_signature"
+    UNENROLLED = "unenrolled"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    DUPLICATE = "duplicate"
+    OVERSIZE = "oversize"
+    WRONG_LENGTH = "wrong_length"
+    NOT_ELIGIBLE = "not_eligible"
+    PHASE_CLOSED = "phase_closed"
+    WRONG_ROLE = "wrong_role"
+    UNKNOWN_SUMMER = "unknown_summer"
+
+
+class MaskflError(Exception):
+    """Root of every error maskfl raises on purpose."""
+
+
+class ProtocolError(MaskflError):
+    """A rule of the PET protocol was broken.
+
+    The optional fields locate the problem; they are also what the logs show.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        round_id: int | None = None,
+        phase: str | None = None,
+        participant: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.round_id = round_id
+        self.phase = phase
+        self.participant = participant
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer sent something that breaks the protocol. Never fatal to the receiver."""
+
+    def __init__(
+        self,
+        reason: Reason,
+        message: str,
+        *,
+        round_id: int | None = None,
+        phase: str | None = None,
+        participant: str | None = None,
+    ) -> None:
+        super().__init__(message, round_id=round_id, phase=phase, participant=participant)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.args[0]}"
+
+
+class CertificateError(RemoteProtocolError):
+    """An enrollment certificate is forged, expired, revoked, for another fleet or role."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to do something the protocol does not allow (a bug in the caller)."""
+
+
+class CryptoError(MaskflError):
+    """A local cryptographic operation failed (bad key material, seal that cannot open)."""
+
+
+class TransportError(MaskflError):
+    """The MQTT connection, a publish or a subscribe failed."""
+
+
+class StorageError(MaskflError):
+    """Reading or writing durable state failed."""
+
+
+class ConfigError(MaskflError):
+    """A configuration value is wrong. The message names the field and the fix."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class AggregationError(MaskflError):
+    """The aggregate cannot be formed: shape or word size mismatch, backend unavailable."""
