@@ -1,0 +1,85 @@
+"""``maskfl-bench``: performance measured as JSON, never asserted in tests.
+
+Every subcommand prints its JSON on stdout, or writes it to ``--json FILE``.
+Subcommands live in ``tools/bench_<name>.py``; each exposes ``add_parser`` and
+``run(args) -> dict``. ``all`` runs every subcommand with its defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# subcommand -> module under maskfl.tools that implements it
+SUBCOMMANDS: dict[str, str] = {
+    "protocol": "bench_protocol",
+    "aggregate": "bench_aggregate",
+    "coordinator": "bench_coordinator",
+    "agent": "bench_agent",
+    "round": "bench_round",
+}
+
+
+def machine() -> dict[str, Any]:
+    """What ran the benchmark, so numbers from different machines are not compared blindly."""
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskfl-bench",
+        description="Measure maskfl's throughput; writes JSON (stdout, or --json FILE).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(f"maskfl.tools.{module_name}")
+        module.add_parser(sub)
+    everything = sub.add_parser("all", help="run every benchmark with its defaults")
+    everything.add_argument("--json", type=Path, help="write the JSON here instead of stdout")
+    return parser
+
+
+def run_all() -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(f"maskfl.tools.{module_name}")
+        parser = argparse.ArgumentParser()
+        module.add_parser(parser.add_subparsers(dest="command"))
+        args = parser.parse_args([name])
+        print(f"maskfl-bench: running {name}", file=sys.stderr)
+        results[name] = module.run(args)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "all":
+        results = run_all()
+    else:
+        module = importlib.import_module(f"maskfl.tools.{SUBCOMMANDS[args.command]}")
+        results = module.run(args)
+    document = {"benchmark": args.command, "machine": machine(), "results": results}
+    text = json.dumps(document, indent=2, sort_keys=False)
+    if getattr(args, "json", None):
+        Path(args.json).write_text(text + "\n")
+        print(f"maskfl-bench: wrote {args.json}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
