@@ -1,0 +1,332 @@
+"""The agent's configuration: one TOML file plus ``MASKFL__SECTION__KEY`` environment overrides.
+
+This model is the source of truth for the keys of ``agent.toml``; provisioning writes
+bundles that match it. Example (every section but ``[device]`` is optional)::
+
+    [device]
+    id = "pi-kitchen-01"                 # [A-Za-z0-9_-]{1,64}; also the MQTT client id
+    fleet = "demo"
+    key_file = "device.key"              # Ed25519 PKCS#8 PEM, mode 0600
+    # key_passphrase_file = "device.pass"
+    certificate_file = "device.cert"     # enrollment certificate (protocol binary encoding)
+    ca_public_key_file = "ca.pub"        # fleet CA public key (PEM)
+    # revocations_file = "fleet.crl"     # optional; the retained list on the broker also counts
+
+    [broker]
+    host = "broker.example.org"
+    port = 8883
+    tls = true
+    ca_file = "broker-ca.pem"
+    cert_file = "device-tls.pem"         # mTLS client certificate
+    key_file = "device-tls.key"
+
+    [state]
+    dir = "/var/lib/maskfl-agent"        # SQLite journal; StateDirectory= in systemd
+
+    [guards]
+    time_windows = ["22:00-06:00"]       # local time; empty list = any time
+    max_load_per_cpu = 0.8               # 1-minute load average divided by CPU count
+    min_free_memory_mb = 128
+    on_battery_file = "/sys/class/power_supply/BAT0/status"
+    on_battery_value = "Discharging"
+    # on_battery_command = ["/usr/local/bin/on-battery"]   # exit status 0 = on battery
+    max_upload_bytes = 67108864          # per round
+
+    [training]
+    epochs = 1
+    batch_size = 32
+    sample_cap = 1000                    # weight a = min(samples, cap) / cap
+    # model_file = "model.tflite"        # else the graph retained on model/<id>/graph
+
+    [data]
+    source = "digits"                    # entry point in group "maskfl.datasources"
+    options = { shard = 0, shards = 10 }
+
+Relative paths are resolved against the directory of the config file (so a
+provisioning bundle can be moved as a whole). Environment variables override the
+file: ``MASKFL__BROKER__HOST=10.0.0.2``, ``MASKFL__GUARDS__MAX_LOAD_PER_CPU=0.5``.
+Every failure becomes a :class:`~maskfl.protocol.errors.ConfigError` whose message
+names the field and says what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import tomllib
+from datetime import time
+from pathlib import Path
+from typing import Any, Literal
+
+from maskfl.protocol.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = [
+    "AgentConfig",
+    "BrokerSection",
+    "DataSection",
+    "DeviceSection",
+    "GuardsSection",
+    "HeartbeatSection",
+    "LimitsSection",
+    "LoggingSection",
+    "StateSection",
+    "TimeWindow",
+    "TrainingSection",
+    "load_config",
+]
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TimeWindow(_Section):
+    """A daily local-time window ``start-end``; ``end < start`` wraps past midnight."""
+
+    start: time
+    end: time
+
+    @classmethod
+    def parse(cls, text: str) -> TimeWindow:
+        match = _WINDOW.match(text)
+        if match is None:
+            raise ValueError(f"{text!r} is not a window like '22:00-06:00'")
+        h1, m1, h2, m2 = (int(g) for g in match.groups())
+        if h1 > 23 or h2 > 24 or m1 > 59 or m2 > 59 or (h2 == 24 and m2 != 0):
+            raise ValueError(f"{text!r} has an hour or minute out of range")
+        end = time(23, 59, 59, 999999) if h2 == 24 else time(h2, m2)
+        return cls(start=time(h1, m1), end=end)
+
+    def contains(self, now: time) -> bool:
+        """Whether local time ``now`` lies in the window; ``start == end`` is all day."""
+        if self.start == self.end:
+            return True
+        if self.start < self.end:
+            return self.start <= now < self.end
+        return now >= self.start or now < self.end
+
+    def __str__(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M}"
+
+
+class DeviceSection(_Section):
+    """Who this device is: its id, fleet, long-term key and enrollment certificate."""
+
+    id: str = Field(pattern=DEVICE_ID_PATTERN)
+    fleet: str = Field(pattern=DEVICE_ID_PATTERN)
+    key_file: Path
+    key_passphrase_file: Path | None = None
+    certificate_file: Path
+    ca_public_key_file: Path
+    revocations_file: Path | None = None
+
+
+class BrokerSection(_Section):
+    """How to reach the MQTT broker (MQTT 5; TLS with client certificates in production)."""
+
+    host: str = "localhost"
+    port: int = Field(default=1883, ge=1, le=65535)
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    reconnect_min_s: float = Field(default=1.0, gt=0)
+    reconnect_max_s: float = Field(default=60.0, gt=0)
+    connect_timeout_s: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> BrokerSection:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both cert_file and key_file (the TLS client pair) or neither")
+        if not self.tls and (self.ca_file or self.cert_file):
+            raise ValueError("ca_file/cert_file/key_file need tls = true")
+        return self
+
+
+def _default_state_dir() -> Path:
+    # systemd's StateDirectory= exports STATE_DIRECTORY (colon-separated when several).
+    found = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(found or "/var/lib/maskfl-agent")
+
+
+class StateSection(_Section):
+    """Where durable state lives (the SQLite journal of rounds and keys)."""
+
+    dir: Path = Field(default_factory=_default_state_dir)
+
+    @property
+    def database(self) -> Path:
+        return self.dir / "agent.sqlite3"
+
+
+class GuardsSection(_Section):
+    """When the device may train. An unset limit is not checked."""
+
+    time_windows: tuple[TimeWindow, ...] = ()
+    max_load_per_cpu: float | None = Field(default=None, gt=0)
+    min_free_memory_mb: int | None = Field(default=None, ge=0)
+    on_battery_file: Path | None = None
+    on_battery_value: str = "Discharging"
+    on_battery_command: tuple[str, ...] | None = None
+    command_timeout_s: float = Field(default=5.0, gt=0)
+    max_upload_bytes: int | None = Field(default=None, gt=0)
+
+    @field_validator("time_windows", mode="before")
+    @classmethod
+    def _parse_windows(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            return tuple(TimeWindow.parse(v) if isinstance(v, str) else v for v in value)
+        return value
+
+    @field_validator("on_battery_command", mode="before")
+    @classmethod
+    def _split_command(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(shlex.split(value))
+        return value
+
+
+class TrainingSection(_Section):
+    """Local training: how long, and how an update is weighted."""
+
+    epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1)
+    sample_cap: int = Field(default=1000, ge=1)
+    model_file: Path | None = None
+    threads: int | None = Field(default=None, ge=1)
+
+
+class DataSection(_Section):
+    """Where the training data comes from: a data-source plugin and its options."""
+
+    source: str = "digits"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class HeartbeatSection(_Section):
+    """Signed heartbeats on ``status/<device>``."""
+
+    interval_s: float = Field(default=30.0, ge=1.0)
+
+
+class LimitsSection(_Section):
+    """Bounds on what the agent accepts from the network (checked before parsing)."""
+
+    max_message_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    max_reassembly_messages: int = Field(default=8, ge=1)
+    reassembly_max_age_s: float = Field(default=600.0, gt=0)
+    receipt_timeout_s: float = Field(default=60.0, gt=0)
+    upload_retries: int = Field(default=2, ge=0, le=10)
+
+
+class LoggingSection(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class AgentConfig(BaseSettings):
+    """The whole ``agent.toml``. Build it with :func:`load_config`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MASKFL__",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    device: DeviceSection
+    broker: BrokerSection = BrokerSection()
+    state: StateSection = StateSection()
+    guards: GuardsSection = GuardsSection()
+    training: TrainingSection = TrainingSection()
+    data: DataSection = DataSection()
+    heartbeat: HeartbeatSection = HeartbeatSection()
+    limits: LimitsSection = LimitsSection()
+    logging: LoggingSection = LoggingSection()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first: it overrides the file (which arrives as init kwargs).
+        return (env_settings, init_settings)
+
+    def resolve_paths(self, base: Path) -> AgentConfig:
+        """A copy whose relative paths are taken relative to ``base`` (the config's folder)."""
+
+        def fix(section: BaseModel) -> BaseModel:
+            updates: dict[str, Any] = {}
+            for name, value in section:
+                if isinstance(value, Path) and not value.is_absolute() and str(value) != "":
+                    updates[name] = (base / value).resolve()
+            return section.model_copy(update=updates) if updates else section
+
+        return self.model_copy(
+            update={
+                "device": fix(self.device),
+                "broker": fix(self.broker),
+                "state": fix(self.state),
+                "guards": fix(self.guards),
+                "training": fix(self.training),
+            }
+        )
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "missing":
+            message = "is required; add it to the config file"
+        elif error["type"] == "extra_forbidden":
+            message = "is not a known key; remove it or check its spelling"
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def load_config(path: Path | str | None, *, environ_only: bool = False) -> AgentConfig:
+    """Read ``path`` (TOML), apply ``MASKFL__...`` overrides, resolve relative paths.
+
+    Raises :class:`ConfigError` naming the field; never a pydantic or TOML error.
+    """
+    data: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None and not environ_only:
+        file = Path(path)
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {file} does not exist", field="--config") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc}", field="--config") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file} is not valid TOML: {exc}", field="--config") from exc
+        base = file.resolve().parent
+    try:
+        config = AgentConfig(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]["loc"] if exc.errors() else ()
+        raise ConfigError(
+            f"invalid agent config: {_describe(exc)}", field=".".join(str(p) for p in first)
+        ) from exc
+    return config.resolve_paths(base)
