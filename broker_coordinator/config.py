@@ -1,0 +1,431 @@
+"""The coordinator's configuration: one TOML file plus ``MASKFL__`` environment overrides.
+
+This model is the source of truth for the keys of ``coordinator.toml`` (provisioning
+writes files that match it). Loading order, later wins::
+
+    defaults  <  the TOML file  <  environment (MASKFL__SECTION__KEY, nested with "__")
+
+so ``MASKFL__PET__SUM__COUNT_MIN=2`` overrides ``[pet.sum] count_min``. Relative paths
+are resolved against the directory of the TOML file (a provisioning bundle can be
+moved as a whole). Every model is frozen and forbids unknown keys; cross-field rules
+live in validators. :func:`load_config` turns every pydantic error into a
+:class:`~maskfl.protocol.errors.ConfigError` whose message names the field and the fix,
+so the CLI can print one line and exit 2.
+
+Example (all sections; most keys have defaults)::
+
+    [fleet]
+    id = "demo"
+    ca_public_key_file = "ca.pub"         # PEM, the fleet CA's Ed25519 public key
+    revocations_file = "revocations.bin"  # optional; reloaded when its mtime changes
+
+    [identity]
+    key_file = "coordinator.key"          # PKCS#8 PEM, mode 0600
+    certificate_file = "coordinator.cert" # enrollment certificate, role "coordinator"
+    passphrase_env = ""                   # optional: env var holding the key passphrase
+
+    [broker]
+    host = "127.0.0.1"
+    port = 8883
+    tls = true
+    ca_file = "broker-ca.pem"
+    cert_file = "coordinator-tls.pem"     # client certificate (mTLS), with key_file
+    key_file = "coordinator-tls.key"
+    # username = "coordinator"; password_file = "broker.password"
+    client_id = "maskfl-coordinator"
+    session_expiry_s = 86400              # persistent session (clean_start = false)
+
+    [storage]
+    dir = "state"                         # SQLite database and aggregate checkpoints
+
+    [model]
+    id = "digits-mlp"
+    length = 1000                         # M, the flat weight vector length
+    initial_weights = "initial.npy"       # float32[M]
+
+    [masking]
+    bound = 1.0                           # B: deltas are clipped to [-B, B]
+    n_max = 1000                          # most updates one aggregate may hold
+    word_bits = "auto"                    # 32, 64, or auto (32 unless tolerance needs 64)
+    tolerance = 1e-5
+
+    [pet.sum]
+    target = 3
+    count_min = 1
+    count_max = 100
+    time_min_s = 2
+    time_max_s = 60
+
+    [optimizer]
+    kind = "fedavg"                       # fedavg | fedavgm | fedadam
+
+    [http]
+    port = 9464                           # /metrics, /healthz, /readyz, /status
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from maskfl.protocol.errors import ConfigError
+
+ENV_PREFIX = "MASKFL__"
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+__all__ = [
+    "ENV_PREFIX",
+    "AggregationConfig",
+    "BrokerConfig",
+    "CoordinatorConfig",
+    "FleetConfig",
+    "HttpConfig",
+    "IdentityConfig",
+    "LogConfig",
+    "MaskingConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "OptimizerKind",
+    "PetConfig",
+    "PhaseConfig",
+    "StorageConfig",
+    "load_config",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FleetConfig(_Section):
+    """Who the fleet is and whom it trusts."""
+
+    id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
+    ca_public_key_file: Path
+    revocations_file: Path | None = None
+    revocations_poll_s: Annotated[float, Field(gt=0)] = 5.0
+
+
+class IdentityConfig(_Section):
+    """The coordinator's own enrollment: it signs round parameters, dictionaries, models."""
+
+    key_file: Path
+    certificate_file: Path
+    passphrase_env: str = ""
+
+
+class BrokerConfig(_Section):
+    """The broker connection: a persistent MQTT 5 session with manual acknowledgement.
+
+    Same keys as the agent's ``[broker]`` plus the session settings. TLS: ``tls = true``
+    with ``ca_file``; client-certificate auth with ``cert_file`` + ``key_file``;
+    username/password with ``username`` + ``password_file`` (or ``password``).
+    """
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_insecure: bool = False
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None
+    client_id: Annotated[str, Field(min_length=1, max_length=128)] = "maskfl-coordinator"
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    session_expiry_s: Annotated[int, Field(ge=1)] = 86400
+    reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
+    reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 15.0
+    receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 1000
+
+    @model_validator(mode="after")
+    def _checks(self) -> Self:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError("reconnect_min_s must not exceed reconnect_max_s")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both cert_file and key_file (the TLS client pair) or neither")
+        if not self.tls and (self.ca_file or self.cert_file):
+            raise ValueError("ca_file/cert_file/key_file need tls = true")
+        return self
+
+
+class StorageConfig(_Section):
+    """Durable state: the SQLite database (WAL) and the aggregate checkpoint files.
+
+    ``group_commit_max`` updates (or whatever arrived within ``group_commit_ms``) are
+    added, checkpointed and committed together; their MQTT acks follow the commit.
+    """
+
+    dir: Path = Path("state")
+    group_commit_max: Annotated[int, Field(ge=1, le=10000)] = 32
+    group_commit_ms: Annotated[float, Field(ge=0, le=10000)] = 20.0
+
+
+class ModelConfig(_Section):
+    id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
+    length: Annotated[int, Field(ge=1, le=100_000_000)]
+    initial_weights: Path | None = None
+
+
+class MaskingConfig(_Section):
+    """Fixed-point masking: deltas clipped to ``bound``, at most ``n_max`` per aggregate."""
+
+    bound: Annotated[float, Field(gt=0)] = 1.0
+    n_max: Annotated[int, Field(ge=1)] = 1000
+    word_bits: Literal["auto", 32, 64] = "auto"
+    tolerance: Annotated[float, Field(gt=0)] = 1e-5
+
+
+class PhaseConfig(_Section):
+    """One message-driven phase: closes at count_max, or at time_min once count_min is in;
+    fails at time_max below count_min. ``target`` (sum, update) is the number of
+    participants the sortition probability aims at; ``prob`` fixes it instead."""
+
+    target: Annotated[int, Field(ge=1)] | None = None
+    prob: Annotated[float, Field(gt=0, le=1)] | None = None
+    count_min: Annotated[int, Field(ge=1)] = 1
+    count_max: Annotated[int, Field(ge=1)] = 100
+    time_min_s: Annotated[float, Field(ge=0)] = 0.0
+    time_max_s: Annotated[float, Field(gt=0)] = 60.0
+
+    @model_validator(mode="after")
+    def _windows(self) -> Self:
+        if self.count_min > self.count_max:
+            raise ValueError(
+                f"count_min ({self.count_min}) exceeds count_max ({self.count_max}): "
+                "lower count_min or raise count_max"
+            )
+        if self.time_min_s > self.time_max_s:
+            raise ValueError(
+                f"time_min_s ({self.time_min_s}) exceeds time_max_s ({self.time_max_s}): "
+                "lower time_min_s or raise time_max_s"
+            )
+        return self
+
+
+def _default_sum() -> PhaseConfig:
+    return PhaseConfig(target=3, count_min=1, count_max=100, time_min_s=2.0, time_max_s=60.0)
+
+
+def _default_update() -> PhaseConfig:
+    return PhaseConfig(target=10, count_min=3, count_max=1000, time_min_s=5.0, time_max_s=300.0)
+
+
+def _default_sum2() -> PhaseConfig:
+    return PhaseConfig(count_min=1, count_max=100, time_min_s=0.0, time_max_s=120.0)
+
+
+class PetConfig(_Section):
+    """Round timing and sizes."""
+
+    sum: PhaseConfig = Field(default_factory=_default_sum)
+    update: PhaseConfig = Field(default_factory=_default_update)
+    sum2: PhaseConfig = Field(default_factory=_default_sum2)
+    chunk_size: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] = 256 * 1024
+    alive_window_s: Annotated[float, Field(gt=0)] = 300.0
+    round_pause_s: Annotated[float, Field(ge=0)] = 0.0
+    failure_pause_s: Annotated[float, Field(ge=0)] = 5.0
+    max_rounds: Annotated[int, Field(ge=0)] = 0
+    initial_seed: Annotated[str, Field(pattern=r"^([0-9a-fA-F]{64})?$")] = ""
+    reassembly_max_bytes: Annotated[int, Field(ge=1 << 20)] = 512 * 1024 * 1024
+    reassembly_max_messages: Annotated[int, Field(ge=1)] = 4096
+    reassembly_max_age_s: Annotated[float, Field(gt=0)] = 120.0
+
+    @model_validator(mode="after")
+    def _cross(self) -> Self:
+        if self.sum.target is None and self.sum.prob is None:
+            raise ValueError("[pet.sum] needs target (participants to aim at) or prob")
+        if self.update.target is None and self.update.prob is None:
+            raise ValueError("[pet.update] needs target (participants to aim at) or prob")
+        if self.sum2.target is not None or self.sum2.prob is not None:
+            raise ValueError("[pet.sum2] takes no target or prob: summers are chosen in sum")
+        if self.sum2.count_min > self.sum.count_max:
+            raise ValueError(
+                f"pet.sum2.count_min ({self.sum2.count_min}) exceeds pet.sum.count_max "
+                f"({self.sum.count_max}): sum2 only hears from accepted summers; lower it"
+            )
+        return self
+
+
+class OptimizerKind(StrEnum):
+    FEDAVG = "fedavg"
+    FEDAVGM = "fedavgm"
+    FEDADAM = "fedadam"
+
+
+class OptimizerConfig(_Section):
+    """Server optimizer applied to the unmasked mean delta.
+
+    fedavg: ``w += lr·Δ``; fedavgm: ``v = momentum·v + Δ; w += lr·v``;
+    fedadam (Reddi et al. 2021): ``m = β1·m + (1−β1)Δ; v = β2·v + (1−β2)Δ²;
+    w += lr·m / (√v + τ)``.
+    """
+
+    kind: OptimizerKind = OptimizerKind.FEDAVG
+    lr: Annotated[float, Field(gt=0)] = 1.0
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    tau: Annotated[float, Field(gt=0)] = 1e-3
+
+
+class AggregationConfig(_Section):
+    backend: Literal["auto", "numpy", "cupy"] = "auto"
+
+
+class HttpConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9464
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class CoordinatorConfig(BaseSettings):
+    """The whole coordinator configuration (see the module docstring for the file)."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+    )
+
+    fleet: FleetConfig
+    identity: IdentityConfig
+    broker: BrokerConfig = BrokerConfig()
+    storage: StorageConfig = StorageConfig()
+    model: ModelConfig
+    masking: MaskingConfig = MaskingConfig()
+    pet: PetConfig = Field(default_factory=PetConfig)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    http: HttpConfig = HttpConfig()
+    log: LogConfig = LogConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _cross(self) -> Self:
+        if self.pet.update.count_max > self.masking.n_max:
+            raise ValueError(
+                f"pet.update.count_max ({self.pet.update.count_max}) exceeds masking.n_max "
+                f"({self.masking.n_max}): the aggregate could overflow; raise masking.n_max "
+                "or lower pet.update.count_max"
+            )
+        return self
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    """Return ``value`` with every relative Path made relative to ``base``."""
+    if isinstance(value, Path):
+        return value if value.is_absolute() else base / value
+    if isinstance(value, BaseModel):
+        updates = {name: _resolve(getattr(value, name), base) for name in type(value).model_fields}
+        return value.model_copy(update=updates)
+    return value
+
+
+def _describe(errors: list[Any]) -> str:
+    parts = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__") or "(top level)"
+        kind = err.get("type", "")
+        msg = str(err.get("msg", "invalid"))
+        if kind == "extra_forbidden":
+            parts.append(f"{loc}: unknown key; remove it or fix its spelling")
+        elif kind == "missing":
+            parts.append(f"{loc}: required; add it to the config file or set it in the env")
+        else:
+            msg = msg.removeprefix("Value error, ")
+            given = err.get("input")
+            shown = "" if isinstance(given, dict | list) else f" (got {given!r})"
+            parts.append(f"{loc}: {msg}{shown}")
+    return "; ".join(parts)
+
+
+def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> CoordinatorConfig:
+    """Read, merge with the environment, validate and resolve paths.
+
+    ``env`` replaces ``os.environ`` for the overrides (tests pass their own).
+    Raises :class:`ConfigError` naming the field and the fix; nothing else.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist", field=str(path)) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}", field=str(path)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}", field=str(path)) from exc
+    saved: dict[str, str] | None = None
+    if env is not None:
+        saved = dict(os.environ)
+        for key in [k for k in os.environ if k.upper().startswith(ENV_PREFIX)]:
+            del os.environ[key]
+        os.environ.update({k: v for k, v in env.items() if k.upper().startswith(ENV_PREFIX)})
+    try:
+        config = CoordinatorConfig(**raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        field = ".".join(str(p) for p in errors[0].get("loc", ())) if errors else None
+        raise ConfigError(f"{path}: {_describe(list(errors))}", field=field) from exc
+    finally:
+        if saved is not None:
+            os.environ.clear()
+            os.environ.update(saved)
+    resolved: CoordinatorConfig = _resolve(config, path.resolve().parent)
+    return resolved
+
+
+def check_files(config: CoordinatorConfig) -> None:
+    """Fail early, naming the key, when a file the coordinator needs is missing."""
+    required: list[tuple[str, Path | None]] = [
+        ("fleet.ca_public_key_file", config.fleet.ca_public_key_file),
+        ("identity.key_file", config.identity.key_file),
+        ("identity.certificate_file", config.identity.certificate_file),
+        ("model.initial_weights", config.model.initial_weights),
+        ("broker.password_file", config.broker.password_file),
+        ("broker.ca_file", config.broker.ca_file),
+        ("broker.cert_file", config.broker.cert_file),
+        ("broker.key_file", config.broker.key_file),
+    ]
+    for field, value in required:
+        if value is not None and not value.is_file():
+            raise ConfigError(
+                f"{field}: file {value} does not exist; fix the path (relative paths are "
+                "resolved against the config file's directory)",
+                field=field,
+            )
+    if config.identity.passphrase_env and config.identity.passphrase_env not in os.environ:
+        raise ConfigError(
+            f"identity.passphrase_env: environment variable {config.identity.passphrase_env} "
+            "is not set; export it or clear passphrase_env",
+            field="identity.passphrase_env",
+        )
