@@ -1,0 +1,512 @@
+"""Masking arithmetic: fixed-point encoding, ChaCha20 masks, unmasking and decoding.
+
+Everything is modular arithmetic on numpy unsigned integers of ``w`` bits
+(``w`` in {32, 64}); numpy's array additions wrap modulo ``2^w`` silently, so
+there is no big-integer code anywhere (DESIGN.md §4).
+
+Encoding (one update of ``M`` elements becomes ``M + 1`` words)::
+
+    x  = clip(delta, -B, B) * a          clip first, then weight (a in [0, 1])
+    e  = clip(rint(x * S), -K, K) + K    K = floor(B * S), an exact integer
+    e_M = rint(a * S_w) + S_w            the weight, with its own bound 1
+
+with ``S = floor((2^w - 1) / (N_max * 2B))`` and ``S_w`` the same with ``B = 1``.
+Every word lies in ``[0, 2K]``, so the sum of up to ``N_max`` of them never
+wraps. The *masks* wrap, and that is the point: a masked word is uniform modulo
+``2^w`` and tells nothing about the value under it.
+
+Masking adds the ChaCha20 keystream of a 32-byte seed (RFC 8439, key = seed,
+nonce = ``b"LibsodiumDRG"``, block counter from 0, read as little-endian words),
+which is byte-identical to libsodium's ``randombytes_buf_deterministic``. The
+keystream comes from ``cryptography`` (OpenSSL, SIMD) in cache-sized chunks that
+are added into the target at once, so no function here allocates a whole
+stream except :func:`mask_stream`, the plain reference.
+
+Decoding subtracts ``n * K`` (and ``n * S_w``) in integers modulo ``2^w``, reads
+the result as two's complement and only then converts to float: a float64 cast
+of a raw 64-bit sum would lose 11 bits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Final, Literal, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
+from maskfl.protocol.crypto import SEED_BYTES
+from maskfl.protocol.errors import AggregationError, ConfigError, CryptoError, LocalProtocolError
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "MASK_NONCE",
+    "MaskConfig",
+    "WordBits",
+    "Words",
+    "add_mask",
+    "add_words",
+    "aggregate_mask",
+    "decode_aggregate",
+    "encode_update",
+    "error_bound",
+    "mask_stream",
+    "mask_update",
+    "unmask",
+]
+
+_log = logging.getLogger(__name__)
+
+WordBits: TypeAlias = Literal[32, 64]
+Words: TypeAlias = npt.NDArray[np.unsignedinteger[Any]]
+"""A vector of words: ``np.uint32`` or ``np.uint64``, 1-D."""
+
+MASK_NONCE: Final = b"LibsodiumDRG"
+DEFAULT_CHUNK_BYTES: Final = 128 * 1024
+"""Keystream bytes generated per step: fits L2 together with the target slice.
+
+Measured with ``maskfl-bench protocol`` (tools/bench_protocol.py); see its
+``chunk_sweep`` output before changing it.
+"""
+
+# Floating-point slack, in units of 1/S, of computing rint(a * x * S) in float64:
+# three roundings (a*x, float(S), the product), each at most 2^-53 relative.
+_FLOAT_UNITS: Final = 4 * 2.0**-53
+
+
+@dataclass(frozen=True, slots=True)
+class MaskConfig:
+    """How updates become words: clipping bound ``B``, fleet size ``N_max``, word size.
+
+    ``bound`` is the largest magnitude of a delta element that survives clipping;
+    ``n_max`` the largest number of updates that may be summed without wrapping.
+    Invalid values raise :class:`ConfigError` naming the field.
+    """
+
+    bound: float
+    n_max: int
+    word_bits: WordBits = 32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bound, bool) or not isinstance(self.bound, int | float):
+            raise ConfigError("bound must be a number, e.g. 1.0", field="bound")
+        if not math.isfinite(self.bound) or self.bound <= 0:
+            raise ConfigError(
+                f"bound must be a finite number > 0 (got {self.bound!r}); e.g. 1.0", field="bound"
+            )
+        if isinstance(self.n_max, bool) or not isinstance(self.n_max, int) or self.n_max < 1:
+            raise ConfigError(
+                f"n_max must be an integer >= 1 (got {self.n_max!r}): the most updates per round",
+                field="n_max",
+            )
+        if self.word_bits not in (32, 64):
+            raise ConfigError(
+                f"word_bits must be 32 or 64 (got {self.word_bits!r})", field="word_bits"
+            )
+        if self.scale < 1:
+            raise ConfigError(
+                f"bound * n_max too large for {self.word_bits}-bit words (scale would be 0); "
+                "lower bound or n_max, or use word_bits = 64",
+                field="n_max",
+            )
+        if self.weight_scale < 1:
+            raise ConfigError(
+                f"n_max = {self.n_max} too large for {self.word_bits}-bit words; "
+                "use word_bits = 64",
+                field="n_max",
+            )
+
+    @classmethod
+    def for_tolerance(cls, bound: float, n_max: int, tolerance: float) -> MaskConfig:
+        """The cheapest word size whose resolution ``1/S`` is at most ``tolerance``.
+
+        32-bit words keep a masked update as large as the float32 model; 64 bits
+        are chosen only when 32 would be coarser than ``tolerance``. The choice is
+        logged. Raises :class:`ConfigError` when even 64 bits are too coarse.
+        """
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
+            raise ConfigError("tolerance must be a number, e.g. 1e-6", field="tolerance")
+        if not math.isfinite(tolerance) or tolerance <= 0:
+            raise ConfigError(
+                f"tolerance must be a finite number > 0 (got {tolerance!r})", field="tolerance"
+            )
+        bits: WordBits
+        for bits in (32, 64):
+            try:
+                cfg = cls(bound, n_max, bits)
+            except ConfigError as exc:
+                if exc.field != "n_max" or bits == 64:
+                    raise
+                continue
+            if cfg.resolution <= tolerance:
+                _log.info(
+                    "masking: %d-bit words, resolution %.3g <= tolerance %.3g (bound %g, n_max %d)",
+                    bits,
+                    cfg.resolution,
+                    tolerance,
+                    bound,
+                    n_max,
+                )
+                return cfg
+        raise ConfigError(
+            f"no word size reaches tolerance {tolerance:g} with bound {bound:g} and "
+            f"n_max {n_max}: 64-bit resolution is {cls(bound, n_max, 64).resolution:.3g}; "
+            "raise tolerance or lower bound or n_max",
+            field="tolerance",
+        )
+
+    @property
+    def dtype(self) -> type[np.uint32] | type[np.uint64]:
+        """The numpy word type: ``np.uint32`` or ``np.uint64``."""
+        return np.uint32 if self.word_bits == 32 else np.uint64
+
+    @property
+    def modulus(self) -> int:
+        """``2^w``."""
+        return 1 << self.word_bits
+
+    @property
+    def scale(self) -> int:
+        """``S = floor((2^w - 1) / (N_max * 2B))``, exact (``B`` read as its exact binary value)."""
+        return math.floor(Fraction(self.modulus - 1) / (self.n_max * 2 * Fraction(self.bound)))
+
+    @property
+    def weight_scale(self) -> int:
+        """``S_w = floor((2^w - 1) / (N_max * 2))``: the scale of the weight (bound 1)."""
+        return (self.modulus - 1) // (self.n_max * 2)
+
+    @property
+    def offset(self) -> int:
+        """``K = floor(B * S)``: added to every encoded element so words are non-negative."""
+        return math.floor(Fraction(self.bound) * self.scale)
+
+    @property
+    def resolution(self) -> float:
+        """``1/S``: the smallest step an encoded element can take."""
+        return 1.0 / self.scale
+
+
+def _check_seed(seed: bytes) -> None:
+    if not isinstance(seed, bytes | bytearray | memoryview) or len(seed) != SEED_BYTES:
+        raise CryptoError(f"a mask seed must be {SEED_BYTES} bytes")
+
+
+def _word_bits(words: np.ndarray[Any, Any]) -> WordBits:
+    if words.dtype == np.uint32:
+        return 32
+    if words.dtype == np.uint64:
+        return 64
+    raise AggregationError(f"words must be uint32 or uint64, not {words.dtype}")
+
+
+def _check_target(acc: np.ndarray[Any, Any]) -> WordBits:
+    if not isinstance(acc, np.ndarray):
+        raise AggregationError("the target must be a numpy array")
+    bits = _word_bits(acc)
+    if acc.ndim != 1 or not acc.flags.c_contiguous or not acc.flags.writeable:
+        raise AggregationError("the target must be a 1-D, C-contiguous, writeable array")
+    return bits
+
+
+def _le(bits: WordBits) -> np.dtype[Any]:
+    return np.dtype("<u4") if bits == 32 else np.dtype("<u8")
+
+
+def _keystream(seed: bytes) -> CipherContext:
+    # cryptography takes a 16-byte nonce: the 32-bit block counter (LE) first, then
+    # the 96-bit RFC 8439 nonce. libsodium's deterministic generator uses counter 0.
+    nonce = (0).to_bytes(4, "little") + MASK_NONCE
+    return Cipher(algorithms.ChaCha20(bytes(seed), nonce), mode=None).encryptor()
+
+
+def _chunk_words(bits: WordBits, chunk_bytes: int) -> int:
+    if chunk_bytes < 64:
+        raise LocalProtocolError("chunk_bytes must be at least 64 (one ChaCha20 block)")
+    return max(1, chunk_bytes // (bits // 8))
+
+
+def mask_stream(seed: bytes, n_words: int, word_bits: WordBits) -> Words:
+    """The mask of ``seed``: ``n_words`` little-endian words of its ChaCha20 keystream.
+
+    The plain reference (allocates the whole stream); :func:`add_mask` and
+    :func:`aggregate_mask` produce the same words chunk by chunk.
+    """
+    _check_seed(seed)
+    if word_bits not in (32, 64):
+        raise LocalProtocolError(f"word_bits must be 32 or 64, not {word_bits!r}")
+    if n_words < 0:
+        raise LocalProtocolError("n_words must be >= 0")
+    n_bytes = n_words * (word_bits // 8)
+    raw = _keystream(seed).update(bytes(n_bytes))
+    words = np.frombuffer(raw, dtype=_le(word_bits))
+    return words.astype(np.uint32 if word_bits == 32 else np.uint64)
+
+
+def _add_streams(acc: Words, seeds: Sequence[bytes], *, subtract: bool, chunk_bytes: int) -> None:
+    """acc (+/-)= mask(seed) for every seed, chunk-outer so each slice of acc stays in cache."""
+    bits = _word_bits(acc)
+    streams = [_keystream(seed) for seed in seeds]
+    if not streams or acc.size == 0:
+        return
+    step = min(_chunk_words(bits, chunk_bytes), acc.size)
+    word_bytes = bits // 8
+    zeros = bytes(step * word_bytes)
+    ks_buf = bytearray(step * word_bytes)
+    ks_all = np.frombuffer(ks_buf, dtype=_le(bits))
+    op = np.subtract if subtract else np.add
+    for start in range(0, acc.size, step):
+        stop = min(start + step, acc.size)
+        n = stop - start
+        target = acc[start:stop]
+        ks = ks_all[:n]
+        src = zeros if n == step else memoryview(zeros)[: n * word_bytes]
+        dst = ks_buf if n == step else memoryview(ks_buf)[: n * word_bytes]
+        for stream in streams:
+            stream.update_into(src, dst)
+            op(target, ks, out=target)
+
+
+def add_mask(acc: Words, seed: bytes, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    """Add the mask of ``seed`` into ``acc`` in place, modulo ``2^w`` (w from ``acc.dtype``).
+
+    This is how an updater masks its encoded words. ``acc`` must be a 1-D,
+    C-contiguous, writeable uint32/uint64 array (else :class:`AggregationError`);
+    it is modified only after the seed has been checked.
+    """
+    _check_seed(seed)
+    _check_target(acc)
+    _add_streams(acc, [seed], subtract=False, chunk_bytes=chunk_bytes)
+
+
+def aggregate_mask(
+    seeds: Sequence[bytes],
+    n_words: int,
+    word_bits: WordBits,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Words:
+    """The sum of the masks of ``seeds`` modulo ``2^w``: what a summer publishes in sum2."""
+    for seed in seeds:
+        _check_seed(seed)
+    if word_bits not in (32, 64):
+        raise LocalProtocolError(f"word_bits must be 32 or 64, not {word_bits!r}")
+    if n_words < 0:
+        raise LocalProtocolError("n_words must be >= 0")
+    acc: Words = np.zeros(n_words, dtype=np.uint32 if word_bits == 32 else np.uint64)
+    _add_streams(acc, seeds, subtract=False, chunk_bytes=chunk_bytes)
+    return acc
+
+
+def add_words(acc: Words, words: Words) -> None:
+    """``acc += words`` in place, modulo ``2^w``: how masked updates are aggregated.
+
+    Raises :class:`AggregationError` when word size or length differ; ``acc`` is
+    then unchanged.
+    """
+    _check_target(acc)
+    _check_same(acc, words)
+    np.add(acc, words, out=acc)
+
+
+def unmask(masked_sum: Words, aggregate: Words) -> Words:
+    """``masked_sum - aggregate`` modulo ``2^w`` (a new array): the sum of the encoded updates."""
+    _check_same(masked_sum, aggregate)
+    result: Words = np.subtract(masked_sum, aggregate)
+    return result
+
+
+def _check_same(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> None:
+    if not isinstance(b, np.ndarray) or not isinstance(a, np.ndarray):
+        raise AggregationError("words must be numpy arrays")
+    if _word_bits(a) != _word_bits(b):
+        raise AggregationError(f"word size differs: {a.dtype} vs {b.dtype}")
+    if a.shape != b.shape or a.ndim != 1:
+        raise AggregationError(f"length differs: {a.shape} vs {b.shape}")
+
+
+def _check_update(delta: npt.NDArray[np.floating[Any]], weight: float) -> None:
+    if not isinstance(delta, np.ndarray) or delta.ndim != 1:
+        raise LocalProtocolError("delta must be a 1-D numpy array")
+    if not np.issubdtype(delta.dtype, np.floating):
+        raise LocalProtocolError(f"delta must be a float array, not {delta.dtype}")
+    if isinstance(weight, bool) or not isinstance(weight, int | float | np.floating):
+        raise LocalProtocolError("weight must be a number in [0, 1]")
+    if not 0.0 <= float(weight) <= 1.0:
+        raise LocalProtocolError(f"weight must be in [0, 1], got {weight!r}")
+
+
+class _Encoder:
+    """Encodes one update chunk by chunk, with the constants and scratch computed once.
+
+    Per element: ``rint(clip(x·(a·S), ±c))`` with ``c = min(B·(a·S), K)``, which
+    is ``rint(clip(x, ±B)·a·S)`` (float multiplication is monotone) kept within
+    ``±K``, cast to a signed word and shifted by ``K``: five passes over a chunk
+    that stays in cache.
+    """
+
+    __slots__ = ("_bound", "_factor", "_offset", "_work")
+
+    def __init__(self, weight: float, cfg: MaskConfig, chunk: int) -> None:
+        self._factor = float(weight) * float(cfg.scale)
+        k_float = float(cfg.offset)
+        if k_float > cfg.offset:  # above 2^53 float(K) may round up, past K
+            k_float = math.nextafter(k_float, 0.0)
+        self._bound = min(float(cfg.bound) * self._factor, k_float)
+        self._offset = cfg.dtype(cfg.offset)
+        self._work = np.empty(chunk, dtype=np.float64)
+
+    def encode(self, out: Words, delta: npt.NDArray[np.floating[Any]]) -> None:
+        """out[:] = encode(delta); raises LocalProtocolError on NaN (out is then undefined)."""
+        n = out.size
+        if self._factor == 0.0:  # weight 0: inf * 0 would be NaN, and every value is 0
+            if np.isnan(delta).any():
+                raise LocalProtocolError("delta contains NaN; refusing to encode it")
+            out.fill(self._offset)
+            return
+        work = self._work[:n]
+        signed = out.view(np.int32 if out.dtype == np.uint32 else np.int64)
+        np.multiply(delta, self._factor, out=work, dtype=np.float64)
+        np.clip(work, -self._bound, self._bound, out=work)
+        try:
+            with np.errstate(invalid="raise"):  # NaN reaching the integer cast
+                np.rint(work, out=signed, casting="unsafe")
+        except FloatingPointError as exc:
+            raise LocalProtocolError("delta contains NaN; refusing to encode it") from exc
+        np.add(out, self._offset, out=out)
+
+
+def _encode_weight(weight: float, cfg: MaskConfig) -> int:
+    units = round(Fraction(float(weight)) * cfg.weight_scale)
+    return units + cfg.weight_scale
+
+
+def encode_update(
+    delta: npt.NDArray[np.floating[Any]],
+    weight: float,
+    cfg: MaskConfig,
+    *,
+    chunk_words: int = 1 << 16,
+) -> Words:
+    """Encode ``clip(delta, -B, B) * weight`` and the weight as ``M + 1`` words of ``cfg``.
+
+    ``weight`` is ``min(samples, cap) / cap`` in [0, 1]. NaN in ``delta`` or a
+    weight outside [0, 1] raises :class:`LocalProtocolError` (infinities clip).
+    """
+    _check_update(delta, weight)
+    m = delta.size
+    out: Words = np.empty(m + 1, dtype=cfg.dtype)
+    step = max(1, min(chunk_words, m))
+    encoder = _Encoder(weight, cfg, step)
+    for start in range(0, m, step):
+        stop = min(start + step, m)
+        encoder.encode(out[start:stop], delta[start:stop])
+    out[m] = _encode_weight(weight, cfg)
+    return out
+
+
+def mask_update(
+    delta: npt.NDArray[np.floating[Any]],
+    weight: float,
+    seed: bytes,
+    cfg: MaskConfig,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Words:
+    """``encode_update`` then ``add_mask``, fused chunk by chunk: what an updater sends.
+
+    Equal to ``w = encode_update(delta, weight, cfg); add_mask(w, seed)`` word
+    for word, but each chunk is encoded and masked while it is in cache.
+    """
+    _check_seed(seed)
+    _check_update(delta, weight)
+    bits = cfg.word_bits
+    m = delta.size
+    out: Words = np.empty(m + 1, dtype=cfg.dtype)
+    step = min(_chunk_words(bits, chunk_bytes), m + 1)
+    word_bytes = bits // 8
+    encoder = _Encoder(weight, cfg, step)
+    zeros = bytes(step * word_bytes)
+    ks_buf = bytearray(step * word_bytes)
+    ks_all = np.frombuffer(ks_buf, dtype=_le(bits))
+    stream = _keystream(seed)
+    for start in range(0, m + 1, step):
+        stop = min(start + step, m + 1)
+        n = stop - start
+        target = out[start:stop]
+        enc_stop = min(stop, m)
+        if enc_stop > start:
+            encoder.encode(target[: enc_stop - start], delta[start:enc_stop])
+        if stop == m + 1:
+            target[-1] = _encode_weight(weight, cfg)
+        if n == step:
+            stream.update_into(zeros, ks_buf)
+        else:
+            stream.update_into(
+                memoryview(zeros)[: n * word_bytes], memoryview(ks_buf)[: n * word_bytes]
+            )
+        np.add(target, ks_all[:n], out=target)
+    return out
+
+
+def decode_aggregate(
+    words: Words, n_included: int, cfg: MaskConfig
+) -> tuple[npt.NDArray[np.float64], float]:
+    """Decode the unmasked sum of ``n_included`` updates: ``(Σ a_k·delta_k, Σ a_k)``.
+
+    Subtracts the offsets in integers modulo ``2^w``, reads two's complement,
+    then converts to float. Divide the first by the second for the weighted mean;
+    :func:`error_bound` says how far that mean can be from the exact one.
+    Raises :class:`AggregationError` on a word-size mismatch, an empty vector or
+    ``n_included`` outside ``[1, n_max]``.
+    """
+    if not isinstance(words, np.ndarray) or words.ndim != 1 or words.size < 1:
+        raise AggregationError("an aggregate must be a 1-D array of at least one word")
+    if _word_bits(words) != cfg.word_bits:
+        raise AggregationError(f"aggregate is {words.dtype}, config says {cfg.word_bits}-bit")
+    if isinstance(n_included, bool) or not 1 <= n_included <= cfg.n_max:
+        raise AggregationError(f"n_included must be in [1, n_max={cfg.n_max}], got {n_included!r}")
+    dtype = cfg.dtype
+    signed_t = np.int32 if cfg.word_bits == 32 else np.int64
+    shift = dtype((n_included * cfg.offset) % cfg.modulus)
+    centred = np.subtract(words[:-1], shift)
+    values = centred.view(signed_t).astype(np.float64)
+    values /= float(cfg.scale)
+    weight_units = (int(words[-1]) - n_included * cfg.weight_scale) % cfg.modulus
+    if weight_units >= cfg.modulus // 2:
+        weight_units -= cfg.modulus
+    weight_sum = float(Fraction(weight_units, cfg.weight_scale))
+    return values, weight_sum
+
+
+def error_bound(n: int, weight_sum: float, cfg: MaskConfig) -> float:
+    """Largest possible error, per element, of the decoded weighted mean of ``n`` updates.
+
+    With exact rounding each element of each update is off by at most half a unit
+    ``1/(2S)``, so the weighted sum is off by ``n/(2S)`` and — because the weight
+    sum is encoded the same way — the mean ``T/W`` is off by at most
+    ``(n·u/S + B·n·u_w/S_w) / W``, i.e. about ``n / (S·W)``. ``u`` and ``u_w``
+    are the half unit plus the float64 slack of encoding (which matters only for
+    64-bit words with small ``n_max``) and, for ``B·S`` not an integer, the
+    ``B·S - floor(B·S)`` lost at the clip edge. ``weight_sum`` is the decoded one.
+    Returns ``inf`` when ``weight_sum <= 0`` (nothing to average).
+    """
+    if n < 0:
+        raise LocalProtocolError("n must be >= 0")
+    if not weight_sum > 0:
+        return math.inf
+    s = cfg.scale
+    s_w = cfg.weight_scale
+    bs = float(Fraction(cfg.bound) * s)
+    edge = float(Fraction(cfg.bound) * s - cfg.offset)
+    u = 0.5 + edge + _FLOAT_UNITS * bs  # encoding an element: rint, clip edge, float64
+    u_w = 0.5  # the weight is encoded with exact rational arithmetic
+    eps = sys.float_info.epsilon
+    # The float64 conversion and division of the decoded sum (|sum| <= n·B) and of the
+    # final mean (|mean| <= B) add a few ulps.
+    sum_error = n * u / s + cfg.bound * n * u_w / s_w + 4 * eps * n * cfg.bound
+    return sum_error / weight_sum + 4 * eps * cfg.bound

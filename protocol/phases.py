@@ -1,0 +1,243 @@
+"""The phases of a round, the transitions between them, and the count/time window.
+
+::
+
+                 ┌──────────────────────────────────────────────────┐
+                 v                                                  │
+    ──> idle ──> sum ──> update ──> sum2 ──> unmask ────────────────┘
+         │        │        │         │         │
+         │        └────────┴────┬────┴─────────┘
+         │                      v
+         │                   failure ──> idle       (the round is abandoned,
+         │                      │                    the next one starts)
+         v                      v
+      shutdown <─── (from every phase but shutdown itself)
+
+:data:`TRANSITIONS` is the one table of allowed moves; :func:`check_transition`
+enforces it. ``sum``, ``update`` and ``sum2`` are driven by messages: each has a
+:class:`PhaseWindow` ``(count_min, count_max, time_min_s, time_max_s)`` and a
+:class:`PhaseTimer` that decides when it ends:
+
+* ``CLOSE`` as soon as ``count_max`` messages were accepted;
+* ``CLOSE`` once ``time_min_s`` has passed and ``count_min`` were accepted;
+* ``FAIL`` once ``time_max_s`` has passed with fewer than ``count_min``;
+* ``OPEN`` otherwise.
+
+(Xaynet waits out ``time_min`` even when ``count_max`` is reached early; we
+close at once, because more messages would be refused anyway.) The timer is
+pure: the caller passes the clock in (monotonic seconds), so a phase can be
+replayed in a test without sleeping. This is the only place this logic lives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Final
+
+from maskfl.protocol.errors import ConfigError, LocalProtocolError
+
+__all__ = [
+    "MESSAGE_PHASES",
+    "TRANSITIONS",
+    "Phase",
+    "PhaseTimer",
+    "PhaseWindow",
+    "Verdict",
+    "can_transition",
+    "check_transition",
+    "next_phase",
+]
+
+
+class Phase(StrEnum):
+    """Where the coordinator's round is."""
+
+    IDLE = "idle"
+    SUM = "sum"
+    UPDATE = "update"
+    SUM2 = "sum2"
+    UNMASK = "unmask"
+    FAILURE = "failure"
+    SHUTDOWN = "shutdown"
+
+
+_HAPPY_PATH: Final[Mapping[Phase, Phase]] = MappingProxyType(
+    {
+        Phase.IDLE: Phase.SUM,
+        Phase.SUM: Phase.UPDATE,
+        Phase.UPDATE: Phase.SUM2,
+        Phase.SUM2: Phase.UNMASK,
+        Phase.UNMASK: Phase.IDLE,
+        Phase.FAILURE: Phase.IDLE,
+    }
+)
+
+TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = MappingProxyType(
+    {
+        Phase.IDLE: frozenset({Phase.SUM, Phase.FAILURE, Phase.SHUTDOWN}),
+        Phase.SUM: frozenset({Phase.UPDATE, Phase.FAILURE, Phase.SHUTDOWN}),
+        Phase.UPDATE: frozenset({Phase.SUM2, Phase.FAILURE, Phase.SHUTDOWN}),
+        Phase.SUM2: frozenset({Phase.UNMASK, Phase.FAILURE, Phase.SHUTDOWN}),
+        Phase.UNMASK: frozenset({Phase.IDLE, Phase.FAILURE, Phase.SHUTDOWN}),
+        Phase.FAILURE: frozenset({Phase.IDLE, Phase.SHUTDOWN}),
+        Phase.SHUTDOWN: frozenset(),
+    }
+)
+"""Every allowed move ``from -> {to, ...}``; anything else is a bug."""
+
+MESSAGE_PHASES: Final = frozenset({Phase.SUM, Phase.UPDATE, Phase.SUM2})
+"""The phases that collect participant messages and so have a :class:`PhaseWindow`."""
+
+
+def can_transition(current: Phase, target: Phase) -> bool:
+    """Whether ``current -> target`` is in :data:`TRANSITIONS`."""
+    return target in TRANSITIONS[current]
+
+
+def check_transition(current: Phase, target: Phase) -> Phase:
+    """Return ``target`` if the move is allowed, else raise :class:`LocalProtocolError`."""
+    if not can_transition(current, target):
+        raise LocalProtocolError(f"no transition from {current} to {target}", phase=current)
+    return target
+
+
+def next_phase(current: Phase) -> Phase:
+    """The phase after ``current`` when all goes well (``failure`` -> ``idle``).
+
+    Raises :class:`LocalProtocolError` for ``shutdown``, which has no successor.
+    """
+    try:
+        return _HAPPY_PATH[current]
+    except KeyError:
+        raise LocalProtocolError(f"{current} has no next phase", phase=current) from None
+
+
+class Verdict(StrEnum):
+    """What a message phase should do now."""
+
+    OPEN = "open"
+    CLOSE = "close"
+    FAIL = "fail"
+
+
+def _number(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{field} must be a number of seconds, got {value!r}", field=field)
+    if not math.isfinite(value):
+        raise ConfigError(f"{field} must be finite, got {value!r}", field=field)
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseWindow:
+    """When a message phase may close. Valid: ``0 < count_min <= count_max``,
+    ``0 <= time_min_s <= time_max_s``.
+
+    Times are seconds from the phase's opening. Invalid values raise
+    :class:`ConfigError` naming the field.
+    """
+
+    count_min: int
+    count_max: int
+    time_min_s: float
+    time_max_s: float
+
+    def __post_init__(self) -> None:
+        for name in ("count_min", "count_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}", field=name)
+        if self.count_min < 1:
+            raise ConfigError(f"count_min must be >= 1, got {self.count_min}", field="count_min")
+        if self.count_max < self.count_min:
+            raise ConfigError(
+                f"count_max ({self.count_max}) must be >= count_min ({self.count_min})",
+                field="count_max",
+            )
+        time_min = _number(self.time_min_s, "time_min_s")
+        time_max = _number(self.time_max_s, "time_max_s")
+        if time_min < 0:
+            raise ConfigError(f"time_min_s must be >= 0, got {time_min}", field="time_min_s")
+        if time_max < time_min:
+            raise ConfigError(
+                f"time_max_s ({time_max}) must be >= time_min_s ({time_min})",
+                field="time_max_s",
+            )
+
+
+class PhaseTimer:
+    """Counts accepted messages of one phase and decides, given the time, whether it ends.
+
+    Pure: it never reads a clock. ``opened_at`` and every ``now`` are seconds on
+    one monotonic clock chosen by the caller; a ``now`` before ``opened_at``
+    counts as no time elapsed.
+    """
+
+    __slots__ = ("_count", "opened_at", "window")
+
+    def __init__(self, window: PhaseWindow, opened_at: float) -> None:
+        self.window = window
+        self.opened_at = float(opened_at)
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        """Messages accepted so far."""
+        return self._count
+
+    @property
+    def full(self) -> bool:
+        """Whether ``count_max`` is reached: further messages must be refused."""
+        return self._count >= self.window.count_max
+
+    def accepted(self, n: int = 1) -> int:
+        """Record ``n`` accepted messages and return the new count.
+
+        Raises :class:`LocalProtocolError`, leaving the count unchanged, if that
+        would pass ``count_max`` (check :attr:`full` before accepting) or ``n < 1``.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise LocalProtocolError(f"accepted() needs n >= 1, got {n!r}")
+        if self._count + n > self.window.count_max:
+            raise LocalProtocolError(
+                f"accepting {n} more would pass count_max ({self.window.count_max})"
+            )
+        self._count += n
+        return self._count
+
+    def elapsed(self, now: float) -> float:
+        """Seconds since the phase opened (never negative)."""
+        return max(0.0, now - self.opened_at)
+
+    def decide(self, now: float) -> Verdict:
+        """``CLOSE`` at ``count_max``, or at ``time_min`` with ``count_min``; ``FAIL`` at
+        ``time_max`` below ``count_min``; ``OPEN`` otherwise."""
+        if self.full:
+            return Verdict.CLOSE
+        elapsed = self.elapsed(now)
+        enough = self._count >= self.window.count_min
+        if enough and elapsed >= self.window.time_min_s:
+            return Verdict.CLOSE
+        if elapsed >= self.window.time_max_s:
+            return Verdict.FAIL
+        return Verdict.OPEN
+
+    def wake_at(self) -> float:
+        """The clock value at which :meth:`decide` changes if no message arrives.
+
+        ``opened_at + time_min_s`` once ``count_min`` is reached, else
+        ``opened_at + time_max_s``: the caller sleeps until then (or until the
+        next message) and asks again.
+        """
+        if self._count >= self.window.count_min:
+            return self.opened_at + self.window.time_min_s
+        return self.opened_at + self.window.time_max_s
+
+    def __repr__(self) -> str:
+        return (
+            f"PhaseTimer(window={self.window!r}, opened_at={self.opened_at}, count={self._count})"
+        )

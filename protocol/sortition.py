@@ -1,0 +1,143 @@
+"""Who does what in a round: the round-seed chain, tickets and role selection.
+
+The round seed is a hash chain that anyone holding the history can audit::
+
+    seed_r = BLAKE2b-256(person="maskfl/seed/v1",
+                         seed_{r-1} (32 B) ‖ digest of global model r-1 (32 B) ‖ r (u64 LE))
+
+A device's ticket for a task is a 64-bit number that only its key and the round
+seed determine (Xaynet hashes an Ed25519 signature instead, which the signer can
+re-randomise until it wins; a hash of the public key cannot be ground)::
+
+    ticket = u64 LE of BLAKE2b-64(person="maskfl/ticket/v1", seed ‖ task ‖ public key)
+
+with ``task`` the ASCII bytes ``b"sum"`` or ``b"update"`` (seed and key are both
+32 bytes, so the concatenation is unambiguous). A device is a summer when its
+sum ticket is below ``threshold(p_sum) = floor(p_sum·2^64)``, otherwise an
+updater when its update ticket is below ``threshold(p_update)``; a summer never
+also updates. The coordinator checks the very same function for every message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from enum import StrEnum
+from fractions import Fraction
+from typing import Final
+
+from maskfl.protocol.errors import ConfigError, LocalProtocolError
+
+__all__ = [
+    "TICKET_SPACE",
+    "Task",
+    "next_round_seed",
+    "probabilities_for_targets",
+    "select_task",
+    "threshold",
+    "ticket",
+]
+
+TICKET_SPACE: Final = 1 << 64
+_SEED_PERSON: Final = b"maskfl/seed/v1"
+_TICKET_PERSON: Final = b"maskfl/ticket/v1"
+
+
+class Task(StrEnum):
+    """The role a device draws for a round."""
+
+    SUM = "sum"
+    UPDATE = "update"
+    NONE = "none"
+
+
+def _bytes32(value: object, what: str) -> bytes:
+    if not isinstance(value, bytes | bytearray | memoryview) or len(value) != 32:
+        raise LocalProtocolError(f"{what} must be 32 bytes")
+    return bytes(value)
+
+
+def next_round_seed(prev_seed: bytes, prev_model_digest: bytes, round_id: int) -> bytes:
+    """The seed of round ``round_id``: BLAKE2b-256 of the previous seed, model digest and id."""
+    if isinstance(round_id, bool) or not isinstance(round_id, int) or not 0 <= round_id < 1 << 64:
+        raise LocalProtocolError(f"round id must be an integer in [0, 2^64), got {round_id!r}")
+    h = hashlib.blake2b(digest_size=32, person=_SEED_PERSON)
+    h.update(_bytes32(prev_seed, "the previous round seed"))
+    h.update(_bytes32(prev_model_digest, "the previous model digest"))
+    h.update(round_id.to_bytes(8, "little"))
+    return h.digest()
+
+
+def ticket(seed: bytes, task: Task | str, public_key: bytes) -> int:
+    """The device's 64-bit ticket for ``task`` (sum or update) in the round of ``seed``."""
+    try:
+        kind = Task(task)
+    except ValueError as exc:
+        raise LocalProtocolError(f"no ticket for task {task!r}") from exc
+    if kind is Task.NONE:
+        raise LocalProtocolError("no ticket for task 'none'")
+    h = hashlib.blake2b(digest_size=8, person=_TICKET_PERSON)
+    h.update(_bytes32(seed, "the round seed"))
+    h.update(kind.value.encode("ascii"))
+    h.update(_bytes32(public_key, "the public key"))
+    return int.from_bytes(h.digest(), "little")
+
+
+def threshold(p: float) -> int:
+    """``floor(p·2^64)``, exact, with ``p`` clamped to [0, 1]: tickets below it win.
+
+    ``p = 1`` gives ``2^64``, above every ticket; ``p = 0`` gives 0, below all.
+    A probability that is not a number raises :class:`ConfigError`.
+    """
+    if isinstance(p, bool) or not isinstance(p, int | float) or math.isnan(p):
+        raise ConfigError(f"a probability must be a number in [0, 1], got {p!r}", field="p")
+    clamped = min(max(float(p), 0.0), 1.0)
+    return math.floor(Fraction(clamped) * TICKET_SPACE)
+
+
+def select_task(seed: bytes, public_key: bytes, p_sum: float, p_update: float) -> Task:
+    """The device's role this round: sum first; only a non-summer can be an updater."""
+    if ticket(seed, Task.SUM, public_key) < threshold(p_sum):
+        return Task.SUM
+    if ticket(seed, Task.UPDATE, public_key) < threshold(p_update):
+        return Task.UPDATE
+    return Task.NONE
+
+
+def probabilities_for_targets(
+    alive: int, target_summers: int, target_updaters: int
+) -> tuple[float, float]:
+    """``(p_sum, p_update)`` that give the target counts in expectation among ``alive`` devices.
+
+    Summers are drawn first from all ``alive`` devices, updaters from the rest::
+
+        p_sum    = target_summers / alive
+        p_update = target_updaters / (alive - target_summers)   # expected non-summers
+
+    When the fleet is too small for both targets (``alive <= summers + updaters``),
+    including when nothing is known yet (``alive == 0``), every device takes part
+    and the roles are split in proportion to the targets: ``p_sum = s / (s + u)``,
+    ``p_update = 1``. The two rules meet at ``alive == s + u``, so the
+    probabilities never jump as the fleet grows. Results are clamped to [0, 1].
+
+    These are expectations: with few devices the counts vary (binomially), so the
+    targets should sit above the phases' ``count_min`` with a margin. Negative
+    inputs raise :class:`ConfigError`.
+    """
+    for name, value in (
+        ("alive", alive),
+        ("target_summers", target_summers),
+        ("target_updaters", target_updaters),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} must be an integer >= 0, got {value!r}", field=name)
+    wanted = target_summers + target_updaters
+    if wanted == 0:
+        return 0.0, 0.0
+    if alive <= wanted:
+        return _clamp(target_summers / wanted), 1.0
+    return _clamp(target_summers / alive), _clamp(target_updaters / (alive - target_summers))
+
+
+def _clamp(p: float) -> float:
+    return min(max(p, 0.0), 1.0)
