@@ -1,0 +1,222 @@
+"""Splitting large payloads into chunk frames and putting them back together.
+
+MQTT brokers (managed ones above all) cap the packet size, so a payload longer
+than the chunk size travels as several *chunk frames*, each at most
+``chunk_size`` bytes. A frame is a 44-byte header and a slice of the payload::
+
+    offset size field
+     0      4   magic b"MFLC"
+     4      1   format version (1)
+     5      3   reserved, zero
+     8     16   message id = SHA-256(whole payload)[:16]
+    24      8   total payload length, u64
+    32      4   part size (payload bytes in every frame but the last), u32
+    36      4   index, u32, 0-based
+    40      4   count, u32 = ceil(total / part size)
+    44      …   the payload bytes [index·part size, min(total, (index+1)·part size))
+
+Frames are not signed: the reassembled payload is a signed message that the
+receiver verifies anyway, and the message id (a hash of the payload) makes a
+corrupted or mixed-up frame fail reassembly instead of producing a wrong message.
+
+:class:`Reassembler` is bounded in concurrent messages, in bytes (by the total
+length each message declares, reserved at its first frame) and in age; when a
+new message does not fit it drops the oldest, and it never raises anything but
+:class:`RemoteProtocolError`. The clock is passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Final
+
+from maskfl.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
+
+CHUNK_MAGIC: Final = b"MFLC"
+CHUNK_VERSION: Final = 1
+CHUNK_HEADER_SIZE: Final = 44
+DEFAULT_CHUNK_SIZE: Final = 256 * 1024
+MIN_CHUNK_SIZE: Final = CHUNK_HEADER_SIZE + 20
+"""The smallest frame size that still carries payload (tests use small sizes)."""
+
+_HEADER = struct.Struct("<4sB3s16sQIII")
+assert _HEADER.size == CHUNK_HEADER_SIZE
+
+
+def message_id(payload: bytes | memoryview) -> bytes:
+    """The 16-byte id of a payload: the first half of its SHA-256."""
+    return hashlib.sha256(payload).digest()[:16]
+
+
+def is_chunk(data: bytes | memoryview) -> bool:
+    """True when ``data`` starts like a chunk frame (and so is not a whole message)."""
+    return bytes(data[:4]) == CHUNK_MAGIC
+
+
+def split_payload(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[bytes]:
+    """``[payload]`` when it fits in ``chunk_size`` bytes, else frames of at most that size."""
+    if chunk_size < MIN_CHUNK_SIZE or chunk_size > 2**32 - 1 + CHUNK_HEADER_SIZE:
+        raise LocalProtocolError(
+            f"chunk size {chunk_size} is outside [{MIN_CHUNK_SIZE}, 2^32 + {CHUNK_HEADER_SIZE})"
+        )
+    total = len(payload)
+    if total <= chunk_size:
+        return [payload]
+    part = chunk_size - CHUNK_HEADER_SIZE
+    count = -(-total // part)
+    if count > 2**32 - 1:
+        raise LocalProtocolError(f"{total} bytes need more than 2^32 frames of {part}")
+    ident = message_id(payload)
+    view = memoryview(payload)
+    frames = []
+    for index in range(count):
+        header = _HEADER.pack(
+            CHUNK_MAGIC, CHUNK_VERSION, bytes(3), ident, total, part, index, count
+        )
+        frames.append(header + view[index * part : (index + 1) * part])
+    return frames
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkFrame:
+    """A parsed chunk frame header; ``data`` views the frame's payload bytes."""
+
+    message_id: bytes
+    total: int
+    part_size: int
+    index: int
+    count: int
+    data: memoryview
+
+    @classmethod
+    def parse(cls, frame: bytes | memoryview) -> ChunkFrame:
+        """Parse and check one frame's own consistency (MALFORMED otherwise)."""
+        view = memoryview(frame).cast("B")
+        if len(view) < CHUNK_HEADER_SIZE:
+            raise RemoteProtocolError(Reason.MALFORMED, f"chunk frame of {len(view)} bytes")
+        magic, version, reserved, ident, total, part, index, count = _HEADER.unpack_from(view)
+        if magic != CHUNK_MAGIC:
+            raise RemoteProtocolError(Reason.MALFORMED, "not a chunk frame")
+        if version != CHUNK_VERSION:
+            raise RemoteProtocolError(Reason.MALFORMED, f"chunk format {version} is not supported")
+        if reserved != bytes(3):
+            raise RemoteProtocolError(Reason.MALFORMED, "chunk reserved bytes are not zero")
+        if part == 0 or total == 0:
+            raise RemoteProtocolError(Reason.MALFORMED, "chunk part size or total is zero")
+        if count != -(-total // part):
+            raise RemoteProtocolError(
+                Reason.MALFORMED, f"chunk count {count} does not match {total} / {part}"
+            )
+        if index >= count:
+            raise RemoteProtocolError(Reason.MALFORMED, f"chunk index {index} of {count}")
+        expected = min(part, total - index * part)
+        data = view[CHUNK_HEADER_SIZE:]
+        if len(data) != expected:
+            raise RemoteProtocolError(
+                Reason.MALFORMED,
+                f"chunk {index} of {count} carries {len(data)} bytes, expected {expected}",
+            )
+        return cls(ident, total, part, index, count, data)
+
+
+@dataclass(slots=True)
+class _Partial:
+    total: int
+    part_size: int
+    count: int
+    started_at: float
+    parts: dict[int, bytes] = field(default_factory=dict)
+
+
+class Reassembler:
+    """Collects chunk frames per ``(key, message id)`` and returns whole payloads.
+
+    ``key`` separates senders (use the topic: it ends with the device id), so
+    one device cannot complete or disturb another's message. Bounds:
+
+    - ``max_messages`` partial messages at once,
+    - ``max_bytes`` reserved in all (each partial reserves its declared total
+      at its first frame; a total above ``max_bytes`` is ``OVERSIZE``),
+    - ``max_age_s`` from the first frame; older partials are dropped.
+
+    When a new message does not fit, the oldest partials are dropped first and
+    counted in :attr:`dropped`; expired ones in :attr:`expired`. A duplicate
+    frame (MQTT redelivery) is ignored. A payload whose hash does not match its
+    id is dropped with ``MALFORMED``.
+    """
+
+    def __init__(self, max_messages: int, max_bytes: int, max_age_s: float) -> None:
+        if max_messages < 1 or max_bytes < 1 or max_age_s <= 0:
+            raise LocalProtocolError("reassembler bounds must be positive")
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self._partials: dict[tuple[Hashable, bytes], _Partial] = {}
+        self._reserved = 0
+        self.dropped = 0
+        self.expired = 0
+
+    @property
+    def pending_messages(self) -> int:
+        return len(self._partials)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._reserved
+
+    def _remove(self, slot: tuple[Hashable, bytes]) -> None:
+        partial = self._partials.pop(slot)
+        self._reserved -= partial.total
+
+    def expire(self, now: float) -> int:
+        """Drop partials older than ``max_age_s``; returns how many."""
+        old = [s for s, p in self._partials.items() if now - p.started_at > self.max_age_s]
+        for slot in old:
+            self._remove(slot)
+        self.expired += len(old)
+        return len(old)
+
+    def feed(self, key: Hashable, data: bytes | memoryview, now: float) -> bytes | None:
+        """Add one frame; the whole payload once its last frame arrived, else None."""
+        frame = ChunkFrame.parse(data)
+        self.expire(now)
+        slot = (key, frame.message_id)
+        partial = self._partials.get(slot)
+        if partial is None:
+            if frame.total > self.max_bytes:
+                raise RemoteProtocolError(
+                    Reason.OVERSIZE,
+                    f"chunked message of {frame.total} bytes, at most {self.max_bytes}",
+                )
+            while self._partials and (
+                len(self._partials) >= self.max_messages
+                or self._reserved + frame.total > self.max_bytes
+            ):
+                self._remove(next(iter(self._partials)))  # dicts keep insertion order
+                self.dropped += 1
+            partial = _Partial(frame.total, frame.part_size, frame.count, now)
+            self._partials[slot] = partial
+            self._reserved += frame.total
+        elif (frame.total, frame.part_size, frame.count) != (
+            partial.total,
+            partial.part_size,
+            partial.count,
+        ):
+            raise RemoteProtocolError(
+                Reason.MALFORMED, "chunk disagrees with earlier chunks on total, size or count"
+            )
+        if frame.index in partial.parts:
+            return None
+        partial.parts[frame.index] = bytes(frame.data)
+        if len(partial.parts) < partial.count:
+            return None
+        self._remove(slot)
+        payload = b"".join(partial.parts[i] for i in range(partial.count))
+        if message_id(payload) != frame.message_id:
+            raise RemoteProtocolError(
+                Reason.MALFORMED, "reassembled payload does not match its message id"
+            )
+        return payload
