@@ -261,14 +261,16 @@ class CNN(Trainable):
 # --- conversion
 
 
-def convert(module: Trainable, include: tuple[str, ...] | None = None) -> bytes:
-    """SavedModel -> .tflite with builtins only (a Flex op raises here)."""
+def convert(module: Trainable, include: tuple[str, ...] | None = None, allow_flex: bool = False) -> bytes:
+    """SavedModel -> .tflite with builtins only (a Flex op raises here unless allowed)."""
     sigs = module.signatures(include)
     with tempfile.TemporaryDirectory() as tmp:
         tf.saved_model.save(module, tmp, signatures=sigs)
         conv = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=list(sigs))
         conv.experimental_enable_resource_variables = True
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if allow_flex:  # only for the test fixture that must be refused
+            conv.target_spec.supported_ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
         return bytes(conv.convert())
 
 
@@ -330,11 +332,23 @@ def quick_check(path: Path, input_shape: tuple[int, ...]) -> float:
     return float((logits.argmax(1) == y[1400:]).mean())
 
 
+class PlainMLP(MLP):
+    """The same MLP with plain ``tf.nn.relu`` and autodiff: needs Flex (ReluGrad, ...)."""
+
+    def forward(self, x):
+        h = tf.nn.relu(tf.matmul(x, self.param("w1")) + self.param("b1"))
+        return tf.matmul(h, self.param("w2")) + self.param("b2")
+
+
 def build_fixtures(out_dir: Path) -> None:
-    """Models the agent must refuse: one misses signatures, one has a static batch."""
+    """Models the agent must refuse: one misses signatures, one has a static batch,
+    one needs Flex ops (it loads, but its train signature cannot run)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "missing_signatures.tflite").write_bytes(convert(MLP(hidden=4), ("infer", "get_flat")))
     (out_dir / "static_batch.tflite").write_bytes(convert(MLP(hidden=4, batch=8)))
+    flex = convert(PlainMLP(hidden=4), allow_flex=True)
+    assert any(op.startswith("Flex") for op in op_names(flex)), "the Flex fixture has no Flex op"
+    (out_dir / "flex_ops.tflite").write_bytes(flex)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,15 +25,24 @@ _FIELD = "data.options.path"
 
 def _read(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            keys = sorted(archive.files)
-            if "x" not in keys or "y" not in keys:
+        # our own handle: np.load leaks the one it opens when the zip is corrupt
+        with path.open("rb") as handle:
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
                 raise DataSourceError(
-                    f"{path} holds the arrays {keys}; it needs one called 'x' (samples) "
-                    "and one called 'y' (labels)",
+                    f"{path} holds a single array, not an .npz archive of x and y "
+                    "(write it with numpy.savez(path, x=..., y=...))",
                     field=_FIELD,
                 )
-            x, y = archive["x"], archive["y"]
+            with loaded as archive:
+                keys = sorted(archive.files)
+                if "x" not in keys or "y" not in keys:
+                    raise DataSourceError(
+                        f"{path} holds the arrays {keys}; it needs one called 'x' (samples) "
+                        "and one called 'y' (labels)",
+                        field=_FIELD,
+                    )
+                x, y = archive["x"], archive["y"]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataSourceError(f"{path} is not a readable .npz file: {exc}", field=_FIELD) from exc
     if x.ndim < 2 or x.dtype.kind not in "biuf":

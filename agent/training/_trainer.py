@@ -249,9 +249,16 @@ class LocalTrainer:
         try:
             result: dict[str, Any] = self._runners[key](**inputs)
         except (ValueError, RuntimeError, SystemError) as exc:
+            text = " ".join(str(exc).split())
+            hint = (
+                "; the model uses TensorFlow (Flex) ops, which no agent runtime has: rebuild it "
+                "with builtin ops only (see models/build.py)"
+                if "Flex" in text
+                else ""
+            )
             raise ModelContractError(
                 f"model {self._spec.name!r}: signature {key} failed in {_runtime.RUNTIME}: "
-                f"{str(exc).strip()}",
+                f"{text}{hint}",
                 field="model",
             ) from exc
         return result
