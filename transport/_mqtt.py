@@ -1,0 +1,822 @@
+"""The MQTT 5 adapter: paho-mqtt 2.x driven by the asyncio event loop.
+
+How it works
+------------
+paho does the MQTT framing; the socket lives on the event loop. After a
+connect, the socket is registered with ``loop.add_reader`` (→ ``loop_read``)
+and, whenever paho has bytes queued, ``loop.add_writer`` (→ ``loop_write``);
+a small task calls ``loop_misc`` once a second for keepalive. There is no paho
+thread and no ``loop_start``. The only blocking paho call, ``reconnect()``
+(DNS, TCP connect, TLS handshake, all with blocking sockets), runs in a worker
+thread via ``asyncio.to_thread``; while it runs nothing else touches the paho
+client (publishes wait for it), and its socket callbacks are marshalled back
+to the loop.
+
+Futures keyed by packet id: ``publish`` waits for the PUBACK of its mid,
+``subscribe`` for its SUBACK; a failing MQTT 5 reason code becomes a
+:class:`RefusedError` (for example 135 *Not authorized* from an ACL).
+
+What happens on a lost link
+---------------------------
+The transport reconnects in the background with exponential backoff and
+jitter (``reconnect_min_s`` doubling up to ``reconnect_max_s``) and never
+gives up until :meth:`MqttTransport.disconnect`. After each CONNACK:
+
+* subscriptions are sent again when the broker has no session for us
+  (``session_present`` false);
+* QoS 1 publishes still waiting for PUBACK are **retried**: paho keeps them and
+  resends them with DUP set, and the caller's ``await publish(...)`` completes
+  on the PUBACK of the new connection (at least once; the receiver must
+  tolerate duplicates). QoS 0 publishes not yet written **fail** with
+  :class:`NotConnectedError` (at most once);
+* with ``manual_ack`` and ``session_present`` true, received messages from the
+  old connection that are still in the queue are discarded, because the broker
+  redelivers every unacked one (with ``dup`` set).
+
+Incoming queue and backpressure
+-------------------------------
+Received messages go into a bounded queue (``incoming_queue_size``). When it
+is full the transport stops reading the socket (``remove_reader``) until the
+consumer takes a message: TCP backpressure, so the broker holds the rest and
+nothing is dropped (with manual ack, QoS 1 deliveries are also bounded by
+``receive_maximum``). One read pass may hand over a few packets more than the
+bound (paho reads up to one packet per message it has in flight), so the queue
+can briefly exceed it by that much. A consumer stalled for longer than about
+1.5 × keepalive will see the link recycled by paho's keepalive check; with a
+persistent session and manual ack nothing is lost.
+
+Sizes
+-----
+The broker's CONNACK ``MaximumPacketSize`` is read on every connect and a
+publish whose packet would exceed it raises :class:`PayloadTooLargeError`
+before anything is sent (paho does not enforce it, and mosquitto's answer to an
+oversize publish sends paho into a resend loop). Our own
+``max_incoming_payload`` is announced to the broker as our maximum packet size
+(plus room for the topic), and a payload over it that still arrives is acked,
+dropped, logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import paho.mqtt.client as paho
+from maskfl.protocol.errors import ConfigError, LocalProtocolError, TransportError
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ._config import MQTT_MAX_PACKET, MqttConfig
+from ._errors import (
+    NotConnectedError,
+    PayloadTooLargeError,
+    RefusedError,
+    TransportClosedError,
+)
+from ._topics import check_filter, check_topic
+from ._types import LinkEvent, LinkListener, LinkState, Message, TransportStats
+
+log = logging.getLogger("maskfl.transport")
+
+#: Room above ``max_incoming_payload`` in the maximum packet size we announce:
+#: fixed header, topic (at most 65,535 bytes), packet id and properties.
+_PACKET_OVERHEAD = 65_535 + 1024
+_MISC_INTERVAL_S = 1.0
+_DISCONNECT_TIMEOUT_S = 5.0
+
+
+def publish_packet_size(topic: str, payload_len: int, qos: int) -> int:
+    """Bytes of the PUBLISH packet paho sends for this message (no properties).
+
+    This is what the broker compares with its maximum packet size: fixed
+    header byte, remaining-length varint, topic, packet id (QoS > 0), the
+    empty property length byte, payload.
+    """
+    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + 1 + payload_len
+    varint = 1
+    while remaining >= 128**varint and varint < 4:
+        varint += 1
+    return 1 + varint + remaining
+
+
+@dataclass(slots=True)
+class _PendingPublish:
+    future: asyncio.Future[None]
+    topic: str
+    qos: int
+
+
+class MqttTransport:
+    """One MQTT 5 connection through paho, for asyncio code.
+
+    Use as ``async with MqttTransport(config) as t: ...`` or call
+    :meth:`connect` and :meth:`disconnect`. One task should consume
+    :meth:`messages` (or :meth:`receive`); any task may publish.
+    """
+
+    def __init__(self, config: MqttConfig) -> None:
+        self._config = config
+        self._stats = TransportStats()
+        self._state = LinkState.NEW
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._client = self._make_client(config)
+        self._rng = random.Random()
+        self._listeners: list[LinkListener] = []
+
+        # Connection bookkeeping (touched only on the loop thread).
+        self._link = 0
+        self._connack: asyncio.Future[tuple[bool, Properties | None]] | None = None
+        self._connected = asyncio.Event()
+        self._link_lost = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no reconnect() runs in a thread
+        self._idle.set()
+        self._abandoned = False  # an attempt was cancelled while its thread ran
+        self._socket_closed = asyncio.Event()
+        self._socket_closed.set()
+        self._max_packet: int = MQTT_MAX_PACKET
+        self._tasks: list[asyncio.Task[None]] = []
+
+        self._publishes: dict[int, _PendingPublish] = {}
+        self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
+        self._subscriptions: dict[str, int] = {}
+
+        self._queue: deque[Message] = deque()
+        self._queue_ready = asyncio.Event()
+        self._reading = False
+        self._paused = False
+        self._unacked: set[int] = set()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def config(self) -> MqttConfig:
+        return self._config
+
+    @property
+    def state(self) -> LinkState:
+        return self._state
+
+    @property
+    def is_connected(self) -> bool:
+        return self._state is LinkState.CONNECTED
+
+    @property
+    def stats(self) -> TransportStats:
+        return self._stats
+
+    @property
+    def max_packet_size(self) -> int:
+        """The broker's maximum packet size from the last CONNACK (MQTT's own if unset)."""
+        return self._max_packet
+
+    def add_listener(self, listener: LinkListener) -> Callable[[], None]:
+        """Call ``listener`` on every :class:`LinkEvent`; returns a function that removes it.
+
+        Listeners run on the event loop and must not block; an exception in one
+        is logged and ignored.
+        """
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    async def connect(self) -> None:
+        """Open the connection; return after CONNACK (and the first subscriptions).
+
+        Raises :class:`TransportError` if this first attempt fails (refused,
+        TLS verification, bad credentials, timeout), with ``host:port`` in the
+        message, so misconfiguration surfaces at start. After a successful
+        connect, later link losses are repaired in the background.
+        """
+        if self._state is not LinkState.NEW:
+            raise LocalProtocolError(f"connect() on a transport that is {self._state}")
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        cfg = self._config
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if cfg.session_expiry_s:
+            props.SessionExpiryInterval = cfg.session_expiry_s
+        props.ReceiveMaximum = cfg.receive_maximum
+        props.MaximumPacketSize = min(cfg.max_incoming_payload + _PACKET_OVERHEAD, MQTT_MAX_PACKET)
+        self._client.connect_async(
+            cfg.host, cfg.port, cfg.keepalive_s, clean_start=cfg.clean_start, properties=props
+        )
+        try:
+            await self._attempt()
+        except BaseException:
+            # connect() may be called again; drop whatever the attempt left open.
+            if self._idle.is_set():
+                self._force_close()
+            self._state = LinkState.NEW
+            raise
+        self._tasks = [
+            asyncio.create_task(self._supervise(), name=f"mqtt-reconnect {cfg.address}"),
+            asyncio.create_task(self._misc(), name=f"mqtt-keepalive {cfg.address}"),
+        ]
+
+    async def disconnect(self) -> None:
+        """Send DISCONNECT and close; pending publishes and receivers get
+        :class:`TransportClosedError`. A persistent session stays on the broker
+        (unacked messages are redelivered on the next connect). Idempotent."""
+        if self._state is LinkState.CLOSED:
+            return
+        was_new = self._state is LinkState.NEW
+        self._state = LinkState.CLOSED
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if not was_new:
+            await self._idle.wait()
+            if self._client.socket() is not None:
+                self._client.disconnect()
+                try:
+                    async with asyncio.timeout(_DISCONNECT_TIMEOUT_S):
+                        await self._socket_closed.wait()
+                except TimeoutError:
+                    self._force_close()
+        closed = TransportClosedError(f"MQTT transport to {self._config.address} closed")
+        self._fail_pending(closed, qos0_only=False)
+        self._queue.clear()
+        self._connected.set()  # wake wait_connected(), which re-checks the state
+        self._queue_ready.set()
+        log.info("mqtt %s: closed", self._config.address)
+        self._notify(LinkEvent(LinkState.CLOSED, "disconnect() called"))
+
+    async def wait_connected(self) -> None:
+        """Return once the link is up; :class:`TransportClosedError` if closed."""
+        while True:
+            if self._state is LinkState.CLOSED:
+                raise TransportClosedError(f"MQTT transport to {self._config.address} closed")
+            if self._state is LinkState.CONNECTED:
+                return
+            self._connected.clear()
+            await self._connected.wait()
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Publish and wait for the PUBACK (QoS 1) or for the bytes to be written (QoS 0).
+
+        QoS 1 survives link losses: paho resends it after the reconnect and this
+        call returns on that PUBACK (wrap it in ``asyncio.timeout`` to bound the
+        wait; a cancelled call leaves the message queued in paho, which still
+        sends it). Raises :class:`PayloadTooLargeError` before sending anything
+        if the packet exceeds the broker's maximum, :class:`RefusedError` on a
+        failing reason code (not authorized, quota exceeded, ...),
+        :class:`NotConnectedError` for QoS 0 while the link is down,
+        :class:`TransportClosedError` after :meth:`disconnect`.
+        """
+        self._check_open()
+        check_topic(topic)
+        if qos not in (0, 1):
+            raise LocalProtocolError(f"QoS {qos} is not supported (use 0 or 1)")
+        size = publish_packet_size(topic, len(payload), qos)
+        if size > self._max_packet:
+            raise PayloadTooLargeError(
+                f"publish to {topic!r} refused locally: packet of {size} bytes exceeds the "
+                f"maximum packet size {self._max_packet} of {self._config.address}",
+                size=size,
+                limit=self._max_packet,
+            )
+        await self._idle.wait()
+        self._check_open()
+        if qos == 0 and self._state is not LinkState.CONNECTED:
+            raise NotConnectedError(f"QoS 0 publish to {topic!r}: {self._config.address} is down")
+        info = self._client.publish(topic, bytes(payload), qos=qos, retain=retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise TransportError(
+                f"publish to {topic!r}: {self._config.max_queued_publishes} publishes already "
+                f"wait for {self._config.address}"
+            )
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN) or (
+            qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS
+        ):
+            raise TransportError(
+                f"publish to {topic!r} on {self._config.address}: {paho.error_string(info.rc)}"
+            )
+        if info.is_published():
+            self._stats.published += 1
+            return
+        assert self._loop is not None
+        pending = _PendingPublish(self._loop.create_future(), topic, qos)
+        self._publishes[info.mid] = pending
+        try:
+            await pending.future
+        finally:
+            if self._publishes.get(info.mid) is pending:
+                del self._publishes[info.mid]
+
+    async def subscribe(self, filters: str | Iterable[str], *, qos: int = 1) -> list[int]:
+        """Subscribe and return the granted QoS per filter.
+
+        The filters are remembered and sent again after a reconnect that finds
+        no session. If the link drops before the SUBACK, the SUBSCRIBE is sent
+        again on the next connection. Raises :class:`RefusedError` if the
+        broker refuses a filter (that filter is then forgotten).
+        """
+        self._check_open()
+        wanted = [filters] if isinstance(filters, str) else list(filters)
+        if not wanted:
+            raise LocalProtocolError("subscribe() needs at least one filter")
+        for topic_filter in wanted:
+            check_filter(topic_filter)
+        if qos not in (0, 1):
+            raise LocalProtocolError(f"QoS {qos} is not supported (use 0 or 1)")
+        for topic_filter in wanted:
+            self._subscriptions[topic_filter] = qos
+        while True:
+            await self.wait_connected()
+            try:
+                codes = await self._send_subscribe({f: qos for f in wanted})
+            except NotConnectedError:
+                continue
+            refused = [(f, c) for f, c in zip(wanted, codes, strict=False) if c.is_failure]
+            for topic_filter, _ in refused:
+                self._subscriptions.pop(topic_filter, None)
+            if refused:
+                topic_filter, code = refused[0]
+                raise RefusedError(
+                    f"{self._config.address} refused the subscription to {topic_filter!r}: "
+                    f"{code.getName()} ({code.value})",
+                    packet="SUBACK",
+                    reason_code=code.value,
+                    reason=code.getName(),
+                )
+            return [c.value for c in codes]
+
+    async def unsubscribe(self, filters: str | Iterable[str]) -> None:
+        """Forget the filters and unsubscribe from them if the link is up."""
+        self._check_open()
+        dropped = [filters] if isinstance(filters, str) else list(filters)
+        for topic_filter in dropped:
+            self._subscriptions.pop(topic_filter, None)
+        if self._state is LinkState.CONNECTED:
+            self._client.unsubscribe(dropped)
+
+    async def receive(self) -> Message:
+        """The next received message; waits for one. :class:`TransportClosedError` once closed."""
+        while not self._queue:
+            if self._state is LinkState.CLOSED:
+                raise TransportClosedError(f"MQTT transport to {self._config.address} closed")
+            self._queue_ready.clear()
+            await self._queue_ready.wait()
+        message = self._queue.popleft()
+        if self._paused and len(self._queue) < self._config.incoming_queue_size:
+            self._paused = False
+            self._start_reading()
+        return message
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Received messages until the transport is closed."""
+        while True:
+            try:
+                yield await self.receive()
+            except TransportClosedError:
+                return
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge a QoS 1 message received with ``manual_ack``.
+
+        Call it once the message is durable on our side. It is a no-op without
+        manual ack, for QoS 0, for a second ack, and for a message delivered on
+        an earlier connection (the broker redelivers those).
+        """
+        if not self._config.manual_ack or message.qos == 0:
+            return
+        if message.link != self._link or message.mid not in self._unacked:
+            log.debug("mqtt ack of mid %d ignored: from an earlier link or acked", message.mid)
+            return
+        self._unacked.discard(message.mid)
+        self._client.ack(message.mid, message.qos)
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.disconnect()
+
+    # -------------------------------------------------------- connection logic
+
+    async def _attempt(self) -> None:
+        """One connection attempt: blocking connect in a thread, then await CONNACK."""
+        assert self._loop is not None
+        cfg = self._config
+        self._state = LinkState.CONNECTING
+        self._connack = self._loop.create_future()
+        self._idle.clear()
+        worker = asyncio.ensure_future(asyncio.to_thread(self._client.reconnect))
+        worker.add_done_callback(self._connect_thread_done)
+        try:
+            # Shielded: a cancelled attempt must not release the paho client while
+            # the thread still works on it; the done callback cleans up instead.
+            await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            self._abandoned = True
+            raise
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise TransportError(f"cannot connect to MQTT broker {cfg.address}: {exc}") from exc
+        sock = self._client.socket()
+        if sock is None:  # closed by disconnect() meanwhile
+            raise TransportClosedError(f"MQTT transport to {cfg.address} closed")
+        self._socket_closed.clear()
+        self._paused = False
+        self._start_reading()
+        if self._client.want_write():
+            self._loop.add_writer(sock, self._on_writable)
+        try:
+            async with asyncio.timeout(cfg.connect_timeout_s):
+                session_present, props = await self._connack
+        except TimeoutError as exc:
+            self._force_close()
+            self._link_down("no CONNACK in time")
+            raise TransportError(
+                f"MQTT broker {cfg.address} sent no CONNACK within {cfg.connect_timeout_s} s"
+            ) from exc
+        self._max_packet = int(getattr(props, "MaximumPacketSize", MQTT_MAX_PACKET))
+        if not session_present and self._subscriptions:
+            try:
+                codes = await self._send_subscribe(dict(self._subscriptions))
+            except NotConnectedError as exc:
+                raise TransportError(
+                    f"{cfg.address} dropped the link while subscriptions were restored"
+                ) from exc
+            for (topic_filter, _), code in zip(self._subscriptions.items(), codes, strict=False):
+                if code.is_failure:
+                    log.error(
+                        "mqtt %s: resubscription to %r refused: %s",
+                        cfg.address,
+                        topic_filter,
+                        code.getName(),
+                    )
+        if self._state is not LinkState.CONNECTING:  # closed or lost meanwhile
+            raise TransportError(f"link to {cfg.address} lost right after connecting")
+        self._state = LinkState.CONNECTED
+        self._stats.connects += 1
+        self._connected.set()
+        log.info(
+            "mqtt %s: connected as %r (session present: %s, broker max packet %d)",
+            cfg.address,
+            cfg.client_id,
+            session_present,
+            self._max_packet,
+        )
+        self._notify(LinkEvent(LinkState.CONNECTED, "connected", session_present))
+
+    async def _supervise(self) -> None:
+        """Reconnect forever after each lost link, with exponential backoff and jitter."""
+        cfg = self._config
+        while True:
+            await self._link_lost.wait()
+            self._link_lost.clear()
+            delay = cfg.reconnect_min_s
+            while self._state is LinkState.DISCONNECTED:
+                # "Equal jitter": half the delay fixed, half random, so a fleet
+                # that lost the broker together does not come back together.
+                await asyncio.sleep(delay / 2 + self._rng.uniform(0, delay / 2))
+                try:
+                    await self._attempt()
+                except TransportClosedError:
+                    return
+                except TransportError as exc:
+                    if self._is_closed():
+                        return
+                    self._state = LinkState.DISCONNECTED
+                    self._stats.connect_failures += 1
+                    delay = min(delay * 2, cfg.reconnect_max_s)
+                    log.warning("mqtt reconnect failed: %s; next try in about %.1f s", exc, delay)
+
+    async def _misc(self) -> None:
+        """paho's keepalive work (PINGREQ, dead-link detection), once a second."""
+        while True:
+            await asyncio.sleep(_MISC_INTERVAL_S)
+            if self._idle.is_set() and self._client.socket() is not None:
+                self._client.loop_misc()
+
+    async def _send_subscribe(self, filters: dict[str, int]) -> list[ReasonCode]:
+        """Send one SUBSCRIBE and await its SUBACK; NotConnectedError if the link drops."""
+        assert self._loop is not None
+        rc, mid = self._client.subscribe([(f, SubscribeOptions(qos=q)) for f, q in filters.items()])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise NotConnectedError(f"subscribe: {self._config.address} is down")
+        future: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
+        self._subacks[mid] = future
+        try:
+            return await future
+        finally:
+            self._subacks.pop(mid, None)
+
+    def _link_down(self, reason: str) -> None:
+        """Bookkeeping when the socket is gone, whoever noticed first."""
+        cfg = self._config
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_exception(
+                TransportError(f"{cfg.address} closed the connection before CONNACK: {reason}")
+            )
+        self._unacked.clear()
+        self._fail_pending(NotConnectedError(f"link to {cfg.address} lost: {reason}"), True)
+        if self._state is LinkState.CONNECTED:
+            self._state = LinkState.DISCONNECTED
+            self._connected.clear()
+            self._stats.disconnects += 1
+            log.warning("mqtt %s: link lost (%s); reconnecting", cfg.address, reason)
+            self._link_lost.set()
+            self._notify(LinkEvent(LinkState.DISCONNECTED, reason))
+
+    def _fail_pending(self, exc: TransportError, qos0_only: bool) -> None:
+        for pending in list(self._publishes.values()):
+            if (pending.qos == 0 or not qos0_only) and not pending.future.done():
+                pending.future.set_exception(exc)
+        for future in self._subacks.values():
+            if not future.done():
+                future.set_exception(exc)
+        if not qos0_only and self._connack is not None and not self._connack.done():
+            self._connack.set_exception(exc)
+
+    def _is_closed(self) -> bool:
+        return self._state is LinkState.CLOSED
+
+    def _check_open(self) -> None:
+        if self._state is LinkState.CLOSED:
+            raise TransportClosedError(f"MQTT transport to {self._config.address} closed")
+        if self._state is LinkState.NEW:
+            raise LocalProtocolError("call connect() before using the transport")
+
+    def _notify(self, event: LinkEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a listener must not break the transport
+                log.exception("mqtt link listener %r failed", listener)
+
+    # ---------------------------------------------------------------- socket io
+
+    def _start_reading(self) -> None:
+        sock = self._client.socket()
+        if sock is None or self._loop is None:
+            return
+        self._loop.add_reader(sock, self._on_readable)
+        # TLS may hold decrypted bytes the selector cannot see.
+        self._loop.call_soon(self._drain_pending)
+
+    def _stop_reading(self) -> None:
+        sock = self._client.socket()
+        if sock is not None and self._loop is not None:
+            self._loop.remove_reader(sock)
+
+    def _on_readable(self) -> None:
+        self._client.loop_read()
+        self._drain_pending()
+
+    def _drain_pending(self) -> None:
+        sock = self._client.socket()
+        if (
+            not self._paused
+            and self._idle.is_set()
+            and isinstance(sock, ssl.SSLSocket)
+            and sock.pending() > 0
+            and self._loop is not None
+        ):
+            self._loop.call_soon(self._on_readable)
+
+    def _connect_thread_done(self, worker: asyncio.Future[MQTTErrorCode]) -> None:
+        self._idle.set()
+        if not worker.cancelled():
+            worker.exception()  # retrieved here; _attempt re-raises it when still waiting
+        if self._abandoned or self._state is LinkState.CLOSED:
+            self._abandoned = False
+            self._force_close()
+
+    def _on_writable(self) -> None:
+        self._client.loop_write()
+
+    def _force_close(self) -> None:
+        """Drop the socket now. paho has no public call for this (``disconnect()``
+        needs a writable link), so this uses its ``_sock_close``, which also runs
+        our socket-close callback."""
+        self._client._sock_close()
+        self._socket_closed.set()
+
+    def _on_loop(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn`` on the event loop: directly there, marshalled from the connect thread."""
+        if self._loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    # ----------------------------------------------------------- paho callbacks
+
+    def _make_client(self, cfg: MqttConfig) -> paho.Client:
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=cfg.manual_ack,
+        )
+        client.max_inflight_messages_set(cfg.max_inflight)
+        client.max_queued_messages_set(cfg.max_queued_publishes)
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, cfg.password)
+        if cfg.will is not None:
+            client.will_set(cfg.will.topic, cfg.will.payload, cfg.will.qos, cfg.will.retain)
+        if cfg.tls is not None:
+            client.tls_set_context(_tls_context(cfg))
+            client.tls_insecure_set(cfg.tls.insecure)
+        client.on_connect = self._cb_connect
+        client.on_disconnect = self._cb_disconnect
+        client.on_publish = self._cb_publish
+        client.on_subscribe = self._cb_subscribe
+        client.on_message = self._cb_message
+        client.on_socket_close = self._cb_socket_close
+        client.on_socket_register_write = self._cb_register_write
+        client.on_socket_unregister_write = self._cb_unregister_write
+        return client
+
+    def _cb_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        if self._connack is None or self._connack.done():
+            return
+        if reason.is_failure:
+            self._connack.set_exception(
+                RefusedError(
+                    f"MQTT broker {self._config.address} refused the connection: "
+                    f"{reason.getName()} ({reason.value})",
+                    packet="CONNACK",
+                    reason_code=reason.value,
+                    reason=reason.getName(),
+                )
+            )
+            return
+        # Synchronously, before paho hands over the messages that follow the
+        # CONNACK in the same read: they belong to the new link.
+        self._link += 1
+        self._unacked.clear()
+        if flags.session_present and self._config.manual_ack:
+            self._queue = deque(m for m in self._queue if m.qos == 0)
+        self._connack.set_result((flags.session_present, props))
+
+    def _cb_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        source = "broker sent DISCONNECT: " if flags.is_disconnect_packet_from_server else ""
+        self._link_down(f"{source}{reason.getName()}")
+
+    def _cb_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        props: Properties,
+    ) -> None:
+        pending = self._publishes.get(mid)
+        if pending is None or pending.future.done():
+            return
+        if reason.is_failure:
+            self._stats.publish_refused += 1
+            pending.future.set_exception(
+                RefusedError(
+                    f"MQTT broker {self._config.address} refused the publish to "
+                    f"{pending.topic!r}: {reason.getName()} ({reason.value})",
+                    packet="PUBACK",
+                    reason_code=reason.value,
+                    reason=reason.getName(),
+                )
+            )
+        else:
+            self._stats.published += 1
+            pending.future.set_result(None)
+
+    def _cb_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        codes: list[ReasonCode],
+        props: Properties,
+    ) -> None:
+        future = self._subacks.get(mid)
+        if future is not None and not future.done():
+            future.set_result(list(codes))
+
+    def _cb_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        cfg = self._config
+        manual = cfg.manual_ack and msg.qos > 0
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            self._stats.dropped_malformed += 1
+            log.warning("mqtt %s: dropped a message with a non-UTF-8 topic", cfg.address)
+            if manual:
+                client.ack(msg.mid, msg.qos)
+            return
+        payload = msg.payload
+        if len(payload) > cfg.max_incoming_payload:
+            self._stats.dropped_oversize += 1
+            log.warning(
+                "mqtt %s: dropped a %d-byte message on %r (limit %d bytes)",
+                cfg.address,
+                len(payload),
+                topic,
+                cfg.max_incoming_payload,
+            )
+            if manual:
+                client.ack(msg.mid, msg.qos)
+            return
+        message = Message(
+            topic,
+            payload if isinstance(payload, bytes) else bytes(payload),
+            qos=msg.qos,
+            retain=bool(msg.retain),
+            dup=bool(msg.dup),
+            mid=msg.mid,
+            link=self._link,
+        )
+        if manual:
+            self._unacked.add(msg.mid)
+        self._stats.received += 1
+        if message.dup:
+            self._stats.redelivered += 1
+        self._queue.append(message)
+        self._queue_ready.set()
+        if not self._paused and len(self._queue) >= cfg.incoming_queue_size:
+            self._paused = True
+            self._stats.backpressure_pauses += 1
+            log.info("mqtt %s: incoming queue full; pausing reads", cfg.address)
+            self._stop_reading()
+
+    def _cb_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        def close() -> None:
+            if self._loop is not None:
+                # ValueError: a socket already closed and never registered.
+                with contextlib.suppress(ValueError, KeyError):
+                    self._loop.remove_reader(sock)
+                    self._loop.remove_writer(sock)
+            self._socket_closed.set()
+
+        self._on_loop(close)
+
+    def _cb_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._loop is not None:
+            self._on_loop(self._loop.add_writer, sock, self._on_writable)
+
+    def _cb_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._loop is not None:
+            self._on_loop(self._loop.remove_writer, sock)
+
+
+def _tls_context(cfg: MqttConfig) -> ssl.SSLContext:
+    """An SSLContext that verifies the broker (and presents our certificate for mTLS)."""
+    tls = cfg.tls
+    assert tls is not None
+    try:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"mqtt.tls.ca_file: cannot load CA certificates from {tls.ca_file}: {exc}",
+            field="tls.ca_file",
+        ) from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert_file is not None and tls.key_file is not None:
+        try:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"mqtt.tls.cert_file: cannot load {tls.cert_file} with key {tls.key_file}: {exc}",
+                field="tls.cert_file",
+            ) from exc
+    return context
