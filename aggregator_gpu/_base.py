@@ -145,8 +145,8 @@ class Snapshot:
     unmasked: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.words, np.ndarray) or self.words.ndim != 1:
-            raise AggregationError("snapshot words must be a 1-D array")
+        if not isinstance(self.words, np.ndarray) or self.words.ndim != 1 or not self.words.size:
+            raise AggregationError("snapshot words must be a non-empty 1-D array")
         word_dtype(self.words.dtype.itemsize * 8)
         if self.words.dtype.kind != "u":
             raise AggregationError(f"snapshot words must be unsigned, not {self.words.dtype}")

@@ -409,8 +409,13 @@ class CupyBackend:
         rt = self._rt
         return f"cupy {rt.cupy_version} on {rt.device_name} (device {rt.device_id})"
 
-    def accumulator(self, length: int, word_bits: int) -> CupyAccumulator:
-        return CupyAccumulator(self._rt, length, word_bits)
+    def accumulator(
+        self, length: int, word_bits: int, *, staging_bytes: int = STAGING_BYTES, slots: int = SLOTS
+    ) -> CupyAccumulator:
+        """An empty sum; ``staging_bytes`` and ``slots`` size the pinned staging ring."""
+        return CupyAccumulator(
+            self._rt, length, word_bits, staging_bytes=staging_bytes, slots=slots
+        )
 
     def restore(self, snapshot: Snapshot) -> CupyAccumulator:
         acc = CupyAccumulator(self._rt, snapshot.length, snapshot.word_bits)

@@ -12,6 +12,7 @@ import ctypes
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -77,9 +78,7 @@ class HostKernels:
         self.grid = grid
         self.block = block
 
-    def add_rows(
-        self, rows: npt.NDArray[np.unsignedinteger], acc: npt.NDArray[np.unsignedinteger]
-    ) -> None:
+    def add_rows(self, rows: npt.NDArray[Any], acc: npt.NDArray[Any]) -> None:
         """acc += rows.sum(axis=0) modulo 2^w, in place, through the kernel."""
         assert rows.flags.c_contiguous and acc.flags.c_contiguous and rows.dtype == acc.dtype
         fn = self._lib.host_add_rows_u64 if acc.dtype.itemsize == 8 else self._lib.host_add_rows_u32
@@ -92,9 +91,7 @@ class HostKernels:
             ctypes.c_void_p(acc.ctypes.data),
         )
 
-    def chacha20_sum(
-        self, seeds: list[bytes], n_words: int, word_bits: int
-    ) -> npt.NDArray[np.unsignedinteger]:
+    def chacha20_sum(self, seeds: list[bytes], n_words: int, word_bits: int) -> npt.NDArray[Any]:
         """The sum over seeds of the libsodium deterministic stream, through the kernel."""
         keys = np.frombuffer(b"".join(seeds), dtype="<u4").copy()
         n_blocks = -(-n_words * word_bits // 8 // 64)
