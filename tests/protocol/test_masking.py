@@ -265,7 +265,7 @@ def test_clipping_then_weighting(cfg: MaskConfig, a: float, data: st.DataObject)
     step = error_bound(1, 1.0, cfg)  # error of a single element with weight 1
     for value, sign in zip(values, (1, -1, 1, -1), strict=True):
         assert abs(value - sign * cfg.bound * a) <= step
-    assert abs(weight - a) <= 0.5 / cfg.weight_scale
+    assert abs(weight - a) <= 0.5 / cfg.weight_scale + 2**-53  # + the float returned
 
 
 def test_scale_and_resolution_follow_the_formula() -> None:
