@@ -190,3 +190,22 @@ def test_agent_training_imports_neither_tensorflow_nor_sklearn() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_without_any_runtime_the_error_says_what_to_install() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['ai_edge_litert'] = None\n"
+        "sys.modules['tflite_runtime'] = None\n"
+        "from maskfl.agent.training import RUNTIME, LocalTrainer, RuntimeUnavailableError\n"
+        "assert RUNTIME is None\n"
+        "try:\n"
+        "    LocalTrainer.shipped('mlp')\n"
+        "except RuntimeUnavailableError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert "pip install ai-edge-litert" in out.stdout
+    assert "no TFLite runtime" in out.stderr  # the one log line at import
