@@ -69,7 +69,7 @@ def render_mosquitto_conf(
         "# oversize publish with reason 0x95, which paho cannot parse and resends forever.",
         "# maskfl enforces message sizes itself.",
         "",
-        "log_dest stdout",
+        "log_dest stderr",  # unbuffered: journald and docker logs see every line at once
         "log_type error",
         "log_type warning",
         "log_type notice",
