@@ -63,7 +63,8 @@ class LocalTrainer:
 
     The interpreter is created once and kept: every call reuses it. Calls are serialised
     by a lock (an interpreter must not run two signatures at once), so the agent may
-    call from a worker thread. Errors are :class:`ModelContractError` (the model does
+    call from a worker thread (``asyncio.to_thread``); a whole :meth:`local_update` is
+    one critical section. Errors are :class:`ModelContractError` (the model does
     not load, follow the contract or run) and :class:`TrainingError` (the data do not
     fit the model, bad hyperparameters, non-finite weights).
     """
@@ -79,7 +80,7 @@ class LocalTrainer:
                 f"model {name!r} cannot be loaded by {_runtime.RUNTIME}: {exc}", field="model"
             ) from exc
         self._spec, self._runners = check_contract(self._interpreter, name=name, sha256=sha256)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._probe()
         _log.debug("loaded model %s (%d parameters)", name, self._spec.num_params)
 
@@ -238,9 +239,10 @@ class LocalTrainer:
         """One federated round on this device: start from ``global_weights`` (with a fresh
         optimiser), train, and return ``local - global`` with the sample count."""
         start = self._check_weights(global_weights)
-        self.set_weights(start)
-        stats = self.train(x, y, epochs=epochs, batch_size=batch_size, seed=seed)
-        delta = self.get_weights() - start
+        with self._lock:  # one round is atomic for other threads
+            self.set_weights(start)
+            stats = self.train(x, y, epochs=epochs, batch_size=batch_size, seed=seed)
+            delta = self.get_weights() - start
         return LocalUpdate(delta=delta, num_samples=stats.samples, stats=stats)
 
     # --- internals (call with the lock held)
