@@ -7,8 +7,6 @@ import dataclasses
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nacl.signing import SigningKey
-
 from maskfl.protocol.errors import (
     CertificateError,
     LocalProtocolError,
@@ -24,6 +22,8 @@ from maskfl.protocol.identity import (
     verify_certificate,
 )
 from maskfl.protocol.ids import Role
+from nacl.signing import SigningKey
+
 from tests.protocol.wire_samples import (
     CA_KEY,
     CA_PUBLIC,
@@ -68,7 +68,7 @@ def reason_of(cert: Certificate, **kwargs: object) -> Reason:
     times=st.tuples(i64, i64).map(sorted),
 )
 def test_certificate_round_trip(
-    fleet: str, subject: str, serial: int, role: Role, public_key: bytes, times: list[int]
+    *, fleet: str, subject: str, serial: int, role: Role, public_key: bytes, times: list[int]
 ) -> None:
     cert = issue_certificate(
         CA_KEY,

@@ -12,8 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from nacl.signing import SigningKey
-
 from maskfl.protocol.errors import (
     CertificateError,
     LocalProtocolError,
@@ -45,6 +43,8 @@ from maskfl.protocol.messages import (
     weights_digest,
 )
 from maskfl.protocol.phases import Phase
+from nacl.signing import SigningKey
+
 from tests.protocol.wire_samples import (
     CA_PUBLIC,
     COORDINATOR,
@@ -53,7 +53,6 @@ from tests.protocol.wire_samples import (
     FLEET,
     NOW,
     ROUND,
-    SEALED,
     SUMMER,
     bodies,
     identity,
@@ -127,6 +126,7 @@ def test_every_sample_round_trips() -> None:
     chunk_size=st.integers(0, 2**32 - 1),
 )
 def test_round_params_round_trip(
+    *,
     round_id: int,
     seeds: tuple[bytes, bytes, bytes],
     probabilities: tuple[float, float],

@@ -12,8 +12,6 @@ import json
 import sys
 
 import numpy as np
-from nacl.signing import SigningKey
-
 from maskfl.protocol.chunking import split_payload
 from maskfl.protocol.errors import Reason
 from maskfl.protocol.identity import (
@@ -39,6 +37,7 @@ from maskfl.protocol.messages import (
     Update,
     encode_message,
 )
+from nacl.signing import SigningKey
 
 FLEET = "demo"
 ROUND = RoundId(7)
