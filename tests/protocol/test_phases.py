@@ -1,0 +1,250 @@
+"""The phase table and the count/time window: every branch of PhaseTimer.decide."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from maskfl.protocol.errors import ConfigError, LocalProtocolError
+from maskfl.protocol.phases import (
+    MESSAGE_PHASES,
+    TRANSITIONS,
+    Phase,
+    PhaseTimer,
+    PhaseWindow,
+    Verdict,
+    can_transition,
+    check_transition,
+    next_phase,
+)
+
+# --- the table ---------------------------------------------------------------------------
+
+
+def test_every_phase_has_a_row() -> None:
+    assert set(TRANSITIONS) == set(Phase)
+    assert {Phase.SUM, Phase.UPDATE, Phase.SUM2} == MESSAGE_PHASES
+
+
+def test_happy_path_is_a_cycle() -> None:
+    phase = Phase.IDLE
+    seen = [phase]
+    for _ in range(5):
+        phase = check_transition(phase, next_phase(phase))
+        seen.append(phase)
+    assert seen == [
+        Phase.IDLE,
+        Phase.SUM,
+        Phase.UPDATE,
+        Phase.SUM2,
+        Phase.UNMASK,
+        Phase.IDLE,
+    ]
+    assert next_phase(Phase.FAILURE) is Phase.IDLE
+
+
+@pytest.mark.parametrize("phase", [p for p in Phase if p not in {Phase.FAILURE, Phase.SHUTDOWN}])
+def test_every_working_phase_can_fail(phase: Phase) -> None:
+    assert can_transition(phase, Phase.FAILURE)
+
+
+@pytest.mark.parametrize("phase", [p for p in Phase if p is not Phase.SHUTDOWN])
+def test_every_phase_can_shut_down(phase: Phase) -> None:
+    assert can_transition(phase, Phase.SHUTDOWN)
+
+
+def test_shutdown_is_terminal() -> None:
+    assert TRANSITIONS[Phase.SHUTDOWN] == frozenset()
+    with pytest.raises(LocalProtocolError):
+        next_phase(Phase.SHUTDOWN)
+    for phase in Phase:
+        assert not can_transition(Phase.SHUTDOWN, phase)
+
+
+@pytest.mark.parametrize(
+    ("current", "target"),
+    [
+        (Phase.IDLE, Phase.UPDATE),
+        (Phase.SUM, Phase.SUM2),
+        (Phase.UPDATE, Phase.SUM),
+        (Phase.SUM2, Phase.IDLE),
+        (Phase.UNMASK, Phase.SUM),
+        (Phase.FAILURE, Phase.SUM),
+        (Phase.FAILURE, Phase.FAILURE),
+        (Phase.SUM, Phase.SUM),
+    ],
+)
+def test_illegal_moves_raise(current: Phase, target: Phase) -> None:
+    assert not can_transition(current, target)
+    with pytest.raises(LocalProtocolError) as info:
+        check_transition(current, target)
+    assert info.value.phase == current
+
+
+def test_phase_values_are_the_wire_names() -> None:
+    assert [p.value for p in Phase] == [
+        "idle",
+        "sum",
+        "update",
+        "sum2",
+        "unmask",
+        "failure",
+        "shutdown",
+    ]
+    assert Phase("sum2") is Phase.SUM2
+
+
+# --- the window --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"count_min": 0}, "count_min"),
+        ({"count_min": -3}, "count_min"),
+        ({"count_min": 1.5}, "count_min"),
+        ({"count_min": True}, "count_min"),
+        ({"count_max": 2}, "count_max"),  # below count_min = 3
+        ({"count_max": "9"}, "count_max"),
+        ({"time_min_s": -1.0}, "time_min_s"),
+        ({"time_min_s": math.nan}, "time_min_s"),
+        ({"time_max_s": 4.0}, "time_max_s"),  # below time_min_s = 5
+        ({"time_max_s": math.inf}, "time_max_s"),
+        ({"time_max_s": None}, "time_max_s"),
+    ],
+)
+def test_window_errors_name_the_field(kwargs: dict[str, Any], field: str) -> None:
+    values: dict[str, Any] = {"count_min": 3, "count_max": 10, "time_min_s": 5.0, "time_max_s": 60}
+    values.update(kwargs)
+    with pytest.raises(ConfigError) as info:
+        PhaseWindow(**values)
+    assert info.value.field == field
+
+
+def test_window_edges_are_valid() -> None:
+    PhaseWindow(1, 1, 0, 0)
+    PhaseWindow(5, 5, 2.5, 2.5)
+
+
+# --- the timer: every branch -------------------------------------------------------------
+
+WINDOW = PhaseWindow(count_min=3, count_max=5, time_min_s=10.0, time_max_s=60.0)
+T0 = 1000.0
+
+
+def _timer(count: int) -> PhaseTimer:
+    timer = PhaseTimer(WINDOW, opened_at=T0)
+    if count:
+        timer.accepted(count)
+    return timer
+
+
+def test_open_before_time_min_even_with_count_min() -> None:
+    assert _timer(0).decide(T0) is Verdict.OPEN
+    assert _timer(3).decide(T0 + 9.999) is Verdict.OPEN
+    assert _timer(4).decide(T0 + 5) is Verdict.OPEN
+
+
+def test_close_at_count_max_at_once() -> None:
+    assert _timer(5).decide(T0) is Verdict.CLOSE
+    assert _timer(5).decide(T0 + 1000) is Verdict.CLOSE  # even past time_max
+
+
+def test_close_at_time_min_with_count_min() -> None:
+    assert _timer(3).decide(T0 + 10.0) is Verdict.CLOSE
+    assert _timer(4).decide(T0 + 30.0) is Verdict.CLOSE
+
+
+def test_open_between_time_min_and_time_max_below_count_min() -> None:
+    assert _timer(2).decide(T0 + 10.0) is Verdict.OPEN
+    assert _timer(0).decide(T0 + 59.999) is Verdict.OPEN
+
+
+def test_fail_at_time_max_below_count_min() -> None:
+    assert _timer(2).decide(T0 + 60.0) is Verdict.FAIL
+    assert _timer(0).decide(T0 + 3600.0) is Verdict.FAIL
+
+
+def test_count_min_reached_late_still_closes() -> None:
+    timer = _timer(2)
+    assert timer.decide(T0 + 45) is Verdict.OPEN
+    timer.accepted()
+    assert timer.decide(T0 + 45) is Verdict.CLOSE
+    assert timer.decide(T0 + 61) is Verdict.CLOSE  # reached, so never FAIL
+
+
+def test_a_clock_before_opening_counts_as_no_time() -> None:
+    timer = _timer(3)
+    assert timer.elapsed(T0 - 100) == 0.0
+    assert timer.decide(T0 - 100) is Verdict.OPEN
+    assert _timer(0).decide(T0 - 1e9) is Verdict.OPEN
+
+
+def test_zero_length_window_decides_at_once() -> None:
+    window = PhaseWindow(1, 2, 0, 0)
+    assert PhaseTimer(window, 0.0).decide(0.0) is Verdict.FAIL
+    timer = PhaseTimer(window, 0.0)
+    timer.accepted()
+    assert timer.decide(0.0) is Verdict.CLOSE
+
+
+def test_accepted_counts_and_refuses_past_count_max() -> None:
+    timer = _timer(0)
+    assert timer.accepted() == 1
+    assert timer.accepted(3) == 4
+    assert not timer.full
+    with pytest.raises(LocalProtocolError, match="count_max"):
+        timer.accepted(2)
+    assert timer.count == 4  # unchanged on error
+    assert timer.accepted() == 5
+    assert timer.full
+    with pytest.raises(LocalProtocolError, match="count_max"):
+        timer.accepted()
+    assert timer.count == 5
+    for bad in (0, -1, True):
+        with pytest.raises(LocalProtocolError):
+            timer.accepted(bad)
+
+
+def test_wake_at_is_the_next_change_without_messages() -> None:
+    assert _timer(2).wake_at() == T0 + 60.0
+    assert _timer(3).wake_at() == T0 + 10.0
+    timer = _timer(2)
+    assert timer.decide(timer.wake_at() - 1e-6) is Verdict.OPEN
+    assert timer.decide(timer.wake_at()) is Verdict.FAIL
+    timer = _timer(3)
+    assert timer.decide(timer.wake_at() - 1e-6) is Verdict.OPEN
+    assert timer.decide(timer.wake_at()) is Verdict.CLOSE
+    assert "count=3" in repr(timer)
+
+
+windows = st.builds(
+    lambda cmin, extra, tmin, textra: PhaseWindow(cmin, cmin + extra, tmin, tmin + textra),
+    st.integers(1, 20),
+    st.integers(0, 20),
+    st.floats(0, 100),
+    st.floats(0, 100),
+)
+
+
+@settings(max_examples=200)
+@given(window=windows, count=st.integers(0, 40), t1=st.floats(0, 300), t2=st.floats(0, 300))
+def test_verdicts_are_final_over_time(
+    window: PhaseWindow, count: int, t1: float, t2: float
+) -> None:
+    timer = PhaseTimer(window, 0.0)
+    n = min(count, window.count_max)
+    if n:
+        timer.accepted(n)
+    early, late = sorted((t1, t2))
+    first, second = timer.decide(early), timer.decide(late)
+    if first is not Verdict.OPEN:
+        assert second is first  # CLOSE and FAIL never revert as time passes
+    # FAIL only below count_min; CLOSE only at or above it.
+    assert (second is Verdict.FAIL) <= (n < window.count_min)
+    assert (second is Verdict.CLOSE) <= (n >= window.count_min)
+    # By time_max the phase has always ended.
+    assert timer.decide(window.time_max_s) is not Verdict.OPEN
