@@ -34,7 +34,10 @@ class NumpyAccumulator:
     def __init__(self, length: int, word_bits: int) -> None:
         self._dtype = word_dtype(word_bits)
         self._length = check_length(length)
-        self._sum: Words = np.zeros(self._length, dtype=self._dtype)
+        # np.zeros would map zero pages lazily and fault them in during the first
+        # add; writing the zeros here moves that cost out of the ingest path.
+        self._sum: Words = np.empty(self._length, dtype=self._dtype)
+        self._sum.fill(0)
         self._count = 0
         self._unmasked = False
 
