@@ -25,7 +25,7 @@ wrong answer) into :class:`BackendUnavailableError`.
 
 from __future__ import annotations
 
-import logging
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -48,8 +48,6 @@ from maskfl.aggregator_gpu._base import (
 from maskfl.aggregator_gpu._cuda_source import ADD_ROWS, SOURCE, THREADS_PER_BLOCK, grid_for
 from maskfl.protocol.errors import AggregationError
 from maskfl.protocol.masking import MaskConfig
-
-log = logging.getLogger("maskfl.aggregator_gpu")
 
 STAGING_BYTES = 32 << 20
 """Target size of one pinned staging slot (rows x length x word size)."""
@@ -211,11 +209,21 @@ class CupyAccumulator:
                     for i in range(slots)
                 ]
                 self._stream = cp.cuda.Stream(non_blocking=True)
+                # The zeros were written on the legacy default stream, which the
+                # non-blocking slot streams do not wait for: finish them now.
+                cp.cuda.get_current_stream().synchronize()
         except runtime.errors() as exc:
             raise AggregationError(f"cannot allocate the GPU accumulator: {exc}") from exc
         self._base = self._row(slots)
         self._current = 0
         self._filled = 0
+
+    def __del__(self) -> None:
+        # The device buffers return to CuPy's pool when this object dies; a copy or
+        # kernel still in flight on a slot stream must not outlive them.
+        for slot in getattr(self, "_slots", ()):
+            with contextlib.suppress(RuntimeError):
+                slot.wait()
 
     def _row(self, index: int) -> Any:
         return self._partials[index * self._length : (index + 1) * self._length]
