@@ -26,9 +26,9 @@ DEVICE_TLS_KEY = "device-tls.key"
 AGENT_TOML = "agent.toml"
 
 # Coordinator bundle files (names as in configs/coordinator.toml).
-COORD_KEY = "coordinator.key.pem"
+COORD_KEY = "coordinator.key"
 COORD_CERT = "coordinator.cert"
-COORD_CA_PUB = "ca.pub.pem"
+COORD_CA_PUB = "ca.pub"
 COORD_BROKER_CA = "broker-ca.pem"
 COORD_TLS_CERT = "coordinator-tls.pem"
 COORD_TLS_KEY = "coordinator-tls.key"
@@ -112,20 +112,18 @@ def render_coordinator_toml(
         {
             "fleet": {
                 "id": fleet,
-                "ca_public_key": COORD_CA_PUB,
-                "revocations": COORD_REVOCATIONS,
+                "ca_public_key_file": COORD_CA_PUB,
+                "revocations_file": COORD_REVOCATIONS,
             },
-            "identity": {"signing_key": COORD_KEY, "certificate": COORD_CERT},
-            "mqtt": {
+            "identity": {"key_file": COORD_KEY, "certificate_file": COORD_CERT},
+            "broker": {
                 "host": broker_host,
                 "port": broker_port,
+                "tls": True,
+                "ca_file": COORD_BROKER_CA,
+                "cert_file": COORD_TLS_CERT,
+                "key_file": COORD_TLS_KEY,
                 "client_id": "maskfl-coordinator",
-                "tls": {
-                    "enabled": True,
-                    "ca_file": COORD_BROKER_CA,
-                    "cert_file": COORD_TLS_CERT,
-                    "key_file": COORD_TLS_KEY,
-                },
             },
             "storage": {"dir": state_dir},
             "model": {"id": model_id, "length": model_length},

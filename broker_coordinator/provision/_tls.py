@@ -169,15 +169,18 @@ def public_key_from_csr(data: bytes) -> ec.EllipticCurvePublicKey:
     try:
         csr = x509.load_pem_x509_csr(data)
     except ValueError as exc:
-        raise ProvisionError(f"the TLS CSR is not a PEM certificate request: {exc}") from exc
+        raise ProvisionError(f"--tls-csr: not a PEM certificate request: {exc}") from exc
     if not csr.is_signature_valid:
-        raise ProvisionError("the TLS CSR's signature does not verify")
+        raise ProvisionError("--tls-csr: the request's signature does not verify")
     try:
         public = csr.public_key()
     except (ValueError, UnsupportedAlgorithm, InvalidSignature) as exc:
-        raise ProvisionError(f"the TLS CSR's key cannot be used: {exc}") from exc
+        raise ProvisionError(f"--tls-csr: its key cannot be used: {exc}") from exc
     if not isinstance(public, ec.EllipticCurvePublicKey):
-        raise ProvisionError("the TLS CSR must carry an EC key (P-256): openssl req -newkey ec")
+        raise ProvisionError(
+            "--tls-csr: the request must carry an EC P-256 key "
+            "(openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256)"
+        )
     return public
 
 

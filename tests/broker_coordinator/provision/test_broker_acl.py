@@ -158,7 +158,7 @@ def test_revoked_device_is_shut_out_and_others_are_untouched(fleet_broker: Broke
 
     # Even if it still reached the broker, the coordinator rejects its enrollment.
     coordinator = root / "coordinator"
-    ca = public_key_from_pem((coordinator / "ca.pub.pem").read_bytes())
+    ca = public_key_from_pem((coordinator / "ca.pub").read_bytes())
     revocations = RevocationList.from_bytes((coordinator / "revocations.bin").read_bytes())
     revocations.verify(ca_public_key=ca, fleet="demo")
     cert = Certificate.from_bytes((root / "devices" / "dev-c" / "device.cert").read_bytes())
