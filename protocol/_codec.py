@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -146,7 +146,7 @@ class Reader:
         pad = -(absolute_offset + self.pos) % alignment
         self.zeros(pad, what)
 
-    def words(self, dtype: npt.DTypeLike, count: int, what: str) -> npt.NDArray[np.unsignedinteger]:
+    def words(self, dtype: npt.DTypeLike, count: int, what: str) -> npt.NDArray[Any]:
         """``count`` little-endian elements as a read-only zero-copy view."""
         dt = np.dtype(dtype)
         if count < 0 or count > self.remaining // dt.itemsize:

@@ -66,6 +66,7 @@ from maskfl.protocol.identity import (
 from maskfl.protocol.ids import FleetId, Role, RoundId
 from maskfl.protocol.masking import MaskConfig
 from maskfl.protocol.phases import Phase
+from maskfl.protocol.sortition import next_round_seed
 
 MAGIC: Final = b"MFLM"
 FORMAT_VERSION: Final = 1
@@ -269,6 +270,8 @@ class RoundParams:
     ``round_id`` repeats the header's (they must agree). ``vector_length`` is M,
     the number of model parameters: updates carry M + 1 words (the weight last).
     The ``*_time_max_s`` are the phases' longest durations, in seconds.
+    ``model_digest`` is the :func:`weights_digest` of the global model devices
+    train on (the result of the previous round), which chains the round seed.
     """
 
     TYPE: ClassVar[MessageType] = MessageType.ROUND_PARAMS
@@ -288,6 +291,15 @@ class RoundParams:
     vector_length: int
     chunk_size: int
     certificate: Certificate
+
+    @property
+    def seed_is_chained(self) -> bool:
+        """Whether ``seed == next_round_seed(previous_seed, model_digest, round_id)``.
+
+        Anyone holding the history can so audit that the coordinator did not
+        pick the seed (and with it who sums).
+        """
+        return self.seed == next_round_seed(self.previous_seed, self.model_digest, self.round_id)
 
     def _write(self, w: Writer) -> None:
         w.u64(self.round_id)
@@ -544,6 +556,8 @@ class GlobalModel:
 
     ``weights`` is the flat float32 parameter vector; ``previous_digest`` the
     :func:`weights_digest` of the version before it (chaining the registry);
+    ``graph_digest`` the SHA-256 of the .tflite file published unsigned on
+    ``model/<id>/graph`` (zero when not stated), so a device can check it;
     ``metrics`` a few named numbers (``error_bound``, ``updates`` ...).
     """
 
@@ -555,6 +569,7 @@ class GlobalModel:
     previous_digest: bytes
     weights: Weights
     metrics: tuple[tuple[str, float], ...] = ()
+    graph_digest: bytes = bytes(32)
 
     @property
     def digest(self) -> bytes:
@@ -566,6 +581,7 @@ class GlobalModel:
         w.u64(self.version)
         w.u64(self.round_id)
         w.fixed(self.previous_digest, DIGEST_SIZE, "previous digest")
+        w.fixed(self.graph_digest, DIGEST_SIZE, "graph digest")
         if len(self.metrics) > MAX_METRICS:
             raise LocalProtocolError(f"more than {MAX_METRICS} metrics")
         names = [name for name, _ in self.metrics]
@@ -590,6 +606,7 @@ class GlobalModel:
         if round_id != header.round_id:
             raise _malformed("global model disagrees with the header's round id")
         previous = r.fixed(DIGEST_SIZE, "previous digest")
+        graph = r.fixed(DIGEST_SIZE, "graph digest")
         count = r.u16("metric count")
         if count > MAX_METRICS:
             raise _malformed(f"{count} metrics, at most {MAX_METRICS}")
@@ -602,7 +619,7 @@ class GlobalModel:
         n = r.u64("weight count")
         r.align(8, BODY_OFFSET, "weights padding")
         weights = r.words("<f4", n, "weights")
-        return cls(model_id, version, RoundId(round_id), previous, weights, tuple(metrics))  # type: ignore[arg-type]
+        return cls(model_id, version, RoundId(round_id), previous, weights, tuple(metrics), graph)
 
 
 @dataclass(frozen=True, slots=True)
@@ -642,6 +659,16 @@ _BODIES: Final[dict[MessageType, Any]] = {
     cls.TYPE: cls
     for cls in (RoundParams, Sum, SumDict, Update, SeedDict, Sum2, Receipt, GlobalModel, Heartbeat)
 }
+
+
+def max_masked_size(n_words: int, word_bits: int, n_entries: int) -> int:
+    """The largest valid Update or Sum2 with ``n_words`` words and ``n_entries`` seeds/digests.
+
+    What a receiver passes as ``max_size`` to :func:`decode_message` (and what
+    a sender compares with the chunk size).
+    """
+    fixed = BODY_OFFSET + 2 + MAX_CERTIFICATE_SIZE + 4 + 1 + 8 + 7
+    return fixed + n_entries * (KEY_SIZE + SEALED_SEED_SIZE) + n_words * (word_bits // 8)
 
 
 def weights_digest(weights: Weights) -> bytes:

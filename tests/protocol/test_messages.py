@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import struct
 from typing import Any
 
@@ -38,11 +39,13 @@ from maskfl.protocol.messages import (
     Update,
     decode_message,
     encode_message,
+    max_masked_size,
     open_sum_dict,
     verify_sender,
     weights_digest,
 )
 from maskfl.protocol.phases import Phase
+from maskfl.protocol.sortition import next_round_seed
 from nacl.signing import SigningKey
 
 from tests.protocol.wire_samples import (
@@ -83,6 +86,10 @@ def same(a: Any, b: Any) -> bool:
         )
     if isinstance(a, dict):
         return dict(a) == dict(b)
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, float) and math.isnan(a):  # NaN metrics survive the trip as NaN
+        return isinstance(b, float) and math.isnan(b)
     return bool(a == b)
 
 
@@ -552,3 +559,23 @@ def test_big_endian_and_strided_words_are_encoded_little_endian() -> None:
     assert isinstance(decoded, Update)
     np.testing.assert_array_equal(decoded.words, [0, 2, 4, 6, 8])
     assert raw[-20:] == np.array([0, 2, 4, 6, 8], "<u4").tobytes()
+
+
+def test_round_seed_chain_is_auditable() -> None:
+    params = round_params()
+    assert not params.seed_is_chained
+    seed = next_round_seed(params.previous_seed, params.model_digest, params.round_id)
+    assert dataclasses.replace(params, seed=seed).seed_is_chained
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+@pytest.mark.parametrize("summers", [0, 1, 7])
+def test_max_masked_size_bounds_real_messages(dtype: type, summers: int) -> None:
+    seeds = {bytes([i]) * 32: bytes(80) for i in range(summers)}
+    words = np.zeros(11, dtype)
+    raw = sign(Update(DEVICE.certificate, seeds, words), DEVICE)
+    bound = max_masked_size(11, words.itemsize * 8, summers)
+    assert len(raw) <= bound < len(raw) + 256
+    decode_message(raw, max_size=bound)
+    sum2 = sign(Sum2(SUMMER.certificate, words, tuple(seeds)), SUMMER)
+    assert len(sum2) <= bound

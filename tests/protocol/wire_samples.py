@@ -158,6 +158,7 @@ def bodies() -> dict[str, tuple[Body, Identity]]:
                 bytes([0xAB]) * 32,
                 np.array([0.5, -1.25, 3.0], dtype=np.float32),
                 (("error_bound", 2.5e-06), ("updates", 12.0)),
+                bytes([0x6A]) * 32,
             ),
             COORDINATOR,
         ),
