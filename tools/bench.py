@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "aggregate": "bench_aggregate",
     "coordinator": "bench_coordinator",
     "agent": "bench_agent",
+    "agent-train": "bench_agent_train",
     "round": "bench_round",
 }
 
