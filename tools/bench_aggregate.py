@@ -10,8 +10,11 @@ The inputs are a pool of distinct ``bytes`` objects cut at different offsets
 from one random block, so generating them costs one RNG call, yet the pool
 (``--pool-mb``, default 512 MB, far beyond the last-level cache) makes every
 add read its input from DRAM as a real coordinator would; with N larger than
-the pool the inputs are reused round-robin. Without a usable GPU the CuPy rows
-say ``"no device"`` (and why) instead of a number.
+the pool the inputs are reused round-robin. ``--input array`` passes numpy
+arrays instead; the OS may back those with huge pages, which stream from DRAM
+faster than the 4 KiB pages of ``bytes`` objects, so compare like with like.
+Without a usable GPU the CuPy rows say ``"no device"`` (and why) instead of a
+number.
 """
 
 from __future__ import annotations
@@ -86,17 +89,26 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=512,
         help="memory for distinct input vectors, MB (default 512)",
     )
+    parser.add_argument(
+        "--input",
+        choices=["bytes", "array"],
+        default="bytes",
+        help="updates as bytes objects, as they arrive in messages (default), or as numpy "
+        "arrays (which the OS may back with huge pages: faster to stream)",
+    )
     parser.add_argument("--json", type=Path, help="write the JSON here instead of stdout")
     return parser
 
 
-def _input_pool(n: int, m: int, word_bits: int, pool_bytes: int) -> list[bytes]:
-    """Distinct update messages: slices of one random block at different offsets."""
+def _input_pool(n: int, m: int, word_bits: int, pool_bytes: int, kind: str) -> list[Any]:
+    """Distinct updates: slices of one random block at different offsets, each copied."""
     itemsize = word_bits // 8
     distinct = max(1, min(n, pool_bytes // (m * itemsize)))
     dtype = np.uint32 if word_bits == 32 else np.uint64
     rng = np.random.default_rng(20_240_611)
     block = rng.integers(0, np.iinfo(dtype).max, size=m + distinct, dtype=dtype, endpoint=True)
+    if kind == "array":
+        return [block[k : k + m].copy() for k in range(distinct)]
     return [block[k : k + m].tobytes() for k in range(distinct)]
 
 
@@ -115,7 +127,7 @@ def _backends(choice: str) -> list[tuple[str, Backend | None, str]]:
     return out
 
 
-def _one_pass(backend: Backend, pool: list[bytes], n: int, m: int, word_bits: int) -> float:
+def _one_pass(backend: Backend, pool: list[Any], n: int, m: int, word_bits: int) -> float:
     acc = backend.accumulator(m, word_bits)
     k = len(pool)
     start = time.perf_counter()
@@ -125,8 +137,8 @@ def _one_pass(backend: Backend, pool: list[bytes], n: int, m: int, word_bits: in
     return time.perf_counter() - start
 
 
-def _unmask_decode_seconds(backend: Backend, pool: list[bytes], n: int, m: int, bits: int) -> float:
-    """Time of subtract_mask + decode (a full M + 1 decode, garbage values: timing only)."""
+def _unmask_decode_seconds(backend: Backend, pool: list[Any], n: int, m: int, bits: int) -> float:
+    """Seconds for subtract_mask + decode (a full M + 1 decode, garbage values: timing only)."""
     acc = backend.accumulator(m, bits)
     for i in range(min(n, len(pool))):
         acc.add(pool[i])
@@ -137,7 +149,7 @@ def _unmask_decode_seconds(backend: Backend, pool: list[bytes], n: int, m: int, 
     return time.perf_counter() - start
 
 
-def _host_peak_bytes(backend: Backend, pool: list[bytes], m: int, word_bits: int) -> int:
+def _host_peak_bytes(backend: Backend, pool: list[Any], m: int, word_bits: int) -> int:
     """Host memory the accumulator allocates for a few adds and one total (tracemalloc)."""
     gc.collect()
     tracemalloc.start()
@@ -154,7 +166,7 @@ def _host_peak_bytes(backend: Backend, pool: list[bytes], m: int, word_bits: int
 def _device_bytes(backend: Backend) -> dict[str, int]:
     if backend.name is not BackendName.CUPY:
         return {}
-    import cupy  # noqa: PLC0415 - only when the CuPy backend is really in use
+    import cupy
 
     return {
         "device_pool_bytes": int(cupy.get_default_memory_pool().total_bytes()),
@@ -171,7 +183,7 @@ def measure(
     m: int,
     word_bits: int,
     repeat: int,
-    pool: list[bytes],
+    pool: list[Any],
 ) -> dict[str, Any]:
     """One row of the result table."""
     row: dict[str, Any] = {"backend": requested, "n": n, "m": m, "word_bits": word_bits}
@@ -200,7 +212,7 @@ def measure(
         elements_per_s_best=elements / min(times),
         unmask_decode_s=_unmask_decode_seconds(backend, pool, n, m, word_bits),
         distinct_inputs=len(pool),
-        input_pool_bytes=sum(len(p) for p in pool),
+        input_pool_bytes=sum(memoryview(p).nbytes for p in pool),
         host_peak_alloc_bytes=_host_peak_bytes(backend, pool, m, word_bits),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         **_device_bytes(backend),
@@ -217,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backends = _backends(args.backend)
     rows = []
     for n, m, word_bits in cases:
-        pool = _input_pool(n, m, word_bits, args.pool_mb << 20)
+        pool = _input_pool(n, m, word_bits, args.pool_mb << 20, args.input)
         for requested, backend, why in backends:
             print(
                 f"maskfl-bench aggregate: {requested} N={n} M={m} w={word_bits}",
@@ -238,8 +250,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del pool
         gc.collect()
     return {
-        "what": "acc.add(bytes) N times + one acc.total(); median (and best) of --repeat passes",
+        "what": "acc.add(update) N times + one acc.total(); median (and best) of --repeat passes",
         "repeat": args.repeat,
+        "input": args.input,
         "pool_mb": args.pool_mb,
         "rows": rows,
     }

@@ -74,3 +74,9 @@ def test_auto_reports_what_it_selected() -> None:
 
 def test_json_option_is_registered(tmp_path: Path) -> None:
     assert parse("--json", str(tmp_path / "out.json")).json == tmp_path / "out.json"
+
+
+def test_array_inputs() -> None:
+    result = run("--backend", "numpy", "--input", "array", "--n", "3", "--m", "50", "--repeat", "1")
+    assert result["input"] == "array"
+    assert result["rows"][0]["input_pool_bytes"] == 3 * 50 * 8
