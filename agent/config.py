@@ -139,6 +139,9 @@ class BrokerSection(_Section):
     username: str | None = None
     password_file: Path | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
+    session_expiry_s: int = Field(default=86400, ge=0, le=2**32 - 1)
+    """Persistent MQTT session: receipts and seeds sent while the device is down wait for it
+    this long on the broker (0 = a clean session on every connect)."""
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0)
     connect_timeout_s: float = Field(default=15.0, gt=0)

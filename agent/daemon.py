@@ -1,0 +1,611 @@
+"""The agent daemon: one MQTT link, message dispatch, heartbeats, rounds, systemd.
+
+``run_daemon(config)`` loads the identity, opens the journal, tells systemd it is
+ready and then keeps one MQTT 5 session to the broker (persistent, so receipts and
+seed dictionaries that arrive while the device is down are kept for it; the last will
+is a signed "offline" heartbeat). The first connect is retried with exponential
+backoff; later link losses are repaired by the transport.
+
+Every received message goes through :meth:`Agent.handle`, which checks topic, size,
+signature and certificate before anything acts on it. A message that breaks the
+protocol is a :class:`RemoteProtocolError`: one log line (``ignored message on
+<topic>: <reason>: <why>``), a counter, and the agent goes on. Nothing a peer sends
+ends the process; the only bare ``except Exception`` is the supervisor's, around each
+message, which logs the bug and keeps serving.
+
+Coordinator messages are checked against the coordinator certificate carried in the
+round parameters (itself checked against the fleet CA). Messages that arrive before
+the parameters they belong to (retained messages come in any order) wait in a small
+bounded buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from maskfl.agent.config import AgentConfig
+from maskfl.agent.guards import Guards
+from maskfl.agent.identity import DeviceIdentity, load_identity
+from maskfl.agent.learning import Learner, LiteRTLearner
+from maskfl.agent.rounds import RoundContext, RoundDriver
+from maskfl.agent.sdnotify import Notifier
+from maskfl.agent.state import Journal, OutboxStatus
+from maskfl.protocol.chunking import Reassembler, is_chunk, split_payload
+from maskfl.protocol.errors import (
+    ConfigError,
+    CryptoError,
+    Reason,
+    RemoteProtocolError,
+    TransportError,
+)
+from maskfl.protocol.identity import Certificate, RevocationList
+from maskfl.protocol.messages import (
+    GlobalModel,
+    Heartbeat,
+    MessageType,
+    Receipt,
+    RoundParams,
+    SeedDict,
+    SignedMessage,
+    SumDict,
+    decode_message,
+    encode_message,
+    open_sum_dict,
+    verify_sender,
+)
+from maskfl.protocol.sortition import next_round_seed
+from maskfl.protocol.topics import ParsedTopic, TopicKind, Topics
+from maskfl.transport import LastWill, Message, MqttConfig, MqttTransport, TlsConfig, Transport
+
+__all__ = ["Agent", "build_mqtt_config", "run_daemon"]
+
+log = logging.getLogger("maskfl.agent")
+
+#: Round parameters, receipts and seed-less small messages are far below this.
+MAX_SMALL_MESSAGE = 64 * 1024
+#: The largest single PUBLISH payload we ask for: MQTT's 268,435,455-byte packet limit less
+#: the room the transport adds for topic and properties (larger messages come in chunks).
+MAX_PUBLISH_PAYLOAD = 268_000_000
+#: Messages waiting for the round parameters they belong to.
+MAX_EARLY_MESSAGES = 32
+
+TransportFactory = Callable[[MqttConfig], Transport]
+
+
+def build_mqtt_config(config: AgentConfig, will: bytes | None) -> MqttConfig:
+    """The transport settings of the agent's broker section."""
+    broker = config.broker
+    password = None
+    if broker.password_file is not None:
+        try:
+            password = broker.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"broker.password_file: cannot read {broker.password_file}: {exc.strerror}",
+                field="broker.password_file",
+            ) from exc
+    tls = None
+    if broker.tls:
+        tls = TlsConfig(
+            ca_file=broker.ca_file, cert_file=broker.cert_file, key_file=broker.key_file
+        )
+    topics = Topics(config.device.fleet)
+    return MqttConfig(
+        host=broker.host,
+        port=broker.port,
+        client_id=config.device.id,
+        clean_start=broker.session_expiry_s == 0,
+        session_expiry_s=broker.session_expiry_s,
+        keepalive_s=broker.keepalive_s,
+        username=broker.username,
+        password=password,
+        tls=tls,
+        will=None if will is None else LastWill(topics.status(config.device.id), will, qos=1),
+        max_incoming_payload=min(config.limits.max_message_bytes, MAX_PUBLISH_PAYLOAD),
+        connect_timeout_s=broker.connect_timeout_s,
+        reconnect_min_s=broker.reconnect_min_s,
+        reconnect_max_s=broker.reconnect_max_s,
+    )
+
+
+@dataclass
+class _Coordinator:
+    """The coordinator of the current round, as its round parameters named it."""
+
+    certificate: Certificate
+    params: RoundParams
+    digest: bytes
+
+
+class Agent:
+    """The daemon's state: link, current round, verified inputs. See the module doc."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        identity: DeviceIdentity,
+        journal: Journal,
+        *,
+        notifier: Notifier | None = None,
+        learner: Learner | None = None,
+        transport_factory: TransportFactory | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.journal = journal
+        self.notifier = notifier or Notifier({})
+        self.learner: Learner = learner or LiteRTLearner(config.training, config.data)
+        self._factory: TransportFactory = transport_factory or MqttTransport
+        self.clock = clock
+        self.device = config.device.id
+        self.fleet = config.device.fleet
+        self.topics = Topics(self.fleet)
+        self.guards = Guards(config.guards)
+        self.revocations: RevocationList | None = identity.revocations
+        self.coordinator: _Coordinator | None = None
+        self.driver: RoundDriver | None = None
+        self.transport: Transport | None = None
+        self.ignored: collections.Counter[str] = collections.Counter()
+        self.handler_errors = 0
+        self._models: dict[str, tuple[GlobalModel, bytes]] = {}
+        self._models_changed = asyncio.Condition()
+        self._early: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._reassembler = Reassembler(
+            config.limits.max_reassembly_messages,
+            config.limits.max_message_bytes,
+            config.limits.reassembly_max_age_s,
+        )
+        self._started = time.monotonic()
+        self._connected = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Serve until :meth:`request_stop` (SIGTERM/SIGINT in the daemon); returns 0."""
+        await self._load_journal()
+        watchdog = asyncio.create_task(self.notifier.watchdog_loop(), name="watchdog")
+        self.notifier.ready(f"connecting to {self.config.broker.host}:{self.config.broker.port}")
+        try:
+            await self._supervise()
+        finally:
+            self.notifier.stopping()
+            if self.driver is not None:
+                await self.driver.stop()
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+        return 0
+
+    async def _supervise(self) -> None:
+        broker = self.config.broker
+        delay = broker.reconnect_min_s
+        while not self._stop.is_set():
+            will = self._heartbeat_bytes("offline")
+            transport = self._factory(build_mqtt_config(self.config, will))
+            try:
+                await transport.connect()
+            except TransportError as exc:
+                log.warning("cannot connect to the broker: %s; retrying in %.1f s", exc, delay)
+                self.notifier.status(f"broker unreachable, retrying in {delay:.0f} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(delay * 2, broker.reconnect_max_s)
+                continue
+            delay = broker.reconnect_min_s
+            try:
+                await self._serve(transport)
+            except TransportError as exc:
+                log.warning("MQTT link failed: %s; reconnecting", exc)
+            finally:
+                self._connected.clear()
+                self.transport = None
+                await self._say_goodbye(transport)
+                await transport.disconnect()
+
+    async def _serve(self, transport: Transport) -> None:
+        self.transport = transport
+        await transport.subscribe(self.topics.agent_filters(self.device), qos=1)
+        self._connected.set()
+        log.info(
+            "connected to %s:%d as %s; subscribed",
+            self.config.broker.host,
+            self.config.broker.port,
+            self.device,
+        )
+        self.notifier.status("connected, idle")
+        heartbeats = asyncio.create_task(self._heartbeats(transport), name="heartbeats")
+        receiving = asyncio.create_task(self._receive(transport), name="receive")
+        stopping = asyncio.create_task(self._stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait(
+                {receiving, stopping, heartbeats}, return_when="FIRST_COMPLETED"
+            )
+            for task in done:
+                if task is not stopping:
+                    task.result()  # a TransportError ends this link
+        finally:
+            for task in (heartbeats, receiving, stopping):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _receive(self, transport: Transport) -> None:
+        while True:
+            message = await transport.receive()
+            try:
+                await self.handle(message)
+            except TransportError:
+                raise
+            except Exception:  # the supervisor: a bug must not end the daemon
+                self.handler_errors += 1
+                log.exception("error while handling a message on %s; continuing", message.topic)
+
+    async def _say_goodbye(self, transport: Transport) -> None:
+        """A clean DISCONNECT suppresses the will, so say "offline" ourselves."""
+        if not transport.is_connected:
+            return
+        with contextlib.suppress(TransportError, TimeoutError):
+            async with asyncio.timeout(2):
+                await transport.publish(
+                    self.topics.status(self.device), self._heartbeat_bytes("offline"), qos=1
+                )
+
+    async def _load_journal(self) -> None:
+        """Resume an unfinished round from the journal, without waiting for the broker."""
+        raw = await self.journal.get_kv("revocations")
+        if raw is not None:
+            with contextlib.suppress(RemoteProtocolError):
+                self._accept_revocations(raw, persist=False)
+        latest = await self.journal.latest()
+        if latest is None or latest.step.terminal:
+            return
+        params_raw = await self.journal.inbox(latest.round_id, "params")
+        if params_raw is None:
+            log.warning("round %d in the journal has no parameters; leaving it", latest.round_id)
+            return
+        try:
+            await self._on_round(params_raw, from_journal=True)
+        except RemoteProtocolError as exc:
+            log.warning("journaled round %d cannot resume: %s", latest.round_id, exc)
+
+    # -- heartbeats ------------------------------------------------------------------
+
+    def _heartbeat_bytes(self, state: str) -> bytes:
+        ident = self.identity.identity
+        version = 0 if self.coordinator is None else self.coordinator.params.model_version
+        rid = 0 if self.coordinator is None else int(self.coordinator.params.round_id)
+        return encode_message(
+            Heartbeat(ident.certificate, state[:64], time.monotonic() - self._started, version),
+            fleet=self.fleet,
+            round_id=rid,
+            signing_key=ident.signing_key,
+        )
+
+    def _state_text(self) -> str:
+        return "idle" if self.driver is None else self.driver.describe()
+
+    async def _heartbeats(self, transport: Transport) -> None:
+        interval = self.config.heartbeat.interval_s
+        topic = self.topics.status(self.device)
+        while True:
+            state = self._state_text()
+            self.notifier.status(f"connected, {state}")
+            try:
+                async with asyncio.timeout(interval):
+                    await transport.publish(topic, self._heartbeat_bytes(state), qos=1)
+            except TimeoutError:
+                log.debug("heartbeat not acknowledged within %.0f s", interval)
+            await asyncio.sleep(interval)
+
+    # -- publishing (used by the rounds) ---------------------------------------------
+
+    async def publish(self, topic: str, payload: bytes, chunk_size: int) -> None:
+        """QoS 1, split into chunk frames above ``chunk_size``; waits for the link."""
+        frames = [payload] if len(payload) <= chunk_size else split_payload(payload, chunk_size)
+        for frame in frames:
+            while True:
+                await self._connected.wait()
+                transport = self.transport
+                if transport is None:
+                    continue
+                try:
+                    await transport.publish(topic, frame, qos=1)
+                    break
+                except TransportError as exc:
+                    if transport is self.transport and transport.is_connected:
+                        raise
+                    log.info("publish to %s interrupted (%s); retrying", topic, exc)
+                    await asyncio.sleep(self.config.broker.reconnect_min_s)
+
+    async def model(self, model_id: str, version: int, digest: bytes) -> GlobalModel:
+        """The verified global model ``model_id`` with these version and digest (waits)."""
+        async with self._models_changed:
+            while True:
+                have = self._models.get(model_id)
+                if have is not None and have[0].version == version and have[1] == digest:
+                    return have[0]
+                if have is not None and have[0].version > version:
+                    raise RemoteProtocolError(
+                        Reason.WRONG_ROUND,
+                        f"model {model_id} is at version {have[0].version}, round wants {version}",
+                    )
+                await self._models_changed.wait()
+
+    # -- message handling --------------------------------------------------------------
+
+    async def handle(self, message: Message) -> None:
+        """Check and act on one received message; protocol violations are logged, counted."""
+        try:
+            parsed = self.topics.parse(message.topic)
+            payload = message.payload
+            if is_chunk(payload):
+                whole = self._reassembler.feed(message.topic, payload, time.monotonic())
+                if whole is None:
+                    return
+                payload = whole
+            await self._dispatch(message.topic, parsed, payload)
+        except RemoteProtocolError as exc:
+            self.ignored[str(exc.reason)] += 1
+            log.warning("ignored message on %s: %s", message.topic, exc)
+        except CryptoError as exc:
+            self.ignored["crypto"] += 1
+            log.warning("ignored message on %s: %s", message.topic, exc)
+
+    async def _dispatch(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:
+        match parsed.kind:
+            case TopicKind.ROUND:
+                await self._on_round(payload)
+            case TopicKind.REVOCATIONS:
+                self._accept_revocations(payload, persist=True)
+                await self.journal.set_kv("revocations", payload)
+            case TopicKind.SUMS | TopicKind.SEEDS | TopicKind.RECEIPTS | TopicKind.MODEL_LATEST:
+                if self.coordinator is None:
+                    self._keep_early(topic, payload)
+                    return
+                await self._on_coordinator_message(topic, parsed, payload)
+            case TopicKind.MODEL_GRAPH:
+                add_graph = getattr(self.learner, "add_graph", None)
+                if add_graph is not None and parsed.model_id is not None:
+                    add_graph(parsed.model_id, payload)
+            case _:
+                log.debug("message on %s is not for agents; ignored", topic)
+
+    def _keep_early(self, topic: str, payload: bytes) -> None:
+        self._early[topic] = payload
+        self._early.move_to_end(topic)
+        while len(self._early) > MAX_EARLY_MESSAGES:
+            dropped, _ = self._early.popitem(last=False)
+            log.info("dropped early message on %s (buffer full)", dropped)
+
+    async def _replay_early(self) -> None:
+        early, self._early = self._early, collections.OrderedDict()
+        for topic, payload in early.items():
+            await self.handle(Message(topic, payload, qos=1))
+
+    def _accept_revocations(self, payload: bytes, *, persist: bool) -> None:
+        del persist
+        revocations = RevocationList.from_bytes(payload)
+        revocations.verify(ca_public_key=self.identity.ca_public_key, fleet=self.fleet)
+        if self.revocations is None or revocations.version > self.revocations.version:
+            self.revocations = revocations
+            log.info(
+                "revocation list version %d: %d serials",
+                revocations.version,
+                len(revocations.serials),
+            )
+
+    async def _on_round(self, payload: bytes, *, from_journal: bool = False) -> None:
+        signed = decode_message(payload, max_size=MAX_SMALL_MESSAGE)
+        signed.expect(fleet=self.fleet, types=(MessageType.ROUND_PARAMS,))
+        params = signed.body
+        assert isinstance(params, RoundParams)
+        rid = int(params.round_id)
+        current = self.driver
+        if (
+            current is not None
+            and rid == current.round_id
+            and signed.digest == current.params_digest
+        ):
+            return  # the retained copy again
+        if current is not None and rid <= current.round_id:
+            raise RemoteProtocolError(
+                Reason.WRONG_ROUND,
+                f"round parameters for round {rid}, but round {current.round_id} is current",
+                round_id=rid,
+            )
+        cert = verify_sender(
+            signed,
+            ca_public_key=self.identity.ca_public_key,
+            fleet=self.fleet,
+            now=self.clock(),
+            revocations=self.revocations,
+        )
+        expected = next_round_seed(params.previous_seed, params.model_digest, rid)
+        if params.seed != expected:
+            raise RemoteProtocolError(
+                Reason.MALFORMED,
+                f"round {rid} seed is not the hash chain of the previous seed and model",
+                round_id=rid,
+            )
+        if not from_journal:
+            log.info(
+                "round %d: parameters (p_sum %.3f, p_update %.3f, model %s v%d, M = %d)",
+                rid,
+                params.p_sum,
+                params.p_update,
+                params.model_id,
+                params.model_version,
+                params.vector_length,
+            )
+        self.coordinator = _Coordinator(cert, params, signed.digest)
+        await self.journal.put_inbox(rid, "params", payload)
+        if current is not None:
+            await current.abandon(f"round {rid} started")
+        ctx = RoundContext(
+            config=self.config,
+            identity=self.identity,
+            journal=self.journal,
+            topics=self.topics,
+            learner=self.learner,
+            guards=self.guards,
+            publish=self.publish,
+            model=self.model,
+            clock=self.clock,
+        )
+        self.driver = RoundDriver(ctx, params, signed.digest)
+        task = self.driver.start()
+        task.add_done_callback(_log_crash)
+        await self.journal.prune(keep_rounds=4)
+        await self._replay_early()
+
+    def _verify_coordinator(self, signed: SignedMessage, kind: MessageType) -> None:
+        assert self.coordinator is not None
+        signed.expect(fleet=self.fleet, types=(kind,))
+        verify_sender(
+            signed,
+            ca_public_key=self.identity.ca_public_key,
+            fleet=self.fleet,
+            now=self.clock(),
+            revocations=self.revocations,
+            certificate=self.coordinator.certificate,
+        )
+
+    async def _on_coordinator_message(
+        self, topic: str, parsed: ParsedTopic, payload: bytes
+    ) -> None:
+        assert self.coordinator is not None
+        driver = self.driver
+        current = int(self.coordinator.params.round_id)
+        limit = self.config.limits.max_message_bytes
+        match parsed.kind:
+            case TopicKind.SUMS | TopicKind.SEEDS:
+                if parsed.round_id is None or parsed.round_id < current:
+                    log.debug("%s is for an earlier round; ignored", topic)
+                    return
+                if parsed.round_id > current:
+                    self._keep_early(topic, payload)
+                    return
+                if parsed.kind is TopicKind.SEEDS and parsed.device != self.device:
+                    return
+                signed = decode_message(payload, max_size=limit)
+                if parsed.kind is TopicKind.SUMS:
+                    self._verify_coordinator(signed, MessageType.SUM_DICT)
+                    signed.expect(fleet=self.fleet, round_id=current)
+                    assert isinstance(signed.body, SumDict)
+                    sums = open_sum_dict(
+                        signed.body,
+                        fleet=self.fleet,
+                        round_id=current,
+                        ca_public_key=self.identity.ca_public_key,
+                        now=self.clock(),
+                        revocations=self.revocations,
+                    )
+                    log.info(
+                        "round %d: sum dictionary with %d summers verified", current, len(sums)
+                    )
+                    if driver is not None:
+                        driver.offer_sums(sums)
+                else:
+                    self._verify_coordinator(signed, MessageType.SEED_DICT)
+                    signed.expect(fleet=self.fleet, round_id=current)
+                    body = signed.body
+                    assert isinstance(body, SeedDict)
+                    if body.summer_pk != self.identity.identity.public_key:
+                        raise RemoteProtocolError(
+                            Reason.MALFORMED, "seed dictionary names another summer"
+                        )
+                    log.info(
+                        "round %d: seed dictionary with %d seeds", current, len(body.sealed_seeds)
+                    )
+                    if driver is not None:
+                        driver.offer_seeds(payload, body)
+            case TopicKind.RECEIPTS:
+                if parsed.device != self.device:
+                    return
+                signed = decode_message(payload, max_size=MAX_SMALL_MESSAGE)
+                self._verify_coordinator(signed, MessageType.RECEIPT)
+                receipt = signed.body
+                assert isinstance(receipt, Receipt)
+                await self._on_receipt(receipt)
+            case TopicKind.MODEL_LATEST:
+                signed = decode_message(payload, max_size=limit)
+                self._verify_coordinator(signed, MessageType.GLOBAL_MODEL)
+                model = signed.body
+                assert isinstance(model, GlobalModel)
+                if model.model_id != parsed.model_id:
+                    raise RemoteProtocolError(
+                        Reason.MALFORMED, f"model {model.model_id!r} on the topic of another"
+                    )
+                have = self._models.get(model.model_id)
+                if have is not None and have[0].version > model.version:
+                    return
+                digest = await asyncio.to_thread(lambda: model.digest)
+                async with self._models_changed:
+                    self._models[model.model_id] = (model, digest)
+                    self._models_changed.notify_all()
+                log.info("global model %s version %d received", model.model_id, model.version)
+            case _:
+                pass
+
+    async def _on_receipt(self, receipt: Receipt) -> None:
+        entry = await self.journal.outbox_by_digest(receipt.message_digest)
+        if entry is None:
+            log.debug("receipt for a message we do not know; ignored")
+            return
+        driver = self.driver
+        if driver is not None and driver.round_id == entry.round_id:
+            driver.offer_receipt(entry.kind, receipt)
+        elif entry.status is OutboxStatus.PENDING:
+            status = OutboxStatus.ACCEPTED if receipt.accepted else OutboxStatus.REJECTED
+            await self.journal.mark_receipt(
+                entry.round_id, entry.kind, status, str(receipt.reason or "")
+            )
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("round task crashed: %r", exc, exc_info=exc)
+
+
+async def run_daemon(
+    config: AgentConfig,
+    *,
+    notifier: Notifier | None = None,
+    learner: Learner | None = None,
+) -> int:
+    """Load identity and journal, then serve until SIGTERM or SIGINT."""
+    identity = load_identity(config.device)
+    notifier = notifier or Notifier()
+    async with Journal.open(config.state.database) as journal:
+        agent = Agent(config, identity, journal, notifier=notifier, learner=learner)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, agent.request_stop)
+        log.info(
+            "maskfl-agent %s starting (fleet %s, state %s)",
+            config.device.id,
+            config.device.fleet,
+            config.state.database,
+        )
+        try:
+            return await agent.run()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            notifier.close()
+            log.info("maskfl-agent stopped")

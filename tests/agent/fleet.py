@@ -1,0 +1,309 @@
+"""Test support for the agent: a real fleet on disk and a protocol-level coordinator stand-in.
+
+:class:`Fleet` makes a CA, device keys (PEM, 0600), enrollment certificates and an
+``agent.toml`` per device, pointing at a test mosquitto. :class:`StandIn` plays the
+coordinator side with the protocol functions only (no coordinator code): it signs
+round parameters, global models, sum and seed dictionaries and receipts, and hands
+the tests every participant message it receives, decoded and signature-checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import numpy as np
+from maskfl.protocol.chunking import Reassembler, is_chunk, split_payload
+from maskfl.protocol.crypto import EphemeralKeyPair
+from maskfl.protocol.identity import Certificate, Identity, issue_certificate
+from maskfl.protocol.ids import Role
+from maskfl.protocol.keys import public_key_to_pem, signing_key_to_pem
+from maskfl.protocol.masking import MaskConfig
+from maskfl.protocol.messages import (
+    GlobalModel,
+    MessageType,
+    Receipt,
+    RoundParams,
+    SeedDict,
+    SignedMessage,
+    Sum,
+    SumDict,
+    decode_message,
+    encode_message,
+    weights_digest,
+)
+from maskfl.protocol.sortition import next_round_seed
+from maskfl.protocol.topics import TopicKind, Topics, parse_topic
+from maskfl.transport import MqttConfig, MqttTransport
+
+from tests.support.mosquitto import Mosquitto
+
+FLEET = "testfleet"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+@dataclass
+class Fleet:
+    root: Path
+    name: str = FLEET
+    ca: nacl.signing.SigningKey = field(default_factory=nacl.signing.SigningKey.generate)
+    serial: int = 0
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "ca.pub").write_bytes(public_key_to_pem(self.ca.verify_key))
+
+    def certificate(
+        self,
+        subject: str,
+        role: Role,
+        key: nacl.signing.SigningKey,
+        *,
+        ca: nacl.signing.SigningKey | None = None,
+        fleet: str | None = None,
+    ) -> Certificate:
+        self.serial += 1
+        now = int(time.time())
+        return issue_certificate(
+            ca or self.ca,
+            fleet=fleet or self.name,
+            serial=self.serial,
+            subject=subject,
+            role=role,
+            public_key=bytes(key.verify_key),
+            not_before=now - 3600,
+            not_after=now + 86400,
+        )
+
+    def identity(self, subject: str, role: Role = Role.DEVICE) -> Identity:
+        key = nacl.signing.SigningKey.generate()
+        return Identity(key, self.certificate(subject, role, key))
+
+    def device(
+        self, device_id: str, broker: Mosquitto, *, extra: str = "", state_dir: Path | None = None
+    ) -> Path:
+        """Write a bundle for ``device_id``; returns the path of its agent.toml."""
+        bundle = self.root / device_id
+        bundle.mkdir(parents=True, exist_ok=True)
+        key = nacl.signing.SigningKey.generate()
+        write_private(bundle / "device.key", signing_key_to_pem(key))
+        cert = self.certificate(device_id, Role.DEVICE, key)
+        (bundle / "device.cert").write_bytes(cert.to_bytes())
+        state = state_dir or bundle / "state"
+        config = bundle / "agent.toml"
+        config.write_text(
+            f"""
+[device]
+id = "{device_id}"
+fleet = "{self.name}"
+key_file = "device.key"
+certificate_file = "device.cert"
+ca_public_key_file = "{self.root / "ca.pub"}"
+
+[broker]
+host = "{broker.host}"
+port = {broker.port}
+reconnect_min_s = 0.2
+reconnect_max_s = 2.0
+
+[state]
+dir = "{state}"
+
+[heartbeat]
+interval_s = 1.0
+
+[data]
+source = "digits"
+options = {{ shard = 0, shards = 4 }}
+{extra}
+"""
+        )
+        return config
+
+
+@dataclass
+class RoundSetup:
+    params: RoundParams
+    weights: np.ndarray[Any, np.dtype[np.float32]]
+    raw: bytes
+
+
+class StandIn:
+    """The coordinator side of the protocol, for tests (a real MQTT client)."""
+
+    def __init__(self, fleet: Fleet, broker: Mosquitto) -> None:
+        self.fleet = fleet
+        self.identity = fleet.identity("coordinator", Role.COORDINATOR)
+        self.topics = Topics(fleet.name)
+        self.transport = MqttTransport(
+            MqttConfig(host=broker.host, port=broker.port, client_id="standin")
+        )
+        self.queues: dict[TopicKind, asyncio.Queue[tuple[str, SignedMessage]]] = defaultdict(
+            asyncio.Queue
+        )
+        self.raw: dict[TopicKind, list[bytes]] = defaultdict(list)
+        self._reassembler = Reassembler(8, 1 << 28, 60)
+        self._reader: asyncio.Task[None] | None = None
+        self.previous_seed = bytes(32)
+
+    async def __aenter__(self) -> StandIn:
+        await self.transport.connect()
+        await self.transport.subscribe(self.topics.coordinator_filters(), qos=1)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self.transport.disconnect()
+
+    async def _read(self) -> None:
+        async for message in self.transport.messages():
+            parsed = parse_topic(message.topic)
+            payload = message.payload
+            if is_chunk(payload):
+                whole = self._reassembler.feed(message.topic, payload, time.monotonic())
+                if whole is None:
+                    continue
+                payload = whole
+            self.raw[parsed.kind].append(payload)
+            signed = decode_message(payload, max_size=1 << 28)
+            await self.queues[parsed.kind].put((message.topic, signed))
+
+    async def expect(self, kind: TopicKind, wait_s: float = 20.0) -> SignedMessage:
+        """The next participant message of ``kind`` (sum, update, sum2, status)."""
+        _, signed = await asyncio.wait_for(self.queues[kind].get(), wait_s)
+        return signed
+
+    def sign(self, body: Any, round_id: int) -> bytes:
+        return encode_message(
+            body, fleet=self.fleet.name, round_id=round_id, signing_key=self.identity.signing_key
+        )
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool, chunk: int = 0) -> None:
+        frames = split_payload(payload, chunk) if chunk and len(payload) > chunk else [payload]
+        for frame in frames:
+            await self.transport.publish(topic, frame, qos=1, retain=retain)
+
+    def round_params(
+        self,
+        round_id: int,
+        *,
+        p_sum: float,
+        p_update: float,
+        weights: np.ndarray[Any, np.dtype[np.float32]],
+        model_id: str = "mlp",
+        mask: MaskConfig | None = None,
+        chunk_size: int = 256 * 1024,
+        seed: bytes | None = None,
+        certificate: Certificate | None = None,
+    ) -> RoundParams:
+        digest = weights_digest(weights)
+        return RoundParams(
+            round_id=round_id,  # type: ignore[arg-type]
+            seed=seed or next_round_seed(self.previous_seed, digest, round_id),
+            previous_seed=self.previous_seed,
+            p_sum=p_sum,
+            p_update=p_update,
+            sum_time_max_s=60.0,
+            update_time_max_s=60.0,
+            sum2_time_max_s=60.0,
+            model_id=model_id,
+            model_version=round_id - 1,
+            model_digest=digest,
+            mask=mask or MaskConfig(1.0, 100, 32),
+            vector_length=weights.size,
+            chunk_size=chunk_size,
+            certificate=certificate or self.identity.certificate,
+        )
+
+    async def start_round(
+        self,
+        round_id: int,
+        *,
+        p_sum: float,
+        p_update: float,
+        weights: np.ndarray[Any, np.dtype[np.float32]],
+        chunk_size: int = 256 * 1024,
+        mask: MaskConfig | None = None,
+    ) -> RoundSetup:
+        """Publish the global model and the round parameters, both retained."""
+        params = self.round_params(
+            round_id,
+            p_sum=p_sum,
+            p_update=p_update,
+            weights=weights,
+            chunk_size=chunk_size,
+            mask=mask,
+        )
+        model = GlobalModel(
+            "mlp",
+            round_id - 1,
+            round_id,
+            bytes(32),
+            weights,  # type: ignore[arg-type]
+        )
+        await self.publish(self.topics.model_latest("mlp"), self.sign(model, round_id), retain=True)
+        raw = self.sign(params, round_id)
+        await self.publish(self.topics.round, raw, retain=True)
+        return RoundSetup(params, weights, raw)
+
+    async def receipt(
+        self,
+        device: str,
+        message: SignedMessage,
+        *,
+        accepted: bool = True,
+        reason: Any = None,
+        detail: str = "",
+    ) -> None:
+        body = Receipt(message.digest, message.header.message_type, accepted, reason, detail)
+        await self.publish(
+            self.topics.receipts(device),
+            self.sign(body, int(message.header.round_id)),
+            retain=False,
+        )
+
+    async def publish_sums(self, round_id: int, entries: list[bytes]) -> None:
+        await self.publish(
+            self.topics.sums(round_id), self.sign(SumDict(tuple(entries)), round_id), retain=True
+        )
+
+    async def publish_seeds(
+        self, round_id: int, summer: str, summer_pk: bytes, seeds: Mapping[bytes, bytes]
+    ) -> None:
+        await self.publish(
+            self.topics.seeds(round_id, summer),
+            self.sign(SeedDict(summer_pk, dict(seeds)), round_id),
+            retain=True,
+        )
+
+
+def summer_entry(fleet: Fleet, name: str, round_id: int) -> tuple[Identity, bytes, bytes, bytes]:
+    """A fake summer: (identity, ephemeral sk, ephemeral pk, its signed Sum message)."""
+    ident = fleet.identity(name)
+    keys = EphemeralKeyPair.generate()
+    raw = encode_message(
+        Sum(ident.certificate, keys.public_key),
+        fleet=fleet.name,
+        round_id=round_id,
+        signing_key=ident.signing_key,
+    )
+    return ident, keys.private_key, keys.public_key, raw
+
+
+def message_type(signed: SignedMessage) -> MessageType:
+    return signed.header.message_type

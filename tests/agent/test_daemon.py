@@ -1,0 +1,241 @@
+"""The agent daemon in-process against a real mosquitto and a protocol-level coordinator.
+
+Summer and updater rounds end to end (real SQLite journal, real PyNaCl, real LiteRT
+training on the digits data), receipts and retries, guards, and hostile round
+parameters that must be ignored with one log line each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nacl.signing
+import numpy as np
+import pytest
+from maskfl.agent.config import load_config
+from maskfl.agent.daemon import Agent
+from maskfl.agent.datasources import load_dataset
+from maskfl.agent.identity import load_identity
+from maskfl.agent.state import Journal, Step, TaskKind
+from maskfl.agent.training import LocalTrainer
+from maskfl.protocol.crypto import new_seed, open_seed, seal_seed
+from maskfl.protocol.errors import Reason
+from maskfl.protocol.ids import Role
+from maskfl.protocol.masking import aggregate_mask, decode_aggregate, error_bound, mask_stream
+from maskfl.protocol.messages import HEADER_SIZE, Heartbeat, Sum, Sum2, Update, encode_message
+from maskfl.protocol.topics import TopicKind
+
+from tests.agent.fleet import Fleet, StandIn, summer_entry
+from tests.support.mosquitto import Mosquitto
+
+pytestmark = pytest.mark.broker
+
+M = 4810  # the shipped MLP
+
+
+def mlp_weights() -> np.ndarray:
+    return LocalTrainer.shipped("mlp").get_weights()
+
+
+def small_weights(n: int = 64) -> np.ndarray:
+    return np.linspace(-0.5, 0.5, n, dtype=np.float32)
+
+
+@contextlib.asynccontextmanager
+async def running_agent(config_path: Path) -> AsyncIterator[Agent]:
+    config = load_config(config_path)
+    identity = load_identity(config.device)
+    async with Journal.open(config.state.database) as journal:
+        agent = Agent(config, identity, journal)
+        task = asyncio.create_task(agent.run())
+        try:
+            yield agent
+        finally:
+            agent.request_stop()
+            await asyncio.wait_for(task, 15)
+
+
+async def wait_step(agent: Agent, round_id: int, step: Step, wait_s: float = 20.0) -> None:
+    async def poll() -> None:
+        while True:
+            state = await agent.journal.load(round_id)
+            if state is not None and state.step is step:
+                return
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), wait_s)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    return Fleet(tmp_path / "fleet")
+
+
+async def test_summer_round(fleet: Fleet, mosquitto: Mosquitto) -> None:
+    config = fleet.device("dev-s", mosquitto, extra="[limits]\nreceipt_timeout_s = 1.0\n")
+    weights = small_weights()
+    async with StandIn(fleet, mosquitto) as coord, running_agent(config) as agent:
+        setup = await coord.start_round(1, p_sum=1.0, p_update=0.0, weights=weights)
+        first = await coord.expect(TopicKind.SUM)
+        assert isinstance(first.body, Sum)
+        assert first.body.certificate.subject == "dev-s"
+        # No receipt: the agent publishes the very same bytes again.
+        again = await coord.expect(TopicKind.SUM)
+        assert again.raw == first.raw
+        await coord.receipt("dev-s", again)
+        # Three updates sealed to the summer's key, and one seed that does not open.
+        seeds = [new_seed() for _ in range(3)]
+        sealed = {
+            bytes([i + 1]) * 32: seal_seed(s, first.body.ephemeral_pk) for i, s in enumerate(seeds)
+        }
+        broken = bytes([9]) * 32
+        sealed[broken] = bytes(80)
+        await coord.publish_seeds(1, "dev-s", agent.identity.identity.public_key, sealed)
+        sum2 = await coord.expect(TopicKind.SUM2)
+        assert isinstance(sum2.body, Sum2)
+        expected = aggregate_mask(seeds, setup.params.vector_length + 1, 32)
+        assert np.array_equal(sum2.body.words, expected)
+        assert sum2.body.failed == (broken,)
+        await coord.receipt("dev-s", sum2)
+        await wait_step(agent, 1, Step.DONE)
+        state = await agent.journal.load(1)
+        assert state is not None and state.task is TaskKind.SUM
+        assert state.ephemeral_sk is None  # erased once the duty is done
+        # Signed heartbeats on status/<device>.
+        beat = await coord.expect(TopicKind.STATUS)
+        assert isinstance(beat.body, Heartbeat)
+        assert beat.header.sender == agent.identity.identity.public_key
+
+
+async def test_updater_round_with_litert(fleet: Fleet, mosquitto: Mosquitto) -> None:
+    config_path = fleet.device(
+        "dev-u", mosquitto, extra="[training]\nepochs = 1\nbatch_size = 32\nsample_cap = 1000\n"
+    )
+    weights = mlp_weights()
+    assert weights.size == M
+    async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
+        setup = await coord.start_round(
+            3, p_sum=0.0, p_update=1.0, weights=weights, chunk_size=8 * 1024
+        )
+        summers = [summer_entry(fleet, f"summer-{i}", 3) for i in range(2)]
+        await coord.publish_sums(3, [raw for *_, raw in summers])
+        update = await coord.expect(TopicKind.UPDATE)
+        body = update.body
+        assert isinstance(body, Update)
+        assert set(body.sealed_seeds) == {ident.public_key for ident, *_ in summers}
+        opened = {open_seed(body.sealed_seeds[ident.public_key], sk) for ident, sk, _, _ in summers}
+        assert len(opened) == 1  # the same seed, sealed to every summer
+        seed = opened.pop()
+        cfg = setup.params.mask
+        encoded = body.words - mask_stream(seed, M + 1, 32)
+        values, weight_sum = decode_aggregate(encoded, 1, cfg)
+        # Recompute the local round: same model, data, seed (the round id) and weights.
+        data = load_dataset("digits", {"shard": 0, "shards": 4})
+        local = LocalTrainer.shipped("mlp").local_update(
+            weights, data.x_train, data.y_train, epochs=1, batch_size=32, seed=3
+        )
+        weight = min(local.num_samples, 1000) / 1000
+        assert weight_sum == pytest.approx(weight, abs=1e-5)
+        expected = np.clip(local.delta, -1.0, 1.0) * weight
+        bound = error_bound(1, weight_sum, cfg) * weight_sum
+        assert np.max(np.abs(values - expected)) <= bound + 1e-5
+        await coord.receipt("dev-u", update)
+        await wait_step(agent, 3, Step.DONE)
+
+
+async def test_rejected_update_is_not_retried(fleet: Fleet, mosquitto: Mosquitto) -> None:
+    config_path = fleet.device("dev-r", mosquitto, extra="[limits]\nreceipt_timeout_s = 0.5\n")
+    async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
+        await coord.start_round(2, p_sum=0.0, p_update=1.0, weights=mlp_weights())
+        summers = [summer_entry(fleet, "summer-0", 2)]
+        await coord.publish_sums(2, [summers[0][3]])
+        update = await coord.expect(TopicKind.UPDATE)
+        await coord.receipt("dev-r", update, accepted=False, reason=Reason.PHASE_CLOSED)
+        await wait_step(agent, 2, Step.FAILED)
+        state = await agent.journal.load(2)
+        assert state is not None and "phase_closed" in state.detail
+        with pytest.raises(asyncio.TimeoutError):
+            await coord.expect(TopicKind.UPDATE, wait_s=1.5)
+
+
+async def test_guards_make_an_updater_sit_out(fleet: Fleet, mosquitto: Mosquitto) -> None:
+    status = fleet.root / "battery"
+    status.write_text("Discharging\n")
+    config_path = fleet.device(
+        "dev-g", mosquitto, extra=f'[guards]\non_battery_file = "{status}"\n'
+    )
+    async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
+        await coord.start_round(1, p_sum=0.0, p_update=1.0, weights=small_weights())
+        await wait_step(agent, 1, Step.SAT_OUT)
+        state = await agent.journal.load(1)
+        assert state is not None and "on battery" in state.detail
+
+
+async def test_hostile_round_parameters_are_ignored(
+    fleet: Fleet, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="maskfl.agent")
+    config_path = fleet.device("dev-h", mosquitto)
+    weights = small_weights()
+    async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
+        round_topic = coord.topics.round
+
+        async def send_and_wait_for_log(payload: bytes, words: str) -> None:
+            await coord.publish(round_topic, payload, retain=True)
+            for _ in range(200):
+                lines = [r.getMessage() for r in caplog.records]
+                if any(words in line and round_topic in line for line in lines):
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"no log line with {words!r}: {lines}")
+
+        # 1. Garbage.
+        await send_and_wait_for_log(b"not a message", "ignored message on")
+        # 2. A coordinator certificate from another CA (forged).
+        rogue_ca = nacl.signing.SigningKey.generate()
+        key = nacl.signing.SigningKey.generate()
+        forged_cert = fleet.certificate("coordinator", Role.COORDINATOR, key, ca=rogue_ca)
+        forged = coord.round_params(
+            1, p_sum=1.0, p_update=0.0, weights=weights, certificate=forged_cert
+        )
+        raw = encode_message(forged, fleet=fleet.name, round_id=1, signing_key=key)
+        await send_and_wait_for_log(raw, "bad_signature")
+        # 3. A device certificate signing round parameters.
+        device = fleet.identity("mallory", Role.DEVICE)
+        wrong_role = coord.round_params(
+            1, p_sum=1.0, p_update=0.0, weights=weights, certificate=device.certificate
+        )
+        raw = encode_message(
+            wrong_role, fleet=fleet.name, round_id=1, signing_key=device.signing_key
+        )
+        await send_and_wait_for_log(raw, "wrong_role")
+        # 4. The genuine coordinator's parameters with one signature bit flipped.
+        tampered = bytearray(
+            coord.sign(coord.round_params(1, p_sum=1.0, p_update=0.0, weights=weights), 1)
+        )
+        tampered[HEADER_SIZE + 5] ^= 1
+        await send_and_wait_for_log(bytes(tampered), "bad_signature")
+        # 5. A seed that is not the hash chain (a coordinator grinding the sortition).
+        ground = coord.round_params(1, p_sum=1.0, p_update=0.0, weights=weights, seed=bytes(32))
+        await send_and_wait_for_log(coord.sign(ground, 1), "hash chain")
+        # 6. Another fleet.
+        other = Fleet(fleet.root / "other", name="otherfleet", ca=fleet.ca)
+        stranger = other.identity("coordinator", Role.COORDINATOR)
+        params = coord.round_params(
+            1, p_sum=1.0, p_update=0.0, weights=weights, certificate=stranger.certificate
+        )
+        raw = encode_message(
+            params, fleet="otherfleet", round_id=1, signing_key=stranger.signing_key
+        )
+        await send_and_wait_for_log(raw, "wrong_fleet")
+        assert agent.driver is None
+        assert sum(agent.ignored.values()) == 6
+        # The agent still serves: a genuine round gets a Sum.
+        await coord.start_round(1, p_sum=1.0, p_update=0.0, weights=weights)
+        sum_message = await coord.expect(TopicKind.SUM)
+        assert sum_message.header.sender == agent.identity.identity.public_key
+        assert agent.handler_errors == 0
