@@ -180,13 +180,56 @@ def vectors() -> dict[str, bytes]:
     return out
 
 
+def annotated_update() -> list[tuple[int, bytes, str]]:
+    """The UPDATE vector cut into its fields: (offset, bytes, field name)."""
+    raw = vectors()["message_update"]
+    cert = len(DEVICE.certificate.to_bytes())
+    fields = [
+        (4, "magic"),
+        (1, "format version"),
+        (1, "message type (4 = UPDATE)"),
+        (1, "fleet length"),
+        (1, "reserved"),
+        (8, "round id"),
+        (32, "sender public key"),
+        (8, "body length"),
+        (32, "SHA-256 of the body"),
+        (64, "fleet, zero padded"),
+        (64, "Ed25519 signature of the domain tag and bytes [0, 152)"),
+        (2, "certificate length"),
+        (cert, "certificate"),
+        (4, "sealed seed count"),
+        (32, "summer public key"),
+        (80, "sealed seed"),
+        (1, "word bits"),
+        (8, "word count"),
+    ]
+    out = []
+    offset = 0
+    for size, name in fields:
+        out.append((offset, raw[offset : offset + size], name))
+        offset += size
+    pad = -offset % 8
+    out.append((offset, raw[offset : offset + pad], "padding to a multiple of 8"))
+    offset += pad
+    out.append((offset, raw[offset:], "words, u32 little-endian"))
+    return out
+
+
 def _main() -> None:
     data = {name: raw.hex() for name, raw in vectors().items()}
     if sys.argv[1:] == ["--json"]:
         print(json.dumps(data, indent=2))
         return
+    print("The UPDATE vector, field by field (offset, bytes, field):\n\n```")
+    for offset, chunk, name in annotated_update():
+        print(f"{offset:4d}  {name}")
+        hexed = chunk.hex()
+        for i in range(0, len(hexed), 64):
+            print(f"      {hexed[i : i + 64]}")
+    print("```\n")
     for name, hexed in data.items():
-        print(f"vector: {name} ({len(hexed) // 2} bytes)\n```")
+        print(f"#### `{name}` ({len(hexed) // 2} bytes)\n\n```")
         for i in range(0, len(hexed), 64):
             print(hexed[i : i + 64])
         print("```\n")
