@@ -261,7 +261,7 @@ class MemoryTransport:
                 "memory transport %s: queue full, dropped a message on %r", self.client_id, topic
             )
             return
-        mid = next(self._mids) % 65_535 + 1 if qos else 0
+        mid = (next(self._mids) - 1) % 65_535 + 1 if qos else 0
         message = Message(topic, payload, qos=qos, retain=retain, dup=dup, mid=mid, link=self._link)
         if self.manual_ack and qos:
             self._unacked[mid] = message

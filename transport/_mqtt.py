@@ -62,6 +62,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 from collections import deque
@@ -308,11 +309,10 @@ class MqttTransport:
             raise TransportError(
                 f"publish to {topic!r} on {self._config.address}: {paho.error_string(info.rc)}"
             )
-        if info.is_published():
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and info.is_published():
             self._stats.published += 1
             return
-        assert self._loop is not None
-        pending = _PendingPublish(self._loop.create_future(), topic, qos)
+        pending = _PendingPublish(self._future(), topic, qos)
         self._publishes[info.mid] = pending
         try:
             await pending.future
@@ -422,7 +422,7 @@ class MqttTransport:
         assert self._loop is not None
         cfg = self._config
         self._state = LinkState.CONNECTING
-        self._connack = self._loop.create_future()
+        self._connack = self._future()
         self._idle.clear()
         worker = asyncio.ensure_future(asyncio.to_thread(self._client.reconnect))
         worker.add_done_callback(self._connect_thread_done)
@@ -433,7 +433,8 @@ class MqttTransport:
         except asyncio.CancelledError:
             self._abandoned = True
             raise
-        except (OSError, ssl.SSLError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # ssl.SSLError and CertificateError included
+            _close_sockets_in(exc)
             raise TransportError(f"cannot connect to MQTT broker {cfg.address}: {exc}") from exc
         sock = self._client.socket()
         if sock is None:  # closed by disconnect() meanwhile
@@ -518,7 +519,7 @@ class MqttTransport:
         rc, mid = self._client.subscribe([(f, SubscribeOptions(qos=q)) for f, q in filters.items()])
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise NotConnectedError(f"subscribe: {self._config.address} is down")
-        future: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
+        future: asyncio.Future[list[ReasonCode]] = self._future()
         self._subacks[mid] = future
         try:
             return await future
@@ -551,6 +552,14 @@ class MqttTransport:
                 future.set_exception(exc)
         if not qos0_only and self._connack is not None and not self._connack.done():
             self._connack.set_exception(exc)
+
+    def _future(self) -> asyncio.Future[Any]:
+        """A future whose exception counts as retrieved: a link loss fails futures
+        nobody may be awaiting any more (a cancelled caller, an abandoned attempt)."""
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
 
     def _is_closed(self) -> bool:
         return self._state is LinkState.CLOSED
@@ -795,6 +804,22 @@ class MqttTransport:
     def _cb_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         if self._loop is not None:
             self._on_loop(self._loop.remove_writer, sock)
+
+
+def _close_sockets_in(exc: BaseException) -> None:
+    """Close the sockets a failed ``reconnect()`` left behind.
+
+    paho 2.2's ``_ssl_wrap_socket`` does not close the TCP/TLS socket when the
+    handshake (or host name check) fails; the socket stays reachable only from
+    the traceback's frames and would be closed by the garbage collector with a
+    ResourceWarning. Close it here instead.
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, socket.socket):
+                value.close()
+        tb = tb.tb_next
 
 
 def _tls_context(cfg: MqttConfig) -> ssl.SSLContext:
