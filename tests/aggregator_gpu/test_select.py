@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 from maskfl.aggregator_gpu import (
@@ -74,3 +76,14 @@ def test_unknown_backend_is_a_config_error() -> None:
         select_backend("tpu")
     assert info.value.field == "backend"
     assert "auto" in str(info.value)
+
+
+def test_importing_the_package_does_not_import_cupy() -> None:
+    """CuPy is optional: only asking for the GPU backend imports it."""
+    code = (
+        "import sys, maskfl.aggregator_gpu as a; "
+        "assert 'cupy' not in sys.modules, 'cupy imported eagerly'; "
+        "a.select_backend('numpy'); "
+        "assert 'cupy' not in sys.modules, 'numpy backend imported cupy'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
