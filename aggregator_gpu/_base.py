@@ -243,6 +243,13 @@ class Accumulator(Protocol):
         """
         ...
 
+    def retract(self, vector: WordsLike) -> None:
+        """Take back one vector that was added (e.g. an update whose seed no summer opened).
+
+        The caller must pass exactly the words it added; the count drops by one.
+        """
+        ...
+
     def merge(self, snapshot: Snapshot) -> None:
         """Add a partial aggregate (another worker's snapshot) and its count."""
         ...

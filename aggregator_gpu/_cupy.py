@@ -86,17 +86,17 @@ def open_cupy() -> CupyRuntime:
     Raises :class:`BackendUnavailableError` with the reason otherwise (each call
     retries: a driver can appear after boot).
     """
-    global _runtime  # noqa: PLW0603 - one CUDA context per process, made once
+    global _runtime
     if _runtime is not None:
         return _runtime
     try:
-        import cupy as cp  # noqa: PLC0415 - optional dependency, imported on demand
+        import cupy as cp
     except ImportError as exc:
         raise BackendUnavailableError(f"cupy is not installed ({exc})") from exc
     except (RuntimeError, OSError) as exc:
         raise BackendUnavailableError(f"cupy failed to import: {exc}") from exc
     try:
-        from cupy.cuda.compiler import CompileException  # noqa: PLC0415
+        from cupy.cuda.compiler import CompileException
     except ImportError:  # pragma: no cover - every cupy release so far has it
         CompileException = RuntimeError
     try:
@@ -159,7 +159,7 @@ class _Slot:
     def __init__(
         self, runtime: CupyRuntime, rows: int, length: int, dtype: np.dtype[Any], partial: Any
     ) -> None:
-        import cupyx  # noqa: PLC0415 - ships with cupy, which open_cupy imported
+        import cupyx
 
         cp = runtime.cp
         self.rows = rows
@@ -314,6 +314,24 @@ class CupyAccumulator:
             device.set(np.ascontiguousarray(words, dtype=self._dtype), stream=self._stream)
         return device
 
+    def retract(self, vector: WordsLike) -> None:
+        self._check_masked("retract a vector")
+        words = as_words(vector, self._length, self._dtype)
+        if self._count < 1:
+            raise AggregationError("cannot retract a vector: none was added")
+        self._subtract_from_base(words, "retraction")
+        self._count -= 1
+
+    def _subtract_from_base(self, words: Words, what: str) -> None:
+        cp = self._rt.cp
+        try:
+            device = self._upload(words)
+            with self._stream:
+                cp.subtract(self._base, device, out=self._base)
+            self._stream.synchronize()
+        except self._rt.errors() as exc:
+            raise AggregationError(f"GPU {what} failed: {exc}") from exc
+
     def merge(self, snapshot: Snapshot) -> None:
         self._check_masked("merge a snapshot")
         check_mergeable(self._length, self.word_bits, snapshot)
@@ -354,14 +372,7 @@ class CupyAccumulator:
     def subtract_mask(self, mask: WordsLike) -> None:
         self._check_masked("subtract the mask")
         words = as_words(mask, self._length, self._dtype)
-        cp = self._rt.cp
-        try:
-            device = self._upload(words)
-            with self._stream:
-                cp.subtract(self._base, device, out=self._base)
-            self._stream.synchronize()
-        except self._rt.errors() as exc:
-            raise AggregationError(f"GPU subtraction failed: {exc}") from exc
+        self._subtract_from_base(words, "mask subtraction")
         self._unmasked = True
 
     def decode(

@@ -87,6 +87,14 @@ class NumpyAccumulator:
         self._count += len(rows)
         return len(rows)
 
+    def retract(self, vector: WordsLike) -> None:
+        self._check_masked("retract a vector")
+        words = as_words(vector, self._length, self._dtype)
+        if self._count < 1:
+            raise AggregationError("cannot retract a vector: none was added")
+        np.subtract(self._sum, words, out=self._sum)
+        self._count -= 1
+
     def merge(self, snapshot: Snapshot) -> None:
         self._check_masked("merge a snapshot")
         check_mergeable(self._length, self.word_bits, snapshot)

@@ -317,3 +317,29 @@ def test_merge_rejects_mismatches(backend: Backend) -> None:
 @pytest.mark.parametrize("backend_name", list(BackendName))
 def test_backend_names_are_strings(backend_name: BackendName) -> None:
     assert BackendName(str(backend_name)) is backend_name
+
+
+@pytest.mark.parametrize("word_bits", WORD_BITS)
+def test_retract_takes_back_one_vector(backend: Backend, word_bits: int) -> None:
+    rng = np.random.default_rng(9)
+    rows = random_rows(rng, 5, 11, word_bits)
+    acc = backend.accumulator(11, word_bits)
+    acc.add_batch(rows)
+    acc.retract(rows[2].tobytes())
+    assert acc.count == 4
+    kept = [row for i, row in enumerate(rows.tolist()) if i != 2]
+    assert acc.total().tolist() == reference_sum(kept, 11, word_bits)
+    with pytest.raises(AggregationError):
+        acc.retract(rows[0][:5])
+    assert acc.count == 4
+
+
+def test_retract_needs_something_added_and_a_masked_sum(backend: Backend) -> None:
+    acc = backend.accumulator(3, 32)
+    with pytest.raises(AggregationError, match="none was added"):
+        acc.retract(np.zeros(3, dtype=np.uint32))
+    acc.add(np.ones(3, dtype=np.uint32))
+    acc.subtract_mask(np.zeros(3, dtype=np.uint32))
+    with pytest.raises(AggregationError):
+        acc.retract(np.ones(3, dtype=np.uint32))
+    assert acc.count == 1
