@@ -33,7 +33,7 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Final, Literal, TypeAlias
 
@@ -67,11 +67,15 @@ Words: TypeAlias = npt.NDArray[np.unsignedinteger[Any]]
 """A vector of words: ``np.uint32`` or ``np.uint64``, 1-D."""
 
 MASK_NONCE: Final = b"LibsodiumDRG"
-DEFAULT_CHUNK_BYTES: Final = 128 * 1024
-"""Keystream bytes generated per step: fits L2 together with the target slice.
+DEFAULT_CHUNK_BYTES: Final = 256 * 1024
+"""Keystream bytes generated per step; the target slice (and, when encoding, its
+float64 scratch) stays in L2 with it.
 
-Measured with ``maskfl-bench protocol`` (tools/bench_protocol.py); see its
-``chunk_sweep`` output before changing it.
+Chosen with ``maskfl-bench protocol`` (tools/bench_protocol.py, ``chunk_sweep``),
+M = 10^6 on one AMD EPYC core (1 MiB L2): add_mask and mask_update rise
+steeply up to 64 KiB (per-call overhead), are flat within noise from 128 to
+512 KiB, and 256 KiB was best or tied for both word sizes. Re-run the sweep
+before changing it, and on the target hardware (a Pi 4 has 1 MiB of shared L2).
 """
 
 # Floating-point slack, in units of 1/S, of computing rint(a * x * S) in float64:
@@ -91,6 +95,9 @@ class MaskConfig:
     bound: float
     n_max: int
     word_bits: WordBits = 32
+    # Derived exactly (with Fractions) once, in __post_init__.
+    _scale: int = field(init=False, repr=False, compare=False)
+    _offset: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.bound, bool) or not isinstance(self.bound, int | float):
@@ -108,7 +115,11 @@ class MaskConfig:
             raise ConfigError(
                 f"word_bits must be 32 or 64 (got {self.word_bits!r})", field="word_bits"
             )
-        if self.scale < 1:
+        bound = Fraction(self.bound)
+        scale = math.floor(Fraction(self.modulus - 1) / (self.n_max * 2 * bound))
+        object.__setattr__(self, "_scale", scale)
+        object.__setattr__(self, "_offset", math.floor(bound * scale))
+        if scale < 1:
             raise ConfigError(
                 f"bound * n_max too large for {self.word_bits}-bit words (scale would be 0); "
                 "lower bound or n_max, or use word_bits = 64",
@@ -173,7 +184,7 @@ class MaskConfig:
     @property
     def scale(self) -> int:
         """``S = floor((2^w - 1) / (N_max * 2B))``, exact (``B`` read as its exact binary value)."""
-        return math.floor(Fraction(self.modulus - 1) / (self.n_max * 2 * Fraction(self.bound)))
+        return self._scale
 
     @property
     def weight_scale(self) -> int:
@@ -183,7 +194,7 @@ class MaskConfig:
     @property
     def offset(self) -> int:
         """``K = floor(B * S)``: added to every encoded element so words are non-negative."""
-        return math.floor(Fraction(self.bound) * self.scale)
+        return self._offset
 
     @property
     def resolution(self) -> float:
@@ -340,44 +351,68 @@ def _check_update(delta: npt.NDArray[np.floating[Any]], weight: float) -> None:
         raise LocalProtocolError(f"weight must be in [0, 1], got {weight!r}")
 
 
+# 1.5·2^52: adding it to a float64 y with |y| < 2^51 rounds y to the nearest integer
+# and leaves that integer in the low mantissa bits (the classic fast float-to-int).
+_ROUNDING_MAGIC: Final = 1.5 * 2.0**52
+_LOW_HALF: Final = 0 if sys.byteorder == "little" else 1
+
+
 class _Encoder:
     """Encodes one update chunk by chunk, with the constants and scratch computed once.
 
-    Per element: ``rint(clip(x·(a·S), ±c))`` with ``c = min(B·(a·S), K)``, which
-    is ``rint(clip(x, ±B)·a·S)`` (float multiplication is monotone) kept within
-    ``±K``, cast to a signed word and shifted by ``K``: five passes over a chunk
-    that stays in cache.
+    Per element: ``rint(clip(x·(a·S), ±c)) + K`` with ``c = min(B·(a·S), K)``,
+    which is ``rint(clip(x, ±B)·a·S)`` (float multiplication is monotone) kept
+    within ``±K``, shifted by ``K``. The chunk stays in cache. For 32-bit words
+    the rounding and the shift are one float addition of ``1.5·2^52 + K``, whose
+    low 32 mantissa bits are the word; 64-bit words take ``rint`` and a cast.
+    The caller checks for NaN first (:func:`_check_no_nan`).
     """
 
-    __slots__ = ("_bound", "_factor", "_offset", "_work")
+    __slots__ = ("_add", "_bits", "_bound", "_factor", "_offset", "_work")
 
     def __init__(self, weight: float, cfg: MaskConfig, chunk: int) -> None:
+        self._bits = cfg.word_bits
         self._factor = float(weight) * float(cfg.scale)
         k_float = float(cfg.offset)
         if k_float > cfg.offset:  # above 2^53 float(K) may round up, past K
             k_float = math.nextafter(k_float, 0.0)
         self._bound = min(float(cfg.bound) * self._factor, k_float)
         self._offset = cfg.dtype(cfg.offset)
+        self._add = _ROUNDING_MAGIC + cfg.offset  # exact: K < 2^31 for 32-bit words
         self._work = np.empty(chunk, dtype=np.float64)
 
     def encode(self, out: Words, delta: npt.NDArray[np.floating[Any]]) -> None:
-        """out[:] = encode(delta); raises LocalProtocolError on NaN (out is then undefined)."""
-        n = out.size
+        """out[:] = encode(delta), for a delta without NaN."""
         if self._factor == 0.0:  # weight 0: inf * 0 would be NaN, and every value is 0
-            if np.isnan(delta).any():
-                raise LocalProtocolError("delta contains NaN; refusing to encode it")
             out.fill(self._offset)
             return
-        work = self._work[:n]
-        signed = out.view(np.int32 if out.dtype == np.uint32 else np.int64)
-        np.multiply(delta, self._factor, out=work, dtype=np.float64)
+        work = self._work[: out.size]
+        np.copyto(work, delta)
+        np.multiply(work, self._factor, out=work)
         np.clip(work, -self._bound, self._bound, out=work)
-        try:
-            with np.errstate(invalid="raise"):  # NaN reaching the integer cast
-                np.rint(work, out=signed, casting="unsafe")
-        except FloatingPointError as exc:
-            raise LocalProtocolError("delta contains NaN; refusing to encode it") from exc
-        np.add(out, self._offset, out=out)
+        if self._bits == 32:
+            np.add(work, self._add, out=work)
+            np.copyto(out, work.view(np.uint32)[_LOW_HALF::2])
+        else:
+            np.rint(work, out=work)
+            np.copyto(out.view(np.int64), work, casting="unsafe")
+            np.add(out, self._offset, out=out)
+
+
+def _output(out: Words | None, n: int, cfg: MaskConfig) -> Words:
+    if out is None:
+        fresh: Words = np.empty(n, dtype=cfg.dtype)
+        return fresh
+    _check_target(out)
+    if out.dtype != cfg.dtype or out.size != n:
+        raise AggregationError(f"out must be {n} words of {np.dtype(cfg.dtype)}")
+    return out
+
+
+def _check_no_nan(delta: npt.NDArray[np.floating[Any]]) -> None:
+    # min() propagates NaN: one fast reduction instead of a boolean array.
+    if delta.size and np.isnan(delta.min()):
+        raise LocalProtocolError("delta contains NaN; refusing to encode it")
 
 
 def _encode_weight(weight: float, cfg: MaskConfig) -> int:
@@ -391,15 +426,19 @@ def encode_update(
     cfg: MaskConfig,
     *,
     chunk_words: int = 1 << 16,
+    out: Words | None = None,
 ) -> Words:
     """Encode ``clip(delta, -B, B) * weight`` and the weight as ``M + 1`` words of ``cfg``.
 
     ``weight`` is ``min(samples, cap) / cap`` in [0, 1]. NaN in ``delta`` or a
-    weight outside [0, 1] raises :class:`LocalProtocolError` (infinities clip).
+    weight outside [0, 1] raises :class:`LocalProtocolError` (infinities clip);
+    nothing is written then. ``out``, if given, receives the words (for
+    instance the payload slot of an outgoing message) and is returned.
     """
     _check_update(delta, weight)
+    _check_no_nan(delta)
     m = delta.size
-    out: Words = np.empty(m + 1, dtype=cfg.dtype)
+    out = _output(out, m + 1, cfg)
     step = max(1, min(chunk_words, m))
     encoder = _Encoder(weight, cfg, step)
     for start in range(0, m, step):
@@ -416,17 +455,20 @@ def mask_update(
     cfg: MaskConfig,
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    out: Words | None = None,
 ) -> Words:
     """``encode_update`` then ``add_mask``, fused chunk by chunk: what an updater sends.
 
     Equal to ``w = encode_update(delta, weight, cfg); add_mask(w, seed)`` word
     for word, but each chunk is encoded and masked while it is in cache.
+    ``out``, if given, receives the words and is returned (no allocation).
     """
     _check_seed(seed)
     _check_update(delta, weight)
+    _check_no_nan(delta)
     bits = cfg.word_bits
     m = delta.size
-    out: Words = np.empty(m + 1, dtype=cfg.dtype)
+    out = _output(out, m + 1, cfg)
     step = min(_chunk_words(bits, chunk_bytes), m + 1)
     word_bytes = bits // 8
     encoder = _Encoder(weight, cfg, step)
