@@ -1,0 +1,66 @@
+"""``maskfl-agent`` commands: keygen, check, status, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from maskfl.agent.cli import main
+from maskfl.protocol.keys import public_key_from_pem
+
+from tests.agent.fleet import Fleet
+from tests.support.mosquitto import Mosquitto
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "maskfl.agent.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_keygen_writes_a_private_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "keys" / "device.key"
+    assert main(["keygen", "--out", str(out)]) == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert len(public_key_from_pem(capsys.readouterr().out.encode())) == 32
+    assert main(["keygen", "--out", str(out)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_check_and_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fleet = Fleet(tmp_path / "fleet")
+    config = fleet.device("dev-c", Mosquitto(tmp_path / "unused"))
+    assert main(["check", "--config", str(config)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["device"] == "dev-c"
+    assert summary["fleet"] == fleet.name
+    assert main(["status", "--config", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path / "fleet")
+    config = fleet.device("dev-e", Mosquitto(tmp_path / "unused"))
+    missing = run_cli("run", "--config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().count("\n") == 0
+    assert "does not exist" in missing.stderr
+    key = config.parent / "device.key"
+    key.chmod(0o644)
+    loose = run_cli("check", "--config", str(config))
+    assert loose.returncode == 2
+    assert "chmod 600" in loose.stderr
+    assert "Traceback" not in loose.stderr
+    key.chmod(0o600)
+    config.write_text(config.read_text().replace('id = "dev-e"', 'id = "dev-x"'))
+    mismatch = run_cli("check", "--config", str(config))
+    assert mismatch.returncode == 2
+    assert "certificate is for 'dev-e'" in mismatch.stderr

@@ -1,0 +1,182 @@
+"""``maskfl-agent run`` as a real process: crash-resume, systemd notify, last will.
+
+The agent is SIGKILLed between sum and sum2; restarted on the same state directory it
+still delivers the sum2 computed with the ephemeral key from its journal. A real
+NOTIFY_SOCKET (a unix datagram socket bound by the test, path and abstract) receives
+READY=1, STATUS=..., WATCHDOG=1 at half of WATCHDOG_USEC and STOPPING=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from maskfl.protocol.crypto import new_seed, seal_seed
+from maskfl.protocol.masking import aggregate_mask
+from maskfl.protocol.messages import Heartbeat, Sum, Sum2
+from maskfl.protocol.topics import TopicKind
+
+from tests.agent.fleet import Fleet, StandIn
+from tests.support.mosquitto import Mosquitto
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+class AgentProcess:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "maskfl.agent.cli", "run", "--config", str(config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(15)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    return Fleet(tmp_path / "fleet")
+
+
+def journal_step(db: Path, round_id: int) -> str | None:
+    if not db.exists():
+        return None
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        row = conn.execute("SELECT step FROM rounds WHERE round_id = ?", (round_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+async def wait_for_step(db: Path, round_id: int, step: str, wait_s: float = 20.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while journal_step(db, round_id) != step:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"round {round_id} never reached {step}")
+        await asyncio.sleep(0.05)
+
+
+async def next_offline_beat(coord: StandIn) -> Heartbeat:
+    while True:
+        beat = (await coord.expect(TopicKind.STATUS)).body
+        assert isinstance(beat, Heartbeat)
+        if beat.state == "offline":
+            return beat
+
+
+async def test_sigkill_between_sum_and_sum2_still_delivers_sum2(
+    fleet: Fleet, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    config = fleet.device("dev-k", mosquitto)
+    db = fleet.root / "dev-k" / "state" / "agent.sqlite3"
+    weights = np.linspace(-1, 1, 300, dtype=np.float32)
+    async with StandIn(fleet, mosquitto) as coord:
+        first = AgentProcess(config, tmp_path / "agent1.log")
+        try:
+            setup = await coord.start_round(1, p_sum=1.0, p_update=0.0, weights=weights)
+            sum_message = await coord.expect(TopicKind.SUM)
+            assert isinstance(sum_message.body, Sum)
+            await coord.receipt("dev-k", sum_message)
+            assert journal_step(db, 1) == "sum_sent"
+        finally:
+            first.kill()
+        # The broker publishes the will: a signed "offline" heartbeat.
+        await asyncio.wait_for(next_offline_beat(coord), 10)
+        # While the agent is dead the update phase ends and its seeds are published.
+        seeds = [new_seed() for _ in range(4)]
+        pk = sum_message.body.ephemeral_pk
+        sealed = {bytes([i + 1]) * 32: seal_seed(s, pk) for i, s in enumerate(seeds)}
+        await coord.publish_seeds(1, "dev-k", sum_message.header.sender, sealed)
+        second = AgentProcess(config, tmp_path / "agent2.log")
+        try:
+            message = await coord.expect(TopicKind.SUM2, wait_s=30)
+            assert isinstance(message.body, Sum2)
+            expected = aggregate_mask(seeds, setup.params.vector_length + 1, 32)
+            assert np.array_equal(message.body.words, expected), second.text()
+            assert message.body.failed == ()
+            await coord.receipt("dev-k", message)
+            await wait_for_step(db, 1, "done")
+            # Any Sum the restarted agent sent again is the same bytes: same key, same message.
+            assert all(raw == sum_message.raw for raw in coord.raw[TopicKind.SUM])
+            assert "resuming as sum:sum_sent" in second.text()
+        finally:
+            assert second.terminate() == 0, second.text()
+
+
+def _recv_until(sock: socket.socket, done: object, wait_s: float = 15.0) -> list[str]:
+    """Datagrams until ``done(messages)`` is true."""
+    messages: list[str] = []
+    deadline = time.monotonic() + wait_s
+    while not done(messages):  # type: ignore[operator]
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            messages.append(sock.recv(4096).decode())
+        except TimeoutError as exc:
+            raise AssertionError(f"sd_notify messages so far: {messages}") from exc
+    return messages
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="mfl") as path:
+        yield Path(path)
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_systemd_notify_and_watchdog(
+    fleet: Fleet, mosquitto: Mosquitto, tmp_path: Path, short_dir: Path, abstract: bool
+) -> None:
+    config = fleet.device("dev-n", mosquitto)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        if abstract:
+            name = f"maskfl-test-{uuid.uuid4().hex}"
+            server.bind(b"\0" + name.encode())
+            address = "@" + name
+        else:
+            address = str(short_dir / "notify")
+            server.bind(address)
+        agent = AgentProcess(
+            config,
+            tmp_path / "agent.log",
+            env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"},
+        )
+        try:
+            messages = _recv_until(
+                server,
+                lambda ms: (
+                    any("READY=1" in m for m in ms)
+                    and sum(m == "WATCHDOG=1" for m in ms) >= 3
+                    and any(m.startswith("STATUS=connected") for m in ms)
+                ),
+            )
+            ready = next(m for m in messages if "READY=1" in m)
+            assert ready.startswith("READY=1\nSTATUS=")
+            agent.proc.send_signal(signal.SIGTERM)
+            _recv_until(server, lambda ms: "STOPPING=1" in ms)
+            assert agent.proc.wait(15) == 0, agent.text()
+        finally:
+            if agent.proc.poll() is None:
+                agent.kill()
