@@ -456,3 +456,23 @@ def test_error_bound_matches_the_design_for_bound_one() -> None:
     assert error_bound(0, 1.0, cfg) < 1e-14
     with pytest.raises(LocalProtocolError):
         error_bound(-1, 1.0, cfg)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_out_receives_the_words_without_allocation(bits: WordBits) -> None:
+    cfg = MaskConfig(1.0, 10, bits)
+    delta = np.linspace(-2, 2, 1001, dtype=np.float32)
+    seed = b"\x03" * 32
+    buffer = bytearray(8 + 1002 * bits // 8)  # e.g. a message with an 8-byte header
+    slot = np.frombuffer(buffer, dtype=cfg.dtype, offset=8)
+    assert mask_update(delta, 0.25, seed, cfg, out=slot) is slot
+    assert np.array_equal(slot, mask_update(delta, 0.25, seed, cfg))
+    assert encode_update(delta, 0.25, cfg, out=slot) is slot
+    assert np.array_equal(slot, encode_update(delta, 0.25, cfg))
+    for bad in (np.empty(1001, dtype=cfg.dtype), np.empty(1002, dtype=np.float64)):
+        with pytest.raises(AggregationError):
+            mask_update(delta, 0.25, seed, cfg, out=bad)  # type: ignore[arg-type]
+    before = bytes(buffer)
+    with pytest.raises(LocalProtocolError):
+        encode_update(np.full(1001, np.nan, dtype=np.float32), 0.25, cfg, out=slot)
+    assert bytes(buffer) == before  # nothing written on error
