@@ -258,8 +258,8 @@ def mask_stream(seed: bytes, n_words: int, word_bits: WordBits) -> Words:
     return words.astype(np.uint32 if word_bits == 32 else np.uint64)
 
 
-def _add_streams(acc: Words, seeds: Sequence[bytes], *, subtract: bool, chunk_bytes: int) -> None:
-    """acc (+/-)= mask(seed) for every seed, chunk-outer so each slice of acc stays in cache."""
+def _add_streams(acc: Words, seeds: Sequence[bytes], *, chunk_bytes: int) -> None:
+    """acc += mask(seed) for every seed, chunk-outer so each slice of acc stays in cache."""
     bits = _word_bits(acc)
     streams = [_keystream(seed) for seed in seeds]
     if not streams or acc.size == 0:
@@ -269,7 +269,6 @@ def _add_streams(acc: Words, seeds: Sequence[bytes], *, subtract: bool, chunk_by
     zeros = bytes(step * word_bytes)
     ks_buf = bytearray(step * word_bytes)
     ks_all = np.frombuffer(ks_buf, dtype=_le(bits))
-    op = np.subtract if subtract else np.add
     for start in range(0, acc.size, step):
         stop = min(start + step, acc.size)
         n = stop - start
@@ -279,7 +278,7 @@ def _add_streams(acc: Words, seeds: Sequence[bytes], *, subtract: bool, chunk_by
         dst = ks_buf if n == step else memoryview(ks_buf)[: n * word_bytes]
         for stream in streams:
             stream.update_into(src, dst)
-            op(target, ks, out=target)
+            np.add(target, ks, out=target)
 
 
 def add_mask(acc: Words, seed: bytes, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
@@ -291,7 +290,7 @@ def add_mask(acc: Words, seed: bytes, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES)
     """
     _check_seed(seed)
     _check_target(acc)
-    _add_streams(acc, [seed], subtract=False, chunk_bytes=chunk_bytes)
+    _add_streams(acc, [seed], chunk_bytes=chunk_bytes)
 
 
 def aggregate_mask(
@@ -309,7 +308,7 @@ def aggregate_mask(
     if n_words < 0:
         raise LocalProtocolError("n_words must be >= 0")
     acc: Words = np.zeros(n_words, dtype=np.uint32 if word_bits == 32 else np.uint64)
-    _add_streams(acc, seeds, subtract=False, chunk_bytes=chunk_bytes)
+    _add_streams(acc, seeds, chunk_bytes=chunk_bytes)
     return acc
 
 
