@@ -1,0 +1,36 @@
+"""``maskfl-bench agent`` runs and reports what it promises (tiny sizes; no timing asserts)."""
+
+from __future__ import annotations
+
+import argparse
+
+from maskfl.tools import bench_agent
+
+
+def test_bench_agent_smoke() -> None:
+    parser = argparse.ArgumentParser()
+    bench_agent.add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "agent",
+            "--no-train",
+            "--repeats",
+            "1",
+            "--sizes",
+            "1000",
+            "--updates",
+            "3",
+            "--expansion-size",
+            "5000",
+        ]
+    )
+    result = bench_agent.run(args)
+    assert set(result["updater"]) >= {"mlp", "cnn", "M=1000"}
+    mlp = result["updater"]["mlp"]
+    assert mlp["words"] == mlp["params"] + 1
+    assert mlp["message_bytes"] > 4 * mlp["params"]
+    bulk = result["summer"][0]
+    assert bulk["updates"] == 3 and bulk["words"] == 5001
+    assert bulk["expansion_gwords_per_s"] > 0
+    assert "meets_target" in bulk
+    assert len(result["global_model"]) == 3
