@@ -3,8 +3,11 @@
 For N updates of M words it times what the coordinator does in the update
 phase: ``acc.add(message_bytes)`` N times (the words read in place from bytes,
 as they arrive in a message), then one ``acc.total()`` (on a GPU: the final
-reduction and the single copy back). Reported: elements/s, GB/s of input, the
-unmask + decode time, and memory.
+reduction and the single copy back). Reported: elements/s (median and best of
+``--repeat`` passes), GB/s of input, the unmask + decode time, and memory: the
+host memory the accumulator itself allocates (tracemalloc), CuPy's device and
+pinned pools, and the peak RSS of the whole benchmark process so far (which
+includes the input pool).
 
 The inputs are a pool of distinct ``bytes`` objects cut at different offsets
 from one random block, so generating them costs one RNG call, yet the pool
@@ -214,7 +217,7 @@ def measure(
         distinct_inputs=len(pool),
         input_pool_bytes=sum(memoryview(p).nbytes for p in pool),
         host_peak_alloc_bytes=_host_peak_bytes(backend, pool, m, word_bits),
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         **_device_bytes(backend),
     )
     return row
