@@ -35,6 +35,19 @@ from typing import Final
 
 from maskfl.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 
+__all__ = [
+    "CHUNK_HEADER_SIZE",
+    "CHUNK_MAGIC",
+    "CHUNK_VERSION",
+    "DEFAULT_CHUNK_SIZE",
+    "MIN_CHUNK_SIZE",
+    "ChunkFrame",
+    "Reassembler",
+    "is_chunk",
+    "message_id",
+    "split_payload",
+]
+
 CHUNK_MAGIC: Final = b"MFLC"
 CHUNK_VERSION: Final = 1
 CHUNK_HEADER_SIZE: Final = 44
@@ -137,21 +150,26 @@ class Reassembler:
     ``key`` separates senders (use the topic: it ends with the device id), so
     one device cannot complete or disturb another's message. Bounds:
 
-    - ``max_messages`` partial messages at once,
+    - ``max_messages`` partial messages at once, ``max_per_key`` of them per key
+      (so one sender cannot push everyone else's partials out),
     - ``max_bytes`` reserved in all (each partial reserves its declared total
       at its first frame; a total above ``max_bytes`` is ``OVERSIZE``),
     - ``max_age_s`` from the first frame; older partials are dropped.
 
-    When a new message does not fit, the oldest partials are dropped first and
-    counted in :attr:`dropped`; expired ones in :attr:`expired`. A duplicate
-    frame (MQTT redelivery) is ignored. A payload whose hash does not match its
+    When a new message does not fit, the oldest partials (of its own key first,
+    when that key is at its limit) are dropped and counted in :attr:`dropped`;
+    expired ones in :attr:`expired`. A duplicate frame (MQTT redelivery) is
+    ignored. A payload whose hash does not match its
     id is dropped with ``MALFORMED``.
     """
 
-    def __init__(self, max_messages: int, max_bytes: int, max_age_s: float) -> None:
-        if max_messages < 1 or max_bytes < 1 or max_age_s <= 0:
+    def __init__(
+        self, max_messages: int, max_bytes: int, max_age_s: float, *, max_per_key: int = 2
+    ) -> None:
+        if max_messages < 1 or max_bytes < 1 or max_age_s <= 0 or max_per_key < 1:
             raise LocalProtocolError("reassembler bounds must be positive")
         self.max_messages = max_messages
+        self.max_per_key = max_per_key
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self._partials: dict[tuple[Hashable, bytes], _Partial] = {}
@@ -191,6 +209,10 @@ class Reassembler:
                     Reason.OVERSIZE,
                     f"chunked message of {frame.total} bytes, at most {self.max_bytes}",
                 )
+            own = [k for k in self._partials if k[0] == key]
+            for old in own[: max(0, len(own) - self.max_per_key + 1)]:
+                self._remove(old)
+                self.dropped += 1
             while self._partials and (
                 len(self._partials) >= self.max_messages
                 or self._reserved + frame.total > self.max_bytes

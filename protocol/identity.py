@@ -33,6 +33,21 @@ from maskfl.protocol.errors import (
 )
 from maskfl.protocol.ids import DeviceId, FleetId, Role
 
+__all__ = [
+    "CERTIFICATE_DOMAIN",
+    "CERTIFICATE_VERSION",
+    "MAX_CERTIFICATE_SIZE",
+    "MAX_REVOKED",
+    "REVOCATIONS_DOMAIN",
+    "REVOCATION_LIST_VERSION",
+    "Certificate",
+    "Identity",
+    "RevocationList",
+    "issue_certificate",
+    "issue_revocation_list",
+    "verify_certificate",
+]
+
 CERTIFICATE_VERSION: Final = 1
 REVOCATION_LIST_VERSION: Final = 1
 CERTIFICATE_DOMAIN: Final = b"maskfl/v1/certificate\x00"

@@ -68,6 +68,42 @@ from maskfl.protocol.masking import MaskConfig
 from maskfl.protocol.phases import Phase
 from maskfl.protocol.sortition import next_round_seed
 
+__all__ = [
+    "BODY_OFFSET",
+    "DIGEST_SIZE",
+    "FORMAT_VERSION",
+    "HEADER_SIZE",
+    "KEY_SIZE",
+    "MAGIC",
+    "MAX_DETAIL",
+    "MAX_METRICS",
+    "MAX_SUM_SIZE",
+    "MESSAGE_DOMAIN",
+    "SEALED_SEED_SIZE",
+    "SIGNATURE_SIZE",
+    "Body",
+    "GlobalModel",
+    "Header",
+    "Heartbeat",
+    "MessageType",
+    "Receipt",
+    "RoundParams",
+    "SeedDict",
+    "SignedMessage",
+    "Sum",
+    "Sum2",
+    "SumDict",
+    "Update",
+    "Weights",
+    "Words",
+    "decode_message",
+    "encode_message",
+    "max_masked_size",
+    "open_sum_dict",
+    "verify_sender",
+    "weights_digest",
+]
+
 MAGIC: Final = b"MFLM"
 FORMAT_VERSION: Final = 1
 HEADER_SIZE: Final = 152
@@ -769,7 +805,7 @@ def decode_message(data: bytes | bytearray | memoryview, *, max_size: int) -> Si
     size = memoryview(data).nbytes
     if size > max_size:
         raise RemoteProtocolError(Reason.OVERSIZE, f"message of {size} bytes, at most {max_size}")
-    raw = data if isinstance(data, bytes) else bytes(memoryview(data).cast("B"))
+    raw = data if isinstance(data, bytes) else memoryview(data).tobytes()
     if size < BODY_OFFSET:
         raise _malformed(f"message of {size} bytes is shorter than its header")
     view = memoryview(raw)

@@ -31,6 +31,16 @@ from maskfl.protocol._codec import U64_MAX, check_id, is_valid_id
 from maskfl.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 from maskfl.protocol.ids import DeviceId, FleetId, RoundId
 
+__all__ = [
+    "MAX_TOPIC_LENGTH",
+    "PARTICIPANT_KINDS",
+    "ROOT",
+    "ParsedTopic",
+    "TopicKind",
+    "Topics",
+    "parse_topic",
+]
+
 ROOT: Final = "maskfl/v1"
 MAX_TOPIC_LENGTH: Final = 512
 

@@ -207,3 +207,14 @@ def test_garbage_frames_only_raise_remote_protocol_errors(garbage: list[bytes]) 
             r.feed("t", frame, float(i))
         assert r.reserved_bytes <= 1000
         assert r.pending_messages <= 3
+
+
+def test_one_sender_cannot_push_out_the_others() -> None:
+    r = Reassembler(max_messages=4, max_bytes=10_000, max_age_s=10.0, max_per_key=2)
+    honest = split_payload(bytes(range(200)), 84)
+    r.feed("good", honest[0], 0.0)
+    for i in range(10):
+        r.feed("evil", split_payload(bytes([i]) * 200, 84)[0], 1.0 + i)
+    assert r.pending_messages == 3
+    assert r.dropped == 8
+    assert feed_all(r, "good", honest[1:], 20.0 - 11.0) == bytes(range(200))
