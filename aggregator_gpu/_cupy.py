@@ -252,6 +252,16 @@ class CupyAccumulator:
     def rows_per_slot(self) -> int:
         return self._slots[0].rows
 
+    @property
+    def pinned_bytes(self) -> int:
+        """Host memory pinned for staging (all slots)."""
+        return sum(slot.host.nbytes for slot in self._slots)
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory held: partial sums, base row and staging twins."""
+        return int(self._partials.nbytes) + sum(int(slot.device.nbytes) for slot in self._slots)
+
     def _check_masked(self, what: str) -> None:
         if self._unmasked:
             raise AggregationError(f"cannot {what}: the aggregate mask was already subtracted")

@@ -5,8 +5,8 @@ phase: ``acc.add(message_bytes)`` N times (the words read in place from bytes,
 as they arrive in a message), then one ``acc.total()`` (on a GPU: the final
 reduction and the single copy back). Reported: elements/s (median and best of
 ``--repeat`` passes), GB/s of input, the unmask + decode time, and memory: the
-host memory the accumulator itself allocates (tracemalloc), CuPy's device and
-pinned pools, and the peak RSS of the whole benchmark process so far (which
+host memory the accumulator itself allocates (tracemalloc), on a GPU its pinned
+staging and device buffers, and the peak RSS of the whole benchmark process so far (which
 includes the input pool).
 
 The inputs are a pool of distinct ``bytes`` objects cut at different offsets
@@ -37,6 +37,7 @@ from maskfl.aggregator_gpu import (
     Backend,
     BackendName,
     BackendUnavailableError,
+    CupyAccumulator,
     CupyBackend,
     select_backend,
 )
@@ -152,8 +153,8 @@ def _unmask_decode_seconds(backend: Backend, pool: list[Any], n: int, m: int, bi
     return time.perf_counter() - start
 
 
-def _host_peak_bytes(backend: Backend, pool: list[Any], m: int, word_bits: int) -> int:
-    """Host memory the accumulator allocates for a few adds and one total (tracemalloc)."""
+def _memory(backend: Backend, pool: list[Any], m: int, word_bits: int) -> dict[str, int]:
+    """What one accumulator holds: host allocations (tracemalloc), pinned and device bytes."""
     gc.collect()
     tracemalloc.start()
     try:
@@ -161,20 +162,16 @@ def _host_peak_bytes(backend: Backend, pool: list[Any], m: int, word_bits: int) 
         for vector in pool[:4]:
             acc.add(vector)
         acc.total()
-        return tracemalloc.get_traced_memory()[1]
+        out = {"host_peak_alloc_bytes": tracemalloc.get_traced_memory()[1]}
     finally:
         tracemalloc.stop()
+    if isinstance(acc, CupyAccumulator):
+        import cupy
 
-
-def _device_bytes(backend: Backend) -> dict[str, int]:
-    if backend.name is not BackendName.CUPY:
-        return {}
-    import cupy
-
-    return {
-        "device_pool_bytes": int(cupy.get_default_memory_pool().total_bytes()),
-        "pinned_pool_bytes": int(cupy.get_default_pinned_memory_pool().total_bytes()),
-    }
+        out["pinned_staging_bytes"] = acc.pinned_bytes
+        out["device_accumulator_bytes"] = acc.device_bytes
+        out["device_pool_bytes"] = int(cupy.get_default_memory_pool().total_bytes())
+    return out
 
 
 def measure(
@@ -216,9 +213,8 @@ def measure(
         unmask_decode_s=_unmask_decode_seconds(backend, pool, n, m, word_bits),
         distinct_inputs=len(pool),
         input_pool_bytes=sum(memoryview(p).nbytes for p in pool),
-        host_peak_alloc_bytes=_host_peak_bytes(backend, pool, m, word_bits),
+        **_memory(backend, pool, m, word_bits),
         process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        **_device_bytes(backend),
     )
     return row
 
