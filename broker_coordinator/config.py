@@ -145,7 +145,7 @@ class BrokerConfig(_Section):
     reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
     reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
     connect_timeout_s: Annotated[float, Field(gt=0)] = 15.0
-    receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 1000
+    receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 65535
 
     @model_validator(mode="after")
     def _checks(self) -> Self:
@@ -223,7 +223,7 @@ def _default_update() -> PhaseConfig:
 
 
 def _default_sum2() -> PhaseConfig:
-    return PhaseConfig(count_min=1, count_max=100, time_min_s=0.0, time_max_s=120.0)
+    return PhaseConfig(count_min=1, count_max=100, time_min_s=5.0, time_max_s=120.0)
 
 
 class PetConfig(_Section):
@@ -337,6 +337,15 @@ class CoordinatorConfig(BaseSettings):
                 f"pet.update.count_max ({self.pet.update.count_max}) exceeds masking.n_max "
                 f"({self.masking.n_max}): the aggregate could overflow; raise masking.n_max "
                 "or lower pet.update.count_max"
+            )
+        held = -(-self.pet.reassembly_max_bytes // self.pet.chunk_size)
+        needed = held + self.storage.group_commit_max + 16
+        if self.broker.receive_maximum < needed:
+            raise ValueError(
+                f"broker.receive_maximum ({self.broker.receive_maximum}) must exceed the "
+                f"chunk frames partial messages may hold unacked ({held} = "
+                "pet.reassembly_max_bytes / pet.chunk_size) plus a commit batch: raise it to "
+                f"at least {needed} (max 65535) or lower pet.reassembly_max_bytes"
             )
         return self
 

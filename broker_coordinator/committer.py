@@ -1,0 +1,139 @@
+"""Group commit: admitted messages become durable in batches, then are acknowledged.
+
+The ingest path admits a message (all checks done, nothing written) and hands a
+:class:`Contribution` to :meth:`Committer.submit`. The committer task takes up
+to ``group_commit_max`` of them, or whatever arrived within
+``group_commit_ms`` of the first, and asks the phase that admitted them to
+make them durable:
+
+1. ``phase.prepare(batch)``: the work outside SQLite (for updates: add the
+   words to the accumulator, append them to the update log and fsync, write the
+   next aggregate checkpoint generation: temp, fsync, rename);
+2. one SQLite transaction: ``phase.write(tx, batch)`` plus the round row (which
+   names the new checkpoint generation and the update log's committed size);
+3. ``phase.committed(batch)``: in-memory bookkeeping, the phase timer;
+4. only now the MQTT acks and the receipts.
+
+A crash anywhere before 2 completes leaves the database naming the previous
+generation, with nothing acked: the broker redelivers and the messages are
+admitted again. A crash after 2 and before 4 leaves them durable and unacked:
+the broker redelivers and the duplicate is recognised by its digest.
+
+If making a batch durable fails (disk full, I/O error), the batch is rejected
+and acked with a ``phase_closed`` receipt and :attr:`Committer.error` is set:
+the runner then fails the round, since its aggregate can no longer be trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from maskfl.broker_coordinator.context import Contribution, Services
+from maskfl.broker_coordinator.store import Transaction
+from maskfl.protocol.errors import MaskflError, Reason
+
+if TYPE_CHECKING:
+    from maskfl.transport import Message
+
+log = logging.getLogger("maskfl.coordinator.commit")
+
+
+class Committing(Protocol):
+    """What a message phase provides to the committer."""
+
+    async def prepare(self, batch: list[Contribution]) -> None: ...
+
+    async def write(self, tx: Transaction, batch: list[Contribution]) -> None: ...
+
+    def committed(self, batch: list[Contribution]) -> None: ...
+
+    def failed(self, batch: list[Contribution]) -> None: ...
+
+
+Settle = Callable[[Contribution, Reason | None, str], None]
+"""Ack the deliveries and send the receipt: ``reason`` None means accepted."""
+
+
+class Committer:
+    def __init__(self, services: Services, settle: Settle, ack: Callable[[Message], None]) -> None:
+        self._s = services
+        self._settle = settle
+        self._ack = ack
+        self._queue: asyncio.Queue[tuple[Committing, Contribution]] = asyncio.Queue()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.error: MaskflError | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="group-commit")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, phase: Committing, item: Contribution) -> None:
+        self._idle.clear()
+        self._queue.put_nowait((phase, item))
+
+    async def drain(self) -> None:
+        """Return once everything submitted so far is committed (or rejected)."""
+        await self._idle.wait()
+
+    async def _run(self) -> None:
+        cfg = self._s.config.storage
+        while True:
+            phase, first = await self._queue.get()
+            batch = [first]
+            deadline = time.monotonic() + cfg.group_commit_ms / 1000.0
+            while len(batch) < cfg.group_commit_max:
+                if self._queue.empty():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        nxt = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                else:
+                    nxt = self._queue.get_nowait()
+                if nxt[0] is not phase:
+                    # Never mix phases in one batch: commit this one first.
+                    await self._commit(phase, batch)
+                    phase, batch = nxt[0], [nxt[1]]
+                    continue
+                batch.append(nxt[1])
+            await self._commit(phase, batch)
+            if self._queue.empty():
+                self._idle.set()
+
+    async def _commit(self, phase: Committing, batch: list[Contribution]) -> None:
+        started = time.perf_counter()
+        try:
+            await phase.prepare(batch)
+            async with self._s.store.transaction() as tx:
+                await phase.write(tx, batch)
+        except MaskflError as exc:
+            log.error("group commit of %d messages failed: %s", len(batch), exc)
+            self.error = exc
+            phase.failed(batch)
+            for item in batch:
+                self._settle(item, Reason.PHASE_CLOSED, f"coordinator could not store it: {exc}")
+            self._s.changed.set()
+            return
+        phase.committed(batch)
+        elapsed = time.perf_counter() - started
+        self._s.metrics.aggregation_seconds.observe(elapsed)
+        self._s.metrics.batch_size.observe(len(batch))
+        for item in batch:
+            self._settle(item, None, "")
+        self._s.changed.set()

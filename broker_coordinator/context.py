@@ -1,0 +1,156 @@
+"""What the phases share: the services of the process and the state of the current round.
+
+:class:`Services` is built once per process (store, files, signing identity,
+aggregation backend, outbox, metrics, clock). :class:`RoundState` is the one
+round in progress; it is rebuilt from the database on restart, so nothing in it
+is the only copy of anything that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+from nacl.signing import SigningKey
+
+from maskfl.aggregator_gpu import Accumulator, Backend
+from maskfl.broker_coordinator.config import CoordinatorConfig
+from maskfl.broker_coordinator.enrollment import Enrollment
+from maskfl.broker_coordinator.metrics import Metrics
+from maskfl.broker_coordinator.optimizers import ServerOptimizer
+from maskfl.broker_coordinator.store import (
+    CheckpointFiles,
+    RoundRecord,
+    Store,
+    SummerRecord,
+    Sum2Record,
+    UpdateRecord,
+    UpdateLog,
+)
+from maskfl.protocol.identity import Certificate
+from maskfl.protocol.masking import MaskConfig
+from maskfl.protocol.messages import Body, RoundParams, SignedMessage, encode_message
+from maskfl.protocol.phases import PhaseTimer
+from maskfl.protocol.topics import Topics
+
+if TYPE_CHECKING:
+    from maskfl.broker_coordinator.outbox import Outbox
+    from maskfl.transport import Message
+
+log = logging.getLogger("maskfl.coordinator")
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A decoded, signature-checked participant message and the MQTT deliveries carrying it.
+
+    ``deliveries`` are acked only once the message's effect is durable (or it
+    was rejected); for a chunked message they are all its frames.
+    """
+
+    message: SignedMessage
+    device: str
+    deliveries: list[Message]
+    size: int
+    received_at: float
+
+
+@dataclass(slots=True)
+class Contribution:
+    """An admitted message waiting for the group commit.
+
+    ``record`` is what the phase writes (a SummerRecord, an UpdateRecord with
+    its words and seeds, a Sum2Record); the phase that admitted it commits it.
+    """
+
+    incoming: Incoming
+    record: SummerRecord | UpdateRecord | Sum2Record
+    words: npt.NDArray[np.unsignedinteger] | None = None
+    seeds: tuple[tuple[bytes, bytes], ...] = ()
+    public_key: bytes = b""
+    serial: int = 0
+
+
+@dataclass
+class ModelState:
+    """The current global model (the one the round trains from)."""
+
+    model_id: str
+    version: int
+    weights: npt.NDArray[np.float32]
+    digest: bytes
+
+
+@dataclass
+class RoundState:
+    """The round in progress; rebuilt from the store on restart."""
+
+    record: RoundRecord
+    params: RoundParams
+    summers: dict[str, SummerRecord] = field(default_factory=dict)
+    summer_devices: dict[bytes, str] = field(default_factory=dict)
+    updates: dict[str, UpdateRecord] = field(default_factory=dict)
+    update_digests: set[bytes] = field(default_factory=set)
+    sum2: dict[str, Sum2Record] = field(default_factory=dict)
+    accepted_digests: set[bytes] = field(default_factory=set)
+    pending: set[str] = field(default_factory=set)
+    acc: Accumulator | None = None
+    timer: PhaseTimer | None = None
+    closing: bool = False
+
+    @property
+    def round_id(self) -> int:
+        return self.record.round_id
+
+
+@dataclass
+class Services:
+    """Everything long-lived a phase may use."""
+
+    config: CoordinatorConfig
+    store: Store
+    checkpoints: CheckpointFiles
+    update_log: UpdateLog
+    backend: Backend
+    signing_key: SigningKey
+    certificate: Certificate
+    topics: Topics
+    enrollment: Enrollment
+    metrics: Metrics
+    mask: MaskConfig
+    optimizer: ServerOptimizer
+    outbox: Outbox
+    model: ModelState
+    clock: Callable[[], float] = time.time
+    alive: dict[str, float] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def fleet(self) -> str:
+        return self.config.fleet.id
+
+    def sign(self, body: Body, round_id: int) -> bytes:
+        return encode_message(
+            body, fleet=self.fleet, round_id=round_id, signing_key=self.signing_key
+        )
+
+    def alive_count(self) -> int:
+        horizon = self.clock() - self.config.pet.alive_window_s
+        return sum(1 for seen in self.alive.values() if seen >= horizon)
+
+    @property
+    def vector_words(self) -> int:
+        """M + 1: the model's parameters plus the weight word."""
+        return self.config.model.length + 1
+
+    def max_message_size(self) -> int:
+        """The largest participant message that can be valid (an update, with every summer)."""
+        cfg = self.config
+        seeds = cfg.pet.sum.count_max * (32 + 80)
+        return 216 + 1024 + seeds + 64 + self.vector_words * (self.mask.word_bits // 8)

@@ -1,0 +1,106 @@
+"""Prometheus metrics of the coordinator, on a private registry.
+
+Names are prefixed ``maskfl_coordinator_``. Every rejection is counted by reason
+(``messages_total{type, result, reason}``), so an operator can tell a hostile
+client from a misconfigured one at a glance.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from maskfl.protocol.phases import Phase
+
+_PREFIX = "maskfl_coordinator_"
+
+
+class Metrics:
+    """All the coordinator's instruments; one instance per process (or per test)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.phase = Gauge(
+            _PREFIX + "phase", "1 for the phase the current round is in", ["phase"], registry=r
+        )
+        self.round_id = Gauge(_PREFIX + "round_id", "id of the current round", registry=r)
+        self.rounds = Counter(
+            _PREFIX + "rounds_total", "rounds ended, by outcome", ["outcome"], registry=r
+        )
+        self.messages = Counter(
+            _PREFIX + "messages_total",
+            "participant messages by type and result (accepted / rejected with reason)",
+            ["type", "result", "reason"],
+            registry=r,
+        )
+        self.bytes_in = Counter(
+            _PREFIX + "bytes_in_total", "payload bytes received from the broker", registry=r
+        )
+        self.participants = Gauge(
+            _PREFIX + "participants",
+            "accepted participants of the current round, by role",
+            ["role"],
+            registry=r,
+        )
+        self.devices_alive = Gauge(
+            _PREFIX + "devices_alive", "devices heard from within the alive window", registry=r
+        )
+        self.aggregation_seconds = Histogram(
+            _PREFIX + "aggregation_seconds",
+            "time to add one group-commit batch of updates and make it durable",
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.batch_size = Histogram(
+            _PREFIX + "commit_batch_size",
+            "messages per group commit",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self.unmask_seconds = Histogram(
+            _PREFIX + "unmask_seconds",
+            "time to vote, unmask, decode and apply the optimizer",
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.reassembly_pending = Gauge(
+            _PREFIX + "reassembly_pending", "chunked messages being reassembled", registry=r
+        )
+        self.reassembly_bytes = Gauge(
+            _PREFIX + "reassembly_bytes", "bytes reserved by partial chunked messages", registry=r
+        )
+        self.unacked = Gauge(
+            _PREFIX + "unacked_messages", "MQTT deliveries held without ack", registry=r
+        )
+        self.model_version = Gauge(
+            _PREFIX + "model_version", "version of the latest global model", registry=r
+        )
+        self.receipts_dropped = Counter(
+            _PREFIX + "receipts_dropped_total", "receipts not sent (queue full)", registry=r
+        )
+        self.mqtt_connected = Gauge(
+            _PREFIX + "mqtt_connected", "1 while the broker link is up", registry=r
+        )
+
+    def set_phase(self, phase: Phase) -> None:
+        for p in Phase:
+            self.phase.labels(phase=p.value).set(1 if p == phase else 0)
+
+    def count(self, kind: str, reason: str | None) -> None:
+        if reason is None:
+            self.messages.labels(type=kind, result="accepted", reason="").inc()
+        else:
+            self.messages.labels(type=kind, result="rejected", reason=reason).inc()
+
+    def rejected_total(self) -> dict[str, float]:
+        """Rejections by reason (summed over types), for status and tests."""
+        out: dict[str, float] = {}
+        for metric in self.messages.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.labels.get("result") == "rejected":
+                    reason = sample.labels["reason"]
+                    out[reason] = out.get(reason, 0.0) + sample.value
+        return out
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

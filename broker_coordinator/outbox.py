@@ -1,0 +1,58 @@
+"""Everything the coordinator publishes goes through here.
+
+State (round parameters, sum and seed dictionaries, global models, the
+revocation list) is published retained with QoS 1 and awaited: the caller
+continues once the broker has it, and the transport retries across reconnects.
+Receipts are fire-and-forget, bounded: at most ``max_receipts`` wait for their
+PUBACK at once, beyond that a receipt is dropped and counted (the device learns
+the outcome from the next round's parameters or resends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from maskfl.broker_coordinator.metrics import Metrics
+from maskfl.protocol.errors import MaskflError
+from maskfl.transport import Transport
+
+log = logging.getLogger("maskfl.coordinator.outbox")
+
+
+class Outbox:
+    def __init__(self, transport: Transport, metrics: Metrics, *, max_receipts: int = 2000) -> None:
+        self._transport = transport
+        self._metrics = metrics
+        self._max = max_receipts
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def state(self, topic: str, payload: bytes) -> None:
+        """Publish retained, QoS 1, and wait for the broker's PUBACK."""
+        await self._transport.publish(topic, payload, qos=1, retain=True)
+
+    async def clear(self, topic: str) -> None:
+        """Remove a retained message (an empty retained publish)."""
+        await self._transport.publish(topic, b"", qos=1, retain=True)
+
+    def notify(self, topic: str, payload: bytes) -> None:
+        """Publish a receipt without waiting; dropped and counted when too many are pending."""
+        if len(self._tasks) >= self._max:
+            self._metrics.receipts_dropped.inc()
+            return
+        task = asyncio.create_task(self._send(topic, payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, topic: str, payload: bytes) -> None:
+        try:
+            await asyncio.wait_for(self._transport.publish(topic, payload, qos=1), 60)
+        except (MaskflError, TimeoutError) as exc:
+            self._metrics.receipts_dropped.inc()
+            log.warning("receipt to %s not delivered: %s", topic, exc)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,104 @@
+"""sum: summers announce their ephemeral keys; at the end, the signed sum dictionary.
+
+Accepts ``SUM`` from devices whose ticket makes them summers this round, one
+per device. Closing publishes the :class:`~maskfl.protocol.messages.SumDict`
+(every summer's own signed Sum message, so updaters verify each entry)
+retained on ``round/<id>/sums``, after storing it in the round row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from maskfl.broker_coordinator.context import Contribution, Incoming
+from maskfl.broker_coordinator.phases.base import MessagePhase
+from maskfl.broker_coordinator.store import SummerRecord, Transaction
+from maskfl.protocol.errors import Reason, RemoteProtocolError
+from maskfl.protocol.messages import MessageType, Sum, SumDict
+from maskfl.protocol.phases import Phase, PhaseWindow
+from maskfl.protocol.sortition import Task, select_task
+
+
+def check_once(phase: MessagePhase, device: str, done: bool) -> None:
+    """DUPLICATE for a second message of a device; PHASE_CLOSED once the phase is full."""
+    state = phase.state
+    if done or device in state.pending:
+        raise RemoteProtocolError(
+            Reason.DUPLICATE, f"{device} already sent its {phase.phase} message this round"
+        )
+    assert state.timer is not None
+    if state.timer.count + len(state.pending) >= state.timer.window.count_max:
+        raise RemoteProtocolError(
+            Reason.PHASE_CLOSED, f"{phase.phase} phase is full ({state.timer.window.count_max})"
+        )
+
+
+def check_task(phase: MessagePhase, public_key: bytes, wanted: Task) -> None:
+    params = phase.state.params
+    task = select_task(params.seed, public_key, params.p_sum, params.p_update)
+    if task is not wanted:
+        raise RemoteProtocolError(
+            Reason.NOT_ELIGIBLE, f"this key's ticket makes it {task}, not {wanted}, this round"
+        )
+
+
+class SumPhase(MessagePhase):
+    phase = Phase.SUM
+    accepts = MessageType.SUM
+
+    def window(self) -> PhaseWindow:
+        c = self.s.config.pet.sum
+        return PhaseWindow(c.count_min, c.count_max, c.time_min_s, c.time_max_s)
+
+    async def admit(self, incoming: Incoming) -> Contribution:
+        body = incoming.message.body
+        assert isinstance(body, Sum)
+        check_once(self, incoming.device, incoming.device in self.state.summers)
+        check_task(self, incoming.message.header.sender, Task.SUM)
+        record = SummerRecord(
+            device_id=incoming.device,
+            public_key=incoming.message.header.sender,
+            ephemeral_pk=body.ephemeral_pk,
+            digest=incoming.message.digest,
+            message=incoming.message.raw,
+        )
+        return Contribution(
+            incoming, record, public_key=body.certificate.public_key, serial=body.certificate.serial
+        )
+
+    async def write(self, tx: Transaction, batch: list[Contribution]) -> None:
+        rid = self.state.round_id
+        for item in batch:
+            assert isinstance(item.record, SummerRecord)
+            await tx.add_summer(rid, item.record)
+            await tx.record_message(
+                item.record.digest, rid, "sum", item.incoming.device, item.incoming.received_at
+            )
+            await tx.touch_device(
+                item.incoming.device, item.public_key, item.serial, item.incoming.received_at
+            )
+
+    def committed(self, batch: list[Contribution]) -> None:
+        state = self.state
+        for item in batch:
+            assert isinstance(item.record, SummerRecord)
+            state.summers[item.incoming.device] = item.record
+            state.summer_devices[item.record.public_key] = item.incoming.device
+            state.accepted_digests.add(item.record.digest)
+            state.pending.discard(item.incoming.device)
+        assert state.timer is not None
+        state.timer.accepted(len(batch))
+        self.s.metrics.participants.labels(role="summers").set(len(state.summers))
+
+    async def close(self) -> Phase:
+        s, state = self.s, self.state
+        entries = tuple(
+            r.message for r in sorted(state.summers.values(), key=lambda r: r.device_id)
+        )
+        raw = s.sign(SumDict(entries), state.round_id)
+        record = dataclasses.replace(state.record, sum_dict=raw)
+        async with s.store.transaction() as tx:
+            await tx.put_round(record)
+        state.record = record
+        await s.outbox.state(s.topics.sums(state.round_id), raw)
+        return Phase.UPDATE

@@ -1,0 +1,89 @@
+"""sum2: summers return the sum of the masks they could open.
+
+Accepts ``SUM2`` from the round's accepted summers, once each, with M + 1 words
+and a list of update digests whose seed did not open (each must name an
+accepted update). The window's ``count_max`` is narrowed to the number of
+summers, so the phase closes as soon as every summer has answered.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from maskfl.broker_coordinator.context import Contribution, Incoming
+from maskfl.broker_coordinator.phases.base import MessagePhase
+from maskfl.broker_coordinator.phases.sum import check_once
+from maskfl.broker_coordinator.phases.update import publish_seed_dicts
+from maskfl.broker_coordinator.store import Sum2Record, Transaction
+from maskfl.protocol.errors import Reason, RemoteProtocolError
+from maskfl.protocol.messages import MessageType, Sum2
+from maskfl.protocol.phases import Phase, PhaseWindow
+
+
+class Sum2Phase(MessagePhase):
+    phase = Phase.SUM2
+    accepts = MessageType.SUM2
+
+    def window(self) -> PhaseWindow:
+        c = self.s.config.pet.sum2
+        summers = len(self.state.summers)
+        return PhaseWindow(
+            c.count_min, max(c.count_min, min(c.count_max, summers)), c.time_min_s, c.time_max_s
+        )
+
+    async def enter(self, resumed: bool) -> None:
+        if resumed:
+            await publish_seed_dicts(self)
+
+    async def admit(self, incoming: Incoming) -> Contribution:
+        body = incoming.message.body
+        assert isinstance(body, Sum2)
+        state, s = self.state, self.s
+        summer = state.summers.get(incoming.device)
+        if summer is None or summer.public_key != incoming.message.header.sender:
+            raise RemoteProtocolError(
+                Reason.UNKNOWN_SUMMER, f"{incoming.device} is not an accepted summer this round"
+            )
+        check_once(self, incoming.device, incoming.device in state.sum2)
+        words = body.words
+        if words.dtype != np.dtype(s.mask.dtype) or words.shape != (s.vector_words,):
+            raise RemoteProtocolError(
+                Reason.WRONG_LENGTH,
+                f"aggregate mask has {words.size} words of {words.dtype.itemsize * 8} bits, "
+                f"expected {s.vector_words} of {s.mask.word_bits}",
+            )
+        unknown = [d for d in body.failed if d not in state.update_digests]
+        if unknown:
+            raise RemoteProtocolError(
+                Reason.MALFORMED, f"{len(unknown)} failed digests name no accepted update"
+            )
+        record = Sum2Record(
+            incoming.device, incoming.message.digest, words.tobytes(), tuple(body.failed)
+        )
+        return Contribution(incoming, record)
+
+    async def write(self, tx: Transaction, batch: list[Contribution]) -> None:
+        rid = self.state.round_id
+        for item in batch:
+            assert isinstance(item.record, Sum2Record)
+            await tx.add_sum2(rid, item.record)
+            await tx.record_message(
+                item.record.digest, rid, "sum2", item.incoming.device, item.incoming.received_at
+            )
+
+    def committed(self, batch: list[Contribution]) -> None:
+        state = self.state
+        for item in batch:
+            assert isinstance(item.record, Sum2Record)
+            state.sum2[item.incoming.device] = item.record
+            state.accepted_digests.add(item.record.digest)
+            state.pending.discard(item.incoming.device)
+        assert state.timer is not None
+        state.timer.accepted(len(batch))
+        self.s.metrics.participants.labels(role="sum2").set(len(state.sum2))
+
+    def complete(self) -> bool:
+        return len(self.state.sum2) >= len(self.state.summers)
+
+    async def close(self) -> Phase:
+        return Phase.UNMASK

@@ -1,0 +1,130 @@
+"""unmask: vote on the aggregate masks, unmask, decode, step the model, publish it.
+
+The mask that the most summers sent wins (a tie fails the round). If the
+winning summers could not open some updates' seeds, those updates are dropped:
+their masked words (from the update log) are added to the mask before it is
+subtracted, so the aggregate then holds exactly the other updates, whose masks
+the summers did add. Decoding divides by the unmasked sum of weights; the
+server optimizer turns that mean delta into the next global model, which is
+stored in the registry (with the round's outcome, in one transaction) and
+published signed and retained on ``model/<id>/latest``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+
+from maskfl.aggregator_gpu import MaskVoteTieError, plurality_vote
+from maskfl.broker_coordinator.context import ModelState
+from maskfl.broker_coordinator.errors import RoundFailedError
+from maskfl.broker_coordinator.phases.base import StepPhase
+from maskfl.broker_coordinator.store import ModelRecord
+from maskfl.protocol.ids import RoundId
+from maskfl.protocol.masking import error_bound
+from maskfl.protocol.messages import GlobalModel, weights_digest
+from maskfl.protocol.phases import Phase
+
+log = logging.getLogger("maskfl.coordinator.unmask")
+
+
+class UnmaskPhase(StepPhase):
+    phase = Phase.UNMASK
+
+    async def run(self) -> Phase:
+        s, state = self.s, self.state
+        assert state is not None and state.acc is not None
+        started = time.perf_counter()
+        rid = state.round_id
+        masks = list(state.sum2.values())
+        try:
+            vote = plurality_vote(
+                [m.mask for m in masks], length=s.vector_words, word_bits=s.mask.word_bits
+            )
+        except MaskVoteTieError as exc:
+            raise RoundFailedError(f"aggregate masks tie: {exc}", round_id=rid) from exc
+        failed_sets = {masks[i].failed for i in vote.voters}
+        if len(failed_sets) != 1:
+            raise RoundFailedError(
+                "summers with the same mask disagree on the updates they could not open",
+                round_id=rid,
+            )
+        failed = set(next(iter(failed_sets)))
+        dropped = [u for u in state.updates.values() if u.digest in failed]
+        combined = s.backend.accumulator(s.vector_words, s.mask.word_bits)
+        combined.add(vote.mask)
+        for u in dropped:
+            combined.add(s.update_log.read(rid, u.log_offset, u.log_length))
+        acc = state.acc
+        included = acc.count - len(dropped)
+        if included < 1:
+            raise RoundFailedError("no update left to aggregate", round_id=rid)
+        acc.subtract_mask(combined.total())
+        weighted_sum, weight_sum = acc.decode(s.mask, included)
+        if not weight_sum > 0:
+            raise RoundFailedError(f"sum of weights is {weight_sum}", round_id=rid)
+        mean = weighted_sum / weight_sum
+        weights = s.optimizer.step(s.model.weights, mean)
+        metrics = (
+            ("updates", float(included)),
+            ("dropped", float(len(dropped))),
+            ("summers", float(len(state.summers))),
+            ("sum2", float(len(masks))),
+            ("mask_votes", float(vote.votes)),
+            ("weight_sum", float(weight_sum)),
+            ("error_bound", float(error_bound(included, weight_sum, s.mask))),
+            ("resolution", float(s.mask.resolution)),
+        )
+        version = s.model.version + 1
+        body = GlobalModel(
+            model_id=s.model.model_id,
+            version=version,
+            round_id=RoundId(rid),
+            previous_digest=s.model.digest,
+            weights=weights,
+            metrics=metrics,
+        )
+        raw = s.sign(body, rid)
+        digest = weights_digest(weights)
+        now = s.clock()
+        record = dataclasses.replace(
+            state.record,
+            phase=Phase.IDLE.value,
+            outcome="completed",
+            finished_at=now,
+            model_version=version,
+        )
+        async with s.store.transaction() as tx:
+            await tx.add_model(
+                ModelRecord(
+                    model_id=s.model.model_id,
+                    version=version,
+                    round_id=rid,
+                    digest=digest,
+                    weights=np.ascontiguousarray(weights, dtype="<f4").tobytes(),
+                    metrics=dict(metrics),
+                    message=raw,
+                    optimizer_state=s.optimizer.state_bytes(),
+                    created_at=now,
+                )
+            )
+            await tx.put_round(record)
+            await tx.forget_round_bulk(rid)
+        state.record = record
+        s.model = ModelState(s.model.model_id, version, weights, digest)
+        s.metrics.model_version.set(version)
+        s.metrics.unmask_seconds.observe(time.perf_counter() - started)
+        await s.outbox.state(s.topics.model_latest(s.model.model_id), raw)
+        log.info(
+            "round %d completed: model v%d from %d updates (%d dropped), weight sum %.3f",
+            rid,
+            version,
+            included,
+            len(dropped),
+            weight_sum,
+            extra={"round_id": rid, "phase": "unmask", "model_version": version},
+        )
+        return Phase.IDLE

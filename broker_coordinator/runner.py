@@ -1,0 +1,356 @@
+"""The one loop that drives the phases with messages and the clock.
+
+::
+
+    resume (from the database) ─> idle ─> sum ─> update ─> sum2 ─> unmask ─> idle ...
+                                    any MaskflError in a phase ─> failure ─> idle
+
+Message phases are driven here: the runner builds the phase's
+:class:`~maskfl.protocol.phases.PhaseTimer` (opened at the wall-clock time
+stored in the round row, so a restart keeps the deadlines), waits for commits
+or the timer's next deadline, and on ``CLOSE`` stops admitting, drains the
+group commit, lets the phase publish its outputs and records the transition;
+on ``FAIL`` the round goes to ``failure``. Admission (:meth:`Runner.offer`)
+and closing take one lock, so a message is never admitted into a phase that
+is closing, and the next phase is in force before any message for it is seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from typing import Final
+
+from maskfl.aggregator_gpu import Snapshot
+from maskfl.broker_coordinator.committer import Committer
+from maskfl.broker_coordinator.context import Incoming, RoundState, Services
+from maskfl.broker_coordinator.errors import RoundFailedError
+from maskfl.broker_coordinator.phases import PHASE_CLASSES
+from maskfl.broker_coordinator.phases.base import MessagePhase, StepPhase
+from maskfl.broker_coordinator.phases.failure import FailurePhase
+from maskfl.broker_coordinator.phases.idle import IdlePhase
+from maskfl.broker_coordinator.phases.unmask import UnmaskPhase
+from maskfl.broker_coordinator.store import RoundRecord
+from maskfl.protocol.errors import MaskflError, Reason, RemoteProtocolError
+from maskfl.protocol.messages import MessageType, RoundParams, decode_message
+from maskfl.protocol.phases import MESSAGE_PHASES, Phase, PhaseTimer, Verdict, check_transition
+
+log = logging.getLogger("maskfl.coordinator.runner")
+
+_ORDER: Final = {
+    Phase.IDLE: 0,
+    Phase.SUM: 1,
+    Phase.UPDATE: 2,
+    Phase.SUM2: 3,
+    Phase.UNMASK: 4,
+    Phase.FAILURE: 5,
+    Phase.SHUTDOWN: 6,
+}
+_PHASE_OF: Final = {
+    MessageType.SUM: Phase.SUM,
+    MessageType.UPDATE: Phase.UPDATE,
+    MessageType.SUM2: Phase.SUM2,
+}
+_MAX_WAIT_S: Final = 1.0
+
+
+class Runner:
+    """Owns the round: the current phase object and the round state."""
+
+    def __init__(self, services: Services, committer: Committer) -> None:
+        self.s = services
+        self.committer = committer
+        self.phase = Phase.IDLE
+        self.state: RoundState | None = None
+        self.current: MessagePhase | StepPhase | None = None
+        self.lock = asyncio.Lock()
+        self.rounds_completed = 0
+        self.rounds_failed = 0
+
+    # -- state ---------------------------------------------------------------
+
+    async def load_state(self, record: RoundRecord) -> RoundState:
+        """Rebuild the round in progress from the database and its checkpoint."""
+        s = self.s
+        params = decode_message(record.params, max_size=1 << 20).body
+        assert isinstance(params, RoundParams)
+        state = RoundState(record=record, params=params)
+        rid = record.round_id
+        for summer in await s.store.summers(rid):
+            state.summers[summer.device_id] = summer
+            state.summer_devices[summer.public_key] = summer.device_id
+            state.accepted_digests.add(summer.digest)
+        for update in await s.store.updates(rid):
+            state.updates[update.device_id] = update
+            state.update_digests.add(update.digest)
+            state.accepted_digests.add(update.digest)
+        for sum2 in await s.store.sum2s(rid):
+            state.sum2[sum2.device_id] = sum2
+            state.accepted_digests.add(sum2.digest)
+        if record.checkpoint_gen:
+            image = await asyncio.to_thread(s.checkpoints.read, rid, record.checkpoint_gen)
+            state.acc = s.backend.restore(Snapshot.from_bytes(image))
+            if state.acc.count != len(state.updates):
+                raise RoundFailedError(
+                    f"checkpoint holds {state.acc.count} updates, the database "
+                    f"{len(state.updates)}",
+                    round_id=rid,
+                )
+        else:
+            state.acc = s.backend.accumulator(s.vector_words, s.mask.word_bits)
+        await asyncio.to_thread(s.checkpoints.prune, rid, record.checkpoint_gen or None)
+        await asyncio.to_thread(s.update_log.prune, rid)
+        s.metrics.round_id.set(rid)
+        s.metrics.participants.labels(role="summers").set(len(state.summers))
+        s.metrics.participants.labels(role="updaters").set(len(state.updates))
+        s.metrics.participants.labels(role="sum2").set(len(state.sum2))
+        return state
+
+    def _count(self, phase: Phase) -> int:
+        assert self.state is not None
+        match phase:
+            case Phase.SUM:
+                return len(self.state.summers)
+            case Phase.UPDATE:
+                return len(self.state.updates)
+            case Phase.SUM2:
+                return len(self.state.sum2)
+            case _:
+                return 0
+
+    # -- admission (called by ingest) ----------------------------------------
+
+    async def offer(self, incoming: Incoming) -> None:
+        """Admit one message into the current phase and submit it for commit.
+
+        Raises :class:`RemoteProtocolError` with the receipt's reason.
+        """
+        header = incoming.message.header
+        async with self.lock:
+            state = self.state
+            if state is None or header.round_id != state.round_id:
+                current = "none" if state is None else str(state.round_id)
+                raise RemoteProtocolError(
+                    Reason.WRONG_ROUND,
+                    f"message for round {header.round_id}, current round is {current}",
+                )
+            wanted = _PHASE_OF.get(header.message_type)
+            if wanted is None:
+                raise RemoteProtocolError(
+                    Reason.MALFORMED, f"{header.message_type.name} is not a participant message"
+                )
+            phase = self.current
+            if not isinstance(phase, MessagePhase) or phase.phase != wanted or state.closing:
+                if _ORDER[wanted] < _ORDER[self.phase] or (wanted == self.phase and state.closing):
+                    raise RemoteProtocolError(
+                        Reason.PHASE_CLOSED, f"the {wanted} phase of round {state.round_id} closed"
+                    )
+                raise RemoteProtocolError(
+                    Reason.WRONG_PHASE,
+                    f"{header.message_type.name} not accepted in the {self.phase} phase",
+                )
+            item = await phase.admit(incoming)
+            state.pending.add(incoming.device)
+            self.committer.submit(phase, item)
+
+    # -- the loop -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Resume or start rounds until shutdown (or cancellation)."""
+        s = self.s
+        last = await s.store.last_round()
+        resumed = False
+        if last is not None and last.outcome is None:
+            try:
+                self.state = await self.load_state(last)
+                self.phase = Phase(last.phase)
+                resumed = True
+                log.info(
+                    "resuming round %d in phase %s",
+                    last.round_id,
+                    last.phase,
+                    extra={"round_id": last.round_id, "phase": last.phase},
+                )
+                await s.outbox.state(s.topics.round, last.params)
+            except MaskflError as exc:
+                log.error("cannot resume round %d: %s", last.round_id, exc)
+                self.state = None
+                self.phase = Phase.FAILURE
+                await self._fail_record(last, f"resume failed: {exc}")
+        while self.phase is not Phase.SHUTDOWN:
+            s.metrics.set_phase(self.phase)
+            try:
+                nxt = await self._step(resumed)
+            except MaskflError as exc:
+                nxt = Phase.FAILURE
+                reason = f"{type(exc).__name__}: {exc}"
+                await self._leave_message_phase()
+                self.current = FailurePhase(s, self.state, reason)
+                self.phase = Phase.FAILURE
+                self.rounds_failed += 1
+                s.metrics.rounds.labels(outcome="failed").inc()
+                s.metrics.set_phase(Phase.FAILURE)
+                await self._clear_round_topics()
+                nxt = await self.current.run()
+                self.state = None
+            resumed = False
+            if nxt is not self.phase:
+                await self._transition(nxt)
+
+    async def _fail_record(self, record: RoundRecord, reason: str) -> None:
+        async with self.s.store.transaction() as tx:
+            await tx.put_round(
+                dataclasses.replace(
+                    record,
+                    phase=Phase.FAILURE.value,
+                    outcome="failed",
+                    detail=reason[:500],
+                    finished_at=self.s.clock(),
+                )
+            )
+
+    async def _step(self, resumed: bool) -> Phase:
+        s = self.s
+        match self.phase:
+            case Phase.IDLE:
+                idle = IdlePhase(s, None)
+                self.current = idle
+                return await idle.run()
+            case Phase.FAILURE:
+                self.current = FailurePhase(s, self.state, "resumed in failure")
+                self.state = None
+                return await self.current.run()
+            case Phase.UNMASK:
+                unmask = UnmaskPhase(s, self.state)
+                self.current = unmask
+                nxt = await unmask.run()
+                self.rounds_completed += 1
+                s.metrics.rounds.labels(outcome="completed").inc()
+                await self._clear_round_topics()
+                self.state = None
+                return nxt
+            case _:
+                return await self._message_phase(resumed)
+
+    def _open(self) -> MessagePhase:
+        """Make the phase object and timer of ``self.phase`` current (call with the lock)."""
+        s, state = self.s, self.state
+        assert state is not None
+        cls = PHASE_CLASSES[self.phase]
+        assert issubclass(cls, MessagePhase)
+        phase = cls(s, state)
+        timer = PhaseTimer(phase.window(), state.record.phase_opened_at)
+        count = min(self._count(self.phase), timer.window.count_max)
+        if count:
+            timer.accepted(count)
+        state.timer = timer
+        state.closing = False
+        self.current = phase
+        return phase
+
+    async def _message_phase(self, resumed: bool) -> Phase:
+        s, state = self.s, self.state
+        assert state is not None
+        async with self.lock:
+            current = self.current
+            if isinstance(current, MessagePhase) and current.phase == self.phase:
+                phase = current
+            else:
+                phase = self._open()
+        timer = state.timer
+        assert timer is not None
+        await phase.enter(resumed)
+        while True:
+            if self.committer.error is not None:
+                err, self.committer.error = self.committer.error, None
+                raise err
+            verdict = self._verdict(phase, timer)
+            if verdict is Verdict.OPEN:
+                s.changed.clear()
+                wait = max(0.0, min(timer.wake_at() - s.clock(), _MAX_WAIT_S))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(s.changed.wait(), wait)
+                continue
+            async with self.lock:
+                state.closing = True
+                await self.committer.drain()
+                if self.committer.error is not None:
+                    continue
+                verdict = self._verdict(phase, timer)
+                if verdict is Verdict.OPEN:
+                    state.closing = False
+                    continue
+                if verdict is Verdict.FAIL:
+                    raise RoundFailedError(
+                        f"{self.phase} phase: {timer.count} of at least "
+                        f"{timer.window.count_min} messages by time_max "
+                        f"({timer.window.time_max_s} s)",
+                        round_id=state.round_id,
+                        phase=self.phase,
+                    )
+                log.info(
+                    "round %d: %s phase closes with %d messages",
+                    state.round_id,
+                    self.phase,
+                    timer.count,
+                    extra={"round_id": state.round_id, "phase": str(self.phase)},
+                )
+                nxt = await phase.close()
+                await self._transition(nxt, locked=True)
+                return nxt
+
+    def _verdict(self, phase: MessagePhase, timer: PhaseTimer) -> Verdict:
+        verdict = timer.decide(self.s.clock())
+        if verdict is Verdict.OPEN and phase.complete() and timer.count >= timer.window.count_min:
+            return Verdict.CLOSE
+        return verdict
+
+    async def _leave_message_phase(self) -> None:
+        """Before failing: stop admitting, let pending commits finish."""
+        async with self.lock:
+            if self.state is not None:
+                self.state.closing = True
+            self.current = None
+        await self.committer.drain()
+        self.committer.error = None
+
+    async def _transition(self, nxt: Phase, *, locked: bool = False) -> None:
+        """Record ``self.phase -> nxt``; a message phase is opened at once (under the
+        lock, when the caller holds it) so that no message for it is turned away."""
+        check_transition(self.phase, nxt)
+        s = self.s
+        if nxt is Phase.SUM and self.state is None:
+            last = await s.store.last_round()
+            assert last is not None
+            self.state = await self.load_state(last)
+        elif self.state is not None and nxt in MESSAGE_PHASES | {Phase.UNMASK}:
+            record = dataclasses.replace(
+                self.state.record, phase=nxt.value, phase_opened_at=s.clock()
+            )
+            async with s.store.transaction() as tx:
+                await tx.put_round(record)
+            self.state.record = record
+        self.phase = nxt
+        s.metrics.set_phase(nxt)
+        if nxt in MESSAGE_PHASES:
+            if locked:
+                self._open()
+            else:
+                async with self.lock:
+                    self._open()
+        else:
+            self.current = None
+
+    async def _clear_round_topics(self) -> None:
+        """Remove the finished round's retained sum and seed dictionaries."""
+        state, s = self.state, self.s
+        if state is None:
+            return
+        try:
+            await s.outbox.clear(s.topics.sums(state.round_id))
+            for summer in state.summers.values():
+                await s.outbox.clear(s.topics.seeds(state.round_id, summer.device_id))
+        except MaskflError as exc:
+            log.warning("could not clear retained round topics: %s", exc)

@@ -1,0 +1,416 @@
+"""The coordinator process: wiring, start-up checks, supervision, shutdown.
+
+Start-up validates everything a user can get wrong (files, keys, the
+coordinator's own certificate against the fleet CA, the initial weights'
+length) and raises :class:`ConfigError` naming the key, before touching the
+network. Then it opens the store, loads the latest model from the registry
+(or registers the initial weights as version 0), connects with a persistent
+MQTT 5 session (retrying with backoff while the broker is unreachable),
+re-publishes the retained state, and runs four tasks: ingest, the group
+committer, the round runner, housekeeping (revocation list reload, stale
+partial messages, gauges). A task that dies of an unexpected error is logged,
+counted and restarted; the round resumes from the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from nacl.signing import SigningKey
+
+from maskfl.aggregator_gpu import select_backend
+from maskfl.broker_coordinator.committer import Committer
+from maskfl.broker_coordinator.config import CoordinatorConfig, check_files
+from maskfl.broker_coordinator.context import Contribution, ModelState, Services
+from maskfl.broker_coordinator.enrollment import Enrollment
+from maskfl.broker_coordinator.http import OpsServer
+from maskfl.broker_coordinator.ingest import Ingest
+from maskfl.broker_coordinator.metrics import Metrics
+from maskfl.broker_coordinator.optimizers import ServerOptimizer
+from maskfl.broker_coordinator.outbox import Outbox
+from maskfl.broker_coordinator.runner import Runner
+from maskfl.broker_coordinator.store import CheckpointFiles, ModelRecord, Store, UpdateLog
+from maskfl.protocol.errors import ConfigError, MaskflError, Reason
+from maskfl.protocol.identity import Certificate, verify_certificate
+from maskfl.protocol.ids import Role
+from maskfl.protocol.keys import public_key_from_pem, signing_key_from_pem
+from maskfl.protocol.masking import MaskConfig
+from maskfl.protocol.messages import weights_digest
+from maskfl.protocol.topics import Topics
+from maskfl.transport import LinkEvent, LinkState, MqttConfig, MqttTransport, TlsConfig
+
+log = logging.getLogger("maskfl.coordinator")
+
+DB_NAME = "coordinator.db"
+_TICK_S = 1.0
+_RESTART_PAUSE_S = 2.0
+
+
+def mask_config(config: CoordinatorConfig) -> MaskConfig:
+    m = config.masking
+    try:
+        if m.word_bits == "auto":
+            return MaskConfig.for_tolerance(m.bound, m.n_max, m.tolerance)
+        return MaskConfig(m.bound, m.n_max, m.word_bits)
+    except ConfigError as exc:
+        raise ConfigError(f"masking.{exc.field or 'n_max'}: {exc}", field="masking") from exc
+
+
+def load_identity(config: CoordinatorConfig) -> tuple[bytes, SigningKey, Certificate]:
+    """The CA key, our signing key and our certificate, checked against each other."""
+    check_files(config)
+    try:
+        ca = public_key_from_pem(config.fleet.ca_public_key_file.read_bytes())
+    except (OSError, MaskflError) as exc:
+        raise ConfigError(
+            f"fleet.ca_public_key_file: {exc}", field="fleet.ca_public_key_file"
+        ) from exc
+    passphrase = None
+    if config.identity.passphrase_env:
+        passphrase = os.environ[config.identity.passphrase_env].encode()
+    try:
+        key = signing_key_from_pem(config.identity.key_file.read_bytes(), passphrase)
+    except (OSError, MaskflError) as exc:
+        raise ConfigError(
+            f"identity.key_file: {exc} (wrong passphrase, or not an Ed25519 PEM key?)",
+            field="identity.key_file",
+        ) from exc
+    try:
+        cert = Certificate.from_bytes(config.identity.certificate_file.read_bytes())
+        verify_certificate(
+            cert,
+            ca_public_key=ca,
+            fleet=config.fleet.id,
+            now=time.time(),
+            revocations=None,
+            role=Role.COORDINATOR,
+        )
+    except (OSError, MaskflError) as exc:
+        raise ConfigError(
+            f"identity.certificate_file: not a valid coordinator certificate of fleet "
+            f"{config.fleet.id!r}: {exc}; issue one with maskfl-provision",
+            field="identity.certificate_file",
+        ) from exc
+    if cert.public_key != bytes(key.verify_key):
+        raise ConfigError(
+            "identity.certificate_file: the certificate is for another key than identity.key_file",
+            field="identity.certificate_file",
+        )
+    return ca, key, cert
+
+
+def initial_weights(config: CoordinatorConfig) -> npt.NDArray[np.float32]:
+    path = config.model.initial_weights
+    length = config.model.length
+    if path is None:
+        log.warning("model.initial_weights not set: starting from zeros")
+        return np.zeros(length, dtype=np.float32)
+    try:
+        weights = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"model.initial_weights: cannot read {path} as .npy: {exc}",
+            field="model.initial_weights",
+        ) from exc
+    weights = np.asarray(weights, dtype=np.float32).reshape(-1)
+    if weights.size != length:
+        raise ConfigError(
+            f"model.initial_weights has {weights.size} values but model.length is {length}: "
+            "fix one of them",
+            field="model.length",
+        )
+    return weights
+
+
+def mqtt_config(config: CoordinatorConfig) -> MqttConfig:
+    b = config.broker
+    password = b.password
+    if b.password_file is not None:
+        password = b.password_file.read_text().strip()
+    tls = None
+    if b.tls:
+        tls = TlsConfig(
+            ca_file=b.ca_file, cert_file=b.cert_file, key_file=b.key_file, insecure=b.tls_insecure
+        )
+    return MqttConfig(
+        host=b.host,
+        port=b.port,
+        client_id=b.client_id,
+        clean_start=False,
+        session_expiry_s=b.session_expiry_s,
+        keepalive_s=b.keepalive_s,
+        username=b.username,
+        password=password,
+        tls=tls,
+        manual_ack=True,
+        receive_maximum=b.receive_maximum,
+        max_inflight=100,
+        max_queued_publishes=100_000,
+        incoming_queue_size=256,
+        max_incoming_payload=config.pet.chunk_size + 65536,
+        connect_timeout_s=b.connect_timeout_s,
+        reconnect_min_s=b.reconnect_min_s,
+        reconnect_max_s=b.reconnect_max_s,
+    )
+
+
+class Coordinator:
+    """One coordinator process. ``await Coordinator(config).run(stop)``."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.services: Services | None = None
+        self.runner: Runner | None = None
+        self.ingest: Ingest | None = None
+        self.transport: MqttTransport | None = None
+        self.http: OpsServer | None = None
+        self._store_open = False
+        self.started = asyncio.Event()
+
+    # -- ops ---------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        if not self._store_open:
+            return False, "database not open"
+        if self.transport is None or not self.transport.is_connected:
+            return False, "broker link down"
+        if self.runner is None:
+            return False, "not started"
+        return True, "ready"
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ready": self.ready()[0]}
+        runner, s = self.runner, self.services
+        if runner is not None and s is not None:
+            state = runner.state
+            out.update(
+                phase=str(runner.phase),
+                round_id=None if state is None else state.round_id,
+                summers=0 if state is None else len(state.summers),
+                updates=0 if state is None else len(state.updates),
+                sum2=0 if state is None else len(state.sum2),
+                model_id=s.model.model_id,
+                model_version=s.model.version,
+                devices_alive=s.alive_count(),
+                rounds_completed=runner.rounds_completed,
+                rounds_failed=runner.rounds_failed,
+                rejected=self.metrics.rejected_total(),
+                backend=s.backend.description,
+                word_bits=s.mask.word_bits,
+                resolution=s.mask.resolution,
+            )
+        if self.transport is not None:
+            st = self.transport.stats
+            out["mqtt"] = {
+                "connected": self.transport.is_connected,
+                "received": st.received,
+                "redelivered": st.redelivered,
+                "dropped_oversize": st.dropped_oversize,
+                "connects": st.connects,
+            }
+        return out
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def _connect(self, stop: asyncio.Event) -> MqttTransport:
+        cfg = mqtt_config(self.config)
+        delay = self.config.broker.reconnect_min_s
+        while True:
+            transport = MqttTransport(cfg)
+            transport.add_listener(self._on_link)
+            try:
+                await transport.connect()
+                return transport
+            except ConfigError:
+                raise
+            except MaskflError as exc:
+                log.warning(
+                    "broker %s unreachable (%s); retrying in %.1f s", cfg.address, exc, delay
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay * (0.5 + random.random()))
+            if stop.is_set():
+                raise asyncio.CancelledError
+            delay = min(delay * 2, self.config.broker.reconnect_max_s)
+
+    def _on_link(self, event: LinkEvent) -> None:
+        self.metrics.mqtt_connected.set(1 if event.state is LinkState.CONNECTED else 0)
+        if event.state is LinkState.DISCONNECTED:
+            log.warning("broker link lost: %s (reconnecting)", event.reason)
+        elif event.state is LinkState.CONNECTED:
+            log.info("broker link up (session present: %s)", event.session_present)
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        config = self.config
+        ca, key, cert = load_identity(config)
+        mask = mask_config(config)
+        backend = select_backend(config.aggregation.backend)
+        log.info(
+            "masking: %d-bit words, bound %g, n_max %d, resolution %.3g; aggregation: %s",
+            mask.word_bits,
+            mask.bound,
+            mask.n_max,
+            mask.resolution,
+            backend.description,
+        )
+        weights0 = initial_weights(config)
+        state_dir = config.storage.dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        enrollment = Enrollment(
+            fleet=config.fleet.id, ca_public_key=ca, revocations_file=config.fleet.revocations_file
+        )
+        enrollment.reload_if_changed()
+        async with Store.open(state_dir / DB_NAME) as store:
+            self._store_open = True
+            try:
+                optimizer = ServerOptimizer(config.optimizer)
+                model = await self._load_model(store, weights0, optimizer)
+                self.metrics.model_version.set(model.version)
+                transport = await self._connect(stop)
+                self.transport = transport
+                outbox = Outbox(transport, self.metrics)
+                services = Services(
+                    config=config,
+                    store=store,
+                    checkpoints=CheckpointFiles(state_dir / "checkpoints"),
+                    update_log=UpdateLog(state_dir / "updates"),
+                    backend=backend,
+                    signing_key=key,
+                    certificate=cert,
+                    topics=Topics(config.fleet.id),
+                    enrollment=enrollment,
+                    metrics=self.metrics,
+                    mask=mask,
+                    optimizer=optimizer,
+                    outbox=outbox,
+                    model=model,
+                )
+                self.services = services
+                try:
+                    await self._serve(services, transport, stop)
+                finally:
+                    await outbox.close()
+                    await transport.disconnect()
+            finally:
+                self._store_open = False
+
+    async def _load_model(
+        self, store: Store, weights0: npt.NDArray[np.float32], optimizer: ServerOptimizer
+    ) -> ModelState:
+        model_id = self.config.model.id
+        latest = await store.latest_model(model_id)
+        if latest is None:
+            digest = weights_digest(weights0)
+            async with store.transaction() as tx:
+                await tx.add_model(
+                    ModelRecord(
+                        model_id=model_id,
+                        version=0,
+                        round_id=None,
+                        digest=digest,
+                        weights=weights0.astype("<f4").tobytes(),
+                        metrics={},
+                        message=None,
+                        optimizer_state=None,
+                        created_at=time.time(),
+                    )
+                )
+            log.info("registered the initial weights of %s as version 0", model_id)
+            return ModelState(model_id, 0, weights0, digest)
+        weights = np.frombuffer(latest.weights, dtype="<f4").astype(np.float32)
+        if weights.size != self.config.model.length:
+            raise ConfigError(
+                f"model.length is {self.config.model.length} but the registry's {model_id} "
+                f"v{latest.version} has {weights.size} weights: use another model.id or "
+                "storage.dir",
+                field="model.length",
+            )
+        optimizer.load_state(latest.optimizer_state, weights.size)
+        return ModelState(model_id, latest.version, weights, latest.digest)
+
+    async def _serve(self, s: Services, transport: MqttTransport, stop: asyncio.Event) -> None:
+        config = self.config
+        await transport.subscribe(list(s.topics.coordinator_filters()), qos=1)
+        if s.enrollment.revocations_raw is not None:
+            await s.outbox.state(s.topics.revocations, s.enrollment.revocations_raw)
+        latest = await s.store.latest_model(s.model.model_id)
+        if latest is not None and latest.message is not None:
+            await s.outbox.state(s.topics.model_latest(s.model.model_id), latest.message)
+        if config.http.enabled:
+            self.http = OpsServer(self.metrics, ready=self.ready, status=self.status)
+            await self.http.start(config.http.host, config.http.port)
+
+        def settle(item: Contribution, reason: Reason | None, detail: str) -> None:
+            ingest.settle(item, reason, detail)
+
+        committer = Committer(s, settle, transport.ack)
+        runner = Runner(s, committer)
+        ingest = Ingest(s, runner, transport)
+        self.runner, self.ingest = runner, ingest
+        committer.start()
+        tasks = {
+            "ingest": self._supervise("ingest", ingest.run, stop),
+            "runner": self._supervise("runner", runner.run, stop),
+            "housekeeping": self._supervise(
+                "housekeeping", lambda: self._housekeeping(s, ingest), stop
+            ),
+        }
+        running = [asyncio.create_task(coro, name=name) for name, coro in tasks.items()]
+        self.started.set()
+        try:
+            await stop.wait()
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(committer.drain(), 10)
+            await committer.stop()
+            if self.http is not None:
+                await self.http.stop()
+
+    async def _supervise(
+        self, name: str, body: Callable[[], Awaitable[None]], stop: asyncio.Event
+    ) -> None:
+        """Run ``body``; if it ends or dies, log, count and start it again (until stop)."""
+        while not stop.is_set():
+            try:
+                await body()
+                if name == "runner":
+                    log.info("the round runner finished (max_rounds); stopping")
+                    stop.set()
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the one supervisor loop that keeps the service up
+                log.exception("task %s died; restarting in %.0f s", name, _RESTART_PAUSE_S)
+                self.metrics.rounds.labels(outcome="crashed").inc()
+            await asyncio.sleep(_RESTART_PAUSE_S)
+
+    async def _housekeeping(self, s: Services, ingest: Ingest) -> None:
+        poll = s.config.fleet.revocations_poll_s
+        next_poll = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            ingest.tick()
+            if loop.time() >= next_poll:
+                next_poll = loop.time() + poll
+                if s.enrollment.reload_if_changed() and s.enrollment.revocations_raw is not None:
+                    await s.outbox.state(s.topics.revocations, s.enrollment.revocations_raw)
+            await asyncio.sleep(_TICK_S)
+
+
+def state_db(config: CoordinatorConfig) -> Path:
+    return config.storage.dir / DB_NAME

@@ -1,0 +1,607 @@
+"""Durable coordinator state: SQLite (aiosqlite, WAL) plus two kinds of flat files.
+
+What lives where, and why the two always agree after a crash:
+
+- ``coordinator.db`` (SQLite, WAL, ``synchronous=FULL``): rounds and their phase,
+  enrolled devices, every accepted message by digest, summers (the signed sum
+  messages, i.e. the sum dictionary), accepted updates, the seed dictionary
+  entries, sum2 masks, and the global model registry (every version with digest,
+  weights, metrics and optimizer state).
+- ``checkpoints/round-<r>.gen-<g>.agg``: the running aggregate after commit
+  generation ``g`` (an :class:`~maskfl.aggregator_gpu.Snapshot` image), written
+  to a temp file, fsynced, renamed, directory fsynced. The ``rounds`` row names
+  the generation that is current; it is updated *in the same transaction* that
+  records the batch of updates the generation contains. A crash after the rename
+  and before the commit leaves a newer file that the database does not name; it
+  is ignored and deleted on start. A crash after the commit keeps the older
+  file until it is pruned. So the aggregate loaded on restart contains exactly
+  the updates the database says were accepted.
+- ``updates/round-<r>.log``: every accepted update's masked words, appended and
+  fsynced before the batch's commit, with offsets recorded in ``updates``.
+  It is what lets the coordinator drop an update whose seed a summer could not
+  open: it subtracts those words from the aggregate at unmask. Bytes past the
+  largest committed offset are garbage from a crash and are truncated on start.
+
+Every write method takes an open :class:`Transaction` so callers group writes
+into one commit (group commit: several updates per fsync). All sqlite errors
+become :class:`StorageError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from maskfl.protocol.errors import StorageError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY,
+    phase TEXT NOT NULL,
+    seed BLOB NOT NULL,
+    previous_seed BLOB NOT NULL,
+    p_sum REAL NOT NULL,
+    p_update REAL NOT NULL,
+    params BLOB NOT NULL,
+    started_at REAL NOT NULL,
+    phase_opened_at REAL NOT NULL,
+    sum_dict BLOB,
+    checkpoint_gen INTEGER NOT NULL DEFAULT 0,
+    update_log_size INTEGER NOT NULL DEFAULT 0,
+    outcome TEXT,
+    detail TEXT,
+    finished_at REAL,
+    model_version INTEGER
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    serial INTEGER NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    digest BLOB PRIMARY KEY,
+    round_id INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS summers (
+    round_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    public_key BLOB NOT NULL,
+    ephemeral_pk BLOB NOT NULL,
+    digest BLOB NOT NULL,
+    message BLOB NOT NULL,
+    PRIMARY KEY (round_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    round_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    generation INTEGER NOT NULL,
+    log_offset INTEGER NOT NULL,
+    log_length INTEGER NOT NULL,
+    PRIMARY KEY (round_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS seeds (
+    round_id INTEGER NOT NULL,
+    summer_pk BLOB NOT NULL,
+    update_digest BLOB NOT NULL,
+    sealed BLOB NOT NULL,
+    PRIMARY KEY (round_id, summer_pk, update_digest)
+);
+CREATE TABLE IF NOT EXISTS sum2 (
+    round_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    mask BLOB NOT NULL,
+    failed BLOB NOT NULL,
+    PRIMARY KEY (round_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS models (
+    model_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    round_id INTEGER,
+    digest BLOB NOT NULL,
+    weights BLOB NOT NULL,
+    metrics TEXT NOT NULL,
+    message BLOB,
+    optimizer_state BLOB,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (model_id, version)
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRecord:
+    """One row of ``rounds``: where a round stands."""
+
+    round_id: int
+    phase: str
+    seed: bytes
+    previous_seed: bytes
+    p_sum: float
+    p_update: float
+    params: bytes
+    started_at: float
+    phase_opened_at: float
+    sum_dict: bytes | None = None
+    checkpoint_gen: int = 0
+    update_log_size: int = 0
+    outcome: str | None = None
+    detail: str | None = None
+    finished_at: float | None = None
+    model_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SummerRecord:
+    device_id: str
+    public_key: bytes
+    ephemeral_pk: bytes
+    digest: bytes
+    message: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateRecord:
+    device_id: str
+    digest: bytes
+    generation: int
+    log_offset: int
+    log_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sum2Record:
+    device_id: str
+    digest: bytes
+    mask: bytes
+    failed: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    model_id: str
+    version: int
+    round_id: int | None
+    digest: bytes
+    weights: bytes
+    metrics: dict[str, float]
+    message: bytes | None
+    optimizer_state: bytes | None
+    created_at: float
+
+
+_ROUND_COLUMNS = (
+    "round_id, phase, seed, previous_seed, p_sum, p_update, params, started_at, "
+    "phase_opened_at, sum_dict, checkpoint_gen, update_log_size, outcome, detail, "
+    "finished_at, model_version"
+)
+
+
+class Transaction:
+    """An open write transaction (``BEGIN IMMEDIATE``); commit happens on exit."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def execute(self, sql: str, params: Iterable[Any] = ()) -> None:
+        try:
+            await self._db.execute(sql, tuple(params))
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite: {exc}") from exc
+
+    async def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
+        try:
+            await self._db.executemany(sql, [tuple(r) for r in rows])
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite: {exc}") from exc
+
+    # -- rounds ---------------------------------------------------------------
+
+    async def put_round(self, r: RoundRecord) -> None:
+        await self.execute(
+            f"INSERT OR REPLACE INTO rounds ({_ROUND_COLUMNS}) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                r.round_id,
+                r.phase,
+                r.seed,
+                r.previous_seed,
+                r.p_sum,
+                r.p_update,
+                r.params,
+                r.started_at,
+                r.phase_opened_at,
+                r.sum_dict,
+                r.checkpoint_gen,
+                r.update_log_size,
+                r.outcome,
+                r.detail,
+                r.finished_at,
+                r.model_version,
+            ),
+        )
+
+    async def set_meta(self, key: str, value: bytes) -> None:
+        await self.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # -- participants ---------------------------------------------------------
+
+    async def record_message(
+        self, digest: bytes, round_id: int, kind: str, device_id: str, now: float
+    ) -> None:
+        await self.execute(
+            "INSERT OR IGNORE INTO messages (digest, round_id, type, device_id, received_at) "
+            "VALUES (?,?,?,?,?)",
+            (digest, round_id, kind, device_id, now),
+        )
+
+    async def touch_device(
+        self, device_id: str, public_key: bytes, serial: int, now: float
+    ) -> None:
+        await self.execute(
+            "INSERT INTO devices (device_id, public_key, serial, first_seen, last_seen) "
+            "VALUES (?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
+            "public_key=excluded.public_key, serial=excluded.serial, last_seen=excluded.last_seen",
+            (device_id, public_key, serial, now, now),
+        )
+
+    async def add_summer(self, round_id: int, s: SummerRecord) -> None:
+        await self.execute(
+            "INSERT INTO summers (round_id, device_id, public_key, ephemeral_pk, digest, message) "
+            "VALUES (?,?,?,?,?,?)",
+            (round_id, s.device_id, s.public_key, s.ephemeral_pk, s.digest, s.message),
+        )
+
+    async def add_update(
+        self, round_id: int, u: UpdateRecord, seeds: Iterable[tuple[bytes, bytes]]
+    ) -> None:
+        """The update row plus its seed dictionary entries ``(summer pk, sealed seed)``."""
+        await self.execute(
+            "INSERT INTO updates (round_id, device_id, digest, generation, log_offset, "
+            "log_length) VALUES (?,?,?,?,?,?)",
+            (round_id, u.device_id, u.digest, u.generation, u.log_offset, u.log_length),
+        )
+        await self.executemany(
+            "INSERT INTO seeds (round_id, summer_pk, update_digest, sealed) VALUES (?,?,?,?)",
+            ((round_id, pk, u.digest, sealed) for pk, sealed in seeds),
+        )
+
+    async def add_sum2(self, round_id: int, s: Sum2Record) -> None:
+        await self.execute(
+            "INSERT INTO sum2 (round_id, device_id, digest, mask, failed) VALUES (?,?,?,?,?)",
+            (round_id, s.device_id, s.digest, s.mask, b"".join(s.failed)),
+        )
+
+    async def add_model(self, m: ModelRecord) -> None:
+        await self.execute(
+            "INSERT OR REPLACE INTO models (model_id, version, round_id, digest, weights, "
+            "metrics, message, optimizer_state, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                m.model_id,
+                m.version,
+                m.round_id,
+                m.digest,
+                m.weights,
+                json.dumps(m.metrics, sort_keys=True),
+                m.message,
+                m.optimizer_state,
+                m.created_at,
+            ),
+        )
+
+    async def forget_round_bulk(self, round_id: int) -> None:
+        """Drop the bulky per-round rows (masks, seeds) of a finished round."""
+        await self.execute("DELETE FROM sum2 WHERE round_id = ?", (round_id,))
+        await self.execute("DELETE FROM seeds WHERE round_id = ?", (round_id,))
+
+
+class Store:
+    """The coordinator's SQLite database. Use as ``async with Store.open(path) as store``."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, path: Path) -> AsyncIterator[Store]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            async with aiosqlite.connect(path, isolation_level=None, timeout=30) as db:
+                await db.execute("PRAGMA journal_mode=WAL")
+                await db.execute("PRAGMA synchronous=FULL")
+                await db.execute("PRAGMA foreign_keys=ON")
+                await db.executescript(_SCHEMA)
+                store = cls(db, path)
+                version = await store.get_meta("schema_version")
+                if version is None:
+                    async with store.transaction() as tx:
+                        await tx.set_meta("schema_version", str(SCHEMA_VERSION).encode())
+                elif int(version) != SCHEMA_VERSION:
+                    raise StorageError(
+                        f"{path}: schema version {int(version)}, this coordinator reads "
+                        f"{SCHEMA_VERSION}"
+                    )
+                yield store
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite {path}: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (durable on return); rollback on any error."""
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite BEGIN: {exc}") from exc
+        try:
+            yield Transaction(self._db)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.execute("ROLLBACK")
+            raise
+        try:
+            await self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.execute("ROLLBACK")
+            raise StorageError(f"sqlite COMMIT: {exc}") from exc
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            cursor = await self._db.execute(sql, tuple(params))
+            rows = await cursor.fetchall()
+            await cursor.close()
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite: {exc}") from exc
+        return list(rows)  # type: ignore[arg-type]
+
+    async def get_meta(self, key: str) -> bytes | None:
+        rows = await self._all("SELECT value FROM meta WHERE key = ?", (key,))
+        return bytes(rows[0][0]) if rows else None
+
+    # -- rounds ---------------------------------------------------------------
+
+    @staticmethod
+    def _round(row: sqlite3.Row | tuple[Any, ...]) -> RoundRecord:
+        return RoundRecord(*row)
+
+    async def last_round(self) -> RoundRecord | None:
+        rows = await self._all(
+            f"SELECT {_ROUND_COLUMNS} FROM rounds ORDER BY round_id DESC LIMIT 1"
+        )
+        return self._round(rows[0]) if rows else None
+
+    async def get_round(self, round_id: int) -> RoundRecord | None:
+        rows = await self._all(
+            f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE round_id = ?", (round_id,)
+        )
+        return self._round(rows[0]) if rows else None
+
+    async def rounds(self, limit: int = 20) -> list[RoundRecord]:
+        rows = await self._all(
+            f"SELECT {_ROUND_COLUMNS} FROM rounds ORDER BY round_id DESC LIMIT ?", (limit,)
+        )
+        return [self._round(r) for r in rows]
+
+    # -- participants ---------------------------------------------------------
+
+    async def message_round(self, digest: bytes) -> tuple[int, str] | None:
+        """The round and type of an already accepted message, or None."""
+        rows = await self._all("SELECT round_id, type FROM messages WHERE digest = ?", (digest,))
+        return (int(rows[0][0]), str(rows[0][1])) if rows else None
+
+    async def summers(self, round_id: int) -> list[SummerRecord]:
+        rows = await self._all(
+            "SELECT device_id, public_key, ephemeral_pk, digest, message FROM summers "
+            "WHERE round_id = ? ORDER BY device_id",
+            (round_id,),
+        )
+        return [
+            SummerRecord(str(r[0]), bytes(r[1]), bytes(r[2]), bytes(r[3]), bytes(r[4]))
+            for r in rows
+        ]
+
+    async def updates(self, round_id: int) -> list[UpdateRecord]:
+        rows = await self._all(
+            "SELECT device_id, digest, generation, log_offset, log_length FROM updates "
+            "WHERE round_id = ? ORDER BY log_offset",
+            (round_id,),
+        )
+        return [UpdateRecord(str(r[0]), bytes(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
+
+    async def seeds_for(self, round_id: int, summer_pk: bytes) -> list[tuple[bytes, bytes]]:
+        rows = await self._all(
+            "SELECT update_digest, sealed FROM seeds WHERE round_id = ? AND summer_pk = ? "
+            "ORDER BY update_digest",
+            (round_id, summer_pk),
+        )
+        return [(bytes(r[0]), bytes(r[1])) for r in rows]
+
+    async def sum2s(self, round_id: int) -> list[Sum2Record]:
+        rows = await self._all(
+            "SELECT device_id, digest, mask, failed FROM sum2 WHERE round_id = ? "
+            "ORDER BY device_id",
+            (round_id,),
+        )
+        out = []
+        for r in rows:
+            failed = bytes(r[3])
+            out.append(
+                Sum2Record(
+                    str(r[0]),
+                    bytes(r[1]),
+                    bytes(r[2]),
+                    tuple(failed[i : i + 32] for i in range(0, len(failed), 32)),
+                )
+            )
+        return out
+
+    async def device_count(self) -> int:
+        rows = await self._all("SELECT COUNT(*) FROM devices")
+        return int(rows[0][0])
+
+    # -- models ---------------------------------------------------------------
+
+    @staticmethod
+    def _model(r: sqlite3.Row | tuple[Any, ...]) -> ModelRecord:
+        return ModelRecord(
+            model_id=str(r[0]),
+            version=int(r[1]),
+            round_id=None if r[2] is None else int(r[2]),
+            digest=bytes(r[3]),
+            weights=bytes(r[4]),
+            metrics={str(k): float(v) for k, v in json.loads(r[5]).items()},
+            message=None if r[6] is None else bytes(r[6]),
+            optimizer_state=None if r[7] is None else bytes(r[7]),
+            created_at=float(r[8]),
+        )
+
+    _MODEL_COLUMNS = (
+        "model_id, version, round_id, digest, weights, metrics, message, optimizer_state, "
+        "created_at"
+    )
+
+    async def latest_model(self, model_id: str) -> ModelRecord | None:
+        rows = await self._all(
+            f"SELECT {self._MODEL_COLUMNS} FROM models WHERE model_id = ? "
+            "ORDER BY version DESC LIMIT 1",
+            (model_id,),
+        )
+        return self._model(rows[0]) if rows else None
+
+    async def model(self, model_id: str, version: int) -> ModelRecord | None:
+        rows = await self._all(
+            f"SELECT {self._MODEL_COLUMNS} FROM models WHERE model_id = ? AND version = ?",
+            (model_id, version),
+        )
+        return self._model(rows[0]) if rows else None
+
+    async def models(self, model_id: str | None = None) -> list[ModelRecord]:
+        where, params = ("WHERE model_id = ?", (model_id,)) if model_id else ("", ())
+        rows = await self._all(
+            f"SELECT {self._MODEL_COLUMNS} FROM models {where} ORDER BY model_id, version",
+            params,
+        )
+        return [self._model(r) for r in rows]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointFiles:
+    """Aggregate checkpoints: ``round-<r>.gen-<g>.agg``, written atomically (blocking I/O)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, round_id: int, gen: int) -> Path:
+        return self.dir / f"round-{round_id}.gen-{gen}.agg"
+
+    def write(self, round_id: int, gen: int, image: bytes) -> None:
+        """temp file, fsync, rename, fsync the directory: all or nothing."""
+        final = self.path(round_id, gen)
+        tmp = final.with_suffix(".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(image)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            raise StorageError(f"cannot write checkpoint {final}: {exc}") from exc
+
+    def read(self, round_id: int, gen: int) -> bytes:
+        try:
+            return self.path(round_id, gen).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"checkpoint {self.path(round_id, gen)} unreadable: {exc}") from exc
+
+    def prune(self, round_id: int | None = None, keep_gen: int | None = None) -> None:
+        """Delete every checkpoint except ``(round_id, keep_gen)`` (and temp files)."""
+        keep = None if round_id is None or keep_gen is None else self.path(round_id, keep_gen)
+        for p in list(self.dir.glob("round-*.gen-*")):
+            if p != keep:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
+class UpdateLog:
+    """The masked words of a round's accepted updates, append-only (blocking I/O)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, round_id: int) -> Path:
+        return self.dir / f"round-{round_id}.log"
+
+    def append(self, round_id: int, start: int, blobs: Sequence[Any]) -> list[int]:
+        """Write ``blobs`` at offset ``start`` (truncating anything after it), fsync;
+        return each blob's offset."""
+        offsets = []
+        try:
+            fd = os.open(self.path(round_id), os.O_RDWR | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "r+b") as f:
+                f.truncate(start)
+                f.seek(start)
+                pos = start
+                for blob in blobs:
+                    offsets.append(pos)
+                    f.write(blob)
+                    pos += memoryview(blob).nbytes
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise StorageError(f"cannot append to {self.path(round_id)}: {exc}") from exc
+        return offsets
+
+    def read(self, round_id: int, offset: int, length: int) -> bytes:
+        try:
+            with open(self.path(round_id), "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.path(round_id)}: {exc}") from exc
+        if len(data) != length:
+            raise StorageError(f"{self.path(round_id)} is shorter than the database says")
+        return data
+
+    def prune(self, keep_round: int | None = None) -> None:
+        keep = None if keep_round is None else self.path(keep_round)
+        for p in list(self.dir.glob("round-*.log")):
+            if p != keep:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
+def now() -> float:
+    """Wall-clock seconds: phase deadlines must survive a restart, so not monotonic."""
+    return time.time()

@@ -1,0 +1,408 @@
+"""A protocol-level fleet simulator: a CA, enrolled identities and participants.
+
+No TFLite and no agent: a :class:`SimParticipant` speaks the PET protocol with
+:mod:`maskfl.protocol` over :mod:`maskfl.transport` and sends whatever delta
+its :class:`Behaviour` says, so tests, the benchmark and the demo can check
+that the coordinator publishes exactly the weighted mean of what was sent.
+
+:class:`SimFleet` holds the fleet CA key, issues certificates, writes a
+coordinator bundle (keys, certificate, initial weights, ``coordinator.toml``)
+and can pick identities whose sortition ticket gives a wanted role in a given
+round, so a test can have exactly 3 summers and 6 updaters in round 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import tomli_w
+from nacl.signing import SigningKey
+
+from maskfl.protocol.chunking import split_payload
+from maskfl.protocol.crypto import EphemeralKeyPair, new_seed, open_seed, seal_seed
+from maskfl.protocol.errors import CryptoError, MaskflError
+from maskfl.protocol.identity import Identity, issue_certificate, issue_revocation_list
+from maskfl.protocol.ids import Role
+from maskfl.protocol.keys import public_key_to_pem, signing_key_to_pem
+from maskfl.protocol.masking import aggregate_mask, mask_update
+from maskfl.protocol.messages import (
+    GlobalModel,
+    Receipt,
+    RoundParams,
+    SeedDict,
+    Sum,
+    Sum2,
+    SumDict,
+    Update,
+    decode_message,
+    encode_message,
+    open_sum_dict,
+    weights_digest,
+)
+from maskfl.protocol.sortition import Task, next_round_seed, select_task
+from maskfl.protocol.topics import Topics, TopicKind, parse_topic
+from maskfl.transport import MqttConfig, MqttTransport
+
+log = logging.getLogger("maskfl.tools.fleet_sim")
+
+F32 = npt.NDArray[np.float32]
+_MAX_IN = 64 * 1024 * 1024
+
+
+@dataclass
+class Behaviour:
+    """What a simulated participant does. ``delta(round_id, m)`` gives its update."""
+
+    delta: Callable[[int, int], tuple[F32, float]] | None = None
+    skip_sum2: bool = False
+    update_delay_s: float = 0.0
+    corrupt_seed_for_all_summers: bool = False
+    send_heartbeat: bool = True
+
+
+@dataclass
+class Sent:
+    delta: F32
+    weight: float
+    digest: bytes
+
+
+class SimParticipant:
+    """One enrolled device speaking the protocol over a real broker."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        ca_public_key: bytes,
+        host: str,
+        port: int,
+        behaviour: Behaviour | None = None,
+    ) -> None:
+        self.identity = identity
+        self.device = identity.device_id
+        self.fleet = identity.fleet
+        self.topics = Topics(self.fleet)
+        self.ca = ca_public_key
+        self.behaviour = behaviour or Behaviour()
+        self.transport = MqttTransport(
+            MqttConfig(
+                host=host,
+                port=port,
+                client_id=f"sim-{self.device}",
+                max_incoming_payload=_MAX_IN,
+                incoming_queue_size=10_000,
+            )
+        )
+        self.sent: dict[int, Sent] = {}
+        self.receipts: list[Receipt] = []
+        self.models: list[GlobalModel] = []
+        self.roles: dict[int, Task] = {}
+        self.errors: list[str] = []
+        self._sums: dict[int, asyncio.Future[SumDict]] = {}
+        self._seeds: dict[int, asyncio.Future[SeedDict]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reader: asyncio.Task[None] | None = None
+        self._seen_rounds: set[int] = set()
+
+    async def start(self) -> None:
+        await self.transport.connect()
+        await self.transport.subscribe(list(self.topics.agent_filters(self.device)), qos=1)
+        self._reader = asyncio.create_task(self._read(), name=f"sim {self.device}")
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *([self._reader] if self._reader else [])]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self.transport.disconnect()
+
+    def _future(self, table: dict[int, asyncio.Future[Any]], round_id: int) -> asyncio.Future[Any]:
+        if round_id not in table:
+            table[round_id] = asyncio.get_running_loop().create_future()
+        return table[round_id]
+
+    async def _read(self) -> None:
+        async for msg in self.transport.messages():
+            if not msg.payload:
+                continue
+            try:
+                parsed = parse_topic(msg.topic)
+                signed = decode_message(msg.payload, max_size=_MAX_IN)
+            except MaskflError as exc:
+                self.errors.append(f"{msg.topic}: {exc}")
+                continue
+            body = signed.body
+            rid = int(signed.header.round_id)
+            match parsed.kind:
+                case TopicKind.ROUND if isinstance(body, RoundParams):
+                    if rid not in self._seen_rounds:
+                        self._seen_rounds.add(rid)
+                        self._spawn(self._round(body, signed.header.sender))
+                case TopicKind.SUMS if isinstance(body, SumDict):
+                    fut = self._future(self._sums, rid)
+                    if not fut.done():
+                        fut.set_result(body)
+                case TopicKind.SEEDS if isinstance(body, SeedDict):
+                    fut = self._future(self._seeds, rid)
+                    if not fut.done():
+                        fut.set_result(body)
+                case TopicKind.RECEIPTS if isinstance(body, Receipt):
+                    self.receipts.append(body)
+                case TopicKind.MODEL_LATEST if isinstance(body, GlobalModel):
+                    self.models.append(body)
+                case _:
+                    pass
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def publish(self, topic: str, payload: bytes, chunk_size: int) -> None:
+        for frame in split_payload(payload, chunk_size):
+            await self.transport.publish(topic, frame, qos=1)
+
+    def sign(self, body: Any, round_id: int) -> bytes:
+        return encode_message(
+            body, fleet=self.fleet, round_id=round_id, signing_key=self.identity.signing_key
+        )
+
+    async def _round(self, params: RoundParams, sender: bytes) -> None:
+        if params.certificate.public_key != sender or params.certificate.role != Role.COORDINATOR:
+            self.errors.append("round parameters not signed by the coordinator certificate")
+            return
+        task = select_task(params.seed, self.identity.public_key, params.p_sum, params.p_update)
+        rid = int(params.round_id)
+        self.roles[rid] = task
+        try:
+            if task is Task.SUM:
+                await self._summer(params)
+            elif task is Task.UPDATE:
+                await self._updater(params)
+        except asyncio.CancelledError:
+            raise
+        except MaskflError as exc:
+            self.errors.append(f"round {rid}: {exc}")
+
+    async def _summer(self, params: RoundParams) -> None:
+        rid = int(params.round_id)
+        keys = EphemeralKeyPair.generate()
+        raw = self.sign(Sum(self.identity.certificate, keys.public_key), rid)
+        await self.publish(self.topics.sum(rid, self.device), raw, params.chunk_size)
+        seed_dict: SeedDict = await self._future(self._seeds, rid)
+        if self.behaviour.skip_sum2:
+            return
+        seeds, failed = [], []
+        for digest, sealed in sorted(seed_dict.sealed_seeds.items()):
+            try:
+                seeds.append(open_seed(sealed, keys.private_key))
+            except CryptoError:
+                failed.append(digest)
+        words = await asyncio.to_thread(
+            aggregate_mask, seeds, params.vector_length + 1, params.mask.word_bits
+        )
+        raw = self.sign(Sum2(self.identity.certificate, words, tuple(sorted(failed))), rid)
+        await self.publish(self.topics.sum2(rid, self.device), raw, params.chunk_size)
+
+    async def _updater(self, params: RoundParams) -> None:
+        rid = int(params.round_id)
+        sum_dict: SumDict = await self._future(self._sums, rid)
+        sums = open_sum_dict(
+            sum_dict,
+            fleet=self.fleet,
+            round_id=rid,
+            ca_public_key=self.ca,
+            now=time.time(),
+            revocations=None,
+        )
+        if self.behaviour.update_delay_s:
+            await asyncio.sleep(self.behaviour.update_delay_s)
+        m = params.vector_length
+        if self.behaviour.delta is not None:
+            delta, weight = self.behaviour.delta(rid, m)
+        else:
+            rng = np.random.default_rng()
+            delta = rng.uniform(-0.5, 0.5, m).astype(np.float32)
+            weight = float(rng.uniform(0.2, 1.0))
+        seed = new_seed()
+        words = await asyncio.to_thread(mask_update, delta, weight, seed, params.mask)
+        sealed = {}
+        for s in sums:
+            if self.behaviour.corrupt_seed_for_all_summers:
+                sealed[s.certificate.public_key] = bytes(80)
+            else:
+                sealed[s.certificate.public_key] = seal_seed(seed, s.ephemeral_pk)
+        raw = self.sign(Update(self.identity.certificate, sealed, words), rid)
+        digest = decode_message(raw, max_size=len(raw)).digest
+        self.sent[rid] = Sent(delta, weight, digest)
+        await self.publish(self.topics.update(rid, self.device), raw, params.chunk_size)
+
+
+@dataclass
+class SimFleet:
+    """A fleet CA and the identities it issued."""
+
+    fleet: str = "simfleet"
+    ca_key: SigningKey = field(default_factory=SigningKey.generate)
+    _serial: int = 0
+
+    @property
+    def ca_public_key(self) -> bytes:
+        return bytes(self.ca_key.verify_key)
+
+    def identity(
+        self,
+        device: str,
+        *,
+        role: Role = Role.DEVICE,
+        key: SigningKey | None = None,
+        not_after: int | None = None,
+    ) -> Identity:
+        key = key or SigningKey.generate()
+        self._serial += 1
+        now = int(time.time())
+        cert = issue_certificate(
+            self.ca_key,
+            fleet=self.fleet,
+            serial=self._serial,
+            subject=device,
+            role=role,
+            public_key=bytes(key.verify_key),
+            not_before=now - 3600,
+            not_after=not_after if not_after is not None else now + 365 * 86400,
+        )
+        return Identity(key, cert)
+
+    def identities_for_roles(
+        self,
+        seed: bytes,
+        *,
+        p_sum: float,
+        p_update: float,
+        summers: int,
+        updaters: int,
+        prefix: str = "dev",
+    ) -> tuple[list[Identity], list[Identity]]:
+        """Draw keys until ``summers`` get SUM and ``updaters`` get UPDATE for ``seed``."""
+        got_s: list[Identity] = []
+        got_u: list[Identity] = []
+        n = 0
+        while len(got_s) < summers or len(got_u) < updaters:
+            key = SigningKey.generate()
+            task = select_task(seed, bytes(key.verify_key), p_sum, p_update)
+            if task is Task.SUM and len(got_s) < summers:
+                got_s.append(self.identity(f"{prefix}-s{len(got_s)}", key=key))
+            elif task is Task.UPDATE and len(got_u) < updaters:
+                got_u.append(self.identity(f"{prefix}-u{len(got_u)}", key=key))
+            n += 1
+            if n > 100_000:
+                raise RuntimeError("could not draw the wanted roles; check the probabilities")
+        return got_s, got_u
+
+    def revocations(self, path: Path, serials: list[int], version: int) -> None:
+        rl = issue_revocation_list(
+            self.ca_key,
+            fleet=self.fleet,
+            version=version,
+            issued_at=int(time.time()),
+            serials=serials,
+        )
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(rl.to_bytes())
+        tmp.replace(path)
+
+    def write_coordinator(
+        self,
+        directory: Path,
+        *,
+        port: int,
+        length: int,
+        initial: F32 | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None,
+    ) -> Path:
+        """A coordinator bundle in ``directory``; returns the path of coordinator.toml."""
+        directory.mkdir(parents=True, exist_ok=True)
+        ident = self.identity("coordinator", role=Role.COORDINATOR)
+        (directory / "ca.pub").write_bytes(public_key_to_pem(self.ca_key.verify_key))
+        key_path = directory / "coordinator.key"
+        key_path.write_bytes(signing_key_to_pem(ident.signing_key))
+        key_path.chmod(0o600)
+        (directory / "coordinator.cert").write_bytes(ident.certificate.to_bytes())
+        weights = initial if initial is not None else np.zeros(length, dtype=np.float32)
+        np.save(directory / "initial_weights.npy", weights.astype(np.float32))
+        config: dict[str, dict[str, Any]] = {
+            "fleet": {"id": self.fleet, "ca_public_key_file": "ca.pub"},
+            "identity": {"key_file": "coordinator.key", "certificate_file": "coordinator.cert"},
+            "broker": {
+                "host": "127.0.0.1",
+                "port": port,
+                "client_id": "maskfl-coordinator",
+                "reconnect_min_s": 0.2,
+                "reconnect_max_s": 1.0,
+            },
+            "storage": {"dir": "state"},
+            "model": {"id": "sim", "length": length, "initial_weights": "initial_weights.npy"},
+            "masking": {"bound": 1.0, "n_max": 100, "word_bits": 32},
+            "pet": {"failure_pause_s": 0.5},
+            "aggregation": {"backend": "numpy"},
+            "http": {"enabled": False},
+            "log": {"level": "info", "format": "json"},
+        }
+        for section, values in (overrides or {}).items():
+            if isinstance(values, dict) and isinstance(config.get(section), dict):
+                merged = dict(config[section])
+                for k, v in values.items():
+                    if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                        merged[k] = {**merged[k], **v}
+                    else:
+                        merged[k] = v
+                config[section] = merged
+            else:
+                config[section] = values
+        path = directory / "coordinator.toml"
+        path.write_bytes(tomli_w.dumps(config).encode())
+        return path
+
+
+def first_round_seed(initial_seed: bytes, initial: F32) -> bytes:
+    """The seed of round 1 for a coordinator with this initial seed and these weights."""
+    return next_round_seed(initial_seed, weights_digest(initial.astype(np.float32)), 1)
+
+
+def expected_mean(sent: list[Sent], bound: float) -> npt.NDArray[np.float64]:
+    """``Σ a_k·clip(δ_k) / Σ a_k``: what the coordinator must publish as the mean delta."""
+    num = np.zeros(sent[0].delta.size, dtype=np.float64)
+    den = 0.0
+    for s in sent:
+        num += s.weight * np.clip(s.delta.astype(np.float64), -bound, bound)
+        den += s.weight
+    return num / den
+
+
+async def wait_for(predicate: Callable[[], bool], limit_s: float, what: str) -> None:
+    """Poll ``predicate`` until true; TimeoutError naming ``what``."""
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {limit_s} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def start_all(participants: list[SimParticipant]) -> None:
+    await asyncio.gather(*(p.start() for p in participants))
+
+
+async def stop_all(participants: list[SimParticipant]) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.gather(*(p.stop() for p in participants), return_exceptions=True)
