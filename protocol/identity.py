@@ -17,13 +17,13 @@ carries (``wrong_fleet``, ``bad_signature``, ``expired``, ``revoked``,
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
 import nacl.exceptions
 import nacl.signing
+import numpy as np
 from maskfl.protocol._codec import I64_MAX, I64_MIN, U64_MAX, Reader, Writer
 from maskfl.protocol.errors import (
     CertificateError,
@@ -272,9 +272,10 @@ class RevocationList:
                 Reason.MALFORMED,
                 f"{count} serials do not match the {r.remaining} bytes that follow",
             )
-        serials = tuple(r.u64("revoked serial") for _ in range(count))
-        if any(a >= b for a, b in itertools.pairwise(serials)):
+        array = r.words("<u8", count, "revoked serials")
+        if count > 1 and not bool(np.all(array[1:] > array[:-1])):
             raise RemoteProtocolError(Reason.MALFORMED, "revoked serials are not increasing")
+        serials = tuple(int(x) for x in array.tolist())
         signature = r.fixed(64, "revocation list signature")
         r.end("revocation list")
         return cls(FleetId(fleet), list_version, issued_at, serials, signature)

@@ -64,7 +64,7 @@ from maskfl.protocol.identity import (
     verify_certificate,
 )
 from maskfl.protocol.ids import FleetId, Role, RoundId
-from maskfl.protocol.masking import MaskConfig
+from maskfl.protocol.masking import MaskConfig, Words
 from maskfl.protocol.phases import Phase
 from maskfl.protocol.sortition import next_round_seed
 
@@ -95,7 +95,6 @@ __all__ = [
     "SumDict",
     "Update",
     "Weights",
-    "Words",
     "decode_message",
     "encode_message",
     "max_masked_size",
@@ -122,7 +121,6 @@ _HEADER = struct.Struct("<4sBBBBQ32sQ32s64s")
 assert _HEADER.size == HEADER_SIZE
 assert BODY_OFFSET % 8 == 0
 
-Words: TypeAlias = npt.NDArray[np.uint32] | npt.NDArray[np.uint64]
 Weights: TypeAlias = npt.NDArray[np.float32]
 
 

@@ -34,10 +34,10 @@ from maskfl.protocol.chunking import (
 )
 from maskfl.protocol.identity import issue_certificate
 from maskfl.protocol.ids import Role
+from maskfl.protocol.masking import Words
 from maskfl.protocol.messages import (
     BODY_OFFSET,
     Update,
-    Words,
     decode_message,
     encode_message,
 )
