@@ -235,6 +235,14 @@ def _keystream(seed: bytes) -> CipherContext:
     return Cipher(algorithms.ChaCha20(bytes(seed), nonce), mode=None).encryptor()
 
 
+_ZEROS: Final = memoryview(bytes(DEFAULT_CHUNK_BYTES))  # shared, read-only plaintext
+
+
+def _zeros(n_bytes: int) -> memoryview:
+    """``n_bytes`` zero bytes to encrypt into keystream, without a fresh allocation."""
+    return _ZEROS[:n_bytes] if n_bytes <= len(_ZEROS) else memoryview(bytes(n_bytes))
+
+
 def _chunk_words(bits: WordBits, chunk_bytes: int) -> int:
     if chunk_bytes < 64:
         raise LocalProtocolError("chunk_bytes must be at least 64 (one ChaCha20 block)")
@@ -266,16 +274,16 @@ def _add_streams(acc: Words, seeds: Sequence[bytes], *, chunk_bytes: int) -> Non
         return
     step = min(_chunk_words(bits, chunk_bytes), acc.size)
     word_bytes = bits // 8
-    zeros = bytes(step * word_bytes)
-    ks_buf = bytearray(step * word_bytes)
-    ks_all = np.frombuffer(ks_buf, dtype=_le(bits))
+    zeros = _zeros(step * word_bytes)
+    ks_all = np.empty(step, dtype=_le(bits))
+    ks_bytes = ks_all.data.cast("B")
     for start in range(0, acc.size, step):
         stop = min(start + step, acc.size)
         n = stop - start
         target = acc[start:stop]
         ks = ks_all[:n]
-        src = zeros if n == step else memoryview(zeros)[: n * word_bytes]
-        dst = ks_buf if n == step else memoryview(ks_buf)[: n * word_bytes]
+        src = zeros[: n * word_bytes]
+        dst = ks_bytes[: n * word_bytes]
         for stream in streams:
             stream.update_into(src, dst)
             np.add(target, ks, out=target)
@@ -471,9 +479,9 @@ def mask_update(
     step = min(_chunk_words(bits, chunk_bytes), m + 1)
     word_bytes = bits // 8
     encoder = _Encoder(weight, cfg, step)
-    zeros = bytes(step * word_bytes)
-    ks_buf = bytearray(step * word_bytes)
-    ks_all = np.frombuffer(ks_buf, dtype=_le(bits))
+    zeros = _zeros(step * word_bytes)
+    ks_all = np.empty(step, dtype=_le(bits))
+    ks_bytes = ks_all.data.cast("B")
     stream = _keystream(seed)
     for start in range(0, m + 1, step):
         stop = min(start + step, m + 1)
@@ -484,12 +492,7 @@ def mask_update(
             encoder.encode(target[: enc_stop - start], delta[start:enc_stop])
         if stop == m + 1:
             target[-1] = _encode_weight(weight, cfg)
-        if n == step:
-            stream.update_into(zeros, ks_buf)
-        else:
-            stream.update_into(
-                memoryview(zeros)[: n * word_bytes], memoryview(ks_buf)[: n * word_bytes]
-            )
+        stream.update_into(zeros[: n * word_bytes], ks_bytes[: n * word_bytes])
         np.add(target, ks_all[:n], out=target)
     return out
 

@@ -62,13 +62,21 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _time(fn: Callable[[], object], repeats: int) -> dict[str, float]:
+    """Best and median wall time, and best CPU time of this thread.
+
+    On a shared machine the wall time of a run includes time the scheduler gave
+    to other processes; the thread's CPU time does not, so ``cpu_best_s`` is the
+    better measure of what one core can do (cache interference still counts).
+    """
     fn()  # warm up: page in buffers, build cipher contexts
-    samples = []
+    wall, cpu = [], []
     for _ in range(repeats):
+        cpu_start = time.thread_time()
         start = time.perf_counter()
         fn()
-        samples.append(time.perf_counter() - start)
-    return {"best_s": min(samples), "median_s": statistics.median(samples)}
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.thread_time() - cpu_start)
+    return {"best_s": min(wall), "median_s": statistics.median(wall), "cpu_best_s": min(cpu)}
 
 
 def _rate(fn: Callable[[], object], words: int, repeats: int) -> dict[str, float]:
@@ -76,6 +84,7 @@ def _rate(fn: Callable[[], object], words: int, repeats: int) -> dict[str, float
     return {
         "words_per_s": words / timing["best_s"],
         "words_per_s_median": words / timing["median_s"],
+        "words_per_s_cpu": words / timing["cpu_best_s"],
         **timing,
     }
 
@@ -145,7 +154,9 @@ def run(args: argparse.Namespace | Sequence[int]) -> dict[str, Any]:
     """Measure; ``args`` is the parsed command line or just the list of sizes M."""
     sizes, repeats, n_seeds, sweep = _sizes_of(args)
     results: dict[str, Any] = {
-        "unit": "words per second (best of repeats; *_median too), one core",
+        "unit": "words per second on one core: best wall time of the repeats "
+        "(words_per_s), median (words_per_s_median), and by thread CPU time "
+        "(words_per_s_cpu, immune to other processes on a shared machine)",
         "default_chunk_bytes": DEFAULT_CHUNK_BYTES,
         "targets": TARGETS,
         "sizes": {},
@@ -160,20 +171,24 @@ def run(args: argparse.Namespace | Sequence[int]) -> dict[str, Any]:
 
 
 def _summary(sizes: dict[str, Any]) -> dict[str, Any]:
-    """Giga-words per second at a glance, and whether the targets are met."""
+    """Giga-words per second at a glance (wall and CPU time), and whether targets are met.
+
+    The targets are judged on CPU time: they are about what one core can do.
+    """
     summary: dict[str, Any] = {}
     for m, per_bits in sizes.items():
         for bits, rows in per_bits.items():
-            key = f"M={m} {bits}"
-            summary[key] = {
-                name: round(row["words_per_s"] / 1e9, 3)
+            timed = {
+                name: row
                 for name, row in rows.items()
                 if isinstance(row, dict) and "words_per_s" in row
             }
-            summary[key]["meets_mask_target"] = (
-                rows["mask"]["words_per_s"] >= TARGETS["mask_words_per_s"]
-            )
-            summary[key]["meets_add_target"] = (
-                rows["add"]["words_per_s"] >= TARGETS["add_words_per_s"]
-            )
+            summary[f"M={m} {bits}"] = {
+                "g_words_per_s": {k: round(r["words_per_s"] / 1e9, 3) for k, r in timed.items()},
+                "g_words_per_s_cpu": {
+                    k: round(r["words_per_s_cpu"] / 1e9, 3) for k, r in timed.items()
+                },
+                "meets_mask_target": rows["mask"]["words_per_s_cpu"] >= TARGETS["mask_words_per_s"],
+                "meets_add_target": rows["add"]["words_per_s_cpu"] >= TARGETS["add_words_per_s"],
+            }
     return summary
