@@ -57,6 +57,12 @@ class EphemeralKeyPair:
     public_key: bytes
     private_key: bytes = field(repr=False)
 
+    def __post_init__(self) -> None:
+        _require(self.public_key, KEY_BYTES, "an X25519 public key")
+        raw = _require(self.private_key, KEY_BYTES, "an X25519 private key")
+        if bytes(nacl.public.PrivateKey(raw).public_key) != self.public_key:
+            raise CryptoError("the public key does not belong to the private key")
+
     @classmethod
     def generate(cls) -> EphemeralKeyPair:
         """A fresh key pair from the operating system's random source."""
@@ -66,11 +72,7 @@ class EphemeralKeyPair:
     def from_private(cls, private_key: bytes) -> EphemeralKeyPair:
         """Rebuild the pair from its 32-byte private key (e.g. from the agent's journal)."""
         raw = _require(private_key, KEY_BYTES, "an X25519 private key")
-        try:
-            sk = nacl.public.PrivateKey(raw)
-        except nacl.exceptions.CryptoError as exc:  # pragma: no cover - length checked above
-            raise CryptoError("invalid X25519 private key") from exc
-        return cls(public_key=bytes(sk.public_key), private_key=raw)
+        return cls(public_key=bytes(nacl.public.PrivateKey(raw).public_key), private_key=raw)
 
 
 def seal_seed(seed: bytes, ephemeral_pk: bytes) -> bytes:

@@ -101,3 +101,11 @@ def test_digest_is_sha256_of_any_buffer() -> None:
     words = np.arange(1000, dtype=np.uint32)
     assert digest(words.data) == hashlib.sha256(words.tobytes()).digest()
     assert digest(bytearray(b"abc")) == digest(b"abc")
+
+
+def test_a_mismatched_pair_is_refused() -> None:
+    pair, other = EphemeralKeyPair.generate(), EphemeralKeyPair.generate()
+    with pytest.raises(CryptoError, match="does not belong"):
+        EphemeralKeyPair(public_key=other.public_key, private_key=pair.private_key)
+    with pytest.raises(CryptoError, match="32 bytes"):
+        EphemeralKeyPair(public_key=pair.public_key[:5], private_key=pair.private_key)

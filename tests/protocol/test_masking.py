@@ -476,3 +476,23 @@ def test_out_receives_the_words_without_allocation(bits: WordBits) -> None:
     with pytest.raises(LocalProtocolError):
         encode_update(np.full(1001, np.nan, dtype=np.float32), 0.25, cfg, out=slot)
     assert bytes(buffer) == before  # nothing written on error
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=configs, data=st.data())
+def test_masked_aggregate_recovers_the_mean(cfg: MaskConfig, data: st.DataObject) -> None:
+    n = data.draw(st.integers(1, min(cfg.n_max, 5)))
+    m = data.draw(st.integers(1, 300))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    deltas = [(rng.standard_normal(m) * cfg.bound).astype(np.float32) for _ in range(n)]
+    weights = [data.draw(st.floats(0.01, 1.0)) for _ in range(n)]
+    update_seeds = [data.draw(seeds) for _ in range(n)]
+    total = np.zeros(m + 1, dtype=cfg.dtype)
+    for delta, a, seed in zip(deltas, weights, update_seeds, strict=True):
+        add_words(total, mask_update(delta, a, seed, cfg))
+    mask = aggregate_mask(update_seeds, m + 1, cfg.word_bits)
+    weighted_sum, weight_sum = decode_aggregate(unmask(total, mask), n, cfg)
+    means, _ = _exact_mean(deltas, weights, cfg.bound)
+    bound = error_bound(n, weight_sum, cfg)
+    for got, want in zip(weighted_sum / weight_sum, means, strict=True):
+        assert abs(Fraction(float(got)) - want) <= Fraction(bound)
