@@ -67,7 +67,10 @@ def render_mosquitto_conf(
         "max_queued_messages 0",
         "# message_size_limit is deliberately not set: with MQTT 5, mosquitto answers an",
         "# oversize publish with reason 0x95, which paho cannot parse and resends forever.",
-        "# maskfl enforces message sizes itself.",
+        "# maskfl enforces message sizes itself. max_queued_bytes is not set either: a",
+        "# bound would drop updates queued for a coordinator that is restarting.",
+        "# Sessions of devices gone for good (MQTT 5 clients set their own expiry):",
+        "persistent_client_expiration 14d",
         "",
         "log_dest stderr",  # unbuffered: journald and docker logs see every line at once
         "log_type error",

@@ -9,7 +9,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -176,7 +176,10 @@ class TlsClient:
             self._started = False
 
 
-def _start(root: Path, workdir: Path, devices: list[str]) -> Broker:
+def start_fleet_broker(
+    root: Path, workdir: Path, devices: list[str], extra: Sequence[str] = ()
+) -> Broker:
+    """``init`` (plus ``extra`` options) and ``add-device``, then mosquitto with the conf."""
     port = free_port()
     data = workdir / "data"
     data.mkdir(parents=True)
@@ -192,6 +195,7 @@ def _start(root: Path, workdir: Path, devices: list[str]) -> Broker:
         str(root / "broker"),
         "--broker-data-dir",
         str(data),
+        *extra,
     ]
     if os.geteuid() == 0:
         # mosquitto started as root drops to user "mosquitto", who cannot read tmp files.
@@ -207,7 +211,7 @@ def _start(root: Path, workdir: Path, devices: list[str]) -> Broker:
 
 @contextlib.contextmanager
 def _running(workdir: Path) -> Iterator[Broker]:
-    broker = _start(workdir / "fleet", workdir, ["dev-a", "dev-b", "dev-c"])
+    broker = start_fleet_broker(workdir / "fleet", workdir, ["dev-a", "dev-b", "dev-c"])
     try:
         yield broker
     finally:

@@ -8,14 +8,17 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from maskfl.broker_coordinator.provision import _tls
 from maskfl.protocol.errors import CertificateError, Reason
 from maskfl.protocol.identity import Certificate, RevocationList, verify_certificate
 from maskfl.protocol.keys import public_key_from_pem
 from maskfl.protocol.topics import Topics
+from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.broker_coordinator.provision.conftest import Broker, provision
+from tests.broker_coordinator.provision.conftest import Broker, provision, start_fleet_broker
+from tests.support.mosquitto import free_port
 
 pytestmark = pytest.mark.broker
 
@@ -194,3 +197,26 @@ def test_rotated_coordinator_keeps_its_rights(fleet_broker: Broker) -> None:
     coord = fleet_broker.coordinator()
     assert coord.connect()
     assert coord.allowed(f"{P}/round")
+
+
+def test_development_listener_is_plain_and_loopback_only_when_asked(tmp_path: Path) -> None:
+    dev_port = free_port()
+    broker = start_fleet_broker(tmp_path / "fleet", tmp_path, [], ["--dev-port", str(dev_port)])
+    plain = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev", protocol=mqtt.MQTTv5)
+    try:
+        conf = (tmp_path / "fleet" / "broker" / "mosquitto.conf").read_text()
+        assert f"\nlistener {dev_port} 127.0.0.1\n" in conf
+        assert plain.connect("127.0.0.1", dev_port) == mqtt.MQTT_ERR_SUCCESS
+        plain.loop_start()
+        info = plain.publish(f"{P}/round", b"anything goes here", qos=1)
+        info.wait_for_publish(10)
+        assert info.is_published()
+        # The TLS listener still wants a client certificate.
+        ca = tmp_path / "fleet" / "coordinator" / "broker-ca.pem"
+        assert not broker.client("nobody", ca, None, None).connect()
+    finally:
+        plain.disconnect()
+        plain.loop_stop()
+        for client in broker.clients:
+            client.close()
+        broker.mosquitto.stop()
