@@ -197,11 +197,12 @@ class PhaseTimer:
     def accepted(self, n: int = 1) -> int:
         """Record ``n`` accepted messages and return the new count.
 
-        Raises :class:`LocalProtocolError`, leaving the count unchanged, if that
-        would pass ``count_max`` (check :attr:`full` before accepting) or ``n < 1``.
+        ``n = 0`` (an empty batch) changes nothing. Raises
+        :class:`LocalProtocolError`, leaving the count unchanged, if that would pass
+        ``count_max`` (check :attr:`full` before accepting) or ``n < 0``.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise LocalProtocolError(f"accepted() needs n >= 1, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise LocalProtocolError(f"accepted() needs an integer n >= 0, got {n!r}")
         if self._count + n > self.window.count_max:
             raise LocalProtocolError(
                 f"accepting {n} more would pass count_max ({self.window.count_max})"

@@ -204,9 +204,10 @@ def test_accepted_counts_and_refuses_past_count_max() -> None:
     with pytest.raises(LocalProtocolError, match="count_max"):
         timer.accepted()
     assert timer.count == 5
-    for bad in (0, -1, True):
+    assert timer.accepted(0) == 5  # an empty batch changes nothing, even when full
+    for bad in (-1, True, 1.0):
         with pytest.raises(LocalProtocolError):
-            timer.accepted(bad)
+            timer.accepted(bad)  # type: ignore[arg-type]
 
 
 def test_wake_at_is_the_next_change_without_messages() -> None:
