@@ -219,7 +219,8 @@ class MqttTransport:
             # connect() may be called again; drop whatever the attempt left open.
             if self._idle.is_set():
                 self._force_close()
-            self._state = LinkState.NEW
+            if not self._is_closed():
+                self._state = LinkState.NEW
             raise
         self._tasks = [
             asyncio.create_task(self._supervise(), name=f"mqtt-reconnect {cfg.address}"),
@@ -443,7 +444,7 @@ class MqttTransport:
         self._paused = False
         self._start_reading()
         if self._client.want_write():
-            self._loop.add_writer(sock, self._on_writable)
+            self._add_writer(sock)
         try:
             async with asyncio.timeout(cfg.connect_timeout_s):
                 session_present, props = await self._connack
@@ -593,6 +594,8 @@ class MqttTransport:
             self._loop.remove_reader(sock)
 
     def _on_readable(self) -> None:
+        if not self._idle.is_set():  # a stale call while reconnect() runs in its thread
+            return
         self._client.loop_read()
         self._drain_pending()
 
@@ -687,6 +690,12 @@ class MqttTransport:
         # CONNACK in the same read: they belong to the new link.
         self._link += 1
         self._unacked.clear()
+        # MQTT 5: never more unacknowledged QoS 1 publishes than the broker's
+        # Receive Maximum. paho 2.2 ignores that property and its setter refuses
+        # while connected, so set the field here, before paho resends its queue
+        # (which it does right after this callback).
+        broker_max = int(getattr(props, "ReceiveMaximum", 65_535))
+        client._max_inflight_messages = min(self._config.max_inflight, broker_max)
         if flags.session_present and self._config.manual_ack:
             self._queue = deque(m for m in self._queue if m.qos == 0)
         self._connack.set_result((flags.session_present, props))
@@ -798,8 +807,13 @@ class MqttTransport:
         self._on_loop(close)
 
     def _cb_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if self._loop is not None:
-            self._on_loop(self._loop.add_writer, sock, self._on_writable)
+        self._on_loop(self._add_writer, sock)
+
+    def _add_writer(self, sock: Any) -> None:
+        # Marshalled from the connect thread, this may run after that socket died.
+        current = self._client.socket()
+        if self._loop is not None and current is not None and sock is current:
+            self._loop.add_writer(current, self._on_writable)
 
     def _cb_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         if self._loop is not None:

@@ -152,7 +152,7 @@ async def test_manual_ack_redelivers_only_unacked_messages(mosquitto: Mosquitto)
             assert (again.payload, again.dup) == (b"two", True)
             assert (await recv(coord)).payload == b"three"
             coord.ack(again)
-            coord.stats.redelivered == 1  # noqa: B015
+            assert coord.stats.redelivered >= 1  # b"three" too if it raced our DISCONNECT
         async with MqttTransport(coordinator) as coord:
             # b"three" was never acked: it comes back, b"one" and b"two" do not.
             rest = await recv(coord)
@@ -440,6 +440,25 @@ async def test_tls_round_trip(tmp_path: Path, pki: TestPki) -> None:
             assert len((await recv(t)).payload) == 100_000
             sock = t._client.socket()
             assert isinstance(sock, ssl.SSLSocket)
+
+
+async def test_tls_backpressure_drains_bytes_buffered_in_the_tls_layer(
+    tmp_path: Path, pki: TestPki
+) -> None:
+    # With TLS, decrypted bytes can wait in the SSL object where the selector
+    # cannot see them; resuming after a pause must still read them.
+    with tls_broker(tmp_path, pki) as broker:
+        tls = TlsConfig(ca_file=pki.ca.cert)
+        async with (
+            MqttTransport(config(broker, client_id="p", tls=tls)) as pub,
+            MqttTransport(config(broker, client_id="s", tls=tls, incoming_queue_size=2)) as sub,
+        ):
+            await sub.subscribe("t/#")
+            await asyncio.gather(*(pub.publish(f"t/{i}", bytes(5000)) for i in range(40)))
+            await pub.publish("t/end", b"")
+            got = await recv_until(sub, "t/end")
+            assert len(got) == 41
+            assert sub.stats.backpressure_pauses >= 1
 
 
 async def test_tls_with_the_wrong_ca_fails_verification(tmp_path: Path, pki: TestPki) -> None:
