@@ -141,7 +141,7 @@ class _Partial:
     part_size: int
     count: int
     started_at: float
-    parts: dict[int, bytes] = field(default_factory=dict)
+    parts: dict[int, bytes | memoryview] = field(default_factory=dict)
 
 
 class Reassembler:
@@ -232,7 +232,8 @@ class Reassembler:
             )
         if frame.index in partial.parts:
             return None
-        partial.parts[frame.index] = bytes(frame.data)
+        # a view keeps an immutable frame alive instead of copying its data
+        partial.parts[frame.index] = frame.data if isinstance(data, bytes) else bytes(frame.data)
         if len(partial.parts) < partial.count:
             return None
         self._remove(slot)
