@@ -335,6 +335,20 @@ class RoundParams:
         """
         return self.seed == next_round_seed(self.previous_seed, self.model_digest, self.round_id)
 
+    def check_words(self, words: Words) -> None:
+        """Raise ``WRONG_LENGTH`` unless ``words`` are M + 1 words of this round's word size.
+
+        For the words of an Update or Sum2 that passed :func:`decode_message`.
+        """
+        bits = words.dtype.itemsize * 8
+        if bits != self.mask.word_bits or words.size != self.vector_length + 1:
+            raise RemoteProtocolError(
+                Reason.WRONG_LENGTH,
+                f"{words.size} words of {bits} bits, expected {self.vector_length + 1} "
+                f"of {self.mask.word_bits}",
+                round_id=self.round_id,
+            )
+
     def _write(self, w: Writer) -> None:
         w.u64(self.round_id)
         w.fixed(self.seed, 32, "seed")
@@ -544,7 +558,8 @@ class Receipt:
 
     ``message_digest`` is the message digest (:attr:`SignedMessage.digest`), or
     the SHA-256 of the raw payload when it could not be decoded, in which case
-    ``message_type`` is None. A rejection carries its :class:`Reason`.
+    ``message_type`` is None. A rejection carries its :class:`Reason`;
+    ``detail`` is cut to 1024 bytes of UTF-8 when encoded.
     """
 
     TYPE: ClassVar[MessageType] = MessageType.RECEIPT
@@ -562,7 +577,8 @@ class Receipt:
         w.u8(0 if self.message_type is None else int(self.message_type))
         w.u8(1 if self.accepted else 0)
         w.text("" if self.reason is None else str(self.reason), "reason", max_len=64)
-        w.text(self.detail, "receipt detail", max_len=MAX_DETAIL, prefix=2)
+        detail = self.detail.encode("utf-8")[:MAX_DETAIL].decode("utf-8", "ignore")
+        w.text(detail, "receipt detail", max_len=MAX_DETAIL, prefix=2)
 
     @classmethod
     def _read(cls, r: Reader, header: Header) -> Receipt:

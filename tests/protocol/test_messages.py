@@ -519,7 +519,6 @@ def test_sum_dict_entry_of_another_type_is_wrong_phase() -> None:
         Update(DEVICE.certificate, {}, np.zeros(2, np.uint16)),
         Receipt(bytes(32), MessageType.SUM, True, Reason.MALFORMED),
         Receipt(bytes(32), MessageType.SUM, False, None),
-        Receipt(bytes(32), MessageType.SUM, False, Reason.MALFORMED, "x" * 2000),
         Heartbeat(DEVICE.certificate, "idle", float("nan")),
         Heartbeat(DEVICE.certificate, "x" * 65, 1.0),
         GlobalModel("m", 1, ROUND, bytes(32), np.zeros(2, np.float64)),
@@ -579,3 +578,20 @@ def test_max_masked_size_bounds_real_messages(dtype: type, summers: int) -> None
     decode_message(raw, max_size=bound)
     sum2 = sign(Sum2(SUMMER.certificate, words, tuple(seeds)), SUMMER)
     assert len(sum2) <= bound
+
+
+def test_long_receipt_details_are_cut_not_refused() -> None:
+    detail = "é" * 1000  # 2000 bytes of UTF-8
+    raw = sign(Receipt(bytes(32), MessageType.SUM, False, Reason.MALFORMED, detail), COORDINATOR)
+    body = decode_message(raw, max_size=MAX).body
+    assert isinstance(body, Receipt)
+    assert body.detail == "é" * 512
+
+
+def test_check_words_against_round_params() -> None:
+    params = round_params()  # M = 4, 32-bit words
+    params.check_words(np.zeros(5, np.uint32))
+    for words in (np.zeros(4, np.uint32), np.zeros(6, np.uint32), np.zeros(5, np.uint64)):
+        with pytest.raises(RemoteProtocolError) as info:
+            params.check_words(words)
+        assert info.value.reason == Reason.WRONG_LENGTH
