@@ -236,6 +236,57 @@ async def test_broker_kill_mid_stream_reconnects_and_keeps_working(tmp_path: Pat
         broker.stop()
 
 
+async def test_publish_during_an_outage_reaches_a_persistent_session(tmp_path: Path) -> None:
+    """At least once, end to end: the device's publish waits out the outage, the
+    broker restarts with the coordinator's session, the coordinator gets it."""
+    broker = Mosquitto(tmp_path / "broker", persistence=True).start()
+    try:
+        coordinator = config(
+            broker, client_id="coord", clean_start=False, session_expiry_s=300, manual_ack=True
+        )
+        async with (
+            MqttTransport(coordinator) as coord,
+            MqttTransport(config(broker, client_id="dev")) as dev,
+        ):
+            dev_events, coord_events = Events(dev), Events(coord)
+            await coord.subscribe("up/#")
+            broker.stop()  # graceful: mosquitto saves the session
+            await dev_events.wait_for(LinkState.DISCONNECTED)
+            pending = asyncio.create_task(dev.publish("up/late", b"sent while down"))
+            broker.start()
+            async with asyncio.timeout(20):
+                await pending
+            await coord_events.wait_for(LinkState.CONNECTED)
+            got = await recv(coord)
+            assert (got.topic, got.payload) == ("up/late", b"sent while down")
+            coord.ack(got)
+            assert coord_events.seen[-1].session_present
+    finally:
+        broker.stop()
+
+
+async def test_outgoing_queue_is_bounded_while_the_link_is_down(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "broker").start()
+    try:
+        # No reconnect attempt (its thread holds publishes back) during the test's first steps.
+        slow = config(
+            broker, client_id="c", max_queued_publishes=2, reconnect_min_s=2.0, reconnect_max_s=2.0
+        )
+        async with MqttTransport(slow) as t:
+            events = Events(t)
+            broker.kill()
+            await events.wait_for(LinkState.DISCONNECTED)
+            waiting = [asyncio.create_task(t.publish("a", b"")) for _ in range(2)]
+            await asyncio.sleep(0)
+            with pytest.raises(TransportError, match="already wait"):
+                await t.publish("a", b"third")
+            broker.start()
+            async with asyncio.timeout(20):
+                await asyncio.gather(*waiting)
+    finally:
+        broker.stop()
+
+
 async def test_oversize_publish_is_refused_locally_at_the_exact_limit(tmp_path: Path) -> None:
     limit = 2000
     broker = Mosquitto(
