@@ -481,7 +481,7 @@ class Fleet:
 
     def revoke(self, device: str, keys: Keys, *, now: dt.datetime) -> bool:
         """Revoke ``device``: revocation list, CRL and ACL; False when it already was."""
-        member = self._member(device)
+        member = self.member(device)
         changed = member.status is Status.ACTIVE
         if changed:
             self._retire(device, member.current, now, why="revoked")
@@ -511,7 +511,7 @@ class Fleet:
             self._retire(COORDINATOR_USER, old, now, why="rotated")
             self._issue_coordinator(keys, now)
         else:
-            member = self._member(device)
+            member = self.member(device)
             if member.status is Status.REVOKED:
                 raise ProvisionError(
                     f"device {device!r} is revoked; enroll it again with add-device --force"
@@ -522,7 +522,7 @@ class Fleet:
         self._publish(keys, now)
         self.write_broker_config()
 
-    def _member(self, device: str) -> Member:
+    def member(self, device: str) -> Member:
         if device == COORDINATOR_USER:
             raise ProvisionError(
                 "the coordinator cannot be revoked, only rotated: "

@@ -8,6 +8,7 @@ with a one-line message naming the key.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -19,6 +20,7 @@ from maskfl.broker_coordinator.provision.errors import ProvisionError
 
 T = TypeVar("T")
 
+HOST_PATTERN = re.compile(r"^[A-Za-z0-9*_:.-]{1,253}$")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -79,6 +81,18 @@ class FleetSettings:
             port = getattr(self.broker, port_name)
             if not (0 if port_name == "dev_port" else 1) <= port <= 65535:
                 raise ProvisionError(f"broker.{port_name} {port} is not a TCP port")
+        for ip in self.broker.san_ips:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError as exc:
+                raise ProvisionError(
+                    f"broker.san_ips: {ip!r} is not an IP address (check --ip)"
+                ) from exc
+        for host in (self.broker.host, self.broker.coordinator_host, *self.broker.san_hosts):
+            if not HOST_PATTERN.match(host):
+                raise ProvisionError(
+                    f"broker host name {host!r} is not valid (check --host, --coordinator-host)"
+                )
         if self.broker.dev_port and self.broker.dev_port == self.broker.port:
             raise ProvisionError("broker.dev_port must differ from broker.port")
         for name in ("ca_days", "device_days", "tls_days"):

@@ -60,6 +60,7 @@ def _common() -> argparse.ArgumentParser:
         "--passphrase-file",
         type=Path,
         default=argparse.SUPPRESS,
+        metavar="FILE",
         help=f"file whose first line is the CA key passphrase (or set {PASSPHRASE_ENV})",
     )
     return common
@@ -373,7 +374,7 @@ def _cmd_revoke(args: argparse.Namespace, root: Path) -> None:
     fleet = Fleet.open(root)
     with fleet.locked():
         fleet = Fleet.open(root)
-        fleet._member(args.id)  # unknown id: fail before asking for the passphrase
+        fleet.member(args.id)  # unknown id: fail before asking for the passphrase
         keys = fleet.unlock(_passphrase(args))
         changed = fleet.revoke(args.id, keys, now=_now())
     state = "revoked" if changed else "was already revoked (files rewritten)"
@@ -388,7 +389,7 @@ def _cmd_rotate(args: argparse.Namespace, root: Path) -> None:
     with fleet.locked():
         fleet = Fleet.open(root)
         if args.id != COORDINATOR_USER:
-            fleet._member(args.id)
+            fleet.member(args.id)
         keys = fleet.unlock(_passphrase(args))
         fleet.rotate(args.id, keys, now=_now(), public_key_pem=public_key, tls_csr_pem=csr)
     where = (
@@ -434,39 +435,36 @@ def _cmd_server_cert(args: argparse.Namespace, root: Path) -> None:
 def _cmd_list(args: argparse.Namespace, root: Path) -> None:
     fleet = Fleet.open(root)
     reg = fleet.registry
-    rows = [
-        {
-            "id": name,
-            "status": str(m.status),
-            "serial": m.current.serial,
-            "own_key": m.current.own_key,
-            "not_after": m.current.not_after,
-        }
-        for name, m in sorted(reg.devices.items())
-    ]
+    members = sorted(reg.devices.items())
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "fleet": reg.fleet,
-                    "revocations_version": reg.revocations_version,
-                    "coordinator_serial": reg.coordinator.serial if reg.coordinator else None,
-                    "devices": rows,
-                    "revoked_serials": [r.serial for r in reg.revoked],
-                },
-                indent=2,
-            )
-        )
+        rows = [
+            {
+                "id": name,
+                "status": str(m.status),
+                "serial": m.current.serial,
+                "own_key": m.current.own_key,
+                "not_after": m.current.not_after,
+            }
+            for name, m in members
+        ]
+        report = {
+            "fleet": reg.fleet,
+            "revocations_version": reg.revocations_version,
+            "coordinator_serial": reg.coordinator.serial if reg.coordinator else None,
+            "devices": rows,
+            "revoked_serials": [r.serial for r in reg.revoked],
+        }
+        print(json.dumps(report, indent=2))
         return
     print(
         f"fleet {reg.fleet!r}: revocation list version {reg.revocations_version}, "
         f"{len(reg.revoked)} revoked serials"
     )
     if reg.coordinator:
-        print(f"  coordinator  active   serial {reg.coordinator.serial}")
-    for row in rows:
-        expires = dt.datetime.fromtimestamp(int(row["not_after"]), dt.UTC).date()  # type: ignore[call-overload]
-        print(f"  {row['id']:<12} {row['status']:<8} serial {row['serial']}  expires {expires}")
+        print(f"  {'coordinator':<16} {'active':<8} serial {reg.coordinator.serial}")
+    for name, m in members:
+        expires = dt.datetime.fromtimestamp(m.current.not_after, dt.UTC).date()
+        print(f"  {name:<16} {m.status:<8} serial {m.current.serial}  expires {expires}")
 
 
 COMMANDS = {

@@ -466,3 +466,19 @@ def test_dir_defaults_to_the_working_directory(
     monkeypatch.chdir(tmp_path)
     assert main(["init", "--fleet", "here"]) == 0
     assert (tmp_path / "fleet.toml").is_file() and os.path.isdir(tmp_path / "devices")
+
+
+def test_server_cert_follows_edited_host_names(fleet: Path) -> None:
+    toml = fleet / "fleet.toml"
+    toml.write_text(toml.read_text().replace('"broker.example.org",', '"mqtt.example.net",'))
+    provision(fleet, "server-cert")
+    server = x509.load_pem_x509_certificate((fleet / "broker" / "server.crt").read_bytes())
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "mqtt.example.net" in san.get_values_for_type(x509.DNSName)
+    assert mode(fleet / "broker" / "server.key") == 0o640
+
+
+def test_init_rejects_a_bad_ip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "--ip" in fail(tmp_path, "init", "--fleet", "demo", "--ip", "300.1.1.1", capsys=capsys)
+    assert "--host" in fail(tmp_path, "init", "--fleet", "demo", "--host", "a b", capsys=capsys)
+    assert not (tmp_path / "ca").exists()  # nothing was written: init can simply be re-run
