@@ -67,6 +67,7 @@ class Runner:
         self.current: MessagePhase | StepPhase | None = None
         self.lock = asyncio.Lock()
         self.rounds_completed = 0
+        self.finished_round: int | None = None
         self.rounds_failed = 0
 
     # -- state ---------------------------------------------------------------
@@ -130,6 +131,10 @@ class Runner:
         header = incoming.message.header
         async with self.lock:
             state = self.state
+            if state is None and header.round_id == self.finished_round:
+                raise RemoteProtocolError(
+                    Reason.PHASE_CLOSED, f"round {header.round_id} is over"
+                )
             if state is None or header.round_id != state.round_id:
                 current = "none" if state is None else str(state.round_id)
                 raise RemoteProtocolError(
@@ -194,6 +199,7 @@ class Runner:
                 s.metrics.set_phase(Phase.FAILURE)
                 await self._clear_round_topics()
                 nxt = await self.current.run()
+                self.finished_round = None if self.state is None else self.state.round_id
                 self.state = None
             resumed = False
             if nxt is not self.phase:
@@ -229,6 +235,7 @@ class Runner:
                 self.rounds_completed += 1
                 s.metrics.rounds.labels(outcome="completed").inc()
                 await self._clear_round_topics()
+                self.finished_round = None if self.state is None else self.state.round_id
                 self.state = None
                 return nxt
             case _:

@@ -64,6 +64,7 @@ class Behaviour:
 
     delta: Callable[[int, int], tuple[F32, float]] | None = None
     skip_sum2: bool = False
+    sum2_delay_s: float = 0.0
     update_delay_s: float = 0.0
     corrupt_seed_for_all_summers: bool = False
     send_heartbeat: bool = True
@@ -203,6 +204,8 @@ class SimParticipant:
         seed_dict: SeedDict = await self._future(self._seeds, rid)
         if self.behaviour.skip_sum2:
             return
+        if self.behaviour.sum2_delay_s:
+            await asyncio.sleep(self.behaviour.sum2_delay_s)
         seeds, failed = [], []
         for digest, sealed in sorted(seed_dict.sealed_seeds.items()):
             try:

@@ -54,3 +54,105 @@ async def test_round_publishes_the_weighted_mean(tmp_path, mosquitto: Mosquitto)
         assert sum(len(p.receipts) for p in parts) == 3 + 5 + 3
     finally:
         await stop_all(parts)
+
+
+def _participants(setup, host, port, behaviours):  # type: ignore[no-untyped-def]
+    ca = setup.fleet.ca_public_key
+    out = [
+        SimParticipant(i, ca_public_key=ca, host=host, port=port, behaviour=behaviours.get(i.device_id))
+        for i in setup.summers
+    ]
+    for k, i in enumerate(setup.updaters):
+        b = behaviours.get(i.device_id) or Behaviour()
+        if b.delta is None:
+            b.delta = fixed_delta(k)
+        out.append(SimParticipant(i, ca_public_key=ca, host=host, port=port, behaviour=b))
+    return out
+
+
+async def test_summer_dropout_and_late_updaters(tmp_path, mosquitto: Mosquitto) -> None:
+    setup = make_setup(
+        tmp_path,
+        mosquitto.port,
+        summers=3,
+        updaters=5,
+        pet={
+            "update": {"count_min": 3, "count_max": 5, "time_min_s": 1.5, "time_max_s": 30.0},
+            "sum2": {"count_min": 2, "count_max": 3, "time_min_s": 1.0},
+            "max_rounds": 2,
+            "round_pause_s": 30.0,
+        },
+    )
+    behaviours = {
+        setup.summers[0].device_id: Behaviour(skip_sum2=True),
+        setup.updaters[3].device_id: Behaviour(update_delay_s=0.5),
+        setup.updaters[4].device_id: Behaviour(update_delay_s=4.0),
+    }
+    parts = _participants(setup, mosquitto.host, mosquitto.port, behaviours)
+    await start_all(parts)
+    try:
+        async with running_coordinator(setup.config_path):
+            await wait_for(lambda: all(p.models for p in parts), 60, "the global model")
+            late = parts[-1]
+            await wait_for(lambda: bool(late.receipts), 30, "the late updater's receipt")
+        model = parts[0].models[-1]
+        metrics = dict(model.metrics)
+        included = [p for p in parts[3:] if any(r.accepted for r in p.receipts)]
+        assert len(included) == 4
+        assert [r.reason for r in late.receipts] == ["phase_closed"]
+        assert metrics["updates"] == 4 and metrics["sum2"] == 2
+        expected = setup.initial + expected_mean([p.sent[1] for p in included], 1.0)
+        np.testing.assert_allclose(model.weights, expected, atol=metrics["error_bound"] + 1e-6)
+    finally:
+        await stop_all(parts)
+
+
+async def test_update_whose_seed_does_not_open_is_dropped(tmp_path, mosquitto: Mosquitto) -> None:
+    setup = make_setup(tmp_path, mosquitto.port, summers=2, updaters=4)
+    bad = setup.updaters[1].device_id
+    parts = _participants(
+        setup, mosquitto.host, mosquitto.port, {bad: Behaviour(corrupt_seed_for_all_summers=True)}
+    )
+    await start_all(parts)
+    try:
+        async with running_coordinator(setup.config_path):
+            await wait_for(lambda: all(p.models for p in parts), 60, "the global model")
+        model = parts[0].models[-1]
+        metrics = dict(model.metrics)
+        assert metrics["dropped"] == 1 and metrics["updates"] == 3
+        good = [p for p in parts[2:] if p.device != bad]
+        expected = setup.initial + expected_mean([p.sent[1] for p in good], 1.0)
+        np.testing.assert_allclose(model.weights, expected, atol=metrics["error_bound"] + 1e-6)
+    finally:
+        await stop_all(parts)
+
+
+async def test_several_rounds_chain_models(tmp_path, mosquitto: Mosquitto) -> None:
+    setup = make_setup(
+        tmp_path,
+        mosquitto.port,
+        summers=3,
+        updaters=5,
+        pet={
+            "max_rounds": 5,
+            "sum": {"count_min": 1, "count_max": 10, "time_min_s": 0.5},
+            "update": {"count_min": 1, "count_max": 10, "time_min_s": 0.5},
+            "sum2": {"count_min": 1, "count_max": 10, "time_min_s": 0.2},
+        },
+    )
+    parts = _participants(setup, mosquitto.host, mosquitto.port, {})
+    await start_all(parts)
+    try:
+        async with running_coordinator(setup.config_path) as coordinator:
+            await wait_for(
+                lambda: max((m.version for m in parts[0].models), default=0) >= 2,
+                60,
+                "two global models",
+            )
+            assert coordinator.runner is not None
+        versions = [m.version for m in parts[0].models]
+        assert versions[:2] == [1, 2]
+        first, second = parts[0].models[:2]
+        assert second.previous_digest == first.digest
+    finally:
+        await stop_all(parts)
