@@ -45,9 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure maskfl's throughput; writes JSON (stdout, or --json FILE).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS.items():
-        module = importlib.import_module(f"maskfl.tools.{module_name}")
-        module.add_parser(sub)
+    for module_name in SUBCOMMANDS.values():
+        importlib.import_module(f"maskfl.tools.{module_name}").add_parser(sub)
     everything = sub.add_parser("all", help="run every benchmark with its defaults")
     everything.add_argument("--json", type=Path, help="write the JSON here instead of stdout")
     return parser
