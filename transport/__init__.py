@@ -5,6 +5,25 @@ production uses :class:`MqttTransport` (a real broker), unit tests of phase
 logic use :class:`MemoryBroker` / :class:`MemoryTransport`. The module
 docstring of ``_mqtt`` says what happens on a lost link, on a full incoming
 queue and with oversize payloads.
+
+Typical use (the coordinator: persistent session, ack after commit)::
+
+    config = MqttConfig(host="broker", port=8883, client_id="coordinator",
+                        clean_start=False, session_expiry_s=7 * 24 * 3600,
+                        manual_ack=True, receive_maximum=200,
+                        tls=TlsConfig(ca_file=ca, cert_file=crt, key_file=key))
+    async with MqttTransport(config) as mqtt:
+        mqtt.add_listener(lambda event: metrics.connected.set(event.state == "connected"))
+        await mqtt.subscribe(["maskfl/v1/f/round/+/sum/+", "maskfl/v1/f/status/+"])
+        async for message in mqtt.messages():
+            await store(message)      # durable first ...
+            mqtt.ack(message)         # ... then the broker may forget it
+
+Errors: everything the link does wrong is a ``TransportError``:
+:class:`RefusedError` (a failing MQTT 5 reason code, ``.reason_code``),
+:class:`PayloadTooLargeError`, :class:`NotConnectedError` (QoS 0 while down),
+:class:`TransportClosedError`. Bad topics, filters or QoS values are caller
+bugs: ``LocalProtocolError``. Bad settings: ``ConfigError`` naming the field.
 """
 
 from __future__ import annotations

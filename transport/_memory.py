@@ -123,6 +123,10 @@ class MemoryTransport:
         return self._stats
 
     @property
+    def max_packet_size(self) -> int:
+        return self.broker.max_packet_size
+
+    @property
     def unacked(self) -> list[Message]:
         """Delivered QoS 1 messages not acked yet (manual ack only)."""
         return list(self._unacked.values())

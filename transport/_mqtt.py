@@ -646,6 +646,10 @@ class MqttTransport:
             protocol=MQTTProtocolVersion.MQTTv5,
             manual_ack=cfg.manual_ack,
         )
+        # An exception escaping one of our callbacks would leave paho's packet
+        # reader half-reset; let paho log it (ERROR, on this logger) and go on.
+        client.suppress_exceptions = True
+        client.enable_logger(logging.getLogger("maskfl.transport.paho"))
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(cfg.max_queued_publishes)
         if cfg.username is not None:
