@@ -3,8 +3,9 @@
 ``run_daemon(config)`` loads the identity, opens the journal, tells systemd it is
 ready and then keeps one MQTT 5 session to the broker (persistent, so receipts and
 seed dictionaries that arrive while the device is down are kept for it; the last will
-is a signed "offline" heartbeat). The first connect is retried with exponential
-backoff; later link losses are repaired by the transport.
+is an empty message on ``status/<device>``, which the coordinator reads as "gone").
+The first connect is retried with exponential backoff; later link losses are repaired
+by the transport.
 
 Every received message goes through :meth:`Agent.handle`, which checks topic, size,
 signature and certificate before anything acts on it. A message that breaks the
@@ -46,6 +47,7 @@ from maskfl.protocol.errors import (
     TransportError,
 )
 from maskfl.protocol.identity import Certificate, RevocationList
+from maskfl.protocol.ids import RoundId
 from maskfl.protocol.messages import (
     GlobalModel,
     Heartbeat,
@@ -59,6 +61,7 @@ from maskfl.protocol.messages import (
     encode_message,
     open_sum_dict,
     verify_sender,
+    weights_digest,
 )
 from maskfl.protocol.sortition import next_round_seed
 from maskfl.protocol.topics import ParsedTopic, TopicKind, Topics
@@ -79,7 +82,7 @@ MAX_EARLY_MESSAGES = 32
 TransportFactory = Callable[[MqttConfig], Transport]
 
 
-def build_mqtt_config(config: AgentConfig, will: bytes | None) -> MqttConfig:
+def build_mqtt_config(config: AgentConfig, will: bytes | None = b"") -> MqttConfig:
     """The transport settings of the agent's broker section."""
     broker = config.broker
     password = None
@@ -192,8 +195,9 @@ class Agent:
         broker = self.config.broker
         delay = broker.reconnect_min_s
         while not self._stop.is_set():
-            will = self._heartbeat_bytes("offline")
-            transport = self._factory(build_mqtt_config(self.config, will))
+            # The will, and the goodbye, are an empty status message: "gone" (the
+            # coordinator drops the device from its alive count at once).
+            transport = self._factory(build_mqtt_config(self.config, b""))
             try:
                 await transport.connect()
             except TransportError as exc:
@@ -253,14 +257,12 @@ class Agent:
                 log.exception("error while handling a message on %s; continuing", message.topic)
 
     async def _say_goodbye(self, transport: Transport) -> None:
-        """A clean DISCONNECT suppresses the will, so say "offline" ourselves."""
+        """A clean DISCONNECT suppresses the will, so say "gone" ourselves."""
         if not transport.is_connected:
             return
         with contextlib.suppress(TransportError, TimeoutError):
             async with asyncio.timeout(2):
-                await transport.publish(
-                    self.topics.status(self.device), self._heartbeat_bytes("offline"), qos=1
-                )
+                await transport.publish(self.topics.status(self.device), b"", qos=1)
 
     async def _load_journal(self) -> None:
         """Resume an unfinished round from the journal, without waiting for the broker."""
@@ -330,7 +332,21 @@ class Agent:
                     await asyncio.sleep(self.config.broker.reconnect_min_s)
 
     async def model(self, model_id: str, version: int, digest: bytes) -> GlobalModel:
-        """The verified global model ``model_id`` with these version and digest (waits)."""
+        """The verified global model ``model_id`` with these version and digest (waits).
+
+        It is the one retained on ``model/<id>/latest`` (coordinator-signed), or — when the
+        round starts from weights the device already has, typically version 0 of a
+        shipped model — the local model's own weights, if their digest is the one the
+        signed round parameters name.
+        """
+        local = getattr(self.learner, "local_weights", None)
+        if local is not None and model_id not in self._models:
+            weights = await asyncio.to_thread(local, model_id)
+            if weights is not None and await asyncio.to_thread(weights_digest, weights) == digest:
+                log.info(
+                    "model %s v%d: the local weights match the round's digest", model_id, version
+                )
+                return GlobalModel(model_id, version, RoundId(0), bytes(32), weights)
         async with self._models_changed:
             while True:
                 have = self._models.get(model_id)
@@ -343,6 +359,11 @@ class Agent:
                     )
                 await self._models_changed.wait()
 
+    def global_model(self, model_id: str) -> GlobalModel | None:
+        """The newest verified global model ``model_id`` received, if any."""
+        have = self._models.get(model_id)
+        return None if have is None else have[0]
+
     # -- message handling --------------------------------------------------------------
 
     async def handle(self, message: Message) -> None:
@@ -350,6 +371,10 @@ class Agent:
         try:
             parsed = self.topics.parse(message.topic)
             payload = message.payload
+            if not payload:
+                # A retained message being cleared (the coordinator tidies old rounds).
+                log.debug("empty message on %s (retained message cleared)", message.topic)
+                return
             if is_chunk(payload):
                 whole = self._reassembler.feed(message.topic, payload, time.monotonic())
                 if whole is None:

@@ -54,6 +54,7 @@ class LiteRTLearner:
         self._trainers: dict[str, LocalTrainer] = {}
         self._graphs: dict[str, bytes] = {}
         self._dataset: Dataset | None = None
+        self._initial: dict[str, npt.NDArray[np.float32]] = {}
 
     def add_graph(self, model_id: str, tflite: bytes) -> None:
         """A model graph received from the coordinator (used when nothing local names it)."""
@@ -79,7 +80,20 @@ class LiteRTLearner:
                 field="training.model_file",
             )
         self._trainers[model_id] = trainer
+        self._initial[model_id] = trainer.get_weights()
         return trainer
+
+    def local_weights(self, model_id: str) -> npt.NDArray[np.float32] | None:
+        """The weights the local model file starts with (``None`` when there is no model).
+
+        A fleet's first round may use them as the global model: the round parameters
+        name the model by its digest, so the agent uses them only if they match.
+        """
+        try:
+            self._trainer(model_id)
+        except ConfigError:
+            return None
+        return self._initial[model_id].copy()
 
     def _load(self, model_id: str) -> tuple[LocalTrainer, Dataset]:
         trainer = self._trainer(model_id)

@@ -93,23 +93,44 @@ class Fleet:
     def device(
         self, device_id: str, broker: Mosquitto, *, extra: str = "", state_dir: Path | None = None
     ) -> Path:
-        """Write a bundle for ``device_id``; returns the path of its agent.toml."""
-        bundle = self.root / device_id
-        bundle.mkdir(parents=True, exist_ok=True)
-        key = nacl.signing.SigningKey.generate()
-        write_private(bundle / "device.key", signing_key_to_pem(key))
-        cert = self.certificate(device_id, Role.DEVICE, key)
-        (bundle / "device.cert").write_bytes(cert.to_bytes())
-        state = state_dir or bundle / "state"
-        config = bundle / "agent.toml"
-        config.write_text(
-            f"""
+        """Write a bundle for a new key of ``device_id``; returns the path of its agent.toml."""
+        return write_bundle(
+            self.root / device_id,
+            self.identity(device_id),
+            fleet=self.name,
+            ca_public_key_file=self.root / "ca.pub",
+            broker=broker,
+            extra=extra,
+            state_dir=state_dir,
+        )
+
+
+def write_bundle(
+    bundle: Path,
+    identity: Identity,
+    *,
+    fleet: str,
+    ca_public_key_file: Path,
+    broker: Mosquitto,
+    extra: str = "",
+    state_dir: Path | None = None,
+    shard: int = 0,
+    shards: int = 4,
+) -> Path:
+    """An agent bundle (key 0600, certificate, agent.toml) for ``identity``."""
+    bundle.mkdir(parents=True, exist_ok=True)
+    write_private(bundle / "device.key", signing_key_to_pem(identity.signing_key))
+    (bundle / "device.cert").write_bytes(identity.certificate.to_bytes())
+    state = state_dir or bundle / "state"
+    config = bundle / "agent.toml"
+    config.write_text(
+        f"""
 [device]
-id = "{device_id}"
-fleet = "{self.name}"
+id = "{identity.certificate.subject}"
+fleet = "{fleet}"
 key_file = "device.key"
 certificate_file = "device.cert"
-ca_public_key_file = "{self.root / "ca.pub"}"
+ca_public_key_file = "{ca_public_key_file}"
 
 [broker]
 host = "{broker.host}"
@@ -125,11 +146,11 @@ interval_s = 1.0
 
 [data]
 source = "digits"
-options = {{ shard = 0, shards = 4 }}
+options = {{ shard = {shard}, shards = {shards} }}
 {extra}
 """
-        )
-        return config
+    )
+    return config
 
 
 @dataclass
@@ -156,6 +177,7 @@ class StandIn:
         self._reassembler = Reassembler(8, 1 << 28, 60)
         self._reader: asyncio.Task[None] | None = None
         self.previous_seed = bytes(32)
+        self.gone: list[str] = []
 
     async def __aenter__(self) -> StandIn:
         await self.transport.connect()
@@ -180,6 +202,9 @@ class StandIn:
                     continue
                 payload = whole
             self.raw[parsed.kind].append(payload)
+            if not payload:  # a status "gone" (last will or goodbye)
+                self.gone.append(message.topic)
+                continue
             signed = decode_message(payload, max_size=1 << 28)
             await self.queues[parsed.kind].put((message.topic, signed))
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from maskfl.protocol.crypto import new_seed, seal_seed
 from maskfl.protocol.masking import aggregate_mask
-from maskfl.protocol.messages import Heartbeat, Sum, Sum2
+from maskfl.protocol.messages import Sum, Sum2
 from maskfl.protocol.topics import TopicKind
 
 from tests.agent.fleet import Fleet, StandIn
@@ -78,12 +78,10 @@ async def wait_for_step(db: Path, round_id: int, step: str, wait_s: float = 20.0
         await asyncio.sleep(0.05)
 
 
-async def next_offline_beat(coord: StandIn) -> Heartbeat:
-    while True:
-        beat = (await coord.expect(TopicKind.STATUS)).body
-        assert isinstance(beat, Heartbeat)
-        if beat.state == "offline":
-            return beat
+async def wait_gone(coord: StandIn, device: str) -> None:
+    topic = coord.topics.status(device)
+    while topic not in coord.gone:  # noqa: ASYNC110 - polling a list the reader fills
+        await asyncio.sleep(0.05)
 
 
 async def test_sigkill_between_sum_and_sum2_still_delivers_sum2(
@@ -102,8 +100,8 @@ async def test_sigkill_between_sum_and_sum2_still_delivers_sum2(
             assert journal_step(db, 1) == "sum_sent"
         finally:
             first.kill()
-        # The broker publishes the will: a signed "offline" heartbeat.
-        await asyncio.wait_for(next_offline_beat(coord), 10)
+        # The broker publishes the will: an empty status message ("gone").
+        await asyncio.wait_for(wait_gone(coord, "dev-k"), 10)
         # While the agent is dead the update phase ends and its seeds are published.
         seeds = [new_seed() for _ in range(4)]
         pk = sum_message.body.ephemeral_pk

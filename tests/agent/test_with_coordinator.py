@@ -1,0 +1,122 @@
+"""Real agents (LiteRT training on digits) and the real coordinator over a real mosquitto.
+
+Two summers and three updaters, chosen by their sortition tickets for round 1, run a
+full round; the coordinator's new global model must be the initial weights plus the
+weighted mean of the three local deltas, which the test recomputes with the same
+model, data shards and training seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from maskfl.agent.datasources import load_dataset
+from maskfl.agent.state import Step, TaskKind
+from maskfl.agent.training import LocalTrainer
+from maskfl.broker_coordinator.config import load_config as load_coordinator_config
+from maskfl.broker_coordinator.service import Coordinator
+from maskfl.protocol.keys import public_key_to_pem
+from maskfl.tools.fleet_sim import SimFleet, first_round_seed, wait_for
+
+from tests.agent.fleet import write_bundle
+from tests.agent.test_daemon import running_agent
+from tests.support.mosquitto import Mosquitto
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(180)]
+
+SHARDS = 4
+
+
+@contextlib.asynccontextmanager
+async def running_coordinator(config_path: Path) -> AsyncIterator[Coordinator]:
+    coordinator = Coordinator(load_coordinator_config(config_path))
+    stop = asyncio.Event()
+    task = asyncio.create_task(coordinator.run(stop))
+    try:
+        yield coordinator
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_agents_and_coordinator_complete_a_round(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    initial = LocalTrainer.shipped("mlp").get_weights()
+    fleet = SimFleet(fleet="agentfleet")
+    p_sum = 0.5
+    summers, updaters = fleet.identities_for_roles(
+        first_round_seed(bytes(32), initial), p_sum=p_sum, p_update=1.0, summers=2, updaters=3
+    )
+    coordinator_toml = fleet.write_coordinator(
+        tmp_path / "coordinator",
+        port=mosquitto.port,
+        length=initial.size,
+        initial=initial,
+        overrides={
+            "model": {"id": "mlp"},
+            "pet": {
+                "sum": {"prob": p_sum, "count_min": 2, "count_max": 2, "time_max_s": 30.0},
+                "update": {"prob": 1.0, "count_min": 3, "count_max": 3, "time_max_s": 20.0},
+                "sum2": {"count_min": 2, "count_max": 2, "time_max_s": 30.0},
+                "max_rounds": 1,
+            },
+        },
+    )
+    ca_file = tmp_path / "ca.pub"
+    ca_file.write_bytes(public_key_to_pem(fleet.ca_key.verify_key))
+    configs = [
+        write_bundle(
+            tmp_path / ident.certificate.subject,
+            ident,
+            fleet=fleet.fleet,
+            ca_public_key_file=ca_file,
+            broker=mosquitto,
+            shard=k,
+            shards=SHARDS,
+        )
+        for k, ident in enumerate([*updaters, *summers])
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        agents = [await stack.enter_async_context(running_agent(c)) for c in configs]
+        async with running_coordinator(coordinator_toml):
+
+            async def all_done() -> None:
+                while True:
+                    states = [await a.journal.load(1) for a in agents]
+                    if all(s is not None and s.step.terminal for s in states):
+                        return
+                    await asyncio.sleep(0.1)
+
+            await asyncio.wait_for(all_done(), 120)
+
+            def have_v1() -> bool:
+                models = [a.global_model("mlp") for a in agents]
+                return all(m is not None and m.version == 1 for m in models)
+
+            await wait_for(have_v1, 30, "the new global model at every agent")
+            model = agents[0].global_model("mlp")
+            assert model is not None
+            weights = np.array(model.weights, dtype=np.float64)
+        states = [await a.journal.load(1) for a in agents]
+        assert [s.task for s in states if s] == [TaskKind.UPDATE] * 3 + [TaskKind.SUM] * 2
+        assert all(s is not None and s.step is Step.DONE for s in states), states
+
+    # Recompute what each updater sent: same model, shard and seed (the round id).
+    num = np.zeros(initial.size)
+    den = 0.0
+    for k in range(3):
+        data = load_dataset("digits", {"shard": k, "shards": SHARDS})
+        local = LocalTrainer.shipped("mlp").local_update(
+            initial, data.x_train, data.y_train, epochs=1, batch_size=32, seed=1
+        )
+        weight = min(local.num_samples, 1000) / 1000
+        num += weight * np.clip(local.delta.astype(np.float64), -1.0, 1.0)
+        den += weight
+    expected = initial.astype(np.float64) + num / den
+    np.testing.assert_allclose(weights, expected, atol=1e-4)
