@@ -269,7 +269,7 @@ class Agent:
         raw = await self.journal.get_kv("revocations")
         if raw is not None:
             with contextlib.suppress(RemoteProtocolError):
-                self._accept_revocations(raw, persist=False)
+                self._accept_revocations(raw)
         latest = await self.journal.latest()
         if latest is None or latest.step.terminal:
             return
@@ -393,8 +393,8 @@ class Agent:
             case TopicKind.ROUND:
                 await self._on_round(payload)
             case TopicKind.REVOCATIONS:
-                self._accept_revocations(payload, persist=True)
-                await self.journal.set_kv("revocations", payload)
+                if self._accept_revocations(payload):
+                    await self.journal.set_kv("revocations", payload)
             case TopicKind.SUMS | TopicKind.SEEDS | TopicKind.RECEIPTS | TopicKind.MODEL_LATEST:
                 if self.coordinator is None:
                     self._keep_early(topic, payload)
@@ -419,17 +419,17 @@ class Agent:
         for topic, payload in early.items():
             await self.handle(Message(topic, payload, qos=1))
 
-    def _accept_revocations(self, payload: bytes, *, persist: bool) -> None:
-        del persist
+    def _accept_revocations(self, payload: bytes) -> bool:
+        """Keep a CA-signed revocation list if it is newer than ours; True if it was."""
         revocations = RevocationList.from_bytes(payload)
         revocations.verify(ca_public_key=self.identity.ca_public_key, fleet=self.fleet)
-        if self.revocations is None or revocations.version > self.revocations.version:
-            self.revocations = revocations
-            log.info(
-                "revocation list version %d: %d serials",
-                revocations.version,
-                len(revocations.serials),
-            )
+        if self.revocations is not None and revocations.version <= self.revocations.version:
+            return False
+        self.revocations = revocations
+        log.info(
+            "revocation list version %d: %d serials", revocations.version, len(revocations.serials)
+        )
+        return True
 
     async def _on_round(self, payload: bytes, *, from_journal: bool = False) -> None:
         signed = decode_message(payload, max_size=MAX_SMALL_MESSAGE)

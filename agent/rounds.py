@@ -258,19 +258,23 @@ class RoundDriver:
         assert self.state is not None
         rid = self.round_id
         if self.state.step is Step.SUM_SENT:
+            # The seed dictionary also proves the sum was accepted, so whichever of the
+            # receipt and the seeds comes first moves on (a lost receipt costs nothing).
             delivery = asyncio.create_task(self._deliver(KIND_SUM))
-            waiting: set[asyncio.Future[Any]] = {delivery, self._seeds}
-            done, _ = await asyncio.wait(waiting, return_when="FIRST_COMPLETED")
-            if delivery in done:
-                outcome, receipt = delivery.result()
-                if outcome is Outcome.REJECTED:
-                    raise RoundFailedError(f"sum rejected: {_why(receipt)}")
-                log.info("round %d: sum %s; waiting for the seed dictionary", rid, outcome)
-            else:
-                delivery.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await delivery
-            raw = await self._seeds
+            try:
+                waiting: set[asyncio.Future[Any]] = {delivery, self._seeds}
+                done, _ = await asyncio.wait(waiting, return_when="FIRST_COMPLETED")
+                if delivery in done:
+                    outcome, receipt = delivery.result()
+                    if outcome is Outcome.REJECTED:
+                        raise RoundFailedError(f"sum rejected: {_why(receipt)}")
+                    log.info("round %d: sum %s; waiting for the seed dictionary", rid, outcome)
+                raw = await self._seeds
+            finally:
+                if not delivery.done():
+                    delivery.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await delivery
             await self.ctx.journal.put_inbox(rid, "seeds", raw)
             await self._save(self.state.advance(Step.SEEDS_RECEIVED))
         if self.state.step is Step.SEEDS_RECEIVED:

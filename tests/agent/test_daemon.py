@@ -239,3 +239,42 @@ async def test_hostile_round_parameters_are_ignored(
         sum_message = await coord.expect(TopicKind.SUM)
         assert sum_message.header.sender == agent.identity.identity.public_key
         assert agent.handler_errors == 0
+
+
+async def test_upload_budget_makes_an_updater_sit_out(fleet: Fleet, mosquitto: Mosquitto) -> None:
+    config_path = fleet.device("dev-b", mosquitto, extra="[guards]\nmax_upload_bytes = 4096\n")
+    async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
+        await coord.start_round(1, p_sum=0.0, p_update=1.0, weights=mlp_weights())
+        await coord.publish_sums(1, [summer_entry(fleet, "summer-0", 1)[3]])
+        await wait_step(agent, 1, Step.SAT_OUT)
+        state = await agent.journal.load(1)
+        assert state is not None and "max_upload_bytes 4096" in state.detail
+        assert coord.raw[TopicKind.UPDATE] == []
+
+
+async def test_agent_waits_for_the_broker_and_survives_its_restart(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    broker = Mosquitto(tmp_path / "broker", persistence=True)
+    config_path = fleet.device("dev-w", broker)
+    async with running_agent(config_path) as agent:
+        await asyncio.sleep(1.0)  # the agent retries with backoff while nothing listens
+        assert agent.transport is None
+        broker.start()
+        try:
+            async with StandIn(fleet, broker) as coord:
+                await coord.start_round(1, p_sum=1.0, p_update=0.0, weights=small_weights())
+                first = await coord.expect(TopicKind.SUM)
+                assert isinstance(first.body, Sum)
+                await coord.receipt("dev-w", first)
+                await wait_step(agent, 1, Step.SUM_SENT)
+                broker.kill()
+                broker.start()
+                seed = new_seed()
+                sealed = {bytes(32): seal_seed(seed, first.body.ephemeral_pk)}
+                await coord.publish_seeds(1, "dev-w", first.header.sender, sealed)
+                sum2 = await coord.expect(TopicKind.SUM2, wait_s=30)
+                assert isinstance(sum2.body, Sum2)
+                assert np.array_equal(sum2.body.words, aggregate_mask([seed], 65, 32))
+        finally:
+            broker.stop()
