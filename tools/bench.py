@@ -20,6 +20,7 @@ from typing import Any
 # subcommand -> module under maskfl.tools that implements it
 SUBCOMMANDS: dict[str, str] = {
     "protocol": "bench_protocol",
+    "messages": "bench_messages",
     "aggregate": "bench_aggregate",
     "coordinator": "bench_coordinator",
     "agent": "bench_agent",
