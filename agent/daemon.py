@@ -524,7 +524,7 @@ class Agent:
                     return
                 if parsed.kind is TopicKind.SEEDS and parsed.device != self.device:
                     return
-                signed = decode_message(payload, max_size=limit)
+                signed = await _decode(payload, limit)
                 if parsed.kind is TopicKind.SUMS:
                     self._verify_coordinator(signed, MessageType.SUM_DICT)
                     signed.expect(fleet=self.fleet, round_id=current)
@@ -565,7 +565,7 @@ class Agent:
                 assert isinstance(receipt, Receipt)
                 await self._on_receipt(receipt)
             case TopicKind.MODEL_LATEST:
-                signed = decode_message(payload, max_size=limit)
+                signed = await _decode(payload, limit)
                 self._verify_coordinator(signed, MessageType.GLOBAL_MODEL)
                 model = signed.body
                 assert isinstance(model, GlobalModel)
@@ -597,6 +597,13 @@ class Agent:
             await self.journal.mark_receipt(
                 entry.round_id, entry.kind, status, str(receipt.reason or "")
             )
+
+
+async def _decode(payload: bytes, max_size: int) -> SignedMessage:
+    """decode_message, off the event loop for large payloads (hashing a model takes time)."""
+    if len(payload) < 1 << 20:
+        return decode_message(payload, max_size=max_size)
+    return await asyncio.to_thread(decode_message, payload, max_size=max_size)
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:
