@@ -181,6 +181,8 @@ def start_fleet_broker(
 ) -> Broker:
     """``init`` (plus ``extra`` options) and ``add-device``, then mosquitto with the conf."""
     port = free_port()
+    while str(port) in extra:  # the caller's --dev-port came from free_port() as well
+        port = free_port()
     data = workdir / "data"
     data.mkdir(parents=True)
     args = [
