@@ -59,9 +59,10 @@ from datetime import time
 from pathlib import Path
 from typing import Any, Literal
 
-from maskfl.protocol.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from maskfl.protocol.errors import ConfigError
 
 __all__ = [
     "AgentConfig",

@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 import psutil
+
 from maskfl.agent.config import GuardsSection
 
 __all__ = ["GuardVerdict", "Guards"]

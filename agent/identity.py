@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nacl.signing
+
 from maskfl.agent.config import DeviceSection
 from maskfl.protocol.errors import ConfigError, CryptoError, RemoteProtocolError
 from maskfl.protocol.identity import Certificate, Identity, RevocationList, verify_certificate

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+
 from maskfl.agent.config import DataSection, TrainingSection
 from maskfl.agent.datasources import Dataset, load_dataset
 from maskfl.agent.training import LocalTrainer

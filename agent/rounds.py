@@ -36,6 +36,7 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
+
 from maskfl.agent.config import AgentConfig
 from maskfl.agent.guards import Guards
 from maskfl.agent.identity import DeviceIdentity
@@ -492,16 +493,22 @@ class RoundDriver:
                 else:
                     log.warning("round %d: not resending %s: %s", self.round_id, kind, budget)
                     attempts = limits.upload_retries + 1
-            try:
-                receipt = await asyncio.wait_for(asyncio.shield(future), limits.receipt_timeout_s)
-            except TimeoutError:
-                log.warning(
-                    "round %d: no receipt for %s after %.0f s",
-                    self.round_id,
-                    kind,
-                    limits.receipt_timeout_s,
-                )
-                continue
+            if attempts > limits.upload_retries:
+                # Retries spent: the receipt may still come; a new round ends the wait.
+                receipt = await future
+            else:
+                try:
+                    receipt = await asyncio.wait_for(
+                        asyncio.shield(future), limits.receipt_timeout_s
+                    )
+                except TimeoutError:
+                    log.warning(
+                        "round %d: no receipt for %s after %.0f s",
+                        self.round_id,
+                        kind,
+                        limits.receipt_timeout_s,
+                    )
+                    continue
             outcome = _classify(receipt, repeated=attempts + sent_before > 1)
             status = OutboxStatus.REJECTED if outcome is Outcome.REJECTED else OutboxStatus.ACCEPTED
             if outcome is not Outcome.AMBIGUOUS:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import aiosqlite
+
 from maskfl.protocol.errors import StorageError
 
 __all__ = [

@@ -23,6 +23,7 @@ from typing import Any
 
 import nacl.signing
 import numpy as np
+
 from maskfl.models import shipped_models
 from maskfl.protocol.crypto import EphemeralKeyPair, new_seed, open_seed, seal_seed
 from maskfl.protocol.identity import Identity, issue_certificate

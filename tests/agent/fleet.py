@@ -20,6 +20,7 @@ from typing import Any
 
 import nacl.signing
 import numpy as np
+
 from maskfl.protocol.chunking import Reassembler, is_chunk, split_payload
 from maskfl.protocol.crypto import EphemeralKeyPair
 from maskfl.protocol.identity import Certificate, Identity, issue_certificate
@@ -42,7 +43,6 @@ from maskfl.protocol.messages import (
 from maskfl.protocol.sortition import next_round_seed
 from maskfl.protocol.topics import TopicKind, Topics, parse_topic
 from maskfl.transport import MqttConfig, MqttTransport
-
 from tests.support.mosquitto import Mosquitto
 
 FLEET = "testfleet"

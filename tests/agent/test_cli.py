@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from maskfl.agent.cli import main
 from maskfl.protocol.keys import public_key_from_pem
-
 from tests.agent.fleet import Fleet
 from tests.support.mosquitto import Mosquitto
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from maskfl.agent.config import TimeWindow, load_config
 from maskfl.protocol.errors import ConfigError
 

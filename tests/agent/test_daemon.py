@@ -16,6 +16,7 @@ from pathlib import Path
 import nacl.signing
 import numpy as np
 import pytest
+
 from maskfl.agent.config import load_config
 from maskfl.agent.daemon import Agent
 from maskfl.agent.datasources import load_dataset
@@ -28,7 +29,6 @@ from maskfl.protocol.ids import Role
 from maskfl.protocol.masking import aggregate_mask, decode_aggregate, error_bound, mask_stream
 from maskfl.protocol.messages import HEADER_SIZE, Heartbeat, Sum, Sum2, Update, encode_message
 from maskfl.protocol.topics import TopicKind
-
 from tests.agent.fleet import Fleet, StandIn, summer_entry
 from tests.support.mosquitto import Mosquitto
 

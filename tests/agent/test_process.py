@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from maskfl.protocol.crypto import new_seed, seal_seed
 from maskfl.protocol.masking import aggregate_mask
 from maskfl.protocol.messages import Sum, Sum2
 from maskfl.protocol.topics import TopicKind
-
 from tests.agent.fleet import Fleet, StandIn
 from tests.support.mosquitto import Mosquitto
 

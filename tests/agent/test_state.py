@@ -6,6 +6,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from maskfl.agent.state import Journal, OutboxEntry, OutboxStatus, RoundState, Step, TaskKind
 from maskfl.protocol.errors import StorageError
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from maskfl.agent.datasources import load_dataset
 from maskfl.agent.state import Step, TaskKind
 from maskfl.agent.training import LocalTrainer
@@ -22,7 +23,6 @@ from maskfl.broker_coordinator.config import load_config as load_coordinator_con
 from maskfl.broker_coordinator.service import Coordinator
 from maskfl.protocol.keys import public_key_to_pem
 from maskfl.tools.fleet_sim import SimFleet, first_round_seed, wait_for
-
 from tests.agent.fleet import write_bundle
 from tests.agent.test_daemon import running_agent
 from tests.support.mosquitto import Mosquitto
