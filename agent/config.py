@@ -19,6 +19,7 @@ bundles that match it. Example (every section but ``[device]`` is optional)::
     ca_file = "broker-ca.pem"
     cert_file = "device-tls.pem"         # mTLS client certificate
     key_file = "device-tls.key"
+    # session_expiry_s = 86400           # persistent session; 0 = clean session
 
     [state]
     dir = "/var/lib/maskfl-agent"        # SQLite journal; StateDirectory= in systemd

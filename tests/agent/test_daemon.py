@@ -278,3 +278,20 @@ async def test_agent_waits_for_the_broker_and_survives_its_restart(
                 assert np.array_equal(sum2.body.words, aggregate_mask([seed], 65, 32))
         finally:
             broker.stop()
+
+
+async def test_updater_resumes_after_restart_with_the_same_update(
+    fleet: Fleet, mosquitto: Mosquitto
+) -> None:
+    config_path = fleet.device("dev-z", mosquitto)
+    async with StandIn(fleet, mosquitto) as coord:
+        async with running_agent(config_path):
+            await coord.start_round(4, p_sum=0.0, p_update=1.0, weights=mlp_weights())
+            await coord.publish_sums(4, [summer_entry(fleet, "summer-0", 4)[3]])
+            first = await coord.expect(TopicKind.UPDATE)
+        # Stopped before the receipt came: the next start publishes the same bytes again.
+        async with running_agent(config_path) as agent:
+            again = await coord.expect(TopicKind.UPDATE)
+            assert again.raw == first.raw
+            await coord.receipt("dev-z", again, accepted=False, reason=Reason.DUPLICATE)
+            await wait_step(agent, 4, Step.DONE)
