@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import tomli_w
+
 from maskfl.broker_coordinator.provision._files import PRIVATE, PUBLIC, write_atomic
 
 # Device bundle files (names as in configs/agent.toml).

@@ -40,6 +40,7 @@ from typing import Any
 
 import nacl.signing
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from maskfl.broker_coordinator.provision import _bundle as b
 from maskfl.broker_coordinator.provision import _tls
 from maskfl.broker_coordinator.provision._broker import (

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
+
 from maskfl.broker_coordinator.provision.errors import ProvisionError
 
 T = TypeVar("T")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from maskfl.broker_coordinator.provision.cli import main
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from maskfl.broker_coordinator.provision.cli import main
 from tests.support.mosquitto import Mosquitto, free_port
 
 WAIT_S = 10.0

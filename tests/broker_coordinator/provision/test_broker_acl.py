@@ -6,17 +6,19 @@ Every client is built from the files of a bundle written by ``maskfl-provision``
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
 from maskfl.broker_coordinator.provision import _tls
 from maskfl.protocol.errors import CertificateError, Reason
 from maskfl.protocol.identity import Certificate, RevocationList, verify_certificate
 from maskfl.protocol.keys import public_key_from_pem
 from maskfl.protocol.topics import Topics
-from paho.mqtt.enums import CallbackAPIVersion
-
 from tests.broker_coordinator.provision.conftest import Broker, provision, start_fleet_broker
 from tests.support.mosquitto import free_port
 
@@ -206,6 +208,15 @@ def test_development_listener_is_plain_and_loopback_only_when_asked(tmp_path: Pa
     try:
         conf = (tmp_path / "fleet" / "broker" / "mosquitto.conf").read_text()
         assert f"\nlistener {dev_port} 127.0.0.1\n" in conf
+        # start() waited for the TLS listener; mosquitto opens the second one just after.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", dev_port), 1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the development listener never opened"
+                time.sleep(0.02)
         assert plain.connect("127.0.0.1", dev_port) == mqtt.MQTT_ERR_SUCCESS
         plain.loop_start()
         info = plain.publish(f"{P}/round", b"anything goes here", qos=1)

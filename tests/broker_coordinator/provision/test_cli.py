@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from maskfl.agent.config import load_config as load_agent_config
 from maskfl.broker_coordinator.config import check_files
 from maskfl.broker_coordinator.config import load_config as load_coordinator_config
@@ -27,7 +28,6 @@ from maskfl.protocol.identity import (
 )
 from maskfl.protocol.ids import Role
 from maskfl.protocol.keys import public_key_from_pem, public_key_to_pem, signing_key_from_pem
-
 from tests.broker_coordinator.provision.conftest import provision
 
 BUNDLE_FILES = {

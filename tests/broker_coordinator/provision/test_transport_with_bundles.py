@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from maskfl.agent.config import load_config as load_agent_config
 from maskfl.broker_coordinator.config import load_config as load_coordinator_config
 from maskfl.protocol.topics import Topics
 from maskfl.transport import LastWill, MqttConfig, MqttTransport, RefusedError, TlsConfig
-
 from tests.broker_coordinator.provision.conftest import Broker
 
 pytestmark = pytest.mark.broker
