@@ -144,3 +144,16 @@ def test_dockerfile_is_slim_non_root_with_a_healthcheck() -> None:
     assert users and not users[-1].startswith(("0", "root"))
     assert re.search(r"^HEALTHCHECK .*\n\s+CMD .*healthz", text, re.M)
     assert 'ENTRYPOINT ["maskfl-coordinator"]' in text
+
+
+def test_docker_build_context_leaves_out_the_venv_and_keys() -> None:
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "*" in ignore  # everything is excluded unless named
+    copied = {
+        source.rstrip("/")
+        for line in re.findall(r"^COPY (?!--from)(.+)$", (DEPLOY / "Dockerfile").read_text(), re.M)
+        for source in line.split()[:-1]
+    }
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert copied and copied <= allowed
+    assert "**/*.key" in ignore
