@@ -20,6 +20,7 @@ from typing import Protocol, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
+
 from maskfl.protocol.errors import AggregationError
 from maskfl.protocol.masking import MaskConfig, decode_aggregate
 

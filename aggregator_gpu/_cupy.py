@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from maskfl.aggregator_gpu._base import (
     BackendName,
     BackendUnavailableError,

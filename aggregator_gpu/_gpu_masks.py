@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from maskfl.aggregator_gpu._base import Words, check_length, word_dtype
 from maskfl.aggregator_gpu._cuda_source import (
     CHACHA20_BLOCK_BYTES,

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import numpy.typing as npt
+
 from maskfl.aggregator_gpu._base import (
     BackendName,
     Snapshot,

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
 from maskfl.aggregator_gpu._base import (
     MaskVoteTieError,
     Words,

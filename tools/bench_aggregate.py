@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from maskfl.aggregator_gpu import (
     Backend,
     BackendName,

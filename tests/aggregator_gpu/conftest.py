@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from maskfl.aggregator_gpu import Backend, BackendUnavailableError, CupyBackend, NumpyBackend
 
 

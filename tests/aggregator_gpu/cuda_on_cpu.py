@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from maskfl.aggregator_gpu._cuda_source import NONCE_WORDS, SOURCE
 
 SHIM = r"""

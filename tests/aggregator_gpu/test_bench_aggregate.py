@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from maskfl.aggregator_gpu import BackendUnavailableError, CupyBackend
 from maskfl.tools import bench_aggregate
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from maskfl.protocol.masking import aggregate_mask
 from nacl.bindings import randombytes_buf_deterministic
 
+from maskfl.protocol.masking import aggregate_mask
 from tests.aggregator_gpu.cuda_on_cpu import HostKernels, compiler
 
 VECTORS = Path("/work/shared/vectors/mask_stream.json")

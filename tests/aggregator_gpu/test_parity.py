@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from nacl.bindings import randombytes_buf_deterministic
+
 from maskfl.aggregator_gpu import (
     CupyBackend,
     NumpyBackend,
@@ -16,7 +18,6 @@ from maskfl.aggregator_gpu import (
     mask_stream_gpu,
 )
 from maskfl.protocol.masking import aggregate_mask
-from nacl.bindings import randombytes_buf_deterministic
 
 pytestmark = pytest.mark.gpu
 

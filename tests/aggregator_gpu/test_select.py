@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from maskfl.aggregator_gpu import (
     BackendName,
     BackendUnavailableError,

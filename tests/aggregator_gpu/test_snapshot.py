@@ -11,6 +11,7 @@ import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from maskfl.aggregator_gpu import Snapshot
 from maskfl.protocol.errors import AggregationError
 

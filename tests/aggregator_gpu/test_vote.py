@@ -10,6 +10,7 @@ import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from maskfl.aggregator_gpu import MaskVoteTieError, WordsLike, mask_digest, plurality_vote
 from maskfl.protocol.errors import AggregationError
 
