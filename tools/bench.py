@@ -21,6 +21,7 @@ from typing import Any
 SUBCOMMANDS: dict[str, str] = {
     "protocol": "bench_protocol",
     "messages": "bench_messages",
+    "transport": "bench_transport",
     "aggregate": "bench_aggregate",
     "coordinator": "bench_coordinator",
     "agent": "bench_agent",
