@@ -28,6 +28,8 @@ class RoundRecord:
     loss: float
     seconds: float
     bytes_per_device: float
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds spent in each phase, as far as the demo could see them."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,9 @@ class Randomness:
 
 
 def randomness(data: bytes | npt.NDArray[Any]) -> Randomness:
-    raw = np.frombuffer(bytes(data) if not isinstance(data, np.ndarray) else data.tobytes(), np.uint8)
+    raw = np.frombuffer(
+        bytes(data) if not isinstance(data, np.ndarray) else data.tobytes(), np.uint8
+    )
     counts = np.bincount(raw, minlength=256).astype(np.float64)
     n = float(raw.size)
     probabilities = counts[counts > 0] / n
@@ -122,8 +126,11 @@ def plot(rounds: list[RoundRecord], path: Path, *, title: str) -> None:
     ax_acc.set_title(title)
     ax_part.bar(xs, [r.participants for r in rounds], color="tab:green", label="updaters")
     ax_part.bar(
-        xs, [r.summers for r in rounds], bottom=[r.participants for r in rounds],
-        color="tab:orange", label="summers",
+        xs,
+        [r.summers for r in rounds],
+        bottom=[r.participants for r in rounds],
+        color="tab:orange",
+        label="summers",
     )
     ax_part.set_xlabel("round")
     ax_part.set_ylabel("devices")
@@ -132,3 +139,71 @@ def plot(rounds: list[RoundRecord], path: Path, *, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plain_weighted_mean(
+    updates: list[tuple[npt.NDArray[np.float32], int]], *, sample_cap: int, bound: float
+) -> tuple[npt.NDArray[np.float64], float]:
+    """``Σ a_k·clip(δ_k, ±B) / Σ a_k`` with ``a_k = min(samples, cap) / cap``: the FedAvg
+    mean the masked round should reproduce, computed in the clear from the agents' logs."""
+    if not updates:
+        raise ValueError("no plain updates")
+    total = np.zeros(updates[0][0].shape, np.float64)
+    weight_sum = 0.0
+    for delta, samples in updates:
+        a = min(samples, sample_cap) / sample_cap
+        total += a * np.clip(delta.astype(np.float64), -bound, bound)
+        weight_sum += a
+    return total / weight_sum, weight_sum
+
+
+@dataclass(frozen=True)
+class AggregateCheck:
+    """How far the unmasked aggregate is from the plain weighted mean of the deltas.
+
+    ``tolerance`` is the masking error bound the coordinator reported with the model
+    plus one float32 ulp of the new weights (the global model is stored as float32);
+    ``within`` says every element is inside it.
+    """
+
+    round_id: int
+    updates: int
+    max_abs_difference: float
+    mean_abs_difference: float
+    max_abs_mean: float
+    error_bound: float
+    tolerance: float
+    weight_sum_plain: float
+    weight_sum_decoded: float
+    within: bool
+
+
+def check_aggregate(
+    round_id: int,
+    previous: npt.NDArray[np.float32],
+    current: npt.NDArray[np.float32],
+    expected_mean: npt.NDArray[np.float64],
+    *,
+    updates: int,
+    lr: float,
+    error_bound: float,
+    weight_sum_plain: float,
+    weight_sum_decoded: float,
+) -> AggregateCheck:
+    """Compare the model step ``(current - previous) / lr`` (FedAvg) with the plain mean."""
+    observed = (current.astype(np.float64) - previous.astype(np.float64)) / lr
+    diff = np.abs(observed - expected_mean)
+    ulp = np.spacing(np.abs(current).astype(np.float32)).astype(np.float64) / lr
+    per_element = error_bound + ulp
+    return AggregateCheck(
+        round_id=round_id,
+        updates=updates,
+        max_abs_difference=float(diff.max()),
+        mean_abs_difference=float(diff.mean()),
+        max_abs_mean=float(np.abs(expected_mean).max()),
+        error_bound=float(error_bound),
+        tolerance=float(per_element.max()),
+        weight_sum_plain=float(weight_sum_plain),
+        weight_sum_decoded=float(weight_sum_decoded),
+        within=bool((diff <= per_element).all()),
+    )

@@ -1,0 +1,118 @@
+"""End to end: ``maskfl-demo`` with a real mosquitto, coordinator and agent processes.
+
+A short demo (4 devices, 3 rounds) must finish, write its report with the privacy
+check, and leave no process behind; so must a demo interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.broker]
+
+
+def _survivors(marker: Path) -> list[str]:
+    """Processes whose command line mentions ``marker`` (the demo's work directory)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if str(marker) in cmdline and proc.pid != os.getpid():
+            found.append(f"{proc.pid}: {cmdline}")
+    return found
+
+
+def _demo(workdir: Path, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "maskfl.tools.demo",
+        "--devices",
+        "4",
+        "--rounds",
+        "3",
+        "--workdir",
+        str(workdir),
+        "--timeout",
+        "150",
+        *args,
+    ]
+
+
+def test_short_demo_reports_and_cleans_up(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    done = subprocess.run(_demo(workdir), capture_output=True, text=True, timeout=240, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert _survivors(workdir) == []
+    report = json.loads((workdir / "report.json").read_text())
+    assert (workdir / "report.png").stat().st_size > 10_000
+    rounds = report["rounds"]
+    assert len(rounds) == 3
+    assert [r["model_version"] for r in rounds] == [1, 2, 3]
+    assert all(r["participants"] >= 1 and r["summers"] >= 1 for r in rounds)
+    summary = report["summary"]
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.3
+    assert summary["bytes_per_updater_per_round"] > 4 * 4810  # a masked update of the MLP
+    privacy = report["privacy"]
+    stored = privacy["stored_update"]
+    assert stored["looks_random"], stored
+    assert stored["masked"]["entropy_bits_per_byte"] > 7.9
+    assert stored["same_update_encoded_unmasked"]["entropy_bits_per_byte"] < 7.0
+    assert privacy["aggregate_matches_plain_mean"], privacy["aggregate_checks"]
+    assert len(privacy["aggregate_checks"]) == 3
+    assert "accuracy" in done.stdout and str(workdir / "report.json") in done.stdout
+    for name in ("mosquitto", "coordinator", "agent-dev-001"):
+        assert (workdir / "logs" / f"{name}.log").is_file()
+
+
+def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    proc = subprocess.Popen(
+        _demo(workdir, "--rounds", "50"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        seen = ""
+        while "coordinator pid" not in seen and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen += line
+        assert "coordinator pid" in seen, seen
+        assert len(_survivors(workdir)) >= 6  # mosquitto, coordinator, 4 agents
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, seen + rest
+    assert "interrupted" in rest
+    assert _survivors(workdir) == []
+
+
+def test_refuses_a_foreign_workdir(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    done = subprocess.run(
+        [sys.executable, "-m", "maskfl.tools.demo", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "not empty" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"

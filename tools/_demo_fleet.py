@@ -1,0 +1,279 @@
+"""Provisioning a demo fleet in a work directory, and the configs the demo runs with.
+
+The fleet is made by the real ``maskfl-provision`` (fleet CA, broker TLS CA and
+server certificate, mosquitto config and ACL, coordinator and device bundles); the
+demo then rewrites the generated ``coordinator.toml`` and each ``agent.toml`` with
+the demo's settings (round timing for a small fleet, local state folders, each
+device's share of the digits data), through the config models' own keys.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+
+from maskfl.protocol.errors import ConfigError
+
+__all__ = [
+    "OBSERVER",
+    "DemoFleet",
+    "FleetSettings",
+    "console_script",
+    "free_port",
+    "provision_fleet",
+]
+
+FLEET = "demo"
+OBSERVER = "demo-observer"
+"""An extra enrolled identity the demo uses to watch the fleet: the ACL lets a device
+read round parameters, sum dictionaries and models, which is all the demo needs."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def console_script(name: str, module: str) -> list[str]:
+    """How to run maskfl's console script ``name``: the one installed next to this
+    interpreter (a venv), else ``python -c`` on the module's ``main``."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which(name)
+    if found:
+        return [found]
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+
+def find_mosquitto() -> str:
+    found = shutil.which("mosquitto") or shutil.which(
+        "mosquitto", path="/usr/sbin:/usr/local/sbin:/opt/homebrew/sbin"
+    )
+    if found is None:
+        raise ConfigError(
+            "mosquitto is not installed: `make demo` installs it, or apt-get install mosquitto",
+            field="mosquitto",
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """What the demo asks of the fleet."""
+
+    devices: int
+    model: str
+    num_params: int
+    epochs: int = 5
+    batch_size: int = 32
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    data_seed: int = 0
+    min_samples: int = 10
+    sample_cap: int = 1000
+    heartbeat_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class DemoFleet:
+    """Paths of a provisioned demo fleet."""
+
+    root: Path
+    broker_port: int
+    http_port: int
+    broker_conf: Path
+    coordinator_toml: Path
+    coordinator_state: Path
+    observer_dir: Path
+    device_ids: tuple[str, ...]
+
+    @property
+    def fleet(self) -> str:
+        return FLEET
+
+    def device_dir(self, device: str) -> Path:
+        return self.root / "fleet" / "devices" / device
+
+    def agent_toml(self, device: str) -> Path:
+        return self.device_dir(device) / "agent.toml"
+
+    def agent_state(self, device: str) -> Path:
+        return self.root / "agents" / device
+
+    def plain_log(self, device: str) -> Path:
+        """Where the demo agent keeps its plain deltas: the device's own local log."""
+        return self.agent_state(device) / "plain-updates"
+
+
+def _run(argv: list[str], log: Path) -> None:
+    with log.open("ab") as out:
+        done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-10:])
+        raise ConfigError(f"{' '.join(argv[:3])} ... failed (status {done.returncode}):\n{tail}")
+
+
+def provision_fleet(
+    root: Path, settings: FleetSettings, *, pet: dict[str, Any], initial: np.ndarray
+) -> DemoFleet:
+    """Provision ``settings.devices`` devices (dev-001 ...) and the observer into
+    ``root/fleet``, then write the demo's coordinator and agent settings."""
+    fleet_dir = root / "fleet"
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    port, http_port = free_port(), free_port()
+    provision = console_script("maskfl-provision", "maskfl.broker_coordinator.provision.cli")
+    base = [*provision, "--dir", str(fleet_dir)]
+    state = root / "coordinator-state"
+    _run(
+        [
+            *base,
+            "init",
+            "--fleet",
+            FLEET,
+            "--host",
+            "localhost",
+            "--ip",
+            "127.0.0.1",
+            "--coordinator-host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--broker-config-dir",
+            str(fleet_dir / "broker"),
+            "--broker-data-dir",
+            str(root / "broker-data"),
+            "--broker-user",
+            getpass.getuser(),
+            "--model-id",
+            settings.model,
+            "--model-length",
+            str(settings.num_params),
+            "--coordinator-state-dir",
+            str(state),
+        ],
+        logs / "provision.log",
+    )
+    _run([*base, "add-device", "dev", "--count", str(settings.devices)], logs / "provision.log")
+    _run([*base, "add-device", OBSERVER], logs / "provision.log")
+    (root / "broker-data").mkdir(exist_ok=True)
+    width = max(3, len(str(settings.devices)))
+    devices = tuple(f"dev-{i:0{width}d}" for i in range(1, settings.devices + 1))
+    fleet = DemoFleet(
+        root=root,
+        broker_port=port,
+        http_port=http_port,
+        broker_conf=fleet_dir / "broker" / "mosquitto.conf",
+        coordinator_toml=fleet_dir / "coordinator" / "coordinator.toml",
+        coordinator_state=state,
+        observer_dir=fleet_dir / "devices" / OBSERVER,
+        device_ids=devices,
+    )
+    missing = [d for d in devices if not fleet.agent_toml(d).is_file()]
+    if missing:
+        raise ConfigError(f"provisioning wrote no bundle for {', '.join(missing[:3])}")
+    np.save(fleet.coordinator_toml.with_name("initial.npy"), initial.astype(np.float32))
+    _write_coordinator(fleet, pet)
+    for index, device in enumerate(devices):
+        _write_agent(fleet, device, index, settings)
+    return fleet
+
+
+def _edit_toml(path: Path, changes: dict[str, dict[str, Any]]) -> None:
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    for section, values in changes.items():
+        data.setdefault(section, {}).update(values)
+    header = "".join(
+        line + "\n"
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.startswith("#")
+    )
+    path.write_text(
+        header + "# Rewritten by maskfl-demo with the demo's settings.\n\n" + tomli_w.dumps(data)
+    )
+
+
+def _write_coordinator(fleet: DemoFleet, pet: dict[str, Any]) -> None:
+    _edit_toml(
+        fleet.coordinator_toml,
+        {
+            "model": {"initial_weights": "initial.npy"},
+            "pet": pet,
+            "http": {"enabled": True, "host": "127.0.0.1", "port": fleet.http_port},
+            "log": {"level": "info", "format": "text"},
+            "broker": {"host": "127.0.0.1"},
+        },
+    )
+
+
+def _write_agent(fleet: DemoFleet, device: str, index: int, s: FleetSettings) -> None:
+    _edit_toml(
+        fleet.agent_toml(device),
+        {
+            "broker": {"host": "127.0.0.1", "reconnect_min_s": 0.5, "reconnect_max_s": 5.0},
+            "state": {"dir": str(fleet.agent_state(device))},
+            "training": {
+                "epochs": s.epochs,
+                "batch_size": s.batch_size,
+                "sample_cap": s.sample_cap,
+                "threads": 1,
+            },
+            "data": {
+                "source": "digits",
+                "options": {
+                    "shard": index,
+                    "shards": s.devices,
+                    "partition": s.partition,
+                    "alpha": s.alpha,
+                    "seed": s.data_seed,
+                    "min_samples": s.min_samples,
+                },
+            },
+            "heartbeat": {"interval_s": s.heartbeat_s},
+            "logging": {"level": "INFO", "format": "text"},
+        },
+    )
+
+
+def demo_pet(devices: int) -> dict[str, Any]:
+    """Round timing for a demo fleet on one machine: phases close as soon as the
+    fleet has answered, failed rounds are retried quickly."""
+    summers = 2 if devices < 10 else 3 if devices < 20 else 4
+    updaters = max(1, min(devices - summers, 100))
+    busy = 2.0 + 0.02 * devices  # in-process fleets of hundreds train and mask in turn
+    return {
+        "sum": {
+            "target": summers,
+            "count_min": 1,
+            "count_max": 100,
+            "time_min_s": 1.0 + 0.005 * devices,
+            "time_max_s": 10.0 + 0.05 * devices,
+        },
+        "update": {
+            "target": updaters,
+            "count_min": 1,
+            "count_max": 1000,
+            "time_min_s": busy,
+            "time_max_s": 60.0 + 0.5 * devices,
+        },
+        "sum2": {"count_min": 1, "count_max": 100, "time_min_s": 0.0, "time_max_s": 30.0},
+        "alive_window_s": 30.0,
+        "round_pause_s": 0.2,
+        "failure_pause_s": 0.5,
+    }

@@ -1,0 +1,745 @@
+"""``maskfl-demo``: a whole secured fleet on this machine trains a model, with a report.
+
+What it does, in order (everything lands in ``--workdir``, default ``./demo-run``)::
+
+    fleet/            maskfl-provision: fleet CA, broker TLS + ACL, coordinator and
+                      device bundles (dev-001 ...) and the demo's observer identity
+    logs/             one log per process: mosquitto, coordinator, every agent
+    mosquitto         the generated config (mutual TLS, ACL) on a free loopback port
+    agents            N processes (``maskfl-agent run`` plus a local log of the plain
+                      update), each with its own bundle and non-IID digits share;
+                      or, with --in-process, N asyncio tasks in this process
+    coordinator       ``maskfl-coordinator run`` with round timing for a small fleet
+    rounds            the demo watches over MQTT as a read-only enrolled identity,
+                      evaluates every new global model on the held-out digits, and
+                      prints phase times, participants, accuracy, bytes per device
+    report.json/.png  per-round numbers, the plot, the privacy check, a summary
+
+The privacy check takes one masked update exactly as the coordinator stored it and
+shows that its bytes are indistinguishable from random (entropy, chi-square), next
+to the same update encoded without the mask; and for every round it compares the
+unmasked aggregate with the plain weighted mean of the deltas the updaters logged
+locally, against the masking error bound.
+
+Every process is started in its own session and stopped (SIGTERM, then SIGKILL) on
+the way out: at the end, on an error, on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from maskfl.agent.datasources import load_dataset
+from maskfl.agent.training import Evaluation, LocalTrainer
+from maskfl.models import shipped_model
+from maskfl.protocol.errors import ConfigError, MaskflError
+from maskfl.protocol.masking import MaskConfig, encode_update
+from maskfl.protocol.messages import GlobalModel, RoundParams
+from maskfl.tools import report as rep
+from maskfl.tools._demo_fleet import (
+    OBSERVER,
+    DemoFleet,
+    FleetSettings,
+    console_script,
+    demo_pet,
+    find_mosquitto,
+    provision_fleet,
+)
+from maskfl.tools._demo_watch import (
+    ModelEvent,
+    Observer,
+    RoundEvent,
+    StoreSampler,
+    SumsEvent,
+    fetch_status,
+    journal_rounds,
+    plain_update,
+)
+from maskfl.tools._supervise import Supervisor
+from maskfl.tools.demo_agent import InProcessFleet
+
+__all__ = ["DemoOptions", "build_parser", "main", "run_demo"]
+
+MARKER = ".maskfl-demo"
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    devices: int = 10
+    rounds: int = 10
+    model: str = "mlp"
+    workdir: Path = Path("demo-run")
+    in_process: bool = False
+    epochs: int = 5
+    alpha: float = 0.5
+    timeout_s: float = 600.0
+    quiet: bool = False
+
+
+@dataclass
+class _Round:
+    """What the demo has seen of one round so far."""
+
+    round_id: int
+    started: float
+    params: RoundParams
+    sums_at: float | None = None
+    summers: int = 0
+    phase_seen: dict[str, float] = field(default_factory=dict)
+
+
+class Demo:
+    def __init__(self, options: DemoOptions) -> None:
+        self.o = options
+        self.root = options.workdir.resolve()
+        self.logs = self.root / "logs"
+        self.supervisor = Supervisor(self.logs)
+        self.fleet: DemoFleet | None = None
+        self.inproc: InProcessFleet | None = None
+        self.observer: Observer | None = None
+        self.sampler: StoreSampler | None = None
+        self.records: list[rep.RoundRecord] = []
+        self.failed_rounds: list[int] = []
+        self.checks: list[rep.AggregateCheck] = []
+        self.rounds: dict[int, _Round] = {}
+        self.bytes_rows: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        self.mask: MaskConfig | None = None
+        self.timeline: dict[str, float] = {}
+
+    def say(self, text: str) -> None:
+        if not self.o.quiet:
+            print(text, flush=True)
+
+    # -- set-up ---------------------------------------------------------------------
+
+    def _prepare_workdir(self) -> None:
+        root = self.root
+        if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
+            raise ConfigError(
+                f"--workdir {root} is not empty and was not made by maskfl-demo; "
+                "choose an empty or new directory",
+                field="--workdir",
+            )
+        for name in ("fleet", "logs", "agents", "coordinator-state", "broker-data"):
+            shutil.rmtree(root / name, ignore_errors=True)
+        for name in ("report.json", "report.png"):
+            with contextlib.suppress(FileNotFoundError):
+                (root / name).unlink()
+        root.mkdir(parents=True, exist_ok=True)
+        (root / MARKER).write_text("made by maskfl-demo; its contents are replaced on every run\n")
+
+    async def run(self) -> rep.Report:
+        o = self.o
+        self._prepare_workdir()
+        spec = shipped_model(o.model)
+        trainer = await asyncio.to_thread(LocalTrainer.shipped, o.model, num_threads=1)
+        initial = trainer.get_weights()
+        settings = FleetSettings(
+            devices=o.devices,
+            model=o.model,
+            num_params=spec.num_params,
+            epochs=o.epochs,
+            alpha=o.alpha,
+            min_samples=max(1, min(10, 1400 // (2 * o.devices))),
+        )
+        data = await asyncio.to_thread(
+            load_dataset,
+            "digits",
+            {
+                "shard": 0,
+                "shards": o.devices,
+                "partition": settings.partition,
+                "alpha": settings.alpha,
+                "seed": settings.data_seed,
+                "min_samples": settings.min_samples,
+            },
+        )
+        x_test, y_test = data.x_test, data.y_test
+        start_eval = trainer.evaluate(x_test, y_test)
+        pet = demo_pet(o.devices)
+        mode = "in-process agents" if o.in_process else "agent processes"
+        self.say(
+            f"maskfl demo: {o.devices} devices ({mode}), {o.rounds} rounds, model {o.model} "
+            f"({spec.num_params} parameters), work directory {self.root}"
+        )
+        t = time.monotonic()
+        fleet = await asyncio.to_thread(
+            provision_fleet, self.root, settings, pet=pet, initial=initial
+        )
+        self.fleet = fleet
+        self.timeline["provision_s"] = time.monotonic() - t
+        self.say(
+            f"  provisioned fleet {fleet.fleet!r}: CA, broker TLS + ACL, coordinator, "
+            f"{o.devices} device bundles ({self.timeline['provision_s']:.1f} s)"
+        )
+        try:
+            await self._start_processes(fleet)
+            await self._watch_rounds(fleet, trainer, x_test, y_test, initial)
+        finally:
+            await self._shutdown()
+        return self._report(settings, pet, start_eval.accuracy, start_eval.loss)
+
+    async def _start_processes(self, fleet: DemoFleet) -> None:
+        o = self.o
+        t = time.monotonic()
+        broker = self.supervisor.start(
+            "mosquitto", [find_mosquitto(), "-c", str(fleet.broker_conf)]
+        )
+        await _wait_port(fleet.broker_port, 15.0, self.supervisor)
+        self.say(
+            f"  mosquitto pid {broker.pid} on 127.0.0.1:{fleet.broker_port} "
+            "(mutual TLS, per-device ACL)"
+        )
+        if o.in_process:
+            self.inproc = InProcessFleet([fleet.agent_toml(d) for d in fleet.device_ids], o.model)
+            await self.inproc.start()
+        else:
+            for device in fleet.device_ids:
+                self.supervisor.start(
+                    f"agent-{device}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "maskfl.tools.demo_agent",
+                        "--config",
+                        str(fleet.agent_toml(device)),
+                    ],
+                )
+        connected = await self._wait_agents(fleet, 60.0 + 0.5 * o.devices)
+        self.timeline["agents_s"] = time.monotonic() - t
+        self.say(
+            f"  {connected}/{o.devices} agents connected "
+            f"({self.timeline['agents_s']:.1f} s; logs in {self.logs})"
+        )
+        observer = Observer(
+            fleet.observer_dir,
+            fleet=fleet.fleet,
+            model_id=o.model,
+            host="127.0.0.1",
+            port=fleet.broker_port,
+            client_id=OBSERVER,
+        )
+        await observer.start()
+        self.observer = observer
+        coordinator = self.supervisor.start(
+            "coordinator",
+            [
+                *console_script("maskfl-coordinator", "maskfl.broker_coordinator.cli"),
+                "run",
+                "--config",
+                str(fleet.coordinator_toml),
+            ],
+        )
+        deadline = time.monotonic() + 60.0
+        while True:
+            self.supervisor.check()
+            status = await fetch_status(fleet.http_port, 1.0)
+            if status is not None and status.get("ready"):
+                break
+            if time.monotonic() > deadline:
+                raise MaskflError(
+                    f"the coordinator did not become ready within 60 s; see "
+                    f"{self.logs}/coordinator.log"
+                )
+            await asyncio.sleep(0.2)
+        self.say(
+            f"  coordinator pid {coordinator.pid} ready (status http://127.0.0.1:{fleet.http_port}"
+            f"/status, backend {status.get('backend', '?')}, "
+            f"{status.get('word_bits', '?')}-bit words)"
+        )
+        self.sampler = StoreSampler(fleet.coordinator_state)
+        self.sampler.start()
+
+    async def _wait_agents(self, fleet: DemoFleet, limit_s: float) -> int:
+        """Wait until every agent holds its broker connection (so round 1 finds them)."""
+        deadline = time.monotonic() + limit_s
+        log = self.logs / "mosquitto.log"
+        while True:
+            self.supervisor.check()
+            if self.inproc is not None:
+                self.inproc.check()
+                count = self.inproc.connected()
+            else:
+                text = log.read_text(errors="replace") if log.exists() else ""
+                count = sum(1 for d in fleet.device_ids if f" as {d} " in text)
+            if count >= len(fleet.device_ids) or time.monotonic() > deadline:
+                return count
+            await asyncio.sleep(0.2)
+
+    # -- the rounds -----------------------------------------------------------------
+
+    async def _watch_rounds(
+        self,
+        fleet: DemoFleet,
+        trainer: LocalTrainer,
+        x_test: npt.NDArray[np.float32],
+        y_test: npt.NDArray[np.int32],
+        initial: npt.NDArray[np.float32],
+    ) -> None:
+        o = self.o
+        assert self.observer is not None
+        previous = initial
+        deadline = time.monotonic() + o.timeout_s
+        last_progress = time.monotonic()
+        next_status = 0.0
+        completed = 0
+        while completed < o.rounds:
+            now = time.monotonic()
+            if now > deadline:
+                raise MaskflError(
+                    f"only {completed} of {o.rounds} rounds completed within {o.timeout_s:.0f} s; "
+                    f"see the logs in {self.logs}"
+                )
+            if now - last_progress > 180.0:
+                raise MaskflError(f"no progress for 180 s; see the logs in {self.logs}")
+            self.supervisor.check()
+            self.observer.check()
+            if self.inproc is not None:
+                self.inproc.check()
+            if now >= next_status:
+                next_status = now + 0.25
+                await self._poll_status(fleet)
+            try:
+                event = await asyncio.wait_for(self.observer.events.get(), 0.25)
+            except TimeoutError:
+                continue
+            last_progress = time.monotonic()
+            match event:
+                case RoundEvent():
+                    self._on_round(event)
+                case SumsEvent():
+                    r = self.rounds.get(event.round_id)
+                    if r is not None:
+                        r.sums_at, r.summers = event.at, len(event.summers)
+                case ModelEvent():
+                    previous = await self._on_model(
+                        event,
+                        fleet=fleet,
+                        trainer=trainer,
+                        x_test=x_test,
+                        y_test=y_test,
+                        previous=previous,
+                    )
+                    completed += 1
+
+    def _on_round(self, event: RoundEvent) -> None:
+        for rid in self.rounds:
+            if (
+                rid < event.round_id
+                and rid not in self.failed_rounds
+                and not any(rec.round_id == rid for rec in self.records)
+            ):
+                self.failed_rounds.append(rid)
+                self.say(f"round {rid:3d} | failed (see coordinator.log); the next round starts")
+        self.rounds[event.round_id] = _Round(event.round_id, event.at, event.params)
+        self.mask = event.params.mask
+
+    async def _poll_status(self, fleet: DemoFleet) -> None:
+        status = await fetch_status(fleet.http_port, 0.5)
+        if not status:
+            return
+        rid, phase = status.get("round_id"), status.get("phase")
+        r = self.rounds.get(rid) if isinstance(rid, int) else None
+        if r is not None and isinstance(phase, str):
+            r.phase_seen.setdefault(phase, time.monotonic())
+
+    async def _on_model(
+        self,
+        event: ModelEvent,
+        *,
+        fleet: DemoFleet,
+        trainer: LocalTrainer,
+        x_test: npt.NDArray[np.float32],
+        y_test: npt.NDArray[np.int32],
+        previous: npt.NDArray[np.float32],
+    ) -> npt.NDArray[np.float32]:
+        model: GlobalModel = event.model
+        rid = int(model.round_id)
+        weights = np.array(model.weights, dtype=np.float32)
+
+        def evaluate() -> Evaluation:
+            trainer.set_weights(weights)
+            return trainer.evaluate(x_test, y_test)
+
+        ev = await asyncio.to_thread(evaluate)
+        metrics = event.metrics
+        r = self.rounds.get(rid)
+        started = r.started if r is not None else event.at
+        phases: dict[str, float] = {}
+        if r is not None and r.sums_at is not None:
+            phases["sum"] = r.sums_at - r.started
+            sum2_at = r.phase_seen.get("sum2")
+            if sum2_at is not None and sum2_at > r.sums_at:
+                phases["update"] = sum2_at - r.sums_at
+                phases["sum2+unmask"] = event.at - sum2_at
+            else:
+                phases["update+sum2+unmask"] = event.at - r.sums_at
+        journals = {d: journal_rounds(fleet.agent_state(d)) for d in fleet.device_ids}
+        sent = {d: j[rid] for d, j in journals.items() if rid in j}
+        updater_bytes = [
+            v["bytes_sent"] for v in sent.values() if v["task"] == "update" and v["bytes_sent"]
+        ]
+        summer_bytes = [
+            v["bytes_sent"] for v in sent.values() if v["task"] == "sum" and v["bytes_sent"]
+        ]
+        participant_bytes = updater_bytes + summer_bytes
+        self.bytes_rows.append(
+            {
+                "round_id": rid,
+                "updater_bytes_mean": float(np.mean(updater_bytes)) if updater_bytes else 0.0,
+                "summer_bytes_mean": float(np.mean(summer_bytes)) if summer_bytes else 0.0,
+                "all_devices_mean": float(sum(participant_bytes)) / max(1, len(fleet.device_ids)),
+            }
+        )
+        record = rep.RoundRecord(
+            round_id=rid,
+            model_version=model.version,
+            participants=int(metrics.get("updates", 0)),
+            summers=int(metrics.get("summers", r.summers if r else 0)),
+            accuracy=ev.accuracy,
+            loss=ev.loss,
+            seconds=event.at - started,
+            bytes_per_device=float(np.mean(participant_bytes)) if participant_bytes else 0.0,
+            phases={k: round(v, 3) for k, v in phases.items()},
+        )
+        self.records.append(record)
+        check = self._check_round(
+            fleet, rid=rid, previous=previous, current=weights, metrics=metrics, sent=sent
+        )
+        phase_text = " ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+        agg = ""
+        if check is not None:
+            same = "=" if check.within else "!="
+            agg = f" | aggregate {same} plain mean (max diff {check.max_abs_difference:.1e})"
+        self.say(
+            f"round {rid:3d} | {phase_text} | {record.summers} summers, "
+            f"{record.participants} updates"
+            f" | accuracy {ev.accuracy:.3f} loss {ev.loss:.3f} | {record.seconds:.1f} s"
+            f" | {_kb(np.mean(updater_bytes) if updater_bytes else 0)} per updater{agg}"
+        )
+        return weights
+
+    def _check_round(
+        self,
+        fleet: DemoFleet,
+        *,
+        rid: int,
+        previous: npt.NDArray[np.float32],
+        current: npt.NDArray[np.float32],
+        metrics: dict[str, float],
+        sent: dict[str, dict[str, Any]],
+    ) -> rep.AggregateCheck | None:
+        """Unmasked aggregate vs the plain weighted mean of the included deltas."""
+        if self.mask is None or int(metrics.get("dropped", 0)) != 0:
+            return None
+        included: set[str] = set()
+        if self.sampler is not None:
+            with contextlib.suppress(Exception):
+                self.sampler.poll()
+            included = set(self.sampler.accepted.get(rid, set()))
+        if not included:
+            included = {d for d, v in sent.items() if v["task"] == "update" and v["step"] == "done"}
+        plain = [plain_update(fleet.plain_log(d), rid) for d in sorted(included)]
+        if not plain or any(p is None for p in plain):
+            return None
+        updates = [p for p in plain if p is not None]
+        if len(updates) != int(metrics.get("updates", -1)):
+            return None
+        expected, ws = rep.plain_weighted_mean(
+            updates, sample_cap=1000, bound=float(self.mask.bound)
+        )
+        check = rep.check_aggregate(
+            rid,
+            previous,
+            current,
+            expected,
+            updates=len(updates),
+            lr=1.0,
+            error_bound=float(metrics.get("error_bound", 0.0)),
+            weight_sum_plain=ws,
+            weight_sum_decoded=float(metrics.get("weight_sum", 0.0)),
+        )
+        self.checks.append(check)
+        return check
+
+    # -- shutdown and report ----------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        t = time.monotonic()
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self.observer is not None:
+            with contextlib.suppress(Exception):
+                await self.observer.stop()
+        if self.inproc is not None:
+            with contextlib.suppress(Exception):
+                await self.inproc.stop()
+        await asyncio.to_thread(self.supervisor.stop_all)
+        self.timeline["shutdown_s"] = time.monotonic() - t
+
+    def _privacy(self) -> dict[str, Any]:
+        fleet, sampler, mask = self.fleet, self.sampler, self.mask
+        out: dict[str, Any] = {
+            "aggregate_checks": [asdict(c) for c in self.checks],
+            "aggregate_matches_plain_mean": bool(self.checks)
+            and all(c.within for c in self.checks),
+        }
+        if fleet is None or sampler is None or mask is None:
+            return out
+        for rid in sorted(sampler.samples):
+            sample = sampler.samples[rid]
+            plain = plain_update(fleet.plain_log(sample.device_id), rid)
+            if plain is None:
+                continue
+            delta, samples = plain
+            weight = min(samples, 1000) / 1000
+            encoded = encode_update(delta, weight, mask)
+            stored = rep.randomness(sample.data)
+            out["stored_update"] = {
+                "round_id": rid,
+                "device": sample.device_id,
+                "bytes": len(sample.data),
+                "words": len(sample.data) // (mask.word_bits // 8),
+                "word_bits": mask.word_bits,
+                "source": "coordinator update log (what the coordinator stored)",
+                "masked": asdict(stored),
+                "same_update_encoded_unmasked": asdict(rep.randomness(encoded)),
+                "same_update_plain_float32": asdict(rep.randomness(delta)),
+                "looks_random": stored.entropy_bits_per_byte > 7.9 and stored.p_value > 1e-3,
+            }
+            break
+        return out
+
+    def _report(
+        self, settings: FleetSettings, pet: dict[str, Any], acc0: float, loss0: float
+    ) -> rep.Report:
+        o = self.o
+        total = time.monotonic() - self.started
+        config = {
+            "title": f"maskfl demo: {o.devices} devices, {o.model}, {o.rounds} rounds",
+            "devices": o.devices,
+            "rounds": o.rounds,
+            "model": o.model,
+            "in_process": o.in_process,
+            "epochs": settings.epochs,
+            "batch_size": settings.batch_size,
+            "partition": f"{settings.partition}(alpha={settings.alpha})",
+            "pet": pet,
+            "mask": None
+            if self.mask is None
+            else {
+                "word_bits": self.mask.word_bits,
+                "bound": self.mask.bound,
+                "n_max": self.mask.n_max,
+                "resolution": self.mask.resolution,
+            },
+            "workdir": str(self.root),
+            "cpus": os.cpu_count(),
+        }
+        report = rep.Report(config=config, rounds=list(self.records))
+        report.privacy = self._privacy()
+        seconds = [r.seconds for r in self.records]
+        upd = [b["updater_bytes_mean"] for b in self.bytes_rows if b["updater_bytes_mean"]]
+        report.summary = {
+            "rounds_completed": len(self.records),
+            "rounds_failed": len(self.failed_rounds),
+            "initial_accuracy": acc0,
+            "initial_loss": loss0,
+            "final_accuracy": self.records[-1].accuracy if self.records else None,
+            "best_accuracy": max((r.accuracy for r in self.records), default=None),
+            "round_seconds_mean": float(np.mean(seconds)) if seconds else None,
+            "round_seconds_max": float(np.max(seconds)) if seconds else None,
+            "bytes_per_updater_per_round": float(np.mean(upd)) if upd else None,
+            "bytes_per_device_per_round": float(
+                np.mean([b["all_devices_mean"] for b in self.bytes_rows])
+            )
+            if self.bytes_rows
+            else None,
+            "bytes": self.bytes_rows,
+            "model_float32_bytes": 4 * int(shipped_model(o.model).num_params),
+            "timeline": {k: round(v, 2) for k, v in self.timeline.items()},
+            "total_seconds": round(total, 1),
+        }
+        return report
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1000:.1f} kB"
+
+
+async def _wait_port(port: int, limit_s: float, supervisor: Supervisor) -> None:
+    deadline = time.monotonic() + limit_s
+    while True:
+        supervisor.check()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        if time.monotonic() > deadline:
+            raise MaskflError(
+                f"mosquitto did not listen on 127.0.0.1:{port} within {limit_s:.0f} s"
+            )
+        await asyncio.sleep(0.05)
+
+
+async def run_demo(options: DemoOptions) -> tuple[rep.Report, Path, Path]:
+    """Run the demo; returns the report and the paths of report.json and report.png."""
+    demo = Demo(options)
+    main_task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    if main_task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
+    try:
+        report = await demo.run()
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
+    json_path, png_path = report.write(demo.root)
+    return report, json_path, png_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskfl-demo",
+        description="Run a secured maskfl fleet on this machine (mosquitto with TLS + ACL, "
+        "coordinator, agents) for a few rounds; write report.json and report.png.",
+    )
+    parser.add_argument("--devices", type=int, default=10, help="number of devices (default 10)")
+    parser.add_argument("--rounds", type=int, default=10, help="completed rounds (default 10)")
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="default mlp")
+    parser.add_argument("--workdir", type=Path, default=Path("demo-run"), help="default ./demo-run")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the agents as asyncio tasks in this process (for hundreds of devices)",
+    )
+    parser.add_argument("--epochs", type=int, default=5, help="local epochs per round (default 5)")
+    parser.add_argument(
+        "--alpha", type=float, default=0.5, help="Dirichlet non-IID concentration (default 0.5)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="give up after this many seconds (600)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    return parser
+
+
+def _check(args: argparse.Namespace) -> DemoOptions:
+    if not 2 <= args.devices <= 1000:
+        raise ConfigError("--devices must be between 2 and 1000", field="--devices")
+    if not 1 <= args.rounds <= 1000:
+        raise ConfigError("--rounds must be between 1 and 1000", field="--rounds")
+    if not args.in_process and args.devices > 50:
+        raise ConfigError(
+            f"--devices {args.devices} as separate processes is too many for one machine; "
+            "add --in-process",
+            field="--devices",
+        )
+    if not 1 <= args.epochs <= 100:
+        raise ConfigError("--epochs must be between 1 and 100", field="--epochs")
+    if not args.alpha > 0:
+        raise ConfigError("--alpha must be > 0", field="--alpha")
+    return DemoOptions(
+        devices=args.devices,
+        rounds=args.rounds,
+        model=args.model,
+        workdir=args.workdir,
+        in_process=args.in_process,
+        epochs=args.epochs,
+        alpha=args.alpha,
+        timeout_s=args.timeout,
+        quiet=args.quiet,
+    )
+
+
+def print_summary(report: rep.Report, json_path: Path, png_path: Path) -> None:
+    s = report.summary
+    p = report.privacy
+    print("\nsummary")
+    acc = s.get("final_accuracy")
+    print(
+        f"  rounds: {s['rounds_completed']} completed, {s['rounds_failed']} failed; "
+        f"total {s['total_seconds']:.1f} s"
+    )
+    if acc is not None:
+        print(
+            f"  accuracy on held-out digits: {s['initial_accuracy']:.3f} -> {acc:.3f} "
+            f"(best {s['best_accuracy']:.3f})"
+        )
+    if s.get("round_seconds_mean") is not None:
+        print(
+            f"  round time: mean {s['round_seconds_mean']:.2f} s, "
+            f"max {s['round_seconds_max']:.2f} s"
+        )
+    if s.get("bytes_per_updater_per_round") is not None:
+        print(
+            f"  bytes sent per updater per round: {s['bytes_per_updater_per_round']:.0f} "
+            f"(float32 model: {s['model_float32_bytes']} bytes); per device per round, all "
+            f"devices: {s['bytes_per_device_per_round']:.0f}"
+        )
+    stored = p.get("stored_update")
+    if stored:
+        m, e = stored["masked"], stored["same_update_encoded_unmasked"]
+        print(
+            f"  privacy: update of {stored['device']} (round {stored['round_id']}) as stored: "
+            f"{m['entropy_bits_per_byte']:.4f} bits/byte, chi-square {m['chi_square']:.0f} "
+            f"(255 dof, p = {m['p_value']:.2f}); the same update unmasked: "
+            f"{e['entropy_bits_per_byte']:.2f} bits/byte, chi-square {e['chi_square']:.0f}"
+        )
+    checks = p.get("aggregate_checks", [])
+    if checks:
+        worst = max(c["max_abs_difference"] for c in checks)
+        bound = max(c["tolerance"] for c in checks)
+        verdict = "matches" if p.get("aggregate_matches_plain_mean") else "DOES NOT match"
+        print(
+            f"  aggregate {verdict} the plain weighted mean of the agents' logged deltas in "
+            f"{len(checks)} rounds (max difference {worst:.2e}, bound {bound:.2e})"
+        )
+    print(f"  report: {json_path}\n          {png_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        options = _check(args)
+        report, json_path, png_path = asyncio.run(run_demo(options))
+    except ConfigError as exc:
+        print(f"maskfl-demo: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(
+            "\nmaskfl-demo: interrupted; every process it started has been stopped", file=sys.stderr
+        )
+        return 130
+    except MaskflError as exc:
+        print(f"maskfl-demo: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print_summary(report, json_path, png_path)
+    return 0
+
+
+def report_json(path: Path) -> dict[str, Any]:
+    """Read a demo's report.json (for tests and tooling)."""
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+if __name__ == "__main__":
+    sys.exit(main())
