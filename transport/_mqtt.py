@@ -72,12 +72,13 @@ from types import TracebackType
 from typing import Any, Self
 
 import paho.mqtt.client as paho
-from maskfl.protocol.errors import ConfigError, LocalProtocolError, TransportError
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from maskfl.protocol.errors import ConfigError, LocalProtocolError, TransportError
 
 from ._config import MQTT_MAX_PACKET, MqttConfig
 from ._errors import (

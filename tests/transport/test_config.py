@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from maskfl.protocol.errors import ConfigError
 from maskfl.transport import LastWill, MqttConfig, TlsConfig
 
@@ -48,3 +49,18 @@ def test_persistent_session_needs_both_settings() -> None:
 def test_client_cert_needs_its_key() -> None:
     with pytest.raises(ConfigError):
         TlsConfig(cert_file=Path("c.crt"))
+
+
+def test_unreadable_tls_files_are_config_errors(tmp_path: Path) -> None:
+    from maskfl.transport import MqttTransport
+
+    missing = tmp_path / "nope.crt"
+    with pytest.raises(ConfigError) as info:
+        MqttTransport(MqttConfig(tls=TlsConfig(ca_file=missing)))
+    assert info.value.field == "tls.ca_file"
+    assert str(missing) in str(info.value)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(ConfigError) as info:
+        MqttTransport(MqttConfig(tls=TlsConfig(cert_file=garbage, key_file=garbage)))
+    assert info.value.field == "tls.cert_file"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from maskfl.protocol.errors import LocalProtocolError
 from maskfl.transport import (
     LinkEvent,

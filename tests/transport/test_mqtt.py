@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from maskfl.protocol.errors import LocalProtocolError, TransportError
 from maskfl.transport import (
     LastWill,
@@ -26,7 +27,6 @@ from maskfl.transport import (
     mosquitto_passwd_line,
     publish_packet_size,
 )
-
 from tests.support.mosquitto import Mosquitto, free_port
 from tests.support.tls import TestPki
 

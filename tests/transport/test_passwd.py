@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from maskfl.protocol.errors import ConfigError
 from maskfl.transport import (
     mosquitto_passwd_line,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from paho.mqtt.client import topic_matches_sub
+
 from maskfl.protocol.errors import LocalProtocolError
 from maskfl.transport import check_filter, check_topic, topic_matches
-from paho.mqtt.client import topic_matches_sub
 
 LEVEL = st.sampled_from(["a", "b", "round", "7", "", "dev-1", "$SYS"])
 TOPIC = st.lists(LEVEL, min_size=1, max_size=5).map("/".join)
