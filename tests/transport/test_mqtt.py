@@ -534,13 +534,20 @@ async def test_tls_host_name_is_checked_unless_insecure(tmp_path: Path, pki: Tes
 
 
 async def test_mutual_tls_identity(tmp_path: Path, pki: TestPki) -> None:
-    with tls_broker(tmp_path, pki, require_certificate=True) as broker:
+    # The certificate's CN is the MQTT user name: the ACL confines dev7 to its own topic.
+    acl = tmp_path / "acl"
+    acl.write_text("pattern readwrite dev/%u\n")
+    server = pki.server_cert("server-mtls")
+    lines = [*pki.mosquitto_tls_listener(server, require_certificate=True), f"acl_file {acl}"]
+    with Mosquitto(tmp_path / "broker", config=lines) as broker:
         client = pki.client_cert("dev7")
         tls = TlsConfig(ca_file=pki.ca.cert, cert_file=client.cert, key_file=client.key)
         async with MqttTransport(config(broker, client_id="dev7", tls=tls)) as t:
-            await t.subscribe("x")
-            await t.publish("x", b"over mTLS")
+            await t.subscribe("dev/dev7")
+            await t.publish("dev/dev7", b"over mTLS")
             assert (await recv(t)).payload == b"over mTLS"
+            with pytest.raises(RefusedError):
+                await t.publish("dev/dev8", b"not mine")
         without_cert = MqttTransport(config(broker, tls=TlsConfig(ca_file=pki.ca.cert)))
         with pytest.raises(TransportError) as info:
             await without_cert.connect()
