@@ -426,7 +426,7 @@ class MqttTransport:
         self._state = LinkState.CONNECTING
         self._connack = self._future()
         self._idle.clear()
-        worker = asyncio.ensure_future(asyncio.to_thread(self._client.reconnect))
+        worker = asyncio.ensure_future(asyncio.to_thread(_reconnect, self._client))
         worker.add_done_callback(self._connect_thread_done)
         try:
             # Shielded: a cancelled attempt must not release the paho client while
@@ -436,7 +436,6 @@ class MqttTransport:
             self._abandoned = True
             raise
         except (OSError, ValueError) as exc:  # ssl.SSLError and CertificateError included
-            _close_sockets_in(exc)
             raise TransportError(f"cannot connect to MQTT broker {cfg.address}: {exc}") from exc
         sock = self._client.socket()
         if sock is None:  # closed by disconnect() meanwhile
@@ -651,6 +650,7 @@ class MqttTransport:
         # reader half-reset; let paho log it (ERROR, on this logger) and go on.
         client.suppress_exceptions = True
         client.enable_logger(logging.getLogger("maskfl.transport.paho"))
+        client.connect_timeout = cfg.connect_timeout_s  # TCP connect and TLS handshake
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(cfg.max_queued_publishes)
         if cfg.username is not None:
@@ -825,14 +825,25 @@ class MqttTransport:
             self._on_loop(self._loop.remove_writer, sock)
 
 
-def _close_sockets_in(exc: BaseException) -> None:
-    """Close the sockets a failed ``reconnect()`` left behind.
+def _reconnect(client: paho.Client) -> MQTTErrorCode:
+    """``client.reconnect()``, run in a worker thread, without leaking sockets.
 
     paho 2.2's ``_ssl_wrap_socket`` does not close the TCP/TLS socket when the
-    handshake (or host name check) fails; the socket stays reachable only from
-    the traceback's frames and would be closed by the garbage collector with a
-    ResourceWarning. Close it here instead.
+    handshake (or its timeout, or the host name check) fails; the socket is then
+    reachable only from the traceback's frames and would be closed by the
+    garbage collector with a ResourceWarning. Close it here, in the thread,
+    where the traceback still holds those frames (asyncio drops them when it
+    hands the exception to the loop).
     """
+    try:
+        return client.reconnect()
+    except BaseException as exc:
+        _close_sockets_in(exc)
+        raise
+
+
+def _close_sockets_in(exc: BaseException) -> None:
+    """Close every socket a frame of ``exc``'s traceback holds."""
     tb = exc.__traceback__
     while tb is not None:
         for value in tb.tb_frame.f_locals.values():

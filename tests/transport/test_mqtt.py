@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -377,6 +378,22 @@ async def test_connection_refused_names_the_broker() -> None:
     assert f"127.0.0.1:{port}" in str(info.value)
     assert isinstance(info.value.__cause__, ConnectionRefusedError)
     assert t.state is LinkState.NEW  # connect() may be tried again
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_a_silent_server_times_out_without_leaking_sockets(tls: bool) -> None:
+    # TCP accepts (the listen backlog) but nothing answers: no TLS handshake, no CONNACK.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        cfg = MqttConfig(port=port, connect_timeout_s=0.5, tls=TlsConfig() if tls else None)
+        with pytest.raises(TransportError) as info:
+            await MqttTransport(cfg).connect()
+        assert f"127.0.0.1:{port}" in str(info.value)
+        assert isinstance(info.value.__cause__, TimeoutError)
+        # warnings are errors: a socket left to the garbage collector fails the test
+        gc.collect()
 
 
 async def test_last_will_is_published_when_the_link_dies(mosquitto: Mosquitto) -> None:
