@@ -14,7 +14,9 @@ to the loop.
 
 Futures keyed by packet id: ``publish`` waits for the PUBACK of its mid,
 ``subscribe`` for its SUBACK; a failing MQTT 5 reason code becomes a
-:class:`RefusedError` (for example 135 *Not authorized* from an ACL).
+:class:`RefusedError` (for example 135 *Not authorized* from an ACL). At most
+``min(max_inflight, broker's CONNACK ReceiveMaximum)`` publishes wait for
+PUBACK on the wire; the rest wait in paho's queue (``max_queued_publishes``).
 
 What happens on a lost link
 ---------------------------
@@ -41,9 +43,10 @@ consumer takes a message: TCP backpressure, so the broker holds the rest and
 nothing is dropped (with manual ack, QoS 1 deliveries are also bounded by
 ``receive_maximum``). One read pass may hand over a few packets more than the
 bound (paho reads up to one packet per message it has in flight), so the queue
-can briefly exceed it by that much. A consumer stalled for longer than about
-1.5 × keepalive will see the link recycled by paho's keepalive check; with a
-persistent session and manual ack nothing is lost.
+can briefly exceed it by that much. While reads are paused, PINGRESPs are not
+read either: a consumer stalled for about 2 × keepalive sees the link recycled
+by paho's keepalive check (with a persistent session and manual ack nothing is
+lost; the unacked messages come back with ``dup`` set).
 
 Sizes
 -----
