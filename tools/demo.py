@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -209,6 +210,7 @@ class Demo:
             "(mutual TLS, per-device ACL)"
         )
         if o.in_process:
+            _log_to_file(self.logs / "agents-in-process.log")
             self.inproc = InProcessFleet([fleet.agent_toml(d) for d in fleet.device_ids], o.model)
             await self.inproc.start()
         else:
@@ -561,6 +563,7 @@ class Demo:
         report.summary = {
             "rounds_completed": len(self.records),
             "rounds_failed": len(self.failed_rounds),
+            "failed_rounds": sorted(self.failed_rounds),
             "initial_accuracy": acc0,
             "initial_loss": loss0,
             "final_accuracy": self.records[-1].accuracy if self.records else None,
@@ -579,6 +582,17 @@ class Demo:
             "total_seconds": round(total, 1),
         }
         return report
+
+
+def _log_to_file(path: Path) -> None:
+    """In-process agents log like agent processes do, but to one file, not the console."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def _kb(n: float) -> str:

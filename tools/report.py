@@ -101,25 +101,50 @@ class Report:
         json_path = directory / "report.json"
         json_path.write_text(self.to_json() + "\n")
         png_path = directory / "report.png"
-        plot(self.rounds, png_path, title=str(self.config.get("title", "maskfl demo")))
+        acc0, loss0 = self.summary.get("initial_accuracy"), self.summary.get("initial_loss")
+        plot(
+            self.rounds,
+            png_path,
+            title=str(self.config.get("title", "maskfl demo")),
+            failed=[int(r) for r in self.summary.get("failed_rounds", [])],
+            initial=None if acc0 is None or loss0 is None else (float(acc0), float(loss0)),
+        )
         return json_path, png_path
 
 
-def plot(rounds: list[RoundRecord], path: Path, *, title: str) -> None:
-    """Global accuracy and loss per round, and participants per round, in one PNG."""
+def plot(
+    rounds: list[RoundRecord],
+    path: Path,
+    *,
+    title: str,
+    failed: list[int] | None = None,
+    initial: tuple[float, float] | None = None,
+) -> None:
+    """Global accuracy and loss per round, and participants per round, in one PNG.
+
+    ``initial`` (accuracy, loss of the initial model) is drawn at round 0; ``failed``
+    rounds are marked with a red x on the participants axis.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     xs = [r.round_id for r in rounds]
+    accuracy = [r.accuracy for r in rounds]
+    losses = [r.loss for r in rounds]
+    line_xs = xs
+    if initial is not None:
+        line_xs = [0, *xs]
+        accuracy = [initial[0], *accuracy]
+        losses = [initial[1], *losses]
     fig, (ax_acc, ax_part) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    ax_acc.plot(xs, [r.accuracy for r in rounds], "o-", color="tab:blue", label="accuracy")
+    ax_acc.plot(line_xs, accuracy, "o-", color="tab:blue", label="accuracy")
     ax_acc.set_ylabel("test accuracy")
     ax_acc.set_ylim(0, 1)
     ax_acc.grid(alpha=0.3)
     ax_loss = ax_acc.twinx()
-    ax_loss.plot(xs, [r.loss for r in rounds], "s--", color="tab:red", label="loss")
+    ax_loss.plot(line_xs, losses, "s--", color="tab:red", label="loss")
     ax_loss.set_ylabel("test loss")
     lines = ax_acc.get_lines() + ax_loss.get_lines()
     ax_acc.legend(lines, [str(line.get_label()) for line in lines], loc="center right")
@@ -132,6 +157,10 @@ def plot(rounds: list[RoundRecord], path: Path, *, title: str) -> None:
         color="tab:orange",
         label="summers",
     )
+    if failed:
+        ax_part.plot(
+            failed, [0.3] * len(failed), "x", color="tab:red", markersize=10, label="failed round"
+        )
     ax_part.set_xlabel("round")
     ax_part.set_ylabel("devices")
     ax_part.legend(loc="upper left")

@@ -1,0 +1,603 @@
+"""``maskfl-bench round``: one full PET round on a local mosquitto, and the same round unmasked.
+
+For each (N, M): a fresh mosquitto on a free loopback port, the real coordinator
+(``maskfl-coordinator run``, its own process, durable SQLite store) and N updaters
+plus S summers that speak the protocol (:mod:`maskfl.tools.fleet_sim`: no TFLite,
+random deltas) from this process. Identities are drawn so that round 1 has exactly S
+summers and N updaters, and every phase closes at its count, so the wall time is the
+work, not a timer. Reported, in seconds from the round parameters:
+
+- ``sum``: summers' ephemeral keys in, sum dictionary out;
+- ``update``: updaters mask (ChaCha20), seal seeds, upload; coordinator verifies,
+  adds, commits; seed dictionaries out;
+- ``sum2``: summers open the seeds, expand and add N masks of M + 1 words, upload;
+- ``unmask``: vote, unmask, decode, FedAvg step, model published and received;
+
+and bytes sent per updater and per summer, and the model's size.
+
+The *plain* round is the baseline: the same N updaters, broker and signed message
+format, sending their float32 deltas in the clear to a minimal aggregator process
+(verify, weighted sum, publish the model; nothing durable). ``masking_overhead``
+is ``masked.total / plain.total``. The plain aggregator keeps nothing on disk, so the
+ratio also contains the coordinator's durability (fsync'd update log, checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from maskfl.protocol.chunking import Reassembler, is_chunk, split_payload
+from maskfl.protocol.errors import MaskflError
+from maskfl.protocol.identity import Certificate, Identity
+from maskfl.protocol.keys import public_key_from_pem, signing_key_from_pem
+from maskfl.protocol.masking import MaskConfig
+from maskfl.protocol.messages import (
+    GlobalModel,
+    MessageType,
+    RoundParams,
+    Update,
+    decode_message,
+    encode_message,
+    verify_sender,
+)
+from maskfl.protocol.topics import TopicKind, Topics, parse_topic
+from maskfl.tools._demo_fleet import console_script, find_mosquitto, free_port
+from maskfl.tools._demo_watch import fetch_status
+from maskfl.tools._supervise import Supervisor
+from maskfl.tools.fleet_sim import (
+    SimFleet,
+    SimParticipant,
+    first_round_seed,
+    start_all,
+    stop_all,
+)
+from maskfl.transport import MqttConfig, MqttTransport
+
+__all__ = ["add_parser", "run", "run_one"]
+
+GRID_N = (10, 50, 100)
+GRID_M = (10_000, 100_000, 1_000_000)
+FLEET = "bench"
+_MAX_IN = 64 * 1024 * 1024
+CHUNK = 256 * 1024
+
+
+def _count(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not value.is_integer() or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return int(value)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``round`` on the ``maskfl-bench`` subcommand parser."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "round",
+        help="a full masked round on a local broker, split by phase, and the same round unmasked",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--n", type=_count, nargs="+", default=list(GRID_N), help="updaters (default 10 50 100)"
+    )
+    parser.add_argument(
+        "--m",
+        type=_count,
+        nargs="+",
+        default=list(GRID_M),
+        help="model parameters (default 1e4 1e5 1e6)",
+    )
+    parser.add_argument("--summers", type=_count, default=3, help="summers (default 3)")
+    parser.add_argument(
+        "--word-bits", type=int, choices=[32, 64], default=32, help="mask word size (default 32)"
+    )
+    parser.add_argument("--no-plain", action="store_true", help="skip the unmasked baseline")
+    parser.add_argument("--json", type=Path, help="write the JSON here instead of stdout")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results = []
+    for n in args.n:
+        for m in args.m:
+            print(f"maskfl-bench round: N={n} M={m}", file=sys.stderr)
+            results.append(
+                run_one(
+                    n, m, summers=args.summers, word_bits=args.word_bits, plain=not args.no_plain
+                )
+            )
+    return {"rounds": results}
+
+
+def run_one(
+    n: int, m: int, *, summers: int = 3, word_bits: int = 32, plain: bool = True
+) -> dict[str, Any]:
+    """One masked round (and one plain round) of N updaters and M parameters."""
+    with tempfile.TemporaryDirectory(prefix="maskfl-bench-round-") as tmp:
+        root = Path(tmp)
+        with Supervisor(root / "logs") as supervisor:
+            port = _start_broker(root, supervisor)
+            result: dict[str, Any] = {"n": n, "m": m, "summers": summers, "word_bits": word_bits}
+            result["masked"] = asyncio.run(
+                _masked_round(
+                    root, supervisor, port, n=n, m=m, summers=summers, word_bits=word_bits
+                )
+            )
+            if plain:
+                result["plain"] = asyncio.run(_plain_round(root, supervisor, port, n=n, m=m))
+                masked_s = result["masked"]["seconds"]["total"]
+                plain_s = result["plain"]["seconds"]["total"]
+                result["masking_overhead"] = {
+                    "ratio": round(masked_s / plain_s, 2),
+                    "extra_seconds": round(masked_s - plain_s, 4),
+                    "extra_bytes_per_updater": result["masked"]["bytes_per_updater"]
+                    - result["plain"]["bytes_per_updater"],
+                }
+        return result
+
+
+# -- the broker -------------------------------------------------------------------------
+
+
+def _start_broker(root: Path, supervisor: Supervisor) -> int:
+    port = free_port()
+    conf = root / "mosquitto.conf"
+    lines = [
+        "per_listener_settings false",
+        "max_queued_messages 0",
+        "persistence false",
+        "log_type error",
+        "log_type warning",
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+    ]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    conf.write_text("\n".join(lines) + "\n")
+    supervisor.start("mosquitto", [find_mosquitto(), "-c", str(conf)])
+    import socket
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        supervisor.check()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return port
+        time.sleep(0.02)
+    raise MaskflError(f"mosquitto did not listen on 127.0.0.1:{port}")
+
+
+# -- the masked round --------------------------------------------------------------------
+
+
+@dataclass
+class _Times:
+    params: list[float] = field(default_factory=list)
+    sums: list[float] = field(default_factory=list)
+    seeds: list[float] = field(default_factory=list)
+    published: dict[str, list[float]] = field(default_factory=dict)
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+
+
+class _TimedParticipant(SimParticipant):
+    """A simulated participant that notes when things arrive and what it sends."""
+
+    def __init__(self, identity: Identity, times: _Times, **kwargs: Any) -> None:
+        super().__init__(identity, **kwargs)
+        self._times = times
+        self._watched: set[int] = set()
+
+    async def _round(self, params: RoundParams, sender: bytes) -> None:
+        self._times.params.append(time.perf_counter())
+        await super()._round(params, sender)
+
+    def _future(self, table: dict[int, asyncio.Future[Any]], round_id: int) -> asyncio.Future[Any]:
+        fut = super()._future(table, round_id)
+        if id(fut) not in self._watched:
+            self._watched.add(id(fut))
+            target = self._times.sums if table is self._sums else self._times.seeds
+            fut.add_done_callback(lambda _f: target.append(time.perf_counter()))
+        return fut
+
+    async def publish(self, topic: str, payload: bytes, chunk_size: int) -> None:
+        await super().publish(topic, payload, chunk_size)
+        kind = str(parse_topic(topic).kind)
+        self._times.published.setdefault(kind, []).append(time.perf_counter())
+        self._times.bytes_sent[self.device] = self._times.bytes_sent.get(self.device, 0) + len(
+            payload
+        )
+
+
+async def _masked_round(
+    root: Path, supervisor: Supervisor, port: int, *, n: int, m: int, summers: int, word_bits: int
+) -> dict[str, Any]:
+    fleet = SimFleet(fleet=FLEET)
+    initial = np.zeros(m, dtype=np.float32)
+    seed1 = first_round_seed(bytes(32), initial)
+    p_sum = summers / (summers + n)
+    s_ids, u_ids = fleet.identities_for_roles(
+        seed1, p_sum=p_sum, p_update=1.0, summers=summers, updaters=n
+    )
+    http_port = free_port()
+    config = fleet.write_coordinator(
+        root / "coordinator",
+        port=port,
+        length=m,
+        initial=initial,
+        overrides={
+            "model": {"id": "bench"},
+            "masking": {"bound": 1.0, "n_max": max(100, n), "word_bits": word_bits},
+            "pet": {
+                "sum": {
+                    "prob": p_sum,
+                    "count_min": summers,
+                    "count_max": summers,
+                    "time_min_s": 0.0,
+                    "time_max_s": 120.0,
+                },
+                "update": {
+                    "prob": 1.0,
+                    "count_min": n,
+                    "count_max": n,
+                    "time_min_s": 0.0,
+                    "time_max_s": 600.0,
+                },
+                "sum2": {
+                    "count_min": summers,
+                    "count_max": summers,
+                    "time_min_s": 0.0,
+                    "time_max_s": 300.0,
+                },
+                "chunk_size": CHUNK,
+                "max_rounds": 1,
+                "failure_pause_s": 0.5,
+            },
+            "aggregation": {"backend": "auto"},
+            "http": {"enabled": True, "host": "127.0.0.1", "port": http_port},
+            "log": {"level": "info", "format": "text"},
+        },
+    )
+    times = _Times()
+    participants: list[SimParticipant] = [
+        _TimedParticipant(i, times, ca_public_key=fleet.ca_public_key, host="127.0.0.1", port=port)
+        for i in [*s_ids, *u_ids]
+    ]
+    summer_ids = {i.device_id for i in s_ids}
+    await start_all(participants)
+    try:
+        coordinator = supervisor.start(
+            "coordinator",
+            [
+                *console_script("maskfl-coordinator", "maskfl.broker_coordinator.cli"),
+                "run",
+                "--config",
+                str(config),
+            ],
+        )
+        phases_seen: dict[str, float] = {}
+        status_info: dict[str, Any] = {}
+        deadline = time.monotonic() + 900
+        model_at: float | None = None
+        while model_at is None:
+            if coordinator.proc.poll() == 0:
+                coordinator.expected_exit = True  # max_rounds = 1: it stops after the round
+            supervisor.check()
+            if time.monotonic() > deadline:
+                raise MaskflError(f"the masked round did not finish; see {coordinator.log_path}")
+            status = await fetch_status(http_port, 0.5)
+            if status and status.get("round_id") == 1:
+                phases_seen.setdefault(str(status.get("phase")), time.perf_counter())
+                status_info = status
+            done = [p for p in participants if any(mm.version >= 1 for mm in p.models)]
+            if len(done) == len(participants):
+                model_at = time.perf_counter()
+            else:
+                await asyncio.sleep(0.02)
+        errors = [e for p in participants for e in p.errors]
+        if errors:
+            raise MaskflError(f"participants reported errors: {errors[:3]}")
+        model = next(mm for mm in participants[0].models if mm.version >= 1)
+    finally:
+        await stop_all(participants)
+        if "coordinator" in locals():
+            supervisor.stop(coordinator)
+    t0 = min(times.params)
+    sums_at = max(times.sums)
+    seeds_at = max(times.seeds)
+    sum2_at = max(times.published.get(str(TopicKind.SUM2), [seeds_at]))
+    updater_bytes = [b for d, b in times.bytes_sent.items() if d not in summer_ids]
+    summer_bytes = [b for d, b in times.bytes_sent.items() if d in summer_ids]
+    return {
+        "seconds": {
+            "sum": round(sums_at - t0, 4),
+            "update": round(seeds_at - sums_at, 4),
+            "sum2": round(sum2_at - seeds_at, 4),
+            "unmask": round(model_at - sum2_at, 4),
+            "total": round(model_at - t0, 4),
+        },
+        "coordinator_phases_seen_s": {
+            k: round(v - t0, 3) for k, v in sorted(phases_seen.items(), key=lambda kv: kv[1])
+        },
+        "bytes_per_updater": int(np.mean(updater_bytes)) if updater_bytes else 0,
+        "bytes_per_summer": int(np.mean(summer_bytes)) if summer_bytes else 0,
+        "model_weights_bytes": int(model.weights.nbytes),
+        "backend": status_info.get("backend"),
+        "resolution": MaskConfig(1.0, max(100, n), word_bits).resolution,  # type: ignore[arg-type]
+    }
+
+
+# -- the plain round ---------------------------------------------------------------------
+
+
+class _PlainParticipant:
+    """Sends its float32 delta in the clear, signed, in the same message format."""
+
+    def __init__(self, identity: Identity, port: int) -> None:
+        self.identity = identity
+        self.topics = Topics(identity.fleet)
+        self.transport = MqttTransport(
+            MqttConfig(
+                host="127.0.0.1",
+                port=port,
+                client_id=f"plain-{identity.device_id}",
+                max_incoming_payload=_MAX_IN,
+                incoming_queue_size=10_000,
+            )
+        )
+        self.params_at: float | None = None
+        self.model_at: float | None = None
+        self.bytes_sent = 0
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self, model_id: str) -> None:
+        await self.transport.connect()
+        await self.transport.subscribe(
+            [self.topics.round, self.topics.model_latest(model_id)], qos=1
+        )
+        self._reader = asyncio.create_task(self._read())
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self.transport.disconnect()
+
+    async def _read(self) -> None:
+        async for msg in self.transport.messages():
+            if not msg.payload:
+                continue
+            kind = parse_topic(msg.topic).kind
+            if kind is TopicKind.ROUND and self.params_at is None:
+                self.params_at = time.perf_counter()
+                params = decode_message(msg.payload, max_size=_MAX_IN).body
+                assert isinstance(params, RoundParams)
+                await self._send(params)
+            elif kind is TopicKind.MODEL_LATEST and self.model_at is None:
+                decode_message(msg.payload, max_size=_MAX_IN)
+                self.model_at = time.perf_counter()
+
+    async def _send(self, params: RoundParams) -> None:
+        m = params.vector_length
+        rng = np.random.default_rng()
+        delta = rng.uniform(-0.5, 0.5, m).astype(np.float32)
+        words = np.empty(m + 1, dtype=np.uint32)
+        words[:m] = delta.view(np.uint32)
+        words[m] = np.float32(rng.uniform(0.2, 1.0)).view(np.uint32)
+        ident = self.identity
+        raw = encode_message(
+            Update(ident.certificate, {}, words),
+            fleet=ident.fleet,
+            round_id=int(params.round_id),
+            signing_key=ident.signing_key,
+        )
+        topic = self.topics.update(int(params.round_id), ident.device_id)
+        for frame in split_payload(raw, params.chunk_size):
+            await self.transport.publish(topic, frame, qos=1)
+        self.bytes_sent += len(raw)
+
+
+async def _plain_round(
+    root: Path, supervisor: Supervisor, port: int, *, n: int, m: int
+) -> dict[str, Any]:
+    fleet = SimFleet(fleet=FLEET + "-plain")
+    config = fleet.write_coordinator(
+        root / "plain",
+        port=port,
+        length=m,
+        overrides={"pet": {"update": {"target": n, "count_max": 100}}},
+    )
+    participants = [_PlainParticipant(fleet.identity(f"plain-{i:03d}"), port) for i in range(n)]
+    await asyncio.gather(*(p.start("bench") for p in participants))
+    out = root / "plain" / "result.json"
+    try:
+        t_start = time.perf_counter()
+        aggregator = supervisor.start(
+            "plain-aggregator",
+            [
+                sys.executable,
+                "-m",
+                "maskfl.tools.bench_round",
+                "plain-aggregator",
+                "--config",
+                str(config),
+                "--n",
+                str(n),
+                "--out",
+                str(out),
+            ],
+        )
+        deadline = time.monotonic() + 600
+        while not all(p.model_at is not None for p in participants):
+            code = aggregator.proc.poll()
+            if code is not None:
+                aggregator.expected_exit = True
+                if code != 0:
+                    raise MaskflError(
+                        f"the plain aggregator failed ({code}): {aggregator.log_tail()}"
+                    )
+            supervisor.check()
+            if time.monotonic() > deadline:
+                raise MaskflError(f"the plain round did not finish; see {aggregator.log_path}")
+            await asyncio.sleep(0.02)
+        aggregator.expected_exit = True
+        aggregator.proc.wait(30)
+    finally:
+        await asyncio.gather(*(p.stop() for p in participants), return_exceptions=True)
+    del t_start
+    agg = json.loads(out.read_text())
+    t0 = min(p.params_at for p in participants if p.params_at is not None)
+    t_end = max(p.model_at for p in participants if p.model_at is not None)
+    return {
+        "seconds": {
+            "upload": round(agg["last_update_perf"] - t0, 4),
+            "total": round(t_end - t0, 4),
+        },
+        "aggregator_seconds": agg["seconds"],
+        "bytes_per_updater": int(np.mean([p.bytes_sent for p in participants])),
+    }
+
+
+# -- the plain aggregator (its own process) ------------------------------------------------
+
+
+async def _plain_aggregator(config_path: Path, n: int, out: Path) -> None:
+    from maskfl.broker_coordinator.config import load_config
+
+    config = load_config(config_path)
+    key = signing_key_from_pem(config.identity.key_file.read_bytes())
+    cert = Certificate.from_bytes(config.identity.certificate_file.read_bytes())
+    ca = public_key_from_pem(config.fleet.ca_public_key_file.read_bytes())
+    fleet = config.fleet.id
+    m = config.model.length
+    topics = Topics(fleet)
+    transport = MqttTransport(
+        MqttConfig(
+            host=config.broker.host,
+            port=config.broker.port,
+            client_id="plain-aggregator",
+            max_incoming_payload=_MAX_IN,
+            incoming_queue_size=10_000,
+        )
+    )
+    await transport.connect()
+    await transport.subscribe(f"{topics.prefix}round/+/update/+", qos=1)
+    params = RoundParams(
+        round_id=1,  # type: ignore[arg-type]
+        seed=bytes(32),
+        previous_seed=bytes(32),
+        p_sum=0.0,
+        p_update=1.0,
+        sum_time_max_s=1.0,
+        update_time_max_s=600.0,
+        sum2_time_max_s=1.0,
+        model_id="bench",
+        model_version=0,
+        model_digest=bytes(32),
+        mask=MaskConfig(1.0, 100, 32),
+        vector_length=m,
+        chunk_size=CHUNK,
+        certificate=cert,
+    )
+    acc = np.zeros(m, dtype=np.float64)
+    weight_sum = 0.0
+    count = 0
+    reassembler = Reassembler(
+        4 * n + 8, 8 * (4 * m + 1_000_000) * n + (1 << 20), 600.0, max_per_key=2
+    )
+    verify_s = 0.0
+    add_s = 0.0
+    t0 = time.perf_counter()
+    await transport.publish(
+        topics.round,
+        encode_message(params, fleet=fleet, round_id=1, signing_key=key),
+        qos=1,
+        retain=True,
+    )
+    first: float | None = None
+    async for msg in transport.messages():
+        payload = msg.payload
+        if is_chunk(payload):
+            whole = reassembler.feed(msg.topic, payload, time.monotonic())
+            if whole is None:
+                continue
+            payload = whole
+        first = first or time.perf_counter()
+        a = time.perf_counter()
+        signed = decode_message(payload, max_size=_MAX_IN)
+        signed.expect(fleet=fleet, round_id=1, types=(MessageType.UPDATE,))
+        verify_sender(signed, ca_public_key=ca, fleet=fleet, now=time.time(), revocations=None)
+        body = signed.body
+        assert isinstance(body, Update)
+        b = time.perf_counter()
+        words: npt.NDArray[np.uint32] = np.asarray(body.words)
+        weight = float(words[m:].view(np.float32)[0])
+        acc += weight * np.clip(words[:m].view(np.float32), -1.0, 1.0)
+        weight_sum += weight
+        count += 1
+        add_s += time.perf_counter() - b
+        verify_s += b - a
+        if count >= n:
+            break
+    last = time.perf_counter()
+    weights = (acc / weight_sum).astype(np.float32)
+    model = GlobalModel(
+        model_id="bench",
+        version=1,
+        round_id=1,  # type: ignore[arg-type]
+        previous_digest=bytes(32),
+        weights=weights,
+    )
+    await transport.publish(
+        topics.model_latest("bench"),
+        encode_message(model, fleet=fleet, round_id=1, signing_key=key),
+        qos=1,
+        retain=True,
+    )
+    done = time.perf_counter()
+    await transport.disconnect()
+    result = json.dumps(
+        {
+            "seconds": {
+                "wait_first_update": round((first or last) - t0, 4),
+                "receive_all": round(last - t0, 4),
+                "verify": round(verify_s, 4),
+                "add": round(add_s, 4),
+                "publish_model": round(done - last, 4),
+            },
+            "last_update_perf": last,  # CLOCK_MONOTONIC: comparable across processes
+        }
+    )
+    await asyncio.to_thread(out.write_text, result)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m maskfl.tools.bench_round plain-aggregator ...`` (used by the benchmark)."""
+    parser = argparse.ArgumentParser(prog="maskfl.tools.bench_round")
+    sub = parser.add_subparsers(dest="command", required=True)
+    agg = sub.add_parser("plain-aggregator")
+    agg.add_argument("--config", type=Path, required=True)
+    agg.add_argument("--n", type=int, required=True)
+    agg.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    asyncio.run(_plain_aggregator(args.config, args.n, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
