@@ -68,6 +68,8 @@ class Runner:
         self.lock = asyncio.Lock()
         self.rounds_completed = 0
         self.finished_round: int | None = None
+        self._ready = False
+        self._resumed = False
         self.rounds_failed = 0
 
     # -- state ---------------------------------------------------------------
@@ -132,9 +134,7 @@ class Runner:
         async with self.lock:
             state = self.state
             if state is None and header.round_id == self.finished_round:
-                raise RemoteProtocolError(
-                    Reason.PHASE_CLOSED, f"round {header.round_id} is over"
-                )
+                raise RemoteProtocolError(Reason.PHASE_CLOSED, f"round {header.round_id} is over")
             if state is None or header.round_id != state.round_id:
                 current = "none" if state is None else str(state.round_id)
                 raise RemoteProtocolError(
@@ -162,16 +162,23 @@ class Runner:
 
     # -- the loop -------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Resume or start rounds until shutdown (or cancellation)."""
+    async def resume(self) -> None:
+        """Load the round in progress (if any) and open its phase, before any message
+        is offered: ingest must not see a half-started coordinator."""
         s = self.s
         last = await s.store.last_round()
-        resumed = False
+        self._resumed = False
+        self.phase = Phase.IDLE
+        self.state = None
+        self.current = None
         if last is not None and last.outcome is None:
             try:
                 self.state = await self.load_state(last)
                 self.phase = Phase(last.phase)
-                resumed = True
+                self._resumed = True
+                if self.phase in MESSAGE_PHASES:
+                    async with self.lock:
+                        self._open()
                 log.info(
                     "resuming round %d in phase %s",
                     last.round_id,
@@ -184,6 +191,15 @@ class Runner:
                 self.state = None
                 self.phase = Phase.FAILURE
                 await self._fail_record(last, f"resume failed: {exc}")
+        self._ready = True
+
+    async def run(self) -> None:
+        """Resume (unless :meth:`resume` ran) and drive rounds until shutdown."""
+        s = self.s
+        if not self._ready:
+            await self.resume()
+        self._ready = False
+        resumed = self._resumed
         while self.phase is not Phase.SHUTDOWN:
             s.metrics.set_phase(self.phase)
             try:
@@ -328,7 +344,8 @@ class Runner:
         lock, when the caller holds it) so that no message for it is turned away."""
         check_transition(self.phase, nxt)
         s = self.s
-        if nxt is Phase.SUM and self.state is None:
+        starting = nxt is Phase.SUM and self.state is None
+        if starting:
             last = await s.store.last_round()
             assert last is not None
             self.state = await self.load_state(last)
@@ -349,6 +366,9 @@ class Runner:
                     self._open()
         else:
             self.current = None
+        if starting and self.state is not None:
+            # Publish the round only now that its sum phase admits messages.
+            await s.outbox.state(s.topics.round, self.state.record.params)
 
     async def _clear_round_topics(self) -> None:
         """Remove the finished round's retained sum and seed dictionaries."""

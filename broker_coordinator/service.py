@@ -42,10 +42,10 @@ from maskfl.broker_coordinator.runner import Runner
 from maskfl.broker_coordinator.store import CheckpointFiles, ModelRecord, Store, UpdateLog
 from maskfl.protocol.errors import ConfigError, MaskflError, Reason
 from maskfl.protocol.identity import Certificate, verify_certificate
-from maskfl.protocol.ids import Role
+from maskfl.protocol.ids import Role, RoundId
 from maskfl.protocol.keys import public_key_from_pem, signing_key_from_pem
 from maskfl.protocol.masking import MaskConfig
-from maskfl.protocol.messages import weights_digest
+from maskfl.protocol.messages import GlobalModel, weights_digest
 from maskfl.protocol.topics import Topics
 from maskfl.transport import LinkEvent, LinkState, MqttConfig, MqttTransport, TlsConfig
 
@@ -348,6 +348,17 @@ class Coordinator:
         latest = await s.store.latest_model(s.model.model_id)
         if latest is not None and latest.message is not None:
             await s.outbox.state(s.topics.model_latest(s.model.model_id), latest.message)
+        elif latest is not None and latest.version == 0:
+            # The initial weights have no round, so nothing signed them yet; agents train
+            # only on a verified model, so publish version 0 signed (round id 0).
+            v0 = GlobalModel(
+                model_id=s.model.model_id,
+                version=0,
+                round_id=RoundId(0),
+                previous_digest=bytes(32),
+                weights=s.model.weights,
+            )
+            await s.outbox.state(s.topics.model_latest(s.model.model_id), s.sign(v0, 0))
         if config.http.enabled:
             self.http = OpsServer(self.metrics, ready=self.ready, status=self.status)
             await self.http.start(config.http.host, config.http.port)
@@ -360,6 +371,7 @@ class Coordinator:
         ingest = Ingest(s, runner, transport)
         self.runner, self.ingest = runner, ingest
         committer.start()
+        await runner.resume()
         tasks = {
             "ingest": self._supervise("ingest", ingest.run, stop),
             "runner": self._supervise("runner", runner.run, stop),

@@ -1,4 +1,4 @@
-"""idle: start a round. Derive the seed, pick probabilities, persist, publish parameters.
+"""idle: start a round. Derive the seed, pick probabilities, persist; the runner publishes.
 
 Accepts no messages. The round row is written (phase ``sum``) *before* the
 parameters are published, so a restart republishes exactly the same signed
@@ -87,7 +87,9 @@ class IdlePhase(StepPhase):
             await tx.put_round(record)
         await asyncio.to_thread(s.checkpoints.prune)
         await asyncio.to_thread(s.update_log.prune)
-        await s.outbox.state(s.topics.round, raw)
+        # The runner publishes the parameters once the sum phase admits messages
+        # (Runner._transition): published here, the first sums could arrive while no
+        # round is current yet and be turned away as wrong_round.
         log.info(
             "round %d started: p_sum=%.4f p_update=%.4f alive=%d model v%d",
             round_id,

@@ -14,7 +14,8 @@ import numpy as np
 from maskfl.broker_coordinator.config import load_config
 from maskfl.broker_coordinator.service import Coordinator
 from maskfl.protocol.identity import Identity
-from maskfl.tools.fleet_sim import SimFleet, first_round_seed
+from maskfl.protocol.messages import GlobalModel
+from maskfl.tools.fleet_sim import SimFleet, SimParticipant, first_round_seed
 
 M = 1000
 P_SUM = 0.5
@@ -27,9 +28,14 @@ def fixed_delta(index: int) -> Any:
         rng = np.random.default_rng(1000 * round_id + index)
         delta = rng.uniform(-0.8, 0.8, m).astype(np.float32)
         delta[:3] = (1.5, -1.5, 0.0)  # clipped at B = 1
-        return delta, 0.25 + 0.1 * index
+        return delta, 0.2 + 0.8 * ((index * 37) % 100) / 100
 
     return make
+
+
+def trained(participant: SimParticipant) -> list[GlobalModel]:
+    """The models a participant received that came out of a round (version >= 1)."""
+    return [m for m in participant.models if m.version >= 1]
 
 
 @dataclass

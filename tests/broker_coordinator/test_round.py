@@ -13,7 +13,7 @@ from maskfl.tools.fleet_sim import (
     stop_all,
     wait_for,
 )
-from tests.broker_coordinator.support import fixed_delta, make_setup, running_coordinator
+from tests.broker_coordinator.support import trained, fixed_delta, make_setup, running_coordinator
 from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
@@ -38,9 +38,9 @@ async def test_round_publishes_the_weighted_mean(tmp_path, mosquitto: Mosquitto)
     await start_all(parts)
     try:
         async with running_coordinator(setup.config_path) as coordinator:
-            await wait_for(lambda: all(p.models for p in parts), 60, "the global model")
+            await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")
             assert coordinator.runner is not None
-        model = parts[0].models[-1]
+        model = trained(parts[0])[0]
         updaters = parts[3:]
         expected = setup.initial + expected_mean([p.sent[1] for p in updaters], 1.0)
         metrics = dict(model.metrics)
@@ -59,7 +59,9 @@ async def test_round_publishes_the_weighted_mean(tmp_path, mosquitto: Mosquitto)
 def _participants(setup, host, port, behaviours):  # type: ignore[no-untyped-def]
     ca = setup.fleet.ca_public_key
     out = [
-        SimParticipant(i, ca_public_key=ca, host=host, port=port, behaviour=behaviours.get(i.device_id))
+        SimParticipant(
+            i, ca_public_key=ca, host=host, port=port, behaviour=behaviours.get(i.device_id)
+        )
         for i in setup.summers
     ]
     for k, i in enumerate(setup.updaters):
@@ -92,10 +94,10 @@ async def test_summer_dropout_and_late_updaters(tmp_path, mosquitto: Mosquitto) 
     await start_all(parts)
     try:
         async with running_coordinator(setup.config_path):
-            await wait_for(lambda: all(p.models for p in parts), 60, "the global model")
+            await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")
             late = parts[-1]
             await wait_for(lambda: bool(late.receipts), 30, "the late updater's receipt")
-        model = parts[0].models[-1]
+        model = trained(parts[0])[0]
         metrics = dict(model.metrics)
         included = [p for p in parts[3:] if any(r.accepted for r in p.receipts)]
         assert len(included) == 4
@@ -116,8 +118,8 @@ async def test_update_whose_seed_does_not_open_is_dropped(tmp_path, mosquitto: M
     await start_all(parts)
     try:
         async with running_coordinator(setup.config_path):
-            await wait_for(lambda: all(p.models for p in parts), 60, "the global model")
-        model = parts[0].models[-1]
+            await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")
+        model = trained(parts[0])[0]
         metrics = dict(model.metrics)
         assert metrics["dropped"] == 1 and metrics["updates"] == 3
         good = [p for p in parts[2:] if p.device != bad]
@@ -150,9 +152,9 @@ async def test_several_rounds_chain_models(tmp_path, mosquitto: Mosquitto) -> No
                 "two global models",
             )
             assert coordinator.runner is not None
-        versions = [m.version for m in parts[0].models]
+        versions = [m.version for m in trained(parts[0])]
         assert versions[:2] == [1, 2]
-        first, second = parts[0].models[:2]
+        first, second = trained(parts[0])[:2]
         assert second.previous_digest == first.digest
     finally:
         await stop_all(parts)
