@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -27,14 +28,22 @@ class _JsonFormatter(logging.Formatter):
 class _TextFormatter(logging.Formatter):
     converter = time.gmtime  # type: ignore[assignment]
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)sZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    def __init__(self, *, timestamps: bool = True) -> None:
+        stamp = "%(asctime)sZ " if timestamps else ""
+        super().__init__(f"{stamp}%(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Configure the root logger to stderr (replacing earlier handlers)."""
+    """Configure the root logger to stderr (replacing earlier handlers).
+
+    Under systemd (``JOURNAL_STREAM`` set) text lines carry no timestamp: journald
+    stamps every line itself.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    handler.setFormatter(
+        _JsonFormatter() if fmt == "json" else _TextFormatter(timestamps=not journald)
+    )
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
