@@ -213,7 +213,9 @@ class MqttTransport:
         if cfg.session_expiry_s:
             props.SessionExpiryInterval = cfg.session_expiry_s
         props.ReceiveMaximum = cfg.receive_maximum
-        props.MaximumPacketSize = min(cfg.max_incoming_payload + _PACKET_OVERHEAD, MQTT_MAX_PACKET)
+        # paho validates this property against 268,435,455 (the largest remaining length),
+        # not the largest packet: a larger announcement raises in CONNECT.
+        props.MaximumPacketSize = min(cfg.max_incoming_payload + _PACKET_OVERHEAD, 268_435_455)
         self._client.connect_async(
             cfg.host, cfg.port, cfg.keepalive_s, clean_start=cfg.clean_start, properties=props
         )
