@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+
 from maskfl.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -18,6 +18,7 @@ from typing import Final
 import nacl.exceptions
 import nacl.public
 import nacl.utils
+
 from maskfl.protocol.errors import CryptoError
 
 __all__ = [

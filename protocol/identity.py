@@ -24,6 +24,7 @@ from typing import Final
 import nacl.exceptions
 import nacl.signing
 import numpy as np
+
 from maskfl.protocol._codec import I64_MAX, I64_MIN, U64_MAX, Reader, Writer
 from maskfl.protocol.errors import (
     CertificateError,

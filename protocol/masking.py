@@ -40,6 +40,7 @@ from typing import Any, Final, Literal, TypeAlias
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
+
 from maskfl.protocol.crypto import SEED_BYTES
 from maskfl.protocol.errors import AggregationError, ConfigError, CryptoError, LocalProtocolError
 

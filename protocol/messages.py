@@ -49,6 +49,7 @@ import nacl.exceptions
 import nacl.signing
 import numpy as np
 import numpy.typing as npt
+
 from maskfl.protocol._codec import U64_MAX, Reader, Writer, check_id, is_valid_id
 from maskfl.protocol.errors import (
     CertificateError,

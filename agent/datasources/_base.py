@@ -7,6 +7,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
 from maskfl.protocol.errors import ConfigError
 
 __all__ = ["DataSource", "DataSourceError", "Dataset"]

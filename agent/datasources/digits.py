@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
 from maskfl.agent.datasources._base import Dataset, DataSourceError, check_device
 from maskfl.agent.datasources._partition import (
     dirichlet_partition,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from maskfl.agent.training._errors import ModelContractError
 
 __all__ = ["OPTIONAL", "REQUIRED", "ModelSpec", "check_contract"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from maskfl.agent.training import _runtime
 from maskfl.agent.training._contract import ModelSpec, check_contract
 from maskfl.agent.training._errors import ModelContractError, TrainingError

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from ai_edge_litert import schema_py_generated as schema
+
 from maskfl.agent.training import LocalTrainer
 from maskfl.models import (
     CONTRACT_VERSION,

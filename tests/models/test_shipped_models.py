@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from maskfl.agent.datasources import Dataset
 from maskfl.agent.datasources.digits import DigitsSource
 from maskfl.agent.training import LocalTrainer

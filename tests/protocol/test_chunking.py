@@ -8,6 +8,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from maskfl.protocol.chunking import (
     CHUNK_HEADER_SIZE,
     DEFAULT_CHUNK_SIZE,
@@ -19,7 +20,6 @@ from maskfl.protocol.chunking import (
     split_payload,
 )
 from maskfl.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
-
 from tests.protocol.wire_samples import bodies, sign, sum_message
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from maskfl.protocol.crypto import (
     SEALED_SEED_BYTES,
     EphemeralKeyPair,

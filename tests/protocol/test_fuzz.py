@@ -16,6 +16,8 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nacl.signing import SigningKey
+
 from maskfl.protocol.chunking import ChunkFrame, Reassembler, split_payload
 from maskfl.protocol.errors import RemoteProtocolError
 from maskfl.protocol.identity import Certificate, RevocationList
@@ -28,8 +30,6 @@ from maskfl.protocol.messages import (
     decode_message,
 )
 from maskfl.protocol.topics import parse_topic
-from nacl.signing import SigningKey
-
 from tests.protocol.wire_samples import DEVICE, FLEET, ROUND, bodies, revocations, sign
 
 MAX = 1 << 20

@@ -7,6 +7,8 @@ import dataclasses
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nacl.signing import SigningKey
+
 from maskfl.protocol.errors import (
     CertificateError,
     LocalProtocolError,
@@ -22,8 +24,6 @@ from maskfl.protocol.identity import (
     verify_certificate,
 )
 from maskfl.protocol.ids import Role
-from nacl.signing import SigningKey
-
 from tests.protocol.wire_samples import (
     CA_KEY,
     CA_PUBLIC,

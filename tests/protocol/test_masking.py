@@ -15,6 +15,7 @@ import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from maskfl.protocol.errors import AggregationError, ConfigError, CryptoError, LocalProtocolError
 from maskfl.protocol.masking import (
     MaskConfig,

@@ -13,6 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from nacl.signing import SigningKey
+
 from maskfl.protocol.errors import (
     CertificateError,
     LocalProtocolError,
@@ -46,8 +48,6 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.phases import Phase
 from maskfl.protocol.sortition import next_round_seed
-from nacl.signing import SigningKey
-
 from tests.protocol.wire_samples import (
     CA_PUBLIC,
     COORDINATOR,

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from maskfl.protocol.errors import ConfigError, LocalProtocolError
 from maskfl.protocol.phases import (
     MESSAGE_PHASES,

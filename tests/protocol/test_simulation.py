@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from maskfl.protocol.crypto import EphemeralKeyPair, digest, open_seed, seal_seed
 from maskfl.protocol.masking import (
     MaskConfig,

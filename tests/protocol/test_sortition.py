@@ -9,6 +9,7 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from maskfl.protocol.errors import ConfigError, LocalProtocolError
 from maskfl.protocol.sortition import (
     TICKET_SPACE,

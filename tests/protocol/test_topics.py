@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from maskfl.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 from maskfl.protocol.topics import ParsedTopic, TopicKind, Topics, parse_topic
 

@@ -12,6 +12,8 @@ import json
 import sys
 
 import numpy as np
+from nacl.signing import SigningKey
+
 from maskfl.protocol.chunking import split_payload
 from maskfl.protocol.errors import Reason
 from maskfl.protocol.identity import (
@@ -37,7 +39,6 @@ from maskfl.protocol.messages import (
     Update,
     encode_message,
 )
-from nacl.signing import SigningKey
 
 FLEET = "demo"
 ROUND = RoundId(7)

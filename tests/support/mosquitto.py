@@ -22,7 +22,10 @@ def find_mosquitto() -> str:
     """The mosquitto binary: on PATH or in /usr/sbin (Debian puts it there)."""
     found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
     if found is None:
-        raise RuntimeError("mosquitto is not installed: run `make test` (it installs it) or apt-get install mosquitto")
+        raise RuntimeError(
+            "mosquitto is not installed: run `make test` (it installs it)"
+            " or apt-get install mosquitto"
+        )
     return found
 
 
@@ -88,7 +91,10 @@ class Mosquitto:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mosquitto exited at start:\n{self.log()}")
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), 0.2),
+            ):
                 return self
             time.sleep(0.02)
         raise RuntimeError(f"mosquitto did not listen on {self.port}:\n{self.log()}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.datasets import load_digits as sklearn_load_digits
+
 from maskfl.agent.datasources import (
     DataSource,
     DataSourceError,
@@ -13,7 +15,6 @@ from maskfl.agent.datasources import (
 )
 from maskfl.agent.datasources.digits import DigitsSource, load_digits
 from maskfl.agent.datasources.npz import NpzSource
-from sklearn.datasets import load_digits as sklearn_load_digits
 
 
 def test_bundled_file_equals_sklearn() -> None:

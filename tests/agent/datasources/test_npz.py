@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from maskfl.agent.datasources import DataSourceError, load_dataset
 from maskfl.agent.datasources.npz import NpzSource
 

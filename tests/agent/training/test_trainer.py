@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from maskfl.agent.datasources import Dataset
 from maskfl.agent.datasources.digits import DigitsSource
 from maskfl.agent.training import (
