@@ -32,6 +32,7 @@ from maskfl.broker_coordinator.phases.base import MessagePhase, StepPhase
 from maskfl.broker_coordinator.phases.failure import FailurePhase
 from maskfl.broker_coordinator.phases.idle import IdlePhase
 from maskfl.broker_coordinator.phases.unmask import UnmaskPhase
+from maskfl.broker_coordinator.phases.update import publish_seed_dicts
 from maskfl.broker_coordinator.store import RoundRecord
 from maskfl.protocol.errors import MaskflError, Reason, RemoteProtocolError
 from maskfl.protocol.messages import MessageType, RoundParams, decode_message
@@ -369,6 +370,17 @@ class Runner:
         if starting and self.state is not None:
             # Publish the round only now that its sum phase admits messages.
             await s.outbox.state(s.topics.round, self.state.record.params)
+
+    async def republish(self) -> None:
+        """Publish the current round's retained state again (after the broker lost it)."""
+        state, s = self.state, self.s
+        if state is None:
+            return
+        await s.outbox.state(s.topics.round, state.record.params)
+        if state.record.sum_dict is not None:
+            await s.outbox.state(s.topics.sums(state.round_id), state.record.sum_dict)
+        if self.phase in (Phase.SUM2, Phase.UNMASK):
+            await publish_seed_dicts(self.s, state)
 
     async def _clear_round_topics(self) -> None:
         """Remove the finished round's retained sum and seed dictionaries."""

@@ -177,6 +177,7 @@ class Coordinator:
         self.http: OpsServer | None = None
         self._store_open = False
         self.started = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- ops ---------------------------------------------------------------------
 
@@ -250,6 +251,26 @@ class Coordinator:
             log.warning("broker link lost: %s (reconnecting)", event.reason)
         elif event.state is LinkState.CONNECTED:
             log.info("broker link up (session present: %s)", event.session_present)
+            if not event.session_present and self.runner is not None:
+                # The broker lost its state (restart without persistence): our
+                # retained messages may be gone too. Publish them again.
+                task = asyncio.get_running_loop().create_task(self._republish())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _republish(self) -> None:
+        s, runner = self.services, self.runner
+        if s is None or runner is None:
+            return
+        try:
+            if s.enrollment.revocations_raw is not None:
+                await s.outbox.state(s.topics.revocations, s.enrollment.revocations_raw)
+            latest = await s.store.latest_model(s.model.model_id)
+            if latest is not None and latest.message is not None:
+                await s.outbox.state(s.topics.model_latest(s.model.model_id), latest.message)
+            await runner.republish()
+        except MaskflError as exc:
+            log.warning("republishing retained state failed: %s", exc)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()

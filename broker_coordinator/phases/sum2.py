@@ -33,7 +33,7 @@ class Sum2Phase(MessagePhase):
 
     async def enter(self, resumed: bool) -> None:
         if resumed:
-            await publish_seed_dicts(self)
+            await publish_seed_dicts(self.s, self.state)
 
     async def admit(self, incoming: Incoming) -> Contribution:
         body = incoming.message.body

@@ -24,7 +24,7 @@ import logging
 
 import numpy as np
 
-from maskfl.broker_coordinator.context import Contribution, Incoming
+from maskfl.broker_coordinator.context import Contribution, Incoming, RoundState, Services
 from maskfl.broker_coordinator.phases.base import MessagePhase
 from maskfl.broker_coordinator.phases.sum import check_once, check_task
 from maskfl.broker_coordinator.store import RoundRecord, Transaction, UpdateRecord
@@ -36,9 +36,8 @@ from maskfl.protocol.sortition import Task
 log = logging.getLogger("maskfl.coordinator.update")
 
 
-async def publish_seed_dicts(phase: MessagePhase) -> None:
+async def publish_seed_dicts(s: Services, state: RoundState) -> None:
     """One signed, retained seed dictionary per accepted summer (deterministic bytes)."""
-    s, state = phase.s, phase.state
     for summer in state.summers.values():
         entries = await s.store.seeds_for(state.round_id, summer.public_key)
         raw = s.sign(SeedDict(summer.public_key, dict(entries)), state.round_id)
@@ -152,5 +151,5 @@ class UpdatePhase(MessagePhase):
             s.checkpoints.path(state.round_id, old_gen).unlink(missing_ok=True)
 
     async def close(self) -> Phase:
-        await publish_seed_dicts(self)
+        await publish_seed_dicts(self.s, self.state)
         return Phase.SUM2

@@ -77,18 +77,28 @@ class Proc:
 
 
 @pytest.mark.parametrize(
-    ("phase", "run"), [("update", 0), ("update", 1), ("update", 2), ("sum2", 0), ("sum2", 1)]
+    ("phase", "run", "length"),
+    [
+        ("update", 0, 1000),
+        ("update", 1, 1000),
+        ("update", 2, 40_000),
+        ("update", 3, 40_000),
+        ("sum2", 0, 1000),
+        ("sum2", 1, 40_000),
+    ],
 )
 async def test_kill9_then_restart_includes_every_update_once(
-    tmp_path: Path, mosquitto: Mosquitto, phase: str, run: int
+    tmp_path: Path, mosquitto: Mosquitto, phase: str, run: int, length: int
 ) -> None:
+    """Runs with 40,000 parameters send every update and mask as ~10 chunk frames."""
     rng = random.Random(f"{phase}-{run}")
     setup = make_setup(
         tmp_path,
         mosquitto.port,
         summers=SUMMERS,
         updaters=UPDATERS,
-        pet={"max_rounds": 2, "round_pause_s": 60.0},
+        length=length,
+        pet={"max_rounds": 2, "round_pause_s": 60.0, "chunk_size": 16384},
         extra={"storage": {"dir": "state", "group_commit_max": 2, "group_commit_ms": 5.0}},
     )
     ca = setup.fleet.ca_public_key

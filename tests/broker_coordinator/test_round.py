@@ -158,3 +158,25 @@ async def test_several_rounds_chain_models(tmp_path, mosquitto: Mosquitto) -> No
         assert second.previous_digest == first.digest
     finally:
         await stop_all(parts)
+
+
+async def test_chunked_updates_and_masks(tmp_path, mosquitto: Mosquitto) -> None:
+    m = 50_000
+    setup = make_setup(
+        tmp_path, mosquitto.port, summers=2, updaters=4, length=m, pet={"chunk_size": 16384}
+    )
+    parts = _participants(setup, mosquitto.host, mosquitto.port, {})
+    await start_all(parts)
+    try:
+        async with running_coordinator(setup.config_path) as coordinator:
+            await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")
+            assert coordinator.ingest is not None
+            assert coordinator.ingest.chunks.held == 0
+        model = trained(parts[0])[0]
+        metrics = dict(model.metrics)
+        assert metrics["updates"] == 4
+        expected = setup.initial + expected_mean([p.sent[1] for p in parts[2:]], 1.0)
+        np.testing.assert_allclose(model.weights, expected, atol=metrics["error_bound"] + 1e-6)
+        assert all(r.accepted for p in parts for r in p.receipts)
+    finally:
+        await stop_all(parts)

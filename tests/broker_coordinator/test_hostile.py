@@ -1,0 +1,302 @@
+"""A hostile client attacks the coordinator's topics while an honest round runs.
+
+Every bad message must get the right rejection receipt, the rejection must be
+counted, the round must still publish exactly the weighted mean of the honest
+updates, and floods of garbage and never-completed chunked messages must stay
+within the configured bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from nacl.signing import SigningKey
+
+from maskfl.protocol.chunking import CHUNK_HEADER_SIZE, split_payload
+from maskfl.protocol.crypto import new_seed, seal_seed
+from maskfl.protocol.identity import Identity
+from maskfl.protocol.masking import MaskConfig, mask_update
+from maskfl.protocol.messages import (
+    Receipt,
+    SumDict,
+    Update,
+    decode_message,
+    encode_message,
+    open_sum_dict,
+)
+from maskfl.protocol.sortition import Task, select_task
+from maskfl.protocol.topics import Topics
+from maskfl.tools.fleet_sim import (
+    Behaviour,
+    SimFleet,
+    SimParticipant,
+    expected_mean,
+    start_all,
+    stop_all,
+    wait_for,
+)
+from maskfl.transport import MqttConfig, MqttTransport
+from tests.broker_coordinator.support import (
+    M,
+    P_SUM,
+    fixed_delta,
+    make_setup,
+    running_coordinator,
+    trained,
+)
+from tests.support.mosquitto import Mosquitto
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+
+
+def _summer_ticket_identity(fleet: SimFleet, seed: bytes, name: str, **kw: object) -> Identity:
+    """An enrolled identity whose ticket makes it a summer (so its updates are not eligible)."""
+    while True:
+        key = SigningKey.generate()
+        if select_task(seed, bytes(key.verify_key), P_SUM, 1.0) is Task.SUM:
+            return fleet.identity(name, key=key, **kw)  # type: ignore[arg-type]
+
+
+class Hostile:
+    """One MQTT client that publishes anything anywhere and reads every receipt."""
+
+    def __init__(self, host: str, port: int, fleet: str) -> None:
+        self.t = MqttTransport(
+            MqttConfig(host=host, port=port, client_id="hostile", max_incoming_payload=1 << 24)
+        )
+        self.topics = Topics(fleet)
+        self.receipts: dict[str, list[Receipt]] = {}
+        self.updates: list[tuple[str, bytes]] = []
+        self.sum_dicts: list[SumDict] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.t.connect()
+        p = self.topics.prefix
+        await self.t.subscribe([f"{p}receipts/+", f"{p}round/+/update/+", f"{p}round/+/sums"])
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self.t.messages():
+            if not msg.payload:
+                continue
+            if "/receipts/" in msg.topic:
+                body = decode_message(msg.payload, max_size=1 << 16).body
+                assert isinstance(body, Receipt)
+                self.receipts.setdefault(msg.topic.rsplit("/", 1)[1], []).append(body)
+            elif msg.topic.endswith("/sums"):
+                body = decode_message(msg.payload, max_size=1 << 20).body
+                assert isinstance(body, SumDict)
+                self.sum_dicts.append(body)
+            else:
+                self.updates.append((msg.topic, msg.payload))
+
+    def reasons(self, device: str) -> dict[bytes, str]:
+        return {
+            r.message_digest: ("accepted" if r.accepted else str(r.reason))
+            for r in self.receipts.get(device, [])
+        }
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        await self.t.disconnect()
+
+
+def _update(
+    ident: Identity, round_id: int, sums: SumDict, fleet: SimFleet, cfg: MaskConfig
+) -> bytes:
+    opened = open_sum_dict(
+        sums,
+        fleet=fleet.fleet,
+        round_id=1,
+        ca_public_key=fleet.ca_public_key,
+        now=time.time(),
+        revocations=None,
+    )
+    seed = new_seed()
+    words = mask_update(np.full(M, 0.9, np.float32), 1.0, seed, cfg)
+    sealed = {s.certificate.public_key: seal_seed(seed, s.ephemeral_pk) for s in opened}
+    return encode_message(
+        Update(ident.certificate, sealed, words),
+        fleet=fleet.fleet,
+        round_id=round_id,
+        signing_key=ident.signing_key,
+    )
+
+
+def _digest(raw: bytes) -> bytes:
+    return hashlib.sha256(raw[:152]).digest()
+
+
+async def test_hostile_client_cannot_disturb_the_round(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    setup = make_setup(
+        tmp_path,
+        mosquitto.port,
+        summers=3,
+        updaters=5,
+        pet={
+            "update": {"time_min_s": 3.0},
+            "reassembly_max_bytes": 1 << 20,
+            "reassembly_max_messages": 8,
+            "max_rounds": 2,
+            "round_pause_s": 30.0,
+        },
+        extra={"fleet": {"revocations_file": "revocations.bin", "revocations_poll_s": 0.2}},
+    )
+    fleet = setup.fleet
+    from maskfl.tools.fleet_sim import first_round_seed
+
+    seed1 = first_round_seed(bytes(32), setup.initial)
+    evil = _summer_ticket_identity(fleet, seed1, "evil")
+    expired = fleet.identity("evil-old", not_after=int(time.time()) - 60)
+    revoked = fleet.identity("evil-revoked")
+    fleet.revocations(setup.config_path.parent / "revocations.bin", [revoked.certificate.serial], 1)
+    stranger = SimFleet(fleet=fleet.fleet).identity("stranger")  # another CA, same fleet name
+
+    ca = fleet.ca_public_key
+    honest = [
+        SimParticipant(i, ca_public_key=ca, host=mosquitto.host, port=mosquitto.port)
+        for i in setup.summers
+    ] + [
+        SimParticipant(
+            i,
+            ca_public_key=ca,
+            host=mosquitto.host,
+            port=mosquitto.port,
+            behaviour=Behaviour(delta=fixed_delta(k), update_delay_s=0.5 + 0.2 * k),
+        )
+        for k, i in enumerate(setup.updaters)
+    ]
+    hostile = Hostile(mosquitto.host, mosquitto.port, fleet.fleet)
+    await hostile.start()
+    await start_all(honest)
+    cfg = MaskConfig(1.0, 100, 32)
+    topics = Topics(fleet.fleet)
+    try:
+        async with running_coordinator(setup.config_path) as coordinator:
+            await wait_for(lambda: bool(hostile.sum_dicts), 30, "the sum dictionary")
+            sums = hostile.sum_dicts[-1]
+            rss0 = psutil.Process(os.getpid()).memory_info().rss
+            expect: dict[str, dict[bytes, str]] = {}
+
+            async def send(
+                ident_name: str, topic: str, payload: bytes, digest: bytes, why: str
+            ) -> None:
+                await hostile.t.publish(topic, payload)
+                expect.setdefault(ident_name, {})[digest] = why
+
+            garbage = os.urandom(700)
+            await send(
+                "evil",
+                topics.update(1, "evil"),
+                garbage,
+                hashlib.sha256(garbage).digest(),
+                "malformed",
+            )
+            good_evil = _update(evil, 1, sums, fleet, cfg)
+            await send(
+                "evil", topics.update(1, "evil"), good_evil, _digest(good_evil), "not_eligible"
+            )
+            truncated = good_evil[: len(good_evil) - 100]
+            await send(
+                "evil",
+                topics.update(1, "evil"),
+                truncated,
+                hashlib.sha256(truncated).digest(),
+                "wrong_length",
+            )
+            big = os.urandom(100_000)
+            await send(
+                "evil", topics.update(1, "evil"), big, hashlib.sha256(big).digest(), "oversize"
+            )
+            wrong_round = _update(evil, 99, sums, fleet, cfg)
+            await send(
+                "evil", topics.update(99, "evil"), wrong_round, _digest(wrong_round), "wrong_round"
+            )
+            forged = bytearray(_update(evil, 1, sums, fleet, cfg))
+            forged[160] ^= 0xFF  # inside the signature
+            await send(
+                "evil",
+                topics.update(1, "evil"),
+                bytes(forged),
+                hashlib.sha256(forged).digest(),
+                "bad_signature",
+            )
+            old = _update(expired, 1, sums, fleet, cfg)
+            await send("evil-old", topics.update(1, "evil-old"), old, _digest(old), "expired")
+            rev = _update(revoked, 1, sums, fleet, cfg)
+            await send(
+                "evil-revoked", topics.update(1, "evil-revoked"), rev, _digest(rev), "revoked"
+            )
+            unknown = _update(stranger, 1, sums, fleet, cfg)
+            await send(
+                "stranger", topics.update(1, "stranger"), unknown, _digest(unknown), "unenrolled"
+            )
+            # Floods: garbage, and first frames of chunked messages that never complete.
+            for _ in range(300):
+                await hostile.t.publish(topics.update(1, "evil"), os.urandom(200), qos=0)
+            for _ in range(100):
+                frames = split_payload(os.urandom(10_000), CHUNK_HEADER_SIZE + 2048)
+                await hostile.t.publish(topics.update(1, "evil"), frames[0], qos=1)
+            ingest = coordinator.ingest
+            assert ingest is not None
+            r = ingest.chunks.reassembler
+            assert r.pending_messages <= 8 and r.reserved_bytes <= 1 << 20
+            assert ingest.chunks.held <= 8 * 8
+            # Replay an honest update once it is accepted.
+            honest_updates = lambda: [u for u in hostile.updates if "/update/dev-u" in u[0]]  # noqa: E731
+            await wait_for(lambda: bool(honest_updates()), 30, "an honest update")
+            topic, raw = honest_updates()[0]
+            victim = topic.rsplit("/", 1)[1]
+            await wait_for(
+                lambda: _digest(raw) in hostile.reasons(victim), 30, "the honest update's receipt"
+            )
+            await hostile.t.publish(topic, raw)
+            await wait_for(lambda: all(trained(p) for p in honest), 60, "the global model")
+            await wait_for(
+                lambda: all(set(v) <= set(hostile.reasons(k)) for k, v in expect.items()),
+                30,
+                "every rejection receipt",
+            )
+            await wait_for(
+                lambda: [r.reason for r in hostile.receipts.get(victim, [])][-1] == "duplicate",
+                30,
+                "the replay's receipt",
+            )
+            assert psutil.Process(os.getpid()).memory_info().rss - rss0 < 100 * 2**20
+            rejected = coordinator.metrics.rejected_total()
+        for device, wanted in expect.items():
+            got = hostile.reasons(device)
+            assert {d: got[d] for d in wanted} == wanted, device
+        for reason in (
+            "malformed",
+            "not_eligible",
+            "wrong_length",
+            "oversize",
+            "wrong_round",
+            "bad_signature",
+            "expired",
+            "revoked",
+            "unenrolled",
+            "duplicate",
+        ):
+            assert rejected.get(reason, 0) >= 1, (reason, rejected)
+        assert rejected["malformed"] >= 300
+        model = trained(honest[0])[0]
+        metrics = dict(model.metrics)
+        assert metrics["updates"] == 5
+        expected = setup.initial + expected_mean([p.sent[1] for p in honest[3:]], 1.0)
+        np.testing.assert_allclose(model.weights, expected, atol=metrics["error_bound"] + 1e-6)
+    finally:
+        await stop_all(honest)
+        await hostile.stop()
