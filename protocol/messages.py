@@ -290,11 +290,6 @@ def _read_map(r: Reader, key_size: int, value_size: int, what: str) -> dict[byte
     return entries
 
 
-def _check_fixed(value: bytes, n: int, what: str) -> None:
-    if not isinstance(value, bytes) or len(value) != n:
-        raise LocalProtocolError(f"{what} must be {n} bytes")
-
-
 # --- bodies -----------------------------------------------------------------------------------
 
 

@@ -160,7 +160,6 @@ class MqttTransport:
 
         self._queue: deque[Message] = deque()
         self._queue_ready = asyncio.Event()
-        self._reading = False
         self._paused = False
         self._unacked: set[int] = set()
 

@@ -9,7 +9,6 @@ directory, so a bundle works wherever it is unpacked.
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from pathlib import Path
 
@@ -155,7 +154,3 @@ def write_tarball(source: Path, target: Path) -> None:
 
 def write_file(directory: Path, name: str, data: bytes | str, *, private: bool) -> None:
     write_atomic(directory / name, data, mode=PRIVATE if private else PUBLIC)
-
-
-def tree_mode(path: Path) -> int:
-    return os.stat(path).st_mode & 0o777
