@@ -116,3 +116,22 @@ def test_refuses_a_foreign_workdir(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "not empty" in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_in_process_agents(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    done = subprocess.run(
+        [*_demo(workdir, "--in-process", "--quiet"), "--devices", "8", "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _survivors(workdir) == []
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["config"]["in_process"] is True
+    assert len(report["rounds"]) == 2
+    assert report["privacy"]["aggregate_matches_plain_mean"]
+    assert "| accuracy" not in done.stdout  # --quiet: the summary only
+    assert (workdir / "logs" / "agents-in-process.log").stat().st_size > 0
