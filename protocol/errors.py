@@ -23,6 +23,20 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+__all__ = [
+    "AggregationError",
+    "CertificateError",
+    "ConfigError",
+    "CryptoError",
+    "LocalProtocolError",
+    "MaskflError",
+    "ProtocolError",
+    "Reason",
+    "RemoteProtocolError",
+    "StorageError",
+    "TransportError",
+]
+
 
 class Reason(StrEnum):
     """Why a message from the network was rejected (sent in receipts, counted in metrics)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import NewType
 
+__all__ = ["DeviceId", "FleetId", "Role", "RoundId"]
+
 RoundId = NewType("RoundId", int)
 DeviceId = NewType("DeviceId", str)
 FleetId = NewType("FleetId", str)

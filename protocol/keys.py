@@ -13,6 +13,13 @@ from nacl.signing import SigningKey, VerifyKey
 
 from maskfl.protocol.errors import CryptoError
 
+__all__ = [
+    "public_key_from_pem",
+    "public_key_to_pem",
+    "signing_key_from_pem",
+    "signing_key_to_pem",
+]
+
 
 def signing_key_to_pem(key: SigningKey, passphrase: bytes | None = None) -> bytes:
     """PKCS#8 PEM of an Ed25519 signing key, encrypted when a passphrase is given."""

@@ -28,6 +28,8 @@ from maskfl.broker_coordinator.provision._settings import (
 from maskfl.broker_coordinator.provision.errors import ProvisionError
 from maskfl.protocol.errors import MaskflError
 
+__all__ = ["build_parser", "main"]
+
 PASSPHRASE_ENV = "MASKFL_CA_PASSPHRASE"
 EXIT_USAGE = 2
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from maskfl.protocol.errors import ConfigError
 
+__all__ = ["ProvisionError"]
+
 
 class ProvisionError(ConfigError):
     """The fleet directory, an argument or a key cannot be used as asked.
