@@ -297,6 +297,40 @@ class Backend(Protocol):
         ...
 
 
+class AccumulatorState:
+    """The bookkeeping every :class:`Accumulator` shares: shape, count, masked or not.
+
+    Backends subclass it and keep the words wherever they live; the sum, the count
+    and the unmasked flag change only in the subclass, after its arithmetic worked.
+    """
+
+    def __init__(self, length: int, word_bits: int) -> None:
+        self._dtype = word_dtype(word_bits)
+        self._length = check_length(length)
+        self._count = 0
+        self._unmasked = False
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def word_bits(self) -> int:
+        return self._dtype.itemsize * 8
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def unmasked(self) -> bool:
+        return self._unmasked
+
+    def _check_masked(self, what: str) -> None:
+        if self._unmasked:
+            raise AggregationError(f"cannot {what}: the aggregate mask was already subtracted")
+
+
 def check_mergeable(length: int, word_bits: int, snapshot: Snapshot) -> None:
     """A snapshot can be merged only into a masked sum of the same shape."""
     if snapshot.word_bits != word_bits or snapshot.length != length:

@@ -34,13 +34,13 @@ import numpy as np
 import numpy.typing as npt
 
 from maskfl.aggregator_gpu._base import (
+    AccumulatorState,
     BackendName,
     BackendUnavailableError,
     Snapshot,
     Words,
     WordsLike,
     as_words,
-    check_length,
     check_mergeable,
     decode_words,
     iter_rows,
@@ -177,7 +177,7 @@ class _Slot:
             self.done = None
 
 
-class CupyAccumulator:
+class CupyAccumulator(AccumulatorState):
     """The running sum on the GPU (see the module docstring for the pipeline).
 
     Invalid input raises :class:`AggregationError` before anything is staged. A
@@ -195,10 +195,7 @@ class CupyAccumulator:
         slots: int = SLOTS,
     ) -> None:
         self._rt = runtime
-        self._dtype = word_dtype(word_bits)
-        self._length = check_length(length)
-        self._count = 0
-        self._unmasked = False
+        super().__init__(length, word_bits)
         rows = max(1, min(MAX_ROWS, staging_bytes // (self._length * self._dtype.itemsize)))
         cp = runtime.cp
         try:
@@ -234,22 +231,6 @@ class CupyAccumulator:
         return BackendName.CUPY
 
     @property
-    def length(self) -> int:
-        return self._length
-
-    @property
-    def word_bits(self) -> int:
-        return self._dtype.itemsize * 8
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    @property
-    def unmasked(self) -> bool:
-        return self._unmasked
-
-    @property
     def rows_per_slot(self) -> int:
         return self._slots[0].rows
 
@@ -262,10 +243,6 @@ class CupyAccumulator:
     def device_bytes(self) -> int:
         """Device memory held: partial sums, base row and staging twins."""
         return int(self._partials.nbytes) + sum(int(slot.device.nbytes) for slot in self._slots)
-
-    def _check_masked(self, what: str) -> None:
-        if self._unmasked:
-            raise AggregationError(f"cannot {what}: the aggregate mask was already subtracted")
 
     def _stage(self, words: Words) -> None:
         """Copy one validated vector into the current slot; launch the slot when full."""

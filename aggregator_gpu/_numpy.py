@@ -14,33 +14,29 @@ import numpy as np
 import numpy.typing as npt
 
 from maskfl.aggregator_gpu._base import (
+    AccumulatorState,
     BackendName,
     Snapshot,
     Words,
     WordsLike,
     as_words,
-    check_length,
     check_mergeable,
     decode_words,
     iter_rows,
-    word_dtype,
 )
 from maskfl.protocol.errors import AggregationError
 from maskfl.protocol.masking import MaskConfig
 
 
-class NumpyAccumulator:
+class NumpyAccumulator(AccumulatorState):
     """The running sum in host memory."""
 
     def __init__(self, length: int, word_bits: int) -> None:
-        self._dtype = word_dtype(word_bits)
-        self._length = check_length(length)
+        super().__init__(length, word_bits)
         # np.zeros would map zero pages lazily and fault them in during the first
         # add; writing the zeros here moves that cost out of the ingest path.
         self._sum: Words = np.empty(self._length, dtype=self._dtype)
         self._sum.fill(0)
-        self._count = 0
-        self._unmasked = False
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot) -> NumpyAccumulator:
@@ -53,26 +49,6 @@ class NumpyAccumulator:
     @property
     def backend(self) -> BackendName:
         return BackendName.NUMPY
-
-    @property
-    def length(self) -> int:
-        return self._length
-
-    @property
-    def word_bits(self) -> int:
-        return self._dtype.itemsize * 8
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    @property
-    def unmasked(self) -> bool:
-        return self._unmasked
-
-    def _check_masked(self, what: str) -> None:
-        if self._unmasked:
-            raise AggregationError(f"cannot {what}: the aggregate mask was already subtracted")
 
     def add(self, vector: WordsLike) -> None:
         self._check_masked("add a vector")
