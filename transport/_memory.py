@@ -17,17 +17,16 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
-from types import TracebackType
-from typing import Self
+from collections.abc import Iterable
 
 from maskfl.protocol.errors import LocalProtocolError
 
 from ._config import MQTT_MAX_PACKET
 from ._errors import NotConnectedError, PayloadTooLargeError, TransportClosedError
+from ._link import LinkBase
 from ._mqtt import publish_packet_size
 from ._topics import check_filter, check_topic, split_shared, topic_matches
-from ._types import LinkEvent, LinkListener, LinkState, Message, TransportStats
+from ._types import LinkEvent, LinkState, Message
 
 log = logging.getLogger("maskfl.transport.memory")
 
@@ -79,7 +78,7 @@ class MemoryBroker:
             client._deliver(topic, payload, min(qos, sub_qos), retain=False, dup=False)
 
 
-class MemoryTransport:
+class MemoryTransport(LinkBase):
     """A :class:`Transport` connected to a :class:`MemoryBroker`.
 
     ``drop_link()`` simulates a lost connection followed by a reconnect to a
@@ -94,6 +93,7 @@ class MemoryTransport:
         manual_ack: bool = False,
         queue_size: int = 10_000,
     ) -> None:
+        super().__init__(log)
         self.broker = broker
         self.client_id = client_id
         self.manual_ack = manual_ack
@@ -103,24 +103,9 @@ class MemoryTransport:
         self._queue: deque[Message] = deque()
         self._ready = asyncio.Event()
         self._connected = asyncio.Event()
-        self._state = LinkState.NEW
-        self._stats = TransportStats()
-        self._listeners: list[LinkListener] = []
         self._unacked: dict[int, Message] = {}
         self._mids = itertools.count(1)
         self._link = 0
-
-    @property
-    def state(self) -> LinkState:
-        return self._state
-
-    @property
-    def is_connected(self) -> bool:
-        return self._state is LinkState.CONNECTED
-
-    @property
-    def stats(self) -> TransportStats:
-        return self._stats
 
     @property
     def max_packet_size(self) -> int:
@@ -130,10 +115,6 @@ class MemoryTransport:
     def unacked(self) -> list[Message]:
         """Delivered QoS 1 messages not acked yet (manual ack only)."""
         return list(self._unacked.values())
-
-    def add_listener(self, listener: LinkListener) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     async def connect(self) -> None:
         if self._state is not LinkState.NEW:
@@ -226,29 +207,10 @@ class MemoryTransport:
             await self._ready.wait()
         return self._queue.popleft()
 
-    async def messages(self) -> AsyncIterator[Message]:
-        while True:
-            try:
-                yield await self.receive()
-            except TransportClosedError:
-                return
-
     def ack(self, message: Message) -> None:
         if not self.manual_ack or message.qos == 0 or message.link != self._link:
             return
         self._unacked.pop(message.mid, None)
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.disconnect()
 
     def _up(self, *, session_present: bool) -> None:
         self._link += 1
@@ -280,10 +242,3 @@ class MemoryTransport:
             raise TransportClosedError(f"memory transport {self.client_id} closed")
         if self._state is LinkState.NEW:
             raise LocalProtocolError("call connect() before using the transport")
-
-    def _notify(self, event: LinkEvent) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                log.exception("memory link listener %r failed", listener)

@@ -69,10 +69,9 @@ import socket
 import ssl
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -90,8 +89,9 @@ from ._errors import (
     RefusedError,
     TransportClosedError,
 )
+from ._link import LinkBase
 from ._topics import check_filter, check_topic
-from ._types import LinkEvent, LinkListener, LinkState, Message, TransportStats
+from ._types import LinkEvent, LinkState, Message
 
 log = logging.getLogger("maskfl.transport")
 
@@ -123,7 +123,7 @@ class _PendingPublish:
     qos: int
 
 
-class MqttTransport:
+class MqttTransport(LinkBase):
     """One MQTT 5 connection through paho, for asyncio code.
 
     Use as ``async with MqttTransport(config) as t: ...`` or call
@@ -132,14 +132,12 @@ class MqttTransport:
     """
 
     def __init__(self, config: MqttConfig) -> None:
+        super().__init__(log)
         self._config = config
-        self._stats = TransportStats()
-        self._state = LinkState.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._client = self._make_client(config)
         self._rng = random.Random()
-        self._listeners: list[LinkListener] = []
 
         # Connection bookkeeping (touched only on the loop thread).
         self._link = 0
@@ -170,30 +168,9 @@ class MqttTransport:
         return self._config
 
     @property
-    def state(self) -> LinkState:
-        return self._state
-
-    @property
-    def is_connected(self) -> bool:
-        return self._state is LinkState.CONNECTED
-
-    @property
-    def stats(self) -> TransportStats:
-        return self._stats
-
-    @property
     def max_packet_size(self) -> int:
         """The broker's maximum packet size from the last CONNACK (MQTT's own if unset)."""
         return self._max_packet
-
-    def add_listener(self, listener: LinkListener) -> Callable[[], None]:
-        """Call ``listener`` on every :class:`LinkEvent`; returns a function that removes it.
-
-        Listeners run on the event loop and must not block; an exception in one
-        is logged and ignored.
-        """
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     async def connect(self) -> None:
         """Open the connection; return after CONNACK (and the first subscriptions).
@@ -386,14 +363,6 @@ class MqttTransport:
             self._start_reading()
         return message
 
-    async def messages(self) -> AsyncIterator[Message]:
-        """Received messages until the transport is closed."""
-        while True:
-            try:
-                yield await self.receive()
-            except TransportClosedError:
-                return
-
     def ack(self, message: Message) -> None:
         """Acknowledge a QoS 1 message received with ``manual_ack``.
 
@@ -408,18 +377,6 @@ class MqttTransport:
             return
         self._unacked.discard(message.mid)
         self._client.ack(message.mid, message.qos)
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.disconnect()
 
     # -------------------------------------------------------- connection logic
 
@@ -574,13 +531,6 @@ class MqttTransport:
             raise TransportClosedError(f"MQTT transport to {self._config.address} closed")
         if self._state is LinkState.NEW:
             raise LocalProtocolError("call connect() before using the transport")
-
-    def _notify(self, event: LinkEvent) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:  # a listener must not break the transport
-                log.exception("mqtt link listener %r failed", listener)
 
     # ---------------------------------------------------------------- socket io
 
