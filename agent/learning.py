@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from maskfl.agent.config import DataSection, TrainingSection
 from maskfl.agent.datasources import Dataset, load_dataset
-from maskfl.agent.training import LocalTrainer
+from maskfl.agent.training import LocalTrainer, LocalUpdate
 from maskfl.models import shipped_models
 from maskfl.protocol.errors import ConfigError
 
@@ -36,6 +36,17 @@ class TrainResult:
     num_samples: int
     seconds: float = 0.0
     loss: float | None = None
+
+    @classmethod
+    def from_update(cls, update: LocalUpdate) -> TrainResult:
+        """The result of one :meth:`LocalTrainer.local_update` (loss: the last epoch's)."""
+        losses = update.stats.epoch_losses
+        return cls(
+            delta=np.ascontiguousarray(update.delta, dtype=np.float32),
+            num_samples=update.num_samples,
+            seconds=update.stats.seconds,
+            loss=losses[-1] if losses else None,
+        )
 
 
 class Learner(Protocol):
@@ -118,13 +129,7 @@ class LiteRTLearner:
             batch_size=self._training.batch_size,
             seed=round_id,
         )
-        losses = update.stats.epoch_losses
-        return TrainResult(
-            delta=np.ascontiguousarray(update.delta, dtype=np.float32),
-            num_samples=update.num_samples,
-            seconds=update.stats.seconds,
-            loss=losses[-1] if losses else None,
-        )
+        return TrainResult.from_update(update)
 
     async def train(
         self, model_id: str, global_weights: npt.NDArray[np.float32], *, round_id: int
