@@ -102,6 +102,15 @@ CREATE TABLE IF NOT EXISTS kv (
 """
 
 
+_SELECT_ROUNDS = (
+    "SELECT round_id, task, step, params_digest, ephemeral_sk, ephemeral_pk, "
+    "bytes_sent, detail, started_at, updated_at FROM rounds"
+)
+_SELECT_OUTBOX = (
+    "SELECT round_id, kind, topic, digest, payload, status, attempts, reason FROM outbox"
+)
+
+
 class TaskKind(StrEnum):
     """What the device does in a round (mirrors the protocol's sortition task)."""
 
@@ -241,38 +250,21 @@ class Journal:
         return state
 
     async def load(self, round_id: int) -> RoundState | None:
-        async with self._db.execute(
-            "SELECT round_id, task, step, params_digest, ephemeral_sk, ephemeral_pk, "
-            "bytes_sent, detail, started_at, updated_at FROM rounds WHERE round_id = ?",
-            (round_id,),
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self._fetch_one(f"{_SELECT_ROUNDS} WHERE round_id = ?", (round_id,))
         return None if row is None else _round_from_row(row)
 
     async def latest(self) -> RoundState | None:
-        async with self._db.execute(
-            "SELECT round_id, task, step, params_digest, ephemeral_sk, ephemeral_pk, "
-            "bytes_sent, detail, started_at, updated_at FROM rounds "
-            "ORDER BY round_id DESC LIMIT 1"
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self._fetch_one(f"{_SELECT_ROUNDS} ORDER BY round_id DESC LIMIT 1")
         return None if row is None else _round_from_row(row)
 
     async def history(self, limit: int = 100) -> list[RoundState]:
-        async with self._db.execute(
-            "SELECT round_id, task, step, params_digest, ephemeral_sk, ephemeral_pk, "
-            "bytes_sent, detail, started_at, updated_at FROM rounds "
-            "ORDER BY round_id DESC LIMIT ?",
-            (limit,),
-        ) as cur:
-            rows = await cur.fetchall()
+        rows = await self._fetch_all(f"{_SELECT_ROUNDS} ORDER BY round_id DESC LIMIT ?", (limit,))
         return [_round_from_row(r) for r in rows]
 
     async def events(self, round_id: int) -> list[tuple[str, str]]:
-        async with self._db.execute(
+        rows = await self._fetch_all(
             "SELECT step, detail FROM events WHERE round_id = ? ORDER BY id", (round_id,)
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [(str(r[0]), str(r[1])) for r in rows]
 
     async def forget_secrets(self, round_id: int) -> None:
@@ -331,21 +323,13 @@ class Journal:
         )
 
     async def outbox(self, round_id: int, kind: str) -> OutboxEntry | None:
-        async with self._db.execute(
-            "SELECT round_id, kind, topic, digest, payload, status, attempts, reason "
-            "FROM outbox WHERE round_id = ? AND kind = ?",
-            (round_id, kind),
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self._fetch_one(
+            f"{_SELECT_OUTBOX} WHERE round_id = ? AND kind = ?", (round_id, kind)
+        )
         return None if row is None else _outbox_from_row(row)
 
     async def outbox_by_digest(self, digest: bytes) -> OutboxEntry | None:
-        async with self._db.execute(
-            "SELECT round_id, kind, topic, digest, payload, status, attempts, reason "
-            "FROM outbox WHERE digest = ?",
-            (digest,),
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self._fetch_one(f"{_SELECT_OUTBOX} WHERE digest = ?", (digest,))
         return None if row is None else _outbox_from_row(row)
 
     async def mark_attempt(self, round_id: int, kind: str) -> None:
@@ -386,16 +370,30 @@ class Journal:
         await self._exec("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
 
     async def get_kv(self, key: str) -> bytes | None:
-        async with self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)) as cur:
-            row = await cur.fetchone()
+        row = await self._fetch_one("SELECT value FROM kv WHERE key = ?", (key,))
         return None if row is None else bytes(row[0])
 
     async def _get_blob(self, table: str, round_id: int, name: str) -> bytes | None:
-        async with self._db.execute(
+        row = await self._fetch_one(
             f"SELECT payload FROM {table} WHERE round_id = ? AND name = ?", (round_id, name)
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return None if row is None else bytes(row[0])
+
+    async def _fetch_one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        """The first row of a query, or None; a sqlite error is a :class:`StorageError`."""
+        try:
+            async with self._db.execute(sql, args) as cur:
+                return await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"agent database read failed: {exc}") from exc
+
+    async def _fetch_all(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """Every row of a query; a sqlite error is a :class:`StorageError`."""
+        try:
+            async with self._db.execute(sql, args) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise StorageError(f"agent database read failed: {exc}") from exc
 
     async def _exec(self, sql: str, args: tuple[Any, ...]) -> None:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -66,3 +68,19 @@ async def test_unwritable_location_is_a_storage_error(tmp_path: Path) -> None:
     with pytest.raises(StorageError):
         async with Journal.open(blocker / "agent.sqlite3"):
             pass
+
+
+async def test_failed_reads_are_storage_errors(tmp_path: Path) -> None:
+    db = tmp_path / "agent.sqlite3"
+    async with Journal.open(db) as journal:
+        await journal.save(RoundState(1, TaskKind.SUM, Step.SUM_SENT))
+        with contextlib.closing(sqlite3.connect(db)) as other:
+            other.executescript("DROP TABLE rounds; DROP TABLE outbox; DROP TABLE kv;")
+        with pytest.raises(StorageError, match="no such table: rounds"):
+            await journal.load(1)
+        with pytest.raises(StorageError, match="no such table: rounds"):
+            await journal.history()
+        with pytest.raises(StorageError, match="no such table: outbox"):
+            await journal.outbox_by_digest(b"d" * 32)
+        with pytest.raises(StorageError, match="no such table: kv"):
+            await journal.get_kv("revocations")
