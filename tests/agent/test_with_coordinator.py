@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -19,29 +18,16 @@ import pytest
 from maskfl.agent.datasources import load_dataset
 from maskfl.agent.state import Step, TaskKind
 from maskfl.agent.training import LocalTrainer
-from maskfl.broker_coordinator.config import load_config as load_coordinator_config
-from maskfl.broker_coordinator.service import Coordinator
 from maskfl.protocol.keys import public_key_to_pem
 from maskfl.tools.fleet_sim import SimFleet, first_round_seed, wait_for
 from tests.agent.fleet import write_bundle
 from tests.agent.test_daemon import running_agent
+from tests.broker_coordinator.support import running_coordinator
 from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(180)]
 
 SHARDS = 4
-
-
-@contextlib.asynccontextmanager
-async def running_coordinator(config_path: Path) -> AsyncIterator[Coordinator]:
-    coordinator = Coordinator(load_coordinator_config(config_path))
-    stop = asyncio.Event()
-    task = asyncio.create_task(coordinator.run(stop))
-    try:
-        yield coordinator
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def test_agents_and_coordinator_complete_a_round(
