@@ -124,6 +124,7 @@ class Demo:
         self.started = time.monotonic()
         self.mask: MaskConfig | None = None
         self.timeline: dict[str, float] = {}
+        self._report_args: tuple[FleetSettings, dict[str, Any], float, float] | None = None
 
     def say(self, text: str) -> None:
         if not self.o.quiet:
@@ -176,6 +177,7 @@ class Demo:
         x_test, y_test = data.x_test, data.y_test
         start_eval = trainer.evaluate(x_test, y_test)
         pet = demo_pet(o.devices)
+        self._report_args = (settings, pet, start_eval.accuracy, start_eval.loss)
         mode = "in-process agents" if o.in_process else "agent processes"
         self.say(
             f"maskfl demo: {o.devices} devices ({mode}), {o.rounds} rounds, model {o.model} "
@@ -197,6 +199,14 @@ class Demo:
         finally:
             await self._shutdown()
         return self._report(settings, pet, start_eval.accuracy, start_eval.loss)
+
+    def partial_report(self) -> rep.Report | None:
+        """The report of the rounds seen so far (after an interruption), if any."""
+        if self._report_args is None or not self.records:
+            return None
+        report = self._report(*self._report_args)
+        report.summary["interrupted"] = True
+        return report
 
     async def _start_processes(self, fleet: DemoFleet) -> None:
         o = self.o
@@ -622,6 +632,12 @@ async def run_demo(options: DemoOptions) -> tuple[rep.Report, Path, Path]:
             loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
     try:
         report = await demo.run()
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        partial = demo.partial_report()
+        if partial is not None:
+            json_path, _ = partial.write(demo.root)
+            print(f"\nmaskfl-demo: report of the rounds so far: {json_path}", file=sys.stderr)
+        raise
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGTERM)
