@@ -120,6 +120,7 @@ class Committer:
         started = time.perf_counter()
         try:
             await phase.prepare(batch)
+            prepared = time.perf_counter()
             async with self._s.store.transaction() as tx:
                 await phase.write(tx, batch)
         except MaskflError as exc:
@@ -132,6 +133,13 @@ class Committer:
             return
         phase.committed(batch)
         elapsed = time.perf_counter() - started
+        log.debug(
+            "committed %d: prepare %.1f ms, sqlite %.1f ms, queued %d",
+            len(batch),
+            (prepared - started) * 1e3,
+            (elapsed - (prepared - started)) * 1e3,
+            self._queue.qsize(),
+        )
         self._s.metrics.aggregation_seconds.observe(elapsed)
         self._s.metrics.batch_size.observe(len(batch))
         for item in batch:

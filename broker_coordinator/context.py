@@ -101,6 +101,8 @@ class RoundState:
     accepted_digests: set[bytes] = field(default_factory=set)
     pending: set[str] = field(default_factory=set)
     acc: Accumulator | None = None
+    words: dict[bytes, npt.NDArray[np.unsignedinteger]] = field(default_factory=dict)
+    words_bytes: int = 0
     timer: PhaseTimer | None = None
     closing: bool = False
 

@@ -39,14 +39,16 @@ replay) is rejected as ``duplicate``: its contribution is already in, once.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from maskfl.broker_coordinator.context import Contribution, Incoming, Services
 from maskfl.broker_coordinator.runner import Runner
-from maskfl.protocol.chunking import ChunkFrame, Reassembler, is_chunk
+from maskfl.protocol.chunking import ChunkFrame, is_chunk
 from maskfl.protocol.errors import MaskflError, Reason, RemoteProtocolError
 from maskfl.protocol.messages import (
     Heartbeat,
@@ -66,6 +68,7 @@ _TOPIC_TYPES = {
     TopicKind.SUM2: MessageType.SUM2,
 }
 _MAX_HEARTBEAT = 4096
+_THREAD_DECODE = 256 * 1024
 
 
 def _light(message: Message) -> Message:
@@ -73,84 +76,113 @@ def _light(message: Message) -> Message:
     return dataclasses.replace(message, payload=b"")
 
 
-class _TrackingReassembler(Reassembler):
-    """The protocol's reassembler, telling us which partial messages it let go.
-
-    Overrides the private ``_remove`` (called on completion, drop and expiry) so
-    the frames we hold unacked for a dropped message can be acked.
-    """
-
-    def __init__(self, *args: float, on_remove: Callable[[tuple[Hashable, bytes]], None]) -> None:
-        super().__init__(int(args[0]), int(args[1]), args[2])
-        self._on_remove = on_remove
-
-    def _remove(self, slot: tuple[Hashable, bytes]) -> None:
-        super()._remove(slot)
-        self._on_remove(slot)
+@dataclass(slots=True)
+class _Partial:
+    total: int
+    part_size: int
+    count: int
+    started_at: float
+    buffer: bytearray
+    have: set[int] = field(default_factory=set)
+    deliveries: list[Message] = field(default_factory=list)
 
 
 class ChunkTracker:
-    """Reassembly plus the unacked deliveries of every partial message."""
+    """Reassembly of chunk frames plus the unacked deliveries of every partial message.
+
+    Frames are parsed and checked by the protocol's :class:`ChunkFrame` and
+    copied once, straight to their place in a buffer of the declared size. The
+    same bounds as the protocol's reassembler: ``max_messages`` partials, at most
+    ``max_per_key`` per key (topic), ``max_bytes`` reserved in all (the declared
+    totals), ``max_age_s`` from the first frame; the oldest partial goes first.
+    The frame hash of the protocol's reassembler is not recomputed here: the
+    payload is a signed message whose body digest :func:`decode_message` checks
+    anyway, so a mixed-up frame fails there (one SHA-256 pass per message, not
+    two). A dropped partial's deliveries are acked (see the module docstring).
+    """
 
     def __init__(self, services: Services, ack: Callable[[Message], None]) -> None:
         pet = services.config.pet
+        self.max_messages = pet.reassembly_max_messages
+        self.max_bytes = pet.reassembly_max_bytes
+        self.max_age_s = pet.reassembly_max_age_s
+        self.max_per_key = 2
         self._ack = ack
-        self._held: dict[tuple[Hashable, bytes], list[Message]] = {}
-        self._released: dict[tuple[Hashable, bytes], list[Message]] = {}
+        self._partials: dict[tuple[str, bytes], _Partial] = {}
+        self._reserved = 0
         self.evicted = 0
-        self.reassembler = _TrackingReassembler(
-            pet.reassembly_max_messages,
-            pet.reassembly_max_bytes,
-            pet.reassembly_max_age_s,
-            on_remove=self._removed,
-        )
 
-    def _removed(self, slot: tuple[Hashable, bytes]) -> None:
-        self._released[slot] = self._held.pop(slot, [])
+    @property
+    def pending_messages(self) -> int:
+        return len(self._partials)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._reserved
 
     @property
     def held(self) -> int:
-        return sum(len(v) for v in self._held.values())
+        return sum(len(p.deliveries) for p in self._partials.values())
 
-    def _ack_released(self, keep: tuple[Hashable, bytes] | None = None) -> list[Message]:
-        mine: list[Message] = []
-        for slot, deliveries in self._released.items():
-            if slot == keep:
-                mine = deliveries
-                continue
-            self.evicted += 1
-            for d in deliveries:
-                self._ack(d)
-        self._released = {}
-        return mine
+    def _drop(self, slot: tuple[str, bytes]) -> None:
+        partial = self._partials.pop(slot)
+        self._reserved -= partial.total
+        self.evicted += 1
+        for d in partial.deliveries:
+            self._ack(d)
 
     def expire(self, now: float) -> None:
-        self.reassembler.expire(now)
-        self._ack_released()
+        for slot in [s for s, p in self._partials.items() if now - p.started_at > self.max_age_s]:
+            self._drop(slot)
 
     def feed(
         self, key: str, message: Message, frame: ChunkFrame, now: float
     ) -> tuple[bytes, list[Message]] | None:
         """The whole payload and all its deliveries once complete; None while partial.
 
-        On RemoteProtocolError the frame's delivery (and, if the message was
-        dropped, all of its) are acked before it propagates.
+        Raises RemoteProtocolError (the caller acks this delivery) for a frame
+        that does not fit the message it claims to belong to, or is too large.
         """
+        self.expire(now)
         slot = (key, frame.message_id)
-        light = _light(message)
-        try:
-            payload = self.reassembler.feed(key, message.payload, now)
-        except RemoteProtocolError:
-            for d in [*self._ack_released(keep=slot), light]:
-                self._ack(d)
-            raise
-        earlier = self._ack_released(keep=slot)
-        if payload is None:
-            for d in earlier:  # a partial that expired and restarted with this frame
-                self._ack(d)
-            self._held.setdefault(slot, []).append(light)
+        partial = self._partials.get(slot)
+        if partial is None:
+            if frame.total > self.max_bytes:
+                raise RemoteProtocolError(
+                    Reason.OVERSIZE,
+                    f"chunked message of {frame.total} bytes, at most {self.max_bytes}",
+                )
+            own = [s for s in self._partials if s[0] == key]
+            for old in own[: max(0, len(own) - self.max_per_key + 1)]:
+                self._drop(old)
+            while self._partials and (
+                len(self._partials) >= self.max_messages
+                or self._reserved + frame.total > self.max_bytes
+            ):
+                self._drop(next(iter(self._partials)))
+            partial = _Partial(
+                frame.total, frame.part_size, frame.count, now, bytearray(frame.total)
+            )
+            self._partials[slot] = partial
+            self._reserved += frame.total
+        elif (frame.total, frame.part_size, frame.count) != (
+            partial.total,
+            partial.part_size,
+            partial.count,
+        ):
+            raise RemoteProtocolError(
+                Reason.MALFORMED, "chunk disagrees with earlier chunks on total, size or count"
+            )
+        partial.deliveries.append(_light(message))
+        if frame.index not in partial.have:
+            offset = frame.index * partial.part_size
+            partial.buffer[offset : offset + len(frame.data)] = frame.data
+            partial.have.add(frame.index)
+        if len(partial.have) < partial.count:
             return None
-        return payload, [*earlier, light]
+        del self._partials[slot]
+        self._reserved -= partial.total
+        return bytes(partial.buffer), partial.deliveries
 
 
 class Ingest:
@@ -175,7 +207,7 @@ class Ingest:
         now = self.s.clock()
         self.chunks.expire(now)
         m = self.s.metrics
-        r = self.chunks.reassembler
+        r = self.chunks
         m.reassembly_pending.set(r.pending_messages)
         m.reassembly_bytes.set(r.reserved_bytes)
         m.unacked.set(self.chunks.held + self.runner.committer.pending)
@@ -218,7 +250,13 @@ class Ingest:
                 return
             payload, deliveries = out
         try:
-            signed = decode_message(payload, max_size=s.max_message_size())
+            if len(payload) >= _THREAD_DECODE:
+                # Hashing megabytes releases the GIL: let the loop read meanwhile.
+                signed = await asyncio.to_thread(
+                    decode_message, payload, max_size=s.max_message_size()
+                )
+            else:
+                signed = decode_message(payload, max_size=s.max_message_size())
         except RemoteProtocolError as exc:
             self._reject(device, hashlib.sha256(payload).digest(), None, exc, deliveries)
             return

@@ -16,11 +16,18 @@ What lives where, and why the two always agree after a crash:
   is ignored and deleted on start. A crash after the commit keeps the older
   file until it is pruned. So the aggregate loaded on restart contains exactly
   the updates the database says were accepted.
-- ``updates/round-<r>.log``: every accepted update's masked words, appended and
-  fsynced before the batch's commit, with offsets recorded in ``updates``.
-  It is what lets the coordinator drop an update whose seed a summer could not
-  open: it subtracts those words from the aggregate at unmask. Bytes past the
-  largest committed offset are garbage from a crash and are truncated on start.
+- ``updates/round-<r>.log``: every accepted update's masked words, appended
+  before the batch's commit, with offsets recorded in ``updates``. It is what
+  lets the coordinator drop an update whose seed a summer could not open: it
+  subtracts those words from the aggregate at unmask. Bytes past the largest
+  committed offset are garbage from a crash and are overwritten. The log is
+  *not* fsynced by default (``storage.update_log_fsync``): a killed process
+  loses nothing the kernel already has, and fsyncing every update's words
+  would cost a second full write of the data to the disk. After an OS crash or
+  power loss the log may be short; the aggregate is unaffected (it is in the
+  fsynced checkpoint), and only a round in which a summer then reports an
+  unopenable seed fails instead of dropping that update (the read is
+  length-checked).
 
 Every write method takes an open :class:`Transaction` so callers group writes
 into one commit (group commit: several updates per fsync). All sqlite errors
@@ -199,22 +206,29 @@ _ROUND_COLUMNS = (
 
 
 class Transaction:
-    """An open write transaction (``BEGIN IMMEDIATE``); commit happens on exit."""
+    """The writes of one transaction, buffered and run together on exit.
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
+    Statements are collected (consecutive uses of one statement become one
+    ``executemany``) and sent to SQLite as ``BEGIN IMMEDIATE`` … ``COMMIT`` when
+    the ``async with`` block ends: a handful of round trips to the database
+    thread per group commit, however many rows it holds, and the write lock is
+    held only while they run.
+    """
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, list[tuple[Any, ...]]]] = []
 
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> None:
-        try:
-            await self._db.execute(sql, tuple(params))
-        except sqlite3.Error as exc:
-            raise StorageError(f"sqlite: {exc}") from exc
+        await self.executemany(sql, [params])
 
     async def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
-        try:
-            await self._db.executemany(sql, [tuple(r) for r in rows])
-        except sqlite3.Error as exc:
-            raise StorageError(f"sqlite: {exc}") from exc
+        batch = [tuple(r) for r in rows]
+        if not batch:
+            return
+        if self.statements and self.statements[-1][0] == sql:
+            self.statements[-1][1].extend(batch)
+        else:
+            self.statements.append((sql, batch))
 
     # -- rounds ---------------------------------------------------------------
 
@@ -316,6 +330,21 @@ class Transaction:
         await self.execute("DELETE FROM seeds WHERE round_id = ?", (round_id,))
 
 
+def _run_transaction(
+    conn: sqlite3.Connection, statements: list[tuple[str, list[tuple[Any, ...]]]]
+) -> None:
+    """BEGIN IMMEDIATE, every statement, COMMIT; ROLLBACK on any error (DB thread)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, rows in statements:
+            conn.executemany(sql, rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
 class Store:
     """The coordinator's SQLite database. Use as ``async with Store.open(path) as store``."""
 
@@ -349,23 +378,34 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` (durable on return); rollback on any error."""
+        """Collect writes; on exit run them in one transaction, durable on return.
+
+        Nothing is written if the block raises; a failing statement rolls back
+        the whole transaction and raises :class:`StorageError`.
+        """
+        tx = Transaction()
+        yield tx
+        if not tx.statements:
+            return
+        run_in_db_thread = getattr(self._db, "_execute", None)
         try:
-            await self._db.execute("BEGIN IMMEDIATE")
+            if run_in_db_thread is not None:
+                # One hop to aiosqlite's thread for the whole transaction: under
+                # load every await on the loop costs a loop iteration, and a
+                # group commit would otherwise pay one per statement.
+                await run_in_db_thread(_run_transaction, self._db._conn, tx.statements)
+            else:  # pragma: no cover - an aiosqlite without the private hook
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, rows in tx.statements:
+                        await self._db.executemany(sql, rows)
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        await self._db.execute("ROLLBACK")
+                    raise
         except sqlite3.Error as exc:
-            raise StorageError(f"sqlite BEGIN: {exc}") from exc
-        try:
-            yield Transaction(self._db)
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await self._db.execute("ROLLBACK")
-            raise
-        try:
-            await self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                await self._db.execute("ROLLBACK")
-            raise StorageError(f"sqlite COMMIT: {exc}") from exc
+            raise StorageError(f"sqlite: {exc}") from exc
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:
@@ -563,9 +603,13 @@ class UpdateLog:
     def path(self, round_id: int) -> Path:
         return self.dir / f"round-{round_id}.log"
 
-    def append(self, round_id: int, start: int, blobs: Sequence[Any]) -> list[int]:
-        """Write ``blobs`` at offset ``start`` (truncating anything after it), fsync;
-        return each blob's offset."""
+    def append(
+        self, round_id: int, start: int, blobs: Sequence[Any], *, fsync: bool = False
+    ) -> list[int]:
+        """Write ``blobs`` at offset ``start`` (truncating anything after it); return each
+        blob's offset. With ``fsync`` the data also survives an OS crash or power loss;
+        without it, it survives a crash of the process (the kernel has it), which is
+        what the round needs: see the module docstring."""
         offsets = []
         try:
             fd = os.open(self.path(round_id), os.O_RDWR | os.O_CREAT, 0o600)
@@ -578,7 +622,8 @@ class UpdateLog:
                     f.write(blob)
                     pos += memoryview(blob).nbytes
                 f.flush()
-                os.fsync(f.fileno())
+                if fsync:
+                    os.fsync(f.fileno())
         except OSError as exc:
             raise StorageError(f"cannot append to {self.path(round_id)}: {exc}") from exc
         return offsets

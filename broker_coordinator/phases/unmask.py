@@ -57,7 +57,18 @@ class UnmaskPhase(StepPhase):
         combined = s.backend.accumulator(s.vector_words, s.mask.word_bits)
         combined.add(vote.mask)
         for u in dropped:
-            combined.add(s.update_log.read(rid, u.log_offset, u.log_length))
+            words = state.words.get(u.digest)
+            if words is not None:
+                combined.add(words)
+            elif u.log_offset >= 0:
+                combined.add(s.update_log.read(rid, u.log_offset, u.log_length))
+            else:
+                raise RoundFailedError(
+                    f"update from {u.device_id} must be dropped (its seed did not open) but its "
+                    "words were held in memory before a restart (storage.update_words = "
+                    '"memory"); the round cannot be unmasked',
+                    round_id=rid,
+                )
         acc = state.acc
         included = acc.count - len(dropped)
         if included < 1:

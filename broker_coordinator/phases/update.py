@@ -97,24 +97,47 @@ class UpdatePhase(MessagePhase):
 
     async def prepare(self, batch: list[Contribution]) -> None:
         s, state = self.s, self.state
-        assert state.acc is not None
-        state.acc.add_batch([item.words for item in batch if item.words is not None])
+        acc = state.acc
+        assert acc is not None
+        storage = s.config.storage
         gen = state.record.checkpoint_gen + 1
-        image = state.acc.snapshot().to_bytes()
         start = state.record.update_log_size
-        blobs = [item.words.view(np.uint8) for item in batch if item.words is not None]
+        vectors = [item.words for item in batch if item.words is not None]
+        # Which words stay in memory (a view of the received message: no copy)
+        # and which go to the update log.
+        in_memory: list[bool] = []
+        budget = state.words_bytes
+        for words in vectors:
+            keep = (
+                storage.update_words == "memory"
+                and budget + words.nbytes <= storage.update_memory_max_bytes
+            )
+            budget += words.nbytes if keep else 0
+            in_memory.append(keep)
+        blobs = [w.view(np.uint8) for w, keep in zip(vectors, in_memory, strict=True) if not keep]
 
         def durable() -> list[int]:
-            offsets = s.update_log.append(state.round_id, start, blobs)
+            # In a worker thread: numpy, hashlib and file I/O release the GIL, so
+            # the event loop keeps reading the next messages meanwhile. Only the
+            # committer touches the accumulator during the update phase.
+            acc.add_batch(vectors)
+            image = acc.snapshot().to_bytes()
+            offsets = (
+                s.update_log.append(state.round_id, start, blobs, fsync=storage.update_log_fsync)
+                if blobs
+                else []
+            )
             s.checkpoints.write(state.round_id, gen, image)
             return offsets
 
-        offsets = await asyncio.to_thread(durable)
+        offsets = iter(await asyncio.to_thread(durable))
         end = start
-        for item, offset in zip(batch, offsets, strict=True):
+        for item, keep in zip(batch, in_memory, strict=True):
             assert isinstance(item.record, UpdateRecord)
+            offset = -1 if keep else next(offsets)
             item.record = dataclasses.replace(item.record, generation=gen, log_offset=offset)
-            end = offset + item.record.log_length
+            if not keep:
+                end = offset + item.record.log_length
         self._next = dataclasses.replace(state.record, checkpoint_gen=gen, update_log_size=end)
 
     async def write(self, tx: Transaction, batch: list[Contribution]) -> None:
@@ -143,7 +166,10 @@ class UpdatePhase(MessagePhase):
             state.update_digests.add(item.record.digest)
             state.accepted_digests.add(item.record.digest)
             state.pending.discard(item.incoming.device)
-            item.words = None  # the message bytes may go now
+            if item.record.log_offset < 0 and item.words is not None:
+                state.words[item.record.digest] = item.words
+                state.words_bytes += item.words.nbytes
+            item.words = None
         assert state.timer is not None
         state.timer.accepted(len(batch))
         s.metrics.participants.labels(role="updaters").set(len(state.updates))

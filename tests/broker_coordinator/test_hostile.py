@@ -250,7 +250,7 @@ async def test_hostile_client_cannot_disturb_the_round(
                 await hostile.t.publish(topics.update(1, "evil"), frames[0], qos=1)
             ingest = coordinator.ingest
             assert ingest is not None
-            r = ingest.chunks.reassembler
+            r = ingest.chunks
             assert r.pending_messages <= 8 and r.reserved_bytes <= 1 << 20
             assert ingest.chunks.held <= 8 * 8
             # Replay an honest update once it is accepted.

@@ -109,8 +109,17 @@ async def test_summer_dropout_and_late_updaters(tmp_path, mosquitto: Mosquitto) 
         await stop_all(parts)
 
 
-async def test_update_whose_seed_does_not_open_is_dropped(tmp_path, mosquitto: Mosquitto) -> None:
-    setup = make_setup(tmp_path, mosquitto.port, summers=2, updaters=4)
+@pytest.mark.parametrize("words", ["memory", "file"])
+async def test_update_whose_seed_does_not_open_is_dropped(
+    tmp_path, mosquitto: Mosquitto, words: str
+) -> None:
+    setup = make_setup(
+        tmp_path,
+        mosquitto.port,
+        summers=2,
+        updaters=4,
+        extra={"storage": {"dir": "state", "update_words": words}},
+    )
     bad = setup.updaters[1].device_id
     parts = _participants(
         setup, mosquitto.host, mosquitto.port, {bad: Behaviour(corrupt_seed_for_all_summers=True)}

@@ -1,0 +1,440 @@
+"""``maskfl-bench coordinator``: coordinator ingest throughput against a bare subscriber.
+
+For every (N, M): a temporary mosquitto, a coordinator process (``maskfl-coordinator
+run``, numpy backend unless ``--backend``), two simulated summers in this process,
+and N updates of M parameters built *before* the clock starts (masking is the
+agents' cost, not the coordinator's). Then:
+
+- **coordinator**: the N updates (chunked at 256 KiB) are published back to back
+  and timed from the first publish to the last ``accepted`` receipt: every update
+  decoded, signature-checked, certificate-checked, added to the aggregate,
+  checkpointed (temp + fsync + rename), appended to the update log and committed
+  to SQLite before its frames are acked and its receipt sent;
+- **baseline**: the same frames, over the same broker, to a bare subscriber
+  process using :mod:`maskfl.transport` (QoS 1, acks everything, does nothing
+  else), timed from the first publish to the last frame received;
+- **round**: wall time from the round parameters to the published global model
+  (sum, update, sum2 with the summers expanding N masks of M words, unmask).
+
+``ratio`` = coordinator MB/s / baseline MB/s (the target is >= 0.6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maskfl.protocol.chunking import split_payload
+from maskfl.protocol.crypto import new_seed, seal_seed
+from maskfl.protocol.masking import MaskConfig, mask_update
+from maskfl.protocol.messages import (
+    GlobalModel,
+    Receipt,
+    RoundParams,
+    SumDict,
+    Update,
+    decode_message,
+    encode_message,
+    open_sum_dict,
+)
+from maskfl.protocol.topics import Topics
+from maskfl.tools._supervise import Supervisor
+from maskfl.tools.fleet_sim import SimFleet, SimParticipant, first_round_seed
+from maskfl.transport import MqttConfig, MqttTransport
+
+CHUNK = 256 * 1024
+P_SUM = 0.5
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "coordinator", help="coordinator ingest throughput vs a bare subscriber"
+    )
+    parser.add_argument("--n", type=int, nargs="+", default=[10, 100], help="updates per round")
+    parser.add_argument(
+        "--m", type=float, nargs="+", default=[1e4, 1e5, 1e6], help="model parameters"
+    )
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "auto"])
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per (N, M); the median ratio is reported"
+    )
+    parser.add_argument("--json", type=Path, help="write the JSON here instead of stdout")
+    parser.add_argument("--keep", type=Path, help="keep logs and state in this directory")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    n_values = getattr(args, "n", None) or [10, 100]
+    m_values = [int(m) for m in (getattr(args, "m", None) or [1e4, 1e5, 1e6])]
+    backend = getattr(args, "backend", "numpy")
+    repeat = max(1, getattr(args, "repeat", 3))
+    results = []
+    for n in n_values:
+        for m in m_values:
+            runs = []
+            for r in range(repeat):
+                print(
+                    f"maskfl-bench coordinator: N={n} M={m} run {r + 1}/{repeat}", file=sys.stderr
+                )
+                with _workdir(getattr(args, "keep", None), f"n{n}-m{m}") as work:
+                    runs.append(asyncio.run(_one(n, m, backend, work)))
+            runs.sort(key=lambda x: x["ratio"])
+            median = runs[len(runs) // 2]
+            results.append({**median, "ratios": [x["ratio"] for x in runs]})
+    return {
+        "chunk_size": CHUNK,
+        "word_bits": 32,
+        "backend": backend,
+        "repeat": repeat,
+        "note": "each entry is the run with the median ratio; 'ratios' lists every run",
+        "runs": results,
+    }
+
+
+@contextlib.contextmanager
+def _workdir(keep: Path | None, name: str) -> Iterator[Path]:
+    if keep is not None:
+        path = keep / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="maskfl-bench-coord-") as tmp:
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def _mosquitto(work: Path, sup: Supervisor) -> Iterator[int]:
+    binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
+    if binary is None:
+        raise SystemExit("maskfl-bench coordinator: mosquitto is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    conf = work / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
+        "persistence false\n" + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    child = sup.start("mosquitto", [binary, "-c", str(conf)])
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"mosquitto did not start: {child.log_tail()}")
+        time.sleep(0.05)
+    yield port
+
+
+async def _one(n: int, m: int, backend: str, work: Path) -> dict[str, Any]:
+    sup = Supervisor(work / "logs")
+    try:
+        with _mosquitto(work, sup) as port:
+            return await _measure(n, m, backend, work, port, sup)
+    finally:
+        sup.stop_all()
+
+
+async def _measure(
+    n: int, m: int, backend: str, work: Path, port: int, sup: Supervisor
+) -> dict[str, Any]:
+    fleet = SimFleet(fleet="bench")
+    initial = np.zeros(m, dtype=np.float32)
+    seed1 = first_round_seed(bytes(32), initial)
+    summer_ids, updater_ids = fleet.identities_for_roles(
+        seed1, p_sum=P_SUM, p_update=1.0, summers=2, updaters=n
+    )
+    config = fleet.write_coordinator(
+        work / "coordinator",
+        port=port,
+        length=m,
+        initial=initial,
+        overrides={
+            "masking": {"bound": 1.0, "n_max": 1000, "word_bits": 32},
+            "aggregation": {"backend": backend},
+            "pet": {
+                "chunk_size": CHUNK,
+                "max_rounds": 1,
+                "sum": {"prob": P_SUM, "count_min": 2, "count_max": 2, "time_max_s": 120.0},
+                "update": {"prob": 1.0, "count_min": n, "count_max": n, "time_max_s": 600.0},
+                "sum2": {"count_min": 2, "count_max": 2, "time_max_s": 600.0},
+            },
+            "log": {"level": os.environ.get("MASKFL_BENCH_LOG", "warning"), "format": "text"},
+        },
+    )
+    topics = Topics(fleet.fleet)
+    summers = [
+        SimParticipant(i, ca_public_key=fleet.ca_public_key, host="127.0.0.1", port=port)
+        for i in summer_ids
+    ]
+    observer = MqttTransport(
+        MqttConfig(
+            host="127.0.0.1",
+            port=port,
+            client_id="bench-observer",
+            max_incoming_payload=64 << 20,
+            incoming_queue_size=100_000,
+        )
+    )
+    publisher = MqttTransport(
+        MqttConfig(host="127.0.0.1", port=port, client_id="bench-publisher", max_inflight=64)
+    )
+    await observer.connect()
+    p = topics.prefix
+    await observer.subscribe(
+        [f"{p}round", f"{p}round/+/sums", f"{p}receipts/+", f"{p}model/+/latest"]
+    )
+    await publisher.connect()
+    for s in summers:
+        await s.start()
+    events: dict[str, float] = {}
+    accepted: list[float] = []
+    sum_dict: asyncio.Future[SumDict] = asyncio.get_running_loop().create_future()
+    model_seen = asyncio.Event()
+
+    async def observe() -> None:
+        async for msg in observer.messages():
+            if not msg.payload:
+                continue
+            body = decode_message(msg.payload, max_size=64 << 20).body
+            now = time.time()
+            if isinstance(body, RoundParams) and body.round_id == 1:
+                events.setdefault("round_params", now)
+            elif isinstance(body, SumDict) and not sum_dict.done():
+                sum_dict.set_result(body)
+            elif isinstance(body, Receipt) and body.accepted and body.message_type is not None:
+                if body.message_type.name == "UPDATE":
+                    accepted.append(now)
+            elif isinstance(body, GlobalModel) and body.version >= 1:
+                events["model"] = now
+                model_seen.set()
+
+    watcher = asyncio.create_task(observe())
+    coord = sup.start(
+        "coordinator",
+        [
+            sys.executable,
+            *_profile_args(work),
+            "-m",
+            "maskfl.broker_coordinator.cli",
+            "run",
+            "--config",
+            str(config),
+        ],
+    )
+    try:
+        sums = await asyncio.wait_for(sum_dict, 60)
+        # Build every update before the clock starts.
+        opened = open_sum_dict(
+            sums,
+            fleet=fleet.fleet,
+            round_id=1,
+            ca_public_key=fleet.ca_public_key,
+            now=time.time(),
+            revocations=None,
+        )
+        cfg = MaskConfig(1.0, 1000, 32)
+        rng = np.random.default_rng(0)
+        frames: list[tuple[str, list[bytes]]] = []
+        build_started = time.perf_counter()
+        for ident in updater_ids:
+            seed = new_seed()
+            delta = rng.uniform(-0.1, 0.1, m).astype(np.float32)
+            words = mask_update(delta, 0.5, seed, cfg)
+            sealed = {s.certificate.public_key: seal_seed(seed, s.ephemeral_pk) for s in opened}
+            raw = encode_message(
+                Update(ident.certificate, sealed, words),
+                fleet=fleet.fleet,
+                round_id=1,
+                signing_key=ident.signing_key,
+            )
+            frames.append((topics.update(1, ident.device_id), split_payload(raw, CHUNK)))
+        build_s = time.perf_counter() - build_started
+        total_bytes = sum(len(f) for _, fs in frames for f in fs)
+        total_frames = sum(len(fs) for _, fs in frames)
+        # Coordinator ingest.
+        cpu0 = _cpu(coord.pid)
+        t0 = time.time()
+        await _publish_all(publisher, frames)
+        t_published = time.time()
+        deadline = time.monotonic() + 600
+        while len(accepted) < n:
+            sup.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(accepted)} of {n} updates accepted")
+            await asyncio.sleep(0.005)
+        ingest_s = max(accepted) - t0
+        coord_cpu = _cpu(coord.pid) - cpu0
+        await asyncio.wait_for(model_seen.wait(), 600)
+        round_s = events["model"] - events["round_params"]
+        coord.expected_exit = True
+        # Baseline: the same frames to a bare subscriber process, same broker.
+        base = await _baseline(frames, port, total_frames, publisher, sup, work)
+    finally:
+        watcher.cancel()
+        for s in summers:
+            await s.stop()
+        await observer.disconnect()
+        await publisher.disconnect()
+    mb = total_bytes / 1e6
+    out = {
+        "n": n,
+        "m": m,
+        "update_bytes": len(b"".join(frames[0][1])) if frames else 0,
+        "frames_per_update": len(frames[0][1]) if frames else 0,
+        "total_mb": round(mb, 3),
+        "build_updates_s": round(build_s, 3),
+        "coordinator": {
+            "ingest_s": round(ingest_s, 4),
+            "publish_s": round(t_published - t0, 4),
+            "updates_per_s": round(n / ingest_s, 2),
+            "mb_per_s": round(mb / ingest_s, 2),
+            "cpu_s": round(coord_cpu, 3),
+        },
+        "baseline": base,
+        "ratio": round((mb / ingest_s) / base["mb_per_s"], 3),
+        "round_wall_s": round(round_s, 3),
+    }
+    print(json.dumps(out), file=sys.stderr)
+    return out
+
+
+async def _publish_all(publisher: MqttTransport, frames: list[tuple[str, list[bytes]]]) -> None:
+    """Publish every frame, keeping many PUBACKs outstanding (like many devices at once)."""
+    window = asyncio.Semaphore(64)
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(topic: str, frame: bytes) -> None:
+        try:
+            await publisher.publish(topic, frame, qos=1)
+        finally:
+            window.release()
+
+    for topic, fs in frames:
+        for frame in fs:
+            await window.acquire()
+            task = asyncio.create_task(one(topic, frame))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.gather(*pending)
+
+
+async def _baseline(
+    frames: list[tuple[str, list[bytes]]],
+    port: int,
+    total_frames: int,
+    publisher: MqttTransport,
+    sup: Supervisor,
+    work: Path,
+) -> dict[str, Any]:
+    result = work / "sink.json"
+    sink = sup.start(
+        "sink",
+        [
+            sys.executable,
+            "-m",
+            "maskfl.tools.bench_coordinator",
+            "--sink",
+            str(port),
+            str(total_frames),
+            str(result),
+        ],
+    )
+    ready = work / "sink.json.ready"
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        sup.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError("the bare subscriber did not start")
+        await asyncio.sleep(0.02)
+    renamed = [(topic.replace("maskfl/v1/", "bench/sink/", 1), fs) for topic, fs in frames]
+    cpu0 = _cpu(sink.pid)
+    t0 = time.time()
+    await _publish_all(publisher, renamed)
+    deadline = time.monotonic() + 600
+    while not result.exists():
+        sup.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError("the bare subscriber did not receive everything")
+        await asyncio.sleep(0.005)
+    data = json.loads(result.read_text())
+    cpu = _cpu(sink.pid) - cpu0
+    seconds = data["last"] - t0
+    mb = data["bytes"] / 1e6
+    return {
+        "s": round(seconds, 4),
+        "messages_per_s": round(data["count"] / seconds, 1),
+        "mb_per_s": round(mb / seconds, 2),
+        "cpu_s": round(cpu, 3),
+    }
+
+
+async def _sink(port: int, expected: int, result: Path) -> None:
+    """The bare subscriber: receive ``expected`` messages, ack them, write the time."""
+    t = MqttTransport(
+        MqttConfig(
+            host="127.0.0.1",
+            port=port,
+            client_id="bench-sink",
+            max_incoming_payload=64 << 20,
+            incoming_queue_size=256,
+            manual_ack=True,
+            clean_start=False,
+            session_expiry_s=600,
+            receive_maximum=65535,
+        )
+    )
+    await t.connect()
+    await t.subscribe("bench/sink/#", qos=1)
+    Path(str(result) + ".ready").write_text("")
+    count = 0
+    size = 0
+    async for msg in t.messages():
+        count += 1
+        size += len(msg.payload)
+        t.ack(msg)
+        if count >= expected:
+            break
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"count": count, "bytes": size, "last": time.time()}))
+    tmp.replace(result)
+    await asyncio.sleep(2.0)  # stay up while the bench reads our CPU time
+    await t.disconnect()
+
+
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 when it is gone)."""
+    try:
+        import psutil
+
+        t = psutil.Process(pid).cpu_times()
+        return float(t.user + t.system)
+    except Exception:  # psutil missing or the process gone: the figure is informative only
+        return 0.0
+
+
+def _profile_args(work: Path) -> list[str]:
+    """``MASKFL_BENCH_PROFILE=1`` runs the coordinator under cProfile (output in the workdir)."""
+    if os.environ.get("MASKFL_BENCH_PROFILE"):
+        return ["-m", "cProfile", "-o", str(work / "coordinator.prof")]
+    return []
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--sink":
+        asyncio.run(_sink(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])))
