@@ -54,5 +54,7 @@ def verify_mosquitto_password(password: str, encoded: str) -> bool:
         rounds = int(iterations)
     except ValueError:
         return False
+    if rounds < 1:
+        return False  # hashlib refuses it; no hash mosquitto_passwd writes has it
     digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, rounds)
     return hmac.compare_digest(digest, expected)
