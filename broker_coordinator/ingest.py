@@ -101,12 +101,19 @@ class ChunkTracker:
     two). A dropped partial's deliveries are acked (see the module docstring).
     """
 
-    def __init__(self, services: Services, ack: Callable[[Message], None]) -> None:
-        pet = services.config.pet
-        self.max_messages = pet.reassembly_max_messages
-        self.max_bytes = pet.reassembly_max_bytes
-        self.max_age_s = pet.reassembly_max_age_s
-        self.max_per_key = 2
+    def __init__(
+        self,
+        ack: Callable[[Message], None],
+        *,
+        max_messages: int,
+        max_bytes: int,
+        max_age_s: float,
+        max_per_key: int = 2,
+    ) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self.max_per_key = max_per_key
         self._ack = ack
         self._partials: dict[tuple[str, bytes], _Partial] = {}
         self._reserved = 0
@@ -192,7 +199,13 @@ class Ingest:
         self.s = services
         self.runner = runner
         self.transport = transport
-        self.chunks = ChunkTracker(services, self._ack)
+        pet = services.config.pet
+        self.chunks = ChunkTracker(
+            self._ack,
+            max_messages=pet.reassembly_max_messages,
+            max_bytes=pet.reassembly_max_bytes,
+            max_age_s=pet.reassembly_max_age_s,
+        )
         self.unacked = 0
 
     def _ack(self, message: Message) -> None:

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -144,13 +143,13 @@ async def _one(n: int, m: int, backend: str, work: Path) -> dict[str, Any]:
     sup = Supervisor(work / "logs")
     try:
         with _mosquitto(work, sup) as port:
-            return await _measure(n, m, backend, work, port, sup)
+            return await _measure(n, m, backend, work, port=port, sup=sup)
     finally:
         sup.stop_all()
 
 
 async def _measure(
-    n: int, m: int, backend: str, work: Path, port: int, sup: Supervisor
+    n: int, m: int, backend: str, work: Path, *, port: int, sup: Supervisor
 ) -> dict[str, Any]:
     fleet = SimFleet(fleet="bench")
     initial = np.zeros(m, dtype=np.float32)
@@ -283,7 +282,9 @@ async def _measure(
         round_s = events["model"] - events["round_params"]
         coord.expected_exit = True
         # Baseline: the same frames to a bare subscriber process, same broker.
-        base = await _baseline(frames, port, total_frames, publisher, sup, work)
+        base = await _baseline(
+            frames, port=port, total_frames=total_frames, publisher=publisher, sup=sup, work=work
+        )
     finally:
         watcher.cancel()
         for s in summers:
@@ -336,6 +337,7 @@ async def _publish_all(publisher: MqttTransport, frames: list[tuple[str, list[by
 
 async def _baseline(
     frames: list[tuple[str, list[bytes]]],
+    *,
     port: int,
     total_frames: int,
     publisher: MqttTransport,
@@ -401,7 +403,7 @@ async def _sink(port: int, expected: int, result: Path) -> None:
     )
     await t.connect()
     await t.subscribe("bench/sink/#", qos=1)
-    Path(str(result) + ".ready").write_text("")
+    Path(str(result) + ".ready").write_text("")  # noqa: ASYNC240 - once, before timing
     count = 0
     size = 0
     async for msg in t.messages():

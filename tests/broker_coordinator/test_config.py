@@ -1,0 +1,99 @@
+"""coordinator.toml: loading, environment overrides, and errors that name the field and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from maskfl.broker_coordinator.cli import main
+from maskfl.broker_coordinator.config import load_config
+from maskfl.protocol.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+MINIMAL = """
+[fleet]
+id = "demo"
+ca_public_key_file = "keys/ca.pub"
+[identity]
+key_file = "keys/coordinator.key"
+certificate_file = "keys/coordinator.cert"
+[model]
+id = "mlp"
+length = 10
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "coordinator.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_loads_and_resolves_paths() -> None:
+    config = load_config(REPO / "configs" / "coordinator.toml", env={})
+    assert config.fleet.ca_public_key_file == REPO / "configs" / "ca.pub"
+    assert config.broker.tls and config.broker.receive_maximum == 65535
+    assert config.optimizer.kind == "fedavg"
+
+
+def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, MINIMAL), env={})
+    assert config.identity.key_file == tmp_path / "keys" / "coordinator.key"
+    assert config.storage.dir == tmp_path / "state"
+
+
+def test_environment_overrides_nested_keys(tmp_path: Path) -> None:
+    env = {
+        "MASKFL__PET__SUM__COUNT_MIN": "4",
+        "MASKFL__PET__SUM__TARGET": "5",
+        "MASKFL__BROKER__PORT": "8883",
+        "MASKFL__OPTIMIZER__KIND": "fedadam",
+    }
+    config = load_config(_write(tmp_path, MINIMAL), env=env)
+    assert config.pet.sum.count_min == 4 and config.pet.sum.target == 5
+    assert config.broker.port == 8883
+    assert config.optimizer.kind == "fedadam"
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "words"),
+    [
+        ("[broker]\nprot = 1\n", "broker.prot", "unknown key"),
+        ("[broker]\nport = 70000\n", "broker.port", "65535"),
+        ("[pet.sum]\ntarget = 2\ncount_min = 5\ncount_max = 2\n", "pet.sum", "count_min"),
+        ("[pet.update]\ntarget = 2\ncount_max = 5000\n", "", "masking.n_max"),
+        ("[broker]\nreceive_maximum = 100\n", "", "receive_maximum"),
+        ('[optimizer]\nkind = "sgd"\n', "optimizer.kind", "fedavg"),
+        ('[broker]\ncert_file = "c.pem"\n', "broker", "key_file"),
+    ],
+)
+def test_wrong_fields_are_named_with_the_fix(
+    tmp_path: Path, extra: str, field: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, MINIMAL + extra), env={})
+    assert field in str(err.value) and words in str(err.value)
+
+
+def test_missing_section_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model: required"):
+        load_config(_write(tmp_path, MINIMAL.split("[model]", maxsplit=1)[0]), env={})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(_write(tmp_path, "[fleet\n"), env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", env={})
+
+
+def test_cli_prints_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, MINIMAL + "[broker]\nprot = 1\n")
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "broker.prot" in err and "Traceback" not in err
+    # Files named by the config are checked at start, naming the key.
+    assert main(["run", "--config", str(_write(tmp_path, MINIMAL))]) == 2
+    assert "fleet.ca_public_key_file" in capsys.readouterr().err
+    assert main(["status", "--config", str(path.with_name("x.toml"))]) == 2
