@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Self
 
+from maskfl.protocol.errors import LocalProtocolError
+
 from ._errors import TransportClosedError
+from ._topics import check_filter, check_topic
 from ._types import LinkEvent, LinkListener, LinkState, Message, TransportStats
 
 
@@ -75,9 +78,35 @@ class LinkBase(abc.ABC):
     ) -> None:
         await self.disconnect()
 
+    @staticmethod
+    def _check_publish(topic: str, qos: int) -> None:
+        """A bad topic or QoS is the caller's bug: :class:`LocalProtocolError`, nothing sent."""
+        check_topic(topic)
+        _check_qos(qos)
+
+    @staticmethod
+    def _check_subscribe(filters: str | Iterable[str], qos: int) -> list[str]:
+        """The filters as a list, each checked, and the QoS (``LocalProtocolError``)."""
+        wanted = _as_list(filters)
+        if not wanted:
+            raise LocalProtocolError("subscribe() needs at least one filter")
+        for topic_filter in wanted:
+            check_filter(topic_filter)
+        _check_qos(qos)
+        return wanted
+
     def _notify(self, event: LinkEvent) -> None:
         for listener in list(self._listeners):
             try:
                 listener(event)
             except Exception:  # a listener must not break the transport
                 self._log.exception("link listener %r failed", listener)
+
+
+def _as_list(filters: str | Iterable[str]) -> list[str]:
+    return [filters] if isinstance(filters, str) else list(filters)
+
+
+def _check_qos(qos: int) -> None:
+    if qos not in (0, 1):
+        raise LocalProtocolError(f"QoS {qos} is not supported (use 0 or 1)")

@@ -25,7 +25,7 @@ from ._config import MQTT_MAX_PACKET
 from ._errors import NotConnectedError, PayloadTooLargeError, TransportClosedError
 from ._link import LinkBase
 from ._mqtt import publish_packet_size
-from ._topics import check_filter, check_topic, split_shared, topic_matches
+from ._topics import split_shared, topic_matches
 from ._types import LinkEvent, LinkState, Message
 
 log = logging.getLogger("maskfl.transport.memory")
@@ -156,9 +156,7 @@ class MemoryTransport(LinkBase):
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> None:
         self._check_open()
-        check_topic(topic)
-        if qos not in (0, 1):
-            raise LocalProtocolError(f"QoS {qos} is not supported (use 0 or 1)")
+        self._check_publish(topic, qos)
         size = publish_packet_size(topic, len(payload), qos)
         if size > self.broker.max_packet_size:
             limit = self.broker.max_packet_size
@@ -177,13 +175,7 @@ class MemoryTransport(LinkBase):
 
     async def subscribe(self, filters: str | Iterable[str], *, qos: int = 1) -> list[int]:
         self._check_open()
-        wanted = [filters] if isinstance(filters, str) else list(filters)
-        if not wanted:
-            raise LocalProtocolError("subscribe() needs at least one filter")
-        for topic_filter in wanted:
-            check_filter(topic_filter)
-        if qos not in (0, 1):
-            raise LocalProtocolError(f"QoS {qos} is not supported (use 0 or 1)")
+        wanted = self._check_subscribe(filters, qos)
         for topic_filter in wanted:
             self.subscriptions[topic_filter] = qos
             if split_shared(topic_filter)[0] is not None:

@@ -90,7 +90,6 @@ from ._errors import (
     TransportClosedError,
 )
 from ._link import LinkBase
-from ._topics import check_filter, check_topic
 from ._types import LinkEvent, LinkState, Message
 
 log = logging.getLogger("maskfl.transport")
@@ -265,9 +264,7 @@ class MqttTransport(LinkBase):
         :class:`TransportClosedError` after :meth:`disconnect`.
         """
         self._check_open()
-        check_topic(topic)
-        if qos not in (0, 1):
-            raise LocalProtocolError(f"QoS {qos} is not supported (use 0 or 1)")
+        self._check_publish(topic, qos)
         size = publish_packet_size(topic, len(payload), qos)
         if size > self._max_packet:
             raise PayloadTooLargeError(
@@ -312,13 +309,7 @@ class MqttTransport(LinkBase):
         broker refuses a filter (that filter is then forgotten).
         """
         self._check_open()
-        wanted = [filters] if isinstance(filters, str) else list(filters)
-        if not wanted:
-            raise LocalProtocolError("subscribe() needs at least one filter")
-        for topic_filter in wanted:
-            check_filter(topic_filter)
-        if qos not in (0, 1):
-            raise LocalProtocolError(f"QoS {qos} is not supported (use 0 or 1)")
+        wanted = self._check_subscribe(filters, qos)
         for topic_filter in wanted:
             self._subscriptions[topic_filter] = qos
         while True:
