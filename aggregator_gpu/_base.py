@@ -11,6 +11,7 @@ order it adds in, produces the same words bit for bit.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import struct
 from collections.abc import Iterable
@@ -297,7 +298,7 @@ class Backend(Protocol):
         ...
 
 
-class AccumulatorState:
+class AccumulatorState(abc.ABC):
     """The bookkeeping every :class:`Accumulator` shares: shape, count, masked or not.
 
     Backends subclass it and keep the words wherever they live; the sum, the count
@@ -329,6 +330,29 @@ class AccumulatorState:
     def _check_masked(self, what: str) -> None:
         if self._unmasked:
             raise AggregationError(f"cannot {what}: the aggregate mask was already subtracted")
+
+    @abc.abstractmethod
+    def _host_words(self) -> Words:
+        """The current sum in host memory; may be the live buffer (read it, do not keep it)."""
+
+    @abc.abstractmethod
+    def total(self) -> Words:
+        """A host copy of the current sum."""
+
+    def decode(
+        self, config: MaskConfig, n_included: int | None = None
+    ) -> tuple[npt.NDArray[np.float64], float]:
+        return decode_words(
+            self._host_words(),
+            word_bits=self.word_bits,
+            count=self._count,
+            unmasked=self._unmasked,
+            config=config,
+            n_included=n_included,
+        )
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(words=self.total(), count=self._count, unmasked=self._unmasked)
 
 
 def check_mergeable(length: int, word_bits: int, snapshot: Snapshot) -> None:

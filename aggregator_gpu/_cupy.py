@@ -42,13 +42,11 @@ from maskfl.aggregator_gpu._base import (
     WordsLike,
     as_words,
     check_mergeable,
-    decode_words,
     iter_rows,
     word_dtype,
 )
 from maskfl.aggregator_gpu._cuda_source import ADD_ROWS, SOURCE, THREADS_PER_BLOCK, grid_for
 from maskfl.protocol.errors import AggregationError
-from maskfl.protocol.masking import MaskConfig
 
 STAGING_BYTES = 32 << 20
 """Target size of one pinned staging slot (rows x length x word size)."""
@@ -354,6 +352,9 @@ class CupyAccumulator(AccumulatorState):
             raise AggregationError(f"GPU reduction failed: {exc}") from exc
         return host
 
+    def _host_words(self) -> Words:
+        return self._reduce()
+
     def total(self) -> Words:
         return self._reduce()
 
@@ -362,21 +363,6 @@ class CupyAccumulator(AccumulatorState):
         words = as_words(mask, self._length, self._dtype)
         self._subtract_from_base(words, "mask subtraction")
         self._unmasked = True
-
-    def decode(
-        self, config: MaskConfig, n_included: int | None = None
-    ) -> tuple[npt.NDArray[np.float64], float]:
-        return decode_words(
-            self._reduce(),
-            word_bits=self.word_bits,
-            count=self._count,
-            unmasked=self._unmasked,
-            config=config,
-            n_included=n_included,
-        )
-
-    def snapshot(self) -> Snapshot:
-        return Snapshot(words=self._reduce(), count=self._count, unmasked=self._unmasked)
 
     def restore_words(self, snapshot: Snapshot) -> None:
         """Load a snapshot into this empty accumulator (into the base row)."""

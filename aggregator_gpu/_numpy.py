@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-import numpy.typing as npt
 
 from maskfl.aggregator_gpu._base import (
     AccumulatorState,
@@ -21,11 +20,9 @@ from maskfl.aggregator_gpu._base import (
     WordsLike,
     as_words,
     check_mergeable,
-    decode_words,
     iter_rows,
 )
 from maskfl.protocol.errors import AggregationError
-from maskfl.protocol.masking import MaskConfig
 
 
 class NumpyAccumulator(AccumulatorState):
@@ -78,6 +75,9 @@ class NumpyAccumulator(AccumulatorState):
         np.add(self._sum, snapshot.words.astype(self._dtype, copy=False), out=self._sum)
         self._count += snapshot.count
 
+    def _host_words(self) -> Words:
+        return self._sum
+
     def total(self) -> Words:
         return self._sum.copy()
 
@@ -86,21 +86,6 @@ class NumpyAccumulator(AccumulatorState):
         words = as_words(mask, self._length, self._dtype)
         np.subtract(self._sum, words, out=self._sum)
         self._unmasked = True
-
-    def decode(
-        self, config: MaskConfig, n_included: int | None = None
-    ) -> tuple[npt.NDArray[np.float64], float]:
-        return decode_words(
-            self._sum,
-            word_bits=self.word_bits,
-            count=self._count,
-            unmasked=self._unmasked,
-            config=config,
-            n_included=n_included,
-        )
-
-    def snapshot(self) -> Snapshot:
-        return Snapshot(words=self._sum.copy(), count=self._count, unmasked=self._unmasked)
 
 
 class NumpyBackend:
