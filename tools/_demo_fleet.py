@@ -214,6 +214,9 @@ def _write_coordinator(fleet: DemoFleet, pet: dict[str, Any]) -> None:
         fleet.coordinator_toml,
         {
             "model": {"initial_weights": "initial.npy"},
+            # Keep every accepted masked update in the update log on disk (the default
+            # keeps them in memory): the demo's privacy check reads one from there.
+            "storage": {"update_words": "file"},
             "pet": pet,
             "http": {"enabled": True, "host": "127.0.0.1", "port": fleet.http_port},
             "log": {"level": "info", "format": "text"},

@@ -255,7 +255,10 @@ def _connect_ro(path: Path) -> sqlite3.Connection:
 
 class StoreSampler:
     """Polls the coordinator's database and update log; keeps the first stored update
-    of every round (the coordinator deletes them once the round is aggregated)."""
+    of every round (the coordinator deletes them once the round is aggregated).
+
+    An asyncio task; each poll runs in a worker thread (sqlite and file reads block).
+    """
 
     def __init__(self, state_dir: Path, interval_s: float = 0.1) -> None:
         self.db = state_dir / "coordinator.db"
@@ -264,20 +267,26 @@ class StoreSampler:
         self.samples: dict[int, StoredUpdate] = {}
         self.accepted: dict[int, set[str]] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="store-sampler", daemon=True)
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._task = asyncio.create_task(self._loop(), name="store-sampler")
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            with contextlib.suppress(sqlite3.Error, OSError):
-                self.poll()
+    async def _loop(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.interval_s)
+
+    async def refresh(self) -> None:
+        """Poll once now (errors of a coordinator mid-write are retried next time)."""
+        with contextlib.suppress(sqlite3.Error, OSError):
+            await asyncio.to_thread(self.poll)
 
     def poll(self) -> None:
         with self._lock:

@@ -119,6 +119,7 @@ class Demo:
         self.records: list[rep.RoundRecord] = []
         self.failed_rounds: list[int] = []
         self.checks: list[rep.AggregateCheck] = []
+        self.unchecked: dict[int, str] = {}
         self.rounds: dict[int, _Round] = {}
         self.bytes_rows: list[dict[str, Any]] = []
         self.started = time.monotonic()
@@ -433,6 +434,8 @@ class Demo:
             phases={k: round(v, 3) for k, v in phases.items()},
         )
         self.records.append(record)
+        if self.sampler is not None:
+            await self.sampler.refresh()
         check = self._check_round(
             fleet, rid=rid, previous=previous, current=weights, metrics=metrics, sent=sent
         )
@@ -461,19 +464,22 @@ class Demo:
     ) -> rep.AggregateCheck | None:
         """Unmasked aggregate vs the plain weighted mean of the included deltas."""
         if self.mask is None or int(metrics.get("dropped", 0)) != 0:
+            self.unchecked[rid] = "updates were dropped from the aggregate"
             return None
         included: set[str] = set()
         if self.sampler is not None:
-            with contextlib.suppress(Exception):
-                self.sampler.poll()
             included = set(self.sampler.accepted.get(rid, set()))
         if not included:
             included = {d for d, v in sent.items() if v["task"] == "update" and v["step"] == "done"}
         plain = [plain_update(fleet.plain_log(d), rid) for d in sorted(included)]
         if not plain or any(p is None for p in plain):
+            self.unchecked[rid] = "a plain update is missing from the agents' logs"
             return None
         updates = [p for p in plain if p is not None]
         if len(updates) != int(metrics.get("updates", -1)):
+            self.unchecked[rid] = (
+                f"{len(updates)} logged updates, the model says {metrics.get('updates')}"
+            )
             return None
         expected, ws = rep.plain_weighted_mean(
             updates, sample_cap=1000, bound=float(self.mask.bound)
@@ -497,7 +503,7 @@ class Demo:
     async def _shutdown(self) -> None:
         t = time.monotonic()
         if self.sampler is not None:
-            self.sampler.stop()
+            await self.sampler.stop()
         if self.observer is not None:
             with contextlib.suppress(Exception):
                 await self.observer.stop()
@@ -513,6 +519,7 @@ class Demo:
             "aggregate_checks": [asdict(c) for c in self.checks],
             "aggregate_matches_plain_mean": bool(self.checks)
             and all(c.within for c in self.checks),
+            "aggregate_unchecked": {str(r): why for r, why in sorted(self.unchecked.items())},
         }
         if fleet is None or sampler is None or mask is None:
             return out
