@@ -177,8 +177,8 @@ class StorageConfig(_Section):
     """
 
     dir: Path = Path("state")
-    group_commit_max: Annotated[int, Field(ge=1, le=10000)] = 32
-    group_commit_ms: Annotated[float, Field(ge=0, le=10000)] = 20.0
+    group_commit_max: Annotated[int, Field(ge=1, le=10000)] = 128
+    group_commit_ms: Annotated[float, Field(ge=0, le=10000)] = 2.0
     update_words: Literal["memory", "file"] = "memory"
     update_memory_max_bytes: Annotated[int, Field(ge=0)] = 1 << 30
     update_log_fsync: bool = False
