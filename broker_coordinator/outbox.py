@@ -3,6 +3,11 @@
 State (round parameters, sum and seed dictionaries, global models, the
 revocation list) is published retained with QoS 1 and awaited: the caller
 continues once the broker has it, and the transport retries across reconnects.
+A retained value must be one message (a late subscriber gets only the last
+retained message of a topic), so state goes out whole while the broker's
+maximum packet size allows; when it does not (a managed broker), it is sent as
+chunk frames, not retained, which live subscribers reassemble, and a warning
+says that late joiners wait for the next publication.
 Receipts are fire-and-forget, bounded: at most ``max_receipts`` wait for their
 PUBACK at once, beyond that a receipt is dropped and counted (the device learns
 the outcome from the next round's parameters or resends).
@@ -15,7 +20,8 @@ import logging
 
 from maskfl.broker_coordinator.metrics import Metrics
 from maskfl.protocol.errors import MaskflError
-from maskfl.transport import Transport
+from maskfl.protocol.chunking import split_payload
+from maskfl.transport import PayloadTooLargeError, Transport
 
 log = logging.getLogger("maskfl.coordinator.outbox")
 
@@ -27,9 +33,21 @@ class Outbox:
         self._max = max_receipts
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def state(self, topic: str, payload: bytes) -> None:
-        """Publish retained, QoS 1, and wait for the broker's PUBACK."""
-        await self._transport.publish(topic, payload, qos=1, retain=True)
+    async def state(self, topic: str, payload: bytes, *, chunk_size: int = 256 * 1024) -> None:
+        """Publish retained, QoS 1, and wait for the broker's PUBACK (see the module doc)."""
+        try:
+            await self._transport.publish(topic, payload, qos=1, retain=True)
+        except PayloadTooLargeError as exc:
+            log.warning(
+                "%s: %d bytes exceed the broker's packet limit (%s); sending %d-byte chunk "
+                "frames, not retained",
+                topic,
+                len(payload),
+                exc,
+                chunk_size,
+            )
+            for frame in split_payload(payload, chunk_size):
+                await self._transport.publish(topic, frame, qos=1)
 
     async def clear(self, topic: str) -> None:
         """Remove a retained message (an empty retained publish)."""
