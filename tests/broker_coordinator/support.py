@@ -77,7 +77,8 @@ def make_setup(
     }
     for key, value in (pet or {}).items():
         if isinstance(value, dict):
-            pet_cfg[key] = {**pet_cfg.get(key, {}), **value}
+            merged = {**pet_cfg.get(key, {}), **value}
+            pet_cfg[key] = {k: v for k, v in merged.items() if v is not None}  # None: unset
         else:
             pet_cfg[key] = value
     overrides: dict[str, dict[str, Any]] = {"pet": pet_cfg}

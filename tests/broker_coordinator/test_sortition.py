@@ -1,0 +1,65 @@
+"""Sortition probabilities follow the devices seen alive through status heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from maskfl.protocol.messages import Heartbeat, RoundParams, decode_message, encode_message
+from maskfl.protocol.topics import Topics
+from maskfl.tools.fleet_sim import wait_for
+from maskfl.transport import MqttConfig, MqttTransport
+from tests.broker_coordinator.support import make_setup, running_coordinator
+from tests.support.mosquitto import Mosquitto
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
+
+
+async def test_probabilities_aim_at_the_targets(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    setup = make_setup(
+        tmp_path,
+        mosquitto.port,
+        summers=1,
+        updaters=1,
+        pet={
+            "sum": {"prob": None, "target": 2, "count_min": 1, "time_max_s": 1.0},
+            "update": {"prob": None, "target": 4},
+            "max_rounds": 3,
+            "failure_pause_s": 0.1,
+        },
+    )
+    fleet = setup.fleet
+    topics = Topics(fleet.fleet)
+    devices = [fleet.identity(f"alive-{k}") for k in range(10)]
+    client = MqttTransport(MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="hb"))
+    await client.connect()
+    seen: list[RoundParams] = []
+
+    async def watch() -> None:
+        async for msg in client.messages():
+            body = decode_message(msg.payload, max_size=1 << 20).body
+            if isinstance(body, RoundParams):
+                seen.append(body)
+
+    await client.subscribe(topics.round)
+    reader = asyncio.create_task(watch())
+    try:
+        async with running_coordinator(setup.config_path):
+            await wait_for(lambda: bool(seen), 20, "round 1")
+            assert (seen[0].p_sum, seen[0].p_update) == (pytest.approx(2 / 6), 1.0)  # none alive
+            for ident in devices:
+                hb = Heartbeat(ident.certificate, "idle", 1.0)
+                raw = encode_message(
+                    hb, fleet=fleet.fleet, round_id=0, signing_key=ident.signing_key
+                )
+                await client.publish(topics.status(ident.device_id), raw)
+            # Round 1 fails (nobody sends sum messages); round 2 sees ten devices alive.
+            await wait_for(lambda: any(p.round_id >= 2 for p in seen), 30, "round 2")
+        params = next(p for p in seen if p.round_id >= 2)
+        assert params.p_sum == pytest.approx(2 / 10)
+        assert params.p_update == pytest.approx(4 / 8)
+    finally:
+        reader.cancel()
+        await client.disconnect()
