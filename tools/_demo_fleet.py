@@ -257,7 +257,7 @@ def _write_agent(fleet: DemoFleet, device: str, index: int, s: FleetSettings) ->
 def demo_pet(devices: int) -> dict[str, Any]:
     """Round timing for a demo fleet on one machine: phases close as soon as the
     fleet has answered, failed rounds are retried quickly."""
-    summers = 2 if devices < 10 else 3 if devices < 20 else 4
+    summers = 1 if devices < 4 else 2 if devices < 10 else 3 if devices < 20 else 4
     updaters = max(1, min(devices - summers, 100))
     busy = 2.0 + 0.02 * devices  # in-process fleets of hundreds train and mask in turn
     return {
@@ -273,7 +273,7 @@ def demo_pet(devices: int) -> dict[str, Any]:
             "count_min": 1,
             "count_max": 1000,
             "time_min_s": busy,
-            "time_max_s": 60.0 + 0.5 * devices,
+            "time_max_s": 10.0 + 2 * busy,  # no updater drawn: retry soon
         },
         "sum2": {"count_min": 1, "count_max": 100, "time_min_s": 0.0, "time_max_s": 30.0},
         "alive_window_s": 30.0,
