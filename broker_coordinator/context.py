@@ -103,6 +103,8 @@ class RoundState:
     acc: Accumulator | None = None
     words: dict[bytes, npt.NDArray[np.unsignedinteger]] = field(default_factory=dict)
     words_bytes: int = 0
+    first_update_at: float | None = None
+    last_update_commit_at: float | None = None
     timer: PhaseTimer | None = None
     closing: bool = False
 

@@ -246,6 +246,9 @@ class Ingest:
         payload = message.payload
         deliveries = [_light(message)]
         now = s.clock()
+        state = self.runner.state
+        if parsed.kind is TopicKind.UPDATE and state is not None and state.first_update_at is None:
+            state.first_update_at = now
         if is_chunk(payload):
             try:
                 frame = ChunkFrame.parse(payload)

@@ -69,6 +69,8 @@ class Runner:
         self.lock = asyncio.Lock()
         self.rounds_completed = 0
         self.finished_round: int | None = None
+        self.last_ingest: dict[str, float | int | None] = {}
+        """When the last completed round's first update arrived and its last was committed."""
         self._ready = False
         self._resumed = False
         self.rounds_failed = 0
@@ -253,6 +255,13 @@ class Runner:
                 s.metrics.rounds.labels(outcome="completed").inc()
                 await self._clear_round_topics()
                 self.finished_round = None if self.state is None else self.state.round_id
+                if self.state is not None:
+                    self.last_ingest = {
+                        "round_id": self.state.round_id,
+                        "updates": len(self.state.updates),
+                        "first_update_at": self.state.first_update_at,
+                        "last_update_commit_at": self.state.last_update_commit_at,
+                    }
                 self.state = None
                 return nxt
             case _:

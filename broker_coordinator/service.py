@@ -206,6 +206,7 @@ class Coordinator:
                 devices_alive=s.alive_count(),
                 rounds_completed=runner.rounds_completed,
                 rounds_failed=runner.rounds_failed,
+                last_round_ingest=runner.last_ingest,
                 rejected=self.metrics.rejected_total(),
                 backend=s.backend.description,
                 word_bits=s.mask.word_bits,

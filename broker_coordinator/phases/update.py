@@ -172,6 +172,7 @@ class UpdatePhase(MessagePhase):
             item.words = None
         assert state.timer is not None
         state.timer.accepted(len(batch))
+        state.last_update_commit_at = s.clock()
         s.metrics.participants.labels(role="updaters").set(len(state.updates))
         if old_gen:
             s.checkpoints.path(state.round_id, old_gen).unlink(missing_ok=True)
