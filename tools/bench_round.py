@@ -11,7 +11,9 @@ work, not a timer. Reported, in seconds from the round parameters:
 - ``update``: updaters mask (ChaCha20), seal seeds, upload; coordinator verifies,
   adds, commits; seed dictionaries out;
 - ``sum2``: summers open the seeds, expand and add N masks of M + 1 words, upload;
-- ``unmask``: vote, unmask, decode, FedAvg step, model published and received;
+- ``unmask``: vote, unmask, decode, FedAvg step, the model published (and received
+  by one subscriber: its fan-out to every device costs the same with or without
+  masking and is left out of both rounds);
 
 and bytes sent per updater and per summer, and the model's size.
 
@@ -195,6 +197,57 @@ class _Times:
     bytes_sent: dict[str, int] = field(default_factory=dict)
 
 
+class _ModelWatcher:
+    """One subscriber to ``model/<id>/latest``: when the round's model is out.
+
+    Participants do not subscribe to models here, so the delivery of the initial
+    model (published as the coordinator starts) does not load the round, and the
+    model's fan-out to every device — the same broker cost with or without masking —
+    is left out of both rounds.
+    """
+
+    def __init__(self, port: int, fleet: str, model_id: str) -> None:
+        self.topic = Topics(fleet).model_latest(model_id)
+        self.transport = MqttTransport(
+            MqttConfig(
+                host="127.0.0.1",
+                port=port,
+                client_id=f"watch-{fleet}",
+                max_incoming_payload=_MAX_IN,
+            )
+        )
+        self.at: float | None = None
+        self.model: GlobalModel | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reassembler = Reassembler(4, _MAX_IN, 600.0)
+
+    async def start(self) -> None:
+        await self.transport.connect()
+        await self.transport.subscribe(self.topic, qos=1)
+        self._reader = asyncio.create_task(self._read())
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self.transport.disconnect()
+
+    async def _read(self) -> None:
+        async for msg in self.transport.messages():
+            payload = msg.payload
+            if is_chunk(payload):
+                whole = self._reassembler.feed(msg.topic, payload, time.monotonic())
+                if whole is None:
+                    continue
+                payload = whole
+            if not payload:
+                continue
+            at = time.perf_counter()
+            body = decode_message(payload, max_size=_MAX_IN).body
+            if isinstance(body, GlobalModel) and body.version >= 1 and self.at is None:
+                self.at, self.model = at, body
+
+
 class _TimedParticipant(SimParticipant):
     """A simulated participant that notes when things arrive and what it sends."""
 
@@ -202,6 +255,13 @@ class _TimedParticipant(SimParticipant):
         super().__init__(identity, **kwargs)
         self._times = times
         self._watched: set[int] = set()
+
+    async def start(self) -> None:
+        """Subscribe like a device, except to models (see :class:`_ModelWatcher`)."""
+        await self.transport.connect()
+        filters = [f for f in self.topics.agent_filters(self.device) if "/model/" not in f]
+        await self.transport.subscribe(filters, qos=1)
+        self._reader = asyncio.create_task(self._read(), name=f"sim {self.device}")
 
     async def _round(self, params: RoundParams, sender: bytes) -> None:
         self._times.params.append(time.perf_counter())
@@ -279,6 +339,8 @@ async def _masked_round(
         for i in [*s_ids, *u_ids]
     ]
     summer_ids = {i.device_id for i in s_ids}
+    watcher = _ModelWatcher(port, FLEET, "bench")
+    await watcher.start()
     await start_all(participants)
     try:
         coordinator = supervisor.start(
@@ -290,7 +352,6 @@ async def _masked_round(
                 str(config),
             ],
         )
-        phases_seen: dict[str, float] = {}
         status_info: dict[str, Any] = {}
         deadline = time.monotonic() + 900
         model_at: float | None = None
@@ -300,26 +361,27 @@ async def _masked_round(
             supervisor.check()
             if time.monotonic() > deadline:
                 raise MaskflError(f"the masked round did not finish; see {coordinator.log_path}")
-            status = await fetch_status(http_port, 0.5)
-            if status and status.get("round_id") == 1:
-                phases_seen.setdefault(str(status.get("phase")), time.perf_counter())
-                status_info = status
-            done = [p for p in participants if any(mm.version >= 1 for mm in p.models)]
-            if len(done) == len(participants):
-                model_at = time.perf_counter()
+            if not status_info:
+                status_info = await fetch_status(http_port, 0.5) or {}
+            if watcher.at is not None:
+                model_at = watcher.at
             else:
                 await asyncio.sleep(0.02)
         errors = [e for p in participants for e in p.errors]
         if errors:
             raise MaskflError(f"participants reported errors: {errors[:3]}")
-        model = next(mm for mm in participants[0].models if mm.version >= 1)
+        model = watcher.model
+        assert model is not None
     finally:
         await stop_all(participants)
+        await watcher.stop()
         if "coordinator" in locals():
             supervisor.stop(coordinator)
     t0 = min(times.params)
-    sums_at = max(times.sums)
-    seeds_at = max(times.seeds)
+    # A phase ends when the coordinator's dictionary first reaches a participant (the
+    # last ones to see it may already be busy masking: one event loop runs them all).
+    sums_at = min(times.sums)
+    seeds_at = min(times.seeds)
     sum2_at = max(times.published.get(str(TopicKind.SUM2), [seeds_at]))
     updater_bytes = [b for d, b in times.bytes_sent.items() if d not in summer_ids]
     summer_bytes = [b for d, b in times.bytes_sent.items() if d in summer_ids]
@@ -330,9 +392,6 @@ async def _masked_round(
             "sum2": round(sum2_at - seeds_at, 4),
             "unmask": round(model_at - sum2_at, 4),
             "total": round(model_at - t0, 4),
-        },
-        "coordinator_phases_seen_s": {
-            k: round(v - t0, 3) for k, v in sorted(phases_seen.items(), key=lambda kv: kv[1])
         },
         "bytes_per_updater": int(np.mean(updater_bytes)) if updater_bytes else 0,
         "bytes_per_summer": int(np.mean(summer_bytes)) if summer_bytes else 0,
@@ -361,15 +420,12 @@ class _PlainParticipant:
             )
         )
         self.params_at: float | None = None
-        self.model_at: float | None = None
         self.bytes_sent = 0
         self._reader: asyncio.Task[None] | None = None
 
-    async def start(self, model_id: str) -> None:
+    async def start(self) -> None:
         await self.transport.connect()
-        await self.transport.subscribe(
-            [self.topics.round, self.topics.model_latest(model_id)], qos=1
-        )
+        await self.transport.subscribe(self.topics.round, qos=1)
         self._reader = asyncio.create_task(self._read())
 
     async def stop(self) -> None:
@@ -388,9 +444,6 @@ class _PlainParticipant:
                 params = decode_message(msg.payload, max_size=_MAX_IN).body
                 assert isinstance(params, RoundParams)
                 await self._send(params)
-            elif kind is TopicKind.MODEL_LATEST and self.model_at is None:
-                decode_message(msg.payload, max_size=_MAX_IN)
-                self.model_at = time.perf_counter()
 
     async def _send(self, params: RoundParams) -> None:
         m = params.vector_length
@@ -423,10 +476,11 @@ async def _plain_round(
         overrides={"pet": {"update": {"target": n, "count_max": 100}}},
     )
     participants = [_PlainParticipant(fleet.identity(f"plain-{i:03d}"), port) for i in range(n)]
-    await asyncio.gather(*(p.start("bench") for p in participants))
+    watcher = _ModelWatcher(port, fleet.fleet, "bench")
+    await watcher.start()
+    await asyncio.gather(*(p.start() for p in participants))
     out = root / "plain" / "result.json"
     try:
-        t_start = time.perf_counter()
         aggregator = supervisor.start(
             "plain-aggregator",
             [
@@ -443,7 +497,7 @@ async def _plain_round(
             ],
         )
         deadline = time.monotonic() + 600
-        while not all(p.model_at is not None for p in participants):
+        while watcher.at is None:
             code = aggregator.proc.poll()
             if code is not None:
                 aggregator.expected_exit = True
@@ -459,10 +513,10 @@ async def _plain_round(
         aggregator.proc.wait(30)
     finally:
         await asyncio.gather(*(p.stop() for p in participants), return_exceptions=True)
-    del t_start
+        await watcher.stop()
     agg = json.loads(out.read_text())
     t0 = min(p.params_at for p in participants if p.params_at is not None)
-    t_end = max(p.model_at for p in participants if p.model_at is not None)
+    t_end = watcher.at
     return {
         "seconds": {
             "upload": round(agg["last_update_perf"] - t0, 4),
