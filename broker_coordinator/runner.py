@@ -211,6 +211,11 @@ class Runner:
                 nxt = Phase.FAILURE
                 reason = f"{type(exc).__name__}: {exc}"
                 await self._leave_message_phase()
+                if self.state is None:
+                    # Failed in idle after the round row was written: close that row.
+                    last = await s.store.last_round()
+                    if last is not None and last.outcome is None:
+                        await self._fail_record(last, reason)
                 self.current = FailurePhase(s, self.state, reason)
                 self.phase = Phase.FAILURE
                 self.rounds_failed += 1
