@@ -33,7 +33,10 @@ EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskfl-coordinator", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="maskfl-coordinator",
+        description="Run the maskfl coordinator, inspect its state, export global models.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the coordinator service")
     run.add_argument("--config", required=True, type=Path)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from maskfl.broker_coordinator.context import Contribution, Services
 from maskfl.broker_coordinator.store import Transaction
-from maskfl.protocol.errors import MaskflError, Reason
+from maskfl.protocol.errors import MaskflError, Reason, StorageError
 
 if TYPE_CHECKING:
     from maskfl.transport import Message
@@ -123,9 +123,14 @@ class Committer:
             prepared = time.perf_counter()
             async with self._s.store.transaction() as tx:
                 await phase.write(tx, batch)
-        except MaskflError as exc:
+        except Exception as exc:  # this loop must survive to settle the batch
+            # A MaskflError (disk full, bad aggregate) or a bug: either way the batch
+            # is not durable, its deliveries are settled, and the runner fails the round
+            # instead of waiting forever for a drain that would never come.
+            if not isinstance(exc, MaskflError):
+                log.exception("group commit crashed")
             log.error("group commit of %d messages failed: %s", len(batch), exc)
-            self.error = exc
+            self.error = exc if isinstance(exc, MaskflError) else StorageError(str(exc))
             phase.failed(batch)
             for item in batch:
                 self._settle(item, Reason.PHASE_CLOSED, f"coordinator could not store it: {exc}")
