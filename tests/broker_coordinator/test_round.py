@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -188,4 +190,39 @@ async def test_chunked_updates_and_masks(tmp_path, mosquitto: Mosquitto) -> None
         np.testing.assert_allclose(model.weights, expected, atol=metrics["error_bound"] + 1e-6)
         assert all(r.accepted for p in parts for r in p.receipts)
     finally:
+        await stop_all(parts)
+
+
+async def test_storage_failure_fails_the_round_and_rejects_the_batch(
+    tmp_path, mosquitto: Mosquitto
+) -> None:
+    import shutil
+
+    setup = make_setup(tmp_path, mosquitto.port, summers=1, updaters=2)
+    behaviours = {i.device_id: Behaviour(update_delay_s=1.0) for i in setup.updaters}
+    parts = _participants(setup, mosquitto.host, mosquitto.port, behaviours)
+    await start_all(parts)
+    checkpoints = setup.config_path.parent / "state" / "checkpoints"
+    try:
+        async with running_coordinator(setup.config_path) as coordinator:
+            await wait_for(lambda: all(p._sums for p in parts[1:]), 30, "the sum dictionary")
+            shutil.rmtree(checkpoints)
+            checkpoints.write_text("not a directory")  # every checkpoint write now fails
+            await wait_for(lambda: all(p.receipts for p in parts[1:]), 30, "the receipts")
+            runner = coordinator.runner
+            assert runner is not None
+            await wait_for(lambda: runner.rounds_failed == 1, 30, "the failed round")
+            assert coordinator.services is not None
+            for _ in range(100):
+                record = await coordinator.services.store.get_round(1)
+                if record is not None and record.outcome is not None:
+                    break
+                await asyncio.sleep(0.05)
+        assert record is not None and record.outcome == "failed"
+        assert "StorageError" in (record.detail or "")
+        for p in parts[1:]:
+            assert [str(r.reason) for r in p.receipts] == ["phase_closed"]
+        assert not any(trained(p) for p in parts)
+    finally:
+        checkpoints.unlink(missing_ok=True)
         await stop_all(parts)
