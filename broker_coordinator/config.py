@@ -185,9 +185,18 @@ class StorageConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The model being trained: its id, its flat length M, where its weights start.
+
+    ``initial_weights`` is a float32[M] ``.npy`` (zeros when unset; the coordinator
+    has no TFLite runtime to read them from a graph). ``graph_file``, the model's
+    ``.tflite``, is published retained on ``model/<id>/graph`` and its SHA-256 is
+    stated in every signed global model, so devices can check the unsigned graph.
+    """
+
     id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
     length: Annotated[int, Field(ge=1, le=100_000_000)]
     initial_weights: Path | None = None
+    graph_file: Path | None = None
 
 
 class MaskingConfig(_Section):
@@ -432,6 +441,7 @@ def check_files(config: CoordinatorConfig) -> None:
         ("identity.key_file", config.identity.key_file),
         ("identity.certificate_file", config.identity.certificate_file),
         ("model.initial_weights", config.model.initial_weights),
+        ("model.graph_file", config.model.graph_file),
         ("broker.password_file", config.broker.password_file),
         ("broker.ca_file", config.broker.ca_file),
         ("broker.cert_file", config.broker.cert_file),

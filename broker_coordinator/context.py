@@ -28,10 +28,10 @@ from maskfl.broker_coordinator.store import (
     CheckpointFiles,
     RoundRecord,
     Store,
-    SummerRecord,
     Sum2Record,
-    UpdateRecord,
+    SummerRecord,
     UpdateLog,
+    UpdateRecord,
 )
 from maskfl.protocol.identity import Certificate
 from maskfl.protocol.masking import MaskConfig
@@ -131,6 +131,8 @@ class Services:
     optimizer: ServerOptimizer
     outbox: Outbox
     model: ModelState
+    graph: bytes | None = None
+    graph_digest: bytes = bytes(32)
     clock: Callable[[], float] = time.time
     alive: dict[str, float] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)

@@ -19,8 +19,8 @@ import asyncio
 import logging
 
 from maskfl.broker_coordinator.metrics import Metrics
-from maskfl.protocol.errors import MaskflError
 from maskfl.protocol.chunking import split_payload
+from maskfl.protocol.errors import MaskflError
 from maskfl.transport import PayloadTooLargeError, Transport
 
 log = logging.getLogger("maskfl.coordinator.outbox")

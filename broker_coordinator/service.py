@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -52,6 +53,7 @@ from maskfl.transport import LinkEvent, LinkState, MqttConfig, MqttTransport, Tl
 log = logging.getLogger("maskfl.coordinator")
 
 DB_NAME = "coordinator.db"
+MAX_GRAPH_BYTES = 256 * 1024 * 1024
 _TICK_S = 1.0
 _RESTART_PAUSE_S = 2.0
 
@@ -130,6 +132,26 @@ def initial_weights(config: CoordinatorConfig) -> npt.NDArray[np.float32]:
             field="model.length",
         )
     return weights
+
+
+def model_graph(config: CoordinatorConfig) -> bytes | None:
+    """The model's .tflite bytes (published as they are; devices check the digest)."""
+    path = config.model.graph_file
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"model.graph_file: cannot read {path}: {exc}", field="model.graph_file"
+        ) from exc
+    if not data or len(data) > MAX_GRAPH_BYTES:
+        raise ConfigError(
+            f"model.graph_file: {path} has {len(data)} bytes; a graph must be 1 byte to "
+            f"{MAX_GRAPH_BYTES} bytes",
+            field="model.graph_file",
+        )
+    return data
 
 
 def mqtt_config(config: CoordinatorConfig) -> MqttConfig:
@@ -266,6 +288,8 @@ class Coordinator:
         try:
             if s.enrollment.revocations_raw is not None:
                 await s.outbox.state(s.topics.revocations, s.enrollment.revocations_raw)
+            if s.graph is not None:
+                await s.outbox.state(s.topics.model_graph(s.model.model_id), s.graph)
             latest = await s.store.latest_model(s.model.model_id)
             if latest is not None and latest.message is not None:
                 await s.outbox.state(s.topics.model_latest(s.model.model_id), latest.message)
@@ -288,6 +312,7 @@ class Coordinator:
             backend.description,
         )
         weights0 = initial_weights(config)
+        graph = model_graph(config)
         state_dir = config.storage.dir
         state_dir.mkdir(parents=True, exist_ok=True)
         enrollment = Enrollment(
@@ -318,6 +343,8 @@ class Coordinator:
                     optimizer=optimizer,
                     outbox=outbox,
                     model=model,
+                    graph=graph,
+                    graph_digest=hashlib.sha256(graph).digest() if graph else bytes(32),
                 )
                 self.services = services
                 try:
@@ -367,6 +394,10 @@ class Coordinator:
         await transport.subscribe(list(s.topics.coordinator_filters()), qos=1)
         if s.enrollment.revocations_raw is not None:
             await s.outbox.state(s.topics.revocations, s.enrollment.revocations_raw)
+        if s.graph is not None:
+            await s.outbox.state(
+                s.topics.model_graph(s.model.model_id), s.graph, chunk_size=config.pet.chunk_size
+            )
         latest = await s.store.latest_model(s.model.model_id)
         if latest is not None and latest.message is not None:
             await s.outbox.state(s.topics.model_latest(s.model.model_id), latest.message)
@@ -379,6 +410,7 @@ class Coordinator:
                 round_id=RoundId(0),
                 previous_digest=bytes(32),
                 weights=s.model.weights,
+                graph_digest=s.graph_digest,
             )
             await s.outbox.state(s.topics.model_latest(s.model.model_id), s.sign(v0, 0))
         if config.http.enabled:

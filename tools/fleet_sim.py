@@ -49,7 +49,7 @@ from maskfl.protocol.messages import (
     weights_digest,
 )
 from maskfl.protocol.sortition import Task, next_round_seed, select_task
-from maskfl.protocol.topics import Topics, TopicKind, parse_topic
+from maskfl.protocol.topics import TopicKind, Topics, parse_topic
 from maskfl.transport import MqttConfig, MqttTransport
 
 log = logging.getLogger("maskfl.tools.fleet_sim")

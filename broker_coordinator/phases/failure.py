@@ -10,8 +10,8 @@ import asyncio
 import dataclasses
 import logging
 
-from maskfl.broker_coordinator.phases.base import StepPhase
 from maskfl.broker_coordinator.context import RoundState, Services
+from maskfl.broker_coordinator.phases.base import StepPhase
 from maskfl.protocol.phases import Phase
 
 log = logging.getLogger("maskfl.coordinator.failure")

@@ -97,6 +97,7 @@ class UnmaskPhase(StepPhase):
             previous_digest=s.model.digest,
             weights=weights,
             metrics=metrics,
+            graph_digest=s.graph_digest,
         )
         raw = s.sign(body, rid)
         digest = weights_digest(weights)

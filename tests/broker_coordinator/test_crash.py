@@ -29,7 +29,7 @@ from maskfl.tools.fleet_sim import (
     stop_all,
     wait_for,
 )
-from tests.broker_coordinator.support import trained, fixed_delta, make_setup
+from tests.broker_coordinator.support import fixed_delta, make_setup, trained
 from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(240)]

@@ -44,8 +44,8 @@ from maskfl.tools.fleet_sim import (
 )
 from maskfl.transport import MqttConfig, MqttTransport
 from tests.broker_coordinator.support import (
-    M,
     P_SUM,
+    M,
     fixed_delta,
     make_setup,
     running_coordinator,

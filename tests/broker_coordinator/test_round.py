@@ -15,7 +15,7 @@ from maskfl.tools.fleet_sim import (
     stop_all,
     wait_for,
 )
-from tests.broker_coordinator.support import trained, fixed_delta, make_setup, running_coordinator
+from tests.broker_coordinator.support import fixed_delta, make_setup, running_coordinator, trained
 from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]

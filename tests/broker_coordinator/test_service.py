@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import socket
 import urllib.request
@@ -45,9 +46,14 @@ async def test_http_endpoints_and_cli(
         mosquitto.port,
         summers=2,
         updaters=3,
-        extra={"http": {"enabled": True, "host": "127.0.0.1", "port": port}},
+        extra={
+            "http": {"enabled": True, "host": "127.0.0.1", "port": port},
+            "model": {"graph_file": "graph.tflite"},
+        },
         pet={"max_rounds": 2, "round_pause_s": 30.0},
     )
+    graph = b"TFL3" + bytes(range(256)) * 10
+    (setup.config_path.parent / "graph.tflite").write_bytes(graph)
     ca = setup.fleet.ca_public_key
     parts = [
         SimParticipant(i, ca_public_key=ca, host=mosquitto.host, port=mosquitto.port)
@@ -66,9 +72,18 @@ async def test_http_endpoints_and_cli(
             metrics = await asyncio.to_thread(_get, port, "/metrics")
             status = await asyncio.to_thread(_get, port, "/status")
             missing = await asyncio.to_thread(_get, port, "/nope")
+            async with MqttTransport(
+                MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="graph")
+            ) as watcher:
+                await watcher.subscribe(Topics(setup.fleet.fleet).model_graph("sim"))
+                retained = await asyncio.wait_for(watcher.receive(), 10)
+            assert retained.retain and retained.payload == graph
     finally:
         await stop_all(parts)
     assert health == (200, "ok\n") and ready[0] == 200 and missing[0] == 404
+    assert trained(parts[0])[0].graph_digest == hashlib.sha256(graph).digest()
+    assert parts[0].models[0].version == 0  # the initial weights, signed, state it too
+    assert parts[0].models[0].graph_digest == hashlib.sha256(graph).digest()
     text = metrics[1]
     assert (
         'maskfl_coordinator_messages_total{reason="",result="accepted",type="update"} 3.0' in text
