@@ -248,7 +248,16 @@ def _default_sum2() -> PhaseConfig:
 
 
 class PetConfig(_Section):
-    """Round timing and sizes."""
+    """Round timing and sizes.
+
+    ``chunk_size``: the largest MQTT payload; bigger messages travel as chunk
+    frames. ``alive_window_s``: a device heard from (heartbeat or message) within it
+    counts as alive for the sortition targets. ``round_pause_s``: wait between rounds;
+    ``failure_pause_s``: wait after a failed round. ``max_rounds``: stop after that
+    many rounds (0: run forever). ``initial_seed``: hex of the seed before round 1
+    (zeros by default). ``reassembly_*``: bounds of partial chunked messages (their
+    frames are held unacked; see ``broker.receive_maximum``).
+    """
 
     sum: PhaseConfig = Field(default_factory=_default_sum)
     update: PhaseConfig = Field(default_factory=_default_update)
