@@ -5,14 +5,13 @@ run``, numpy backend unless ``--backend``), two simulated summers in this proces
 and N updates of M parameters built *before* the clock starts (masking is the
 agents' cost, not the coordinator's). Then:
 
-- **coordinator**: the N updates (chunked at 256 KiB) are published back to back
-  and timed from the first publish to the last ``accepted`` receipt: every update
-  decoded, signature-checked, certificate-checked, added to the aggregate,
-  checkpointed (temp + fsync + rename), appended to the update log and committed
-  to SQLite before its frames are acked and its receipt sent;
-- **baseline**: the same frames, over the same broker, to a bare subscriber
-  process using :mod:`maskfl.transport` (QoS 1, acks everything, does nothing
-  else), timed from the first publish to the last frame received;
+- **coordinator**: a publisher process sends the N updates (chunked at 256 KiB)
+  back to back; every update is decoded, signature-checked, certificate-checked,
+  added to the aggregate, checkpointed (temp + fsync + rename) and committed to
+  SQLite before its frames are acked and its receipt sent;
+- **baseline**: a fresh publisher process sends the same frames, over the same
+  broker, to a bare subscriber process using :mod:`maskfl.transport` (QoS 1,
+  acks every frame at once, does nothing else);
 - **round**: wall time from the round parameters to the published global model
   (sum, update, sum2 with the summers expanding N masks of M words, unmask).
 
@@ -33,6 +32,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import sys
 import tempfile
 import time
@@ -197,15 +197,11 @@ async def _measure(
             incoming_queue_size=100_000,
         )
     )
-    publisher = MqttTransport(
-        MqttConfig(host="127.0.0.1", port=port, client_id="bench-publisher", max_inflight=64)
-    )
     await observer.connect()
     p = topics.prefix
     await observer.subscribe(
         [f"{p}round", f"{p}round/+/sums", f"{p}receipts/+", f"{p}model/+/latest"]
     )
-    await publisher.connect()
     for s in summers:
         await s.start()
     events: dict[str, float] = {}
@@ -273,11 +269,14 @@ async def _measure(
         build_s = time.perf_counter() - build_started
         total_bytes = sum(len(f) for _, fs in frames for f in fs)
         total_frames = sum(len(fs) for _, fs in frames)
-        # Coordinator ingest.
+        frames_file = work / "frames.bin"
+        _write_frames(frames_file, frames)
+        update_bytes = len(b"".join(frames[0][1])) if frames else 0
+        frames_per_update = len(frames[0][1]) if frames else 0
+        del frames
+        # Coordinator ingest; a separate publisher process, as in the baseline.
         cpu0 = _cpu(coord.pid)
-        t0 = time.time()
-        await _publish_all(publisher, frames)
-        t_published = time.time()
+        t0, t_published = await _publish_in_child(sup, work, port, frames_file, "coordinator")
         deadline = time.monotonic() + 600
         while len(accepted) < n:
             sup.check()
@@ -297,20 +296,19 @@ async def _measure(
         inside_s = ingest["last_update_commit_at"] - ingest["first_update_at"]
         # Baseline: the same frames to a bare subscriber process, same broker.
         base = await _baseline(
-            frames, port=port, total_frames=total_frames, publisher=publisher, sup=sup, work=work
+            frames_file, port=port, total_frames=total_frames, sup=sup, work=work
         )
     finally:
         watcher.cancel()
         for s in summers:
             await s.stop()
         await observer.disconnect()
-        await publisher.disconnect()
     mb = total_bytes / 1e6
     out = {
         "n": n,
         "m": m,
-        "update_bytes": len(b"".join(frames[0][1])) if frames else 0,
-        "frames_per_update": len(frames[0][1]) if frames else 0,
+        "update_bytes": update_bytes,
+        "frames_per_update": frames_per_update,
         "total_mb": round(mb, 3),
         "build_updates_s": round(build_s, 3),
         "coordinator": {
@@ -352,12 +350,109 @@ async def _publish_all(publisher: MqttTransport, frames: list[tuple[str, list[by
         await asyncio.gather(*pending)
 
 
+def _exists(path: Path | str) -> bool:
+    """A file another process writes to signal us (polled; cheap, never blocks long)."""
+    return os.path.exists(path)
+
+
+def _touch(path: Path) -> None:
+    path.write_text("")
+
+
+def _write_frames(path: Path, frames: list[tuple[str, list[bytes]]]) -> None:
+    """Length-prefixed (topic, frame) records for the publisher process."""
+    with path.open("wb") as f:
+        for topic, fs in frames:
+            t = topic.encode()
+            for frame in fs:
+                f.write(struct.pack("<HI", len(t), len(frame)))
+                f.write(t)
+                f.write(frame)
+
+
+def _read_frames(path: Path) -> list[tuple[str, bytes]]:
+    data = path.read_bytes()
+    out = []
+    pos = 0
+    while pos < len(data):
+        tlen, flen = struct.unpack_from("<HI", data, pos)
+        pos += 6
+        topic = data[pos : pos + tlen].decode()
+        pos += tlen
+        out.append((topic, data[pos : pos + flen]))
+        pos += flen
+    return out
+
+
+async def _publish_in_child(
+    sup: Supervisor, work: Path, port: int, frames_file: Path, name: str
+) -> tuple[float, float]:
+    """Publish every frame from a fresh process; returns (first publish, last PUBACK) times."""
+    result = work / f"{name}-publish.json"
+    go = work / f"{name}-publish.go"
+    child = sup.start(
+        f"publisher-{name}",
+        [
+            sys.executable,
+            "-m",
+            "maskfl.tools.bench_coordinator",
+            "--publish",
+            str(port),
+            str(frames_file),
+            "sink" if name == "baseline" else "",
+            str(result),
+        ],
+    )
+    child.expected_exit = True  # it exits when done; a failure shows as a missing result
+    ready = f"{result}.ready"
+    deadline = time.monotonic() + 60
+    while not _exists(ready):
+        sup.check()
+        if time.monotonic() > deadline or child.proc.poll() is not None:
+            raise TimeoutError(f"the publisher did not start: {child.log_tail()}")
+        await asyncio.sleep(0.02)
+    _touch(go)
+    while not _exists(result):
+        sup.check()
+        if time.monotonic() > deadline + 600 or (
+            child.proc.poll() not in (None, 0) and not _exists(result)
+        ):
+            raise TimeoutError(f"the publisher did not finish: {child.log_tail()}")
+        await asyncio.sleep(0.005)
+    data = json.loads(result.read_text())
+    return float(data["t0"]), float(data["t1"])
+
+
+async def _publisher(port: int, frames_file: Path, rename: str, result: Path) -> None:
+    """The publisher process: load the frames, connect, wait for go, publish all."""
+    records = _read_frames(frames_file)
+    if rename:
+        records = [(t.replace("maskfl/v1/", "bench/sink/", 1), f) for t, f in records]
+    t = MqttTransport(
+        MqttConfig(host="127.0.0.1", port=port, client_id=f"bench-pub-{rename}", max_inflight=64)
+    )
+    await t.connect()
+    _touch(Path(f"{result}.ready"))
+    go = str(result).replace(".json", ".go")
+    while not _exists(go):  # noqa: ASYNC110 - a file from another process
+        await asyncio.sleep(0.001)
+    t0 = time.time()
+    by_topic: dict[str, list[bytes]] = {}
+    for topic, frame in records:
+        by_topic.setdefault(topic, []).append(frame)
+    await _publish_all(t, list(by_topic.items()))
+    t1 = time.time()
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"t0": t0, "t1": t1}))
+    tmp.replace(result)
+    await t.disconnect()
+
+
 async def _baseline(
-    frames: list[tuple[str, list[bytes]]],
+    frames_file: Path,
     *,
     port: int,
     total_frames: int,
-    publisher: MqttTransport,
     sup: Supervisor,
     work: Path,
 ) -> dict[str, Any]:
@@ -376,17 +471,15 @@ async def _baseline(
     )
     ready = work / "sink.json.ready"
     deadline = time.monotonic() + 30
-    while not ready.exists():
+    while not _exists(ready):
         sup.check()
         if time.monotonic() > deadline:
             raise TimeoutError("the bare subscriber did not start")
         await asyncio.sleep(0.02)
-    renamed = [(topic.replace("maskfl/v1/", "bench/sink/", 1), fs) for topic, fs in frames]
     cpu0 = _cpu(sink.pid)
-    t0 = time.time()
-    await _publish_all(publisher, renamed)
+    t0, _ = await _publish_in_child(sup, work, port, frames_file, "baseline")
     deadline = time.monotonic() + 600
-    while not result.exists():
+    while not _exists(result):
         sup.check()
         if time.monotonic() > deadline:
             raise TimeoutError("the bare subscriber did not receive everything")
@@ -423,7 +516,7 @@ async def _sink(port: int, expected: int, result: Path) -> None:
     )
     await t.connect()
     await t.subscribe("bench/sink/#", qos=1)
-    Path(str(result) + ".ready").write_text("")  # noqa: ASYNC240 - once, before timing
+    _touch(Path(f"{result}.ready"))
     count = 0
     size = 0
     first = 0.0
@@ -483,3 +576,5 @@ def _profile_args(work: Path) -> list[str]:
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--sink":
         asyncio.run(_sink(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])))
+    elif len(sys.argv) == 6 and sys.argv[1] == "--publish":
+        asyncio.run(_publisher(int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], Path(sys.argv[5])))
