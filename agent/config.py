@@ -37,7 +37,10 @@ bundles that match it. Example (every section but ``[device]`` is optional)::
     epochs = 1
     batch_size = 32
     sample_cap = 1000                    # weight a = min(samples, cap) / cap
-    # model_file = "model.tflite"        # else the graph retained on model/<id>/graph
+    # model_file = "model.tflite"        # else the shipped model of that id, else the
+    #                                      graph retained on model/<id>/graph; each is used
+    #                                      only if its SHA-256 is the graph digest of the
+    #                                      signed global model (when that states one)
 
     [data]
     source = "digits"                    # entry point in group "maskfl.datasources"
@@ -231,6 +234,9 @@ class LimitsSection(_Section):
     """Bounds on what the agent accepts from the network (checked before parsing)."""
 
     max_message_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    max_graph_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """The largest model graph (``.tflite``) taken from ``model/<id>/graph``; a graph waits
+    in memory for the signed digest that vouches for it (see :mod:`maskfl.agent.graphs`)."""
     max_reassembly_messages: int = Field(default=8, ge=1)
     reassembly_max_age_s: float = Field(default=600.0, gt=0)
     receipt_timeout_s: float = Field(default=60.0, gt=0)

@@ -17,7 +17,9 @@ message, which logs the bug and keeps serving.
 Coordinator messages are checked against the coordinator certificate carried in the
 round parameters (itself checked against the fleet CA). Messages that arrive before
 the parameters they belong to (retained messages come in any order) wait in a small
-bounded buffer.
+bounded buffer. The one unsigned input, the model graph on ``model/<id>/graph``, goes
+through a :class:`~maskfl.agent.graphs.GraphGate`: the learner sees it only once its
+SHA-256 equals the ``graph_digest`` of a verified global model.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from maskfl.agent.config import AgentConfig
+from maskfl.agent.graphs import NOT_STATED, GraphGate
 from maskfl.agent.guards import Guards
 from maskfl.agent.identity import DeviceIdentity, load_identity
 from maskfl.agent.learning import Learner, LiteRTLearner
@@ -158,6 +161,7 @@ class Agent:
         self.transport: Transport | None = None
         self.ignored: collections.Counter[str] = collections.Counter()
         self.handler_errors = 0
+        self.graphs = GraphGate(config.limits.max_graph_bytes, self.ignored)
         self._models: dict[str, tuple[GlobalModel, bytes]] = {}
         self._models_changed = asyncio.Condition()
         self._early: collections.OrderedDict[str, bytes] = collections.OrderedDict()
@@ -401,11 +405,33 @@ class Agent:
                     return
                 await self._on_coordinator_message(topic, parsed, payload)
             case TopicKind.MODEL_GRAPH:
-                add_graph = getattr(self.learner, "add_graph", None)
-                if add_graph is not None and parsed.model_id is not None:
-                    add_graph(parsed.model_id, payload)
+                if parsed.model_id is None:
+                    return
+                if len(payload) < 1 << 20:
+                    verified = self.graphs.offer(parsed.model_id, payload)
+                else:  # hashing a large graph off the event loop
+                    verified = await asyncio.to_thread(self.graphs.offer, parsed.model_id, payload)
+                if verified is not None:
+                    self._give_graph(parsed.model_id, verified)
             case _:
                 log.debug("message on %s is not for agents; ignored", topic)
+
+    def _give_graph(self, model_id: str, graph: bytes) -> None:
+        """Hand a graph the gate verified to the learner (if it takes graphs)."""
+        add_graph = getattr(self.learner, "add_graph", None)
+        if add_graph is not None:
+            add_graph(model_id, graph)
+            log.info("model graph for %r verified (%d bytes)", model_id, len(graph))
+
+    def _state_graph_digest(self, model: GlobalModel) -> None:
+        """A newly verified global model names its graph: tell the learner and the gate."""
+        stated = None if model.graph_digest == NOT_STATED else model.graph_digest
+        set_digest = getattr(self.learner, "set_graph_digest", None)
+        if set_digest is not None:
+            set_digest(model.model_id, stated)
+        verified = self.graphs.state(model.model_id, model.graph_digest, version=model.version)
+        if verified is not None:
+            self._give_graph(model.model_id, verified)
 
     def _keep_early(self, topic: str, payload: bytes) -> None:
         self._early[topic] = payload
@@ -577,6 +603,7 @@ class Agent:
                 if have is not None and have[0].version > model.version:
                     return
                 digest = await asyncio.to_thread(lambda: model.digest)
+                self._state_graph_digest(model)
                 async with self._models_changed:
                     self._models[model.model_id] = (model, digest)
                     self._models_changed.notify_all()

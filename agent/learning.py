@@ -4,9 +4,14 @@
 TFLite trainer of :mod:`maskfl.agent.training` and the data-source plugin of ``[data]``.
 The model is chosen per round by its id: ``[training] model_file`` if set, else the
 shipped model of that name, else the graph the coordinator retains on
-``model/<id>/graph`` (handed in with :meth:`LiteRTLearner.add_graph`). Interpreters and
-the data set are loaded once and kept. Training runs in a worker thread, so the event
-loop (and with it the watchdog and the heartbeats) keeps running.
+``model/<id>/graph`` (handed in with :meth:`LiteRTLearner.add_graph` once the daemon
+has checked it against a signed digest, see :mod:`maskfl.agent.graphs`). When the
+newest verified global model states a graph digest (:meth:`LiteRTLearner.set_graph_digest`),
+a local file is used only if its SHA-256 is that digest; otherwise the learner takes the
+received graph, waiting for it if it has not arrived yet. Without a stated digest the
+local files are used as they are (they are the operator's). Interpreters and the data
+set are loaded once and kept. Training runs in a worker thread, so the event loop (and
+with it the watchdog and the heartbeats) keeps running.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import numpy.typing as npt
 from maskfl.agent.config import DataSection, TrainingSection
 from maskfl.agent.datasources import Dataset, load_dataset
 from maskfl.agent.training import LocalTrainer, LocalUpdate
-from maskfl.models import shipped_models
+from maskfl.models import shipped_model, shipped_models
+from maskfl.protocol.crypto import digest
 from maskfl.protocol.errors import ConfigError
 
-__all__ = ["Learner", "LiteRTLearner", "TrainResult"]
+__all__ = ["GraphPendingError", "Learner", "LiteRTLearner", "TrainResult"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,10 @@ class TrainResult:
         )
 
 
+class GraphPendingError(ConfigError):
+    """A signed digest names a graph that no local file matches and that has not arrived."""
+
+
 class Learner(Protocol):
     """Local training as the round logic sees it. Errors: any :class:`MaskflError`."""
 
@@ -63,37 +73,126 @@ class LiteRTLearner:
     def __init__(self, training: TrainingSection, data: DataSection) -> None:
         self._training = training
         self._data = data
-        self._trainers: dict[str, LocalTrainer] = {}
+        self._trainers: dict[str, tuple[LocalTrainer, bytes]] = {}
         self._graphs: dict[str, bytes] = {}
+        self._stated: dict[str, bytes] = {}
+        self._warned: set[tuple[str, bytes]] = set()
+        self._changed: asyncio.Event | None = None
         self._dataset: Dataset | None = None
         self._initial: dict[str, npt.NDArray[np.float32]] = {}
 
     def add_graph(self, model_id: str, tflite: bytes) -> None:
-        """A model graph received from the coordinator (used when nothing local names it)."""
+        """A model graph received from the coordinator and *verified by the daemon*
+        against the signed graph digest (used when no local file matches)."""
         if self._graphs.get(model_id) != tflite:
             self._graphs[model_id] = tflite
-            self._trainers.pop(model_id, None)
+            self._drop_unless(model_id, self._stated.get(model_id))
+            self._wake()
 
-    def _trainer(self, model_id: str) -> LocalTrainer:
-        trainer = self._trainers.get(model_id)
-        if trainer is not None:
-            return trainer
-        threads = self._training.threads
+    def set_graph_digest(self, model_id: str, graph_digest: bytes | None) -> None:
+        """The SHA-256 of the graph the newest verified global model names (None: none).
+
+        A cached interpreter built from another graph is dropped, and so is a received
+        graph with another digest; the next round loads what matches.
+        """
+        if graph_digest is None:
+            self._stated.pop(model_id, None)
+            self._graphs.pop(model_id, None)
+        elif self._stated.get(model_id) != graph_digest:
+            self._stated[model_id] = graph_digest
+            graph = self._graphs.get(model_id)
+            if graph is not None and digest(graph) != graph_digest:
+                del self._graphs[model_id]
+            self._drop_unless(model_id, graph_digest)
+        self._wake()
+
+    def _drop_unless(self, model_id: str, graph_digest: bytes | None) -> None:
+        have = self._trainers.get(model_id)
+        if have is not None and graph_digest is not None and have[1] != graph_digest:
+            del self._trainers[model_id]
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _source(self, model_id: str) -> tuple[str, bytes, bytes]:
+        """(name, .tflite bytes, SHA-256) of the graph to use for ``model_id``.
+
+        Raises :class:`GraphPendingError` when a digest is stated and only a graph yet to
+        arrive can match it, :class:`ConfigError` when there is no model at all.
+        """
+        stated = self._stated.get(model_id)
+        local: list[tuple[str, str, bytes]] = []
         if self._training.model_file is not None:
-            trainer = LocalTrainer.from_file(self._training.model_file, num_threads=threads)
+            path = self._training.model_file
+            try:
+                local.append((path.stem, f"model_file {path}", path.read_bytes()))
+            except OSError as exc:
+                raise ConfigError(
+                    f"training.model_file: cannot read {path}: {exc.strerror}",
+                    field="training.model_file",
+                ) from exc
         elif model_id in {m.name for m in shipped_models()}:
-            trainer = LocalTrainer.shipped(model_id, num_threads=threads)
-        elif model_id in self._graphs:
-            trainer = LocalTrainer(self._graphs[model_id], name=model_id, num_threads=threads)
-        else:
-            raise ConfigError(
-                f"no model for id {model_id!r}: set [training] model_file, or let the "
-                "coordinator publish its graph",
+            local.append(
+                (model_id, f"shipped model {model_id}", shipped_model(model_id).read_bytes())
+            )
+        for name, what, content in local:
+            content_digest = digest(content)
+            if stated is None or content_digest == stated:
+                return name, content, content_digest
+            if (model_id, stated) not in self._warned:
+                self._warned.add((model_id, stated))
+                log.warning(
+                    "%s has SHA-256 %s..., not the graph digest %s... of the signed global "
+                    "model %s; using the coordinator's graph instead",
+                    what,
+                    content_digest.hex()[:16],
+                    stated.hex()[:16],
+                    model_id,
+                )
+        graph = self._graphs.get(model_id)
+        if graph is not None and stated is not None:
+            graph_digest = digest(graph)
+            if graph_digest == stated:
+                return model_id, graph, graph_digest
+        if stated is not None:
+            raise GraphPendingError(
+                f"model {model_id!r}: the signed global model names graph "
+                f"{stated.hex()[:16]}..., which has not arrived on model/{model_id}/graph",
                 field="training.model_file",
             )
-        self._trainers[model_id] = trainer
+        raise ConfigError(
+            f"no model for id {model_id!r}: set [training] model_file, or let the "
+            "coordinator publish its graph (and its digest in the signed global model)",
+            field="training.model_file",
+        )
+
+    def _trainer(self, model_id: str) -> LocalTrainer:
+        have = self._trainers.get(model_id)
+        if have is not None:
+            return have[0]
+        name, content, content_digest = self._source(model_id)
+        trainer = LocalTrainer(content, name=name, num_threads=self._training.threads)
+        self._trainers[model_id] = (trainer, content_digest)
         self._initial[model_id] = trainer.get_weights()
         return trainer
+
+    async def _wait_for_graph(self, model_id: str) -> None:
+        """Return once a model for ``model_id`` can be loaded; a pending graph is awaited
+        (the round task is cancelled when its round ends, which ends this wait too)."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        said = False
+        while True:
+            self._changed.clear()
+            try:
+                await asyncio.to_thread(self._trainer, model_id)
+                return
+            except GraphPendingError as exc:
+                if not said:
+                    log.info("%s; waiting for it", exc)
+                    said = True
+            await self._changed.wait()
 
     def local_weights(self, model_id: str) -> npt.NDArray[np.float32] | None:
         """The weights the local model file starts with (``None`` when there is no model).
@@ -134,4 +233,5 @@ class LiteRTLearner:
     async def train(
         self, model_id: str, global_weights: npt.NDArray[np.float32], *, round_id: int
     ) -> TrainResult:
+        await self._wait_for_graph(model_id)
         return await asyncio.to_thread(self._train_sync, model_id, global_weights, round_id)

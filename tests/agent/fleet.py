@@ -264,8 +264,11 @@ class StandIn:
         weights: np.ndarray[Any, np.dtype[np.float32]],
         chunk_size: int = 256 * 1024,
         mask: MaskConfig | None = None,
+        model_id: str = "mlp",
+        graph_digest: bytes = bytes(32),
     ) -> RoundSetup:
-        """Publish the global model and the round parameters, both retained."""
+        """Publish the global model (naming ``graph_digest``) and the round parameters,
+        both retained."""
         params = self.round_params(
             round_id,
             p_sum=p_sum,
@@ -273,15 +276,19 @@ class StandIn:
             weights=weights,
             chunk_size=chunk_size,
             mask=mask,
+            model_id=model_id,
         )
         model = GlobalModel(
-            "mlp",
+            model_id,
             round_id - 1,
-            round_id,
+            round_id,  # type: ignore[arg-type]
             bytes(32),
-            weights,  # type: ignore[arg-type]
+            weights,
+            graph_digest=graph_digest,
         )
-        await self.publish(self.topics.model_latest("mlp"), self.sign(model, round_id), retain=True)
+        await self.publish(
+            self.topics.model_latest(model_id), self.sign(model, round_id), retain=True
+        )
         raw = self.sign(params, round_id)
         await self.publish(self.topics.round, raw, retain=True)
         return RoundSetup(params, weights, raw)

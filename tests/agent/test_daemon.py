@@ -23,12 +23,14 @@ from maskfl.agent.datasources import load_dataset
 from maskfl.agent.identity import load_identity
 from maskfl.agent.state import Journal, Step, TaskKind
 from maskfl.agent.training import LocalTrainer
-from maskfl.protocol.crypto import new_seed, open_seed, seal_seed
+from maskfl.models import shipped_model
+from maskfl.protocol.crypto import digest, new_seed, open_seed, seal_seed
 from maskfl.protocol.errors import Reason
 from maskfl.protocol.ids import Role
 from maskfl.protocol.masking import aggregate_mask, decode_aggregate, error_bound, mask_stream
 from maskfl.protocol.messages import HEADER_SIZE, Heartbeat, Sum, Sum2, Update, encode_message
 from maskfl.protocol.topics import TopicKind
+from maskfl.transport import MqttConfig, MqttTransport
 from tests.agent.fleet import Fleet, StandIn, summer_entry
 from tests.support.mosquitto import Mosquitto
 
@@ -295,3 +297,58 @@ async def test_updater_resumes_after_restart_with_the_same_update(
             assert again.raw == first.raw
             await coord.receipt("dev-z", again, accepted=False, reason=Reason.DUPLICATE)
             await wait_step(agent, 4, Step.DONE)
+
+
+async def test_a_forged_graph_is_refused_and_the_genuine_one_trains(
+    fleet: Fleet, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The model id "net" is not shipped and no model_file is set: the device needs the
+    # graph from the broker. Mallory can publish on the graph topic (broker rights) and
+    # retains another valid model there; loading it would fail the round (4810 != cnn).
+    caplog.set_level(logging.INFO, logger="maskfl.agent")
+    config_path = fleet.device("dev-gr", mosquitto, extra="[training]\nepochs = 1\n")
+    genuine = shipped_model("mlp").read_bytes()
+    forged = shipped_model("cnn").read_bytes()
+    mallory = MqttTransport(
+        MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="mallory")
+    )
+    await mallory.connect()
+    try:
+        async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
+            graph_topic = coord.topics.model_graph("net")
+            await mallory.publish(graph_topic, forged, qos=1, retain=True)
+            await coord.start_round(
+                1,
+                p_sum=0.0,
+                p_update=1.0,
+                weights=mlp_weights(),
+                model_id="net",
+                graph_digest=digest(genuine),
+            )
+            await coord.publish_sums(1, [summer_entry(fleet, "summer-0", 1)[3]])
+
+            async def graph_refused() -> None:
+                while agent.ignored["graph_digest"] == 0:  # noqa: ASYNC110 - a counter
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(graph_refused(), 20)
+            state = await agent.journal.load(1)
+            assert state is not None and state.step is Step.WAITING_SUMS
+            assert coord.raw[TopicKind.UPDATE] == []
+            # The coordinator retains the genuine graph; training goes on with it.
+            await coord.publish(graph_topic, genuine, retain=True)
+            update = await coord.expect(TopicKind.UPDATE, wait_s=60)
+            assert isinstance(update.body, Update)
+            assert update.body.words.size == M + 1
+            await coord.receipt("dev-gr", update)
+            await wait_step(agent, 1, Step.DONE)
+            assert agent.graphs.verified("net") == genuine
+            await mallory.publish(graph_topic, b"", qos=1, retain=True)
+    finally:
+        await mallory.disconnect()
+    refused = [
+        r.getMessage() for r in caplog.records if "refused the model graph" in r.getMessage()
+    ]
+    assert len(refused) == 1, refused
+    assert f"({len(forged)} bytes)" in refused[0] and "signed graph digest" in refused[0]
+    assert agent.ignored["graph_digest"] == 1 and agent.handler_errors == 0
