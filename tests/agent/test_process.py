@@ -1,7 +1,9 @@
 """``maskfl-agent run`` as a real process: crash-resume, systemd notify, last will.
 
 The agent is SIGKILLed between sum and sum2; restarted on the same state directory it
-still delivers the sum2 computed with the ephemeral key from its journal. A real
+still delivers the sum2 computed with the ephemeral key from its journal. An updater
+SIGKILLed after training (``trained``) or after publishing its update without a receipt
+(``update_sent``) delivers exactly one update for the round after a restart. A real
 NOTIFY_SOCKET (a unix datagram socket bound by the test, path and abstract) receives
 READY=1, STATUS=..., WATCHDOG=1 at half of WATCHDOG_USEC and STOPPING=1.
 """
@@ -24,11 +26,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskfl.protocol.crypto import new_seed, seal_seed
-from maskfl.protocol.masking import aggregate_mask
-from maskfl.protocol.messages import Sum, Sum2
+from maskfl.agent.datasources import load_dataset
+from maskfl.agent.training import LocalTrainer
+from maskfl.protocol.crypto import new_seed, open_seed, seal_seed
+from maskfl.protocol.errors import Reason
+from maskfl.protocol.masking import aggregate_mask, decode_aggregate, error_bound, mask_stream
+from maskfl.protocol.messages import Sum, Sum2, Update, decode_message
 from maskfl.protocol.topics import TopicKind
-from tests.agent.fleet import Fleet, StandIn
+from tests.agent.fleet import Fleet, StandIn, summer_entry
 from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -121,6 +126,69 @@ async def test_sigkill_between_sum_and_sum2_still_delivers_sum2(
             assert "resuming as sum:sum_sent" in second.text()
         finally:
             assert second.terminate() == 0, second.text()
+
+
+@pytest.mark.parametrize("kill_at", ["trained", "update_sent"])
+async def test_sigkill_after_training_delivers_exactly_one_update(
+    fleet: Fleet, mosquitto: Mosquitto, tmp_path: Path, kill_at: str
+) -> None:
+    config = fleet.device("dev-u", mosquitto, extra="[training]\nepochs = 1\n")
+    db = fleet.root / "dev-u" / "state" / "agent.sqlite3"
+    weights = LocalTrainer.shipped("mlp").get_weights()
+    rid = 2
+    summer, summer_sk, _, summer_raw = summer_entry(fleet, "summer-0", rid)
+    async with StandIn(fleet, mosquitto) as coord:
+        first = AgentProcess(config, tmp_path / "agent1.log")
+        try:
+            setup = await coord.start_round(rid, p_sum=0.0, p_update=1.0, weights=weights)
+            if kill_at == "update_sent":
+                await coord.publish_sums(rid, [summer_raw])
+                sent = await coord.expect(TopicKind.UPDATE, wait_s=60)
+            # Without the sum dictionary the updater trains and then waits in ``trained``;
+            # with it, the update is journaled before it is published (no receipt comes).
+            await wait_for_step(db, rid, kill_at, wait_s=60)
+        finally:
+            first.kill()
+        await asyncio.wait_for(wait_gone(coord, "dev-u"), 10)
+        assert "trained on" in first.text()
+        if kill_at == "trained":
+            assert coord.raw[TopicKind.UPDATE] == []
+            await coord.publish_sums(rid, [summer_raw])
+        second = AgentProcess(config, tmp_path / "agent2.log")
+        try:
+            update = await coord.expect(TopicKind.UPDATE, wait_s=60)
+            if kill_at == "update_sent":
+                # The same bytes again; the coordinator already holds them: "duplicate".
+                assert update.raw == sent.raw
+                await coord.receipt("dev-u", update, accepted=False, reason=Reason.DUPLICATE)
+            else:
+                await coord.receipt("dev-u", update)
+            await wait_for_step(db, rid, "done", wait_s=30)
+            assert f"resuming as update:{kill_at}" in second.text(), second.text()
+            assert "trained on" not in second.text()  # the journaled delta, not a retraining
+        finally:
+            assert second.terminate() == 0, second.text()
+    assert len({digest_of(raw) for raw in coord.raw[TopicKind.UPDATE]}) == 1
+    # The one update is the delta trained before the kill: recompute it (same model,
+    # shard and seed) and unmask it with the seed sealed to the summer.
+    body = update.body
+    assert isinstance(body, Update)
+    seed = open_seed(body.sealed_seeds[summer.public_key], summer_sk)
+    cfg = setup.params.mask
+    n = setup.params.vector_length
+    values, weight_sum = decode_aggregate(body.words - mask_stream(seed, n + 1, 32), 1, cfg)
+    data = load_dataset("digits", {"shard": 0, "shards": 4})
+    local = LocalTrainer.shipped("mlp").local_update(
+        weights, data.x_train, data.y_train, epochs=1, batch_size=32, seed=rid
+    )
+    weight = min(local.num_samples, 1000) / 1000
+    assert weight_sum == pytest.approx(weight, abs=1e-5)
+    bound = error_bound(1, weight_sum, cfg) * weight_sum
+    assert np.max(np.abs(values - np.clip(local.delta, -1.0, 1.0) * weight)) <= bound + 1e-5
+
+
+def digest_of(raw: bytes) -> bytes:
+    return decode_message(raw, max_size=len(raw)).digest
 
 
 def _recv_until(sock: socket.socket, done: object, wait_s: float = 15.0) -> list[str]:
