@@ -179,7 +179,8 @@ class StateSection(_Section):
 
 
 class GuardsSection(_Section):
-    """When the device may train. An unset limit is not checked."""
+    """When the device may work (train as an updater, expand masks as a summer) and how
+    much it may upload per round. An unset limit is not checked."""
 
     time_windows: tuple[TimeWindow, ...] = ()
     max_load_per_cpu: float | None = Field(default=None, gt=0)

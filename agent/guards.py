@@ -1,7 +1,16 @@
-"""Resource guards: whether the device may train now, and how much it may upload.
+"""Resource guards: whether the device may do round work now, and how much it may upload.
 
-A device trains only inside its configured time windows, below a CPU load, above a
+A device works only inside its configured time windows, below a CPU load, above a
 free-memory floor and while not on battery (a sysfs-style file or a command decide).
+"Work" is both duties: an updater trains, and a summer expands and adds one ChaCha20
+mask of ``M + 1`` words for every accepted update (``U x (M + 1)`` words: with a
+thousand updates of a million-parameter model, a billion words, seconds of full CPU
+on a Raspberry Pi) and uploads ``M + 1`` words in sum2. A summer that volunteers and
+then cannot finish costs the round more than one that sits out (the sum2 phase may
+miss its count), so both duties consult the same :meth:`Guards.may_work` *before* the
+device commits: the updater before it trains, the summer before its Sum message
+leaves (and the summer also checks that its sum2 fits the upload budget). Once
+committed, a device finishes its duty even if a guard changes meanwhile.
 Every check that is not configured passes. A guard that cannot be evaluated (the
 battery command hangs or the file is unreadable) counts as *refusing*: when in
 doubt, a device sits the round out rather than draining a battery.
@@ -65,7 +74,8 @@ class Guards:
         self._load = load_per_cpu
         self._free = free_memory_mb
 
-    async def may_train(self) -> GuardVerdict:
+    async def may_work(self) -> GuardVerdict:
+        """Whether every configured guard allows round work (training or summing) now."""
         reasons: list[str] = []
         cfg = self.config
         if cfg.time_windows:

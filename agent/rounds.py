@@ -5,8 +5,9 @@ A :class:`RoundDriver` is made for every round whose parameters the daemon accep
 tickets and then steps through the journal (:mod:`maskfl.agent.state`)::
 
     summer:  ─▶ sum_sent ─▶ seeds_received ─▶ sum2_sent ─▶ done
-             (X25519 key and Sum message journaled, then published; the seed
-             dictionary arrives; the aggregate mask is journaled, then published)
+             (guards and the sum2 upload budget pass; X25519 key and Sum message
+             journaled, then published; the seed dictionary arrives; the aggregate
+             mask is journaled, then published)
     updater: ─▶ waiting_sums ─▶ trained ─▶ update_sent ─▶ done
              (guards pass; training and the verified sum dictionary; the masked
              update, sealed to every summer, is journaled, then published)
@@ -223,6 +224,13 @@ class RoundDriver:
             raise SatOutError("not selected (neither ticket below its threshold)")
         if task is Task.SUM:
             log.info("round %d: selected as summer", self.round_id)
+            # A summer expands U x (M + 1) mask words and uploads M + 1 of them: it
+            # volunteers only when the guards allow work and its sum2 fits the budget
+            # (see maskfl.agent.guards), since a summer that drops out hurts the round.
+            self.state = base
+            verdict = await self.ctx.guards.may_work()
+            if not verdict.allowed:
+                raise SatOutError(f"guards: {verdict}")
             keys = EphemeralKeyPair.generate()
             message = encode_message(
                 Sum(ident.certificate, keys.public_key),
@@ -230,7 +238,8 @@ class RoundDriver:
                 round_id=self.round_id,
                 signing_key=ident.signing_key,
             )
-            self._check_budget(len(message), 0, "sum")
+            sum2_words = (p.vector_length + 1) * (p.mask.word_bits // 8)
+            self._check_budget(len(message) + sum2_words, 0, "sum and sum2")
             topic = self.ctx.topics.sum(self.round_id, ident.device_id)
             entry = self._entry(KIND_SUM, topic, message)
             # The private key is durable before the Sum message can reach anyone.
@@ -248,7 +257,7 @@ class RoundDriver:
             return
         log.info("round %d: selected as updater", self.round_id)
         self.state = base
-        verdict = await self.ctx.guards.may_train()
+        verdict = await self.ctx.guards.may_work()
         if not verdict.allowed:
             raise SatOutError(f"guards: {verdict}")
         await self._save(base.advance(Step.WAITING_SUMS))

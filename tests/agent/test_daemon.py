@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 
 import nacl.signing
@@ -175,6 +176,40 @@ async def test_guards_make_an_updater_sit_out(fleet: Fleet, mosquitto: Mosquitto
         await wait_step(agent, 1, Step.SAT_OUT)
         state = await agent.journal.load(1)
         assert state is not None and "on battery" in state.detail
+
+
+async def test_guards_and_the_sum2_budget_make_a_summer_sit_out(
+    fleet: Fleet, mosquitto: Mosquitto
+) -> None:
+    # A summer expands U x (M + 1) mask words: outside its time window or on battery it
+    # must not volunteer, so no Sum message leaves the device.
+    status = fleet.root / "battery"
+    status.write_text("Discharging\n")
+    now = datetime.now()
+    window = f"{(now.hour + 2) % 24:02d}:00-{(now.hour + 3) % 24:02d}:00"
+    guarded = fleet.device(
+        "dev-gs",
+        mosquitto,
+        extra=f'[guards]\non_battery_file = "{status}"\ntime_windows = ["{window}"]\n',
+    )
+    # Its sum2 of M + 1 = 4811 words (19 kB) would not fit a 4 kB upload budget.
+    budget = fleet.device("dev-gb", mosquitto, extra="[guards]\nmax_upload_bytes = 4096\n")
+    async with (
+        StandIn(fleet, mosquitto) as coord,
+        running_agent(guarded) as first,
+        running_agent(budget) as second,
+    ):
+        await coord.start_round(1, p_sum=1.0, p_update=0.0, weights=mlp_weights())
+        await wait_step(first, 1, Step.SAT_OUT)
+        await wait_step(second, 1, Step.SAT_OUT)
+        state = await first.journal.load(1)
+        assert state is not None and state.task is TaskKind.SUM
+        assert "on battery" in state.detail and "outside the time windows" in state.detail
+        state = await second.journal.load(1)
+        assert state is not None and state.task is TaskKind.SUM
+        assert "sum and sum2" in state.detail and "max_upload_bytes 4096" in state.detail
+        assert (await first.journal.outbox(1, "sum")) is None
+        assert coord.raw[TopicKind.SUM] == []
 
 
 async def test_hostile_round_parameters_are_ignored(

@@ -20,40 +20,40 @@ def guards(cfg: GuardsSection, *, hour: int = 12, load: float = 0.1, free: float
 
 
 async def test_unconfigured_guards_allow() -> None:
-    assert (await guards(GuardsSection()).may_train()).allowed
+    assert (await guards(GuardsSection()).may_work()).allowed
 
 
 async def test_time_window_wraps_midnight() -> None:
     cfg = GuardsSection(time_windows=(TimeWindow.parse("22:00-06:00"),))
-    assert (await guards(cfg, hour=23).may_train()).allowed
-    assert (await guards(cfg, hour=3).may_train()).allowed
-    verdict = await guards(cfg, hour=12).may_train()
+    assert (await guards(cfg, hour=23).may_work()).allowed
+    assert (await guards(cfg, hour=3).may_work()).allowed
+    verdict = await guards(cfg, hour=12).may_work()
     assert not verdict.allowed
     assert "outside the time windows" in str(verdict)
 
 
 async def test_load_and_memory() -> None:
     cfg = GuardsSection(max_load_per_cpu=0.8, min_free_memory_mb=256)
-    assert (await guards(cfg, load=0.5, free=300).may_train()).allowed
-    verdict = await guards(cfg, load=0.9, free=100).may_train()
+    assert (await guards(cfg, load=0.5, free=300).may_work()).allowed
+    verdict = await guards(cfg, load=0.9, free=100).may_work()
     assert not verdict.allowed
     assert len(verdict.reasons) == 2
 
 
 async def test_real_machine_readings_work() -> None:
     cfg = GuardsSection(max_load_per_cpu=1e6, min_free_memory_mb=0)
-    assert (await Guards(cfg).may_train()).allowed
+    assert (await Guards(cfg).may_work()).allowed
 
 
 async def test_battery_file(tmp_path: Path) -> None:
     status = tmp_path / "status"
     cfg = GuardsSection(on_battery_file=status, on_battery_value="Discharging")
     status.write_text("Charging\n")
-    assert (await guards(cfg).may_train()).allowed
+    assert (await guards(cfg).may_work()).allowed
     status.write_text("Discharging\n")
-    assert "on battery" in str(await guards(cfg).may_train())
+    assert "on battery" in str(await guards(cfg).may_work())
     status.unlink()
-    verdict = await guards(cfg).may_train()
+    verdict = await guards(cfg).may_work()
     assert not verdict.allowed and "assuming battery" in str(verdict)
 
 
@@ -65,10 +65,10 @@ async def test_battery_command(tmp_path: Path) -> None:
         command_timeout_s=0.2,
     )
     missing = GuardsSection(on_battery_command=(str(tmp_path / "nope"),))
-    assert not (await guards(on).may_train()).allowed
-    assert (await guards(off).may_train()).allowed
-    assert "timed out" in str(await guards(hang).may_train())
-    assert "cannot run" in str(await guards(missing).may_train())
+    assert not (await guards(on).may_work()).allowed
+    assert (await guards(off).may_work()).allowed
+    assert "timed out" in str(await guards(hang).may_work())
+    assert "cannot run" in str(await guards(missing).may_work())
 
 
 def test_command_string_is_split() -> None:
