@@ -12,27 +12,36 @@ from __future__ import annotations
 import os
 import stat
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import nacl.signing
 
 from maskfl.agent.config import DeviceSection
-from maskfl.protocol.errors import ConfigError, CryptoError, RemoteProtocolError
-from maskfl.protocol.identity import Certificate, Identity, RevocationList, verify_certificate
+from maskfl.protocol.errors import ConfigError
+from maskfl.protocol.identity import (
+    CheckedIdentity,
+    IdentityCertificateError,
+    IdentityCryptoError,
+    IdentityPart,
+    check_identity,
+)
 from maskfl.protocol.ids import Role
-from maskfl.protocol.keys import public_key_from_pem, signing_key_from_pem, signing_key_to_pem
+from maskfl.protocol.keys import signing_key_to_pem
 
 __all__ = ["DeviceIdentity", "generate_key_file", "load_identity", "write_private_file"]
 
 
-@dataclass(frozen=True)
-class DeviceIdentity:
-    """What the agent signs with and checks against."""
+DeviceIdentity = CheckedIdentity
+"""What the agent signs with and checks against (identity, CA public key, revocations)."""
 
-    identity: Identity
-    ca_public_key: bytes
-    revocations: RevocationList | None
+_FIELDS: Final = {
+    IdentityPart.KEY: "device.key_file",
+    IdentityPart.CA_PUBLIC_KEY: "device.ca_public_key_file",
+    IdentityPart.CERTIFICATE: "device.certificate_file",
+    IdentityPart.REVOCATIONS: "device.revocations_file",
+    IdentityPart.SUBJECT: "device.id",
+}
 
 
 def _read(path: Path, what: str, field: str) -> bytes:
@@ -61,7 +70,12 @@ def check_private_mode(path: Path, field: str) -> None:
 
 
 def load_identity(device: DeviceSection, *, now: float | None = None) -> DeviceIdentity:
-    """Load and cross-check key, certificate, CA key and optional revocation list."""
+    """Read the bundle's files and cross-check key, certificate, CA key and revocation list.
+
+    The files are read here (the key and passphrase files only with mode 0600);
+    :func:`~maskfl.protocol.identity.check_identity` does the checking, and its
+    errors become a :class:`ConfigError` naming the config key of the file at fault.
+    """
     now = time.time() if now is None else now
     check_private_mode(device.key_file, "device.key_file")
     passphrase = None
@@ -70,65 +84,27 @@ def load_identity(device: DeviceSection, *, now: float | None = None) -> DeviceI
         passphrase = _read(
             device.key_passphrase_file, "passphrase file", "device.key_passphrase_file"
         ).strip()
-    try:
-        key = signing_key_from_pem(
-            _read(device.key_file, "key file", "device.key_file"), passphrase
-        )
-    except CryptoError as exc:
-        raise ConfigError(f"device.key_file: {exc}", field="device.key_file") from exc
-    try:
-        ca = public_key_from_pem(
-            _read(device.ca_public_key_file, "CA public key", "device.ca_public_key_file")
-        )
-    except CryptoError as exc:
-        raise ConfigError(
-            f"device.ca_public_key_file: {exc}", field="device.ca_public_key_file"
-        ) from exc
-    raw_cert = _read(device.certificate_file, "certificate", "device.certificate_file")
-    try:
-        cert = Certificate.from_bytes(raw_cert)
-    except RemoteProtocolError as exc:
-        raise ConfigError(
-            f"device.certificate_file: not an enrollment certificate: {exc}",
-            field="device.certificate_file",
-        ) from exc
+    key_pem = _read(device.key_file, "key file", "device.key_file")
+    ca_pem = _read(device.ca_public_key_file, "CA public key", "device.ca_public_key_file")
+    certificate = _read(device.certificate_file, "certificate", "device.certificate_file")
     revocations = None
     if device.revocations_file is not None:
-        raw = _read(device.revocations_file, "revocation list", "device.revocations_file")
-        try:
-            revocations = RevocationList.from_bytes(raw)
-            revocations.verify(ca_public_key=ca, fleet=device.fleet)
-        except RemoteProtocolError as exc:
-            raise ConfigError(
-                f"device.revocations_file: {exc}", field="device.revocations_file"
-            ) from exc
+        revocations = _read(device.revocations_file, "revocation list", "device.revocations_file")
     try:
-        verify_certificate(
-            cert,
-            ca_public_key=ca,
+        return check_identity(
+            key_pem=key_pem,
+            passphrase=passphrase,
+            certificate=certificate,
+            ca_public_key_pem=ca_pem,
             fleet=device.fleet,
-            now=now,
-            revocations=revocations,
             role=Role.DEVICE,
+            now=now,
+            subject=device.id,
+            revocations=revocations,
         )
-    except RemoteProtocolError as exc:
-        raise ConfigError(
-            f"device.certificate_file: the enrollment certificate is not usable: {exc}",
-            field="device.certificate_file",
-        ) from exc
-    if cert.subject != device.id:
-        raise ConfigError(
-            f"device.id = {device.id!r} but the certificate is for {cert.subject!r}; "
-            "use the id the certificate was issued for",
-            field="device.id",
-        )
-    if bytes(key.verify_key) != cert.public_key:
-        raise ConfigError(
-            "device.key_file does not match the public key in device.certificate_file; "
-            "use the key the certificate was issued for",
-            field="device.key_file",
-        )
-    return DeviceIdentity(Identity(key, cert), ca, revocations)
+    except (IdentityCryptoError, IdentityCertificateError) as exc:
+        field = _FIELDS[exc.part]
+        raise ConfigError(f"{field}: {exc}", field=field) from exc
 
 
 def write_private_file(path: Path, data: bytes) -> None:

@@ -42,9 +42,14 @@ from maskfl.broker_coordinator.outbox import Outbox
 from maskfl.broker_coordinator.runner import Runner
 from maskfl.broker_coordinator.store import CheckpointFiles, ModelRecord, Store, UpdateLog
 from maskfl.protocol.errors import ConfigError, MaskflError, Reason
-from maskfl.protocol.identity import Certificate, verify_certificate
+from maskfl.protocol.identity import (
+    Certificate,
+    IdentityCertificateError,
+    IdentityCryptoError,
+    IdentityPart,
+    check_identity,
+)
 from maskfl.protocol.ids import Role, RoundId
-from maskfl.protocol.keys import public_key_from_pem, signing_key_from_pem
 from maskfl.protocol.masking import MaskConfig
 from maskfl.protocol.messages import GlobalModel, weights_digest
 from maskfl.protocol.topics import Topics
@@ -68,47 +73,46 @@ def mask_config(config: CoordinatorConfig) -> MaskConfig:
         raise ConfigError(f"masking.{exc.field or 'n_max'}: {exc}", field="masking") from exc
 
 
+def _read(path: Path, field: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot read {path}: {exc.strerror}", field=field) from exc
+
+
 def load_identity(config: CoordinatorConfig) -> tuple[bytes, SigningKey, Certificate]:
     """The CA key, our signing key and our certificate, checked against each other."""
     check_files(config)
-    try:
-        ca = public_key_from_pem(config.fleet.ca_public_key_file.read_bytes())
-    except (OSError, MaskflError) as exc:
-        raise ConfigError(
-            f"fleet.ca_public_key_file: {exc}", field="fleet.ca_public_key_file"
-        ) from exc
+    fields = {
+        IdentityPart.KEY: "identity.key_file",
+        IdentityPart.CA_PUBLIC_KEY: "fleet.ca_public_key_file",
+        IdentityPart.CERTIFICATE: "identity.certificate_file",
+    }
     passphrase = None
     if config.identity.passphrase_env:
         passphrase = os.environ[config.identity.passphrase_env].encode()
     try:
-        key = signing_key_from_pem(config.identity.key_file.read_bytes(), passphrase)
-    except (OSError, MaskflError) as exc:
-        raise ConfigError(
-            f"identity.key_file: {exc} (wrong passphrase, or not an Ed25519 PEM key?)",
-            field="identity.key_file",
-        ) from exc
-    try:
-        cert = Certificate.from_bytes(config.identity.certificate_file.read_bytes())
-        verify_certificate(
-            cert,
-            ca_public_key=ca,
+        checked = check_identity(
+            key_pem=_read(config.identity.key_file, "identity.key_file"),
+            passphrase=passphrase,
+            certificate=_read(config.identity.certificate_file, "identity.certificate_file"),
+            ca_public_key_pem=_read(config.fleet.ca_public_key_file, "fleet.ca_public_key_file"),
             fleet=config.fleet.id,
-            now=time.time(),
-            revocations=None,
             role=Role.COORDINATOR,
+            now=time.time(),
         )
-    except (OSError, MaskflError) as exc:
+    except IdentityCryptoError as exc:
+        field = fields[exc.part]
+        raise ConfigError(f"{field}: {exc}", field=field) from exc
+    except IdentityCertificateError as exc:
+        field = fields[exc.part]
         raise ConfigError(
-            f"identity.certificate_file: not a valid coordinator certificate of fleet "
-            f"{config.fleet.id!r}: {exc}; issue one with maskfl-provision",
-            field="identity.certificate_file",
+            f"{field}: {exc}; issue a coordinator certificate of fleet {config.fleet.id!r} "
+            "with maskfl-provision",
+            field=field,
         ) from exc
-    if cert.public_key != bytes(key.verify_key):
-        raise ConfigError(
-            "identity.certificate_file: the certificate is for another key than identity.key_file",
-            field="identity.certificate_file",
-        )
-    return ca, key, cert
+    identity = checked.identity
+    return checked.ca_public_key, identity.signing_key, identity.certificate
 
 
 def initial_weights(config: CoordinatorConfig) -> npt.NDArray[np.float32]:

@@ -13,12 +13,18 @@ as a revocation-list or message signature::
 is acceptable; it raises :class:`CertificateError` with the reason the receipt
 carries (``wrong_fleet``, ``bad_signature``, ``expired``, ``revoked``,
 ``wrong_role``). Nothing here reads the clock: ``now`` is passed in.
+
+:func:`check_identity` turns the bytes of a provisioning bundle (private key
+PEM, certificate, CA public key PEM, optional revocation list) into a checked
+:class:`Identity`; the agent and the coordinator read the files and map the
+:class:`IdentityPart` of any error to the config key that names the file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Final
 
 import nacl.exceptions
@@ -28,11 +34,13 @@ import numpy as np
 from maskfl.protocol._codec import I64_MAX, I64_MIN, U64_MAX, Reader, Writer
 from maskfl.protocol.errors import (
     CertificateError,
+    CryptoError,
     LocalProtocolError,
     Reason,
     RemoteProtocolError,
 )
 from maskfl.protocol.ids import DeviceId, FleetId, Role
+from maskfl.protocol.keys import public_key_from_pem, signing_key_from_pem
 
 __all__ = [
     "CERTIFICATE_DOMAIN",
@@ -42,8 +50,13 @@ __all__ = [
     "REVOCATIONS_DOMAIN",
     "REVOCATION_LIST_VERSION",
     "Certificate",
+    "CheckedIdentity",
     "Identity",
+    "IdentityCertificateError",
+    "IdentityCryptoError",
+    "IdentityPart",
     "RevocationList",
+    "check_identity",
     "issue_certificate",
     "issue_revocation_list",
     "verify_certificate",
@@ -401,3 +414,123 @@ class Identity:
     def sign(self, data: bytes) -> bytes:
         """The 64-byte detached Ed25519 signature of ``data``."""
         return self.signing_key.sign(data).signature
+
+
+class IdentityPart(StrEnum):
+    """Which input of :func:`check_identity` is at fault (the caller names its file)."""
+
+    KEY = "key"
+    """The private key: not a PEM Ed25519 key, wrong passphrase, or not the certified key."""
+    CA_PUBLIC_KEY = "ca_public_key"
+    CERTIFICATE = "certificate"
+    REVOCATIONS = "revocations"
+    SUBJECT = "subject"
+    """The expected subject (device id) is not the one the certificate was issued for."""
+
+
+class IdentityCryptoError(CryptoError):
+    """Key material of an identity bundle does not load or does not fit; ``part`` says which."""
+
+    def __init__(self, part: IdentityPart, message: str) -> None:
+        super().__init__(message)
+        self.part = part
+
+
+class IdentityCertificateError(CertificateError):
+    """The certificate or revocation list of an identity bundle is not usable."""
+
+    def __init__(
+        self, part: IdentityPart, reason: Reason, message: str, *, participant: str | None = None
+    ) -> None:
+        super().__init__(reason, message, participant=participant)
+        self.part = part
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedIdentity:
+    """A node's identity, the fleet CA key it trusts and the verified revocation list."""
+
+    identity: Identity
+    ca_public_key: bytes
+    revocations: RevocationList | None
+
+
+def check_identity(
+    *,
+    key_pem: bytes,
+    passphrase: bytes | None,
+    certificate: bytes,
+    ca_public_key_pem: bytes,
+    fleet: str,
+    role: Role,
+    now: float,
+    subject: str | None = None,
+    revocations: bytes | None = None,
+) -> CheckedIdentity:
+    """Parse a provisioning bundle's bytes and check them against each other.
+
+    Checks, in this order: the private key loads (with ``passphrase``), the CA
+    public key loads, the certificate parses, the revocation list (when given)
+    parses and is the CA's for ``fleet``, the certificate passes
+    :func:`verify_certificate` for ``fleet``, ``role`` and ``now`` against that
+    list, it was issued for ``subject`` (when given), and it certifies the
+    private key. Raises :class:`IdentityCryptoError` (key material) or
+    :class:`IdentityCertificateError` (certificate, revocation list, subject);
+    both carry the :class:`IdentityPart` at fault and a message that reads
+    after the name of the file, e.g. ``f"device.key_file: {exc}"``.
+    """
+    try:
+        key = signing_key_from_pem(key_pem, passphrase)
+    except CryptoError as exc:
+        raise IdentityCryptoError(
+            IdentityPart.KEY, f"{exc} (wrong passphrase, or not an Ed25519 PEM key?)"
+        ) from exc
+    try:
+        ca = public_key_from_pem(ca_public_key_pem)
+    except CryptoError as exc:
+        raise IdentityCryptoError(IdentityPart.CA_PUBLIC_KEY, str(exc)) from exc
+    try:
+        cert = Certificate.from_bytes(certificate)
+    except RemoteProtocolError as exc:
+        raise IdentityCertificateError(
+            IdentityPart.CERTIFICATE,
+            exc.reason,
+            f"not an enrollment certificate: {exc.args[0]}",
+        ) from exc
+    revocation_list = None
+    if revocations is not None:
+        try:
+            revocation_list = RevocationList.from_bytes(revocations)
+            revocation_list.verify(ca_public_key=ca, fleet=fleet)
+        except RemoteProtocolError as exc:
+            raise IdentityCertificateError(
+                IdentityPart.REVOCATIONS,
+                exc.reason,
+                f"not a revocation list of the fleet CA: {exc.args[0]}",
+            ) from exc
+    try:
+        verify_certificate(
+            cert, ca_public_key=ca, fleet=fleet, now=now, revocations=revocation_list, role=role
+        )
+    except CertificateError as exc:
+        raise IdentityCertificateError(
+            IdentityPart.CERTIFICATE,
+            exc.reason,
+            f"the {role} certificate is not usable: {exc.args[0]}",
+            participant=cert.subject,
+        ) from exc
+    if subject is not None and cert.subject != subject:
+        raise IdentityCertificateError(
+            IdentityPart.SUBJECT,
+            Reason.UNENROLLED,
+            f"{subject!r} is configured but the certificate is for {cert.subject!r}; "
+            "use the id the certificate was issued for",
+            participant=cert.subject,
+        )
+    if bytes(key.verify_key) != cert.public_key:
+        raise IdentityCryptoError(
+            IdentityPart.KEY,
+            f"the private key is not the one the certificate of {cert.subject!r} was issued "
+            "for; use the key the certificate was issued for",
+        )
+    return CheckedIdentity(Identity(key, cert), ca, revocation_list)

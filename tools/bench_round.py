@@ -44,8 +44,7 @@ import numpy.typing as npt
 
 from maskfl.protocol.chunking import Reassembler, is_chunk, split_payload
 from maskfl.protocol.errors import MaskflError
-from maskfl.protocol.identity import Certificate, Identity
-from maskfl.protocol.keys import public_key_from_pem, signing_key_from_pem
+from maskfl.protocol.identity import Identity
 from maskfl.protocol.masking import MaskConfig
 from maskfl.protocol.messages import (
     GlobalModel,
@@ -532,11 +531,10 @@ async def _plain_round(
 
 async def _plain_aggregator(config_path: Path, n: int, out: Path) -> None:
     from maskfl.broker_coordinator.config import load_config
+    from maskfl.broker_coordinator.service import load_identity
 
     config = load_config(config_path)
-    key = signing_key_from_pem(config.identity.key_file.read_bytes())
-    cert = Certificate.from_bytes(config.identity.certificate_file.read_bytes())
-    ca = public_key_from_pem(config.fleet.ca_public_key_file.read_bytes())
+    ca, key, cert = load_identity(config)
     fleet = config.fleet.id
     m = config.model.length
     topics = Topics(fleet)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +12,7 @@ from nacl.signing import SigningKey
 
 from maskfl.protocol.errors import (
     CertificateError,
+    CryptoError,
     LocalProtocolError,
     Reason,
     RemoteProtocolError,
@@ -18,12 +20,17 @@ from maskfl.protocol.errors import (
 from maskfl.protocol.identity import (
     Certificate,
     Identity,
+    IdentityCertificateError,
+    IdentityCryptoError,
+    IdentityPart,
     RevocationList,
+    check_identity,
     issue_certificate,
     issue_revocation_list,
     verify_certificate,
 )
 from maskfl.protocol.ids import Role
+from maskfl.protocol.keys import public_key_to_pem, signing_key_to_pem
 from tests.protocol.wire_samples import (
     CA_KEY,
     CA_PUBLIC,
@@ -267,3 +274,131 @@ def test_certificate_from_bytes_rejects_wrong_version_role_and_size() -> None:
     bad_role[role_at] = 9
     with pytest.raises(RemoteProtocolError):
         Certificate.from_bytes(bytes(bad_role))
+
+
+def bundle(**change: object) -> dict[str, Any]:
+    """The bytes of DEVICE's provisioning bundle as check_identity takes them, changed."""
+    args: dict[str, Any] = {
+        "key_pem": signing_key_to_pem(DEVICE.signing_key),
+        "passphrase": None,
+        "certificate": DEVICE.certificate.to_bytes(),
+        "ca_public_key_pem": public_key_to_pem(CA_PUBLIC),
+        "fleet": FLEET,
+        "role": Role.DEVICE,
+        "now": NOW,
+        "subject": DEVICE.certificate.subject,
+        "revocations": revocations(99).to_bytes(),
+    }
+    args.update(change)
+    return args
+
+
+def test_check_identity_accepts_a_consistent_bundle() -> None:
+    checked = check_identity(**bundle())
+    assert checked.identity.certificate == DEVICE.certificate
+    assert bytes(checked.identity.signing_key) == bytes(DEVICE.signing_key)
+    assert checked.ca_public_key == CA_PUBLIC
+    assert checked.revocations == revocations(99)
+    coordinator = check_identity(
+        **bundle(
+            key_pem=signing_key_to_pem(COORDINATOR.signing_key, b"secret"),
+            passphrase=b"secret",
+            certificate=COORDINATOR.certificate.to_bytes(),
+            role=Role.COORDINATOR,
+            subject=None,
+            revocations=None,
+        )
+    )
+    assert coordinator.identity.certificate == COORDINATOR.certificate
+    assert coordinator.revocations is None
+
+
+OTHER_CA = SigningKey(bytes([0x0C]) * 32)
+OTHER_KEY = SigningKey(bytes([0x0E]) * 32)
+
+
+@pytest.mark.parametrize(
+    ("change", "part", "reason", "words"),
+    [
+        ({"key_pem": b"not a key"}, IdentityPart.KEY, None, "wrong passphrase"),
+        (
+            {"key_pem": signing_key_to_pem(DEVICE.signing_key, b"right"), "passphrase": b"wrong"},
+            IdentityPart.KEY,
+            None,
+            "wrong passphrase",
+        ),
+        (
+            {"key_pem": signing_key_to_pem(OTHER_KEY)},
+            IdentityPart.KEY,
+            None,
+            "use the key the certificate was issued for",
+        ),
+        ({"ca_public_key_pem": b"junk"}, IdentityPart.CA_PUBLIC_KEY, None, "public key"),
+        (
+            {"certificate": b"\x01" * 10},
+            IdentityPart.CERTIFICATE,
+            Reason.MALFORMED,
+            "not an enrollment certificate",
+        ),
+        (
+            {"ca_public_key_pem": public_key_to_pem(OTHER_CA.verify_key), "revocations": None},
+            IdentityPart.CERTIFICATE,
+            Reason.BAD_SIGNATURE,
+            "not signed by the fleet CA",
+        ),
+        ({"now": NOT_AFTER + 1}, IdentityPart.CERTIFICATE, Reason.EXPIRED, "expired"),
+        ({"role": Role.COORDINATOR}, IdentityPart.CERTIFICATE, Reason.WRONG_ROLE, "required"),
+        (
+            {"fleet": "other", "revocations": None},
+            IdentityPart.CERTIFICATE,
+            Reason.WRONG_FLEET,
+            "for fleet 'demo'",
+        ),
+        (
+            {"revocations": revocations(DEVICE.certificate.serial).to_bytes()},
+            IdentityPart.CERTIFICATE,
+            Reason.REVOKED,
+            "revoked",
+        ),
+        (
+            {"revocations": b"\x01garbage"},
+            IdentityPart.REVOCATIONS,
+            Reason.MALFORMED,
+            "not a revocation list",
+        ),
+        (
+            {"fleet": "other"},
+            IdentityPart.REVOCATIONS,
+            Reason.WRONG_FLEET,
+            "not a revocation list",
+        ),
+        (
+            {"subject": "device-0009"},
+            IdentityPart.SUBJECT,
+            Reason.UNENROLLED,
+            "certificate is for 'device-0001'",
+        ),
+    ],
+)
+def test_check_identity_names_the_part_at_fault(
+    change: dict[str, object], part: IdentityPart, reason: Reason | None, words: str
+) -> None:
+    with pytest.raises((IdentityCryptoError, IdentityCertificateError)) as info:
+        check_identity(**bundle(**change))
+    error = info.value
+    assert isinstance(error, IdentityCryptoError | IdentityCertificateError)
+    assert error.part == part
+    assert words in str(error)
+    if reason is None:
+        assert isinstance(error, CryptoError)
+    else:
+        assert isinstance(error, CertificateError)
+        assert error.reason == reason
+
+
+def test_check_identity_with_a_forged_revocation_list() -> None:
+    forged = issue_revocation_list(OTHER_CA, fleet=FLEET, version=2, issued_at=NOW, serials=[])
+    with pytest.raises(IdentityCertificateError) as info:
+        check_identity(**bundle(revocations=forged.to_bytes()))
+    assert info.value.part == IdentityPart.REVOCATIONS
+    assert info.value.reason == Reason.BAD_SIGNATURE
