@@ -1,12 +1,23 @@
-"""The maskfl coordinator: one asyncio service that runs PET rounds over MQTT.
+"""maskfl.broker_coordinator: the coordinator, one asyncio service that runs PET rounds.
 
-Layout: :mod:`.config` (coordinator.toml), :mod:`.service` (wiring and
-supervision), :mod:`.runner` and :mod:`.phases` (the round as a phase state
-machine), :mod:`.ingest` (MQTT deliveries to admitted messages, receipts),
-:mod:`.committer` (group commit: aggregate checkpoint + SQLite, then acks),
-:mod:`.store` (SQLite and checkpoint files), :mod:`.metrics` and :mod:`.http`
-(operations), :mod:`.cli` (``maskfl-coordinator``). Provisioning lives in
-:mod:`.provision`.
+It publishes each round's parameters over MQTT, admits signed participant
+messages, aggregates the masked updates (:mod:`maskfl.aggregator_gpu`), unmasks
+the sum, applies the server optimizer and publishes the signed global model.
+
+Modules: :mod:`.config` (coordinator.toml, the source of truth for its keys),
+:mod:`.service` (start-up checks, wiring and supervision), :mod:`.runner` and
+:mod:`.phases` (the round as a phase state machine, one module per phase),
+:mod:`.context` (what the phases share), :mod:`.ingest` (MQTT deliveries to
+admitted messages, receipts), :mod:`.enrollment` (certificates and the revocation
+list), :mod:`.committer` (group commit: aggregate checkpoint + SQLite, then acks),
+:mod:`.store` (SQLite and checkpoint files), :mod:`.outbox` (everything published),
+:mod:`.optimizers` (FedAvg, FedAvgM, FedAdam), :mod:`.errors`, :mod:`.logs`,
+:mod:`.metrics` and :mod:`.http` (operations), :mod:`.cli` (``maskfl-coordinator``).
+Provisioning (CA, bundles, broker ACL) lives in :mod:`.provision`.
+
+The public API is :class:`Coordinator`, :class:`CoordinatorConfig` and
+:func:`load_config`, imported lazily so that ``maskfl.broker_coordinator.provision``
+does not load the service (aiosqlite, prometheus, the transport).
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import numpy as np
+from nacl.signing import SigningKey
+
 from maskfl.protocol.chunking import (
     DEFAULT_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
@@ -41,7 +43,6 @@ from maskfl.protocol.messages import (
     decode_message,
     encode_message,
 )
-from nacl.signing import SigningKey
 
 DEFAULT_SIZES = (100_000, 1_000_000)
 TARGET_VERIFY_GBPS = 1.0

@@ -26,6 +26,7 @@ from typing import Any
 
 import nacl.bindings
 import numpy as np
+
 from maskfl.protocol.masking import (
     DEFAULT_CHUNK_BYTES,
     MaskConfig,
