@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
+from maskfl.models import model_path
 from maskfl.protocol.errors import ConfigError
 
 __all__ = [
@@ -189,7 +190,7 @@ def provision_fleet(
     if missing:
         raise ConfigError(f"provisioning wrote no bundle for {', '.join(missing[:3])}")
     np.save(fleet.coordinator_toml.with_name("initial.npy"), initial.astype(np.float32))
-    _write_coordinator(fleet, pet)
+    _write_coordinator(fleet, pet, model_path(settings.model))
     for index, device in enumerate(devices):
         _write_agent(fleet, device, index, settings)
     return fleet
@@ -209,11 +210,13 @@ def _edit_toml(path: Path, changes: dict[str, dict[str, Any]]) -> None:
     )
 
 
-def _write_coordinator(fleet: DemoFleet, pet: dict[str, Any]) -> None:
+def _write_coordinator(fleet: DemoFleet, pet: dict[str, Any], graph_file: Path) -> None:
     _edit_toml(
         fleet.coordinator_toml,
         {
-            "model": {"initial_weights": "initial.npy"},
+            # The coordinator publishes the graph and states its SHA-256 in every signed
+            # global model; the agents check their shipped copy against it.
+            "model": {"initial_weights": "initial.npy", "graph_file": str(graph_file)},
             # Keep every accepted masked update in the update log on disk (the default
             # keeps them in memory): the demo's privacy check reads one from there.
             "storage": {"update_words": "file"},

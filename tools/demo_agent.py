@@ -57,10 +57,25 @@ class RecordingLearner:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
+    # The daemon asks a learner for these optional methods with getattr (see
+    # maskfl.agent.daemon); forward each one so the wrapper changes nothing but the log.
+
     def add_graph(self, model_id: str, tflite: bytes) -> None:
         add = getattr(self.inner, "add_graph", None)
         if add is not None:
             add(model_id, tflite)
+
+    def set_graph_digest(self, model_id: str, graph_digest: bytes | None) -> None:
+        set_digest = getattr(self.inner, "set_graph_digest", None)
+        if set_digest is not None:
+            set_digest(model_id, graph_digest)
+
+    def local_weights(self, model_id: str) -> npt.NDArray[np.float32] | None:
+        local = getattr(self.inner, "local_weights", None)
+        if local is None:
+            return None
+        weights: npt.NDArray[np.float32] | None = local(model_id)
+        return weights
 
     async def train(
         self, model_id: str, global_weights: npt.NDArray[np.float32], *, round_id: int
@@ -93,13 +108,7 @@ class SharedTrainerLearner:
             batch_size=self.training.batch_size,
             seed=round_id,
         )
-        losses = update.stats.epoch_losses
-        return TrainResult(
-            delta=np.ascontiguousarray(update.delta, dtype=np.float32),
-            num_samples=update.num_samples,
-            seconds=update.stats.seconds,
-            loss=losses[-1] if losses else None,
-        )
+        return TrainResult.from_update(update)
 
     async def train(
         self, model_id: str, global_weights: npt.NDArray[np.float32], *, round_id: int

@@ -72,6 +72,10 @@ def test_short_demo_reports_and_cleans_up(tmp_path: Path) -> None:
     assert "accuracy" in done.stdout and str(workdir / "report.json") in done.stdout
     for name in ("mosquitto", "coordinator", "agent-dev-001"):
         assert (workdir / "logs" / f"{name}.log").is_file()
+    # [model] graph_file is set: the graph is published and the signed global models
+    # state its digest, which is what lets an agent verify it.
+    agent_log = (workdir / "logs" / "agent-dev-001.log").read_text()
+    assert "model graph for 'mlp' verified" in agent_log
 
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
