@@ -7,8 +7,8 @@
     maskfl-coordinator models list --config coordinator.toml [--json]
     maskfl-coordinator models export --config coordinator.toml [--version N] --out model.npy
 
-User errors (a bad config, a missing file, an unknown version) print one line
-to stderr and exit with status 2; no stack trace.
+User errors (a bad config, a missing file, a private key readable by others, an
+unknown version) print one line to stderr and exit with status 2; no stack trace.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,28 +32,104 @@ from maskfl.protocol.errors import ConfigError, MaskflError
 
 EXIT_USAGE = 2
 
+_EPILOG = """\
+examples:
+  maskfl-coordinator run --config fleet/coordinator/coordinator.toml
+  maskfl-coordinator status --config fleet/coordinator/coordinator.toml
+  maskfl-coordinator models list --config fleet/coordinator/coordinator.toml
+  maskfl-coordinator models export --config fleet/coordinator/coordinator.toml --out model.npy
+
+coordinator.toml is written by `maskfl-provision init` (every key is commented in
+configs/coordinator.toml); MASKFL__SECTION__KEY environment variables override it,
+e.g. MASKFL__PET__SUM__TIME_MAX_S=20. A user error prints one line and exits 2.
+"""
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="coordinator.toml (from maskfl-provision; relative paths in it are "
+        "relative to the file)",
+    )
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maskfl-coordinator",
         description="Run the maskfl coordinator, inspect its state, export global models.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the coordinator service")
-    run.add_argument("--config", required=True, type=Path)
-    status = sub.add_parser("status", help="show rounds and the latest model from the database")
-    status.add_argument("--config", required=True, type=Path)
-    status.add_argument("--json", action="store_true")
-    models = sub.add_parser("models", help="the global model registry")
-    msub = models.add_subparsers(dest="models_command", required=True)
-    mlist = msub.add_parser("list", help="every version with digest and metrics")
-    mlist.add_argument("--config", required=True, type=Path)
-    mlist.add_argument("--json", action="store_true")
-    export = msub.add_parser("export", help="write one version's weights as .npy")
-    export.add_argument("--config", required=True, type=Path)
-    export.add_argument("--version", type=int, default=None, help="default: the latest")
-    export.add_argument("--out", required=True, type=Path)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run the coordinator service",
+        description="Run the coordinator until SIGTERM/SIGINT: connect to the broker "
+        "(retrying while it is unreachable), drive the rounds, serve /metrics /healthz "
+        "/readyz /status on [http] host:port. A killed coordinator resumes its round "
+        "from [storage] dir on the next start.",
+    )
+    _config_arg(run)
+    status = sub.add_parser(
+        "status",
+        help="show rounds and the latest model from the database",
+        description="The last 10 rounds and the latest global model, read from "
+        "[storage] dir (works while the coordinator runs).",
+    )
+    _config_arg(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    models = sub.add_parser(
+        "models",
+        help="the global model registry",
+        description="Every global model version the coordinator has published.",
+    )
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    mlist = msub.add_parser(
+        "list",
+        help="every version with digest and metrics",
+        description="One line per version: model id, version, round, digest prefix, metrics.",
+    )
+    _config_arg(mlist)
+    mlist.add_argument("--json", action="store_true", help="print JSON instead of text")
+    export = msub.add_parser(
+        "export",
+        help="write one version's weights as .npy",
+        description="Write one version's flat float32[M] weight vector as a .npy file.",
+    )
+    _config_arg(export)
+    export.add_argument(
+        "--version", type=int, default=None, help="model version (default: the latest)"
+    )
+    export.add_argument("--out", required=True, type=Path, metavar="FILE", help="the .npy to write")
     return parser
+
+
+def check_private_files(config: CoordinatorConfig) -> None:
+    """Refuse private key files that group or others can read.
+
+    Raises :class:`ConfigError` naming the field, the mode and the ``chmod`` that
+    fixes it (the agent refuses its keys the same way).
+    """
+    files = [
+        ("identity.key_file", config.identity.key_file),
+        ("broker.key_file", config.broker.key_file),
+    ]
+    for field, path in files:
+        if path is None:
+            continue
+        try:
+            mode = stat.S_IMODE(Path(path).stat().st_mode)
+        except OSError as exc:
+            raise ConfigError(f"{field}: cannot stat {path}: {exc.strerror}", field=field) from exc
+        if mode & 0o077:
+            raise ConfigError(
+                f"{field}: {path} has mode {mode:04o}; private keys must be 0600 "
+                f"(run: chmod 600 {path})",
+                field=field,
+            )
 
 
 async def _run(config: CoordinatorConfig) -> None:
@@ -60,7 +137,13 @@ async def _run(config: CoordinatorConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await Coordinator(config).run(stop)
+    try:
+        await Coordinator(config).run(stop)
+    except asyncio.CancelledError:
+        # A stop while the broker was still unreachable ends the connect loop with
+        # CancelledError: that is a clean shutdown, not a crash.
+        if not stop.is_set():
+            raise
 
 
 def _open_existing(config: CoordinatorConfig) -> Path:
@@ -129,7 +212,9 @@ async def _models_list(config: CoordinatorConfig, as_json: bool) -> None:
         return
     for r in rows:
         metrics = " ".join(f"{k}={v:g}" for k, v in sorted(r["metrics"].items()))
-        print(f"{r['model_id']} v{r['version']} round {r['round_id']} {r['digest'][:16]} {metrics}")
+        rnd = "-" if r["round_id"] is None else r["round_id"]
+        line = f"{r['model_id']} v{r['version']} round {rnd} {r['digest'][:16]} {metrics}"
+        print(line.rstrip())
 
 
 async def _models_export(config: CoordinatorConfig, version: int | None, out: Path) -> None:
@@ -139,7 +224,18 @@ async def _models_export(config: CoordinatorConfig, version: int | None, out: Pa
         else:
             record = await store.model(config.model.id, version)
     if record is None:
-        raise ConfigError(f"--version: no version {version} of model {config.model.id}")
+        async with Store.open(_open_existing(config)) as store:
+            versions = [m.version for m in await store.models() if m.model_id == config.model.id]
+        have = (
+            f"versions {versions[0]}..{versions[-1]} exist"
+            if versions
+            else "it has no versions yet"
+        )
+        raise ConfigError(
+            f"--version: no version {version} of model {config.model.id}; {have} "
+            "(see `maskfl-coordinator models list`)",
+            field="--version",
+        )
     weights = np.frombuffer(record.weights, dtype="<f4")
     np.save(out, weights)
     print(f"wrote {config.model.id} v{record.version} ({weights.size} weights) to {out}")
@@ -151,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         match args.command:
             case "run":
+                check_private_files(config)
                 setup_logging(config.log.level, config.log.format)
                 asyncio.run(_run(config))
             case "status":
@@ -167,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `maskfl-coordinator models list | head`: the reader left; say nothing more.
+        sys.stderr.close()
+        return 0
     return 0
 
 

@@ -1,0 +1,113 @@
+"""``maskfl-coordinator`` as a user meets it: one-line errors with exit 2, a clean stop."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maskfl.broker_coordinator.cli import main
+from maskfl.tools.fleet_sim import SimFleet
+
+M = 16
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bundle(tmp: Path) -> Path:
+    return SimFleet().write_coordinator(
+        tmp / "coordinator",
+        port=_closed_port(),
+        length=M,
+        initial=np.zeros(M, dtype=np.float32),
+        overrides={
+            "broker": {"reconnect_min_s": 0.1, "reconnect_max_s": 0.2},
+            "masking": {"n_max": 1000},
+        },
+    )
+
+
+def _cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "maskfl.broker_coordinator.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_run_refuses_a_private_key_others_can_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int
+) -> None:
+    config = _bundle(tmp_path)
+    key = config.parent / "coordinator.key"
+    key.chmod(mode)
+    assert main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("maskfl-coordinator: identity.key_file: ")
+    assert f"has mode {mode:04o}" in err
+    assert f"chmod 600 {key}" in err
+
+
+def test_stop_while_the_broker_is_unreachable_is_clean(tmp_path: Path) -> None:
+    config = _bundle(tmp_path)
+    proc = _cli("run", "--config", str(config))
+    try:
+        # Wait until it is retrying the (closed) broker port, then stop it as systemd does.
+        deadline = time.monotonic() + 30
+        while not (config.parent / "state").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "unreachable" in err
+    assert "Traceback" not in err
+    assert proc.returncode == 0
+
+
+def test_models_list_and_export_of_a_missing_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _bundle(tmp_path)
+    db = config.parent / "state" / "coordinator.db"
+    proc = _cli("run", "--config", str(config))
+    listed = ""
+    try:
+        # The initial weights become version 0 before the broker is reached.
+        deadline = time.monotonic() + 30
+        while "sim v0" not in listed and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if db.exists() and main(["models", "list", "--config", str(config)]) == 0:
+                listed = capsys.readouterr().out
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    (line,) = listed.splitlines()
+    assert line.startswith("sim v0 round - ")  # no round made version 0
+    assert line == line.rstrip()
+    out = tmp_path / "m.npy"
+    code = main(["models", "export", "--config", str(config), "--version", "7", "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--version: no version 7 of model sim; versions 0..0 exist" in err
+    assert not out.exists()
+    assert main(["models", "export", "--config", str(config), "--out", str(out)]) == 0
+    assert np.load(out).shape == (M,)
