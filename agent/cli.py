@@ -1,7 +1,8 @@
 """``maskfl-agent``: the device daemon and its small helpers.
 
     maskfl-agent run --config agent.toml       the daemon (systemd Type=notify)
-    maskfl-agent check --config agent.toml     validate config and identity, then exit
+    maskfl-agent check --config agent.toml     validate config, identity, broker TLS files
+                                               and the data source, then exit
     maskfl-agent status --config agent.toml    the journal: rounds taken part in (JSON)
     maskfl-agent keygen --out device.key       a new Ed25519 device key (mode 0600)
 
@@ -16,13 +17,15 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from maskfl.agent.config import AgentConfig, load_config
 from maskfl.agent.daemon import run_daemon
-from maskfl.agent.identity import generate_key_file, load_identity
+from maskfl.agent.datasources import DataSourceError, get_datasource
+from maskfl.agent.identity import check_private_mode, generate_key_file, load_identity
 from maskfl.agent.logs import setup_logging
 from maskfl.agent.state import Journal, state_as_dict
 from maskfl.protocol.errors import ConfigError, MaskflError
@@ -45,20 +48,59 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_EPILOG = """\
+examples:
+  maskfl-agent check --config /etc/maskfl/agent/agent.toml
+  maskfl-agent run --config /etc/maskfl/agent/agent.toml
+  maskfl-agent status --config /etc/maskfl/agent/agent.toml --limit 5
+  maskfl-agent keygen --out /etc/maskfl/agent/device.key
+
+agent.toml comes in the device bundle from `maskfl-provision add-device`; local
+settings ([state] dir, [guards], [training], [data]) are commented in configs/agent.toml.
+MASKFL__SECTION__KEY environment variables override the file, e.g.
+MASKFL__STATE__DIR=/tmp/agent-state. A user error prints one line and exits 2.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="maskfl-agent", description="maskfl device agent: masked federated learning"
+        prog="maskfl-agent",
+        description="maskfl device agent: masked federated learning",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the agent daemon")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run the agent daemon",
+        description="Run the device daemon until SIGTERM/SIGINT: connect to the broker "
+        "(retrying while it is unreachable), take part in rounds, journal its state in "
+        "[state] dir (default $STATE_DIRECTORY or /var/lib/maskfl-agent). Checks the same "
+        "files as `check` first.",
+    )
     _config_arg(run)
-    check = sub.add_parser("check", help="validate the config and the identity files")
+    check = sub.add_parser(
+        "check",
+        help="validate the config, identity, broker TLS files and data source",
+        description="Load agent.toml, the device key, certificate, fleet CA key and "
+        "revocation list, the broker TLS files and the data source; print a JSON summary. "
+        "Exit 2 with one line naming the field when something is wrong. Does not connect.",
+    )
     _config_arg(check)
-    status = sub.add_parser("status", help="print the rounds this device took part in (JSON)")
+    status = sub.add_parser(
+        "status",
+        help="print the rounds this device took part in (JSON)",
+        description="The device's journal: its most recent rounds, as JSON.",
+    )
     _config_arg(status)
-    status.add_argument("--limit", type=int, default=20)
-    keygen = sub.add_parser("keygen", help="create a device key (PKCS#8 PEM, mode 0600)")
-    keygen.add_argument("--out", type=Path, required=True)
+    status.add_argument("--limit", type=int, default=20, help="most rounds shown (default 20)")
+    keygen = sub.add_parser(
+        "keygen",
+        help="create a device key (PKCS#8 PEM, mode 0600)",
+        description="Create an Ed25519 device key and print its public key (PEM) for "
+        "`maskfl-provision add-device ID --public-key FILE`.",
+    )
+    keygen.add_argument("--out", type=Path, required=True, metavar="FILE", help="key to write")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
     return parser
 
@@ -81,7 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "run":
                 return _run(args.config)
     except ConfigError as exc:
-        return _fail(str(exc))
+        message = str(exc)
+        if exc.field and not message.startswith(exc.field):
+            message = f"{exc.field}: {message}"
+        return _fail(message)
     except KeyboardInterrupt:
         return 130
     return _fail(f"unknown command {args.command}")
@@ -99,9 +144,57 @@ def _keygen(out: Path, force: bool) -> int:
     return 0
 
 
+def check_local_files(config: AgentConfig) -> None:
+    """The checks ``load_identity`` leaves out: the broker's TLS files and the data source.
+
+    Raises :class:`ConfigError` naming the ``agent.toml`` field and the fix.
+    """
+    broker = config.broker
+    if broker.tls:
+        if broker.ca_file is not None:
+            try:
+                ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(broker.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"broker.ca_file: cannot load CA certificates from {broker.ca_file}: "
+                    f"{getattr(exc, 'strerror', None) or exc}; point it at the bundle's "
+                    "broker-ca.pem",
+                    field="broker.ca_file",
+                ) from exc
+        if broker.cert_file is not None and broker.key_file is not None:
+            check_private_mode(broker.key_file, "broker.key_file")
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            try:
+                context.load_cert_chain(str(broker.cert_file), str(broker.key_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"broker.cert_file: cannot load {broker.cert_file} with key "
+                    f"{broker.key_file}: {getattr(exc, 'strerror', None) or exc}; use the "
+                    "bundle's device-tls.pem and device-tls.key",
+                    field="broker.cert_file",
+                ) from exc
+    options = {k: v for k, v in config.data.options.items() if k not in ("shard", "shards")}
+    try:
+        get_datasource(config.data.source, options)
+    except DataSourceError as exc:
+        if not (exc.field or "").startswith("data.options"):
+            raise
+        raise DataSourceError(
+            f"{exc} (and shard, shards: this device's slice)", field=exc.field
+        ) from exc
+    model_file = config.training.model_file
+    if model_file is not None and not model_file.is_file():
+        raise ConfigError(
+            f"training.model_file: {model_file} does not exist; fix the path or remove the "
+            "key (the agent then uses the graph the coordinator publishes)",
+            field="training.model_file",
+        )
+
+
 def _check(path: Path | None) -> int:
     config = _load(path)
     ident = load_identity(config.device)
+    check_local_files(config)
     cert = ident.identity.certificate
     print(
         json.dumps(
@@ -132,6 +225,7 @@ async def _status(path: Path | None, limit: int) -> int:
 
 def _run(path: Path | None) -> int:
     config = _load(path)
+    check_local_files(config)
     setup_logging(config.logging.level, config.logging.format)
     try:
         code: int = asyncio.run(run_daemon(config))

@@ -14,6 +14,7 @@ from maskfl.agent.cli import main
 from maskfl.protocol.keys import public_key_from_pem
 from tests.agent.fleet import Fleet
 from tests.support.mosquitto import Mosquitto
+from tests.support.tls import TestPki
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -64,3 +65,67 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     mismatch = run_cli("check", "--config", str(config))
     assert mismatch.returncode == 2
     assert "certificate is for 'dev-e'" in mismatch.stderr
+
+
+def _tls_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Point [broker] at a real TLS CA and client pair through MASKFL__ overrides."""
+    pki = TestPki(tmp_path / "pki")
+    client = pki.client_cert("dev-t")
+    client.key.chmod(0o600)
+    monkeypatch.setenv("MASKFL__BROKER__TLS", "true")
+    monkeypatch.setenv("MASKFL__BROKER__CA_FILE", str(pki.ca.cert))
+    monkeypatch.setenv("MASKFL__BROKER__CERT_FILE", str(client.cert))
+    monkeypatch.setenv("MASKFL__BROKER__KEY_FILE", str(client.key))
+    return pki.ca.cert, client.cert, client.key
+
+
+def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+    return err
+
+
+def test_check_and_run_refuse_broken_tls_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = Fleet(tmp_path / "fleet")
+    config = str(fleet.device("dev-t", Mosquitto(tmp_path / "unused")))
+    ca, _cert, key = _tls_env(monkeypatch, tmp_path)
+    assert main(["check", "--config", config]) == 0
+    capsys.readouterr()
+
+    key.chmod(0o644)
+    for command in ("check", "run"):  # run refuses before it connects
+        assert main([command, "--config", config]) == 2
+        err = _one_line(capsys)
+        assert "broker.key_file: " in err
+        assert f"chmod 600 {key}" in err
+    key.chmod(0o600)
+
+    monkeypatch.setenv("MASKFL__BROKER__CA_FILE", str(tmp_path / "nope.pem"))
+    assert main(["check", "--config", config]) == 2
+    assert "error: broker.ca_file: cannot load CA certificates from" in _one_line(capsys)
+    monkeypatch.setenv("MASKFL__BROKER__CA_FILE", str(ca))
+
+    other = TestPki(tmp_path / "other").client_cert("dev-t")
+    monkeypatch.setenv("MASKFL__BROKER__CERT_FILE", str(other.cert))
+    assert main(["check", "--config", config]) == 2
+    assert "error: broker.cert_file: " in _one_line(capsys)
+
+
+def test_check_names_the_data_source_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = Fleet(tmp_path / "fleet")
+    config = str(fleet.device("dev-d", Mosquitto(tmp_path / "unused")))
+    monkeypatch.setenv("MASKFL__DATA__SOURCE", "digitz")
+    assert main(["check", "--config", config]) == 2
+    err = _one_line(capsys)
+    assert "error: data.source: no data source called 'digitz'; installed: " in err
+    monkeypatch.setenv("MASKFL__DATA__SOURCE", "digits")
+    monkeypatch.setenv("MASKFL__DATA__OPTIONS", '{"shard": 0, "shardz": 2}')
+    assert main(["check", "--config", config]) == 2
+    err = _one_line(capsys)
+    assert "error: data.options.shardz: " in err
+    assert "(and shard, shards" in err
