@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from maskfl.broker_coordinator.config import CoordinatorConfig, load_config
+from maskfl.broker_coordinator.config import CoordinatorConfig, check_files, load_config
 from maskfl.broker_coordinator.logs import setup_logging
 from maskfl.broker_coordinator.service import Coordinator, state_db
 from maskfl.broker_coordinator.store import Store
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         match args.command:
             case "run":
+                check_files(config)  # missing files first, then their modes
                 check_private_files(config)
                 setup_logging(config.log.level, config.log.format)
                 asyncio.run(_run(config))

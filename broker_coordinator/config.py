@@ -390,20 +390,34 @@ def _resolve(value: Any, base: Path) -> Any:
     return value
 
 
+def _env_origin(loc: tuple[Any, ...]) -> str:
+    """``set by MASKFL__A__B`` when that environment variable holds the field, else ""."""
+    names = [str(p) for p in loc if p != "__root__"]
+    if not names:
+        return ""
+    wanted = ENV_PREFIX + "__".join(names).upper()
+    found = next((k for k in os.environ if k.upper() == wanted), None)
+    return "" if found is None else f"set by environment variable {found}"
+
+
 def _describe(errors: list[Any]) -> str:
     parts = []
     for err in errors:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__") or "(top level)"
+        origin = _env_origin(tuple(err.get("loc", ())))
         kind = err.get("type", "")
         msg = str(err.get("msg", "invalid"))
         if kind == "extra_forbidden":
-            parts.append(f"{loc}: unknown key; remove it or fix its spelling")
+            where = f" ({origin})" if origin else ""
+            parts.append(f"{loc}: unknown key{where}; remove it or fix its spelling")
         elif kind == "missing":
             parts.append(f"{loc}: required; add it to the config file or set it in the env")
         else:
             msg = msg.removeprefix("Value error, ")
             given = err.get("input")
-            shown = "" if isinstance(given, dict | list) else f" (got {given!r})"
+            notes = [] if isinstance(given, dict | list) else [f"got {given!r}"]
+            notes += [origin] if origin else []
+            shown = f" ({', '.join(notes)})" if notes else ""
             parts.append(f"{loc}: {msg}{shown}")
     return "; ".join(parts)
 

@@ -111,3 +111,49 @@ def test_models_list_and_export_of_a_missing_version(
     assert not out.exists()
     assert main(["models", "export", "--config", str(config), "--out", str(out)]) == 0
     assert np.load(out).shape == (M,)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        (
+            "MASKFL__PET__SUM__COUNTMIN",
+            "2",
+            "pet.sum.countmin: unknown key (set by environment variable "
+            "MASKFL__PET__SUM__COUNTMIN); remove it or fix its spelling",
+        ),
+        (
+            "MASKFL__PET__SUM__COUNT_MIN",
+            "x",
+            "pet.sum.count_min: Input should be a valid integer, unable to parse string as an "
+            "integer (got 'x', set by environment variable MASKFL__PET__SUM__COUNT_MIN)",
+        ),
+    ],
+)
+def test_a_bad_environment_override_is_named(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    name: str,
+    value: str,
+    expected: str,
+) -> None:
+    config = _bundle(tmp_path)
+    monkeypatch.setenv(name, value)
+    assert main(["status", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.rstrip().endswith(expected)
+
+
+def test_a_bad_file_value_is_not_blamed_on_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _bundle(tmp_path)
+    config.write_text(config.read_text().replace("length = 16", 'length = "lots"'))
+    assert main(["status", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "model.length: " in err
+    assert "(got 'lots')" in err
+    assert "environment" not in err
