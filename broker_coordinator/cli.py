@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import fcntl
 import json
+import os
 import signal
 import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +134,44 @@ def check_private_files(config: CoordinatorConfig) -> None:
                 f"(run: chmod 600 {path})",
                 field=field,
             )
+
+
+LOCK_NAME = "coordinator.lock"
+
+
+@contextlib.contextmanager
+def state_lock(config: CoordinatorConfig) -> Iterator[None]:
+    """Hold an exclusive lock on ``storage.dir`` while the coordinator runs.
+
+    Two coordinators on one state directory would both write its database and both
+    publish round parameters; the second one is refused with one line instead. The
+    lock is ``flock`` on ``coordinator.lock``: the kernel drops it when the process
+    dies (kill -9 included), so a crash never leaves a stale lock behind.
+    """
+    state = config.storage.dir
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(
+            f"storage.dir: cannot use {state}: {exc.strerror}; fix the path or its owner",
+            field="storage.dir",
+        ) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise ConfigError(
+                f"storage.dir: another coordinator (pid {holder}) is running on {state}; "
+                "stop it first, or give this one its own storage.dir",
+                field="storage.dir",
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 async def _run(config: CoordinatorConfig) -> None:
@@ -249,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
             case "run":
                 check_files(config)  # missing files first, then their modes
                 check_private_files(config)
-                setup_logging(config.log.level, config.log.format)
-                asyncio.run(_run(config))
+                with state_lock(config):
+                    setup_logging(config.log.level, config.log.format)
+                    asyncio.run(_run(config))
             case "status":
                 asyncio.run(_status(config, args.json))
             case "models" if args.models_command == "list":

@@ -157,3 +157,27 @@ def test_a_bad_file_value_is_not_blamed_on_the_environment(
     assert "model.length: " in err
     assert "(got 'lots')" in err
     assert "environment" not in err
+
+
+def test_a_second_coordinator_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    config = _bundle(tmp_path)
+    first = _cli("run", "--config", str(config))
+    try:
+        lock = config.parent / "state" / "coordinator.lock"
+        deadline = time.monotonic() + 30
+        while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = _cli("run", "--config", str(config))
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 2
+        assert err.count("\n") == 1
+        assert f"storage.dir: another coordinator (pid {first.pid}) is running on " in err
+    finally:
+        first.kill()  # like kill -9: the kernel drops the lock with the process
+        first.communicate(timeout=30)
+    third = _cli("run", "--config", str(config))
+    time.sleep(2)
+    third.send_signal(signal.SIGTERM)
+    _, err = third.communicate(timeout=30)
+    assert third.returncode == 0
+    assert "another coordinator" not in err
