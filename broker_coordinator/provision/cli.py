@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Revoke a device: its serials join the signed revocation list and its "
         "TLS certificate the CRL, its ACL entries are removed. No other device is touched.",
     )
-    revoke.add_argument("id")
+    revoke.add_argument("id", help="the device id to revoke (see `maskfl-provision list`)")
 
     rotate = sub.add_parser(
         "rotate",
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Issue new keys and certificates for one device (or `coordinator`) and "
         "revoke the old ones; writes a new bundle. No other device is touched.",
     )
-    rotate.add_argument("id")
+    rotate.add_argument("id", help="the device id, or `coordinator`")
     rotate.add_argument(
         "--public-key",
         type=Path,
@@ -273,7 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
         "in fleet.toml ([broker] host, san_hosts, san_ips, coordinator_host).",
     )
 
-    listing = sub.add_parser("list", parents=[common], help="show the coordinator and devices")
+    listing = sub.add_parser(
+        "list",
+        parents=[common],
+        help="show the coordinator and devices",
+        description="The coordinator and every device with its state (active, revoked), "
+        "enrollment serial and expiry date, and the revocation list version. Needs no "
+        "CA key.",
+    )
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
