@@ -357,7 +357,8 @@ class SimFleet:
             "storage": {"dir": "state"},
             "model": {"id": "sim", "length": length, "initial_weights": "initial_weights.npy"},
             "masking": {"bound": 1.0, "n_max": 100, "word_bits": 32},
-            "pet": {"failure_pause_s": 0.5},
+            # update.count_max may not exceed masking.n_max (the config refuses it)
+            "pet": {"failure_pause_s": 0.5, "update": {"count_max": 100}},
             "aggregation": {"backend": "numpy"},
             "http": {"enabled": False},
             "log": {"level": "info", "format": "json"},
