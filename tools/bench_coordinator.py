@@ -31,8 +31,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +78,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--repeat", type=int, default=3, help="runs per (N, M); the median ratio is reported"
     )
+    parser.add_argument(
+        "--group-commit-ms",
+        type=float,
+        default=None,
+        help="override storage.group_commit_ms (default: the coordinator's default)",
+    )
     parser.add_argument("--json", type=Path, help="write the JSON here instead of stdout")
     parser.add_argument("--keep", type=Path, help="keep logs and state in this directory")
 
@@ -85,6 +93,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     m_values = [int(m) for m in (getattr(args, "m", None) or [1e4, 1e5, 1e6])]
     backend = getattr(args, "backend", "numpy")
     repeat = max(1, getattr(args, "repeat", 3))
+    storage: dict[str, Any] = {}
+    if getattr(args, "group_commit_ms", None) is not None:
+        storage["group_commit_ms"] = float(args.group_commit_ms)
     results = []
     for n in n_values:
         for m in m_values:
@@ -94,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"maskfl-bench coordinator: N={n} M={m} run {r + 1}/{repeat}", file=sys.stderr
                 )
                 with _workdir(getattr(args, "keep", None), f"n{n}-m{m}") as work:
-                    runs.append(asyncio.run(_one(n, m, backend, work)))
+                    runs.append(asyncio.run(_one(n, m, backend, work, storage)))
             runs.sort(key=lambda x: x["ratio"])
             median = runs[len(runs) // 2]
             results.append({**median, "ratios": [x["ratio"] for x in runs]})
@@ -102,6 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_size": CHUNK,
         "word_bits": 32,
         "backend": backend,
+        "storage": storage,
         "repeat": repeat,
         "note": "each entry is the run with the median ratio; 'ratios' lists every run",
         "runs": results,
@@ -144,17 +156,24 @@ def _mosquitto(work: Path, sup: Supervisor) -> Iterator[int]:
     yield port
 
 
-async def _one(n: int, m: int, backend: str, work: Path) -> dict[str, Any]:
+async def _one(n: int, m: int, backend: str, work: Path, storage: dict[str, Any]) -> dict[str, Any]:
     sup = Supervisor(work / "logs")
     try:
         with _mosquitto(work, sup) as port:
-            return await _measure(n, m, backend, work, port=port, sup=sup)
+            return await _measure(n, m, backend, work, port=port, sup=sup, storage=storage)
     finally:
         sup.stop_all()
 
 
 async def _measure(
-    n: int, m: int, backend: str, work: Path, *, port: int, sup: Supervisor
+    n: int,
+    m: int,
+    backend: str,
+    work: Path,
+    *,
+    port: int,
+    sup: Supervisor,
+    storage: dict[str, Any],
 ) -> dict[str, Any]:
     fleet = SimFleet(fleet="bench")
     http_port = _free_port()
@@ -171,6 +190,7 @@ async def _measure(
         overrides={
             "masking": {"bound": 1.0, "n_max": 1000, "word_bits": 32},
             "aggregation": {"backend": backend},
+            **({"storage": storage} if storage else {}),
             "pet": {
                 "chunk_size": CHUNK,
                 "max_rounds": 2,
@@ -276,6 +296,7 @@ async def _measure(
         del frames
         # Coordinator ingest; a separate publisher process, as in the baseline.
         cpu0 = _cpu(coord.pid)
+        spy = _pyspy(coord.pid, work)
         t0, t_published = await _publish_in_child(sup, work, port, frames_file, "coordinator")
         deadline = time.monotonic() + 600
         while len(accepted) < n:
@@ -285,6 +306,7 @@ async def _measure(
             await asyncio.sleep(0.005)
         ingest_s = max(accepted) - t0
         coord_cpu = _cpu(coord.pid) - cpu0
+        _stop_pyspy(spy)
         await asyncio.wait_for(model_seen.wait(), 600)
         round_s = events["model"] - events["round_params"]
         ingest: dict[str, Any] = {}
@@ -571,6 +593,43 @@ def _profile_args(work: Path) -> list[str]:
     if os.environ.get("MASKFL_BENCH_PROFILE"):
         return ["-m", "cProfile", "-o", str(work / "coordinator.prof")]
     return []
+
+
+def _pyspy(pid: int, work: Path) -> subprocess.Popen[bytes] | None:
+    """``MASKFL_BENCH_PYSPY=<py-spy binary>`` samples the coordinator during ingest only
+    (``--native``, raw folded stacks in ``<workdir>/coordinator.pyspy``; use with --keep)."""
+    binary = os.environ.get("MASKFL_BENCH_PYSPY")
+    if not binary:
+        return None
+    out = work / "coordinator.pyspy"
+    proc = subprocess.Popen(
+        [
+            binary,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "1000",
+            "--native",
+            "--threads",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(work / "pyspy.log").open("wb"),
+    )
+    time.sleep(1.0)  # let it attach before the clock starts
+    return proc
+
+
+def _stop_pyspy(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None:
+        return
+    proc.send_signal(signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)
 
 
 if __name__ == "__main__":
