@@ -358,7 +358,16 @@ class SimFleet:
             "model": {"id": "sim", "length": length, "initial_weights": "initial_weights.npy"},
             "masking": {"bound": 1.0, "n_max": 100, "word_bits": 32},
             # update.count_max may not exceed masking.n_max (the config refuses it)
-            "pet": {"failure_pause_s": 0.5, "update": {"count_max": 100}},
+            "pet": {
+                "failure_pause_s": 0.5,
+                "update": {
+                    "target": 10,
+                    "count_min": 3,
+                    "count_max": 100,
+                    "time_min_s": 5.0,
+                    "time_max_s": 300.0,
+                },
+            },
             "aggregation": {"backend": "numpy"},
             "http": {"enabled": False},
             "log": {"level": "info", "format": "json"},
