@@ -33,6 +33,8 @@ from maskfl.broker_coordinator.logs import setup_logging
 from maskfl.broker_coordinator.service import Coordinator, state_db
 from maskfl.broker_coordinator.store import Store
 from maskfl.protocol.errors import ConfigError, MaskflError
+from maskfl.protocol.identity import RevocationList
+from maskfl.protocol.keys import public_key_from_pem
 
 EXIT_USAGE = 2
 
@@ -134,6 +136,31 @@ def check_private_files(config: CoordinatorConfig) -> None:
                 f"(run: chmod 600 {path})",
                 field=field,
             )
+
+
+def check_revocations(config: CoordinatorConfig) -> None:
+    """Refuse to start on a revocation list that is there but does not verify.
+
+    While running, a bad new list is refused and the current one stays; at start
+    there is no current one, so going on would accept every revoked device.
+    (A missing file is allowed: the list is picked up when it appears.)
+    """
+    path = config.fleet.revocations_file
+    if path is None or not path.exists():
+        return
+    try:
+        ca = public_key_from_pem(config.fleet.ca_public_key_file.read_bytes())
+    except (OSError, MaskflError):
+        return  # the service names fleet.ca_public_key_file itself
+    try:
+        RevocationList.from_bytes(path.read_bytes()).verify(ca_public_key=ca, fleet=config.fleet.id)
+    except (OSError, MaskflError) as exc:
+        raise ConfigError(
+            f"fleet.revocations_file: {path} is not a valid revocation list of fleet "
+            f"{config.fleet.id!r} ({exc}); copy coordinator/revocations.bin from the fleet "
+            "directory again (`maskfl-provision revoke ID` rewrites it)",
+            field="fleet.revocations_file",
+        ) from exc
 
 
 LOCK_NAME = "coordinator.lock"
@@ -291,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             case "run":
                 check_files(config)  # missing files first, then their modes
                 check_private_files(config)
+                check_revocations(config)
                 with state_lock(config):
                     setup_logging(config.log.level, config.log.format)
                     asyncio.run(_run(config))

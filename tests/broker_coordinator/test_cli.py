@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskfl.broker_coordinator.cli import main
+from maskfl.broker_coordinator.cli import check_revocations, main
+from maskfl.broker_coordinator.config import load_config
 from maskfl.tools.fleet_sim import SimFleet
 
 M = 16
@@ -181,3 +182,33 @@ def test_a_second_coordinator_on_the_same_state_dir_is_refused(tmp_path: Path) -
     _, err = third.communicate(timeout=30)
     assert third.returncode == 0
     assert "another coordinator" not in err
+
+
+def test_run_refuses_a_revocation_list_that_does_not_verify(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = SimFleet()
+    config = fleet.write_coordinator(
+        tmp_path / "coordinator",
+        port=_closed_port(),
+        length=M,
+        overrides={
+            "fleet": {"revocations_file": "revocations.bin"},
+            "masking": {"n_max": 1000},
+        },
+    )
+    revocations = config.parent / "revocations.bin"
+    fleet.revocations(revocations, [7], version=3)
+    check_revocations(load_config(config))  # a good list passes
+
+    other = SimFleet()  # another CA: the signature does not verify
+    other.fleet = fleet.fleet
+    other.revocations(revocations, [7], version=4)
+    assert main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"maskfl-coordinator: fleet.revocations_file: {revocations} is not ")
+
+    revocations.write_bytes(b"garbage")
+    assert main(["run", "--config", str(config)]) == 2
+    assert "fleet.revocations_file: " in capsys.readouterr().err
