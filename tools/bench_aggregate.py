@@ -43,22 +43,12 @@ from maskfl.aggregator_gpu import (
     select_backend,
 )
 from maskfl.protocol.masking import MaskConfig
+from maskfl.tools._benchargs import count
 
 NO_DEVICE = "no device"
 SWEEP_N = (100, 1000)
 SWEEP_M = (100_000, 1_000_000)
 SWEEP_WORD_BITS = (32, 64)
-
-
-def _count(text: str) -> int:
-    """A positive count, also written like ``1e6``."""
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not value.is_integer() or value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
-    return int(value)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -75,10 +65,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="all",
         help="backend to measure; 'all' measures numpy and cupy (default: all)",
     )
-    parser.add_argument("--n", type=_count, default=100, help="updates per round (default 100)")
-    parser.add_argument(
-        "--m", type=_count, default=1_000_000, help="words per update (default 1e6)"
-    )
+    parser.add_argument("--n", type=count, default=100, help="updates per round (default 100)")
+    parser.add_argument("--m", type=count, default=1_000_000, help="words per update (default 1e6)")
     parser.add_argument(
         "--word-bits", type=int, choices=[32, 64], default=64, help="word size (default 64)"
     )
@@ -87,10 +75,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="ignore --n/--m/--word-bits; run N in {100, 1000} x M in {1e5, 1e6} x w in {32, 64}",
     )
-    parser.add_argument("--repeat", type=_count, default=3, help="timed passes (median reported)")
+    parser.add_argument("--repeat", type=count, default=3, help="timed passes (median reported)")
     parser.add_argument(
         "--pool-mb",
-        type=_count,
+        type=count,
         default=512,
         help="memory for distinct input vectors, MB (default 512)",
     )

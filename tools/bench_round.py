@@ -56,6 +56,7 @@ from maskfl.protocol.messages import (
     verify_sender,
 )
 from maskfl.protocol.topics import TopicKind, Topics, parse_topic
+from maskfl.tools._benchargs import count
 from maskfl.tools._demo_fleet import console_script, find_mosquitto, free_port
 from maskfl.tools._demo_watch import fetch_status
 from maskfl.tools._supervise import Supervisor
@@ -77,16 +78,6 @@ _MAX_IN = 64 * 1024 * 1024
 CHUNK = 256 * 1024
 
 
-def _count(text: str) -> int:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not value.is_integer() or value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
-    return int(value)
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``round`` on the ``maskfl-bench`` subcommand parser."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
@@ -96,16 +87,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--n", type=_count, nargs="+", default=list(GRID_N), help="updaters (default 10 50 100)"
+        "--n", type=count, nargs="+", default=list(GRID_N), help="updaters (default 10 50 100)"
     )
     parser.add_argument(
         "--m",
-        type=_count,
+        type=count,
         nargs="+",
         default=list(GRID_M),
         help="model parameters (default 1e4 1e5 1e6)",
     )
-    parser.add_argument("--summers", type=_count, default=3, help="summers (default 3)")
+    parser.add_argument("--summers", type=count, default=3, help="summers (default 3)")
     parser.add_argument(
         "--word-bits", type=int, choices=[32, 64], default=32, help="mask word size (default 32)"
     )
