@@ -306,7 +306,13 @@ async def _models_export(config: CoordinatorConfig, version: int | None, out: Pa
             field="--version",
         )
     weights = np.frombuffer(record.weights, dtype="<f4")
-    np.save(out, weights)
+    try:
+        with out.open("wb") as f:  # exactly the name given (np.save(path) would add .npy)
+            np.save(f, weights)
+    except OSError as exc:
+        raise ConfigError(
+            f"--out: cannot write {out}: {exc.strerror}; choose a writable path", field="--out"
+        ) from exc
     print(f"wrote {config.model.id} v{record.version} ({weights.size} weights) to {out}")
 
 

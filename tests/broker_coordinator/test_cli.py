@@ -112,6 +112,15 @@ def test_models_list_and_export_of_a_missing_version(
     assert not out.exists()
     assert main(["models", "export", "--config", str(config), "--out", str(out)]) == 0
     assert np.load(out).shape == (M,)
+    bare = tmp_path / "weights"  # written under exactly this name, no .npy added
+    assert main(["models", "export", "--config", str(config), "--out", str(bare)]) == 0
+    assert f"to {bare}" in capsys.readouterr().out
+    assert np.load(bare).shape == (M,)
+    nowhere = tmp_path / "missing" / "m.npy"
+    assert main(["models", "export", "--config", str(config), "--out", str(nowhere)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"--out: cannot write {nowhere}: " in err
 
 
 @pytest.mark.parametrize(
