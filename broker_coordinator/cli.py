@@ -216,7 +216,7 @@ async def _run(config: CoordinatorConfig) -> None:
 
 
 def _open_existing(config: CoordinatorConfig) -> Path:
-    db = state_db(config)
+    db: Path = state_db(config)
     if not db.exists():
         raise ConfigError(
             f"storage.dir: no coordinator database at {db}; has the coordinator run with this "
