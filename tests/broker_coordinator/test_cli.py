@@ -27,7 +27,7 @@ def _closed_port() -> int:
 
 
 def _bundle(tmp: Path) -> Path:
-    return SimFleet().write_coordinator(
+    config: Path = SimFleet().write_coordinator(
         tmp / "coordinator",
         port=_closed_port(),
         length=M,
@@ -37,6 +37,7 @@ def _bundle(tmp: Path) -> Path:
             "masking": {"n_max": 1000},
         },
     )
+    return config
 
 
 def _cli(*args: str) -> subprocess.Popen[str]:
