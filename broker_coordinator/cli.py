@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Iterator
@@ -161,6 +163,40 @@ def check_revocations(config: CoordinatorConfig) -> None:
             "directory again (`maskfl-provision revoke ID` rewrites it)",
             field="fleet.revocations_file",
         ) from exc
+
+
+def check_http_port(config: CoordinatorConfig) -> None:
+    """Refuse an ``[http]`` address that cannot be listened on, before anything starts.
+
+    The ops server starts after the broker link is up; a port in use would only
+    fail then, with a traceback. Binding once here names the field instead.
+    """
+    http = config.http
+    if not http.enabled or http.port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(http.host, http.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(
+            f"http.host: cannot resolve {http.host!r}: {exc}; use an address of this machine "
+            "(127.0.0.1, or 0.0.0.0 for every interface)",
+            field="http.host",
+        ) from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                field, fix = "http.port", "choose another port or stop what uses it"
+            else:
+                field, fix = "http.host", "use an address of this machine (127.0.0.1, 0.0.0.0)"
+            raise ConfigError(
+                f"{field}: cannot listen on {http.host}:{http.port}: {exc.strerror}; {fix}, "
+                "or set [http] enabled = false",
+                field=field,
+            ) from exc
 
 
 LOCK_NAME = "coordinator.lock"
@@ -325,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_files(config)  # missing files first, then their modes
                 check_private_files(config)
                 check_revocations(config)
+                check_http_port(config)
                 with state_lock(config):
                     setup_logging(config.log.level, config.log.format)
                     asyncio.run(_run(config))

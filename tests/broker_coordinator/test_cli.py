@@ -222,3 +222,26 @@ def test_run_refuses_a_revocation_list_that_does_not_verify(
     revocations.write_bytes(b"garbage")
     assert main(["run", "--config", str(config)]) == 2
     assert "fleet.revocations_file: " in capsys.readouterr().err
+
+
+def test_run_refuses_an_http_port_in_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = SimFleet().write_coordinator(
+            tmp_path / "coordinator",
+            port=_closed_port(),
+            length=M,
+            overrides={
+                "http": {"enabled": True, "host": "127.0.0.1", "port": port},
+                "masking": {"n_max": 1000},
+            },
+        )
+        assert main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"http.port: cannot listen on 127.0.0.1:{port}: " in err
+    assert "choose another port" in err
