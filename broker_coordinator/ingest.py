@@ -82,16 +82,18 @@ class _Partial:
     part_size: int
     count: int
     started_at: float
-    buffer: bytearray
-    have: set[int] = field(default_factory=set)
+    parts: dict[int, memoryview] = field(default_factory=dict)
     deliveries: list[Message] = field(default_factory=list)
 
 
 class ChunkTracker:
     """Reassembly of chunk frames plus the unacked deliveries of every partial message.
 
-    Frames are parsed and checked by the protocol's :class:`ChunkFrame` and
-    copied once, straight to their place in a buffer of the declared size. The
+    Frames are parsed and checked by the protocol's :class:`ChunkFrame` (which
+    checks each frame's length against the declared total and part size); each
+    frame's data stays a view of its delivery until the message is complete, then
+    all are joined in order: one copy, straight into the ``bytes`` the decoder
+    takes (no zeroed buffer of the declared size, no second copy out of it). The
     same bounds as the protocol's reassembler: ``max_messages`` partials, at most
     ``max_per_key`` per key (topic), ``max_bytes`` reserved in all (the declared
     totals), ``max_age_s`` from the first frame; the oldest partial goes first.
@@ -167,9 +169,7 @@ class ChunkTracker:
                 or self._reserved + frame.total > self.max_bytes
             ):
                 self._drop(next(iter(self._partials)))
-            partial = _Partial(
-                frame.total, frame.part_size, frame.count, now, bytearray(frame.total)
-            )
+            partial = _Partial(frame.total, frame.part_size, frame.count, now)
             self._partials[slot] = partial
             self._reserved += frame.total
         elif (frame.total, frame.part_size, frame.count) != (
@@ -181,15 +181,14 @@ class ChunkTracker:
                 Reason.MALFORMED, "chunk disagrees with earlier chunks on total, size or count"
             )
         partial.deliveries.append(_light(message))
-        if frame.index not in partial.have:
-            offset = frame.index * partial.part_size
-            partial.buffer[offset : offset + len(frame.data)] = frame.data
-            partial.have.add(frame.index)
-        if len(partial.have) < partial.count:
+        # A duplicate index (MQTT redelivery) keeps the first copy.
+        partial.parts.setdefault(frame.index, frame.data)
+        if len(partial.parts) < partial.count:
             return None
         del self._partials[slot]
         self._reserved -= partial.total
-        return bytes(partial.buffer), partial.deliveries
+        parts = partial.parts
+        return b"".join([parts[i] for i in range(partial.count)]), partial.deliveries
 
 
 class Ingest:
