@@ -64,7 +64,10 @@ class Outbox:
 
     async def _send(self, topic: str, payload: bytes) -> None:
         try:
-            await asyncio.wait_for(self._transport.publish(topic, payload, qos=1), 60)
+            # asyncio.timeout, not wait_for: wait_for wraps the publish in a second
+            # task, and a receipt goes out for every participant message.
+            async with asyncio.timeout(60):
+                await self._transport.publish(topic, payload, qos=1)
         except (MaskflError, TimeoutError) as exc:
             self._metrics.receipts_dropped.inc()
             log.warning("receipt to %s not delivered: %s", topic, exc)
