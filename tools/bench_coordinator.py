@@ -597,7 +597,8 @@ def _profile_args(work: Path) -> list[str]:
 
 def _pyspy(pid: int, work: Path) -> subprocess.Popen[bytes] | None:
     """``MASKFL_BENCH_PYSPY=<py-spy binary>`` samples the coordinator during ingest only
-    (``--native``, raw folded stacks in ``<workdir>/coordinator.pyspy``; use with --keep)."""
+    (``--native``, raw folded stacks in ``<workdir>/coordinator.pyspy``; use with --keep;
+    ``MASKFL_BENCH_PYSPY_RATE`` samples per second, default 200)."""
     binary = os.environ.get("MASKFL_BENCH_PYSPY")
     if not binary:
         return None
@@ -609,7 +610,7 @@ def _pyspy(pid: int, work: Path) -> subprocess.Popen[bytes] | None:
             "--pid",
             str(pid),
             "--rate",
-            "1000",
+            os.environ.get("MASKFL_BENCH_PYSPY_RATE", "200"),
             "--native",
             "--threads",
             "--format",
