@@ -25,5 +25,5 @@ for top in TOP_LEVEL:
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"": ["py.typed", "*.tflite", "*.json"]},
+    package_data={"": ["py.typed", "*.tflite", "*.json", "*.npy"]},
 )

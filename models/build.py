@@ -5,7 +5,7 @@ Agents never import TensorFlow: they run the ``.tflite`` files this script write
 LiteRT (``ai-edge-litert``) or ``tflite-runtime``. Rebuild with the build-models extra::
 
     pip install -e '.[build-models]'          # tensorflow-cpu, scikit-learn
-    python models/build.py                   # writes models/*.tflite + models/manifest.json
+    python models/build.py                   # writes models/*.tflite, *.init.npy, manifest.json
     python models/build.py --fixtures tests/models/data   # also the refused test models
 
 The model contract
@@ -299,6 +299,10 @@ def build_model(name: str, module: Trainable, out_dir: Path) -> dict[str, Any]:
         raise SystemExit(f"{name}: Flex ops {flex}; the agent runtimes cannot run them")
     path = out_dir / f"{name}.tflite"
     path.write_bytes(blob)
+    # The coordinator has no TFLite runtime: ship the graph's own get_flat next to it.
+    initial = tf.lite.Interpreter(model_path=str(path)).get_signature_runner("get_flat")()["flat"]
+    init_path = out_dir / f"{name}.init.npy"
+    np.save(init_path, np.asarray(initial, dtype=np.float32), allow_pickle=False)
     return {
         "name": name,
         "file": path.name,
@@ -311,6 +315,8 @@ def build_model(name: str, module: Trainable, out_dir: Path) -> dict[str, Any]:
         "learning_rate": round(float(module.lr.numpy()), 6),
         "signatures": sorted(module.signatures()),
         "ops": ops,
+        "initial_weights": init_path.name,
+        "initial_weights_sha256": hashlib.sha256(init_path.read_bytes()).hexdigest(),
     }
 
 

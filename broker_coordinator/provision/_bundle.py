@@ -98,6 +98,8 @@ def render_coordinator_toml(
     model_id: str,
     model_length: int,
     state_dir: str,
+    initial_weights: str | None = None,
+    graph_file: str | None = None,
 ) -> str:
     """coordinator.toml: identity, revocation list, broker over mTLS, storage, model."""
     head = [
@@ -108,6 +110,11 @@ def render_coordinator_toml(
         "# defaults: see configs/coordinator.toml. Overrides: MASKFL__SECTION__KEY.",
         "",
     ]
+    model_files = {
+        key: value
+        for key, value in (("initial_weights", initial_weights), ("graph_file", graph_file))
+        if value is not None
+    }
     body = _toml(
         {
             "fleet": {
@@ -126,7 +133,7 @@ def render_coordinator_toml(
                 "client_id": "maskfl-coordinator",
             },
             "storage": {"dir": state_dir},
-            "model": {"id": model_id, "length": model_length},
+            "model": {"id": model_id, "length": model_length} | model_files,
         }
     )
     return "\n".join(head) + "\n" + body

@@ -66,6 +66,7 @@ from maskfl.broker_coordinator.provision._files import (
 )
 from maskfl.broker_coordinator.provision._settings import FleetSettings, check_id
 from maskfl.broker_coordinator.provision.errors import ProvisionError
+from maskfl.models import shipped_model
 from maskfl.protocol.errors import CryptoError
 from maskfl.protocol.identity import (
     Certificate,
@@ -671,6 +672,17 @@ class Fleet:
         b.write_file(
             directory, b.COORD_BROKER_CA, _tls.cert_to_pem(keys.tls_ca.cert), private=False
         )
+        initial_weights = graph_file = None
+        if coordinator.shipped_model:
+            # The coordinator has no TFLite runtime: it starts from the graph's own
+            # initial weights, shipped next to the graph (zeros would never learn).
+            model = shipped_model(coordinator.shipped_model)
+            model.initial_weights()  # checked against manifest.json before it is copied
+            initial_weights, graph_file = model.initial_weights_file, model.file
+            b.write_file(directory, graph_file, model.read_bytes(), private=False)
+            b.write_file(
+                directory, initial_weights, model.initial_weights_path.read_bytes(), private=False
+            )
         b.write_file(
             directory,
             b.COORDINATOR_TOML,
@@ -681,6 +693,8 @@ class Fleet:
                 model_id=coordinator.model_id,
                 model_length=coordinator.model_length,
                 state_dir=coordinator.state_dir,
+                initial_weights=initial_weights,
+                graph_file=graph_file,
             ),
             private=False,
         )

@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 import tomli_w
 
 from maskfl.broker_coordinator.provision.errors import ProvisionError
+from maskfl.models import shipped_model
+from maskfl.protocol.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -61,11 +63,17 @@ class ValiditySettings:
 
 @dataclass(frozen=True)
 class CoordinatorSettings:
-    """What the coordinator bundle's coordinator.toml is written with."""
+    """What the coordinator bundle's coordinator.toml is written with.
+
+    ``shipped_model`` names a model of ``maskfl.models`` whose ``.tflite`` and initial
+    weights are copied into the bundle (and named in ``[model]``); empty for a model
+    of your own, whose files the operator adds.
+    """
 
     model_id: str = "mlp"
     model_length: int = 4810
     state_dir: str = "/var/lib/maskfl-coordinator"
+    shipped_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,16 @@ class FleetSettings:
                 raise ProvisionError(f"validity.{name} must be at least 1")
         if self.coordinator.model_length < 1:
             raise ProvisionError("coordinator.model_length must be at least 1")
+        if self.coordinator.shipped_model:
+            try:
+                model = shipped_model(self.coordinator.shipped_model)
+            except ConfigError as exc:
+                raise ProvisionError(f"coordinator.shipped_model: {exc}") from exc
+            if self.coordinator.model_length != model.num_params:
+                raise ProvisionError(
+                    f"coordinator.model_length is {self.coordinator.model_length} but the "
+                    f"shipped model {model.name!r} has {model.num_params} weights: fix model_length"
+                )
 
     def to_toml(self) -> str:
         header = (

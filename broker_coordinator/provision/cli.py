@@ -26,16 +26,19 @@ from maskfl.broker_coordinator.provision._settings import (
     ValiditySettings,
 )
 from maskfl.broker_coordinator.provision.errors import ProvisionError
+from maskfl.models import shipped_model, shipped_models
 from maskfl.protocol.errors import MaskflError
 
 __all__ = ["build_parser", "main"]
 
 PASSPHRASE_ENV = "MASKFL_CA_PASSPHRASE"
 EXIT_USAGE = 2
+DEFAULT_MODEL = "mlp"
 
 EPILOG = """\
 examples:
   maskfl-provision --dir fleet init --fleet demo --host broker.example.org --ip 192.0.2.10
+  maskfl-provision --dir fleet init --fleet digits --model cnn   # the shipped CNN
   maskfl-provision --dir fleet add-device pi --count 3      # pi-001 .. pi-003
   maskfl-provision --dir fleet add-device cam-7 --public-key cam-7.pub --tls-csr cam-7.csr
   maskfl-provision --dir fleet revoke pi-002
@@ -154,16 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _broker_options(init, defaults=True)
     init.add_argument(
+        "--model",
+        metavar="NAME",
+        help=f"shipped model to train ({', '.join(m.name for m in shipped_models())}; "
+        f"default {DEFAULT_MODEL}): its .tflite and initial weights are copied into the "
+        "coordinator bundle and named in coordinator.toml [model]",
+    )
+    init.add_argument(
         "--model-id",
-        default=CoordinatorSettings().model_id,
-        help="model id for coordinator.toml (default: mlp, the shipped MLP)",
+        metavar="ID",
+        help="a model of your own instead of --model: its id (with --model-length); "
+        "add its initial_weights and graph_file to coordinator.toml yourself",
     )
     init.add_argument(
         "--model-length",
         type=int,
-        default=CoordinatorSettings().model_length,
         metavar="M",
-        help="flat weight vector length (default: 4810, the MLP)",
+        help="a model of your own: its flat weight vector length (with --model-id)",
     )
     init.add_argument(
         "--coordinator-state-dir",
@@ -313,6 +323,31 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
+def _model_settings(args: argparse.Namespace) -> CoordinatorSettings:
+    """--model NAME (shipped; the default) or --model-id with --model-length (your own)."""
+    own = args.model_id is not None or args.model_length is not None
+    if not own:
+        model = shipped_model(args.model or DEFAULT_MODEL)
+        return CoordinatorSettings(
+            model_id=model.name,
+            model_length=model.num_params,
+            state_dir=args.coordinator_state_dir,
+            shipped_model=model.name,
+        )
+    if args.model is not None:
+        raise ProvisionError(
+            "--model picks a shipped model, --model-id/--model-length describe one of "
+            "your own: give one or the other"
+        )
+    if args.model_id is None or args.model_length is None:
+        raise ProvisionError("a model of your own needs both --model-id and --model-length")
+    return CoordinatorSettings(
+        model_id=args.model_id,
+        model_length=args.model_length,
+        state_dir=args.coordinator_state_dir,
+    )
+
+
 def _cmd_init(args: argparse.Namespace, root: Path) -> None:
     hosts = args.host or ["localhost"]
     ips = args.ip or ([] if args.host else ["127.0.0.1"])
@@ -333,11 +368,7 @@ def _cmd_init(args: argparse.Namespace, root: Path) -> None:
         validity=ValiditySettings(
             ca_days=args.ca_days, device_days=args.device_days, tls_days=args.tls_days
         ),
-        coordinator=CoordinatorSettings(
-            model_id=args.model_id,
-            model_length=args.model_length,
-            state_dir=args.coordinator_state_dir,
-        ),
+        coordinator=_model_settings(args),
     )
     passphrase = _passphrase(args)
     Fleet.init(root, settings, now=_now(), passphrase=passphrase, force=args.force)
@@ -345,6 +376,14 @@ def _cmd_init(args: argparse.Namespace, root: Path) -> None:
     print(f"fleet {args.fleet!r} created in {root} (CA keys {protected})")
     print(f"  broker files:      {root / 'broker'}  (mount at {args.broker_config_dir})")
     print(f"  coordinator:       {root / 'coordinator'}")
+    model = settings.coordinator
+    if model.shipped_model:
+        print(f"  model:             {model.shipped_model} (graph and initial weights copied)")
+    else:
+        print(
+            f"  model:             {model.model_id}, {model.model_length} weights: add "
+            "[model] initial_weights and graph_file to coordinator.toml"
+        )
     print(f"  next: maskfl-provision --dir {root} add-device ID")
 
 

@@ -7,6 +7,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ai_edge_litert import schema_py_generated as schema
 
@@ -67,6 +68,22 @@ def test_manifest_entry_matches_the_loaded_model(model: ShippedModel) -> None:
     assert spec.num_classes == model.num_classes
     assert spec.signatures == model.signatures
     assert spec.sha256 == model.sha256
+
+
+@pytest.mark.parametrize("model", shipped_models(), ids=lambda m: m.name)
+def test_initial_weights_are_the_graphs_own_bit_for_bit(model: ShippedModel) -> None:
+    data = model.initial_weights_path.read_bytes()
+    assert model.initial_weights_sha256 == hashlib.sha256(data).hexdigest()
+    weights = model.initial_weights()
+    graph = np.asarray(LocalTrainer.shipped(model.name).get_weights())
+    assert weights.dtype == np.float32 and weights.shape == (model.num_params,)
+    assert weights.tobytes() == graph.astype(np.float32).tobytes()
+    assert np.any(weights != 0)  # a ReLU network does not learn from zeros
+
+
+def test_initial_weights_files_are_listed() -> None:
+    on_disk = sorted(p.name for p in MODELS_DIR.glob("*.npy"))
+    assert sorted(m.initial_weights_file for m in shipped_models()) == on_disk
 
 
 def test_flex_fixture_is_seen_as_flex() -> None:
