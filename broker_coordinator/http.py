@@ -1,8 +1,9 @@
 """A small HTTP/1.1 server for operations: metrics, liveness, readiness, status.
 
 ``GET /metrics`` (Prometheus text format), ``/healthz`` (200 while the event
-loop answers), ``/readyz`` (200 once the database is open and the broker link
-is up, 503 otherwise, for a container's readiness probe), ``/status`` (JSON:
+loop answers, from before the first broker connect on), ``/readyz`` (200 once the
+database is open and the broker link is up, 503 with the reason otherwise, for a
+container's readiness probe), ``/status`` (JSON:
 round, phase, counts, model version). Anything else is 404. One request per
 connection, bounded request size and time; no dependency beyond asyncio.
 """

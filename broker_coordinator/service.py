@@ -328,41 +328,51 @@ class Coordinator:
             fleet=config.fleet.id, ca_public_key=ca, revocations_file=config.fleet.revocations_file
         )
         enrollment.reload_if_changed()
-        async with Store.open(state_dir / DB_NAME) as store:
-            self._store_open = True
-            try:
-                optimizer = ServerOptimizer(config.optimizer)
-                model = await self._load_model(store, weights0, optimizer)
-                self.metrics.model_version.set(model.version)
-                transport = await self._connect(stop)
-                self.transport = transport
-                outbox = Outbox(transport, self.metrics)
-                services = Services(
-                    config=config,
-                    store=store,
-                    checkpoints=CheckpointFiles(state_dir / "checkpoints"),
-                    update_log=UpdateLog(state_dir / "updates"),
-                    backend=backend,
-                    signing_key=key,
-                    certificate=cert,
-                    topics=Topics(config.fleet.id),
-                    enrollment=enrollment,
-                    metrics=self.metrics,
-                    mask=mask,
-                    optimizer=optimizer,
-                    outbox=outbox,
-                    model=model,
-                    graph=graph,
-                    graph_digest=hashlib.sha256(graph).digest() if graph else bytes(32),
-                )
-                self.services = services
+        if config.http.enabled:
+            # Before the database and the broker: /healthz answers as soon as the process
+            # runs (a container health check must not fail because the broker is down),
+            # /readyz answers 503 with the reason until the broker link is up.
+            self.http = OpsServer(self.metrics, ready=self.ready, status=self.status)
+            await self.http.start(config.http.host, config.http.port)
+        try:
+            async with Store.open(state_dir / DB_NAME) as store:
+                self._store_open = True
                 try:
-                    await self._serve(services, transport, stop)
+                    optimizer = ServerOptimizer(config.optimizer)
+                    model = await self._load_model(store, weights0, optimizer)
+                    self.metrics.model_version.set(model.version)
+                    transport = await self._connect(stop)
+                    self.transport = transport
+                    outbox = Outbox(transport, self.metrics)
+                    services = Services(
+                        config=config,
+                        store=store,
+                        checkpoints=CheckpointFiles(state_dir / "checkpoints"),
+                        update_log=UpdateLog(state_dir / "updates"),
+                        backend=backend,
+                        signing_key=key,
+                        certificate=cert,
+                        topics=Topics(config.fleet.id),
+                        enrollment=enrollment,
+                        metrics=self.metrics,
+                        mask=mask,
+                        optimizer=optimizer,
+                        outbox=outbox,
+                        model=model,
+                        graph=graph,
+                        graph_digest=hashlib.sha256(graph).digest() if graph else bytes(32),
+                    )
+                    self.services = services
+                    try:
+                        await self._serve(services, transport, stop)
+                    finally:
+                        await outbox.close()
+                        await transport.disconnect()
                 finally:
-                    await outbox.close()
-                    await transport.disconnect()
-            finally:
-                self._store_open = False
+                    self._store_open = False
+        finally:
+            if self.http is not None:
+                await self.http.stop()
 
     async def _load_model(
         self, store: Store, weights0: npt.NDArray[np.float32], optimizer: ServerOptimizer
@@ -422,9 +432,6 @@ class Coordinator:
                 graph_digest=s.graph_digest,
             )
             await s.outbox.state(s.topics.model_latest(s.model.model_id), s.sign(v0, 0))
-        if config.http.enabled:
-            self.http = OpsServer(self.metrics, ready=self.ready, status=self.status)
-            await self.http.start(config.http.host, config.http.port)
 
         def settle(item: Contribution, reason: Reason | None, detail: str) -> None:
             ingest.settle(item, reason, detail)
@@ -453,8 +460,6 @@ class Coordinator:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(committer.drain(), 10)
             await committer.stop()
-            if self.http is not None:
-                await self.http.stop()
 
     async def _supervise(
         self, name: str, body: Callable[[], Awaitable[None]], stop: asyncio.Event

@@ -111,6 +111,44 @@ async def test_http_endpoints_and_cli(
     assert await asyncio.to_thread(main, argv) == 2
 
 
+async def test_http_answers_while_the_broker_is_down(tmp_path: Path) -> None:
+    """/healthz is the process, /readyz the broker link: a down broker is not a dead process."""
+    port = _free_port()
+    broker = Mosquitto(tmp_path / "broker")  # not started yet
+    setup = make_setup(
+        tmp_path,
+        broker.port,
+        summers=1,
+        updaters=1,
+        extra={"http": {"enabled": True, "host": "127.0.0.1", "port": port}},
+    )
+    async with running_coordinator(setup.config_path) as coordinator:
+
+        async def get(path: str) -> tuple[int, str]:
+            try:
+                return await asyncio.to_thread(_get, port, path)
+            except OSError:  # not listening yet
+                return 0, ""
+
+        for _ in range(200):  # the database opens, then the broker link is tried
+            if await get("/readyz") == (503, "broker link down\n"):
+                break
+            await asyncio.sleep(0.05)
+        assert await get("/readyz") == (503, "broker link down\n")
+        assert await get("/healthz") == (200, "ok\n")
+        assert (await get("/metrics"))[0] == 200
+        assert not coordinator.started.is_set()
+        broker.start()
+        try:
+            for _ in range(400):
+                if (await get("/readyz"))[0] == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert await get("/readyz") == (200, "ready\n")
+        finally:
+            broker.stop()
+
+
 async def test_revocation_list_is_reloaded_and_republished(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
