@@ -81,6 +81,10 @@ MAX_SMALL_MESSAGE = 64 * 1024
 MAX_PUBLISH_PAYLOAD = 268_000_000
 #: Messages waiting for the round parameters they belong to.
 MAX_EARLY_MESSAGES = 32
+#: Exit status once a verified revocation list names this device's certificate: the
+#: systemd unit has ``RestartPreventExitStatus=2``, so a revoked device stays stopped
+#: instead of reconnecting forever (re-enroll it, then start it again).
+EXIT_REVOKED = 2
 
 TransportFactory = Callable[[MqttConfig], Transport]
 
@@ -173,6 +177,7 @@ class Agent:
         self._started = time.monotonic()
         self._connected = asyncio.Event()
         self._stop = asyncio.Event()
+        self.exit_code = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -180,7 +185,8 @@ class Agent:
         self._stop.set()
 
     async def run(self) -> int:
-        """Serve until :meth:`request_stop` (SIGTERM/SIGINT in the daemon); returns 0."""
+        """Serve until :meth:`request_stop` (SIGTERM/SIGINT in the daemon); returns 0, or
+        :data:`EXIT_REVOKED` once a verified revocation list names our certificate."""
         await self._load_journal()
         watchdog = asyncio.create_task(self.notifier.watchdog_loop(), name="watchdog")
         self.notifier.ready(f"connecting to {self.config.broker.host}:{self.config.broker.port}")
@@ -193,7 +199,7 @@ class Agent:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watchdog
-        return 0
+        return self.exit_code
 
     async def _supervise(self) -> None:
         broker = self.config.broker
@@ -455,6 +461,22 @@ class Agent:
         log.info(
             "revocation list version %d: %d serials", revocations.version, len(revocations.serials)
         )
+        serial = self.identity.identity.certificate.serial
+        if serial in revocations.serials and self.exit_code != EXIT_REVOKED:
+            log.error(
+                "this device's certificate (%s, serial %d) is revoked by revocation list "
+                "version %d: stopping for good (exit status %d); re-enroll it with "
+                "`maskfl-provision add-device %s --force`, install the new bundle and start "
+                "it again",
+                self.device,
+                serial,
+                revocations.version,
+                EXIT_REVOKED,
+                self.device,
+            )
+            self.notifier.status(f"revoked (revocation list version {revocations.version})")
+            self.exit_code = EXIT_REVOKED
+            self.request_stop()
         return True
 
     async def _on_round(self, payload: bytes, *, from_journal: bool = False) -> None:
