@@ -344,7 +344,7 @@ class Fleet:
         if layout.fleet_toml.exists() or layout.ca_dir.exists():
             if not force:
                 raise ProvisionError(
-                    f"{root} already holds a fleet; pass --force to replace it "
+                    f"directory {root} already holds a fleet; use --force to replace it "
                     "(this discards its CA: every device must be provisioned again)"
                 )
             for stale in (

@@ -136,7 +136,8 @@ def test_init_refuses_an_existing_fleet_without_force(
     fleet: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     old_ca = (fleet / "ca" / "fleet-ca.pub").read_bytes()
-    assert "--force" in fail(fleet, "init", "--fleet", "demo", capsys=capsys)
+    err = fail(fleet, "init", "--fleet", "demo", capsys=capsys)
+    assert f"directory {fleet} already holds a fleet; use --force to replace it" in err
     assert (fleet / "ca" / "fleet-ca.pub").read_bytes() == old_ca
     provision(fleet, "init", "--fleet", "demo", "--force")
     assert (fleet / "ca" / "fleet-ca.pub").read_bytes() != old_ca
