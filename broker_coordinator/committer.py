@@ -101,7 +101,9 @@ class Committer:
                     if remaining <= 0:
                         break
                     try:
-                        nxt = await asyncio.wait_for(self._queue.get(), remaining)
+                        # asyncio.timeout, not wait_for: no extra task per awaited message.
+                        async with asyncio.timeout(remaining):
+                            nxt = await self._queue.get()
                     except TimeoutError:
                         break
                 else:
