@@ -190,3 +190,8 @@ def test_probabilities_reject_negative_counts(field: str) -> None:
     with pytest.raises(ConfigError) as info:
         probabilities_for_targets(**args)
     assert info.value.field == field
+
+
+@given(st.floats(min_value=0.0, max_value=1.0, allow_nan=False))
+def test_threshold_is_the_exact_floor_of_p_times_2_to_64(p: float) -> None:
+    assert threshold(p) == math.floor(Fraction(p) * TICKET_SPACE)
