@@ -168,12 +168,15 @@ async def test_hostile_client_cannot_disturb_the_round(
         SimParticipant(i, ca_public_key=ca, host=mosquitto.host, port=mosquitto.port)
         for i in setup.summers
     ] + [
+        # Updates 1 s apart: the replay of the first accepted update must reach the
+        # coordinator while the update phase is still open, or its receipt says
+        # phase_closed ("round 1 is over") instead of duplicate (0.2 s apart raced).
         SimParticipant(
             i,
             ca_public_key=ca,
             host=mosquitto.host,
             port=mosquitto.port,
-            behaviour=Behaviour(delta=fixed_delta(k), update_delay_s=0.5 + 0.2 * k),
+            behaviour=Behaviour(delta=fixed_delta(k), update_delay_s=0.5 + 1.0 * k),
         )
         for k, i in enumerate(setup.updaters)
     ]
