@@ -39,6 +39,7 @@ demo: $(STAMP) mosquitto
 TYPECHECK_ROOT := build/typecheck
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	@rm -rf $(TYPECHECK_ROOT) && mkdir -p $(TYPECHECK_ROOT)/maskfl
 	@for d in protocol transport agent broker_coordinator aggregator_gpu tools models; do \
 		ln -s $(CURDIR)/$$d $(TYPECHECK_ROOT)/maskfl/$$d; done
