@@ -30,6 +30,7 @@ from maskfl.agent.logs import setup_logging
 from maskfl.agent.state import Journal, state_as_dict
 from maskfl.protocol.errors import ConfigError, MaskflError
 from maskfl.protocol.keys import public_key_to_pem
+from maskfl.protocol.version import version_text
 
 __all__ = ["main"]
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_text("maskfl-agent"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run",

@@ -37,6 +37,7 @@ from maskfl.broker_coordinator.store import Store
 from maskfl.protocol.errors import ConfigError, MaskflError
 from maskfl.protocol.identity import RevocationList
 from maskfl.protocol.keys import public_key_from_pem
+from maskfl.protocol.version import version_text
 
 EXIT_USAGE = 2
 
@@ -64,13 +65,14 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maskfl-coordinator",
         description="Run the maskfl coordinator, inspect its state, export global models.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_text("maskfl-coordinator"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run",
@@ -353,7 +355,7 @@ async def _models_export(config: CoordinatorConfig, version: int | None, out: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
         match args.command:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from maskfl.protocol.version import version_text
+
 # subcommand -> module under maskfl.tools that implements it
 SUBCOMMANDS: dict[str, str] = {
     "protocol": "bench_protocol",
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="maskfl-bench",
         description="Measure maskfl's throughput; writes JSON (stdout, or --json FILE).",
     )
+    parser.add_argument("--version", action="version", version=version_text("maskfl-bench"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in SUBCOMMANDS.values():
         importlib.import_module(f"maskfl.tools.{module_name}").add_parser(sub)

@@ -44,6 +44,7 @@ from maskfl.aggregator_gpu import (
 )
 from maskfl.protocol.masking import MaskConfig
 from maskfl.tools._benchargs import count
+from maskfl.tools._help import plain
 
 NO_DEVICE = "no device"
 SWEEP_N = (100, 1000)
@@ -56,7 +57,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "aggregate",
         help="coordinator aggregation throughput per backend (numpy, CuPy)",
-        description=__doc__,
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

@@ -59,6 +59,7 @@ from maskfl.protocol.topics import TopicKind, Topics, parse_topic
 from maskfl.tools._benchargs import count
 from maskfl.tools._demo_fleet import console_script, find_mosquitto, free_port
 from maskfl.tools._demo_watch import fetch_status
+from maskfl.tools._help import plain
 from maskfl.tools._supervise import Supervisor
 from maskfl.tools.fleet_sim import (
     SimFleet,
@@ -83,7 +84,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "round",
         help="a full masked round on a local broker, split by phase, and the same round unmasked",
-        description=__doc__,
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

@@ -51,6 +51,7 @@ from maskfl.models import shipped_model
 from maskfl.protocol.errors import ConfigError, MaskflError
 from maskfl.protocol.masking import MaskConfig, encode_update
 from maskfl.protocol.messages import GlobalModel, RoundParams
+from maskfl.protocol.version import version_text
 from maskfl.tools import report as rep
 from maskfl.tools._demo_fleet import (
     OBSERVER,
@@ -658,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a secured maskfl fleet on this machine (mosquitto with TLS + ACL, "
         "coordinator, agents) for a few rounds; write report.json and report.png.",
     )
+    parser.add_argument("--version", action="version", version=version_text("maskfl-demo"))
     parser.add_argument("--devices", type=int, default=10, help="number of devices (default 10)")
     parser.add_argument("--rounds", type=int, default=10, help="completed rounds (default 10)")
     parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="default mlp")

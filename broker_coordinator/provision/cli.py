@@ -28,6 +28,7 @@ from maskfl.broker_coordinator.provision._settings import (
 from maskfl.broker_coordinator.provision.errors import ProvisionError
 from maskfl.models import shipped_model, shipped_models
 from maskfl.protocol.errors import MaskflError
+from maskfl.protocol.version import version_text
 
 __all__ = ["build_parser", "main"]
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=version_text("maskfl-provision"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = sub.add_parser(
