@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
+from maskfl.broker_coordinator.provision import numbered_device_ids
 from maskfl.models import model_path
 from maskfl.protocol.errors import ConfigError
 
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 FLEET = "demo"
+DATA_SHARDS_MAX = 700
+"""The digits training set (~1,440 samples) split into at most this many shards of
+two or more samples; a larger fleet shares them (device i trains on shard i mod 700)."""
 OBSERVER = "demo-observer"
 """An extra enrolled identity the demo uses to watch the fleet: the ACL lets a device
 read round parameters, sum dictionaries and models, which is all the demo needs."""
@@ -84,9 +88,17 @@ class FleetSettings:
     partition: str = "dirichlet"
     alpha: float = 0.5
     data_seed: int = 0
-    min_samples: int = 10
     sample_cap: int = 1000
     heartbeat_s: float = 5.0
+
+    @property
+    def shards(self) -> int:
+        """How many parts the data set is cut into (one per device up to DATA_SHARDS_MAX)."""
+        return min(self.devices, DATA_SHARDS_MAX)
+
+    @property
+    def min_samples(self) -> int:
+        return max(1, min(10, 1400 // (2 * self.shards)))
 
 
 @dataclass(frozen=True)
@@ -131,7 +143,8 @@ def _run(argv: list[str], log: Path) -> None:
 def provision_fleet(
     root: Path, settings: FleetSettings, *, pet: dict[str, Any], initial: np.ndarray
 ) -> DemoFleet:
-    """Provision ``settings.devices`` devices (dev-001 ...) and the observer into
+    """Provision ``settings.devices`` devices (dev-001 ..., named by
+    :func:`numbered_device_ids` like ``add-device --count``) and the observer into
     ``root/fleet``, then write the demo's coordinator and agent settings."""
     fleet_dir = root / "fleet"
     logs = root / "logs"
@@ -174,8 +187,7 @@ def provision_fleet(
     _run([*base, "add-device", "dev", "--count", str(settings.devices)], logs / "provision.log")
     _run([*base, "add-device", OBSERVER], logs / "provision.log")
     (root / "broker-data").mkdir(exist_ok=True)
-    width = max(3, len(str(settings.devices)))
-    devices = tuple(f"dev-{i:0{width}d}" for i in range(1, settings.devices + 1))
+    devices = tuple(numbered_device_ids("dev", settings.devices))
     fleet = DemoFleet(
         root=root,
         broker_port=port,
@@ -243,8 +255,8 @@ def _write_agent(fleet: DemoFleet, device: str, index: int, s: FleetSettings) ->
             "data": {
                 "source": "digits",
                 "options": {
-                    "shard": index,
-                    "shards": s.devices,
+                    "shard": index % s.shards,
+                    "shards": s.shards,
                     "partition": s.partition,
                     "alpha": s.alpha,
                     "seed": s.data_seed,

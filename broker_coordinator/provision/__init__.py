@@ -20,6 +20,7 @@ from maskfl.broker_coordinator.provision._fleet import (
     Layout,
     Registry,
     Status,
+    numbered_device_ids,
 )
 from maskfl.broker_coordinator.provision._settings import (
     BrokerSettings,
@@ -44,6 +45,7 @@ __all__ = [
     "Status",
     "ValiditySettings",
     "device_rules",
+    "numbered_device_ids",
     "render_acl",
     "render_mosquitto_conf",
 ]

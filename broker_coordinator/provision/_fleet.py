@@ -298,6 +298,16 @@ class AddOutcome(StrEnum):
     REISSUED = "reissued"
 
 
+def numbered_device_ids(base: str, count: int) -> list[str]:
+    """The ids ``add-device BASE --count COUNT`` enrolls: ``BASE-001`` ... ``BASE-COUNT``.
+
+    At least three digits, more only where the number needs them (``dev-999``,
+    ``dev-1000``), so an id never changes when a fleet grows. Everything that
+    names numbered devices (the demo, benchmarks) calls this one function.
+    """
+    return [f"{base}-{i:03d}" for i in range(1, count + 1)]
+
+
 def _unix(now: dt.datetime) -> int:
     return int(now.timestamp())
 
@@ -429,10 +439,10 @@ class Fleet:
     # -- devices ----------------------------------------------------------------
 
     def device_ids(self, base: str, count: int) -> list[str]:
-        """``base`` itself, or ``base-001`` ... ``base-NNN`` when ``count`` > 1."""
+        """``base`` itself, or :func:`numbered_device_ids` when ``count`` > 1."""
         if count < 1:
             raise ProvisionError("--count must be at least 1")
-        ids = [base] if count == 1 else [f"{base}-{i:03d}" for i in range(1, count + 1)]
+        ids = [base] if count == 1 else numbered_device_ids(base, count)
         for device in ids:
             check_id(device, "device id")
             if device == COORDINATOR_USER:
