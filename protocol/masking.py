@@ -2,7 +2,8 @@
 
 Everything is modular arithmetic on numpy unsigned integers of ``w`` bits
 (``w`` in {32, 64}); numpy's array additions wrap modulo ``2^w`` silently, so
-there is no big-integer code anywhere (DESIGN.md §4).
+there is no big-integer code anywhere. docs/protocol.md §7 is the normative
+specification of every rule below; docs/vectors/masking.json has known answers.
 
 Encoding (one update of ``M`` elements becomes ``M + 1`` words)::
 
@@ -370,13 +371,16 @@ class _Encoder:
 
     Per element: ``rint(clip(x·(a·S), ±c)) + K`` with ``c = min(B·(a·S), K)``,
     which is ``rint(clip(x, ±B)·a·S)`` (float multiplication is monotone) kept
-    within ``±K``, shifted by ``K``. The chunk stays in cache. For 32-bit words
-    the rounding and the shift are one float addition of ``1.5·2^52 + K``, whose
-    low 32 mantissa bits are the word; 64-bit words take ``rint`` and a cast.
+    within ``±K``, shifted by ``K``; ``rint`` rounds half to even *before* the
+    shift (docs/protocol.md §7.2). The chunk stays in cache. For 32-bit words the
+    rounding is one float addition of ``1.5·2^52``, whose low 32 mantissa bits are
+    the rounded value in two's complement, and ``K`` is added in integers (adding
+    ``1.5·2^52 + K`` at once would round ties to an even *word*, which differs
+    from an even value when ``K`` is odd); 64-bit words take ``rint`` and a cast.
     The caller checks for NaN first (:func:`_check_no_nan`).
     """
 
-    __slots__ = ("_add", "_bits", "_bound", "_factor", "_offset", "_work")
+    __slots__ = ("_bits", "_bound", "_factor", "_offset", "_work")
 
     def __init__(self, weight: float, cfg: MaskConfig, chunk: int) -> None:
         self._bits = cfg.word_bits
@@ -386,7 +390,6 @@ class _Encoder:
             k_float = math.nextafter(k_float, 0.0)
         self._bound = min(float(cfg.bound) * self._factor, k_float)
         self._offset = cfg.dtype(cfg.offset)
-        self._add = _ROUNDING_MAGIC + cfg.offset  # exact: K < 2^31 for 32-bit words
         self._work = np.empty(chunk, dtype=np.float64)
 
     def encode(self, out: Words, delta: npt.NDArray[np.floating[Any]]) -> None:
@@ -399,8 +402,9 @@ class _Encoder:
         np.multiply(work, self._factor, out=work)
         np.clip(work, -self._bound, self._bound, out=work)
         if self._bits == 32:
-            np.add(work, self._add, out=work)
+            np.add(work, _ROUNDING_MAGIC, out=work)
             np.copyto(out, work.view(np.uint32)[_LOW_HALF::2])
+            np.add(out, self._offset, out=out)
         else:
             np.rint(work, out=work)
             np.copyto(out.view(np.int64), work, casting="unsafe")
