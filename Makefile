@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.maskfl-dev-installed
 DEMO_ARGS ?=
 BENCH_JSON ?= bench.json
 
-.PHONY: demo test lint bench mosquitto venv clean
+.PHONY: demo test lint bench mosquitto chromium venv clean
 
 venv: $(STAMP)
 
@@ -28,7 +28,16 @@ mosquitto:
 		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q mosquitto; \
 	fi
 
-test: $(STAMP) mosquitto
+# Headless Chromium and its WebDriver for the status page's browser test.
+chromium:
+	@if command -v chromedriver >/dev/null 2>&1 && { command -v chromium >/dev/null 2>&1 || \
+		command -v chromium-browser >/dev/null 2>&1; }; then :; else \
+		echo "chromium/chromedriver not found: installing them with apt-get"; \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; \
+	fi
+
+test: $(STAMP) mosquitto chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP) mosquitto

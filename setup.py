@@ -25,5 +25,9 @@ for top in TOP_LEVEL:
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"": ["py.typed", "*.tflite", "*.json", "*.npy"]},
+    package_data={
+        "": ["py.typed", "*.tflite", "*.json", "*.npy"],
+        # The status page and its vendored charting library (uPlot, MIT, with its licence).
+        "maskfl.broker_coordinator": ["web/*.html", "web/*.js", "web/*.css", "web/vendor/*"],
+    },
 )

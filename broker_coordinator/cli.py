@@ -4,6 +4,7 @@
 
     maskfl-coordinator run --config coordinator.toml
     maskfl-coordinator status --config coordinator.toml [--json]
+    maskfl-coordinator devices --config coordinator.toml [--json] [--rounds N]
     maskfl-coordinator models list --config coordinator.toml [--json]
     maskfl-coordinator models export --config coordinator.toml [--version N] --out model.npy
 
@@ -24,6 +25,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from maskfl.broker_coordinator.config import CoordinatorConfig, check_files, load_config
+from maskfl.broker_coordinator.enrollment import Enrollment
+from maskfl.broker_coordinator.fleetview import device_table
 from maskfl.broker_coordinator.logs import setup_logging
 from maskfl.broker_coordinator.service import Coordinator, state_db
 from maskfl.broker_coordinator.store import Store
@@ -45,6 +49,7 @@ _EPILOG = """\
 examples:
   maskfl-coordinator run --config fleet/coordinator/coordinator.toml
   maskfl-coordinator status --config fleet/coordinator/coordinator.toml
+  maskfl-coordinator devices --config fleet/coordinator/coordinator.toml
   maskfl-coordinator models list --config fleet/coordinator/coordinator.toml
   maskfl-coordinator models export --config fleet/coordinator/coordinator.toml --out model.npy
 
@@ -91,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_arg(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    devices = sub.add_parser(
+        "devices",
+        help="every device seen: last seen, roles, accepted/rejected messages, revoked",
+        description="One line per device the coordinator accepted or rejected a message "
+        "from, read from [storage] dir (works while the coordinator runs): when it was last "
+        "seen, its role in the last rounds (S summer, U updater, . none), accepted sum/update/"
+        "sum2 messages, rejections by reason, and whether the revocation list in "
+        "fleet.revocations_file revokes its certificate. Metadata only, never model numbers.",
+    )
+    _config_arg(devices)
+    devices.add_argument("--json", action="store_true", help="print JSON instead of text")
+    devices.add_argument(
+        "--rounds", type=int, default=5, metavar="N", help="roles in the last N rounds (default 5)"
+    )
     models = sub.add_parser(
         "models",
         help="the global model registry",
@@ -300,6 +319,63 @@ async def _status(config: CoordinatorConfig, as_json: bool) -> None:
         print(f"round {r['round_id']}: {outcome}{extra}")
 
 
+def _revocations(config: CoordinatorConfig) -> RevocationList | None:
+    """The revocation list in force (verified against the fleet CA), or None without one."""
+    check_revocations(config)  # one that does not verify is an error, not "nobody revoked"
+    path = config.fleet.ca_public_key_file
+    try:
+        ca = public_key_from_pem(path.read_bytes())
+    except (OSError, MaskflError) as exc:
+        raise ConfigError(
+            f"fleet.ca_public_key_file: cannot read the fleet CA key {path}: {exc}",
+            field="fleet.ca_public_key_file",
+        ) from exc
+    enrollment = Enrollment(
+        fleet=config.fleet.id, ca_public_key=ca, revocations_file=config.fleet.revocations_file
+    )
+    enrollment.reload_if_changed()
+    return enrollment.revocations
+
+
+async def _devices(config: CoordinatorConfig, as_json: bool, recent: int) -> None:
+    if recent < 1:
+        raise ConfigError("--rounds: must be at least 1", field="--rounds")
+    revocations = _revocations(config)
+    async with Store.open(_open_existing(config)) as store:
+        rows = await device_table(store, revocations=revocations, recent_rounds=recent)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("no device has sent a message yet")
+        return
+    now = time.time()
+    width = max(len("device"), *(len(r["device"]) for r in rows))
+    print(f"{'device':<{width}}  {'last seen':>11}  revoked  roles  sum/upd/sum2  rejected")
+    for r in rows:
+        seen = "never" if r["last_seen"] is None else _ago(now - r["last_seen"])
+        revoked = {None: "?", True: "REVOKED", False: "no"}[r["revoked"]]
+        roles = "".join({"summer": "S", "updater": "U"}.get(x["role"], ".") for x in r["roles"])
+        a = r["accepted"]
+        counts = f"{a['sum']}/{a['update']}/{a['sum2']}"
+        rejected = ", ".join(f"{k} x{v}" for k, v in sorted(r["rejected"].items())) or "-"
+        print(
+            f"{r['device']:<{width}}  {seen:>11}  {revoked:<7}  {roles:<5}  {counts:<12}  "
+            f"{rejected}"
+        )
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} d ago"
+
+
 async def _models_list(config: CoordinatorConfig, as_json: bool) -> None:
     async with Store.open(_open_existing(config)) as store:
         models = await store.models()
@@ -369,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                     asyncio.run(_run(config))
             case "status":
                 asyncio.run(_status(config, args.json))
+            case "devices":
+                asyncio.run(_devices(config, args.json, args.rounds))
             case "models" if args.models_command == "list":
                 asyncio.run(_models_list(config, args.json))
             case "models":

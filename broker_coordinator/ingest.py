@@ -47,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from maskfl.broker_coordinator.context import Contribution, Incoming, Services
+from maskfl.broker_coordinator.fleetview import RejectionLog
 from maskfl.broker_coordinator.runner import Runner
 from maskfl.protocol.chunking import ChunkFrame, is_chunk
 from maskfl.protocol.errors import MaskflError, Reason, RemoteProtocolError
@@ -213,6 +214,8 @@ class Ingest:
             max_age_s=pet.reassembly_max_age_s,
         )
         self.unacked = 0
+        self.rejections = RejectionLog()
+        """Rejections per device until housekeeping writes them to the store."""
 
     def _ack(self, message: Message) -> None:
         self.transport.ack(message)
@@ -369,6 +372,7 @@ class Ingest:
             self._ack(d)
         name = "unknown" if kind is None else kind.name.lower()
         self.s.metrics.count(name, exc.reason)
+        self.rejections.note(device, str(exc.reason), self.s.clock())
         log.info(
             "rejected %s from %s: %s",
             name,

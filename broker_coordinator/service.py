@@ -34,6 +34,7 @@ from maskfl.broker_coordinator.committer import Committer
 from maskfl.broker_coordinator.config import CoordinatorConfig, check_files
 from maskfl.broker_coordinator.context import Contribution, ModelState, Services
 from maskfl.broker_coordinator.enrollment import Enrollment
+from maskfl.broker_coordinator.fleetview import Timeline, device_table, model_history, round_history
 from maskfl.broker_coordinator.http import OpsServer
 from maskfl.broker_coordinator.ingest import Ingest
 from maskfl.broker_coordinator.metrics import Metrics
@@ -52,6 +53,7 @@ from maskfl.protocol.identity import (
 from maskfl.protocol.ids import Role, RoundId
 from maskfl.protocol.masking import MaskConfig
 from maskfl.protocol.messages import GlobalModel, weights_digest
+from maskfl.protocol.phases import MESSAGE_PHASES
 from maskfl.protocol.topics import Topics
 from maskfl.transport import LinkEvent, LinkState, MqttConfig, MqttTransport, TlsConfig
 
@@ -60,6 +62,10 @@ log = logging.getLogger("maskfl.coordinator")
 DB_NAME = "coordinator.db"
 MAX_GRAPH_BYTES = 256 * 1024 * 1024
 _TICK_S = 1.0
+_SAMPLE_S = 5.0
+"""How often the status page's timeline (devices alive, rejections) takes a sample."""
+_PAGE_CACHE_S = 2.0
+"""The status page's database reads are reused for this long (any number of viewers)."""
 _RESTART_PAUSE_S = 2.0
 
 
@@ -204,6 +210,8 @@ class Coordinator:
         self._store_open = False
         self.started = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        self.timeline = Timeline()
+        self._page_cache: tuple[float, dict[str, Any]] | None = None
 
     # -- ops ---------------------------------------------------------------------
 
@@ -253,6 +261,59 @@ class Coordinator:
                 "connects": st.connects,
             }
         return out
+
+    def progress(self) -> dict[str, Any]:
+        """The current phase against its closing rule: messages in, targets, deadline."""
+        runner = self.runner
+        out: dict[str, Any] = {"phase": None if runner is None else str(runner.phase)}
+        state = None if runner is None else runner.state
+        if runner is None or state is None:
+            return out
+        out["round_id"] = state.round_id
+        out["round_started_at"] = state.record.started_at
+        out["phase_opened_at"] = state.record.phase_opened_at
+        timer = state.timer
+        if runner.phase in MESSAGE_PHASES and timer is not None:
+            w = timer.window
+            out.update(
+                messages=timer.count,
+                count_min=w.count_min,
+                count_max=w.count_max,
+                time_min_s=w.time_min_s,
+                time_max_s=w.time_max_s,
+                deadline=timer.opened_at + w.time_max_s,
+            )
+        return out
+
+    async def dashboard(self) -> dict[str, Any]:
+        """Everything the status page shows, as JSON (``GET /api/dashboard``)."""
+        s = self.services
+        now = time.time()
+        out: dict[str, Any] = {
+            "now": now,
+            "fleet": self.config.fleet.id,
+            "status": self.status(),
+            "progress": self.progress(),
+            "timeline": self.timeline.as_json(),
+            "dp": None,
+        }
+        if s is None or not self._store_open:
+            return {**out, "rounds": [], "models": [], "devices": []}
+        cached = self._page_cache
+        if cached is None or now - cached[0] > _PAGE_CACHE_S:
+            model_id = s.model.model_id
+            stored = {
+                "rounds": await round_history(s.store, model_id, now=now),
+                "models": await model_history(s.store, model_id),
+                "devices": await device_table(
+                    s.store,
+                    revocations=s.enrollment.revocations,
+                    alive=s.alive,
+                    alive_since=now - self.config.pet.alive_window_s,
+                ),
+            }
+            self._page_cache = cached = (now, stored)
+        return {**out, **cached[1]}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -332,7 +393,9 @@ class Coordinator:
             # Before the database and the broker: /healthz answers as soon as the process
             # runs (a container health check must not fail because the broker is down),
             # /readyz answers 503 with the reason until the broker link is up.
-            self.http = OpsServer(self.metrics, ready=self.ready, status=self.status)
+            self.http = OpsServer(
+                self.metrics, ready=self.ready, status=self.status, dashboard=self.dashboard
+            )
             await self.http.start(config.http.host, config.http.port)
         try:
             async with Store.open(state_dir / DB_NAME) as store:
@@ -460,6 +523,7 @@ class Coordinator:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(committer.drain(), 10)
             await committer.stop()
+            await ingest.rejections.flush(s.store)
 
     async def _supervise(
         self, name: str, body: Callable[[], Awaitable[None]], stop: asyncio.Event
@@ -481,10 +545,14 @@ class Coordinator:
 
     async def _housekeeping(self, s: Services, ingest: Ingest) -> None:
         poll = s.config.fleet.revocations_poll_s
-        next_poll = 0.0
+        next_poll = next_sample = 0.0
         loop = asyncio.get_running_loop()
         while True:
             ingest.tick()
+            await ingest.rejections.flush(s.store)
+            if loop.time() >= next_sample:
+                next_sample = loop.time() + _SAMPLE_S
+                self.timeline.add(s.clock(), s.alive_count(), self.metrics.rejected_total())
             if loop.time() >= next_poll:
                 next_poll = loop.time() + poll
                 if s.enrollment.reload_if_changed() and s.enrollment.revocations_raw is not None:

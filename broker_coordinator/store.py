@@ -89,6 +89,7 @@ CREATE TABLE IF NOT EXISTS messages (
     device_id TEXT NOT NULL,
     received_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS messages_by_round ON messages (round_id);
 CREATE TABLE IF NOT EXISTS summers (
     round_id INTEGER NOT NULL,
     device_id TEXT NOT NULL,
@@ -134,7 +135,23 @@ CREATE TABLE IF NOT EXISTS models (
     created_at REAL NOT NULL,
     PRIMARY KEY (model_id, version)
 );
+CREATE TABLE IF NOT EXISTS phase_log (
+    round_id INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    PRIMARY KEY (round_id, phase)
+);
+CREATE TABLE IF NOT EXISTS device_rejections (
+    device_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    last_at REAL NOT NULL,
+    PRIMARY KEY (device_id, reason)
+);
 """
+
+_LOGGED_PHASES = ("sum", "update", "sum2", "unmask")
+"""Phases whose opening time ``phase_log`` keeps (for phase durations on the status page)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +272,11 @@ class Transaction:
                 r.model_version,
             ),
         )
+        if r.phase in _LOGGED_PHASES:
+            await self.execute(
+                "INSERT OR IGNORE INTO phase_log (round_id, phase, opened_at) VALUES (?,?,?)",
+                (r.round_id, r.phase, r.phase_opened_at),
+            )
 
     async def set_meta(self, key: str, value: bytes) -> None:
         await self.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
@@ -322,6 +344,15 @@ class Transaction:
                 m.optimizer_state,
                 m.created_at,
             ),
+        )
+
+    async def count_rejections(self, rows: Iterable[tuple[str, str, int, float]]) -> None:
+        """Add ``(device, reason, count, last_at)`` to the per-device rejection counts."""
+        await self.executemany(
+            "INSERT INTO device_rejections (device_id, reason, count, last_at) VALUES (?,?,?,?) "
+            "ON CONFLICT(device_id, reason) DO UPDATE SET count = count + excluded.count, "
+            "last_at = max(last_at, excluded.last_at)",
+            rows,
         )
 
     async def forget_round_bulk(self, round_id: int) -> None:
@@ -497,6 +528,64 @@ class Store:
             )
         return out
 
+    async def phase_log(self, since_round: int) -> list[tuple[int, str, float]]:
+        """``(round, phase, opened_at)`` of every logged phase from ``since_round`` on."""
+        rows = await self._all(
+            "SELECT round_id, phase, opened_at FROM phase_log WHERE round_id >= ? "
+            "ORDER BY round_id, opened_at",
+            (since_round,),
+        )
+        return [(int(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+    async def participant_counts(self, since_round: int) -> dict[int, dict[str, int]]:
+        """Accepted summers, updates and sum2 masks per round from ``since_round`` on."""
+        out: dict[int, dict[str, int]] = {}
+        for table in ("summers", "updates"):
+            rows = await self._all(
+                f"SELECT round_id, COUNT(*) FROM {table} WHERE round_id >= ? GROUP BY round_id",
+                (since_round,),
+            )
+            for r in rows:
+                out.setdefault(int(r[0]), {})[table] = int(r[1])
+        rows = await self._all(
+            "SELECT round_id, COUNT(*) FROM messages WHERE round_id >= ? AND type = 'sum2' "
+            "GROUP BY round_id",
+            (since_round,),
+        )
+        for r in rows:
+            out.setdefault(int(r[0]), {})["sum2"] = int(r[1])
+        return out
+
+    async def devices(self) -> list[tuple[str, int, float, float]]:
+        """``(device, serial, first_seen, last_seen)`` of every device ever accepted."""
+        rows = await self._all(
+            "SELECT device_id, serial, first_seen, last_seen FROM devices ORDER BY device_id"
+        )
+        return [(str(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in rows]
+
+    async def device_messages(self) -> list[tuple[str, str, int]]:
+        """``(device, type, count)`` of accepted messages."""
+        rows = await self._all(
+            "SELECT device_id, type, COUNT(*) FROM messages GROUP BY device_id, type"
+        )
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    async def device_roles(self, since_round: int) -> list[tuple[str, int, str]]:
+        """``(device, round, type)`` of the messages accepted from ``since_round`` on."""
+        rows = await self._all(
+            "SELECT device_id, round_id, type FROM messages WHERE round_id >= ? ORDER BY round_id",
+            (since_round,),
+        )
+        return [(str(r[0]), int(r[1]), str(r[2])) for r in rows]
+
+    async def device_rejections(self) -> list[tuple[str, str, int, float]]:
+        """``(device, reason, count, last_at)`` of every counted rejection."""
+        rows = await self._all(
+            "SELECT device_id, reason, count, last_at FROM device_rejections "
+            "ORDER BY device_id, reason"
+        )
+        return [(str(r[0]), str(r[1]), int(r[2]), float(r[3])) for r in rows]
+
     async def device_count(self) -> int:
         rows = await self._all("SELECT COUNT(*) FROM devices")
         return int(rows[0][0])
@@ -536,6 +625,21 @@ class Store:
             (model_id, version),
         )
         return self._model(rows[0]) if rows else None
+
+    async def model_metrics(self, model_id: str) -> list[tuple[int, int | None, dict[str, float]]]:
+        """``(version, round, metrics)`` of every version, without the weights."""
+        rows = await self._all(
+            "SELECT version, round_id, metrics FROM models WHERE model_id = ? ORDER BY version",
+            (model_id,),
+        )
+        return [
+            (
+                int(r[0]),
+                None if r[1] is None else int(r[1]),
+                {str(k): float(v) for k, v in json.loads(r[2]).items()},
+            )
+            for r in rows
+        ]
 
     async def models(self, model_id: str | None = None) -> list[ModelRecord]:
         where, params = ("WHERE model_id = ?", (model_id,)) if model_id else ("", ())

@@ -1,0 +1,249 @@
+"""What the status page and ``maskfl-coordinator devices`` show: rounds, models, devices.
+
+Everything here is metadata the coordinator sees anyway: when a device was
+heard from, which messages of which rounds it had accepted or rejected (and
+why), whether its certificate is revoked, how long each phase took, how many
+updates went into each aggregate and the figures published with each global
+model. Never a device's model numbers: the coordinator holds only masked words
+of any one device, and nothing here reads them.
+
+Rounds and devices come from the store, so ``maskfl-coordinator devices`` shows
+the same table from a second process while the coordinator runs. Rejections
+are counted per device in memory and written to the store once per
+housekeeping tick (:class:`RejectionLog`), so a flood of garbage costs one
+small transaction a second, not one per message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from maskfl.broker_coordinator.store import Store
+from maskfl.protocol.errors import MaskflError
+from maskfl.protocol.identity import RevocationList
+
+log = logging.getLogger("maskfl.coordinator.fleetview")
+
+PHASES = ("sum", "update", "sum2", "unmask")
+"""The timed phases of a round, in order: every round's ``phases`` has exactly these keys."""
+
+ROLES = {"sum": "summer", "update": "updater"}
+
+_EVALUATION_KEYS = ("examples", "accuracy", "loss")
+_PRIVACY_KEYS = ("updates", "error_bound", "resolution", "epsilon", "delta")
+
+
+class RejectionLog:
+    """Rejected messages by device and reason, until the next flush to the store.
+
+    At most ``max_pending`` (device, reason) pairs wait between flushes; beyond
+    that a rejection is still counted in Prometheus but not per device, and
+    ``overflow`` says how many were left out (logged once per flush).
+    """
+
+    def __init__(self, max_pending: int = 100_000) -> None:
+        self.max_pending = max_pending
+        self._pending: dict[tuple[str, str], list[float]] = {}
+        self.overflow = 0
+        self._overflow_logged = 0
+
+    def note(self, device: str, reason: str, now: float) -> None:
+        key = (device, reason)
+        entry = self._pending.get(key)
+        if entry is None:
+            if len(self._pending) >= self.max_pending:
+                self.overflow += 1
+                return
+            self._pending[key] = [1.0, now]
+            return
+        entry[0] += 1
+        entry[1] = max(entry[1], now)
+
+    def take(self) -> list[tuple[str, str, int, float]]:
+        """The pending rows ``(device, reason, count, last_at)``; the log is empty after."""
+        rows = [(d, r, int(c), t) for (d, r), (c, t) in self._pending.items()]
+        self._pending.clear()
+        return rows
+
+    async def flush(self, store: Store) -> None:
+        rows = self.take()
+        if self.overflow > self._overflow_logged:
+            log.warning(
+                "%d rejections not recorded per device (more than %d device/reason pairs "
+                "between two flushes); they are in maskfl_coordinator_messages_total",
+                self.overflow - self._overflow_logged,
+                self.max_pending,
+            )
+            self._overflow_logged = self.overflow
+        if not rows:
+            return
+        try:
+            async with store.transaction() as tx:
+                await tx.count_rejections(rows)
+        except MaskflError as exc:
+            log.warning("could not record %d per-device rejection counts: %s", len(rows), exc)
+
+
+@dataclass
+class Timeline:
+    """Samples of live figures for the page (devices alive, rejections by reason).
+
+    Bounded: the oldest sample goes first. In memory only: after a restart
+    the lines start again (the counters they show are Prometheus counters,
+    which restart too).
+    """
+
+    max_samples: int = 720
+    samples: deque[tuple[float, int, dict[str, float]]] = field(default_factory=deque)
+
+    def add(self, now: float, alive: int, rejected: Mapping[str, float]) -> None:
+        self.samples.append((now, alive, dict(rejected)))
+        while len(self.samples) > self.max_samples:
+            self.samples.popleft()
+
+    def as_json(self) -> dict[str, Any]:
+        reasons = sorted({r for _, _, rej in self.samples for r in rej})
+        return {
+            "t": [t for t, _, _ in self.samples],
+            "alive": [a for _, a, _ in self.samples],
+            "rejected": {r: [rej.get(r, 0.0) for _, _, rej in self.samples] for r in reasons},
+        }
+
+
+async def round_history(
+    store: Store, model_id: str, *, limit: int = 50, now: float
+) -> list[dict[str, Any]]:
+    """The last ``limit`` rounds, oldest first, each with the same keys.
+
+    ``phases`` always holds every timed phase (seconds, or None when the round
+    did not reach it); ``evaluation`` and ``privacy`` are None for a round
+    that published no model.
+    """
+    rounds = list(reversed(await store.rounds(limit)))
+    if not rounds:
+        return []
+    since = rounds[0].round_id
+    opened: dict[int, list[tuple[str, float]]] = {}
+    for rid, phase, at in await store.phase_log(since):
+        opened.setdefault(rid, []).append((phase, at))
+    counts = await store.participant_counts(since)
+    models = {
+        rid: (version, metrics)
+        for version, rid, metrics in await store.model_metrics(model_id)
+        if rid is not None and rid >= since
+    }
+    out = []
+    for r in rounds:
+        phases: dict[str, float | None] = dict.fromkeys(PHASES)
+        log_ = opened.get(r.round_id, [])
+        end = r.finished_at if r.finished_at is not None else now
+        for i, (phase, at) in enumerate(log_):
+            until = log_[i + 1][1] if i + 1 < len(log_) else end
+            phases[phase] = max(0.0, until - at)
+        c = counts.get(r.round_id, {})
+        model = models.get(r.round_id)
+        metrics = model[1] if model else {}
+        out.append(
+            {
+                "round_id": r.round_id,
+                "outcome": r.outcome,
+                "phase": r.phase,
+                "detail": r.detail,
+                "started_at": r.started_at,
+                "finished_at": r.finished_at,
+                "duration_s": end - r.started_at,
+                "phases": phases,
+                "summers": c.get("summers", 0),
+                "updaters": c.get("updates", 0),
+                "sum2": c.get("sum2", 0),
+                "dropped": int(metrics.get("dropped", 0)),
+                "model_version": model[0] if model else None,
+                "privacy": None if model is None else {k: metrics.get(k) for k in _PRIVACY_KEYS},
+                "evaluation": None
+                if model is None or "accuracy" not in metrics
+                else {k: metrics.get(k) for k in _EVALUATION_KEYS},
+            }
+        )
+    return out
+
+
+async def model_history(store: Store, model_id: str) -> list[dict[str, Any]]:
+    """Every version of ``model_id`` with its round and published figures (no weights)."""
+    return [
+        {
+            "version": version,
+            "round_id": rid,
+            "updates": metrics.get("updates"),
+            "error_bound": metrics.get("error_bound"),
+            "examples": metrics.get("examples"),
+            "accuracy": metrics.get("accuracy"),
+            "loss": metrics.get("loss"),
+        }
+        for version, rid, metrics in await store.model_metrics(model_id)
+    ]
+
+
+async def device_table(
+    store: Store,
+    *,
+    revocations: RevocationList | None,
+    recent_rounds: int = 5,
+    alive: Mapping[str, float] | None = None,
+    alive_since: float | None = None,
+) -> list[dict[str, Any]]:
+    """One row per device the coordinator has accepted or rejected a message from.
+
+    ``roles`` covers the last ``recent_rounds`` rounds, newest first: ``summer``,
+    ``updater`` or None (no accepted message that round). ``revoked`` is None
+    for a device whose certificate serial the coordinator never learned (every
+    message of it was rejected). ``alive`` is None unless the running
+    coordinator's heartbeat table is given.
+    """
+    last = await store.last_round()
+    latest = 0 if last is None else last.round_id
+    since = max(1, latest - recent_rounds + 1)
+    seen = {d: (serial, first, last_) for d, serial, first, last_ in await store.devices()}
+    accepted: dict[str, dict[str, int]] = {}
+    for d, kind, n in await store.device_messages():
+        accepted.setdefault(d, {})[kind] = n
+    roles: dict[str, dict[int, str]] = {}
+    for d, rid, kind in await store.device_roles(since):
+        if kind in ROLES:
+            roles.setdefault(d, {})[rid] = ROLES[kind]
+    rejected: dict[str, dict[str, int]] = {}
+    last_rejected: dict[str, float] = {}
+    for d, reason, n, at in await store.device_rejections():
+        rejected.setdefault(d, {})[reason] = n
+        last_rejected[d] = max(last_rejected.get(d, 0.0), at)
+    heard = alive or {}
+    rows = []
+    for device in sorted(set(seen) | set(rejected) | set(heard)):
+        serial, first_seen, last_seen = seen.get(device, (None, None, None))
+        mine = accepted.get(device, {})
+        candidates = [t for t in (last_seen, last_rejected.get(device), heard.get(device)) if t]
+        revoked = None
+        if serial is not None:
+            revoked = revocations is not None and revocations.is_revoked(serial)
+        rows.append(
+            {
+                "device": device,
+                "serial": serial,
+                "first_seen": first_seen,
+                "last_seen": max(candidates) if candidates else None,
+                "alive": None
+                if alive_since is None
+                else heard.get(device, float("-inf")) >= alive_since,
+                "revoked": revoked,
+                "roles": [
+                    {"round_id": rid, "role": roles.get(device, {}).get(rid)}
+                    for rid in range(latest, since - 1, -1)
+                ],
+                "accepted": {k: mine.get(k, 0) for k in ("sum", "update", "sum2")},
+                "rejected": rejected.get(device, {}),
+            }
+        )
+    return rows
