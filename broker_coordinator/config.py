@@ -105,12 +105,18 @@ class _Section(BaseModel):
 
 
 class FleetConfig(_Section):
-    """Who the fleet is and whom it trusts."""
+    """Who the fleet is and whom it trusts.
+
+    ``max_devices``: the most devices counted alive at once (and the size of the
+    certificate cache); memory is about 300 bytes per device. Heartbeats from
+    devices beyond it are counted as ``fleet_full`` and logged, not evicting others.
+    """
 
     id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
     ca_public_key_file: Path
     revocations_file: Path | None = None
     revocations_poll_s: Annotated[float, Field(gt=0)] = 5.0
+    max_devices: Annotated[int, Field(ge=1)] = 1_000_000
 
 
 class IdentityConfig(_Section):

@@ -22,6 +22,7 @@ from nacl.signing import SigningKey
 from maskfl.aggregator_gpu import Accumulator, Backend
 from maskfl.broker_coordinator.config import CoordinatorConfig
 from maskfl.broker_coordinator.enrollment import Enrollment
+from maskfl.broker_coordinator.liveness import Liveness
 from maskfl.broker_coordinator.metrics import Metrics
 from maskfl.broker_coordinator.optimizers import ServerOptimizer
 from maskfl.broker_coordinator.store import (
@@ -134,7 +135,7 @@ class Services:
     graph: bytes | None = None
     graph_digest: bytes = bytes(32)
     clock: Callable[[], float] = time.time
-    alive: dict[str, float] = field(default_factory=dict)
+    liveness: Liveness = field(init=False)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -146,9 +147,16 @@ class Services:
             body, fleet=self.fleet, round_id=round_id, signing_key=self.signing_key
         )
 
+    def __post_init__(self) -> None:
+        self.liveness = Liveness(
+            self.topics.status_prefix,
+            window_s=self.config.pet.alive_window_s,
+            max_devices=self.config.fleet.max_devices,
+            clock=self.clock,
+        )
+
     def alive_count(self) -> int:
-        horizon = self.clock() - self.config.pet.alive_window_s
-        return sum(1 for seen in self.alive.values() if seen >= horizon)
+        return self.liveness.count(self.clock())
 
     @property
     def vector_words(self) -> int:

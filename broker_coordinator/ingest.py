@@ -1,7 +1,8 @@
 """From MQTT deliveries to admitted messages: reassembly, decoding, checks, receipts.
 
-Every delivery is either acknowledged at once (rejected, heartbeat, garbage)
-or held until the message it belongs to is durable (see :mod:`.committer`).
+Every delivery is either acknowledged at once (rejected, garbage) or held until
+the message it belongs to is durable (see :mod:`.committer`). Heartbeats do not
+come through here: :mod:`.liveness` reads them straight off the transport.
 
 Chunked uploads and the broker's inflight window
 ------------------------------------------------
@@ -40,6 +41,7 @@ replay) is rejected as ``duplicate``: its contribution is already in, once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -52,7 +54,6 @@ from maskfl.broker_coordinator.runner import Runner
 from maskfl.protocol.chunking import ChunkFrame, is_chunk
 from maskfl.protocol.errors import MaskflError, Reason, RemoteProtocolError
 from maskfl.protocol.messages import (
-    Heartbeat,
     MessageType,
     Receipt,
     SignedMessage,
@@ -68,7 +69,6 @@ _TOPIC_TYPES = {
     TopicKind.UPDATE: MessageType.UPDATE,
     TopicKind.SUM2: MessageType.SUM2,
 }
-_MAX_HEARTBEAT = 4096
 _THREAD_DECODE = 16 << 20
 """Messages from this size on are decoded in a worker thread, smaller ones on the loop.
 
@@ -216,6 +216,7 @@ class Ingest:
         self.unacked = 0
         self.rejections = RejectionLog()
         """Rejections per device until housekeeping writes them to the store."""
+        self._heartbeats_exported: collections.Counter[str] = collections.Counter()
 
     def _ack(self, message: Message) -> None:
         self.transport.ack(message)
@@ -234,6 +235,12 @@ class Ingest:
         m.reassembly_bytes.set(r.reserved_bytes)
         m.unacked.set(self.chunks.held + self.runner.committer.pending)
         m.devices_alive.set(self.s.alive_count())
+        counts = self.s.liveness.counts
+        for result, total in counts.items():
+            fresh = total - self._heartbeats_exported[result]
+            if fresh:
+                m.heartbeats.labels(result=result).inc(fresh)
+                self._heartbeats_exported[result] = total
 
     async def handle(self, message: Message) -> None:
         s = self.s
@@ -245,7 +252,8 @@ class Ingest:
             s.metrics.count("unknown", exc.reason)
             return
         if parsed.kind is TopicKind.STATUS:
-            self._heartbeat(message, parsed)
+            # Normally tapped off the transport before the queue (see liveness).
+            s.liveness.on_status(message)
             self._ack(message)
             return
         if parsed.kind not in PARTICIPANT_KINDS or parsed.device is None:
@@ -335,28 +343,8 @@ class Ingest:
                 Reason.UNENROLLED,
                 f"certificate is enrolled as {cert.subject!r}, the topic names {device!r}",
             )
-        s.alive[device] = now
+        s.liveness.seen(device, now)
         await self.runner.offer(Incoming(signed, device, deliveries, size, now))
-
-    def _heartbeat(self, message: Message, parsed: ParsedTopic) -> None:
-        s = self.s
-        device = str(parsed.device)
-        if not message.payload:  # last will or an explicit "gone"
-            s.alive.pop(device, None)
-            return
-        try:
-            signed = decode_message(message.payload, max_size=_MAX_HEARTBEAT)
-            signed.expect(fleet=s.fleet, types=(MessageType.HEARTBEAT,))
-            if not isinstance(signed.body, Heartbeat):
-                raise RemoteProtocolError(Reason.MALFORMED, "not a heartbeat")
-            cert = s.enrollment.verify(signed, s.clock())
-            if cert.subject != device:
-                raise RemoteProtocolError(Reason.UNENROLLED, "heartbeat for another device")
-        except RemoteProtocolError as exc:
-            s.metrics.count("heartbeat", exc.reason)
-            return
-        s.alive[device] = s.clock()
-        s.metrics.count("heartbeat", None)
 
     # -- outcomes -------------------------------------------------------------
 

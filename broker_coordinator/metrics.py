@@ -42,6 +42,13 @@ class Metrics:
             ["role"],
             registry=r,
         )
+        self.heartbeats = Counter(
+            _PREFIX + "heartbeats_total",
+            "messages on status/<device> by outcome (alive, gone, malformed, oversize, "
+            "fleet_full); updated once a second",
+            ["result"],
+            registry=r,
+        )
         self.devices_alive = Gauge(
             _PREFIX + "devices_alive", "devices heard from within the alive window", registry=r
         )

@@ -308,7 +308,7 @@ class Coordinator:
                 "devices": await device_table(
                     s.store,
                     revocations=s.enrollment.revocations,
-                    alive=s.alive,
+                    alive=s.liveness.last_heard,
                     alive_since=now - self.config.pet.alive_window_s,
                 ),
             }
@@ -386,7 +386,10 @@ class Coordinator:
         state_dir = config.storage.dir
         state_dir.mkdir(parents=True, exist_ok=True)
         enrollment = Enrollment(
-            fleet=config.fleet.id, ca_public_key=ca, revocations_file=config.fleet.revocations_file
+            fleet=config.fleet.id,
+            ca_public_key=ca,
+            revocations_file=config.fleet.revocations_file,
+            cache_size=config.fleet.max_devices,
         )
         enrollment.reload_if_changed()
         if config.http.enabled:
@@ -473,7 +476,11 @@ class Coordinator:
 
     async def _serve(self, s: Services, transport: MqttTransport, stop: asyncio.Event) -> None:
         config = self.config
-        await transport.subscribe(list(s.topics.coordinator_filters()), qos=1)
+        # Heartbeats bypass the ingest queue (liveness), at QoS 0: no PUBACK each, and
+        # none pile up in our broker session while we are away.
+        transport.tap(s.topics.status_prefix, s.liveness.on_status)
+        await transport.subscribe(list(s.topics.participant_filters()), qos=1)
+        await transport.subscribe(s.topics.status_filter(), qos=0)
         if s.enrollment.revocations_raw is not None:
             await s.outbox.state(s.topics.revocations, s.enrollment.revocations_raw)
         if s.graph is not None:

@@ -123,10 +123,23 @@ class Topics:
     def status(self, device: str) -> str:
         return f"{self.prefix}status/{check_id(device, 'device')}"
 
+    @property
+    def status_prefix(self) -> str:
+        """The start of every ``status/<device>`` topic."""
+        return f"{self.prefix}status/"
+
+    def participant_filters(self) -> tuple[str, ...]:
+        """Every device → coordinator round topic (sum, update, sum2)."""
+        p = self.prefix
+        return (f"{p}round/+/sum/+", f"{p}round/+/update/+", f"{p}round/+/sum2/+")
+
+    def status_filter(self) -> str:
+        """Every device's heartbeat and last-will topic."""
+        return f"{self.status_prefix}+"
+
     def coordinator_filters(self) -> tuple[str, ...]:
         """What the coordinator subscribes to: every participant topic and every status."""
-        p = self.prefix
-        return (f"{p}round/+/sum/+", f"{p}round/+/update/+", f"{p}round/+/sum2/+", f"{p}status/+")
+        return (*self.participant_filters(), self.status_filter())
 
     def agent_filters(self, device: str) -> tuple[str, ...]:
         """What a device subscribes to: round, revocations, sums, its seeds and receipts, models."""

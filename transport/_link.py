@@ -27,6 +27,7 @@ class LinkBase(abc.ABC):
         self._state = LinkState.NEW
         self._stats = TransportStats()
         self._listeners: list[LinkListener] = []
+        self._taps: list[tuple[str, Callable[[Message], None]]] = []
 
     @property
     def state(self) -> LinkState:
@@ -48,6 +49,29 @@ class LinkBase(abc.ABC):
         """
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def tap(self, prefix: str, handler: Callable[[Message], None]) -> None:
+        """Hand every message whose topic starts with ``prefix`` to ``handler`` at once.
+
+        Such messages never enter the incoming queue, so a flood of them (heartbeats
+        of a large fleet) neither waits behind nor delays the messages the consumer
+        reads with :meth:`receive`. ``handler`` runs on the event loop while the
+        socket is read and must be quick and must not block; with ``manual_ack`` a
+        tapped QoS 1 message is acked before the handler runs (nothing durable
+        depends on it). An exception in the handler is logged and ignored.
+        """
+        self._taps.append((prefix, handler))
+
+    def _tapped(self, message: Message) -> bool:
+        """True when a tap took ``message`` (the caller then neither queues nor holds it)."""
+        for prefix, handler in self._taps:
+            if message.topic.startswith(prefix):
+                try:
+                    handler(message)
+                except Exception:  # a tap must not break the transport
+                    self._log.exception("tap for %r failed on %s", prefix, message.topic)
+                return True
+        return False
 
     @abc.abstractmethod
     async def connect(self) -> None: ...

@@ -213,6 +213,9 @@ class MemoryTransport(LinkBase):
         self._notify(LinkEvent(LinkState.CONNECTED, "connected", session_present))
 
     def _deliver(self, topic: str, payload: bytes, qos: int, retain: bool, dup: bool) -> None:
+        if self._taps and self._tapped(Message(topic, payload, qos=qos, retain=retain, dup=dup)):
+            self._stats.received += 1
+            return
         if len(self._queue) >= self._queue_size:
             self._stats.dropped_queue_full += 1
             log.warning(

@@ -732,9 +732,13 @@ class MqttTransport(LinkBase):
             mid=msg.mid,
             link=self._link,
         )
+        self._stats.received += 1
+        if self._taps and self._tapped(message):
+            if manual:
+                client.ack(msg.mid, msg.qos)
+            return
         if manual:
             self._unacked.add(msg.mid)
-        self._stats.received += 1
         if message.dup:
             self._stats.redelivered += 1
         self._queue.append(message)

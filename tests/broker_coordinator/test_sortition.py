@@ -1,4 +1,9 @@
-"""Sortition probabilities follow the devices seen alive through status heartbeats."""
+"""Sortition probabilities follow the devices seen alive through status heartbeats.
+
+The coordinator takes liveness from the topic (the broker authenticated the sender
+and its ACL pins ``status/<device>`` to that device): a signed heartbeat and any
+other non-empty payload both count, an empty one (the last will) removes the device.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,10 @@ from tests.support.mosquitto import Mosquitto
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
 
-async def test_probabilities_aim_at_the_targets(tmp_path: Path, mosquitto: Mosquitto) -> None:
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "opaque"])
+async def test_probabilities_aim_at_the_targets(
+    tmp_path: Path, mosquitto: Mosquitto, signed: bool
+) -> None:
     setup = make_setup(
         tmp_path,
         mosquitto.port,
@@ -32,7 +40,7 @@ async def test_probabilities_aim_at_the_targets(tmp_path: Path, mosquitto: Mosqu
     )
     fleet = setup.fleet
     topics = Topics(fleet.fleet)
-    devices = [fleet.identity(f"alive-{k}") for k in range(10)]
+    devices = [fleet.identity(f"alive-{k}") for k in range(12)]
     client = MqttTransport(MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="hb"))
     await client.connect()
     seen: list[RoundParams] = []
@@ -54,7 +62,9 @@ async def test_probabilities_aim_at_the_targets(tmp_path: Path, mosquitto: Mosqu
                 raw = encode_message(
                     hb, fleet=fleet.fleet, round_id=0, signing_key=ident.signing_key
                 )
-                await client.publish(topics.status(ident.device_id), raw)
+                await client.publish(topics.status(ident.device_id), raw if signed else b"up")
+            for ident in devices[:2]:  # their last will: gone
+                await client.publish(topics.status(ident.device_id), b"")
             # Round 1 fails (nobody sends sum messages); round 2 sees ten devices alive.
             await wait_for(lambda: any(p.round_id >= 2 for p in seen), 30, "round 2")
         params = next(p for p in seen if p.round_id >= 2)

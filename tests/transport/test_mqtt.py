@@ -347,6 +347,38 @@ async def test_full_queue_applies_backpressure_without_loss(mosquitto: Mosquitto
         assert sub.stats.dropped_queue_full == 0
 
 
+async def test_tapped_topics_skip_the_queue_and_are_acked(mosquitto: Mosquitto) -> None:
+    """A flood on a tapped prefix neither fills the queue nor waits for the consumer."""
+    sub_cfg = config(
+        mosquitto,
+        client_id="tapsub",
+        incoming_queue_size=4,
+        manual_ack=True,
+        clean_start=False,
+        session_expiry_s=300,
+    )
+    tapped: list[str] = []
+    async with MqttTransport(config(mosquitto, client_id="tappub", max_inflight=50)) as pub:
+        async with MqttTransport(sub_cfg) as sub:
+            sub.tap("s/", lambda m: tapped.append(m.topic))
+            await sub.subscribe(["q/#", "s/+"], qos=1)
+            # 200 tapped messages while nobody reads the queue: they must all arrive.
+            await asyncio.gather(*(pub.publish(f"s/{i}", b"hb") for i in range(200)))
+            await pub.publish("q/1", b"round")
+            first = await recv(sub)
+            assert first.topic == "q/1"
+            sub.ack(first)
+            assert tapped == [f"s/{i}" for i in range(200)]
+            assert sub.stats.backpressure_pauses == 0
+        # Same session again: nothing tapped comes back (each was acked on arrival).
+        async with MqttTransport(sub_cfg) as again:
+            again.tap("s/", lambda m: tapped.append(m.topic))
+            await pub.publish("q/2", b"round")
+            second = await recv(again)
+            assert second.topic == "q/2" and not second.dup
+            assert len(tapped) == 200
+
+
 async def test_publish_after_disconnect_and_pending_publish_on_close(tmp_path: Path) -> None:
     broker = Mosquitto(tmp_path / "broker").start()
     t = MqttTransport(config(broker, client_id="c"))
