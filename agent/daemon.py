@@ -167,6 +167,7 @@ class Agent:
         self.handler_errors = 0
         self.graphs = GraphGate(config.limits.max_graph_bytes, self.ignored)
         self._models: dict[str, tuple[GlobalModel, bytes]] = {}
+        self._wanted_models: collections.Counter[str] = collections.Counter()
         self._models_changed = asyncio.Condition()
         self._early: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._reassembler = Reassembler(
@@ -231,6 +232,14 @@ class Agent:
     async def _serve(self, transport: Transport) -> None:
         self.transport = transport
         await transport.subscribe(self.topics.agent_filters(self.device), qos=1)
+        # A persistent session may still hold model subscriptions: the wildcard of
+        # earlier versions, or one a lost link kept us from dropping.
+        stale = [self.topics.model_latest_filter()]
+        stale += [self.topics.model_latest(m) for m in self._models if not self._wanted_models[m]]
+        await transport.unsubscribe(stale)
+        wanted = [self.topics.model_latest(m) for m, n in self._wanted_models.items() if n]
+        if wanted:
+            await transport.subscribe(wanted, qos=1)
         self._connected.set()
         log.info(
             "connected to %s:%d as %s; subscribed",
@@ -344,11 +353,17 @@ class Agent:
     async def model(self, model_id: str, version: int, digest: bytes) -> GlobalModel:
         """The verified global model ``model_id`` with these version and digest (waits).
 
-        It is the one retained on ``model/<id>/latest`` (coordinator-signed), or — when the
-        round starts from weights the device already has, typically version 0 of a
-        shipped model — the local model's own weights, if their digest is the one the
-        signed round parameters name.
+        It is the one we hold already, or — when the round starts from weights the
+        device already has, typically version 0 of a shipped model — the local model's
+        own weights, if their digest is the one the signed round parameters name, or
+        else the one retained on ``model/<id>/latest`` (coordinator-signed), fetched
+        now: the agent subscribes to that topic only while it waits for a model, so a
+        device that is not training does not download every global model (see the
+        wire format, section 6).
         """
+        have = self._models.get(model_id)
+        if have is not None and have[0].version == version and have[1] == digest:
+            return have[0]
         local = getattr(self.learner, "local_weights", None)
         if local is not None and model_id not in self._models:
             weights = await asyncio.to_thread(local, model_id)
@@ -357,17 +372,40 @@ class Agent:
                     "model %s v%d: the local weights match the round's digest", model_id, version
                 )
                 return GlobalModel(model_id, version, RoundId(0), bytes(32), weights)
-        async with self._models_changed:
-            while True:
-                have = self._models.get(model_id)
-                if have is not None and have[0].version == version and have[1] == digest:
-                    return have[0]
-                if have is not None and have[0].version > version:
-                    raise RemoteProtocolError(
-                        Reason.WRONG_ROUND,
-                        f"model {model_id} is at version {have[0].version}, round wants {version}",
-                    )
-                await self._models_changed.wait()
+        await self._want_model(model_id)
+        try:
+            async with self._models_changed:
+                while True:
+                    have = self._models.get(model_id)
+                    if have is not None and have[0].version == version and have[1] == digest:
+                        return have[0]
+                    if have is not None and have[0].version > version:
+                        raise RemoteProtocolError(
+                            Reason.WRONG_ROUND,
+                            f"model {model_id} is at version {have[0].version}, "
+                            f"round wants {version}",
+                        )
+                    await self._models_changed.wait()
+        finally:
+            await self._unwant_model(model_id)
+
+    async def _want_model(self, model_id: str) -> None:
+        """Subscribe to ``model/<id>/latest`` (the broker sends the retained copy)."""
+        self._wanted_models[model_id] += 1
+        transport = self.transport
+        if self._wanted_models[model_id] == 1 and transport is not None:
+            log.info("fetching global model %s", model_id)
+            with contextlib.suppress(TransportError):  # _serve subscribes on the next link
+                await transport.subscribe(self.topics.model_latest(model_id), qos=1)
+
+    async def _unwant_model(self, model_id: str) -> None:
+        self._wanted_models[model_id] -= 1
+        transport = self.transport
+        if self._wanted_models[model_id] <= 0:
+            del self._wanted_models[model_id]
+            if transport is not None:
+                with contextlib.suppress(TransportError):  # _serve drops it on the next link
+                    await transport.unsubscribe(self.topics.model_latest(model_id))
 
     def global_model(self, model_id: str) -> GlobalModel | None:
         """The newest verified global model ``model_id`` received, if any."""

@@ -10,7 +10,7 @@ Every topic lives under ``maskfl/v1/<fleet>/``::
     round/<round id>/sums              coordinator → updaters (retained sum dictionary)
     round/<round id>/seeds/<summer>    coordinator → one summer (retained seed dictionary)
     model/<model id>/graph             coordinator → all (retained .tflite)
-    model/<model id>/latest            coordinator → all (retained global model)
+    model/<model id>/latest            coordinator → devices that need it (retained global model)
     receipts/<device>                  coordinator → one device
     status/<device>                    device → coordinator (heartbeat, last will)
 
@@ -117,6 +117,10 @@ class Topics:
     def model_latest(self, model_id: str) -> str:
         return f"{self.prefix}model/{check_id(model_id, 'model id')}/latest"
 
+    def model_latest_filter(self) -> str:
+        """Every model's ``latest`` topic (observers; agents subscribe per model, on demand)."""
+        return f"{self.prefix}model/+/latest"
+
     def receipts(self, device: str) -> str:
         return f"{self.prefix}receipts/{check_id(device, 'device')}"
 
@@ -142,7 +146,9 @@ class Topics:
         return (*self.participant_filters(), self.status_filter())
 
     def agent_filters(self, device: str) -> tuple[str, ...]:
-        """What a device subscribes to: round, revocations, sums, its seeds and receipts, models."""
+        """What a device subscribes to for good: round, revocations, sums, its seeds and
+        receipts, model graphs. ``model/<id>/latest`` is subscribed only while the
+        device needs that model (see :meth:`model_latest`)."""
         d = check_id(device, "device")
         p = self.prefix
         return (
@@ -152,7 +158,6 @@ class Topics:
             f"{p}round/+/seeds/{d}",
             f"{p}receipts/{d}",
             f"{p}model/+/graph",
-            f"{p}model/+/latest",
         )
 
     def parse(self, topic: str) -> ParsedTopic:

@@ -117,7 +117,10 @@ class SimParticipant:
 
     async def start(self) -> None:
         await self.transport.connect()
-        await self.transport.subscribe(list(self.topics.agent_filters(self.device)), qos=1)
+        # Unlike an agent, which fetches a model only when it trains, a simulated
+        # participant watches every global model (tests read them from ``models``).
+        filters = [*self.topics.agent_filters(self.device), self.topics.model_latest_filter()]
+        await self.transport.subscribe(filters, qos=1)
         self._reader = asyncio.create_task(self._read(), name=f"sim {self.device}")
 
     async def stop(self) -> None:

@@ -112,13 +112,16 @@ async def test_summer_round(fleet: Fleet, mosquitto: Mosquitto) -> None:
         beat = await coord.expect(TopicKind.STATUS)
         assert isinstance(beat.body, Heartbeat)
         assert beat.header.sender == agent.identity.identity.public_key
+        # A summer does not train: it never fetched the global model retained for the round.
+        assert agent.global_model("mlp") is None
 
 
 async def test_updater_round_with_litert(fleet: Fleet, mosquitto: Mosquitto) -> None:
     config_path = fleet.device(
         "dev-u", mosquitto, extra="[training]\nepochs = 1\nbatch_size = 32\nsample_cap = 1000\n"
     )
-    weights = mlp_weights()
+    # Not the shipped weights: the agent must fetch this model from the broker.
+    weights = mlp_weights() + np.float32(0.01)
     assert weights.size == M
     async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
         setup = await coord.start_round(
@@ -148,6 +151,14 @@ async def test_updater_round_with_litert(fleet: Fleet, mosquitto: Mosquitto) -> 
         assert np.max(np.abs(values - expected)) <= bound + 1e-5
         await coord.receipt("dev-u", update)
         await wait_step(agent, 3, Step.DONE)
+        # The updater fetched model v2 for its round, and only that: the next global
+        # model, and round 4 (in which it sits out), do not bring it another one.
+        held = agent.global_model("mlp")
+        assert held is not None and held.version == 2
+        await coord.start_round(4, p_sum=0.0, p_update=0.0, weights=weights + 1)
+        await wait_step(agent, 4, Step.SAT_OUT)
+        held = agent.global_model("mlp")
+        assert held is not None and held.version == 2
 
 
 async def test_rejected_update_is_not_retried(fleet: Fleet, mosquitto: Mosquitto) -> None:

@@ -19,7 +19,10 @@ from maskfl.agent.datasources import load_dataset
 from maskfl.agent.state import Step, TaskKind
 from maskfl.agent.training import LocalTrainer
 from maskfl.protocol.keys import public_key_to_pem
-from maskfl.tools.fleet_sim import SimFleet, first_round_seed, wait_for
+from maskfl.protocol.messages import GlobalModel, decode_message
+from maskfl.protocol.topics import Topics
+from maskfl.tools.fleet_sim import SimFleet, first_round_seed
+from maskfl.transport import MqttConfig, MqttTransport
 from tests.agent.fleet import write_bundle
 from tests.agent.test_daemon import running_agent
 from tests.broker_coordinator.support import running_coordinator
@@ -28,6 +31,18 @@ from tests.support.mosquitto import Mosquitto
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(180)]
 
 SHARDS = 4
+
+
+async def retained_model(broker: Mosquitto, fleet: str, model_id: str, version: int) -> GlobalModel:
+    topic = Topics(fleet).model_latest(model_id)
+    async with MqttTransport(MqttConfig(host=broker.host, port=broker.port)) as reader:
+        await reader.subscribe(topic)
+        async with asyncio.timeout(30):
+            async for message in reader.messages():
+                body = decode_message(message.payload, max_size=1 << 24).body
+                if isinstance(body, GlobalModel) and body.version >= version:
+                    return body
+    raise AssertionError("no model")
 
 
 async def test_agents_and_coordinator_complete_a_round(
@@ -81,14 +96,11 @@ async def test_agents_and_coordinator_complete_a_round(
 
             await asyncio.wait_for(all_done(), 120)
 
-            def have_v1() -> bool:
-                models = [a.global_model("mlp") for a in agents]
-                return all(m is not None and m.version == 1 for m in models)
-
-            await wait_for(have_v1, 30, "the new global model at every agent")
-            model = agents[0].global_model("mlp")
-            assert model is not None
+            # The new model is retained on the broker; no agent downloads it until it
+            # trains again (the updaters started from their shipped weights, v0).
+            model = await retained_model(mosquitto, fleet.fleet, "mlp", version=1)
             weights = np.array(model.weights, dtype=np.float64)
+            assert all(a.global_model("mlp") is None for a in agents)
         states = [await a.journal.load(1) for a in agents]
         assert [s.task for s in states if s] == [TaskKind.UPDATE] * 3 + [TaskKind.SUM] * 2
         assert all(s is not None and s.step is Step.DONE for s in states), states
