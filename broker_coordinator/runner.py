@@ -9,10 +9,17 @@ Message phases are driven here: the runner builds the phase's
 :class:`~maskfl.protocol.phases.PhaseTimer` (opened at the wall-clock time
 stored in the round row, so a restart keeps the deadlines), waits for commits
 or the timer's next deadline, and on ``CLOSE`` stops admitting, drains the
-group commit, lets the phase publish its outputs and records the transition;
-on ``FAIL`` the round goes to ``failure``. Admission (:meth:`Runner.offer`)
-and closing take one lock, so a message is never admitted into a phase that
-is closing, and the next phase is in force before any message for it is seen.
+group commit, lets the phase prepare its outputs (the sum dictionary) and
+commits them *together with* the move to the next phase, in one transaction;
+only then does the next phase publish them (:meth:`MessagePhase.enter`), and
+after a restart it publishes them again. So nothing of a phase leaves the
+coordinator before the database is in that phase: a kill right after the sum
+dictionary or a seed dictionary reaches the broker resumes in update or sum2,
+and the messages it prompted are admitted, never turned away as
+``wrong_phase``. On ``FAIL`` the round goes to ``failure``. Admission
+(:meth:`Runner.offer`) and closing take one lock, so a message is never
+admitted into a phase that is closing, and the next phase is in force before
+any message for it is seen.
 """
 
 from __future__ import annotations
@@ -335,8 +342,8 @@ class Runner:
                     timer.count,
                     extra={"round_id": state.round_id, "phase": str(self.phase)},
                 )
-                nxt = await phase.close()
-                await self._transition(nxt, locked=True)
+                nxt = await phase.close()  # outputs into state.record, nothing published
+                await self._transition(nxt, locked=True)  # committed with the new phase
                 return nxt
 
     def _verdict(self, phase: MessagePhase, timer: PhaseTimer) -> Verdict:
@@ -365,6 +372,8 @@ class Runner:
             assert last is not None
             self.state = await self.load_state(last)
         elif self.state is not None and nxt in MESSAGE_PHASES | {Phase.UNMASK}:
+            # The closing phase's outputs (state.record.sum_dict) go in this same
+            # transaction as the new phase: both or neither survive a kill.
             record = dataclasses.replace(
                 self.state.record, phase=nxt.value, phase_opened_at=s.clock()
             )

@@ -1,15 +1,20 @@
 """One class per phase of the round (one module each); the runner drives them.
 
 =========  ==========================  ==================================  =========
-phase      accepts                     publishes                           next
+phase      accepts                     publishes (after its row commits)   next
 =========  ==========================  ==================================  =========
-idle       nothing                     round parameters (retained)         sum
-sum        SUM from summers            sum dictionary (retained)           update
-update     UPDATE from updaters        one seed dictionary per summer      sum2
-sum2       SUM2 from summers           nothing                             unmask
+idle       nothing                     nothing (writes the round row)      sum
+sum        SUM from summers            round parameters (retained)         update
+update     UPDATE from updaters        sum dictionary (retained)           sum2
+sum2       SUM2 from summers           one seed dictionary per summer      unmask
 unmask     nothing                     the global model (retained)         idle
 failure    nothing                     (clears the round's dictionaries)   idle
 =========  ==========================  ==================================  =========
+
+Every phase publishes what its participants need only once the database is
+in that phase (the sum dictionary is committed with the move to update, the
+seed dictionaries are the committed seeds rows), and publishes it again when
+a restart resumes it.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ class MessagePhase(ABC):
         """When this phase may close (from the config, maybe narrowed by the round)."""
 
     async def enter(self, resumed: bool) -> None:
-        """Publish what participants need for this phase (again, when resumed)."""
+        """Publish what participants need for this phase: called once the move to
+        this phase is committed, and again after a restart that resumes it."""
         return None
 
     @abstractmethod
@@ -74,4 +75,9 @@ class MessagePhase(ABC):
 
     @abstractmethod
     async def close(self) -> Phase:
-        """Publish the phase's outputs (persisted first); return the next phase."""
+        """Prepare the phase's outputs in ``state.record`` and return the next phase.
+
+        Publishes nothing: the runner commits the outputs together with the move
+        to the next phase, and that phase's :meth:`enter` publishes them. So a kill
+        at any instant never leaves an output on the broker whose phase the
+        database does not have."""

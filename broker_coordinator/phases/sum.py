@@ -1,9 +1,11 @@
 """sum: summers announce their ephemeral keys; at the end, the signed sum dictionary.
 
 Accepts ``SUM`` from devices whose ticket makes them summers this round, one
-per device. Closing publishes the :class:`~maskfl.protocol.messages.SumDict`
-(every summer's own signed Sum message, so updaters verify each entry)
-retained on ``round/<id>/sums``, after storing it in the round row.
+per device. Closing builds the :class:`~maskfl.protocol.messages.SumDict`
+(every summer's own signed Sum message, so updaters verify each entry); the
+runner stores it in the round row in the transaction that moves the round to
+``update``, and only then does the update phase publish it, retained on
+``round/<id>/sums``.
 """
 
 from __future__ import annotations
@@ -96,9 +98,7 @@ class SumPhase(MessagePhase):
             r.message for r in sorted(state.summers.values(), key=lambda r: r.device_id)
         )
         raw = s.sign(SumDict(entries), state.round_id)
-        record = dataclasses.replace(state.record, sum_dict=raw)
-        async with s.store.transaction() as tx:
-            await tx.put_round(record)
-        state.record = record
-        await s.outbox.state(s.topics.sums(state.round_id), raw)
+        # Not published here: the runner commits it with the phase change, then the
+        # update phase publishes it on entry (UpdatePhase.enter).
+        state.record = dataclasses.replace(state.record, sum_dict=raw)
         return Phase.UPDATE

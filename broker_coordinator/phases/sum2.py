@@ -32,8 +32,9 @@ class Sum2Phase(MessagePhase):
         )
 
     async def enter(self, resumed: bool) -> None:
-        if resumed:
-            await publish_seed_dicts(self.s, self.state)
+        # Committed with the move to this phase (the seeds table): publish them
+        # (again, when resumed: a kill may have come before the broker had all).
+        await publish_seed_dicts(self.s, self.state)
 
     async def admit(self, incoming: Incoming) -> Contribution:
         body = incoming.message.body

@@ -12,8 +12,8 @@ round row naming generation g + 1. Only then are the MQTT deliveries acked. So
 the checkpoint named by the database holds exactly the updates the database
 lists, whatever instant the process dies at.
 
-Closing publishes one signed seed dictionary per summer, retained on
-``round/<id>/seeds/<summer>``.
+Once the move to sum2 is committed, the sum2 phase publishes one signed seed
+dictionary per summer, retained on ``round/<id>/seeds/<summer>``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ class UpdatePhase(MessagePhase):
         return PhaseWindow(c.count_min, c.count_max, c.time_min_s, c.time_max_s)
 
     async def enter(self, resumed: bool) -> None:
-        if resumed and self.state.record.sum_dict is not None:
+        # The sum dictionary was committed with the move to this phase: publish it
+        # (again, when resumed: a kill may have come before the broker had it).
+        if self.state.record.sum_dict is not None:
             await self.s.outbox.state(
                 self.s.topics.sums(self.state.round_id), self.state.record.sum_dict
             )
@@ -178,5 +180,6 @@ class UpdatePhase(MessagePhase):
             s.checkpoints.path(state.round_id, old_gen).unlink(missing_ok=True)
 
     async def close(self) -> Phase:
-        await publish_seed_dicts(self.s, self.state)
+        # The seed dictionaries are made from committed rows; the sum2 phase
+        # publishes them once the runner has committed the move to it.
         return Phase.SUM2

@@ -56,8 +56,9 @@ def make_setup(
     pet: dict[str, Any] | None = None,
     extra: dict[str, dict[str, Any]] | None = None,
     length: int = M,
+    fleet_id: str = "simfleet",
 ) -> Setup:
-    fleet = SimFleet()
+    fleet = SimFleet(fleet_id)
     initial = np.linspace(-0.1, 0.1, length).astype(np.float32)
     seed1 = first_round_seed(bytes(32), initial)
     s, u = fleet.identities_for_roles(

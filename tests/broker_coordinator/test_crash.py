@@ -1,4 +1,5 @@
-"""kill -9 of the coordinator process during update and sum2, then restart.
+"""kill -9 of the coordinator process during update and sum2, and at every phase
+boundary the moment its output reaches the broker, then restart.
 
 The coordinator runs as a subprocess (``python -m maskfl.broker_coordinator.cli
 run``) against a real mosquitto; simulated participants stay up in the test.
@@ -11,16 +12,24 @@ update was lost or added twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
+from maskfl.protocol.errors import Reason
+from maskfl.protocol.messages import GlobalModel, decode_message
+from maskfl.protocol.topics import TopicKind, Topics, parse_topic
 from maskfl.tools.fleet_sim import (
     Behaviour,
     SimParticipant,
@@ -153,3 +162,138 @@ async def test_kill9_then_restart_includes_every_update_once(
     )
     expected = setup.initial + expected_mean([p.sent[1] for p in updaters], 1.0)
     np.testing.assert_allclose(model.weights, expected, atol=metrics["error_bound"] + 1e-6)
+
+
+class BoundaryKiller:
+    """SIGKILLs the coordinator the instant a phase boundary's output reaches the broker.
+
+    A paho client on its own thread, subscribed to the round's sum dictionary,
+    the seed dictionaries and the global model: the kill is sent from the
+    callback that receives the armed output, not by the test's event loop, so it
+    lands within a millisecond or so of the broker having the message.
+    """
+
+    def __init__(self, host: str, port: int, fleet: str) -> None:
+        self.topics = Topics(fleet)
+        self._lock = threading.Lock()
+        self._armed: str | None = None
+        self._pid: int | None = None
+        self.fired = threading.Event()
+        self.kills: list[str] = []
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"killer-{fleet}", protocol=mqtt.MQTTv5
+        )
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        prefix = f"maskfl/v1/{fleet}"
+        for topic in (
+            f"{prefix}/round/+/sums",
+            f"{prefix}/round/+/seeds/+",
+            f"{prefix}/model/+/latest",
+        ):
+            self.client.subscribe(topic, qos=1)
+        self.client.loop_start()
+
+    def arm(self, boundary: str, pid: int) -> None:
+        with self._lock:
+            self._armed, self._pid = boundary, pid
+            self.fired.clear()
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if not msg.payload:
+            return
+        kind = parse_topic(msg.topic).kind
+        if kind is TopicKind.MODEL_LATEST:
+            body = decode_message(msg.payload, max_size=1 << 24).body
+            assert isinstance(body, GlobalModel)
+            if body.version < 1:  # version 0 is published at every start
+                return
+        boundary = {TopicKind.SUMS: "sums", TopicKind.SEEDS: "seeds"}.get(kind, "model")
+        with self._lock:
+            if boundary != self._armed or self._pid is None:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+            self.kills.append(boundary)
+            self._armed = self._pid = None
+            self.fired.set()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+BOUNDARY_KILL_ROUNDS = 10
+BOUNDARIES = ("sums", "seeds", "model")
+
+
+async def test_kill9_at_every_phase_boundary_the_round_completes(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Kill the coordinator the moment each phase's output appears, restart at once.
+
+    Ten rounds (each a fresh fleet and state), each killed three times: as the
+    sum dictionary (sum -> update), the first seed dictionary (update -> sum2)
+    and the global model (sum2 -> unmask -> idle) reach the broker. The
+    participants send once and never resend, so a message turned away after a
+    restart (``wrong_phase`` before the fix) would fail the round. Every round
+    must publish the exact mean of all its updates, and no participant may get
+    a rejection other than ``duplicate``.
+    """
+    for k in range(BOUNDARY_KILL_ROUNDS):
+        await _round_killed_at_boundaries(tmp_path, mosquitto, k)
+
+
+async def _round_killed_at_boundaries(tmp_path: Path, mosquitto: Mosquitto, k: int) -> None:
+    summers, updaters = 2, 3
+    fleet = f"boundary{k}"
+    setup = make_setup(
+        tmp_path / fleet,
+        mosquitto.port,
+        summers=summers,
+        updaters=updaters,
+        fleet_id=fleet,
+        extra={
+            "broker": {"client_id": f"coordinator-{k}"},
+            "storage": {"dir": "state", "group_commit_ms": 2.0},
+        },
+    )
+    parts = [
+        SimParticipant(
+            i,
+            ca_public_key=setup.fleet.ca_public_key,
+            host=mosquitto.host,
+            port=mosquitto.port,
+            behaviour=Behaviour(delta=fixed_delta(n)),
+        )
+        for n, i in enumerate(setup.summers + setup.updaters)
+    ]
+    coordinator = Proc(setup.config_path, tmp_path / f"{fleet}.log")
+    killer = BoundaryKiller(mosquitto.host, mosquitto.port, fleet)
+    await start_all(parts)
+    try:
+        for boundary in BOUNDARIES:
+            coordinator.start()
+            assert coordinator.proc is not None
+            killer.arm(boundary, coordinator.proc.pid)
+            fired = await asyncio.to_thread(killer.fired.wait, 60)
+            assert fired, f"round {k}: no {boundary} output\n{coordinator.log.read_text()[-3000:]}"
+            await asyncio.to_thread(coordinator.proc.wait, 10)
+        coordinator.start()  # resumes after the last kill
+        await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")
+    finally:
+        killer.close()
+        coordinator.stop()
+        await stop_all(parts)
+    assert killer.kills == list(BOUNDARIES)
+    log = coordinator.log.read_text()
+    model = trained(parts[0])[0]
+    metrics = dict(model.metrics)
+    assert model.version == 1, log[-3000:]
+    assert metrics["updates"] == updaters, log[-3000:]
+    sent = [p.sent[1] for p in parts[summers:]]
+    expected = setup.initial + expected_mean(sent, 1.0)
+    np.testing.assert_allclose(model.weights, expected, atol=metrics["error_bound"] + 1e-6)
+    for p in parts:
+        bad = [r for r in p.receipts if not r.accepted and r.reason is not Reason.DUPLICATE]
+        assert not bad, f"round {k}: {p.device} got {bad}\n{log[-3000:]}"
