@@ -68,7 +68,15 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.sortition import next_round_seed
 from maskfl.protocol.topics import ParsedTopic, TopicKind, Topics
-from maskfl.transport import LastWill, Message, MqttConfig, MqttTransport, TlsConfig, Transport
+from maskfl.transport import (
+    LastWill,
+    Message,
+    MqttConfig,
+    MqttTransport,
+    TlsConfig,
+    Transport,
+    broker_identity,
+)
 
 __all__ = ["Agent", "build_mqtt_config", "run_daemon"]
 
@@ -107,6 +115,18 @@ def build_mqtt_config(config: AgentConfig, will: bytes | None = b"") -> MqttConf
             ca_file=broker.ca_file, cert_file=broker.cert_file, key_file=broker.key_file
         )
     topics = Topics(config.device.fleet)
+    # The broker knows the device by its certificate (or username) and files its session
+    # under that name whatever client id is sent (use_username_as_clientid); one that is
+    # not device.id would get no rights on this device's topics.
+    known_as = broker_identity(tls, broker.username)
+    if known_as is not None and known_as != config.device.id:
+        field = "broker.cert_file" if tls is not None and tls.cert_file else "broker.username"
+        raise ConfigError(
+            f"{field}: the broker knows this client as {known_as!r}, but device.id is "
+            f"{config.device.id!r}; use the certificate (or username) issued for "
+            f"{config.device.id!r}, as in its bundle",
+            field=field,
+        )
     return MqttConfig(
         host=broker.host,
         port=broker.port,

@@ -32,7 +32,6 @@ Example (all sections; most keys have defaults)::
     cert_file = "coordinator-tls.pem"     # client certificate (mTLS), with key_file
     key_file = "coordinator-tls.key"
     # username = "coordinator"; password_file = "broker.password"
-    client_id = "maskfl-coordinator"
     session_expiry_s = 86400              # persistent session (clean_start = false)
 
     [storage]
@@ -145,7 +144,9 @@ class BrokerConfig(_Section):
     username: str | None = None
     password: str | None = None
     password_file: Path | None = None
-    client_id: Annotated[str, Field(min_length=1, max_length=128)] = "maskfl-coordinator"
+    client_id: Annotated[str | None, Field(min_length=1, max_length=128)] = None
+    """Only for a broker without identities (anonymous listener; default "coordinator"):
+    otherwise the client id is the TLS certificate's common name or the username."""
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     session_expiry_s: Annotated[int, Field(ge=1)] = 86400
     reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5

@@ -55,11 +55,20 @@ from maskfl.protocol.masking import MaskConfig
 from maskfl.protocol.messages import GlobalModel, weights_digest
 from maskfl.protocol.phases import MESSAGE_PHASES
 from maskfl.protocol.topics import Topics
-from maskfl.transport import LinkEvent, LinkState, MqttConfig, MqttTransport, TlsConfig
+from maskfl.transport import (
+    LinkEvent,
+    LinkState,
+    MqttConfig,
+    MqttTransport,
+    TlsConfig,
+    broker_identity,
+)
 
 log = logging.getLogger("maskfl.coordinator")
 
 DB_NAME = "coordinator.db"
+#: The client id on a broker that knows no identity (an anonymous development listener).
+COORDINATOR_CLIENT_ID = "coordinator"
 MAX_GRAPH_BYTES = 256 * 1024 * 1024
 _TICK_S = 1.0
 _SAMPLE_S = 5.0
@@ -177,7 +186,7 @@ def mqtt_config(config: CoordinatorConfig) -> MqttConfig:
     return MqttConfig(
         host=b.host,
         port=b.port,
-        client_id=b.client_id,
+        client_id=coordinator_client_id(config, tls),
         clean_start=False,
         session_expiry_s=b.session_expiry_s,
         keepalive_s=b.keepalive_s,
@@ -194,6 +203,25 @@ def mqtt_config(config: CoordinatorConfig) -> MqttConfig:
         reconnect_min_s=b.reconnect_min_s,
         reconnect_max_s=b.reconnect_max_s,
     )
+
+
+def coordinator_client_id(config: CoordinatorConfig, tls: TlsConfig | None) -> str:
+    """The client id: the name the broker knows the coordinator by (its certificate's
+    common name, else its username), which a provisioned broker uses as the client id
+    whatever is sent (``use_username_as_clientid``); ``broker.client_id`` only for an
+    anonymous broker, and refused when it contradicts that name."""
+    b = config.broker
+    known_as = broker_identity(tls, b.username)
+    if known_as is None:
+        return b.client_id or COORDINATOR_CLIENT_ID
+    if b.client_id is not None and b.client_id != known_as:
+        raise ConfigError(
+            f"broker.client_id = {b.client_id!r}: the broker knows the coordinator as "
+            f"{known_as!r} (its TLS certificate or username) and uses that as its client id; "
+            "delete the line",
+            field="broker.client_id",
+        )
+    return known_as
 
 
 class Coordinator:

@@ -41,8 +41,9 @@ DATA_SHARDS_MAX = 700
 """The digits training set (~1,440 samples) split into at most this many shards of
 two or more samples; a larger fleet shares them (device i trains on shard i mod 700)."""
 OBSERVER = "demo-observer"
-"""An extra enrolled identity the demo uses to watch the fleet: the ACL lets a device
-read round parameters, sum dictionaries and models, which is all the demo needs."""
+"""The read-only identity the demo watches the fleet with (``maskfl-provision
+add-observer``): its ACL reads round parameters, sum dictionaries, models and status,
+which is all the demo needs, and publishes nothing."""
 
 
 def free_port() -> int:
@@ -144,7 +145,7 @@ def provision_fleet(
     root: Path, settings: FleetSettings, *, pet: dict[str, Any], initial: np.ndarray
 ) -> DemoFleet:
     """Provision ``settings.devices`` devices (dev-001 ..., named by
-    :func:`numbered_device_ids` like ``add-device --count``) and the observer into
+    :func:`numbered_device_ids` like ``add-device --count``) and the read-only observer into
     ``root/fleet``, then write the demo's coordinator and agent settings."""
     fleet_dir = root / "fleet"
     logs = root / "logs"
@@ -185,7 +186,7 @@ def provision_fleet(
         logs / "provision.log",
     )
     _run([*base, "add-device", "dev", "--count", str(settings.devices)], logs / "provision.log")
-    _run([*base, "add-device", OBSERVER], logs / "provision.log")
+    _run([*base, "add-observer", OBSERVER], logs / "provision.log")
     (root / "broker-data").mkdir(exist_ok=True)
     devices = tuple(numbered_device_ids("dev", settings.devices))
     fleet = DemoFleet(
@@ -195,7 +196,7 @@ def provision_fleet(
         broker_conf=fleet_dir / "broker" / "mosquitto.conf",
         coordinator_toml=fleet_dir / "coordinator" / "coordinator.toml",
         coordinator_state=state,
-        observer_dir=fleet_dir / "devices" / OBSERVER,
+        observer_dir=fleet_dir / "observers" / OBSERVER,
         device_ids=devices,
     )
     missing = [d for d in devices if not fleet.agent_toml(d).is_file()]

@@ -41,7 +41,7 @@ from maskfl.protocol.messages import (
     verify_sender,
 )
 from maskfl.protocol.topics import TopicKind, Topics
-from maskfl.transport import MqttConfig, MqttTransport, TlsConfig
+from maskfl.transport import MqttConfig, MqttTransport, TlsConfig, broker_identity
 
 __all__ = [
     "ModelEvent",
@@ -88,22 +88,21 @@ Event = RoundEvent | SumsEvent | ModelEvent
 class Observer:
     """Watches round parameters, sum dictionaries and global models on the broker."""
 
-    def __init__(
-        self, bundle: Path, *, fleet: str, model_id: str, host: str, port: int, client_id: str
-    ) -> None:
+    def __init__(self, bundle: Path, *, fleet: str, model_id: str, host: str, port: int) -> None:
         self.topics = Topics(fleet)
         self.fleet = fleet
         self.model_id = model_id
         self.ca_public_key = public_key_from_pem((bundle / "ca.pub").read_bytes())
+        tls = TlsConfig(
+            ca_file=bundle / "broker-ca.pem",
+            cert_file=bundle / "observer-tls.pem",
+            key_file=bundle / "observer-tls.key",
+        )
         self.config = MqttConfig(
             host=host,
             port=port,
-            client_id=client_id,
-            tls=TlsConfig(
-                ca_file=bundle / "broker-ca.pem",
-                cert_file=bundle / "device-tls.pem",
-                key_file=bundle / "device-tls.key",
-            ),
+            client_id=broker_identity(tls, None) or "",
+            tls=tls,
             max_incoming_payload=MAX_MESSAGE,
             reconnect_min_s=0.2,
             reconnect_max_s=2.0,

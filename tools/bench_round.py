@@ -405,7 +405,7 @@ class _PlainParticipant:
             MqttConfig(
                 host="127.0.0.1",
                 port=port,
-                client_id=f"plain-{identity.device_id}",
+                client_id=identity.device_id,
                 max_incoming_payload=_MAX_IN,
                 incoming_queue_size=10_000,
             )

@@ -54,7 +54,6 @@ from maskfl.protocol.messages import GlobalModel, RoundParams
 from maskfl.protocol.version import version_text
 from maskfl.tools import report as rep
 from maskfl.tools._demo_fleet import (
-    OBSERVER,
     DemoFleet,
     FleetSettings,
     console_script,
@@ -248,7 +247,6 @@ class Demo:
             model_id=o.model,
             host="127.0.0.1",
             port=fleet.broker_port,
-            client_id=OBSERVER,
         )
         await observer.start()
         self.observer = observer

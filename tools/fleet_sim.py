@@ -99,7 +99,7 @@ class SimParticipant:
             MqttConfig(
                 host=host,
                 port=port,
-                client_id=f"sim-{self.device}",
+                client_id=self.device,  # as an agent: its device id
                 max_incoming_payload=_MAX_IN,
                 incoming_queue_size=10_000,
             )
@@ -353,7 +353,6 @@ class SimFleet:
             "broker": {
                 "host": "127.0.0.1",
                 "port": port,
-                "client_id": "maskfl-coordinator",
                 "reconnect_min_s": 0.2,
                 "reconnect_max_s": 1.0,
             },

@@ -28,7 +28,14 @@ bugs: ``LocalProtocolError``. Bad settings: ``ConfigError`` naming the field.
 
 from __future__ import annotations
 
-from ._config import MQTT_MAX_PACKET, LastWill, MqttConfig, TlsConfig
+from ._config import (
+    MQTT_MAX_PACKET,
+    LastWill,
+    MqttConfig,
+    TlsConfig,
+    broker_identity,
+    certificate_common_name,
+)
 from ._errors import (
     NotConnectedError,
     PayloadTooLargeError,
@@ -63,6 +70,8 @@ __all__ = [
     "Transport",
     "TransportClosedError",
     "TransportStats",
+    "broker_identity",
+    "certificate_common_name",
     "check_filter",
     "check_topic",
     "mosquitto_passwd_line",

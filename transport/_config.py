@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
 from maskfl.protocol.errors import ConfigError
 
 #: The largest MQTT packet: 1 byte header, 4 bytes remaining length, 268,435,455 bytes.
@@ -133,3 +136,42 @@ class MqttConfig:
     def address(self) -> str:
         """``host:port``, as error messages and logs show it."""
         return f"{self.host}:{self.port}"
+
+
+def broker_identity(tls: TlsConfig | None, username: str | None) -> str | None:
+    """The name the broker knows this client by, which is also its MQTT client id.
+
+    A provisioned broker takes the common name of the TLS client certificate as the
+    username (``use_identity_as_username``) and the username as the client id
+    (``use_username_as_clientid``), whatever client id the client sends; a broker
+    with password logins does the same with the username. maskfl clients connect
+    with exactly this id, so the broker's logs and ours name one client alike.
+    ``None``: no certificate and no username (an anonymous development listener).
+    Raises :class:`ConfigError` naming ``tls.cert_file`` if the certificate cannot
+    be read or has no single common name.
+    """
+    if tls is not None and tls.cert_file is not None:
+        return certificate_common_name(tls.cert_file)
+    return username or None
+
+
+def certificate_common_name(path: Path) -> str:
+    """The subject common name of the PEM certificate at ``path`` (its first certificate)."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(
+            f"tls.cert_file: cannot read {path}: {exc.strerror or exc}", field="tls.cert_file"
+        ) from exc
+    except ValueError as exc:
+        raise ConfigError(
+            f"tls.cert_file: {path} is not a PEM certificate ({exc})", field="tls.cert_file"
+        ) from exc
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not isinstance(names[0].value, str) or not names[0].value:
+        raise ConfigError(
+            f"tls.cert_file: {path} must name exactly one subject common name (the broker "
+            f"takes it as this client's username and client id); it has {len(names)}",
+            field="tls.cert_file",
+        )
+    return names[0].value

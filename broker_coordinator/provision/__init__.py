@@ -10,6 +10,7 @@ from maskfl.broker_coordinator.provision._broker import (
     COORDINATOR_USER,
     BrokerFiles,
     device_rules,
+    observer_rules,
     render_acl,
     render_mosquitto_conf,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "ValiditySettings",
     "device_rules",
     "numbered_device_ids",
+    "observer_rules",
     "render_acl",
     "render_mosquitto_conf",
 ]

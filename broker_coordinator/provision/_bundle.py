@@ -35,6 +35,13 @@ COORD_TLS_KEY = "coordinator-tls.key"
 COORD_REVOCATIONS = "revocations.bin"
 COORDINATOR_TOML = "coordinator.toml"
 
+# Observer folder files (read-only identity: TLS only).
+OBSERVER_TLS_CERT = "observer-tls.pem"
+OBSERVER_TLS_KEY = "observer-tls.key"
+OBSERVER_BROKER_CA = "broker-ca.pem"
+OBSERVER_CA_PUB = "ca.pub"
+OBSERVER_README = "README.txt"
+
 
 def _toml(data: dict[str, object]) -> str:
     return tomli_w.dumps(data)
@@ -90,6 +97,37 @@ def render_agent_toml(
     return "\n".join(head) + "\n" + body + "\n".join(tail)
 
 
+def render_observer_readme(*, fleet: str, name: str, broker_host: str, broker_port: int) -> str:
+    """How to use an observer identity, with a ``mosquitto_sub`` line that works as is."""
+    prefix = f"maskfl/v1/{fleet}"
+    return "\n".join(
+        [
+            f"Read-only observer {name!r} of the maskfl fleet {fleet!r}, written by",
+            "maskfl-provision add-observer. The broker names this identity by its TLS",
+            "certificate; its ACL reads these topics and publishes nothing:",
+            "",
+            f"  {prefix}/round             round parameters (signed by the coordinator)",
+            f"  {prefix}/round/+/sums      sum dictionaries",
+            f"  {prefix}/model/#           global models and the model graph",
+            f"  {prefix}/status/+          devices' signed heartbeats",
+            f"  {prefix}/revocations       the signed revocation list",
+            "",
+            f"{OBSERVER_CA_PUB} is the fleet CA's public key, to verify what you read.",
+            f"{OBSERVER_TLS_KEY} is private: keep it 0600.",
+            "",
+            "Watch the rounds from this folder:",
+            "",
+            f"  mosquitto_sub -V mqttv5 -h {broker_host} -p {broker_port} -i {name} \\",
+            f"    --cafile {OBSERVER_BROKER_CA} --cert {OBSERVER_TLS_CERT} "
+            f"--key {OBSERVER_TLS_KEY} \\",
+            f"    -t '{prefix}/round' -t '{prefix}/status/+' -v",
+            "",
+            "Revoke it with `maskfl-provision revoke " + name + "` (then reload mosquitto).",
+            "",
+        ]
+    )
+
+
 def render_coordinator_toml(
     *,
     fleet: str,
@@ -130,7 +168,6 @@ def render_coordinator_toml(
                 "ca_file": COORD_BROKER_CA,
                 "cert_file": COORD_TLS_CERT,
                 "key_file": COORD_TLS_KEY,
-                "client_id": "maskfl-coordinator",
             },
             "storage": {"dir": state_dir},
             "model": {"id": model_id, "length": model_length} | model_files,

@@ -14,6 +14,7 @@ Layout of a fleet directory (``--dir``)::
     coordinator/               the coordinator bundle (coordinator.toml and its files)
         revocations.bin        the signed revocation list, replaced atomically
     devices/<id>/              one bundle per device, and devices/<id>.tar.gz
+    observers/<name>/          one read-only observer's TLS files (add-observer)
 
 The registry is the source of truth: ``revocations.bin``, ``crl.pem`` and the
 ACL are derived from it and rewritten (each atomically) after every change, so
@@ -174,6 +175,9 @@ class Registry:
     coordinator: Enrollment | None = None
     devices: dict[str, Member] = field(default_factory=dict)
     revoked: list[Revoked] = field(default_factory=list)
+    observers: dict[str, Member] = field(default_factory=dict)
+    """Read-only identities: a TLS client certificate and an ACL block that only reads;
+    no enrollment certificate (their ``Enrollment.serial`` is 0), so no protocol role."""
 
     def take_serial(self) -> int:
         serial = self.next_serial
@@ -182,6 +186,9 @@ class Registry:
 
     def active_devices(self) -> list[str]:
         return sorted(d for d, m in self.devices.items() if m.status is Status.ACTIVE)
+
+    def active_observers(self) -> list[str]:
+        return sorted(o for o, m in self.observers.items() if m.status is Status.ACTIVE)
 
     def to_json(self) -> str:
         return (
@@ -194,6 +201,7 @@ class Registry:
                     "coordinator": self.coordinator.to_json() if self.coordinator else None,
                     "devices": {k: self.devices[k].to_json() for k in sorted(self.devices)},
                     "revoked": [r.to_json() for r in self.revoked],
+                    "observers": {k: self.observers[k].to_json() for k in sorted(self.observers)},
                 },
                 indent=2,
             )
@@ -217,6 +225,10 @@ class Registry:
                     for name, m in raw["devices"].items()
                 },
                 revoked=[Revoked.from_json(r) for r in raw["revoked"]],
+                observers={
+                    name: Member(name, Status(m["status"]), Enrollment.from_json(m["current"]))
+                    for name, m in raw.get("observers", {}).items()
+                },
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ProvisionError(f"{path} is damaged ({exc}); restore it from a backup") from exc
@@ -282,6 +294,13 @@ class Layout:
 
     def bundle_tar(self, device: str) -> Path:
         return self.devices_dir / f"{device}.tar.gz"
+
+    @property
+    def observers_dir(self) -> Path:
+        return self.root / "observers"
+
+    def observer_dir(self, name: str) -> Path:
+        return self.observers_dir / name
 
 
 @dataclass(frozen=True)
@@ -447,6 +466,8 @@ class Fleet:
             check_id(device, "device id")
             if device == COORDINATOR_USER:
                 raise ProvisionError(f"{device!r} is reserved for the coordinator; pick another id")
+            if device in self.registry.observers:
+                raise ProvisionError(f"{device!r} is an observer's name; pick another id")
         return ids
 
     def add_device(
@@ -504,6 +525,37 @@ class Fleet:
         self.write_broker_config()
         return changed
 
+    def add_observer(
+        self, name: str, keys: Keys, *, now: dt.datetime, force: bool = False
+    ) -> AddOutcome:
+        """A read-only identity: TLS client certificate, observers/NAME/, an ACL block that
+        reads round, sums, model, status and revocation topics and writes nothing.
+
+        Re-running for an active observer is a no-op; ``force`` re-issues it (the old
+        certificate is revoked) or re-enables a revoked one.
+        """
+        check_id(name, "observer name")
+        if name == COORDINATOR_USER:
+            raise ProvisionError(f"{name!r} is reserved for the coordinator; pick another name")
+        if name in self.registry.devices:
+            raise ProvisionError(f"{name!r} is a device's id; pick another name")
+        member = self.registry.observers.get(name)
+        if member is not None and not force:
+            if member.status is Status.REVOKED:
+                raise ProvisionError(
+                    f"observer {name!r} was revoked; use a new name, or --force to issue it again"
+                )
+            return AddOutcome.UNCHANGED
+        outcome = AddOutcome.CREATED if member is None else AddOutcome.REISSUED
+        if member is not None and member.status is Status.ACTIVE:
+            self._retire(name, member.current, now, why="reissued")
+        enrollment = self._issue_observer(name, keys, now, None)
+        self.registry.observers[name] = Member(name, Status.ACTIVE, enrollment)
+        self._save()
+        self._publish(keys, now)
+        self.write_broker_config()
+        return outcome
+
     def rotate(
         self,
         device: str,
@@ -524,23 +576,29 @@ class Fleet:
             self._issue_coordinator(keys, now)
         else:
             member = self.member(device)
+            observer = device in self.registry.observers
             if member.status is Status.REVOKED:
-                raise ProvisionError(
-                    f"device {device!r} is revoked; enroll it again with add-device --force"
-                )
+                again = "add-observer" if observer else "add-device"
+                raise ProvisionError(f"{device!r} is revoked; enroll it again with {again} --force")
+            if observer and public_key_pem:
+                raise ProvisionError("an observer has no signing key: drop --public-key")
             self._retire(device, member.current, now, why="rotated")
-            member.current = self._issue_device(device, keys, now, public_key_pem, tls_csr_pem)
+            if observer:
+                member.current = self._issue_observer(device, keys, now, tls_csr_pem)
+            else:
+                member.current = self._issue_device(device, keys, now, public_key_pem, tls_csr_pem)
         self._save()
         self._publish(keys, now)
         self.write_broker_config()
 
     def member(self, device: str) -> Member:
+        """A device or an observer by name (ProvisionError naming the fix if neither)."""
         if device == COORDINATOR_USER:
             raise ProvisionError(
                 "the coordinator cannot be revoked, only rotated: "
                 "maskfl-provision rotate coordinator"
             )
-        member = self.registry.devices.get(device)
+        member = self.registry.devices.get(device) or self.registry.observers.get(device)
         if member is None:
             raise ProvisionError(
                 f"unknown device {device!r}; `maskfl-provision list` shows the fleet's devices"
@@ -630,6 +688,56 @@ class Fleet:
             issued_at=_unix(now),
             not_after=cert.not_after,
             own_key=signing_key is None,
+            own_tls_key=tls_key is None,
+        )
+
+    def _issue_observer(
+        self, name: str, keys: Keys, now: dt.datetime, tls_csr_pem: bytes | None
+    ) -> Enrollment:
+        tls_key: ec.EllipticCurvePrivateKey | None = None
+        if tls_csr_pem is None:
+            tls_key = _tls.new_key()
+            tls_public = tls_key.public_key()
+        else:
+            tls_public = _tls.public_key_from_csr(tls_csr_pem)
+        tls_cert = _tls.issue_client_cert(
+            keys.tls_ca,
+            common_name=name,
+            public_key=tls_public,
+            now=now,
+            days=self.settings.validity.tls_days,
+        )
+        broker = self.settings.broker
+        directory = self.layout.observer_dir(name)
+        make_dir(self.layout.observers_dir, mode=PRIVATE_DIR)
+        make_dir(directory, mode=PRIVATE_DIR)
+        # The key first, the certificate naming it after (as for the coordinator).
+        if tls_key is not None:
+            b.write_file(directory, b.OBSERVER_TLS_KEY, _tls.key_to_pem(tls_key), private=True)
+        b.write_file(directory, b.OBSERVER_TLS_CERT, _tls.cert_to_pem(tls_cert), private=False)
+        b.write_file(
+            directory, b.OBSERVER_BROKER_CA, _tls.cert_to_pem(keys.tls_ca.cert), private=False
+        )
+        b.write_file(
+            directory, b.OBSERVER_CA_PUB, public_key_to_pem(keys.fleet_ca.verify_key), private=False
+        )
+        b.write_file(
+            directory,
+            b.OBSERVER_README,
+            b.render_observer_readme(
+                fleet=self.settings.name,
+                name=name,
+                broker_host=broker.host,
+                broker_port=broker.port,
+            ),
+            private=False,
+        )
+        return Enrollment(
+            serial=0,
+            public_key="",
+            tls_serial=tls_cert.serial_number,
+            issued_at=_unix(now),
+            not_after=int(tls_cert.not_valid_after_utc.timestamp()),
             own_tls_key=tls_key is None,
         )
 
@@ -749,7 +857,8 @@ class Fleet:
             fleet=self.settings.name,
             version=self.registry.revocations_version,
             issued_at=_unix(now),
-            serials=[r.serial for r in self.registry.revoked],
+            # Observers hold no enrollment certificate (serial 0): the CRL revokes them.
+            serials=[r.serial for r in self.registry.revoked if r.serial],
         )
 
     def _publish(self, keys: Keys, now: dt.datetime) -> None:
@@ -780,7 +889,11 @@ class Fleet:
             user=broker.user,
         )
         write_atomic(self.layout.broker_dir / CONF_FILE, conf, mode=PUBLIC)
-        acl = render_acl(fleet=self.settings.name, devices=self.registry.active_devices())
+        acl = render_acl(
+            fleet=self.settings.name,
+            devices=self.registry.active_devices(),
+            observers=self.registry.active_observers(),
+        )
         write_atomic(self.layout.broker_dir / ACL_FILE, acl, mode=PUBLIC)
 
     def save_settings(self, settings: FleetSettings) -> None:

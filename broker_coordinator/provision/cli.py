@@ -42,6 +42,7 @@ examples:
   maskfl-provision --dir fleet init --fleet digits --model cnn   # the shipped CNN
   maskfl-provision --dir fleet add-device pi --count 3      # pi-001 .. pi-003
   maskfl-provision --dir fleet add-device cam-7 --public-key cam-7.pub --tls-csr cam-7.csr
+  maskfl-provision --dir fleet add-observer dashboard        # read-only: observers/dashboard/
   maskfl-provision --dir fleet revoke pi-002
   maskfl-provision --dir fleet rotate pi-001
   maskfl-provision --dir fleet list
@@ -238,14 +239,34 @@ def build_parser() -> argparse.ArgumentParser:
         "re-enroll a revoked one, or overwrite a stray bundle",
     )
 
+    observer = sub.add_parser(
+        "add-observer",
+        parents=[common],
+        help="issue a read-only identity (operators, dashboards, mosquitto_sub)",
+        description="Issue a read-only broker identity: a TLS client certificate and an ACL "
+        "block that reads round parameters, sum dictionaries, models, device status and the "
+        "revocation list and publishes nothing. Writes observers/NAME/ (with a README "
+        "showing the mosquitto_sub command). It takes no part in rounds. Revoke it with "
+        "`revoke NAME`. Re-running for an existing observer changes nothing.",
+    )
+    observer.add_argument("name", help="observer name ([A-Za-z0-9_-]{1,64}, not a device id)")
+    observer.add_argument(
+        "--force",
+        action="store_true",
+        help="re-issue an existing observer (its old certificate is revoked) or a revoked one",
+    )
+
     revoke = sub.add_parser(
         "revoke",
         parents=[common],
-        help="revoke a device (revocation list, CRL, ACL)",
+        help="revoke a device or an observer (revocation list, CRL, ACL)",
         description="Revoke a device: its serials join the signed revocation list and its "
-        "TLS certificate the CRL, its ACL entries are removed. No other device is touched.",
+        "TLS certificate the CRL, its ACL entries are removed. No other device is touched. "
+        "An observer's TLS certificate joins the CRL and its ACL entries are removed.",
     )
-    revoke.add_argument("id", help="the device id to revoke (see `maskfl-provision list`)")
+    revoke.add_argument(
+        "id", help="the device id or observer name to revoke (see `maskfl-provision list`)"
+    )
 
     rotate = sub.add_parser(
         "rotate",
@@ -420,6 +441,20 @@ def _cmd_add(args: argparse.Namespace, root: Path) -> None:
                 print(f"{device}: {outcome} -> {fleet.layout.bundle_tar(device)}")
 
 
+def _cmd_add_observer(args: argparse.Namespace, root: Path) -> None:
+    fleet = Fleet.open(root)
+    with fleet.locked():
+        fleet = Fleet.open(root)
+        member = fleet.registry.observers.get(args.name)
+        if member is not None and member.status is Status.ACTIVE and not args.force:
+            print(f"{args.name}: already issued, nothing changed")
+            return
+        keys = fleet.unlock(_passphrase(args))
+        outcome = fleet.add_observer(args.name, keys, now=_now(), force=args.force)
+    print(f"{args.name}: read-only observer {outcome} -> {fleet.layout.observer_dir(args.name)}")
+    print("  reload the broker (SIGHUP) so the ACL takes effect")
+
+
 def _cmd_revoke(args: argparse.Namespace, root: Path) -> None:
     fleet = Fleet.open(root)
     with fleet.locked():
@@ -442,11 +477,12 @@ def _cmd_rotate(args: argparse.Namespace, root: Path) -> None:
             fleet.member(args.id)
         keys = fleet.unlock(_passphrase(args))
         fleet.rotate(args.id, keys, now=_now(), public_key_pem=public_key, tls_csr_pem=csr)
-    where = (
-        fleet.layout.coordinator_dir
-        if args.id == COORDINATOR_USER
-        else fleet.layout.bundle_tar(args.id)
-    )
+    if args.id == COORDINATOR_USER:
+        where = fleet.layout.coordinator_dir
+    elif args.id in fleet.registry.observers:
+        where = fleet.layout.observer_dir(args.id)
+    else:
+        where = fleet.layout.bundle_tar(args.id)
     print(f"{args.id}: rotated -> {where}; old credentials revoked")
     print("  reload the broker (SIGHUP) so the CRL takes effect")
 
@@ -502,7 +538,11 @@ def _cmd_list(args: argparse.Namespace, root: Path) -> None:
             "revocations_version": reg.revocations_version,
             "coordinator_serial": reg.coordinator.serial if reg.coordinator else None,
             "devices": rows,
-            "revoked_serials": [r.serial for r in reg.revoked],
+            "observers": [
+                {"id": name, "status": str(m.status), "not_after": m.current.not_after}
+                for name, m in sorted(reg.observers.items())
+            ],
+            "revoked_serials": [r.serial for r in reg.revoked if r.serial],
         }
         print(json.dumps(report, indent=2))
         return
@@ -515,11 +555,15 @@ def _cmd_list(args: argparse.Namespace, root: Path) -> None:
     for name, m in members:
         expires = dt.datetime.fromtimestamp(m.current.not_after, dt.UTC).date()
         print(f"  {name:<16} {m.status:<8} serial {m.current.serial}  expires {expires}")
+    for name, m in sorted(reg.observers.items()):
+        expires = dt.datetime.fromtimestamp(m.current.not_after, dt.UTC).date()
+        print(f"  {name:<16} {m.status:<8} observer (read-only)  expires {expires}")
 
 
 COMMANDS = {
     "init": _cmd_init,
     "add-device": _cmd_add,
+    "add-observer": _cmd_add_observer,
     "revoke": _cmd_revoke,
     "rotate": _cmd_rotate,
     "broker-config": _cmd_broker_config,

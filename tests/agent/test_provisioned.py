@@ -22,7 +22,7 @@ from maskfl.broker_coordinator.config import load_config as load_coordinator_con
 from maskfl.protocol.keys import public_key_from_pem
 from maskfl.protocol.messages import Heartbeat, MessageType, decode_message, verify_sender
 from maskfl.protocol.topics import Topics
-from maskfl.transport import MqttConfig, MqttTransport, TlsConfig
+from maskfl.transport import MqttConfig, MqttTransport, TlsConfig, broker_identity
 from tests.agent.test_daemon import running_agent
 from tests.broker_coordinator.provision.conftest import Broker, start_fleet_broker
 
@@ -57,7 +57,8 @@ async def test_agent_from_a_provisioned_bundle(
         MqttConfig(
             host="localhost",
             port=fleet_broker.port,
-            client_id=b.client_id,
+            client_id=broker_identity(TlsConfig(cert_file=b.cert_file, key_file=b.key_file), None)
+            or "",
             tls=TlsConfig(ca_file=b.ca_file, cert_file=b.cert_file, key_file=b.key_file),
         )
     )

@@ -480,6 +480,63 @@ def auth_broker(tmp_path: Path) -> Any:
     broker.stop()
 
 
+def password_broker(workdir: Path, *, bind_client_id: bool) -> Mosquitto:
+    """A password-login listener as docs/operations.md describes it for password fleets."""
+    passwd = workdir / "passwd"
+    passwd.write_text(
+        mosquitto_passwd_line("coordinator", "c-pass")
+        + "\n"
+        + mosquitto_passwd_line("dev1", "d1-pass")
+        + "\n"
+    )
+    lines = ["listener {port} 127.0.0.1", "allow_anonymous false", f"password_file {passwd}"]
+    if bind_client_id:
+        lines.append("use_username_as_clientid true")
+    return Mosquitto(workdir / "broker", config=lines).start()
+
+
+@pytest.mark.parametrize("bind_client_id", [True, False])
+async def test_password_login_cannot_take_over_the_coordinators_session(
+    tmp_path: Path, bind_client_id: bool
+) -> None:
+    """With use_username_as_clientid, dev1 asking for client id "coordinator" is filed
+    as "dev1": the coordinator keeps its link and its persistent session. Without the
+    option (the control case) the same login takes the coordinator's link over."""
+    broker = password_broker(tmp_path, bind_client_id=bind_client_id)
+    try:
+        coordinator = MqttTransport(
+            config(
+                broker,
+                client_id="coordinator",
+                username="coordinator",
+                password="c-pass",
+                clean_start=False,
+                session_expiry_s=600,
+                reconnect_min_s=5.0,
+                reconnect_max_s=5.0,
+            )
+        )
+        events = Events(coordinator)
+        intruder = MqttTransport(
+            config(broker, client_id="coordinator", username="dev1", password="d1-pass")
+        )
+        async with coordinator:
+            await coordinator.subscribe("fl/#")
+            async with intruder:
+                await intruder.publish("fl/hello", b"from dev1")
+                if bind_client_id:
+                    got = await recv(coordinator)
+                    assert got.payload == b"from dev1"
+                    assert coordinator.stats.disconnects == 0
+                else:
+                    # mosquitto 2.0.11 closes the old link without a DISCONNECT packet.
+                    await events.wait_for(LinkState.DISCONNECTED)
+    finally:
+        broker.stop()
+    log = broker.log()
+    assert ("as dev1 (p5" in log) is bind_client_id, log
+
+
 async def test_password_file_from_our_hash_generator_authenticates(auth_broker: Mosquitto) -> None:
     async with (
         MqttTransport(

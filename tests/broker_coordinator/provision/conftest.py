@@ -15,6 +15,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from maskfl.broker_coordinator.provision.cli import main
@@ -56,10 +58,16 @@ class Broker:
             name, folder / "broker-ca.pem", folder / "device-tls.pem", folder / "device-tls.key"
         )
 
+    def observer(self, name: str) -> TlsClient:
+        folder = self.root / "observers" / name
+        return self.client(
+            name, folder / "broker-ca.pem", folder / "observer-tls.pem", folder / "observer-tls.key"
+        )
+
     def coordinator(self) -> TlsClient:
         folder = self.root / "coordinator"
         return self.client(
-            "maskfl-coordinator",
+            "coordinator",
             folder / "broker-ca.pem",
             folder / "coordinator-tls.pem",
             folder / "coordinator-tls.key",
@@ -90,6 +98,9 @@ class TlsClient:
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._connected = threading.Event()
         self._connack: ReasonCode | None = None
+        self.session_present: bool | None = None
+        self.disconnected = threading.Event()
+        self.disconnect_reason: ReasonCode | None = None
         self._acks: dict[int, ReasonCode] = {}
         self._acked = threading.Condition()
         self.client.on_connect = self._on_connect
@@ -99,8 +110,11 @@ class TlsClient:
         self.client.on_message = lambda _c, _u, msg: self.messages.put(msg)
         self._started = False
 
-    def _on_connect(self, _c: object, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+    def _on_connect(
+        self, _c: object, _u: object, flags: mqtt.ConnectFlags, rc: ReasonCode, _p: object
+    ) -> None:
         self._connack = rc
+        self.session_present = flags.session_present
         self._connected.set()
 
     def _on_disconnect(
@@ -108,6 +122,8 @@ class TlsClient:
     ) -> None:
         if self._connack is None:
             self._connack = rc
+        self.disconnect_reason = rc
+        self.disconnected.set()
         self._connected.set()
 
     def _on_publish(self, _c: object, _u: object, mid: int, rc: ReasonCode, _p: object) -> None:
@@ -122,10 +138,18 @@ class TlsClient:
             self._acks[mid] = rcs[0]
             self._acked.notify_all()
 
-    def connect(self) -> bool:
-        """True when the broker answered CONNACK success; False for any refusal."""
+    def connect(self, *, clean_start: bool = True, session_expiry_s: int = 0) -> bool:
+        """True when the broker answered CONNACK success; False for any refusal.
+
+        ``clean_start=False`` with ``session_expiry_s`` > 0 asks to resume a persistent
+        session under this client's id (``session_present`` tells whether it did)."""
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if session_expiry_s:
+            props.SessionExpiryInterval = session_expiry_s
         try:
-            self.client.connect("localhost", self.port, keepalive=30)
+            self.client.connect(
+                "localhost", self.port, keepalive=30, clean_start=clean_start, properties=props
+            )
         except OSError:
             return False
         self.client.loop_start()

@@ -11,7 +11,14 @@ import pytest
 from maskfl.agent.config import load_config as load_agent_config
 from maskfl.broker_coordinator.config import load_config as load_coordinator_config
 from maskfl.protocol.topics import Topics
-from maskfl.transport import LastWill, MqttConfig, MqttTransport, RefusedError, TlsConfig
+from maskfl.transport import (
+    LastWill,
+    MqttConfig,
+    MqttTransport,
+    RefusedError,
+    TlsConfig,
+    broker_identity,
+)
 from tests.broker_coordinator.provision.conftest import Broker
 
 pytestmark = pytest.mark.broker
@@ -41,7 +48,8 @@ def coordinator_transport(broker: Broker) -> MqttTransport:
         MqttConfig(
             host="localhost",
             port=broker.port,
-            client_id=b.client_id,
+            client_id=broker_identity(TlsConfig(cert_file=b.cert_file, key_file=b.key_file), None)
+            or "",
             clean_start=False,
             session_expiry_s=60,
             manual_ack=True,
