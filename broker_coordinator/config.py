@@ -263,7 +263,11 @@ class PetConfig(_Section):
     ``failure_pause_s``: wait after a failed round. ``max_rounds``: stop after that
     many rounds (0: run forever). ``initial_seed``: hex of the seed before round 1
     (zeros by default). ``reassembly_*``: bounds of partial chunked messages (their
-    frames are held unacked; see ``broker.receive_maximum``).
+    frames are held unacked; see ``broker.receive_maximum``): up to
+    ``reassembly_max_bytes`` in memory, then up to ``reassembly_spool_max_bytes`` in
+    ``<storage.dir>/spool`` (default: as much as the broker window leaves, about
+    16 GiB at the default chunk size; 0 turns the spool off); a message that finds
+    no room is refused (its sender resends it), never one already admitted dropped.
     """
 
     sum: PhaseConfig = Field(default_factory=_default_sum)
@@ -278,6 +282,7 @@ class PetConfig(_Section):
     reassembly_max_bytes: Annotated[int, Field(ge=1 << 20)] = 512 * 1024 * 1024
     reassembly_max_messages: Annotated[int, Field(ge=1)] = 4096
     reassembly_max_age_s: Annotated[float, Field(gt=0)] = 120.0
+    reassembly_spool_max_bytes: Annotated[int | None, Field(ge=0)] = None
 
     @model_validator(mode="after")
     def _cross(self) -> Self:
@@ -375,16 +380,32 @@ class CoordinatorConfig(BaseSettings):
                 f"({self.masking.n_max}): the aggregate could overflow; raise masking.n_max "
                 "or lower pet.update.count_max"
             )
-        held = -(-self.pet.reassembly_max_bytes // self.pet.chunk_size)
+        pet = self.pet
+        spool = pet.reassembly_spool_max_bytes or 0
+        held = -(-(pet.reassembly_max_bytes + spool) // pet.chunk_size)
         needed = held + self.storage.group_commit_max + 16
         if self.broker.receive_maximum < needed:
             raise ValueError(
                 f"broker.receive_maximum ({self.broker.receive_maximum}) must exceed the "
                 f"chunk frames partial messages may hold unacked ({held} = "
-                "pet.reassembly_max_bytes / pet.chunk_size) plus a commit batch: raise it to "
-                f"at least {needed} (max 65535) or lower pet.reassembly_max_bytes"
+                "(pet.reassembly_max_bytes + pet.reassembly_spool_max_bytes) / pet.chunk_size) "
+                f"plus a commit batch: raise it to at least {needed} (max 65535) or lower "
+                "pet.reassembly_max_bytes or pet.reassembly_spool_max_bytes"
             )
         return self
+
+    def reassembly_spool_bytes(self) -> int:
+        """``pet.reassembly_spool_max_bytes``, or what the broker window leaves when unset.
+
+        Every frame of a partial message is held unacked, so memory plus spool may
+        hold at most ``broker.receive_maximum`` frames, less a commit batch.
+        """
+        pet = self.pet
+        if pet.reassembly_spool_max_bytes is not None:
+            return pet.reassembly_spool_max_bytes
+        window = self.broker.receive_maximum - self.storage.group_commit_max - 16
+        in_memory = -(-pet.reassembly_max_bytes // pet.chunk_size)
+        return max(0, window - in_memory) * pet.chunk_size
 
 
 def _resolve(value: Any, base: Path) -> Any:

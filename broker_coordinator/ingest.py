@@ -22,12 +22,15 @@ all incomplete, no message could ever complete. Two facts rule it out:
   ``max_inflight_messages`` (20; that one applies to v3 clients only; checked
   against mosquitto 2.0.11). Other brokers must honour Receive Maximum too;
 - partial messages are bounded by the reassembler (``pet.reassembly_max_bytes``
-  and ``reassembly_max_messages``, oldest dropped first, and an age limit).
-  When a partial message is dropped, its frames are acked (the sender learns
-  from the missing receipt and resends). So at most
-  ``reassembly_max_bytes / chunk_size`` slots are held by incomplete messages,
-  and the config check requires ``receive_maximum`` to exceed that with room
-  for complete messages waiting for their group commit.
+  in memory plus ``pet.reassembly_spool_max_bytes`` on disk, and
+  ``reassembly_max_messages``): a message that does not fit is refused at its
+  first frame and its frames are acked as they come (the sender learns from the
+  missing receipt and resends). So at most ``(memory + spool) / chunk_size``
+  slots are held by incomplete messages, and the config check requires
+  ``receive_maximum`` to exceed that with room for complete messages waiting
+  for their group commit. Admitted messages are never dropped for newer ones
+  (see :class:`ChunkTracker`), so the held frames always belong to uploads that
+  can complete.
 
 Rejections and receipts
 -----------------------
@@ -42,11 +45,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
 
 from maskfl.broker_coordinator.context import Contribution, Incoming, Services
 from maskfl.broker_coordinator.fleetview import RejectionLog
@@ -84,13 +92,27 @@ def _light(message: Message) -> Message:
     return dataclasses.replace(message, payload=b"")
 
 
+class DropCause(StrEnum):
+    """Why an admitted partial message left the reassembler without completing."""
+
+    EXPIRED = "expired"
+    """No frame completed it within ``max_age_s`` of its first (the sender is gone)."""
+    SUPERSEDED = "superseded"
+    """Its sender (topic) started more than ``max_per_key`` other messages since."""
+    SPOOL_FAILED = "spool_failed"
+    """Writing a frame to the spool failed (disk full, I/O error)."""
+
+
 @dataclass(slots=True)
 class _Partial:
     total: int
     part_size: int
     count: int
     started_at: float
+    spool: Path | None = None
+    """Where its frames are written; None while they stay in memory."""
     parts: dict[int, memoryview] = field(default_factory=dict)
+    have: set[int] = field(default_factory=set)
     deliveries: list[Message] = field(default_factory=list)
 
 
@@ -102,13 +124,29 @@ class ChunkTracker:
     frame's data stays a view of its delivery until the message is complete, then
     all are joined in order: one copy, straight into the ``bytes`` the decoder
     takes (no zeroed buffer of the declared size, no second copy out of it). The
-    same bounds as the protocol's reassembler: ``max_messages`` partials, at most
-    ``max_per_key`` per key (topic), ``max_bytes`` reserved in all (the declared
-    totals), ``max_age_s`` from the first frame; the oldest partial goes first.
-    The frame hash of the protocol's reassembler is not recomputed here: the
-    payload is a signed message whose body digest :func:`decode_message` checks
-    anyway, so a mixed-up frame fails there (one SHA-256 pass per message, not
-    two). A dropped partial's deliveries are acked (see the module docstring).
+    frame hash of the protocol's reassembler is not recomputed here: the payload is
+    a signed message whose body digest :func:`decode_message` checks anyway, so a
+    mixed-up frame fails there (one SHA-256 pass per message, not two).
+
+    **Admission, never eviction in favour of another upload.** A message is
+    admitted at its first frame, reserving its declared total: in memory while
+    ``max_bytes`` and ``max_messages`` allow, else in the spool directory (one
+    sparse file per message, frames written at their offsets, read back once
+    complete) while ``spool_max_bytes`` allows. When neither has room, the new
+    message is *refused*: its frames are acked and dropped as they come (counted,
+    logged once per message), and its sender, hearing no receipt, publishes it
+    again later (``limits.receipt_timeout_s`` on an agent); a resend is a new
+    admission from its first frame. An admitted message is never dropped to make
+    room for another, so admitted uploads complete and the reassembler always
+    makes progress, however many devices upload at once. (The old policy dropped
+    the oldest partial for each new message: with 200 uploads of 4 MB against
+    512 MiB, every partial was evicted by a newer one and none completed.)
+
+    An admitted partial leaves without completing only for a :class:`DropCause`:
+    it expired (``max_age_s`` from its first frame), its own sender superseded it
+    (more than ``max_per_key`` messages on one topic), or the spool failed. Each
+    drop is logged and counted (``on_drop``), and its deliveries are acked (see
+    the module docstring).
     """
 
     def __init__(
@@ -119,15 +157,30 @@ class ChunkTracker:
         max_bytes: int,
         max_age_s: float,
         max_per_key: int = 2,
+        spool_dir: Path | None = None,
+        spool_max_bytes: int = 0,
+        on_drop: Callable[[str], None] | None = None,
     ) -> None:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self.max_per_key = max_per_key
+        self.spool_dir = spool_dir
+        self.spool_max_bytes = spool_max_bytes if spool_dir is not None else 0
         self._ack = ack
+        self._on_drop = on_drop
         self._partials: dict[tuple[str, bytes], _Partial] = {}
+        self._refused: dict[tuple[str, bytes], float] = {}
         self._reserved = 0
-        self.evicted = 0
+        self._spooled = 0
+        self.spooled_peak = 0
+        self.dropped: dict[str, int] = {}
+        """Admitted partials dropped, by :class:`DropCause` (and ``refused`` messages)."""
+        if spool_dir is not None:
+            # Frames of a partial message are never acked, so after a restart the
+            # broker redelivers them: a spool left from before is garbage.
+            shutil.rmtree(spool_dir, ignore_errors=True)
+            spool_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def pending_messages(self) -> int:
@@ -135,51 +188,163 @@ class ChunkTracker:
 
     @property
     def reserved_bytes(self) -> int:
+        """Bytes reserved in memory by partial messages."""
         return self._reserved
+
+    @property
+    def spooled_bytes(self) -> int:
+        """Bytes reserved in the spool by partial messages."""
+        return self._spooled
+
+    @property
+    def evicted(self) -> int:
+        """Admitted partial messages dropped before completion (every cause)."""
+        return sum(n for cause, n in self.dropped.items() if cause != "refused")
 
     @property
     def held(self) -> int:
         return sum(len(p.deliveries) for p in self._partials.values())
 
-    def _drop(self, slot: tuple[str, bytes]) -> None:
+    def status(self) -> dict[str, int]:
+        """What ``/status`` shows under ``reassembly``."""
+        return {
+            "pending": self.pending_messages,
+            "bytes": self._reserved,
+            "spooled": self._spooled,
+            "spooled_peak": self.spooled_peak,
+            "evicted": self.evicted,
+            "refused": self.dropped.get("refused", 0),
+            **{f"dropped_{cause}": n for cause, n in sorted(self.dropped.items())},
+        }
+
+    def _count(self, cause: str) -> None:
+        self.dropped[cause] = self.dropped.get(cause, 0) + 1
+        if self._on_drop is not None:
+            self._on_drop(cause)
+
+    def _release(self, slot: tuple[str, bytes]) -> _Partial:
         partial = self._partials.pop(slot)
-        self._reserved -= partial.total
-        self.evicted += 1
+        if partial.spool is None:
+            self._reserved -= partial.total
+        else:
+            self._spooled -= partial.total
+            with contextlib.suppress(OSError):
+                partial.spool.unlink()
+        return partial
+
+    def _drop(self, slot: tuple[str, bytes], cause: DropCause) -> None:
+        partial = self._release(slot)
+        log.warning(
+            "dropped a partial chunked message on %s (%d of %d frames, %d bytes): %s",
+            slot[0],
+            len(partial.have),
+            partial.count,
+            partial.total,
+            cause.value,
+            extra={"topic": slot[0], "cause": cause.value},
+        )
+        self._count(cause.value)
         for d in partial.deliveries:
             self._ack(d)
 
     def expire(self, now: float) -> None:
         for slot in [s for s, p in self._partials.items() if now - p.started_at > self.max_age_s]:
-            self._drop(slot)
+            self._drop(slot, DropCause.EXPIRED)
+        for slot in [s for s, t in self._refused.items() if now - t > self.max_age_s]:
+            del self._refused[slot]
+
+    def _admit(self, slot: tuple[str, bytes], frame: ChunkFrame, now: float) -> _Partial | None:
+        """A new partial for ``frame``'s message, or None when there is no room (refused)."""
+        key = slot[0]
+        own = [s for s in self._partials if s[0] == key]
+        for old in own[: max(0, len(own) - self.max_per_key + 1)]:
+            self._drop(old, DropCause.SUPERSEDED)
+        if len(self._partials) < self.max_messages:
+            if self._reserved + frame.total <= self.max_bytes:
+                partial = _Partial(frame.total, frame.part_size, frame.count, now)
+                self._reserved += frame.total
+                self._partials[slot] = partial
+                return partial
+            if self.spool_dir is not None and self._spooled + frame.total <= self.spool_max_bytes:
+                name = hashlib.sha256(key.encode() + slot[1]).hexdigest()[:32]
+                partial = _Partial(
+                    frame.total, frame.part_size, frame.count, now, self.spool_dir / name
+                )
+                self._spooled += frame.total
+                self.spooled_peak = max(self.spooled_peak, self._spooled)
+                self._partials[slot] = partial
+                return partial
+        if len(self._refused) >= 4 * self.max_messages:
+            del self._refused[next(iter(self._refused))]
+        self._refused[slot] = now
+        log.warning(
+            "refused a chunked message of %d bytes on %s: %d partial messages hold %d bytes in "
+            "memory and %d in the spool (pet.reassembly_max_bytes, "
+            "pet.reassembly_spool_max_bytes); the sender resends it when no receipt comes",
+            frame.total,
+            key,
+            len(self._partials),
+            self._reserved,
+            self._spooled,
+            extra={"topic": key, "cause": "refused"},
+        )
+        self._count("refused")
+        return None
+
+    def _store(self, slot: tuple[str, bytes], partial: _Partial, frame: ChunkFrame) -> bool:
+        """Keep one frame's data; False when the spool failed (the partial is dropped)."""
+        if partial.spool is None:
+            partial.parts[frame.index] = frame.data
+            return True
+        try:
+            fd = os.open(partial.spool, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.pwrite(fd, frame.data, frame.index * partial.part_size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error("cannot write to the reassembly spool %s: %s", partial.spool, exc)
+            self._drop(slot, DropCause.SPOOL_FAILED)
+            return False
+        return True
+
+    def _payload(self, partial: _Partial) -> bytes:
+        if partial.spool is None:
+            parts = partial.parts
+            return b"".join([parts[i] for i in range(partial.count)])
+        with partial.spool.open("rb") as f:
+            payload = f.read()
+        if len(payload) != partial.total:
+            raise RemoteProtocolError(Reason.MALFORMED, "spooled message is short")
+        return payload
 
     def feed(
         self, key: str, message: Message, frame: ChunkFrame, now: float
     ) -> tuple[bytes, list[Message]] | None:
         """The whole payload and all its deliveries once complete; None while partial.
 
-        Raises RemoteProtocolError (the caller acks this delivery) for a frame
-        that does not fit the message it claims to belong to, or is too large.
+        A frame of a refused message is acked here and None returned. Raises
+        RemoteProtocolError (the caller acks this delivery) for a frame that does
+        not fit the message it claims to belong to, or is too large.
         """
         self.expire(now)
         slot = (key, frame.message_id)
         partial = self._partials.get(slot)
         if partial is None:
-            if frame.total > self.max_bytes:
+            if frame.total > max(self.max_bytes, self.spool_max_bytes):
                 raise RemoteProtocolError(
                     Reason.OVERSIZE,
-                    f"chunked message of {frame.total} bytes, at most {self.max_bytes}",
+                    f"chunked message of {frame.total} bytes, at most "
+                    f"{max(self.max_bytes, self.spool_max_bytes)}",
                 )
-            own = [s for s in self._partials if s[0] == key]
-            for old in own[: max(0, len(own) - self.max_per_key + 1)]:
-                self._drop(old)
-            while self._partials and (
-                len(self._partials) >= self.max_messages
-                or self._reserved + frame.total > self.max_bytes
-            ):
-                self._drop(next(iter(self._partials)))
-            partial = _Partial(frame.total, frame.part_size, frame.count, now)
-            self._partials[slot] = partial
-            self._reserved += frame.total
+            if slot in self._refused and frame.index != 0:
+                self._ack(_light(message))  # the rest of a refused message; counted at its refusal
+                return None
+            self._refused.pop(slot, None)  # a resend starts again from its first frame
+            partial = self._admit(slot, frame, now)
+            if partial is None:
+                self._ack(_light(message))
+                return None
         elif (frame.total, frame.part_size, frame.count) != (
             partial.total,
             partial.part_size,
@@ -190,13 +355,20 @@ class ChunkTracker:
             )
         partial.deliveries.append(_light(message))
         # A duplicate index (MQTT redelivery) keeps the first copy.
-        partial.parts.setdefault(frame.index, frame.data)
-        if len(partial.parts) < partial.count:
+        if frame.index not in partial.have:
+            if not self._store(slot, partial, frame):
+                return None
+            partial.have.add(frame.index)
+        if len(partial.have) < partial.count:
             return None
-        del self._partials[slot]
-        self._reserved -= partial.total
-        parts = partial.parts
-        return b"".join([parts[i] for i in range(partial.count)]), partial.deliveries
+        try:
+            payload = self._payload(partial)
+        except (OSError, RemoteProtocolError) as exc:
+            log.error("cannot read back a spooled message on %s: %s", key, exc)
+            self._drop(slot, DropCause.SPOOL_FAILED)
+            return None
+        self._release(slot)
+        return payload, partial.deliveries
 
 
 class Ingest:
@@ -212,6 +384,9 @@ class Ingest:
             max_messages=pet.reassembly_max_messages,
             max_bytes=pet.reassembly_max_bytes,
             max_age_s=pet.reassembly_max_age_s,
+            spool_dir=services.config.storage.dir / "spool",
+            spool_max_bytes=services.config.reassembly_spool_bytes(),
+            on_drop=lambda cause: services.metrics.reassembly_dropped.labels(cause=cause).inc(),
         )
         self.unacked = 0
         self.rejections = RejectionLog()
@@ -233,6 +408,7 @@ class Ingest:
         r = self.chunks
         m.reassembly_pending.set(r.pending_messages)
         m.reassembly_bytes.set(r.reserved_bytes)
+        m.reassembly_spooled_bytes.set(r.spooled_bytes)
         m.unacked.set(self.chunks.held + self.runner.committer.pending)
         m.devices_alive.set(self.s.alive_count())
         counts = self.s.liveness.counts

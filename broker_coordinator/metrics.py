@@ -76,6 +76,18 @@ class Metrics:
         self.reassembly_bytes = Gauge(
             _PREFIX + "reassembly_bytes", "bytes reserved by partial chunked messages", registry=r
         )
+        self.reassembly_spooled_bytes = Gauge(
+            _PREFIX + "reassembly_spooled_bytes",
+            "bytes reserved by partial chunked messages in the spool directory",
+            registry=r,
+        )
+        self.reassembly_dropped = Counter(
+            _PREFIX + "reassembly_dropped",
+            "chunked messages not completed: refused (no room) or an admitted partial "
+            "dropped (expired, superseded, spool_failed)",
+            ["cause"],
+            registry=r,
+        )
         self.unacked = Gauge(
             _PREFIX + "unacked_messages", "MQTT deliveries held without ack", registry=r
         )

@@ -269,11 +269,7 @@ class Coordinator:
                 rounds_completed=runner.rounds_completed,
                 rounds_failed=runner.rounds_failed,
                 last_round_ingest=runner.last_ingest,
-                reassembly={
-                    "pending": self.ingest.chunks.pending_messages if self.ingest else 0,
-                    "bytes": self.ingest.chunks.reserved_bytes if self.ingest else 0,
-                    "evicted": self.ingest.chunks.evicted if self.ingest else 0,
-                },
+                reassembly=self.ingest.chunks.status() if self.ingest else {},
                 rejected=self.metrics.rejected_total(),
                 backend=s.backend.description,
                 word_bits=s.mask.word_bits,

@@ -1,8 +1,10 @@
-"""Chunk reassembly with held deliveries: bounds, eviction acks, any frame order."""
+"""Chunk reassembly with held deliveries: admission (never eviction for another upload),
+the spool, drops counted by cause, any frame order."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -60,28 +62,114 @@ def test_any_order_and_duplicates_reassemble(
     assert acks.mids == [] and tracker.held == 0
 
 
-def test_bounds_evict_oldest_and_ack_their_frames() -> None:
+def test_a_full_reassembler_refuses_new_messages_and_keeps_admitted_ones() -> None:
     acks = Acks()
-    tracker = ChunkTracker(acks, max_messages=2, max_bytes=1 << 20, max_age_s=60, max_per_key=2)
+    drops: list[str] = []
+    tracker = ChunkTracker(
+        acks, max_messages=2, max_bytes=1 << 20, max_age_s=60, on_drop=drops.append
+    )
     parts = [split_payload(bytes([k]) * 500, CHUNK_HEADER_SIZE + 100) for k in range(3)]
     assert _feed(tracker, "a", parts[0][:2], 10) is None
     assert _feed(tracker, "b", parts[1][:2], 20) is None
     assert tracker.held == 4 and acks.mids == []
-    assert _feed(tracker, "c", parts[2][:1], 30) is None  # evicts "a", the oldest
-    assert sorted(acks.mids) == [10, 11]
-    assert tracker.pending_messages == 2 and tracker.held == 3
+    assert _feed(tracker, "c", parts[2][:2], 30) is None  # no room: "c" is refused, not "a"
+    assert acks.mids == [30, 31] and drops == ["refused"]
+    assert tracker.pending_messages == 2 and tracker.held == 4 and tracker.evicted == 0
+    done = _feed(tracker, "a", parts[0][2:], 12)
+    assert done is not None and done[0] == bytes([0]) * 500
+    assert _feed(tracker, "c", parts[2][2:3], 32) is None  # the rest of the refused one: acked
+    assert acks.mids == [30, 31, 32]
+    resent = _feed(tracker, "c", parts[2], 40)  # its sender publishes it again: admitted
+    assert resent is not None and resent[0] == bytes([2]) * 500
+    assert drops == ["refused"] and tracker.evicted == 0
 
 
-def test_per_key_limit_and_expiry() -> None:
+def test_uploads_beyond_memory_go_to_the_spool(tmp_path: Path) -> None:
     acks = Acks()
-    tracker = ChunkTracker(acks, max_messages=10, max_bytes=1 << 20, max_age_s=5, max_per_key=1)
+    spool = tmp_path / "spool"
+    tracker = ChunkTracker(
+        acks,
+        max_messages=100,
+        max_bytes=1200,
+        max_age_s=60,
+        spool_dir=spool,
+        spool_max_bytes=5000,
+    )
+    payloads = [bytes(range(k, k + 250)) * 2 for k in range(6)]  # 500 bytes each
+    frames = [split_payload(p, CHUNK_HEADER_SIZE + 120) for p in payloads]
+    done: dict[bytes, list[int]] = {}
+    mid = 0
+    for index in range(len(frames[0])):  # the worst order: every upload started at once
+        for k, fs in enumerate(frames):
+            mid += 1
+            out = tracker.feed(
+                f"t{k}",
+                Message(f"t{k}", fs[index], qos=1, mid=mid),
+                ChunkFrame.parse(fs[index]),
+                0.0,
+            )
+            if out is not None:
+                done[out[0]] = sorted(d.mid for d in out[1])
+        if index == 0:
+            assert tracker.reserved_bytes == 1000 and tracker.spooled_bytes == 2000
+            assert len(list(spool.iterdir())) == 4
+    assert set(done) == set(payloads) and acks.mids == [] and tracker.evicted == 0
+    assert tracker.spooled_bytes == 0 and list(spool.iterdir()) == []
+
+
+def test_many_concurrent_uploads_make_progress() -> None:
+    """The livelock of issue 13: 300 uploads of 40 frames, room for 134 at a time, every
+    upload started before any finished. The old policy evicted the oldest partial for
+    each new one and completed none; now each wave completes what it admitted and the
+    refused senders' resends complete in the next."""
+    acks = Acks()
+    size, part = 4000, 100
+    tracker = ChunkTracker(acks, max_messages=4096, max_bytes=134 * size, max_age_s=600)
+    frames = {
+        k: split_payload(k.to_bytes(2, "big") * (size // 2), CHUNK_HEADER_SIZE + part)
+        for k in range(300)
+    }
+    pending = set(frames)
+    waves = 0
+    mid = 0
+    while pending and waves < 5:
+        waves += 1
+        for index in range(size // part):
+            for k in sorted(pending):
+                mid += 1
+                frame = frames[k][index]
+                out = tracker.feed(
+                    str(k), Message(str(k), frame, qos=1, mid=mid), ChunkFrame.parse(frame), 0.0
+                )
+                if out is not None:
+                    assert out[0] == frames[k][0][CHUNK_HEADER_SIZE:] + b"".join(
+                        f[CHUNK_HEADER_SIZE:] for f in frames[k][1:]
+                    )
+                    pending.discard(k)
+    assert not pending and waves == 3  # 134 + 134 + 32
+    assert tracker.evicted == 0 and tracker.dropped["refused"] == 166 + 32
+    assert tracker.pending_messages == 0 and tracker.held == 0
+
+
+def test_per_key_limit_and_expiry_are_counted_by_cause() -> None:
+    acks = Acks()
+    drops: list[str] = []
+    tracker = ChunkTracker(
+        acks,
+        max_messages=10,
+        max_bytes=1 << 20,
+        max_age_s=5,
+        max_per_key=1,
+        on_drop=drops.append,
+    )
     one = split_payload(b"1" * 500, CHUNK_HEADER_SIZE + 100)
     two = split_payload(b"2" * 500, CHUNK_HEADER_SIZE + 100)
     _feed(tracker, "k", one[:1], 1)
     _feed(tracker, "k", two[:1], 2)  # the same sender starts another: the first goes
-    assert acks.mids == [1]
+    assert acks.mids == [1] and drops == ["superseded"]
     tracker.expire(100.0)
     assert acks.mids == [1, 2] and tracker.pending_messages == 0 and tracker.reserved_bytes == 0
+    assert drops == ["superseded", "expired"] and tracker.evicted == 2
 
 
 def test_inconsistent_and_oversize_frames_are_rejected() -> None:
