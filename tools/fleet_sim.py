@@ -33,7 +33,7 @@ from maskfl.protocol.errors import CryptoError, MaskflError
 from maskfl.protocol.identity import Identity, issue_certificate, issue_revocation_list
 from maskfl.protocol.ids import Role
 from maskfl.protocol.keys import public_key_to_pem, signing_key_to_pem
-from maskfl.protocol.masking import aggregate_mask, mask_update
+from maskfl.protocol.masking import Words, aggregate_mask, mask_update
 from maskfl.protocol.messages import (
     GlobalModel,
     Receipt,
@@ -68,6 +68,10 @@ class Behaviour:
     update_delay_s: float = 0.0
     corrupt_seed_for_all_summers: bool = False
     send_heartbeat: bool = True
+    select: Callable[[RoundParams, bytes], Task] | None = None
+    """Replaces the sortition (``select_task``): a deliberately wrong participant."""
+    tamper_update: Callable[[Words, RoundParams], None] | None = None
+    """Changes the masked words in place before they are signed (fault injection)."""
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Sent:
     delta: F32
     weight: float
     digest: bytes
+    seed: bytes = b""
 
 
 class SimParticipant:
@@ -88,6 +93,7 @@ class SimParticipant:
         host: str,
         port: int,
         behaviour: Behaviour | None = None,
+        mqtt: MqttConfig | None = None,
     ) -> None:
         self.identity = identity
         self.device = identity.device_id
@@ -96,7 +102,8 @@ class SimParticipant:
         self.ca = ca_public_key
         self.behaviour = behaviour or Behaviour()
         self.transport = MqttTransport(
-            MqttConfig(
+            mqtt
+            or MqttConfig(
                 host=host,
                 port=port,
                 client_id=self.device,  # as an agent: its device id
@@ -108,6 +115,7 @@ class SimParticipant:
         self.receipts: list[Receipt] = []
         self.models: list[GlobalModel] = []
         self.roles: dict[int, Task] = {}
+        self.ephemeral: dict[int, EphemeralKeyPair] = {}
         self.errors: list[str] = []
         self._sums: dict[int, asyncio.Future[SumDict]] = {}
         self._seeds: dict[int, asyncio.Future[SeedDict]] = {}
@@ -186,7 +194,10 @@ class SimParticipant:
         if params.certificate.public_key != sender or params.certificate.role != Role.COORDINATOR:
             self.errors.append("round parameters not signed by the coordinator certificate")
             return
-        task = select_task(params.seed, self.identity.public_key, params.p_sum, params.p_update)
+        if self.behaviour.select is not None:
+            task = self.behaviour.select(params, self.identity.public_key)
+        else:
+            task = select_task(params.seed, self.identity.public_key, params.p_sum, params.p_update)
         rid = int(params.round_id)
         self.roles[rid] = task
         try:
@@ -202,6 +213,7 @@ class SimParticipant:
     async def _summer(self, params: RoundParams) -> None:
         rid = int(params.round_id)
         keys = EphemeralKeyPair.generate()
+        self.ephemeral[rid] = keys
         raw = self.sign(Sum(self.identity.certificate, keys.public_key), rid)
         await self.publish(self.topics.sum(rid, self.device), raw, params.chunk_size)
         seed_dict: SeedDict = await self._future(self._seeds, rid)
@@ -243,6 +255,8 @@ class SimParticipant:
             weight = float(rng.uniform(0.2, 1.0))
         seed = new_seed()
         words = await asyncio.to_thread(mask_update, delta, weight, seed, params.mask)
+        if self.behaviour.tamper_update is not None:
+            self.behaviour.tamper_update(words, params)
         sealed = {}
         for s in sums:
             if self.behaviour.corrupt_seed_for_all_summers:
@@ -251,7 +265,7 @@ class SimParticipant:
                 sealed[s.certificate.public_key] = seal_seed(seed, s.ephemeral_pk)
         raw = self.sign(Update(self.identity.certificate, sealed, words), rid)
         digest = decode_message(raw, max_size=len(raw)).digest
-        self.sent[rid] = Sent(delta, weight, digest)
+        self.sent[rid] = Sent(delta, weight, digest, seed)
         await self.publish(self.topics.update(rid, self.device), raw, params.chunk_size)
 
 
