@@ -94,7 +94,7 @@ from maskfl.tools._demo_fleet import (
 )
 from maskfl.tools._supervise import Supervisor
 from maskfl.tools.fleet_sim import Behaviour, SimParticipant
-from maskfl.transport import MqttTransport
+from maskfl.transport import MqttConfig, MqttTransport, TlsConfig, broker_identity
 
 __all__ = ["Check", "main", "run_conformance"]
 
@@ -343,8 +343,7 @@ async def run_scenario(
     with Supervisor(root / "logs") as sup:
         sup.start("mosquitto", [find_mosquitto(), "-c", str(fleet.broker_conf)])
         await _wait_port(fleet.broker_port, 15.0, sup)
-        _, monitor_mqtt = _load_observer(fleet)
-        monitor = Monitor(MqttTransport(monitor_mqtt), fleet.fleet)
+        monitor = Monitor(MqttTransport(_monitor_config(fleet)), fleet.fleet)
         await monitor.start()
         sims = [
             SimParticipant(
@@ -399,10 +398,22 @@ async def run_scenario(
     return judge.checks
 
 
-def _load_observer(fleet: DemoFleet) -> tuple[Identity, Any]:
-    config = load_config(fleet.observer_dir / "agent.toml")
-    mqtt = build_mqtt_config(config, None)
-    return load_identity(config.device).identity, mqtt
+def _monitor_config(fleet: DemoFleet) -> MqttConfig:
+    """The provisioned read-only observer's TLS identity (the ACL is widened for it)."""
+    bundle = fleet.observer_dir
+    tls = TlsConfig(
+        ca_file=bundle / "broker-ca.pem",
+        cert_file=bundle / "observer-tls.pem",
+        key_file=bundle / "observer-tls.key",
+    )
+    return MqttConfig(
+        host="127.0.0.1",
+        port=fleet.broker_port,
+        client_id=broker_identity(tls, None) or "",
+        tls=tls,
+        max_incoming_payload=_MAX_IN,
+        incoming_queue_size=100_000,
+    )
 
 
 def _ca_key(fleet: DemoFleet, device: str) -> bytes:
