@@ -83,6 +83,7 @@ from maskfl.protocol.messages import (
 from maskfl.protocol.sortition import Task, next_round_seed, select_task, threshold
 from maskfl.protocol.sortition import ticket as compute_ticket
 from maskfl.protocol.topics import TopicKind, parse_topic
+from maskfl.protocol.version import version_text
 from maskfl.tools._demo_fleet import (
     OBSERVER,
     DemoFleet,
@@ -763,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
         "1 a check failed, 2 the bench itself could not run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_text("maskfl-conformance"))
     parser.add_argument(
         "--participant", required=True, metavar="COMMAND", help="shell command of the participant"
     )
