@@ -26,7 +26,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     package_data={
-        "": ["py.typed", "*.tflite", "*.json", "*.npy"],
+        "": ["py.typed", "*.tflite", "*.json", "*.npy", "*.npz"],
         # The status page and its vendored charting library (uPlot, MIT, with its licence).
         "maskfl.broker_coordinator": ["web/*.html", "web/*.js", "web/*.css", "web/vendor/*"],
     },

@@ -1,8 +1,8 @@
 """``maskfl-agent``: the device daemon and its small helpers.
 
     maskfl-agent run --config agent.toml       the daemon (systemd Type=notify)
-    maskfl-agent check --config agent.toml     validate config, identity, broker TLS files
-                                               and the data source, then exit
+    maskfl-agent check --config agent.toml     validate config, identity, broker TLS files;
+                                               load the data and the model, train one batch
     maskfl-agent status --config agent.toml    the journal: rounds taken part in (JSON)
     maskfl-agent keygen --out device.key       a new Ed25519 device key (mode 0600)
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from maskfl.agent.config import AgentConfig, load_config
 from maskfl.agent.daemon import run_daemon
-from maskfl.agent.datasources import DataSourceError, get_datasource
+from maskfl.agent.datasources import DataSourceError, get_datasource, load_dataset
 from maskfl.agent.identity import check_private_mode, generate_key_file, load_identity
 from maskfl.agent.logs import setup_logging
 from maskfl.agent.state import Journal, state_as_dict
@@ -83,10 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(run)
     check = sub.add_parser(
         "check",
-        help="validate the config, identity, broker TLS files and data source",
+        help="validate the config, identity, broker TLS files, data and model",
         description="Load agent.toml, the device key, certificate, fleet CA key and "
-        "revocation list, the broker TLS files and the data source; print a JSON summary. "
-        "Exit 2 with one line naming the field when something is wrong. Does not connect.",
+        "revocation list and the broker TLS files; load this device's data from the data "
+        "source and the model ([training] model_file, else every shipped model) with the "
+        "TFLite runtime and train one batch on it; print a JSON summary with the sample "
+        "counts. Exit 2 with one line naming the field when something is wrong. Does not "
+        "connect.",
     )
     _config_arg(check)
     status = sub.add_parser(
@@ -193,10 +196,82 @@ def check_local_files(config: AgentConfig) -> None:
         )
 
 
+def check_training(config: AgentConfig) -> dict[str, object]:
+    """Load this device's data and the model(s) it may train, and train one batch.
+
+    The model is ``[training] model_file`` when set (the data must fit it), else every
+    model that ships with maskfl (the coordinator names the one a round trains; a shipped
+    model the data do not fit is reported, not an error, as the fleet may train a graph
+    of its own). Loading the interpreter and training a batch is what fails on a device
+    whose TFLite runtime is missing or broken, so ``check`` does it before ``run`` does.
+    Raises :class:`ConfigError` naming the field.
+    """
+    from maskfl.agent.training import RUNTIME, LocalTrainer
+    from maskfl.models import shipped_models
+
+    dataset = load_dataset(config.data.source, config.data.options)
+    if dataset.num_train == 0:
+        raise DataSourceError(
+            f"data source {config.data.source!r} gives this device no training samples; "
+            "check [data] options",
+            field="data.options",
+        )
+    model_file = config.training.model_file
+    candidates: list[tuple[str, str]] = (
+        [(str(model_file), "model_file")]
+        if model_file is not None
+        else [(m.name, "shipped") for m in shipped_models()]
+    )
+    models: list[dict[str, object]] = []
+    for name, origin in candidates:
+        try:
+            trainer = LocalTrainer.load(
+                Path(name) if origin == "model_file" else name,
+                num_threads=config.training.threads,
+            )
+        except ConfigError as exc:
+            if origin != "model_file":
+                raise
+            raise ConfigError(str(exc), field="training.model_file") from exc
+        spec = trainer.spec
+        entry: dict[str, object] = {
+            "model": spec.name,
+            "from": origin,
+            "parameters": spec.num_params,
+            "input_shape": list(spec.input_shape),
+            "classes": spec.num_classes,
+        }
+        try:
+            dataset.check_fits(spec.input_shape, spec.num_classes)
+        except DataSourceError as exc:
+            if origin == "model_file":
+                raise DataSourceError(
+                    f"{exc} (model_file {model_file})", field="training.model_file"
+                ) from exc
+            entry["fits_data"] = False
+            entry["why"] = str(exc)
+        else:
+            batch = config.training.batch_size
+            stats = trainer.train(dataset.x_train[:batch], dataset.y_train[:batch], epochs=1)
+            entry["fits_data"] = True
+            entry["one_batch_loss"] = round(stats.epoch_losses[0], 4)
+        models.append(entry)
+    return {
+        "data": {
+            "source": config.data.source,
+            "train_samples": dataset.num_train,
+            "test_samples": dataset.num_test,
+        },
+        "runtime": RUNTIME,
+        "models": models,
+    }
+
+
 def _check(path: Path | None) -> int:
     config = _load(path)
     ident = load_identity(config.device)
     check_local_files(config)
+    training = check_training(config)
     cert = ident.identity.certificate
     print(
         json.dumps(
@@ -208,6 +283,7 @@ def _check(path: Path | None) -> int:
                 "broker": f"{config.broker.host}:{config.broker.port}",
                 "state": str(config.state.database),
                 "revocations": None if ident.revocations is None else ident.revocations.version,
+                **training,
             }
         )
     )

@@ -1,6 +1,7 @@
 """Training data for the agent, from plugins in the entry-point group ``maskfl.datasources``.
 
-Two ship: ``digits`` (scikit-learn's bundled digits split between devices, IID or
+Two ship, and neither needs more than ``maskfl[agent]``: ``digits`` (the 8x8 handwritten
+digits, whose 45 KB of data ship inside the package, split between devices IID or
 Dirichlet non-IID) and ``npz`` (a directory of ``.npz`` files on the device). A plugin is
 a class whose keyword arguments are the options of ``[data]`` in agent.toml and whose
 ``load(device_index, n_devices)`` returns a :class:`Dataset`::
@@ -15,6 +16,10 @@ your package's metadata::
 
     [project.entry-points."maskfl.datasources"]
     camera = "mypkg.data:CameraSource"
+
+A plugin's own dependencies belong in its package's requirements; if it imports one
+that is missing, the error names the plugin and the missing module, and ``maskfl-agent
+check`` reports it before the daemon runs.
 """
 
 from __future__ import annotations

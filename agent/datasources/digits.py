@@ -1,9 +1,11 @@
-"""``digits``: scikit-learn's bundled 8x8 handwritten digits, split between devices.
+"""``digits``: the 8x8 handwritten digits, split between devices. Needs nothing but numpy.
 
-1797 samples, 64 features scaled to [0, 1], 10 classes, offline. The data file that
-ships inside scikit-learn is read directly (``sklearn/datasets/data/digits.csv.gz``),
-so the agent does not import scikit-learn (or SciPy) just for it; if the file is not
-where it used to be, ``sklearn.datasets.load_digits`` is called instead.
+1797 samples, 64 features scaled to [0, 1], 10 classes, offline. The data ship inside
+this package (``digits.npz``, 45 KB: pixel counts 0..16 as uint8 and the labels), so a
+device installed with ``maskfl[agent]`` can train on them without scikit-learn or SciPy.
+They are the copy of the test set of the UCI "Optical Recognition of Handwritten
+Digits" data set (E. Alpaydin, C. Kaynak, 1998; CC BY 4.0) that scikit-learn's
+``load_digits`` returns, value for value (a test compares them).
 
 Every device computes the same seeded split: a held-out test set shared by all (for
 evaluation and the fleet's global accuracy), and the rest partitioned IID or non-IID
@@ -12,10 +14,8 @@ evaluation and the fleet's global accuracy), and the rest partitioned IID or non
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from functools import cache
-from pathlib import Path
+from importlib import resources
 
 import numpy as np
 import numpy.typing as npt
@@ -31,40 +31,31 @@ __all__ = ["PARTITIONS", "DigitsSource", "load_digits"]
 
 PARTITIONS = ("iid", "dirichlet")
 
-
-def _bundled_file() -> Path | None:
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
-        if path.is_file():
-            return path
-    return None
+_DATA_FILE = "digits.npz"
+_SAMPLES, _FEATURES = 1797, 64
 
 
 @cache
 def load_digits() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
     """All 1797 digits: x float32 [1797, 64] in [0, 1], y int32 [1797]."""
-    path = _bundled_file()
-    if path is not None:
-        try:
-            raw = np.loadtxt(path, delimiter=",", dtype=np.float64)
-        except (OSError, ValueError) as exc:
-            raise DataSourceError(f"cannot read the digits file {path}: {exc}") from exc
-        data, target = raw[:, :64], raw[:, 64]
-    else:
-        try:
-            sklearn_datasets = importlib.import_module("sklearn.datasets")
-        except ImportError as exc:
-            raise DataSourceError(
-                "the digits data source needs scikit-learn: pip install scikit-learn",
-                field="data.source",
-            ) from exc
-        bunch = sklearn_datasets.load_digits()
-        data, target = np.asarray(bunch.data), np.asarray(bunch.target)
-    x = (data / 16.0).astype(np.float32)
-    y = target.astype(np.int32)
+    data = resources.files(__package__).joinpath(_DATA_FILE)
+    try:
+        with data.open("rb") as handle, np.load(handle, allow_pickle=False) as archive:
+            raw_x, raw_y = archive["x"], archive["y"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataSourceError(
+            f"cannot read the digits data that ship with maskfl ({data}): {exc}; reinstall maskfl",
+            field="data.source",
+        ) from exc
+    if raw_x.shape != (_SAMPLES, _FEATURES) or raw_y.shape != (_SAMPLES,):
+        raise DataSourceError(
+            f"the digits data that ship with maskfl ({data}) have shapes {list(raw_x.shape)} "
+            f"and {list(raw_y.shape)}, not [{_SAMPLES}, {_FEATURES}] and [{_SAMPLES}]; "
+            "reinstall maskfl",
+            field="data.source",
+        )
+    x = (raw_x / np.float64(16.0)).astype(np.float32)
+    y = raw_y.astype(np.int32)
     x.setflags(write=False)
     y.setflags(write=False)
     return x, y

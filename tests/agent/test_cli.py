@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from maskfl.agent.cli import main
+from maskfl.models import model_path
 from maskfl.protocol.keys import public_key_from_pem
 from tests.agent.fleet import Fleet
 from tests.support.mosquitto import Mosquitto
@@ -43,6 +45,16 @@ def test_check_and_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     summary = json.loads(capsys.readouterr().out)
     assert summary["device"] == "dev-c"
     assert summary["fleet"] == fleet.name
+    # check loads the data and every shipped model, and trains one batch on each
+    # the test bundle's [data] is shard 0 of 4: a quarter of the 1438 training digits
+    assert summary["data"] == {"source": "digits", "train_samples": 360, "test_samples": 359}
+    assert summary["runtime"].startswith(("ai-edge-litert", "tflite-runtime"))
+    by_name = {m["model"]: m for m in summary["models"]}
+    assert set(by_name) == {"mlp", "cnn"}
+    assert by_name["mlp"]["parameters"] == 4810
+    for model in by_name.values():
+        assert model["fits_data"] is True
+        assert 0 < model["one_batch_loss"] < 10
     assert main(["status", "--config", str(config)]) == 0
     assert json.loads(capsys.readouterr().out) == []
 
@@ -129,3 +141,35 @@ def test_check_names_the_data_source_field(
     err = _one_line(capsys)
     assert "error: data.options.shardz: " in err
     assert "(and shard, shards" in err
+
+
+def test_check_loads_the_data_and_the_model_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = Fleet(tmp_path / "fleet")
+    config = str(fleet.device("dev-m", Mosquitto(tmp_path / "unused")))
+    monkeypatch.setenv("MASKFL__DATA__OPTIONS", '{"shard": 1, "shards": 2}')
+    monkeypatch.setenv("MASKFL__TRAINING__MODEL_FILE", str(model_path("cnn")))
+    assert main(["check", "--config", config]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["data"]["train_samples"] == 719  # half of the 1438 training digits
+    assert [(m["model"], m["from"], m["fits_data"]) for m in summary["models"]] == [
+        ("cnn", "model_file", True)
+    ]
+    # data that do not fit the configured model fail check, naming the field
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "train.npz", x=np.zeros((20, 5), np.float32), y=np.zeros(20, np.int64))
+    monkeypatch.setenv("MASKFL__DATA__SOURCE", "npz")
+    monkeypatch.setenv("MASKFL__DATA__OPTIONS", json.dumps({"path": str(data)}))
+    assert main(["check", "--config", config]) == 2
+    err = _one_line(capsys)
+    assert "error: training.model_file: train samples have shape [5]" in err
+    # a model file that is not a model
+    monkeypatch.delenv("MASKFL__DATA__SOURCE")
+    monkeypatch.delenv("MASKFL__DATA__OPTIONS")
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"not a flatbuffer")
+    monkeypatch.setenv("MASKFL__TRAINING__MODEL_FILE", str(junk))
+    assert main(["check", "--config", config]) == 2
+    assert "error: training.model_file: " in _one_line(capsys)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits as sklearn_load_digits
@@ -17,7 +20,7 @@ from maskfl.agent.datasources.digits import DigitsSource, load_digits
 from maskfl.agent.datasources.npz import NpzSource
 
 
-def test_bundled_file_equals_sklearn() -> None:
+def test_packaged_digits_equal_sklearns() -> None:
     x, y = load_digits()
     reference = sklearn_load_digits()
     assert x.shape == (1797, 64) and x.dtype == np.float32
@@ -25,6 +28,23 @@ def test_bundled_file_equals_sklearn() -> None:
     np.testing.assert_array_equal(x, (reference.data / 16.0).astype(np.float32))
     np.testing.assert_array_equal(y, reference.target)
     assert x.min() >= 0 and x.max() == 1
+
+
+def test_digits_load_where_scikit_learn_cannot_be_imported() -> None:
+    """A device installed with maskfl[agent] has no scikit-learn: digits must not need it."""
+    code = (
+        "import sys\n"
+        "for name in ('sklearn', 'scipy'): sys.modules[name] = None  # import raises\n"
+        "from maskfl.agent.datasources import load_dataset\n"
+        "d = load_dataset('digits', {'shard': 1, 'shards': 4})\n"
+        "print(d.num_train, d.num_test)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    train, test = map(int, done.stdout.split())
+    assert test == 359 and 300 < train < 420  # 20 % of 1797 held out, a quarter of the rest
 
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet"])
