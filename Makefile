@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.maskfl-dev-installed
 DEMO_ARGS ?=
 BENCH_JSON ?= bench.json
 
-.PHONY: demo test lint bench mosquitto chromium venv clean
+.PHONY: demo test lint bench mosquitto chromium kubectl venv clean arm-check gpu-check
 
 venv: $(STAMP)
 
@@ -37,7 +37,15 @@ chromium:
 		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; \
 	fi
 
-test: $(STAMP) mosquitto chromium
+# kubectl renders deploy/k8s in the tests (Debian's package; no cluster is needed).
+kubectl:
+	@if command -v kubectl >/dev/null 2>&1; then :; else \
+		echo "kubectl not found: installing Debian's kubernetes-client with apt-get"; \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q kubernetes-client; \
+	fi
+
+test: $(STAMP) mosquitto chromium kubectl
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP) mosquitto
@@ -57,6 +65,19 @@ lint: $(STAMP)
 
 bench: $(STAMP) mosquitto
 	$(VENV)/bin/maskfl-bench all --json $(BENCH_JSON)
+
+# The agent on a Debian bookworm arm64 root (Raspberry Pi OS's userland) under qemu-user,
+# installed as README's device steps say, in a fleet on this machine. Needs root and the
+# network (Debian and PyPI). About 10 minutes the first time (debootstrap), 6 after.
+ARM_CHECK_JSON ?= build/arm-check/arm-check.json
+arm-check: $(STAMP) mosquitto
+	$(PY) -m maskfl.tools.arm_check --json $(ARM_CHECK_JSON)
+
+# CuPy on an NVIDIA GPU: parity tests and the aggregation benchmark, one JSON file.
+# Without a GPU it says so and exits 0. Needs no .venv: it makes its own.
+GPU_CHECK_JSON ?= gpu-check.json
+gpu-check:
+	PYTHON=$(PYTHON) tools/gpu_check.sh $(GPU_CHECK_JSON)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
