@@ -320,5 +320,8 @@ def test_worked_example_in_the_spec() -> None:
         *data["unmasked_sum"],
         *(repr(v) for v in data["model_after_f32"]),
     ]
+    sortition = load("sortition.json")["tickets"][:2]
+    wanted += [c["ticket"] for c in sortition]
     missing = [w for w in wanted if w not in numbers]
+    missing += [c["digest"] for c in sortition if c["digest"] not in text]
     assert not missing, f"docs/protocol.md §13 lacks {missing}"
