@@ -89,8 +89,11 @@ SYSTEMCTL_STANDIN = """#!/bin/sh
 echo "$*" >> /var/log/arm-check-systemctl.log
 """
 
-# The short round timing of docs/operations.md's try-out, for four devices: a summer
-# probability near 1/2 so that pi-001 soon draws both tasks.
+# The try-out's round timing (docs/operations.md), with room for an emulated device: a
+# summer probability near 1/2 so that pi-001 soon draws both tasks, phases that stay
+# open 5 s and take every device (pi-001 under qemu answers a few hundred ms after the
+# x86 agents; with count_max = 2 they filled the sum phase before it and it was refused
+# with phase_closed).
 PET = """
 [pet]
 alive_window_s = 60.0
@@ -100,21 +103,21 @@ failure_pause_s = 2.0
 [pet.sum]
 target = 2
 count_min = 1
-count_max = 2
-time_min_s = 1.0
+count_max = 4
+time_min_s = 5.0
 time_max_s = 30.0
 
 [pet.update]
 target = 3
 count_min = 2
 count_max = 4
-time_min_s = 2.0
+time_min_s = 5.0
 time_max_s = 60.0
 
 [pet.sum2]
 count_min = 1
-count_max = 2
-time_min_s = 0.5
+count_max = 4
+time_min_s = 1.0
 time_max_s = 60.0
 """
 

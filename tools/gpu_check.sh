@@ -98,8 +98,16 @@ report = {
     "bench_aggregate": [json.loads(p.read_text()) for p in sorted((work / "bench").glob("*.json"))],
     "total_s": int(time.time()) - start,
 }
-# every GPU test must have run and passed: a skip on a GPU machine means CuPy is unusable
-report["passed"] = pytest_rc == 0 and tests["tests"] > 0 and tests["skipped"] == 0 and not any("error" in c for c in report["bench_aggregate"])
+# every GPU test must have run and passed (a skip on a GPU machine means CuPy cannot use
+# the device), and every cell must have a CuPy figure, not "no device"
+rows = [r for c in report["bench_aggregate"] for r in c.get("results", {}).get("rows", [])]
+cupy = [r for r in rows if r.get("backend") == "cupy"]
+report["cupy_cells_measured"] = sum(isinstance(r.get("elements_per_s"), (int, float)) for r in cupy)
+report["passed"] = (
+    pytest_rc == 0 and tests["tests"] > 0 and tests["skipped"] == 0
+    and not any("error" in c for c in report["bench_aggregate"])
+    and len(cupy) == 6 and report["cupy_cells_measured"] == 6
+)
 out.write_text(json.dumps(report, indent=1) + "\n")
 print(f"gpu-check: {'PASSED' if report['passed'] else 'FAILED'} in {report['total_s']} s; tests {tests}; report {out}")
 sys.exit(0 if report["passed"] else 1)
