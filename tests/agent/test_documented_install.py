@@ -139,8 +139,13 @@ def test_operations_tryout_runs_as_written(scratch: Path) -> None:
         "LANG": "C.UTF-8",
     }
     env |= {k: v for k, v in os.environ.items() if k.startswith("PIP_")}
+    # pip's download cache outlives the test, so later runs do not fetch every wheel again
+    cache = Path(tempfile.gettempdir()) / "maskfl-tryout-pip-cache"
+    cache.mkdir(exist_ok=True)
+    env["PIP_CACHE_DIR"] = str(cache)
     if user is not None:
         os.chown(home, *user)
+        os.chown(cache, *user)
     # §1's install line, from a copy of the repository named maskfl next to it, as written
     install = block_after(guide, "<!-- tryout-install -->")
     shutil.copytree(
