@@ -10,14 +10,20 @@ make them durable:
    words to the accumulator, append them to the update log and fsync, write the
    next aggregate checkpoint generation: temp, fsync, rename);
 2. one SQLite transaction: ``phase.write(tx, batch)`` plus the round row (which
-   names the new checkpoint generation and the update log's committed size);
+   names the new checkpoint generation and the update log's committed size),
+   plus each message's signed ``accepted`` receipt in the ``receipt_outbox``
+   table (and the deletion of the rows whose receipts the broker has confirmed
+   since the last commit);
 3. ``phase.committed(batch)``: in-memory bookkeeping, the phase timer;
-4. only now the MQTT acks and the receipts.
+4. only now the receipts; each message's MQTT deliveries are acked once the
+   broker has its receipt (see :mod:`.outbox`).
 
 A crash anywhere before 2 completes leaves the database naming the previous
 generation, with nothing acked: the broker redelivers and the messages are
-admitted again. A crash after 2 and before 4 leaves them durable and unacked:
-the broker redelivers and the duplicate is recognised by its digest.
+admitted again. A crash after 2 leaves them durable with their receipts in the
+outbox table: the restarted coordinator sends those receipts, and the broker
+redelivers the unacked messages, which are recognised by their digest
+(``duplicate``, in whatever phase or round the coordinator is by then).
 
 If making a batch durable fails (disk full, I/O error), the batch is rejected
 and acked with a ``phase_closed`` receipt and :attr:`Committer.error` is set:
@@ -35,6 +41,7 @@ from typing import TYPE_CHECKING, Protocol
 from maskfl.broker_coordinator.context import Contribution, Services
 from maskfl.broker_coordinator.store import Transaction
 from maskfl.protocol.errors import MaskflError, Reason, StorageError
+from maskfl.protocol.messages import Receipt
 
 if TYPE_CHECKING:
     from maskfl.transport import Message
@@ -54,8 +61,9 @@ class Committing(Protocol):
     def failed(self, batch: list[Contribution]) -> None: ...
 
 
-Settle = Callable[[Contribution, Reason | None, str], None]
-"""Ack the deliveries and send the receipt: ``reason`` None means accepted."""
+Settle = Callable[[Contribution, Reason | None, str, bytes | None], None]
+"""Send the receipt (then ack the deliveries): ``reason`` None means accepted, and
+then the last argument is the signed receipt, already in the outbox table."""
 
 
 class Committer:
@@ -118,13 +126,23 @@ class Committer:
             if self._queue.empty():
                 self._idle.set()
 
+    def _accepted_receipt(self, item: Contribution) -> tuple[bytes, str, bytes]:
+        message = item.incoming.message
+        header = message.header
+        raw = self._s.sign(Receipt(message.digest, header.message_type, True), header.round_id)
+        return message.digest, self._s.topics.receipts(item.incoming.device), raw
+
     async def _commit(self, phase: Committing, batch: list[Contribution]) -> None:
         started = time.perf_counter()
+        delivered = self._s.outbox.take_sent()
         try:
             await phase.prepare(batch)
             prepared = time.perf_counter()
+            receipts = [self._accepted_receipt(item) for item in batch]
             async with self._s.store.transaction() as tx:
                 await phase.write(tx, batch)
+                await tx.store_receipts(receipts)
+                await tx.receipts_delivered(delivered)
         except Exception as exc:  # this loop must survive to settle the batch
             # A MaskflError (disk full, bad aggregate) or a bug: either way the batch
             # is not durable, its deliveries are settled, and the runner fails the round
@@ -135,7 +153,9 @@ class Committer:
             self.error = exc if isinstance(exc, MaskflError) else StorageError(str(exc))
             phase.failed(batch)
             for item in batch:
-                self._settle(item, Reason.PHASE_CLOSED, f"coordinator could not store it: {exc}")
+                self._settle(
+                    item, Reason.PHASE_CLOSED, f"coordinator could not store it: {exc}", None
+                )
             self._s.changed.set()
             return
         phase.committed(batch)
@@ -149,6 +169,6 @@ class Committer:
         )
         self._s.metrics.aggregation_seconds.observe(elapsed)
         self._s.metrics.batch_size.observe(len(batch))
-        for item in batch:
-            self._settle(item, None, "")
+        for item, (_, _, raw) in zip(batch, receipts, strict=True):
+            self._settle(item, None, "", raw)
         self._s.changed.set()

@@ -1,8 +1,11 @@
 """From MQTT deliveries to admitted messages: reassembly, decoding, checks, receipts.
 
-Every delivery is either acknowledged at once (rejected, garbage) or held until
-the message it belongs to is durable (see :mod:`.committer`). Heartbeats do not
-come through here: :mod:`.liveness` reads them straight off the transport.
+The deliveries of a participant message (its chunk frames, or the one
+delivery) are acknowledged once the broker has the message's receipt, accepted
+(after the message is durable, see :mod:`.committer`) or rejected; deliveries
+that get no receipt (unknown topics, empty payloads) are acknowledged at once.
+Heartbeats do not come through here: :mod:`.liveness` reads them straight off
+the transport.
 
 Chunked uploads and the broker's inflight window
 ------------------------------------------------
@@ -34,11 +37,14 @@ all incomplete, no message could ever complete. Two facts rule it out:
 
 Rejections and receipts
 -----------------------
-A message that cannot be used is a :class:`RemoteProtocolError`: its
-deliveries are acked, the reason is counted, and a signed receipt goes to
-``receipts/<device>`` (the device named by the topic, which the broker ACL
-ties to the sender). An identical copy of an accepted message (redelivery or
-replay) is rejected as ``duplicate``: its contribution is already in, once.
+A message that cannot be used is a :class:`RemoteProtocolError`: the reason
+is counted, a signed receipt goes to ``receipts/<device>`` (the device named
+by the topic, which the broker ACL ties to the sender), and its deliveries are
+acked when the broker has the receipt (see :mod:`.outbox`: this is also the
+backpressure when receipts back up). An identical copy of an accepted message
+(redelivery or replay) is answered ``duplicate``, in any later phase or round
+too (the ``messages`` table remembers every accepted digest): its contribution
+is already in, once.
 """
 
 from __future__ import annotations
@@ -77,6 +83,8 @@ _TOPIC_TYPES = {
     TopicKind.UPDATE: MessageType.UPDATE,
     TopicKind.SUM2: MessageType.SUM2,
 }
+_LATE = frozenset({Reason.WRONG_ROUND, Reason.PHASE_CLOSED, Reason.WRONG_PHASE})
+"""Reasons that a redelivery of an already accepted message would get (see _already_accepted)."""
 _THREAD_DECODE = 16 << 20
 """Messages from this size on are decoded in a worker thread, smaller ones on the loop.
 
@@ -452,8 +460,7 @@ class Ingest:
                     )
                 out = self.chunks.feed(message.topic, message, frame, now)
             except RemoteProtocolError as exc:
-                self._ack(message)
-                self._reject(device, hashlib.sha256(payload).digest(), None, exc, [])
+                self._reject(device, hashlib.sha256(payload).digest(), None, exc, deliveries)
                 return
             if out is None:
                 return
@@ -504,8 +511,10 @@ class Ingest:
                 Reason.MALFORMED, f"{header.message_type.name} message on a {parsed.kind} topic"
             )
         if header.round_id != parsed.round_id:
+            # The signed header says where it belongs: an earlier round's message
+            # replayed on this round's topic is for another round.
             raise RemoteProtocolError(
-                Reason.MALFORMED,
+                Reason.WRONG_ROUND,
                 f"message for round {header.round_id} on a topic of round {parsed.round_id}",
             )
         state = self.runner.state
@@ -520,7 +529,27 @@ class Ingest:
                 f"certificate is enrolled as {cert.subject!r}, the topic names {device!r}",
             )
         s.liveness.seen(device, now)
-        await self.runner.offer(Incoming(signed, device, deliveries, size, now))
+        try:
+            await self.runner.offer(Incoming(signed, device, deliveries, size, now))
+        except RemoteProtocolError as exc:
+            if exc.reason in _LATE:
+                await self._already_accepted(signed)
+            raise
+
+    async def _already_accepted(self, signed: SignedMessage) -> None:
+        """DUPLICATE for a redelivery of a message accepted in an earlier phase or round.
+
+        A message that was committed but not yet acknowledged when the coordinator
+        died comes back after the restart, perhaps after its phase or round is over:
+        its answer is what it got the first time (it counts), never a rejection.
+        Asked of the database only for messages about to be turned away as late."""
+        found = await self.s.store.message_round(signed.digest)
+        if found is not None:
+            round_id, kind = found
+            raise RemoteProtocolError(
+                Reason.DUPLICATE,
+                f"this message was already accepted in round {round_id} ({kind}); it counts once",
+            )
 
     # -- outcomes -------------------------------------------------------------
 
@@ -532,8 +561,6 @@ class Ingest:
         exc: RemoteProtocolError,
         deliveries: list[Message],
     ) -> None:
-        for d in deliveries:
-            self._ack(d)
         name = "unknown" if kind is None else kind.name.lower()
         self.s.metrics.count(name, exc.reason)
         self.rejections.note(device, str(exc.reason), self.s.clock())
@@ -544,10 +571,17 @@ class Ingest:
             exc,
             extra={"device": device, "reason": str(exc.reason)},
         )
-        self._receipt(device, Receipt(digest, kind, False, exc.reason, str(exc.args[0])[:1000]))
+        self._receipt(
+            device, Receipt(digest, kind, False, exc.reason, str(exc.args[0])[:1000]), deliveries
+        )
 
-    def settle(self, item: Contribution, reason: Reason | None, detail: str) -> None:
-        """The committer's callback: ack the deliveries, count, send the receipt."""
+    def settle(
+        self, item: Contribution, reason: Reason | None, detail: str, receipt: bytes | None
+    ) -> None:
+        """The committer's callback: count, send the receipt, then ack the deliveries.
+
+        ``receipt`` is the accepted message's signed receipt, already stored in the
+        outbox table in the transaction that made the message durable."""
         inc = item.incoming
         kind = inc.message.header.message_type
         if reason is not None:
@@ -559,17 +593,33 @@ class Ingest:
                 inc.deliveries,
             )
             return
-        for d in inc.deliveries:
-            self._ack(d)
-        self.s.metrics.count(kind.name.lower(), None)
-        self._receipt(inc.device, Receipt(inc.message.digest, kind, True))
+        assert receipt is not None
+        s = self.s
+        s.metrics.count(kind.name.lower(), None)
+        s.outbox.receipt(
+            s.topics.receipts(inc.device),
+            receipt,
+            then=self._acker(inc.deliveries),
+            stored=inc.message.digest,
+        )
 
-    def _receipt(self, device: str, receipt: Receipt) -> None:
+    def _acker(self, deliveries: list[Message]) -> Callable[[], None]:
+        def ack() -> None:
+            for d in deliveries:
+                self._ack(d)
+
+        return ack
+
+    def _receipt(self, device: str, receipt: Receipt, deliveries: list[Message]) -> None:
+        """Sign and send a rejection; its deliveries are acked once the broker has it
+        (a crash before that redelivers the message, which is answered again)."""
         s = self.s
         state = self.runner.state
         round_id = state.round_id if state is not None else 0
         try:
             raw = s.sign(receipt, round_id)
-            s.outbox.notify(s.topics.receipts(device), raw)
         except MaskflError as exc:
-            log.warning("cannot send a receipt to %s: %s", device, exc)
+            log.error("cannot sign a receipt to %s: %s", device, exc)
+            self._acker(deliveries)()
+            return
+        s.outbox.receipt(s.topics.receipts(device), raw, then=self._acker(deliveries))

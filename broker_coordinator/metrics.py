@@ -94,8 +94,15 @@ class Metrics:
         self.model_version = Gauge(
             _PREFIX + "model_version", "version of the latest global model", registry=r
         )
-        self.receipts_dropped = Counter(
-            _PREFIX + "receipts_dropped_total", "receipts not sent (queue full)", registry=r
+        self.receipts_pending = Gauge(
+            _PREFIX + "receipts_pending",
+            "receipts the broker has not confirmed yet (each holds its message's ack)",
+            registry=r,
+        )
+        self.receipts_failed = Counter(
+            _PREFIX + "receipts_failed_total",
+            "receipts the broker refused (e.g. an ACL without write access to receipts/)",
+            registry=r,
         )
         self.mqtt_connected = Gauge(
             _PREFIX + "mqtt_connected", "1 while the broker link is up", registry=r

@@ -71,6 +71,8 @@ DB_NAME = "coordinator.db"
 COORDINATOR_CLIENT_ID = "coordinator"
 MAX_GRAPH_BYTES = 256 * 1024 * 1024
 _TICK_S = 1.0
+_RECEIPTS_AT_STOP_S = 5.0
+"""How long a clean stop waits for the broker to confirm the receipts still pending."""
 _SAMPLE_S = 5.0
 """How often the status page's timeline (devices alive, rejections) takes a sample."""
 _PAGE_CACHE_S = 2.0
@@ -527,8 +529,10 @@ class Coordinator:
             )
             await s.outbox.state(s.topics.model_latest(s.model.model_id), s.sign(v0, 0))
 
-        def settle(item: Contribution, reason: Reason | None, detail: str) -> None:
-            ingest.settle(item, reason, detail)
+        def settle(
+            item: Contribution, reason: Reason | None, detail: str, receipt: bytes | None
+        ) -> None:
+            ingest.settle(item, reason, detail, receipt)
 
         committer = Committer(s, settle, transport.ack)
         runner = Runner(s, committer)
@@ -536,6 +540,8 @@ class Coordinator:
         self.runner, self.ingest = runner, ingest
         committer.start()
         await runner.resume()
+        # Accepted messages' receipts that the last run stored but never got to the broker.
+        s.outbox.resend_stored(await s.store.stored_receipts())
         tasks = {
             "ingest": self._supervise("ingest", ingest.run, stop),
             "runner": self._supervise("runner", runner.run, stop),
@@ -554,7 +560,19 @@ class Coordinator:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(committer.drain(), 10)
             await committer.stop()
+            await s.outbox.wait_sent(_RECEIPTS_AT_STOP_S)
+            await self._receipts_delivered(s)
             await ingest.rejections.flush(s.store)
+
+    @staticmethod
+    async def _receipts_delivered(s: Services) -> None:
+        """Delete the outbox rows of stored receipts the broker has (those that no
+        group commit took along)."""
+        delivered = s.outbox.take_sent()
+        s.metrics.receipts_pending.set(s.outbox.pending)
+        if delivered:
+            async with s.store.transaction() as tx:
+                await tx.receipts_delivered(delivered)
 
     async def _supervise(
         self, name: str, body: Callable[[], Awaitable[None]], stop: asyncio.Event
@@ -581,6 +599,7 @@ class Coordinator:
         while True:
             ingest.tick()
             await ingest.rejections.flush(s.store)
+            await self._receipts_delivered(s)
             if loop.time() >= next_sample:
                 next_sample = loop.time() + _SAMPLE_S
                 self.timeline.add(s.clock(), s.alive_count(), self.metrics.rejected_total())

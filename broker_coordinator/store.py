@@ -6,7 +6,9 @@ What lives where, and why the two always agree after a crash:
   enrolled devices, every accepted message by digest, summers (the signed sum
   messages, i.e. the sum dictionary), accepted updates, the seed dictionary
   entries, sum2 masks, and the global model registry (every version with digest,
-  weights, metrics and optimizer state).
+  weights, metrics and optimizer state), and the ``receipt_outbox``: accepted
+  messages' receipts, written with the message and deleted once the broker has
+  them (:mod:`.outbox`).
 - ``checkpoints/round-<r>.gen-<g>.agg``: the running aggregate after commit
   generation ``g`` (an :class:`~maskfl.aggregator_gpu.Snapshot` image), written
   to a temp file, fsynced, renamed, directory fsynced. The ``rounds`` row names
@@ -134,6 +136,11 @@ CREATE TABLE IF NOT EXISTS models (
     optimizer_state BLOB,
     created_at REAL NOT NULL,
     PRIMARY KEY (model_id, version)
+);
+CREATE TABLE IF NOT EXISTS receipt_outbox (
+    digest BLOB PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS phase_log (
     round_id INTEGER NOT NULL,
@@ -355,6 +362,18 @@ class Transaction:
             rows,
         )
 
+    async def store_receipts(self, rows: Iterable[tuple[bytes, str, bytes]]) -> None:
+        """Accepted messages' receipts ``(message digest, topic, signed receipt)``, kept
+        until the broker has them (see :mod:`.outbox`)."""
+        await self.executemany(
+            "INSERT OR REPLACE INTO receipt_outbox (digest, topic, payload) VALUES (?,?,?)", rows
+        )
+
+    async def receipts_delivered(self, digests: Iterable[bytes]) -> None:
+        await self.executemany(
+            "DELETE FROM receipt_outbox WHERE digest = ?", ((d,) for d in digests)
+        )
+
     async def forget_round_bulk(self, round_id: int) -> None:
         """Drop the bulky per-round rows (masks, seeds) of a finished round."""
         await self.execute("DELETE FROM sum2 WHERE round_id = ?", (round_id,))
@@ -481,6 +500,11 @@ class Store:
         """The round and type of an already accepted message, or None."""
         rows = await self._all("SELECT round_id, type FROM messages WHERE digest = ?", (digest,))
         return (int(rows[0][0]), str(rows[0][1])) if rows else None
+
+    async def stored_receipts(self) -> list[tuple[bytes, str, bytes]]:
+        """``(message digest, topic, signed receipt)`` not yet delivered to the broker."""
+        rows = await self._all("SELECT digest, topic, payload FROM receipt_outbox ORDER BY rowid")
+        return [(bytes(r[0]), str(r[1]), bytes(r[2])) for r in rows]
 
     async def summers(self, round_id: int) -> list[SummerRecord]:
         rows = await self._all(
