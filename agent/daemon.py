@@ -4,8 +4,15 @@
 ready and then keeps one MQTT 5 session to the broker (persistent, so receipts and
 seed dictionaries that arrive while the device is down are kept for it; the last will
 is an empty message on ``status/<device>``, which the coordinator reads as "gone").
-The first connect is retried with exponential backoff; later link losses are repaired
-by the transport.
+Connecting is retried with the transport's shared :class:`~maskfl.transport.Backoff`,
+which starts again from ``reconnect_min_s`` only once a link proved healthy (its first
+heartbeat acknowledged): a broker that accepts the connection but refuses the device's
+messages (``Not authorized (135)``: its ACL is not loaded yet) is retried ever more
+slowly, with one log line naming the likely cause, not one per attempt. Later link
+losses are repaired by the transport. When the broker refuses the certificate as
+revoked (its TLS alert, which is what a broker reloaded with a new CRL answers before
+the coordinator's revocation list arrives) the agent stops for good with
+:data:`EXIT_REVOKED`, as it does when a verified revocation list names it.
 
 Every received message goes through :meth:`Agent.handle`, which checks topic, size,
 signature and certificate before anything acts on it. A message that breaks the
@@ -69,13 +76,20 @@ from maskfl.protocol.messages import (
 from maskfl.protocol.sortition import next_round_seed
 from maskfl.protocol.topics import ParsedTopic, TopicKind, Topics
 from maskfl.transport import (
+    Backoff,
+    Cause,
+    Diagnosis,
     LastWill,
+    LinkEvent,
+    LinkReport,
+    LinkState,
     Message,
     MqttConfig,
     MqttTransport,
     TlsConfig,
     Transport,
     broker_identity,
+    diagnose,
 )
 
 __all__ = ["Agent", "build_mqtt_config", "run_daemon"]
@@ -95,6 +109,16 @@ MAX_EARLY_MESSAGES = 32
 EXIT_REVOKED = 2
 
 TransportFactory = Callable[[MqttConfig], Transport]
+
+#: What to do about a revoked certificate. A rotate revokes the old credentials too,
+#: and ``add-device --force`` after a rotate would revoke the new ones as well.
+_REENROLL = (
+    "If {device} was rotated (maskfl-provision rotate), install its new bundle "
+    "(devices/{device}.tar.gz from the operator) and start the agent again; do not run "
+    "add-device --force, which would revoke that bundle too. If it was revoked, it stays "
+    "out until re-enrolled with `maskfl-provision add-device {device} --force` and that "
+    "bundle is installed."
+)
 
 
 def build_mqtt_config(config: AgentConfig, will: bytes | None = b"") -> MqttConfig:
@@ -198,6 +222,8 @@ class Agent:
         self._started = time.monotonic()
         self._connected = asyncio.Event()
         self._stop = asyncio.Event()
+        self._on_healthy: Callable[[], None] = lambda: None
+        self._served = False
         self.exit_code = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -224,34 +250,83 @@ class Agent:
 
     async def _supervise(self) -> None:
         broker = self.config.broker
-        delay = broker.reconnect_min_s
-        while not self._stop.is_set():
-            # The will, and the goodbye, are an empty status message: "gone" (the
-            # coordinator drops the device from its alive count at once).
-            transport = self._factory(build_mqtt_config(self.config, b""))
-            try:
-                await transport.connect()
-            except TransportError as exc:
-                log.warning("cannot connect to the broker: %s; retrying in %.1f s", exc, delay)
-                self.notifier.status(f"broker unreachable, retrying in {delay:.0f} s")
+        backoff = Backoff(broker.reconnect_min_s, broker.reconnect_max_s)
+        report = LinkReport(log, f"broker {broker.host}:{broker.port}")
+
+        def healthy() -> None:
+            backoff.reset()
+            report.up()
+
+        self._on_healthy = healthy
+        # One transport for the daemon's life: it repairs lost links itself; a first
+        # connect that fails leaves it unconnected, to be tried again.
+        # The will, and the goodbye, are an empty status message: "gone" (the
+        # coordinator drops the device from its alive count at once).
+        transport = self._factory(build_mqtt_config(self.config, b""))
+        transport.add_listener(self._on_link)
+        try:
+            while not self._stop.is_set():
+                try:
+                    if transport.state is LinkState.NEW:
+                        await transport.connect()
+                    await self._serve(transport)
+                    continue  # stopped
+                except TransportError as exc:
+                    diagnosis = diagnose(exc)
+                finally:
+                    self._connected.clear()
+                    self.transport = None
+                if self._stop.is_set():
+                    break
+                if diagnosis.cause is Cause.REVOKED:
+                    self._revoked_at_broker(diagnosis)
+                    break
+                delay = backoff.next_delay()
+                report.failed(diagnosis, delay)
+                self.notifier.status(f"broker: {diagnosis.advice}; retrying in {delay:.0f} s")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                delay = min(delay * 2, broker.reconnect_max_s)
-                continue
-            delay = broker.reconnect_min_s
-            try:
-                await self._serve(transport)
-            except TransportError as exc:
-                log.warning("MQTT link failed: %s; reconnecting", exc)
-            finally:
-                self._connected.clear()
-                self.transport = None
-                await self._say_goodbye(transport)
-                await transport.disconnect()
+                    async with asyncio.timeout(delay):
+                        await self._stop.wait()
+        finally:
+            await self._say_goodbye(transport)
+            await transport.disconnect()
+
+    def _on_link(self, event: LinkEvent) -> None:
+        """The transport's own reconnects: a broker that now refuses us as revoked."""
+        if event.state is LinkState.DISCONNECTED and event.cause is Cause.REVOKED:
+            self._revoked_at_broker(Diagnosis(Cause.REVOKED, event.reason))
+
+    def _revoked_at_broker(self, diagnosis: Diagnosis) -> None:
+        """The broker refused our TLS certificate as revoked: stop for good, once."""
+        if self.exit_code == EXIT_REVOKED:
+            return
+        log.error(
+            "the broker refuses this device's certificate (%s) as revoked (%s): stopping "
+            "for good (exit status %d). %s",
+            self.device,
+            diagnosis.detail,
+            EXIT_REVOKED,
+            _REENROLL.format(device=self.device),
+        )
+        self.notifier.status("revoked (the broker refuses this certificate)")
+        self.exit_code = EXIT_REVOKED
+        self.request_stop()
 
     async def _serve(self, transport: Transport) -> None:
         self.transport = transport
-        await transport.subscribe(self.topics.agent_filters(self.device), qos=1)
+        # The link may be down (the transport reconnects by itself): a stop request,
+        # e.g. the broker refusing us as revoked meanwhile, must not wait for it.
+        subscribing = asyncio.ensure_future(
+            transport.subscribe(self.topics.agent_filters(self.device), qos=1)
+        )
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({subscribing, stop_wait}, return_when="FIRST_COMPLETED")
+        subscribing.cancel()
+        stop_wait.cancel()
+        await asyncio.gather(subscribing, stop_wait, return_exceptions=True)
+        if self._stop.is_set():
+            return
+        subscribing.result()
         # A persistent session may still hold model subscriptions: the wildcard of
         # earlier versions, or one a lost link kept us from dropping.
         stale = [self.topics.model_latest_filter()]
@@ -261,12 +336,14 @@ class Agent:
         if wanted:
             await transport.subscribe(wanted, qos=1)
         self._connected.set()
-        log.info(
+        log.log(
+            logging.DEBUG if self._served else logging.INFO,
             "connected to %s:%d as %s; subscribed",
             self.config.broker.host,
             self.config.broker.port,
             self.device,
         )
+        self._served = True
         self.notifier.status("connected, idle")
         heartbeats = asyncio.create_task(self._heartbeats(transport), name="heartbeats")
         receiving = asyncio.create_task(self._receive(transport), name="receive")
@@ -279,10 +356,12 @@ class Agent:
                 if task is not stopping:
                     task.result()  # a TransportError ends this link
         finally:
-            for task in (heartbeats, receiving, stopping):
+            # Every task is cancelled and awaited, whichever ended first and how: one that
+            # failed must not leave the others' exceptions unretrieved.
+            tasks = (heartbeats, receiving, stopping)
+            for task in tasks:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _receive(self, transport: Transport) -> None:
         while True:
@@ -348,6 +427,10 @@ class Agent:
                     await transport.publish(topic, self._heartbeat_bytes(state), qos=1)
             except TimeoutError:
                 log.debug("heartbeat not acknowledged within %.0f s", interval)
+            else:
+                # The broker accepted a message of ours: the link, the certificate and
+                # the ACL work, so the next failure may retry quickly again.
+                self._on_healthy()
             await asyncio.sleep(interval)
 
     # -- publishing (used by the rounds) ---------------------------------------------
@@ -523,14 +606,12 @@ class Agent:
         if serial in revocations.serials and self.exit_code != EXIT_REVOKED:
             log.error(
                 "this device's certificate (%s, serial %d) is revoked by revocation list "
-                "version %d: stopping for good (exit status %d); re-enroll it with "
-                "`maskfl-provision add-device %s --force`, install the new bundle and start "
-                "it again",
+                "version %d: stopping for good (exit status %d). %s",
                 self.device,
                 serial,
                 revocations.version,
                 EXIT_REVOKED,
-                self.device,
+                _REENROLL.format(device=self.device),
             )
             self.notifier.status(f"revoked (revocation list version {revocations.version})")
             self.exit_code = EXIT_REVOKED

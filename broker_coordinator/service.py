@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import random
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -42,7 +41,7 @@ from maskfl.broker_coordinator.optimizers import ServerOptimizer
 from maskfl.broker_coordinator.outbox import Outbox
 from maskfl.broker_coordinator.runner import Runner
 from maskfl.broker_coordinator.store import CheckpointFiles, ModelRecord, Store, UpdateLog
-from maskfl.protocol.errors import ConfigError, MaskflError, Reason
+from maskfl.protocol.errors import ConfigError, MaskflError, Reason, TransportError
 from maskfl.protocol.identity import (
     Certificate,
     IdentityCertificateError,
@@ -56,12 +55,15 @@ from maskfl.protocol.messages import GlobalModel, weights_digest
 from maskfl.protocol.phases import MESSAGE_PHASES
 from maskfl.protocol.topics import Topics
 from maskfl.transport import (
+    Backoff,
     LinkEvent,
+    LinkReport,
     LinkState,
     MqttConfig,
     MqttTransport,
     TlsConfig,
     broker_identity,
+    diagnose,
 )
 
 log = logging.getLogger("maskfl.coordinator")
@@ -344,32 +346,34 @@ class Coordinator:
     # -- lifecycle ---------------------------------------------------------------
 
     async def _connect(self, stop: asyncio.Event) -> MqttTransport:
+        """The first connect, retried with the transport's shared back-off; one log line
+        per change of the likely cause (the transport repairs later losses itself)."""
         cfg = mqtt_config(self.config)
-        delay = self.config.broker.reconnect_min_s
+        backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        report = LinkReport(log, f"broker {cfg.address}")
         while True:
             transport = MqttTransport(cfg)
             transport.add_listener(self._on_link)
             try:
                 await transport.connect()
+                report.up()
                 return transport
             except ConfigError:
                 raise
-            except MaskflError as exc:
-                log.warning(
-                    "broker %s unreachable (%s); retrying in %.1f s", cfg.address, exc, delay
-                )
+            except TransportError as exc:
+                delay = backoff.next_delay()
+                report.failed(diagnose(exc), delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay * (0.5 + random.random()))
+                async with asyncio.timeout(delay):
+                    await stop.wait()
             if stop.is_set():
                 raise asyncio.CancelledError
-            delay = min(delay * 2, self.config.broker.reconnect_max_s)
 
     def _on_link(self, event: LinkEvent) -> None:
+        # The transport logs losses and their likely cause once per change.
         self.metrics.mqtt_connected.set(1 if event.state is LinkState.CONNECTED else 0)
-        if event.state is LinkState.DISCONNECTED:
-            log.warning("broker link lost: %s (reconnecting)", event.reason)
-        elif event.state is LinkState.CONNECTED:
-            log.info("broker link up (session present: %s)", event.session_present)
+        if event.state is LinkState.CONNECTED:
+            log.debug("broker link up (session present: %s)", event.session_present)
             if not event.session_present and self.runner is not None:
                 # The broker lost its state (restart without persistence): our
                 # retained messages may be gone too. Publish them again.

@@ -19,6 +19,13 @@ Typical use (the coordinator: persistent session, ack after commit)::
             await store(message)      # durable first ...
             mqtt.ack(message)         # ... then the broker may forget it
 
+Reconnecting, everywhere (the transport after a lost link, the agent and the
+coordinator around their first connect): :class:`Backoff` (exponential, equal
+jitter), :func:`diagnose` (a failure's likely :class:`Cause` and advice) and
+:class:`LinkReport` (one log line per change of cause, not per attempt).
+:func:`broker_identity` is the name the broker knows a client by, which maskfl
+clients use as their client id.
+
 Errors: everything the link does wrong is a ``TransportError``:
 :class:`RefusedError` (a failing MQTT 5 reason code, ``.reason_code``),
 :class:`PayloadTooLargeError`, :class:`NotConnectedError` (QoS 0 while down),
@@ -49,14 +56,19 @@ from ._passwd import (
     mosquitto_password_hash,
     verify_mosquitto_password,
 )
+from ._retry import Backoff, Cause, Diagnosis, LinkReport, diagnose
 from ._topics import check_filter, check_topic, topic_matches
 from ._types import LinkEvent, LinkListener, LinkState, Message, Transport, TransportStats
 
 __all__ = [
     "MQTT_MAX_PACKET",
+    "Backoff",
+    "Cause",
+    "Diagnosis",
     "LastWill",
     "LinkEvent",
     "LinkListener",
+    "LinkReport",
     "LinkState",
     "MemoryBroker",
     "MemoryTransport",
@@ -74,6 +86,7 @@ __all__ = [
     "certificate_common_name",
     "check_filter",
     "check_topic",
+    "diagnose",
     "mosquitto_passwd_line",
     "mosquitto_password_hash",
     "publish_packet_size",

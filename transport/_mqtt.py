@@ -20,9 +20,20 @@ PUBACK on the wire; the rest wait in paho's queue (``max_queued_publishes``).
 
 What happens on a lost link
 ---------------------------
-The transport reconnects in the background with exponential backoff and
-jitter (``reconnect_min_s`` doubling up to ``reconnect_max_s``) and never
-gives up until :meth:`MqttTransport.disconnect`. After each CONNACK:
+The transport reconnects in the background with the shared
+:class:`~maskfl.transport.Backoff` (``reconnect_min_s`` doubling up to
+``reconnect_max_s``, equal jitter) and never gives up until
+:meth:`MqttTransport.disconnect`. The back-off starts again from
+``reconnect_min_s`` only after a link stayed up for 2 × ``reconnect_max_s``: a
+link the broker keeps closing soon after accepting it (another process on the
+same identity takes the session over; mosquitto 2.0 closes the old link without a
+DISCONNECT packet) is retried ever more slowly instead of every second. Each change
+of the likely cause (:func:`~maskfl.transport.diagnose`) is logged once and passed
+to the listeners as a DISCONNECTED event with its ``cause``. When a TLS connect
+fails before CONNACK without saying why (with TLS 1.3 the broker checks the client
+certificate after the handshake, and its alert is often lost to the CONNECT already
+sent), a second handshake that sends nothing reads the broker's alert
+(``certificate revoked``, ``unknown ca``) for the diagnosis. After each CONNACK:
 
 * subscriptions are sent again when the broker has no session for us
   (``session_present`` false);
@@ -64,10 +75,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -90,6 +101,7 @@ from ._errors import (
     TransportClosedError,
 )
 from ._link import LinkBase
+from ._retry import Backoff, Cause, Diagnosis, LinkReport, diagnose
 from ._types import LinkEvent, LinkState, Message
 
 log = logging.getLogger("maskfl.transport")
@@ -99,6 +111,25 @@ log = logging.getLogger("maskfl.transport")
 _PACKET_OVERHEAD = 65_535 + 1024
 _MISC_INTERVAL_S = 1.0
 _DISCONNECT_TIMEOUT_S = 5.0
+#: How long the alert probe waits for the broker's verdict on our certificate.
+_PROBE_TIMEOUT_S = 3.0
+
+
+class _SocketErrorsAsDebug(logging.Filter):
+    """paho logs a broken socket at ERROR; the transport reports the lost link once, with
+    its likely cause, so these lines are DEBUG (kept only when DEBUG is on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(
+            ("failed to receive on socket", "failed to send")
+        ):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return _paho_log.isEnabledFor(logging.DEBUG)
+        return True
+
+
+_paho_log = logging.getLogger("maskfl.transport.paho")
+_paho_log.addFilter(_SocketErrorsAsDebug())
 
 
 def publish_packet_size(topic: str, payload_len: int, qos: int) -> int:
@@ -136,7 +167,12 @@ class MqttTransport(LinkBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._client = self._make_client(config)
-        self._rng = random.Random()
+        self._backoff = Backoff(config.reconnect_min_s, config.reconnect_max_s)
+        self._report = LinkReport(log, f"mqtt {config.address}")
+        self._stable_s = 2 * config.reconnect_max_s
+        self._up_since = 0.0
+        self._short_losses = 0
+        self._refused: RefusedError | None = None  # the last refusal on the current link
 
         # Connection bookkeeping (touched only on the loop thread).
         self._link = 0
@@ -388,10 +424,17 @@ class MqttTransport(LinkBase):
             self._abandoned = True
             raise
         except (OSError, ValueError) as exc:  # ssl.SSLError and CertificateError included
-            raise TransportError(f"cannot connect to MQTT broker {cfg.address}: {exc}") from exc
+            error = TransportError(f"cannot connect to MQTT broker {cfg.address}: {exc}")
+            error.__cause__ = exc
+            explained = await self._explained(error)
+            raise explained from explained.__cause__
         sock = self._client.socket()
-        if sock is None:  # closed by disconnect() meanwhile
-            raise TransportClosedError(f"MQTT transport to {cfg.address} closed")
+        if sock is None:
+            if self._is_closed():  # closed by disconnect() meanwhile
+                raise TransportClosedError(f"MQTT transport to {cfg.address} closed")
+            raise await self._explained(
+                TransportError(f"{cfg.address} closed the connection before CONNACK")
+            )
         self._socket_closed.clear()
         self._paused = False
         self._start_reading()
@@ -400,6 +443,13 @@ class MqttTransport(LinkBase):
         try:
             async with asyncio.timeout(cfg.connect_timeout_s):
                 session_present, props = await self._connack
+        except RefusedError:
+            raise
+        except TransportClosedError:
+            raise
+        except TransportError as exc:
+            explained = await self._explained(exc)
+            raise explained from explained.__cause__
         except TimeoutError as exc:
             self._force_close()
             self._link_down("no CONNACK in time")
@@ -427,26 +477,42 @@ class MqttTransport(LinkBase):
         self._state = LinkState.CONNECTED
         self._stats.connects += 1
         self._connected.set()
-        log.info(
+        self._up_since = time.monotonic()
+        log.log(
+            logging.INFO if self._stats.connects == 1 else logging.DEBUG,
             "mqtt %s: connected as %r (session present: %s, broker max packet %d)",
             cfg.address,
             cfg.client_id,
             session_present,
             self._max_packet,
         )
+        self._report.up()
         self._notify(LinkEvent(LinkState.CONNECTED, "connected", session_present))
 
+    async def _explained(self, error: TransportError) -> TransportError:
+        """``error``, or a clearer one if the broker's TLS alert says why it closed.
+
+        Only for a TLS connect with a client certificate that failed without a
+        diagnosis of its own; the probe runs in a thread and sends no MQTT bytes."""
+        tls = self._config.tls
+        if tls is None or tls.cert_file is None or diagnose(error).cause is not Cause.LINK_LOST:
+            return error
+        alert = await asyncio.to_thread(_tls_alert, self._config)
+        if alert is None:
+            return error
+        # OpenSSL's SSLV3_ALERT_CERTIFICATE_REVOKED reads as the alert's name in RFC 8446.
+        name = str(alert.reason).split("ALERT_", 1)[-1].replace("_", " ").lower()
+        explained = TransportError(f"{error}: the broker sent TLS alert '{name}'")
+        explained.__cause__ = alert
+        return explained
+
     async def _supervise(self) -> None:
-        """Reconnect forever after each lost link, with exponential backoff and jitter."""
-        cfg = self._config
+        """Reconnect forever after each lost link, with the shared back-off."""
         while True:
             await self._link_lost.wait()
             self._link_lost.clear()
-            delay = cfg.reconnect_min_s
             while self._state is LinkState.DISCONNECTED:
-                # "Equal jitter": half the delay fixed, half random, so a fleet
-                # that lost the broker together does not come back together.
-                await asyncio.sleep(delay / 2 + self._rng.uniform(0, delay / 2))
+                await self._backoff.wait()
                 try:
                     await self._attempt()
                 except TransportClosedError:
@@ -456,8 +522,7 @@ class MqttTransport(LinkBase):
                         return
                     self._state = LinkState.DISCONNECTED
                     self._stats.connect_failures += 1
-                    delay = min(delay * 2, cfg.reconnect_max_s)
-                    log.warning("mqtt reconnect failed: %s; next try in about %.1f s", exc, delay)
+                    self._failed(diagnose(exc))
 
     async def _misc(self) -> None:
         """paho's keepalive work (PINGREQ, dead-link detection), once a second."""
@@ -492,9 +557,35 @@ class MqttTransport(LinkBase):
             self._state = LinkState.DISCONNECTED
             self._connected.clear()
             self._stats.disconnects += 1
-            log.warning("mqtt %s: link lost (%s); reconnecting", cfg.address, reason)
+            diagnosis = diagnose(reason)
+            refused, self._refused = self._refused, None
+            if refused is not None:
+                # mosquitto closes a link after refusing a publish on it: the publisher got
+                # the RefusedError and reports its cause; this loss is its consequence.
+                log.debug("mqtt %s: link closed after %s", cfg.address, refused)
+                self._link_lost.set()
+                self._notify(
+                    LinkEvent(LinkState.DISCONNECTED, str(refused), cause=diagnose(refused).cause)
+                )
+                return
+            if time.monotonic() - self._up_since >= self._stable_s:
+                self._short_losses = 0
+                self._backoff.reset()
+                self._report.settled()
+            else:
+                self._short_losses += 1
+                if diagnosis.cause is Cause.LINK_LOST and self._short_losses >= 2:
+                    # Closed soon after it was accepted, again: mosquitto does this to
+                    # the older of two connections with one client id (no DISCONNECT).
+                    diagnosis = Diagnosis(Cause.TAKEN_OVER, f"{reason}, again within seconds")
             self._link_lost.set()
-            self._notify(LinkEvent(LinkState.DISCONNECTED, reason))
+            self._failed(diagnosis, force_event=True)
+
+    def _failed(self, diagnosis: Diagnosis, *, force_event: bool = False) -> None:
+        """Log a failure once per change of cause; tell the listeners."""
+        changed = self._report.failed(diagnosis)
+        if changed or force_event:
+            self._notify(LinkEvent(LinkState.DISCONNECTED, diagnosis.detail, cause=diagnosis.cause))
 
     def _fail_pending(self, exc: TransportError, qos0_only: bool) -> None:
         for pending in list(self._publishes.values()):
@@ -594,7 +685,7 @@ class MqttTransport(LinkBase):
         # An exception escaping one of our callbacks would leave paho's packet
         # reader half-reset; let paho log it (ERROR, on this logger) and go on.
         client.suppress_exceptions = True
-        client.enable_logger(logging.getLogger("maskfl.transport.paho"))
+        client.enable_logger(_paho_log)
         client.connect_timeout = cfg.connect_timeout_s  # TCP connect and TLS handshake
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(cfg.max_queued_publishes)
@@ -639,6 +730,7 @@ class MqttTransport(LinkBase):
         # Synchronously, before paho hands over the messages that follow the
         # CONNACK in the same read: they belong to the new link.
         self._link += 1
+        self._refused = None
         self._unacked.clear()
         # MQTT 5: never more unacknowledged QoS 1 publishes than the broker's
         # Receive Maximum. paho 2.2 ignores that property and its setter refuses
@@ -674,15 +766,14 @@ class MqttTransport(LinkBase):
             return
         if reason.is_failure:
             self._stats.publish_refused += 1
-            pending.future.set_exception(
-                RefusedError(
-                    f"MQTT broker {self._config.address} refused the publish to "
-                    f"{pending.topic!r}: {reason.getName()} ({reason.value})",
-                    packet="PUBACK",
-                    reason_code=reason.value,
-                    reason=reason.getName(),
-                )
+            self._refused = RefusedError(
+                f"MQTT broker {self._config.address} refused the publish to "
+                f"{pending.topic!r}: {reason.getName()} ({reason.value})",
+                packet="PUBACK",
+                reason_code=reason.value,
+                reason=reason.getName(),
             )
+            pending.future.set_exception(self._refused)
         else:
             self._stats.published += 1
             pending.future.set_result(None)
@@ -799,6 +890,32 @@ def _close_sockets_in(exc: BaseException) -> None:
             if isinstance(value, socket.socket):
                 value.close()
         tb = tb.tb_next
+
+
+def _tls_alert(cfg: MqttConfig) -> ssl.SSLError | None:
+    """The TLS alert the broker answers our certificate with, if any (blocking).
+
+    A handshake that then only reads: a broker that refuses the certificate sends its
+    alert (``certificate revoked``, ``unknown ca``, ...) and closes; one that accepts
+    it waits for CONNECT, which never comes, and the read times out (None). Sending
+    nothing keeps the alert from being lost to a TCP reset, as it often is after a
+    CONNECT with TLS 1.3."""
+    context = _tls_context(cfg)
+    tls = cfg.tls
+    assert tls is not None
+    if tls.insecure:
+        context.check_hostname = False
+    try:
+        with (
+            socket.create_connection((cfg.host, cfg.port), timeout=_PROBE_TIMEOUT_S) as raw,
+            context.wrap_socket(raw, server_hostname=cfg.host) as sock,
+        ):
+            sock.recv(1)
+    except ssl.SSLError as exc:
+        return exc if "ALERT" in str(exc.reason or "").upper() else None
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _tls_context(cfg: MqttConfig) -> ssl.SSLContext:

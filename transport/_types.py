@@ -9,6 +9,8 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
+from ._retry import Cause
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -48,6 +50,9 @@ class LinkEvent:
     state: LinkState
     reason: str = ""
     session_present: bool = False
+    cause: Cause | None = None
+    """For DISCONNECTED: the likely cause of the loss or of the latest failed reconnect
+    (:func:`~maskfl.transport.diagnose`); a new event comes each time it changes."""
 
 
 @dataclass(slots=True)

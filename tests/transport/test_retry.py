@@ -1,0 +1,193 @@
+"""The one reconnect policy: back-off with equal jitter, the diagnosis of failures, one
+log line per change of cause; and two clients on one identity against a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import socket
+import ssl
+import time
+
+import pytest
+
+from maskfl.protocol.errors import TransportError
+from maskfl.transport import (
+    Backoff,
+    Cause,
+    Diagnosis,
+    LinkEvent,
+    LinkReport,
+    LinkState,
+    MqttConfig,
+    MqttTransport,
+    RefusedError,
+    diagnose,
+)
+from tests.support.mosquitto import Mosquitto
+
+
+def test_backoff_doubles_to_the_cap_with_equal_jitter_and_resets() -> None:
+    backoff = Backoff(0.5, 4.0, rng=random.Random(7))
+    delays = [backoff.next_delay() for _ in range(7)]
+    for delay, step in zip(delays, (0.5, 1, 2, 4, 4, 4, 4), strict=True):
+        assert step / 2 <= delay <= step
+    assert backoff.attempts == 7
+    backoff.reset()
+    assert backoff.next_delay() <= 0.5
+    with pytest.raises(ValueError):
+        Backoff(2.0, 1.0)
+
+
+def test_jitter_spreads_a_fleet_that_lost_the_broker_together() -> None:
+    firsts = [Backoff(8.0, 60.0, rng=random.Random(seed)).next_delay() for seed in range(200)]
+    assert min(firsts) >= 4.0 and max(firsts) <= 8.0
+    assert max(firsts) - min(firsts) > 3.0  # not all at once
+
+
+def _chained(outer: str, inner: BaseException) -> TransportError:
+    error = TransportError(outer)
+    error.__cause__ = inner
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (
+            RefusedError(
+                "refused: Not authorized (135)",
+                packet="PUBACK",
+                reason_code=135,
+                reason="Not authorized",
+            ),
+            Cause.NOT_AUTHORIZED,
+        ),
+        (
+            RefusedError(
+                "bad login", packet="CONNACK", reason_code=134, reason="Bad user name or password"
+            ),
+            Cause.BAD_LOGIN,
+        ),
+        (
+            _chained(
+                "closed before CONNACK: the broker sent TLS alert 'certificate revoked'",
+                ssl.SSLError(1, "x"),
+            ),
+            Cause.REVOKED,
+        ),
+        (
+            _chained(
+                "cannot connect",
+                ssl.SSLError(1, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca"),
+            ),
+            Cause.CERTIFICATE_REFUSED,
+        ),
+        (
+            _chained(
+                "cannot connect", ssl.SSLCertVerificationError(1, "CERTIFICATE_VERIFY_FAILED")
+            ),
+            Cause.BROKER_UNTRUSTED,
+        ),
+        (_chained("cannot connect", ConnectionRefusedError(111, "refused")), Cause.UNREACHABLE),
+        (
+            _chained("cannot connect", socket.gaierror(-2, "Name or service not known")),
+            Cause.UNREACHABLE,
+        ),
+        (TransportError("broker sent no CONNACK within 5 s"), Cause.UNREACHABLE),
+        ("broker sent DISCONNECT: Session taken over", Cause.TAKEN_OVER),
+        ("Unspecified error", Cause.LINK_LOST),
+    ],
+)
+def test_diagnose(error: BaseException | str, cause: Cause) -> None:
+    found = diagnose(error)
+    assert found.cause is cause
+    assert found.detail == str(error)
+    assert found.advice
+
+
+def test_the_report_logs_changes_not_attempts(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, "test.report")
+    report = LinkReport(logging.getLogger("test.report"), "mqtt b:1")
+    refused = Diagnosis(Cause.NOT_AUTHORIZED, "Not authorized (135)")
+    for _ in range(189):
+        report.failed(refused, 1.0)
+    report.failed(Diagnosis(Cause.UNREACHABLE, "Connection refused"), 2.0)
+    report.up()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(warnings) == 2
+    assert "reload mosquitto" in warnings[0] and "Not authorized (135)" in warnings[0]
+    assert "unreachable" in warnings[1]
+    assert infos == [infos[0]] and "connected again after 190 failures" in infos[0]
+
+
+def test_a_takeover_is_not_reported_as_recovered_until_the_link_settles(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "test.report")
+    report = LinkReport(logging.getLogger("test.report"), "mqtt b:1")
+    for _ in range(5):
+        report.failed(Diagnosis(Cause.TAKEN_OVER, "Unspecified error, again within seconds"))
+        report.up()
+    report.settled()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "another process uses this client's identity" in lines[0]
+    assert "stable again" in lines[1]
+
+
+@pytest.mark.broker
+async def test_two_clients_on_one_identity_back_off_and_say_so_once(
+    mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two agents started on one bundle: mosquitto closes the older link whenever the
+    other connects (without a DISCONNECT packet). Each logs the likely cause once and
+    reconnects ever more slowly, instead of taking the session back every second."""
+    caplog.set_level(logging.INFO, "maskfl.transport")
+    config = MqttConfig(
+        host=mosquitto.host,
+        port=mosquitto.port,
+        client_id="pi-003",
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.4,
+    )
+    first, second = MqttTransport(config), MqttTransport(config)
+    connected: dict[int, list[float]] = {0: [], 1: []}
+    causes: list[Cause | None] = []
+    done = asyncio.Event()
+
+    def listener(index: int):  # type: ignore[no-untyped-def]
+        def on_event(event: LinkEvent) -> None:
+            if event.state is LinkState.CONNECTED:
+                connected[index].append(time.monotonic())
+            elif event.state is LinkState.DISCONNECTED:
+                causes.append(event.cause)
+            if min(len(c) for c in connected.values()) >= 6:
+                done.set()
+
+        return on_event
+
+    first.add_listener(listener(0))
+    second.add_listener(listener(1))
+    async with asyncio.timeout(30), first, second:
+        await done.wait()
+    assert Cause.TAKEN_OVER in causes
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.INFO and not r.getMessage().endswith(": closed")
+    ]
+    taken = [line for line in lines if "another process uses" in line]
+    assert 1 <= len(taken) <= 2, lines  # once per client
+    # Per client at most: connected, lost (cause unknown yet), connected again, taken over;
+    # then nothing more, however often they take the session from each other.
+    assert len(lines) <= 8, lines
+    assert "another process uses" in lines[-1], lines
+    # The back-off grew to its cap (0.4 s, waits of 0.2 .. 0.4 s) instead of restarting
+    # at 0.05 s after every successful reconnect.
+    for times in connected.values():
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert gaps[-1] >= 0.2, gaps
