@@ -177,6 +177,8 @@ async def _measure(
 ) -> dict[str, Any]:
     fleet = SimFleet(fleet="bench")
     http_port = _free_port()
+    # update.count_max = N may not exceed masking.n_max (the config refuses it).
+    n_max = max(1000, n)
     initial = np.zeros(m, dtype=np.float32)
     seed1 = first_round_seed(bytes(32), initial)
     summer_ids, updater_ids = fleet.identities_for_roles(
@@ -188,7 +190,7 @@ async def _measure(
         length=m,
         initial=initial,
         overrides={
-            "masking": {"bound": 1.0, "n_max": 1000, "word_bits": 32},
+            "masking": {"bound": 1.0, "n_max": n_max, "word_bits": 32},
             "aggregation": {"backend": backend},
             **({"storage": storage} if storage else {}),
             "pet": {
@@ -270,7 +272,7 @@ async def _measure(
             now=time.time(),
             revocations=None,
         )
-        cfg = MaskConfig(1.0, 1000, 32)
+        cfg = MaskConfig(1.0, n_max, 32)
         rng = np.random.default_rng(0)
         frames: list[tuple[str, list[bytes]]] = []
         build_started = time.perf_counter()
