@@ -30,12 +30,12 @@ once the broker has that receipt (its PUBACK). So:
   the broker sends no more than our MQTT 5 Receive Maximum of those. When
   receipts back up, the coordinator stops acknowledging, and the broker stops
   delivering: backpressure all the way to the devices. Nothing is dropped;
-  :attr:`Outbox.pending` is exported as ``maskfl_receipts_pending``.
+  :attr:`Outbox.pending` is exported as ``maskfl_coordinator_receipts_pending``.
 
 A receipt the broker refuses (a failing PUBACK reason code, such as *not
 authorized* from an ACL that lacks the coordinator's write access to
 ``receipts/<device>``) cannot be delivered by trying again: it is logged and
-counted in ``maskfl_receipts_failed_total``, and the message's deliveries are
+counted in ``maskfl_coordinator_receipts_failed_total``, and the message's deliveries are
 acknowledged so that they do not hold the broker's window for ever.
 """
 
