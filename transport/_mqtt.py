@@ -172,6 +172,7 @@ class MqttTransport(LinkBase):
         self._stable_s = 2 * config.reconnect_max_s
         self._up_since = 0.0
         self._short_losses = 0
+        self._clean_reconnect = True  # no failed attempt since the last lost link
         self._refused: RefusedError | None = None  # the last refusal on the current link
 
         # Connection bookkeeping (touched only on the loop thread).
@@ -522,6 +523,7 @@ class MqttTransport(LinkBase):
                         return
                     self._state = LinkState.DISCONNECTED
                     self._stats.connect_failures += 1
+                    self._clean_reconnect = False
                     self._failed(diagnose(exc))
 
     async def _misc(self) -> None:
@@ -558,9 +560,14 @@ class MqttTransport(LinkBase):
             self._connected.clear()
             self._stats.disconnects += 1
             diagnosis = diagnose(reason)
+            stable = time.monotonic() - self._up_since >= self._stable_s
+            if stable:
+                self._short_losses = 0
+                self._backoff.reset()
+                self._report.settled()
             refused, self._refused = self._refused, None
             if refused is not None:
-                # mosquitto closes a link after refusing a publish on it: the publisher got
+                # mosquitto 2.0.11 closes a link after refusing a publish on it: the publisher got
                 # the RefusedError and reports its cause; this loss is its consequence.
                 log.debug("mqtt %s: link closed after %s", cfg.address, refused)
                 self._link_lost.set()
@@ -568,16 +575,15 @@ class MqttTransport(LinkBase):
                     LinkEvent(LinkState.DISCONNECTED, str(refused), cause=diagnose(refused).cause)
                 )
                 return
-            if time.monotonic() - self._up_since >= self._stable_s:
-                self._short_losses = 0
-                self._backoff.reset()
-                self._report.settled()
-            else:
-                self._short_losses += 1
-                if diagnosis.cause is Cause.LINK_LOST and self._short_losses >= 2:
-                    # Closed soon after it was accepted, again: mosquitto does this to
-                    # the older of two connections with one client id (no DISCONNECT).
-                    diagnosis = Diagnosis(Cause.TAKEN_OVER, f"{reason}, again within seconds")
+            if not stable:
+                # A takeover leaves the broker up: the link came back at the first try.
+                # After a broker restart the attempts in between failed: not the pattern.
+                self._short_losses = self._short_losses + 1 if self._clean_reconnect else 1
+            self._clean_reconnect = True
+            if not stable and diagnosis.cause is Cause.LINK_LOST and self._short_losses >= 2:
+                # Closed soon after it was accepted, again: mosquitto does this to the
+                # older of two connections with one client id (no DISCONNECT packet).
+                diagnosis = Diagnosis(Cause.TAKEN_OVER, f"{reason}, again within seconds")
             self._link_lost.set()
             self._failed(diagnosis, force_event=True)
 

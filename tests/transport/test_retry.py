@@ -10,6 +10,7 @@ import random
 import socket
 import ssl
 import time
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +192,50 @@ async def test_two_clients_on_one_identity_back_off_and_say_so_once(
     for times in connected.values():
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert gaps[-1] >= 0.2, gaps
+
+
+@pytest.mark.broker
+async def test_a_broker_restarted_twice_in_a_row_is_not_a_takeover(tmp_path: Path) -> None:
+    """Short-lived links alone do not mean another process: after a restart the attempts
+    in between fail (the broker is down), which a takeover never shows."""
+    broker = Mosquitto(tmp_path / "broker").start()
+    transport = MqttTransport(
+        MqttConfig(
+            host=broker.host,
+            port=broker.port,
+            client_id="c",
+            reconnect_min_s=0.05,
+            reconnect_max_s=5,
+        )
+    )
+    events: list[LinkEvent] = []
+    changed = asyncio.Event()
+
+    def on_event(event: LinkEvent) -> None:
+        events.append(event)
+        changed.set()
+
+    async def wait_for(check: object) -> None:
+        while not check():  # type: ignore[operator]
+            changed.clear()
+            await changed.wait()
+
+    transport.add_listener(on_event)
+    try:
+        async with asyncio.timeout(30), transport:
+            for _ in range(3):
+                broker.stop()
+                failed = len([e for e in events if e.cause is Cause.UNREACHABLE])
+                await wait_for(
+                    lambda f=failed: len([e for e in events if e.cause is Cause.UNREACHABLE]) > f
+                )
+                ups = len([e for e in events if e.state is LinkState.CONNECTED])
+                broker.start()
+                await wait_for(
+                    lambda u=ups: len([e for e in events if e.state is LinkState.CONNECTED]) > u
+                )
+    finally:
+        broker.stop()
+    causes = [e.cause for e in events if e.state is LinkState.DISCONNECTED]
+    assert Cause.TAKEN_OVER not in causes, causes
+    assert Cause.UNREACHABLE in causes

@@ -95,6 +95,9 @@ class TlsClient:
             certfile=None if cert is None else str(cert),
             keyfile=None if key is None else str(key),
         )
+        # mosquitto 2.0.11 closes an MQTT 5 link after refusing a publish on it; paho's
+        # loop reconnects (and resends what waits for its PUBACK) after this delay.
+        self.client.reconnect_delay_set(min_delay=0.05, max_delay=1)
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._connected = threading.Event()
         self._connack: ReasonCode | None = None
