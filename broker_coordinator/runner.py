@@ -201,7 +201,21 @@ class Runner:
                 self.state = None
                 self.phase = Phase.FAILURE
                 await self._fail_record(last, f"resume failed: {exc}")
+        elif last is not None:
+            # The last round is over. A kill may have come between its final commit
+            # and the clearing of its retained dictionaries: clear them (again).
+            self.finished_round = last.round_id
+            await self._clear_finished(last.round_id)
         self._ready = True
+
+    async def _clear_finished(self, round_id: int) -> None:
+        s = self.s
+        try:
+            await s.outbox.clear(s.topics.sums(round_id))
+            for summer in await s.store.summers(round_id):
+                await s.outbox.clear(s.topics.seeds(round_id, summer.device_id))
+        except MaskflError as exc:
+            log.warning("could not clear retained round topics: %s", exc)
 
     async def run(self) -> None:
         """Resume (unless :meth:`resume` ran) and drive rounds until shutdown."""

@@ -217,6 +217,8 @@ class Killer:
         self._count = 0
         self.fired = threading.Event()
         self.kills: list[str] = []
+        self.last: dict[str, bytes] = {}
+        """The last payload seen per topic (empty: a retained message cleared)."""
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"killer-{fleet}", protocol=mqtt.MQTTv5
         )
@@ -254,6 +256,7 @@ class Killer:
         return None
 
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.last[msg.topic] = msg.payload
         if not msg.payload or self._armed is None:
             return
         trigger = self._trigger(msg)
@@ -427,11 +430,17 @@ async def _round_with_kills(
         await wait_for(
             lambda: all_answered(parts[:summers], parts[summers:]), 30, "every accepted receipt"
         )
+        # The finished round's retained dictionaries are cleared, kill or not.
+        dictionaries = [t for t in killer.last if "/sums" in t or "/seeds/" in t]
+        await wait_for(
+            lambda: all(not killer.last[t] for t in dictionaries), 30, "cleared dictionaries"
+        )
     finally:
         killer.close()
         coordinator.stop()
         await stop_all(parts)
     assert killer.kills == list(triggers)
+    assert len(dictionaries) == 1 + summers
     log = coordinator.log.read_text()
     model = trained(parts[0])[0]
     metrics = dict(model.metrics)
