@@ -1,0 +1,64 @@
+"""The receipt outbox never drops a receipt and acks a message only after its receipt."""
+
+from __future__ import annotations
+
+import asyncio
+
+from maskfl.broker_coordinator.metrics import Metrics
+from maskfl.broker_coordinator.outbox import Outbox
+from maskfl.transport import RefusedError
+
+
+class SlowBroker:
+    """A transport whose PUBACKs come only when the test says so."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+        self.puback = asyncio.Event()
+        self.refuse: set[str] = set()
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        await self.puback.wait()
+        if topic in self.refuse:
+            raise RefusedError(
+                "not authorized", packet="PUBACK", reason_code=135, reason="Not authorized"
+            )
+        self.published.append((topic, payload))
+
+
+async def test_a_flood_of_receipts_waits_for_the_broker_and_none_is_dropped() -> None:
+    broker = SlowBroker()
+    metrics = Metrics()
+    outbox = Outbox(broker, metrics)  # type: ignore[arg-type]
+    acked: list[int] = []
+    n = 10_000  # five times the old limit of 2,000 pending receipts
+    for i in range(n):
+        outbox.receipt(f"receipts/dev-{i}", b"r%d" % i, then=lambda i=i: acked.append(i))  # type: ignore[misc]
+    outbox.resend_stored([(b"d" * 32, "receipts/dev-stored", b"stored")])
+    await asyncio.sleep(0.01)
+    assert outbox.pending == n + 1
+    assert acked == []  # no message is acked before the broker has its receipt
+    assert outbox.take_sent() == []
+    broker.puback.set()
+    await outbox.wait_sent(10)
+    assert outbox.pending == 0
+    assert len(broker.published) == n + 1
+    assert sorted(acked) == list(range(n))
+    assert outbox.take_sent() == [b"d" * 32]  # its row may go now
+    assert outbox.take_sent() == []
+
+
+async def test_a_refused_receipt_is_counted_and_its_message_acked() -> None:
+    broker = SlowBroker()
+    broker.refuse.add("receipts/dev-1")
+    broker.puback.set()
+    metrics = Metrics()
+    outbox = Outbox(broker, metrics)  # type: ignore[arg-type]
+    acked: list[str] = []
+    outbox.receipt("receipts/dev-1", b"x", then=lambda: acked.append("dev-1"))
+    await outbox.wait_sent(5)
+    assert acked == ["dev-1"]
+    failed = metrics.registry.get_sample_value("maskfl_coordinator_receipts_failed_total")
+    assert failed == 1
