@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, str] = {
     "agent": "bench_agent",
     "agent-train": "bench_agent_train",
     "round": "bench_round",
+    "scale": "bench_scale",
 }
 
 

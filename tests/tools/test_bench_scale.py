@@ -1,0 +1,58 @@
+"""``maskfl-bench scale`` at toy sizes: every part runs and reports what it promises.
+
+No time is asserted (benchmarks measure, tests do not): the rows must complete,
+name their phases, count the idle fleet the coordinator saw, and show that devices
+which fetch the model on demand make the broker send less than devices subscribed
+to every model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from maskfl.tools.bench import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(300)]
+
+
+def test_scale_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    # fmt: off
+    argv = [
+        "scale", "--json", str(out),
+        "--n", "4", "--n-m", "2000", "--m", "3000", "--m-n", "2",
+        "--idle", "120", "--interval", "1", "--window", "2", "--round-n", "3",
+        "--fanout-devices", "120", "--fanout-n", "2", "--fanout-m", "20000",
+        "--fleet-devices", "150", "--fleet-updaters", "3", "--fleet-rounds", "2",
+        "--per-broker", "100", "--per-process", "80",
+    ]
+    # fmt: on
+    assert main(argv) == 0
+    result = json.loads(out.read_text())["results"]
+    assert [(r["n"], r["m"]) for r in result["rounds"]] == [(4, 2000), (2, 3000)]
+    for row in result["rounds"]:
+        assert "error" not in row, row
+        assert row["outcome"] == "completed"
+        assert set(row["phases_s"]) == {"sum", "update", "sum2", "unmask"}
+        assert row["ingest_s"] > 0 and row["coordinator_cpu_ms_per_update"] >= 0
+        assert row["peak_rss_mb"]["coordinator"] > 0 and row["peak_rss_mb"]["core_broker"] > 0
+        assert row["broker_bytes_out"] > row["n"] * row["update_bytes"] // 10
+    base, loaded = result["idle"]
+    assert base["devices"] == 0 and loaded["devices"] == 120
+    assert loaded["brokers"] == 3  # 120 devices at 100 per broker: core + 2 bridged edges
+    assert loaded["fleet"]["connected"] == 120
+    assert loaded["coordinator_idle"]["devices_alive"] == 120  # heard through the bridges
+    assert loaded["coordinator_idle"]["heartbeats_per_s"] > 0
+    assert loaded["round"]["outcome"] == "completed"
+    before, after = result["fanout"]["before"], result["fanout"]["after"]
+    assert before["devices_subscribe_to_models"] and not after["devices_subscribe_to_models"]
+    assert after["round_2"]["model_fetches"] == 2  # the two updaters of round 2
+    # 120 devices x an 80 kB model, against two fetches of it.
+    assert before["broker_bytes_out_round_2"] > 120 * 80_000
+    assert after["broker_bytes_out_round_2"] < before["broker_bytes_out_round_2"] / 5
+    fleet = result["fleet"]
+    assert [r["outcome"] for r in fleet["rounds"]] == ["completed", "completed"]
+    assert fleet["coordinator_idle"]["devices_alive"] == 150

@@ -1,0 +1,748 @@
+"""``maskfl-bench scale``: one coordinator against large fleets and large models.
+
+Four parts (``--parts``), each on fresh brokers and a fresh coordinator process
+(``maskfl-coordinator run``, numpy backend, 32-bit words, plain-TCP mosquitto):
+
+- **rounds**: a whole round at N updaters of M parameters, for N in ``--n`` (M =
+  ``--n-m``) and M in ``--m`` (N = ``--m-n``). Two simulated summers (in this
+  process) and N updates built before the clock starts and sent by a publisher
+  process, so the figures are the coordinator's: phase times (from its
+  dashboard), its own ingest (first update frame in → last update committed, from
+  its ``/status``), its CPU per update over that span, peak RSS (``VmHWM``) of the
+  coordinator and the broker, and the bytes the broker sent during the round
+  (``wchar`` of the mosquitto process: everything it wrote to sockets).
+- **idle**: K connected devices (``--idle``) that heartbeat every ``--interval``
+  seconds (raw MQTT clients, :mod:`maskfl.tools._idle_fleet`, spread over
+  processes). Reports the coordinator's CPU share over ``--window`` seconds once
+  every device has beaten at least once, its alive count and peak RSS, and a
+  round of ``--round-n`` updaters run under that load, next to the same round on
+  an idle-free bed (the goal: the same time). One mosquitto holds at most
+  ``--per-broker`` clients (its file-descriptor limit); larger fleets connect to
+  edge brokers bridged to the core broker the coordinator uses, as a real
+  deployment of that size would.
+- **fanout**: ``--fanout-devices`` idle devices subscribed like agents, and two
+  rounds of ``--fanout-n`` updaters at M = ``--fanout-m``: the broker's outbound
+  bytes over round 2, with devices subscribed to every model (``before``: the
+  behaviour up to this release) and fetching it only when they train (``after``:
+  the updaters of round 2 fetch model v1 once each, from the retained topic).
+- **fleet**: ``--fleet-devices`` heartbeating devices and ``--fleet-rounds``
+  rounds of ``--fleet-updaters`` updaters each (M = ``--n-m``), fresh updater
+  identities chosen by each round's sortition seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import struct
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maskfl.protocol.chunking import split_payload
+from maskfl.protocol.crypto import new_seed, seal_seed
+from maskfl.protocol.masking import MaskConfig, mask_update
+from maskfl.protocol.messages import (
+    GlobalModel,
+    RoundParams,
+    SumDict,
+    Update,
+    decode_message,
+    encode_message,
+    open_sum_dict,
+)
+from maskfl.protocol.topics import Topics
+from maskfl.tools._supervise import Child, Supervisor
+from maskfl.tools.bench_coordinator import _publish_all, _read_frames
+from maskfl.tools.fleet_sim import Behaviour, SimFleet, SimParticipant
+from maskfl.transport import MqttConfig, MqttTransport
+
+CHUNK = 256 * 1024
+P_SUM = 0.5
+SUMMERS = 2
+FLEET = "bench"
+PARTS = ("rounds", "idle", "fanout", "fleet")
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "scale", help="rounds, coordinator ingest, idle fleets and fan-out at fleet scale"
+    )
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--n", type=int, nargs="+", default=[100, 1000, 10000], help="updaters")
+    p.add_argument("--n-m", type=float, default=1e4, help="M for the --n rows (and fleet)")
+    p.add_argument("--m", type=float, nargs="+", default=[1e6, 1e7, 2.5e7], help="parameters")
+    p.add_argument("--m-n", type=int, default=10, help="N for the --m rows")
+    p.add_argument("--idle", type=int, nargs="+", default=[10000, 100000], help="idle devices")
+    p.add_argument("--interval", type=float, default=30.0, help="heartbeat interval, s")
+    p.add_argument("--window", type=float, default=60.0, help="CPU measurement window, s")
+    p.add_argument("--round-n", type=int, default=1000, help="updaters of the idle-load round")
+    p.add_argument("--fanout-devices", type=int, default=10000)
+    p.add_argument("--fanout-n", type=int, default=100)
+    p.add_argument("--fanout-m", type=float, default=1e4)
+    p.add_argument("--fleet-devices", type=int, default=100000)
+    p.add_argument("--fleet-updaters", type=int, default=1000)
+    p.add_argument("--fleet-rounds", type=int, default=3)
+    p.add_argument("--per-broker", type=int, default=18000, help="clients per mosquitto")
+    p.add_argument("--per-process", type=int, default=17000, help="idle devices per process")
+    p.add_argument("--json", type=Path, help="write the JSON here instead of stdout")
+    p.add_argument("--keep", type=Path, help="keep logs and state in this directory")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    parts = getattr(args, "parts", None) or list(PARTS)
+    out: dict[str, Any] = {
+        "word_bits": 32,
+        "backend": "numpy",
+        "chunk_size": CHUNK,
+        "fd_limit": _fd_limit(),
+    }
+    if "rounds" in parts:
+        rows = [(n, int(args.n_m)) for n in args.n] + [(args.m_n, int(m)) for m in args.m]
+        out["rounds"] = [_run(f"round-n{n}-m{m}", args, _round_row, n, m) for n, m in rows]
+    if "idle" in parts:
+        base = _run("idle-0", args, _idle_row, 0)
+        idle_rows = [base] + [_run(f"idle-{k}", args, _idle_row, k) for k in args.idle]
+        _net_of_baseline(idle_rows)
+        out["idle"] = idle_rows
+    if "fanout" in parts:
+        out["fanout"] = {
+            mode: _run(f"fanout-{mode}", args, _fanout_row, mode == "before")
+            for mode in ("before", "after")
+        }
+    if "fleet" in parts:
+        out["fleet"] = _run("fleet", args, _fleet_row)
+    return out
+
+
+def _net_of_baseline(rows: list[dict[str, Any]]) -> None:
+    """CPU per heartbeat net of what the coordinator spends with no fleet at all."""
+    base = (rows[0].get("coordinator_idle") or {}).get("cpu_share_of_one_core")
+    for row in rows[1:]:
+        load = row.get("coordinator_idle")
+        if base is None or not load or not load.get("heartbeats_per_s"):
+            continue
+        net = max(0.0, load["cpu_share_of_one_core"] - base)
+        load["cpu_share_no_fleet"] = base
+        load["cpu_us_per_heartbeat_net"] = round(net / load["heartbeats_per_s"] * 1e6, 1)
+
+
+def _run(name: str, args: argparse.Namespace, fn: Any, *a: Any) -> dict[str, Any]:
+    print(f"maskfl-bench scale: {name}", file=sys.stderr)
+    with _workdir(args.keep, name) as work:
+        try:
+            result: dict[str, Any] = asyncio.run(fn(work, args, *a))
+        except Exception as exc:  # a failed row is a result too: say what failed
+            result = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(result), file=sys.stderr)
+    return result
+
+
+# -- rows ---------------------------------------------------------------------------
+
+
+async def _round_row(work: Path, args: argparse.Namespace, n: int, m: int) -> dict[str, Any]:
+    async with Bed.open(work, m=m, n_max=n, updates=n, idle=0, args=args) as bed:
+        r = await bed.round(1, n, m)
+        return {"n": n, "m": m, **r, "peak_rss_mb": bed.peak_rss()}
+
+
+async def _idle_row(work: Path, args: argparse.Namespace, k: int) -> dict[str, Any]:
+    n, m = args.round_n, int(args.n_m)
+    async with Bed.open(work, m=m, n_max=n, updates=n, idle=k, args=args) as bed:
+        load = await bed.idle_load(args.window)
+        r = await bed.round(1, n, m)
+        return {
+            "devices": k,
+            "interval_s": args.interval,
+            "brokers": len(bed.brokers),
+            "fleet": bed.fleet_counts(),
+            "coordinator_idle": load,
+            "round": {"n": n, "m": m, **r},
+            "peak_rss_mb": bed.peak_rss(),
+        }
+
+
+async def _fanout_row(work: Path, args: argparse.Namespace, models: bool) -> dict[str, Any]:
+    n, m, k = args.fanout_n, int(args.fanout_m), args.fanout_devices
+    async with Bed.open(
+        work, m=m, n_max=n, updates=n, idle=k, args=args, models=models, rounds=2
+    ) as bed:
+        await bed.wait_connected()
+        first = await bed.round(1, n, m)
+        # Round 2: its updaters need model v1 (after: they fetch it, once each).
+        second = await bed.round(2, n, m, fetch_model=not models)
+        return {
+            "devices": k,
+            "devices_subscribe_to_models": models,
+            "n": n,
+            "m": m,
+            "model_message_bytes": second["model_message_bytes"],  # None: nobody fetched
+            "broker_bytes_out_round_1": first["broker_bytes_out"],
+            "broker_bytes_out_round_2": second["broker_bytes_out"],
+            "round_2": second,
+            "fleet": bed.fleet_counts(),
+            "peak_rss_mb": bed.peak_rss(),
+        }
+
+
+async def _fleet_row(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    n, m, k = args.fleet_updaters, int(args.n_m), args.fleet_devices
+    rounds = args.fleet_rounds
+    async with Bed.open(work, m=m, n_max=n, updates=n, idle=k, args=args, rounds=rounds) as bed:
+        load = await bed.idle_load(args.window) if k else None
+        done = [await bed.round(r, n, m) for r in range(1, rounds + 1)]
+        return {
+            "devices": k,
+            "updaters_per_round": n,
+            "m": m,
+            "brokers": len(bed.brokers),
+            "fleet": bed.fleet_counts(),
+            "coordinator_idle": load,
+            "rounds": done,
+            "peak_rss_mb": bed.peak_rss(),
+        }
+
+
+# -- the test bed ---------------------------------------------------------------------
+
+
+@dataclass
+class Broker:
+    child: Child
+    port: int
+
+
+@dataclass
+class Bed:
+    """Brokers, a coordinator, an idle fleet, an observer; everything stopped on exit."""
+
+    work: Path
+    sup: Supervisor
+    args: argparse.Namespace
+    fleet: SimFleet
+    brokers: list[Broker]
+    coordinator: Child
+    http_port: int
+    observer: MqttTransport
+    idle: list[tuple[Child, Path]] = field(default_factory=list)
+    idle_target: int = 0
+    params: dict[int, asyncio.Future[RoundParams]] = field(default_factory=dict)
+    sums: dict[int, asyncio.Future[SumDict]] = field(default_factory=dict)
+    rss: dict[str, int] = field(default_factory=dict)
+    background: int | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        work: Path,
+        *,
+        m: int,
+        n_max: int,
+        updates: int,
+        idle: int,
+        args: argparse.Namespace,
+        models: bool = False,
+        rounds: int = 1,
+    ) -> AsyncIterator[Bed]:
+        sup = Supervisor(work / "logs")
+        try:
+            edges = -(-idle // args.per_broker) if idle else 0
+            core = _broker(work, sup, "core", None)
+            brokers = [core] + [_broker(work, sup, f"edge{i}", core.port) for i in range(edges)]
+            fleet = SimFleet(fleet=FLEET)
+            http_port = _free_port()
+            config = fleet.write_coordinator(
+                work / "coordinator",
+                port=core.port,
+                length=m,
+                initial=np.zeros(m, dtype=np.float32),
+                overrides={
+                    "masking": {"bound": 1.0, "n_max": max(1000, n_max), "word_bits": 32},
+                    "aggregation": {"backend": "numpy"},
+                    "pet": {
+                        "chunk_size": CHUNK,
+                        "max_rounds": rounds + 1,
+                        "round_pause_s": 0.5,
+                        "sum": {
+                            "prob": P_SUM,
+                            "count_min": SUMMERS,
+                            "count_max": SUMMERS,
+                            "time_max_s": 3600.0,
+                        },
+                        "update": {
+                            "prob": 1.0,
+                            "count_min": updates,
+                            "count_max": updates,
+                            "time_max_s": 3600.0,
+                        },
+                        "sum2": {"count_min": SUMMERS, "count_max": SUMMERS, "time_max_s": 3600.0},
+                    },
+                    "log": {
+                        "level": os.environ.get("MASKFL_BENCH_LOG", "warning"),
+                        "format": "text",
+                    },
+                    "http": {"enabled": True, "host": "127.0.0.1", "port": http_port},
+                },
+            )
+            observer = MqttTransport(
+                MqttConfig(
+                    host="127.0.0.1",
+                    port=core.port,
+                    client_id="bench-observer",
+                    max_incoming_payload=1 << 20,
+                    incoming_queue_size=100_000,
+                )
+            )
+            await observer.connect()
+            p = Topics(FLEET).prefix
+            await observer.subscribe([f"{p}round", f"{p}round/+/sums"])
+            bed = cls(work, sup, args, fleet, brokers, None, http_port, observer)  # type: ignore[arg-type]
+            reader = asyncio.create_task(bed._observe())
+            try:
+                bed.coordinator = sup.start(
+                    "coordinator",
+                    [
+                        sys.executable,
+                        "-m",
+                        "maskfl.broker_coordinator.cli",
+                        "run",
+                        "--config",
+                        str(config),
+                    ],
+                )
+                bed._start_idle(idle, models)
+                yield bed
+            finally:
+                bed._note_rss()
+                reader.cancel()
+                await observer.disconnect()
+        finally:
+            sup.stop_all()
+
+    # -- plumbing
+
+    def _future(self, table: dict[int, asyncio.Future[Any]], rid: int) -> asyncio.Future[Any]:
+        if rid not in table:
+            table[rid] = asyncio.get_running_loop().create_future()
+        return table[rid]
+
+    async def _observe(self) -> None:
+        async for msg in self.observer.messages():
+            if not msg.payload:
+                continue
+            signed = decode_message(msg.payload, max_size=1 << 20)
+            body, rid = signed.body, int(signed.header.round_id)
+            table: dict[int, asyncio.Future[Any]] | None = None
+            if isinstance(body, RoundParams):
+                table = self.params  # type: ignore[assignment]
+            elif isinstance(body, SumDict):
+                table = self.sums  # type: ignore[assignment]
+            if table is not None:
+                fut = self._future(table, rid)
+                if not fut.done():
+                    fut.set_result(body)
+
+    def _start_idle(self, k: int, models: bool) -> None:
+        self.idle_target = k
+        edges = self.brokers[1:] or self.brokers
+        per = self.args.per_process
+        start = 0
+        procs = max(-(-k // per), len(edges) if k else 0)
+        for i in range(procs):
+            count = k // procs + (1 if i < k % procs else 0)
+            status = self.work / f"idle{i}.json"
+            broker = edges[i % len(edges)]
+            argv = [
+                sys.executable,
+                "-m",
+                "maskfl.tools._idle_fleet",
+                "--port",
+                str(broker.port),
+                "--fleet",
+                FLEET,
+                "--first",
+                str(start),
+                "--count",
+                str(count),
+                "--interval",
+                str(self.args.interval),
+                "--keepalive",
+                str(int(max(60, 4 * self.args.interval))),
+                "--status",
+                str(status),
+            ] + (["--models"] if models else [])
+            self.idle.append((self.sup.start(f"idle{i}", argv), status))
+            start += count
+
+    def fleet_counts(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for _, status in self.idle:
+            with contextlib.suppress(OSError, ValueError):
+                for key, v in json.loads(status.read_text()).items():
+                    if key != "pid":
+                        total[key] = total.get(key, 0) + int(v)
+        return total
+
+    async def wait_connected(self) -> None:
+        """Until every idle device is connected (or failed), then one heartbeat interval."""
+        if not self.idle_target:
+            return
+        deadline = time.monotonic() + 60 + self.idle_target / 200
+        while True:
+            self.sup.check()
+            c = self.fleet_counts()
+            if c.get("connected", 0) + c.get("failed", 0) + c.get("refused", 0) >= self.idle_target:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"idle fleet: {c} of {self.idle_target} after the deadline")
+            await asyncio.sleep(1)
+        await asyncio.sleep(self.args.interval + 2)  # every device has beaten once
+
+    async def idle_load(self, window: float) -> dict[str, Any]:
+        await self.wait_connected()
+        pid = self.coordinator.pid
+        hb0, cpu0, t0 = self.fleet_counts().get("heartbeats", 0), _cpu(pid), time.monotonic()
+        await asyncio.sleep(window)
+        hb1, cpu1, t1 = self.fleet_counts().get("heartbeats", 0), _cpu(pid), time.monotonic()
+        status = await self.get("/status")
+        rate = (hb1 - hb0) / (t1 - t0)
+        if not self.idle_target:
+            return {
+                "window_s": round(t1 - t0, 1),
+                "heartbeats_per_s": 0.0,
+                "cpu_share_of_one_core": round((cpu1 - cpu0) / (t1 - t0), 4),
+            }
+        return {
+            "window_s": round(t1 - t0, 1),
+            "heartbeats_per_s": round(rate, 1),
+            "cpu_share_of_one_core": round((cpu1 - cpu0) / (t1 - t0), 4),
+            "cpu_us_per_heartbeat": round((cpu1 - cpu0) / max(1, hb1 - hb0) * 1e6, 1),
+            "devices_alive": status.get("devices_alive"),
+        }
+
+    async def get(self, path: str) -> dict[str, Any]:
+        def fetch() -> dict[str, Any]:
+            url = f"http://127.0.0.1:{self.http_port}{path}"
+            with urllib.request.urlopen(url, timeout=30) as r:
+                data: dict[str, Any] = json.loads(r.read())
+                return data
+
+        return await asyncio.to_thread(fetch)
+
+    def _note_rss(self) -> None:
+        for child in [self.coordinator, *(b.child for b in self.brokers)]:
+            if child is not None:
+                self.rss[child.name] = max(self.rss.get(child.name, 0), _vm(child.pid, "VmHWM"))
+
+    def peak_rss(self) -> dict[str, float]:
+        self._note_rss()
+        brokers = [v for k, v in self.rss.items() if k != "coordinator"]
+        return {
+            "coordinator": round(self.rss.get("coordinator", 0) / 1024, 1),
+            "core_broker": round(self.rss.get("core", 0) / 1024, 1),
+            "brokers_total": round(sum(brokers) / 1024, 1),
+        }
+
+    def broker_bytes_out(self) -> int:
+        return sum(_io(b.child.pid, "wchar") for b in self.brokers)
+
+    async def settle(self) -> int:
+        """The brokers' outbound byte count once a burst is over.
+
+        Heartbeats keep it growing (forwarded to the coordinator, and across bridges),
+        so "over" means: one second in which it grew by less than 1 MB more than
+        twice the heartbeat background of the quietest second seen so far.
+        """
+        last = self.broker_bytes_out()
+        for _ in range(300):
+            await asyncio.sleep(1.0)
+            now = self.broker_bytes_out()
+            grew = now - last
+            self.background = grew if self.background is None else min(self.background, grew)
+            if grew <= 2 * self.background + 1_000_000:
+                return now
+            last = now
+        return last
+
+    # -- one round
+
+    async def round(self, rid: int, n: int, m: int, *, fetch_model: bool = False) -> dict[str, Any]:
+        sent0 = await self.settle()
+        params = await asyncio.wait_for(self._future(self.params, rid), 120 + n / 50)
+        summer_ids, updater_ids = self.fleet.identities_for_roles(
+            params.seed, p_sum=P_SUM, p_update=1.0, summers=SUMMERS, updaters=n
+        )
+        summers = [
+            SimParticipant(
+                i,
+                ca_public_key=self.fleet.ca_public_key,
+                host="127.0.0.1",
+                port=self.brokers[0].port,
+                behaviour=Behaviour(send_heartbeat=False),
+            )
+            for i in summer_ids
+        ]
+        try:
+            for s in summers:
+                await s.start()
+            sums = await asyncio.wait_for(self._future(self.sums, rid), 120)
+            opened = open_sum_dict(
+                sums,
+                fleet=FLEET,
+                round_id=rid,
+                ca_public_key=self.fleet.ca_public_key,
+                now=time.time(),
+                revocations=None,
+            )
+            cfg = MaskConfig(1.0, max(1000, n), 32)
+            rng = np.random.default_rng(rid)
+            topics = Topics(FLEET)
+            frames_file = self.work / f"frames-{rid}.bin"
+            update_bytes = 0
+            with frames_file.open("wb") as out:
+                for ident in updater_ids:
+                    seed = new_seed()
+                    delta = rng.uniform(-0.1, 0.1, m).astype(np.float32)
+                    words = mask_update(delta, 0.5, seed, cfg)
+                    sealed = {
+                        s.certificate.public_key: seal_seed(seed, s.ephemeral_pk) for s in opened
+                    }
+                    raw = encode_message(
+                        Update(ident.certificate, sealed, words),
+                        fleet=FLEET,
+                        round_id=rid,
+                        signing_key=ident.signing_key,
+                    )
+                    update_bytes = len(raw)
+                    topic = topics.update(rid, ident.device_id)
+                    out.write(_records(topic, split_payload(raw, CHUNK)))
+            model_topic = topics.model_latest("sim") if fetch_model else ""
+            cpu0 = _cpu(self.coordinator.pid)
+            t0, fetched, model_bytes = await self._publish(
+                frames_file, n if fetch_model else 0, model_topic
+            )
+            frames_file.unlink()
+            while True:
+                status = await self.get("/status")
+                ingest = status.get("last_round_ingest") or {}
+                if status.get("model_version", 0) >= rid and ingest.get("round_id") == rid:
+                    break
+                self.sup.check()
+                await asyncio.sleep(0.05)
+            cpu1 = _cpu(self.coordinator.pid)
+        finally:
+            for s in summers:
+                await s.stop()
+        dash = await self.get("/api/dashboard")
+        info = next(r for r in dash["rounds"] if r["round_id"] == rid)
+        inside = ingest.get("last_update_commit_at", 0) - ingest.get("first_update_at", 0)
+        sent1 = await self.settle()
+        self._note_rss()
+        return {
+            "round_id": rid,
+            "broker_background_bytes_per_s": self.background,
+            "outcome": info["outcome"],
+            "update_bytes": update_bytes,
+            "phases_s": {k: None if v is None else round(v, 3) for k, v in info["phases"].items()},
+            "round_s": round(info["duration_s"], 3),
+            "first_update_to_model_s": round(info["finished_at"] - t0, 3),
+            "ingest_s": round(inside, 3),
+            "ingest_updates_per_s": round(n / inside, 1) if inside > 0 else None,
+            "coordinator_cpu_s": round(cpu1 - cpu0, 3),
+            "coordinator_cpu_ms_per_update": round((cpu1 - cpu0) / n * 1e3, 3),
+            "broker_bytes_out": sent1 - sent0,
+            "model_fetches": fetched,
+            "model_message_bytes": model_bytes or None,
+        }
+
+    async def _publish(
+        self, frames_file: Path, fetches: int, model_topic: str
+    ) -> tuple[float, int, int]:
+        """The updaters: one publisher process (fetches the model first if asked)."""
+        result = self.work / "publish.json"
+        result.unlink(missing_ok=True)
+        argv = [
+            sys.executable,
+            "-m",
+            "maskfl.tools.bench_scale",
+            "--publish",
+            str(self.brokers[0].port),
+            str(frames_file),
+            str(result),
+            str(fetches),
+            model_topic or "-",
+        ]
+        child = self.sup.start(f"publisher-{frames_file.stem}", argv)
+        child.expected_exit = True
+        deadline = time.monotonic() + 3600
+        while not result.exists():
+            if child.proc.poll() not in (None, 0) or time.monotonic() > deadline:
+                raise RuntimeError(f"the publisher failed: {child.log_tail()}")
+            await asyncio.sleep(0.01)
+        data = json.loads(result.read_text())
+        return float(data["t0"]), int(data["fetched"]), int(data["model_bytes"])
+
+
+async def _publisher(port: int, frames_file: Path, result: Path, fetches: int, topic: str) -> None:
+    records = _read_frames(frames_file)
+    t = MqttTransport(
+        MqttConfig(
+            host="127.0.0.1",
+            port=port,
+            client_id="bench-publisher",
+            max_inflight=64,
+            max_incoming_payload=256 << 20,
+        )
+    )
+    await t.connect()
+    fetched = model_bytes = 0
+    for _ in range(fetches):  # each updater fetches the retained model once
+        await t.subscribe(topic, qos=0)
+        msg = await t.receive()
+        if isinstance(decode_message(msg.payload, max_size=256 << 20).body, GlobalModel):
+            fetched += 1
+            model_bytes = len(msg.payload)
+        await t.unsubscribe(topic)
+    by_topic: dict[str, list[bytes]] = {}
+    for tp, frame in records:
+        by_topic.setdefault(tp, []).append(frame)
+    t0 = time.time()
+    await _publish_all(t, list(by_topic.items()))
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps({"t0": t0, "t1": time.time(), "fetched": fetched, "model_bytes": model_bytes})
+    )
+    tmp.replace(result)
+    await t.disconnect()
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _workdir(keep: Path | None, name: str) -> Iterator[Path]:
+    if keep is not None:
+        path = keep / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="maskfl-bench-scale-") as tmp:
+        yield Path(tmp)
+
+
+def _broker(work: Path, sup: Supervisor, name: str, core_port: int | None) -> Broker:
+    binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
+    if binary is None:
+        raise SystemExit("maskfl-bench scale: mosquitto is not installed")
+    port = _free_port()
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+        "max_queued_messages 0",
+        "persistence false",
+        "log_type error",
+        "log_type warning",
+        "connection_messages false",
+    ]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    if core_port is not None:
+        p = f"maskfl/v1/{FLEET}/"
+        lines += [
+            f"connection {name}-to-core",
+            f"address 127.0.0.1:{core_port}",
+            "cleansession true",
+            f"topic {p}status/# out 0",
+            f"topic {p}round in 0",
+            f"topic {p}round/+/sums in 0",
+            f"topic {p}revocations in 0",
+            f"topic {p}model/# in 0",
+        ]
+    conf = work / f"{name}.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    child = sup.start(name, [binary, "-c", str(conf)])
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"mosquitto {name} did not start: {child.log_tail()}")
+        time.sleep(0.05)
+    return Broker(child, port)
+
+
+def _records(topic: str, frames: list[bytes]) -> bytes:
+    """(topic, frame) records as :func:`bench_coordinator._read_frames` reads them."""
+    t = topic.encode()
+    return b"".join(struct.pack("<HI", len(t), len(f)) + t + f for f in frames)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _fd_limit() -> list[int]:
+    import resource
+
+    return list(resource.getrlimit(resource.RLIMIT_NOFILE))
+
+
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (from /proc; 0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _vm(pid: int, key: str) -> int:
+    """A ``/proc/<pid>/status`` figure in kB (0 when the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _io(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 7 and sys.argv[1] == "--publish":
+        topic_arg = sys.argv[6]
+        asyncio.run(
+            _publisher(
+                int(sys.argv[2]),
+                Path(sys.argv[3]),
+                Path(sys.argv[4]),
+                int(sys.argv[5]),
+                "" if topic_arg == "-" else topic_arg,
+            )
+        )
