@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -110,6 +111,10 @@ class Fleet:
             "bytes_out": 0,
         }
         self.stop = False
+        self.payload = os.urandom(HEARTBEAT_BYTES)
+        self.packets: dict[int, bytes] = {}
+        self.wheel: dict[int, list[int]] = {}
+        self.slot = 0
 
     def _open(self, index: int) -> None:
         a = self.args
@@ -147,6 +152,7 @@ class Fleet:
         if s is None:
             return
         self.devices.pop(fd, None)
+        self.packets.pop(fd, None)
         self.acked.discard(fd)
         self.counts["closed"] += 1
         with contextlib.suppress(OSError):
@@ -188,6 +194,13 @@ class Fleet:
                 self.counts["connected"] += 1
                 device = self.devices[fd]
                 self._send(fd, subscribe_packet(1, agent_filters(a.fleet, device, a.models)))
+                # Like the agent: a heartbeat at once, then every interval (the first
+                # repeat spread over the interval, so connect bursts do not stay bursts).
+                packet = publish_packet(f"maskfl/v1/{a.fleet}/status/{device}", self.payload)
+                self.packets[fd] = packet
+                if self._send(fd, packet):
+                    self.counts["heartbeats"] += 1
+                self._schedule(fd, time.monotonic() + a.interval * (0.5 + random.random()))
 
     def _poll(self, timeout: float) -> None:
         for fd, ev in self.ep.poll(timeout, 4096):
@@ -199,48 +212,42 @@ class Fleet:
         tmp.write_text(json.dumps({**self.counts, "open": len(self.socks), "pid": os.getpid()}))
         tmp.replace(self.args.status)
 
+    def _schedule(self, fd: int, at: float) -> None:
+        self.wheel.setdefault(int(at / _TICK_S), []).append(fd)
+
+    def _beat(self, now: float) -> None:
+        """Send every heartbeat that is due and schedule each device's next one."""
+        slot = int(now / _TICK_S)
+        while self.slot < slot:
+            self.slot += 1
+            for fd in self.wheel.pop(self.slot, ()):
+                packet = self.packets.get(fd)
+                if packet is None or fd not in self.socks:
+                    continue
+                if self._send(fd, packet):
+                    self.counts["heartbeats"] += 1
+                else:
+                    self.counts["heartbeats_skipped"] += 1
+                self._schedule(fd, now + self.args.interval)
+
     def run(self) -> None:
         a = self.args
-        # Connect in batches, each waiting (up to 10 s) for its CONNACKs.
         index = a.first
         end = a.first + a.count
         next_status = 0.0
-        while index < end and not self.stop:
-            batch_end = min(end, index + _BATCH)
-            for i in range(index, batch_end):
-                self._open(i)
-            index = batch_end
-            deadline = time.monotonic() + 10
-            while not self.stop and time.monotonic() < deadline:
-                done = self.counts["connected"] + self.counts["failed"] + self.counts["refused"]
-                if done >= index - a.first:
-                    break
-                self._poll(0.05)
-            if time.monotonic() >= next_status:
-                self._write_status()
-                next_status = time.monotonic() + 1
-        self._write_status()
-        # Heartbeats: device k beats at phase (k / n) of every interval.
-        payload = os.urandom(HEARTBEAT_BYTES)
-        packets = {
-            fd: publish_packet(f"maskfl/v1/{a.fleet}/status/{d}", payload)
-            for fd, d in self.devices.items()
-        }
-        fds = sorted(self.acked)
-        n = len(fds)
-        start = time.monotonic()
-        sent_upto = 0  # heartbeats due so far, counted over all intervals
+        batch_deadline = 0.0
+        self.slot = int(time.monotonic() / _TICK_S)
         while not self.stop:
             now = time.monotonic()
-            due = int((now - start) / a.interval * n) if n else 0
-            while sent_upto < due:
-                fd = fds[sent_upto % n]
-                sent_upto += 1
-                if fd in self.socks:
-                    if self._send(fd, packets[fd]):
-                        self.counts["heartbeats"] += 1
-                    else:
-                        self.counts["heartbeats_skipped"] += 1
+            done = self.counts["connected"] + self.counts["failed"] + self.counts["refused"]
+            if index < end and (done >= index - a.first or now > batch_deadline):
+                # The next batch once the last one has its CONNACKs (or after 10 s).
+                batch_end = min(end, index + _BATCH)
+                for i in range(index, batch_end):
+                    self._open(i)
+                index = batch_end
+                batch_deadline = now + 10
+            self._beat(now)
             if now >= next_status:
                 self._write_status()
                 next_status = now + 1

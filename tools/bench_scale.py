@@ -260,7 +260,7 @@ class Bed:
     ) -> AsyncIterator[Bed]:
         sup = Supervisor(work / "logs")
         try:
-            edges = -(-idle // args.per_broker) if idle else 0
+            edges = -(-idle // args.per_broker) if idle > args.per_broker else 0
             core = _broker(work, sup, "core", None)
             brokers = [core] + [_broker(work, sup, f"edge{i}", core.port) for i in range(edges)]
             fleet = SimFleet(fleet=FLEET)
@@ -536,12 +536,20 @@ class Bed:
                 frames_file, n if fetch_model else 0, model_topic
             )
             frames_file.unlink()
+            # Generous: 60 s plus 20 MB/s of updates, on a machine shared with others.
+            deadline = time.monotonic() + 60 + n * m * 4 / 20e6
             while True:
                 status = await self.get("/status")
                 ingest = status.get("last_round_ingest") or {}
                 if status.get("model_version", 0) >= rid and ingest.get("round_id") == rid:
                     break
                 self.sup.check()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"round {rid} not done by the deadline: phase {status.get('phase')}, "
+                        f"{status.get('updates')} of {n} updates in, reassembly "
+                        f"{status.get('reassembly')}"
+                    )
                 await asyncio.sleep(0.05)
             cpu1 = _cpu(self.coordinator.pid)
         finally:
