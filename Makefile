@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.maskfl-dev-installed
 DEMO_ARGS ?=
 BENCH_JSON ?= bench.json
 
-.PHONY: demo test lint bench mosquitto chromium kubectl venv clean arm-check gpu-check
+.PHONY: demo test lint bench bench-scale mosquitto chromium kubectl venv clean arm-check gpu-check
 
 venv: $(STAMP)
 
@@ -78,6 +78,13 @@ arm-check: $(STAMP) mosquitto
 GPU_CHECK_JSON ?= gpu-check.json
 gpu-check:
 	PYTHON=$(PYTHON) tools/gpu_check.sh $(GPU_CHECK_JSON)
+
+# The fleet-scale figures of the README (about an hour, 100k loopback connections,
+# several GB of memory): not part of bench or test. SCALE_ARGS narrows it, e.g.
+# SCALE_ARGS="--parts idle --idle 10000".
+SCALE_JSON ?= bench-scale.json
+bench-scale: $(STAMP) mosquitto
+	$(VENV)/bin/maskfl-bench scale --json $(SCALE_JSON) $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
