@@ -223,6 +223,10 @@ class DataSection(_Section):
 
     source: str = "digits"
     options: dict[str, Any] = Field(default_factory=dict)
+    holdout: float = Field(default=0.2, ge=0.0, le=0.9)
+    """Fraction of this device's training samples kept out of training to evaluate each
+    round's global model on (federated evaluation; the split is fixed per device: a
+    shuffle seeded by the data's own digest). 0 turns evaluation off."""
 
 
 class HeartbeatSection(_Section):

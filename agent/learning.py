@@ -30,8 +30,17 @@ from maskfl.agent.training import LocalTrainer, LocalUpdate
 from maskfl.models import shipped_model, shipped_models
 from maskfl.protocol.crypto import digest
 from maskfl.protocol.errors import ConfigError
+from maskfl.protocol.masking import LOSS_CAP, NO_EVALUATION, EvalCounts
 
-__all__ = ["GraphPendingError", "Learner", "LiteRTLearner", "TrainResult"]
+__all__ = [
+    "GraphPendingError",
+    "Learner",
+    "LiteRTLearner",
+    "Split",
+    "TrainResult",
+    "holdout_split",
+    "local_round",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +51,13 @@ class TrainResult:
     num_samples: int
     seconds: float = 0.0
     loss: float | None = None
+    evaluation: EvalCounts = NO_EVALUATION
+    """The *global* model on this device's held-out split, measured before training."""
 
     @classmethod
-    def from_update(cls, update: LocalUpdate) -> TrainResult:
+    def from_update(
+        cls, update: LocalUpdate, evaluation: EvalCounts = NO_EVALUATION
+    ) -> TrainResult:
         """The result of one :meth:`LocalTrainer.local_update` (loss: the last epoch's)."""
         losses = update.stats.epoch_losses
         return cls(
@@ -52,7 +65,65 @@ class TrainResult:
             num_samples=update.num_samples,
             seconds=update.stats.seconds,
             loss=losses[-1] if losses else None,
+            evaluation=evaluation,
         )
+
+
+@dataclass(frozen=True)
+class Split:
+    """A device's samples for training and its held-out samples for evaluation."""
+
+    x_train: npt.NDArray[np.float32]
+    y_train: npt.NDArray[np.int32]
+    x_eval: npt.NDArray[np.float32]
+    y_eval: npt.NDArray[np.int32]
+
+
+def holdout_split(data: Dataset, fraction: float) -> Split:
+    """Keep ``fraction`` of the training samples out for evaluation, the same every run.
+
+    The order comes from a shuffle seeded by the SHA-256 of the device's own samples,
+    so a device always holds out the same samples (and devices with other data other
+    ones), without any identity or state. At least one sample stays for training.
+    """
+    n = data.num_train
+    k = min(round(n * fraction), max(0, n - 1))
+    if k == 0:
+        empty = data.x_train[:0]
+        return Split(data.x_train, data.y_train, empty, data.y_train[:0])
+    key = digest(np.ascontiguousarray(data.x_train).tobytes() + data.y_train.tobytes())
+    order = np.random.default_rng(int.from_bytes(key[:8], "little")).permutation(n)
+    held, kept = np.sort(order[:k]), np.sort(order[k:])
+    return Split(data.x_train[kept], data.y_train[kept], data.x_train[held], data.y_train[held])
+
+
+def local_round(
+    trainer: LocalTrainer,
+    split: Split,
+    global_weights: npt.NDArray[np.float32],
+    training: TrainingSection,
+    *,
+    round_id: int,
+    max_eval_examples: int,
+) -> TrainResult:
+    """Evaluate the global model on the held-out split (at most ``max_eval_examples``,
+    the first in the split's fixed order), then train on the rest."""
+    evaluation = NO_EVALUATION
+    limit = min(max_eval_examples, len(split.y_eval))
+    if limit > 0:
+        n, correct, loss = trainer.counts(
+            global_weights, split.x_eval[:limit], split.y_eval[:limit], loss_cap=LOSS_CAP
+        )
+        evaluation = EvalCounts(n, correct, min(loss, n * LOSS_CAP))
+    update = trainer.local_update(
+        global_weights,
+        split.x_train,
+        split.y_train,
+        epochs=training.epochs,
+        batch_size=training.batch_size,
+        seed=round_id,
+    )
+    return TrainResult.from_update(update, evaluation)
 
 
 class GraphPendingError(ConfigError):
@@ -63,8 +134,16 @@ class Learner(Protocol):
     """Local training as the round logic sees it. Errors: any :class:`MaskflError`."""
 
     async def train(
-        self, model_id: str, global_weights: npt.NDArray[np.float32], *, round_id: int
-    ) -> TrainResult: ...
+        self,
+        model_id: str,
+        global_weights: npt.NDArray[np.float32],
+        *,
+        round_id: int,
+        max_eval_examples: int = 0,
+    ) -> TrainResult:
+        """Evaluate ``global_weights`` on held-out data (at most ``max_eval_examples``;
+        0: do not), then train from them."""
+        ...
 
 
 class LiteRTLearner:
@@ -78,7 +157,7 @@ class LiteRTLearner:
         self._stated: dict[str, bytes] = {}
         self._warned: set[tuple[str, bytes]] = set()
         self._changed: asyncio.Event | None = None
-        self._dataset: Dataset | None = None
+        self._dataset: Split | None = None
         self._initial: dict[str, npt.NDArray[np.float32]] = {}
 
     def add_graph(self, model_id: str, tflite: bytes) -> None:
@@ -206,32 +285,46 @@ class LiteRTLearner:
             return None
         return self._initial[model_id].copy()
 
-    def _load(self, model_id: str) -> tuple[LocalTrainer, Dataset]:
+    def _load(self, model_id: str) -> tuple[LocalTrainer, Split]:
         trainer = self._trainer(model_id)
         if self._dataset is None:
-            self._dataset = load_dataset(self._data.source, self._data.options)
-            self._dataset.check_fits(trainer.spec.input_shape, trainer.spec.num_classes)
+            data = load_dataset(self._data.source, self._data.options)
+            data.check_fits(trainer.spec.input_shape, trainer.spec.num_classes)
+            self._dataset = holdout_split(data, self._data.holdout)
             log.info(
-                "data source %s: %d training samples", self._data.source, self._dataset.num_train
+                "data source %s: %d training samples, %d held out for evaluation",
+                self._data.source,
+                len(self._dataset.y_train),
+                len(self._dataset.y_eval),
             )
         return trainer, self._dataset
 
     def _train_sync(
-        self, model_id: str, global_weights: npt.NDArray[np.float32], round_id: int
+        self,
+        model_id: str,
+        global_weights: npt.NDArray[np.float32],
+        round_id: int,
+        max_eval_examples: int,
     ) -> TrainResult:
-        trainer, data = self._load(model_id)
-        update = trainer.local_update(
+        trainer, split = self._load(model_id)
+        return local_round(
+            trainer,
+            split,
             global_weights,
-            data.x_train,
-            data.y_train,
-            epochs=self._training.epochs,
-            batch_size=self._training.batch_size,
-            seed=round_id,
+            self._training,
+            round_id=round_id,
+            max_eval_examples=max_eval_examples,
         )
-        return TrainResult.from_update(update)
 
     async def train(
-        self, model_id: str, global_weights: npt.NDArray[np.float32], *, round_id: int
+        self,
+        model_id: str,
+        global_weights: npt.NDArray[np.float32],
+        *,
+        round_id: int,
+        max_eval_examples: int = 0,
     ) -> TrainResult:
         await self._wait_for_graph(model_id)
-        return await asyncio.to_thread(self._train_sync, model_id, global_weights, round_id)
+        return await asyncio.to_thread(
+            self._train_sync, model_id, global_weights, round_id, max_eval_examples
+        )

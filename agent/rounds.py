@@ -30,10 +30,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -45,7 +47,13 @@ from maskfl.agent.learning import Learner, TrainResult
 from maskfl.agent.state import Journal, OutboxEntry, OutboxStatus, RoundState, Step, TaskKind
 from maskfl.protocol.crypto import EphemeralKeyPair, digest, new_seed, open_seed, seal_seed
 from maskfl.protocol.errors import CryptoError, MaskflError, Reason
-from maskfl.protocol.masking import aggregate_mask, mask_update
+from maskfl.protocol.masking import (
+    NO_EVALUATION,
+    EvalCounts,
+    aggregate_mask,
+    mask_update,
+    update_words,
+)
 from maskfl.protocol.messages import (
     HEADER_SIZE,
     GlobalModel,
@@ -238,7 +246,7 @@ class RoundDriver:
                 round_id=self.round_id,
                 signing_key=ident.signing_key,
             )
-            sum2_words = (p.vector_length + 1) * (p.mask.word_bits // 8)
+            sum2_words = update_words(p.vector_length) * (p.mask.word_bits // 8)
             self._check_budget(len(message) + sum2_words, 0, "sum and sum2")
             topic = self.ctx.topics.sum(self.round_id, ident.device_id)
             entry = self._entry(KIND_SUM, topic, message)
@@ -308,7 +316,7 @@ class RoundDriver:
             raise RoundFailedError("journaled seed dictionary is not a seed dictionary")
         sk = self.state.ephemeral_sk
         p = self.params
-        n_words = p.vector_length + 1
+        n_words = update_words(p.vector_length)
         seeds: list[bytes] = []
         failed: list[bytes] = []
         for update_digest, sealed in sorted(body.sealed_seeds.items()):
@@ -379,7 +387,10 @@ class RoundDriver:
                 f"{p.vector_length}"
             )
         result = await self.ctx.learner.train(
-            p.model_id, np.array(model.weights, dtype=np.float32), round_id=self.round_id
+            p.model_id,
+            np.array(model.weights, dtype=np.float32),
+            round_id=self.round_id,
+            max_eval_examples=p.mask.eval_max_examples,
         )
         if result.delta.size != p.vector_length:
             raise RoundFailedError(
@@ -391,6 +402,10 @@ class RoundDriver:
         await self.ctx.journal.put_blob(self.round_id, "delta", result.delta.tobytes())
         await self.ctx.journal.put_blob(
             self.round_id, "samples", result.num_samples.to_bytes(8, "little")
+        )
+        ev = result.evaluation
+        await self.ctx.journal.put_blob(
+            self.round_id, "evaluation", struct.pack("<QQd", ev.examples, ev.correct, ev.loss_sum)
         )
         loss = "" if result.loss is None else f", loss {result.loss:.4f}"
         await self._save(
@@ -404,10 +419,17 @@ class RoundDriver:
     async def _load_training(self) -> TrainResult:
         delta = await self.ctx.journal.blob(self.round_id, "delta")
         samples = await self.ctx.journal.blob(self.round_id, "samples")
+        evaluation = await self.ctx.journal.blob(self.round_id, "evaluation")
         if delta is None or samples is None:
             raise RoundFailedError("journal lost the training result")
+        ev = NO_EVALUATION
+        if evaluation is not None and len(evaluation) == struct.calcsize("<QQd"):
+            examples, correct, loss = struct.unpack("<QQd", evaluation)
+            ev = EvalCounts(examples, correct, loss)
         return TrainResult(
-            np.frombuffer(delta, dtype=np.float32).copy(), int.from_bytes(samples, "little")
+            np.frombuffer(delta, dtype=np.float32).copy(),
+            int.from_bytes(samples, "little"),
+            evaluation=ev,
         )
 
     async def _compose_update(self, sums: tuple[Sum, ...], result: TrainResult) -> None:
@@ -419,7 +441,13 @@ class RoundDriver:
         cap = self.ctx.config.training.sample_cap
         weight = min(result.num_samples, cap) / cap
         seed = new_seed()
-        words = await asyncio.to_thread(mask_update, result.delta, weight, seed, p.mask)
+        words = await asyncio.to_thread(
+            partial(mask_update, evaluation=result.evaluation),
+            result.delta,
+            weight,
+            seed,
+            p.mask,
+        )
         sealed = {s.certificate.public_key: seal_seed(seed, s.ephemeral_pk) for s in sums}
         del seed
         ident = self.ctx.identity.identity

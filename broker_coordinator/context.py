@@ -35,7 +35,7 @@ from maskfl.broker_coordinator.store import (
     UpdateRecord,
 )
 from maskfl.protocol.identity import Certificate
-from maskfl.protocol.masking import MaskConfig
+from maskfl.protocol.masking import MaskConfig, update_words
 from maskfl.protocol.messages import Body, RoundParams, SignedMessage, encode_message
 from maskfl.protocol.phases import PhaseTimer
 from maskfl.protocol.topics import Topics
@@ -160,8 +160,8 @@ class Services:
 
     @property
     def vector_words(self) -> int:
-        """M + 1: the model's parameters plus the weight word."""
-        return self.config.model.length + 1
+        """M + 4: the model's parameters, the weight word and the evaluation words."""
+        return update_words(self.config.model.length)
 
     def max_message_size(self) -> int:
         """The largest participant message that can be valid (an update, with every summer)."""

@@ -33,7 +33,7 @@ PHASES = ("sum", "update", "sum2", "unmask")
 
 ROLES = {"sum": "summer", "update": "updater"}
 
-_EVALUATION_KEYS = ("examples", "accuracy", "loss")
+_EVALUATION_KEYS = ("evaluated_version", "examples", "accuracy", "loss")
 _PRIVACY_KEYS = ("updates", "error_bound", "resolution", "epsilon", "delta")
 
 
@@ -172,19 +172,29 @@ async def round_history(
 
 
 async def model_history(store: Store, model_id: str) -> list[dict[str, Any]]:
-    """Every version of ``model_id`` with its round and published figures (no weights)."""
-    return [
-        {
-            "version": version,
-            "round_id": rid,
-            "updates": metrics.get("updates"),
-            "error_bound": metrics.get("error_bound"),
-            "examples": metrics.get("examples"),
-            "accuracy": metrics.get("accuracy"),
-            "loss": metrics.get("loss"),
-        }
-        for version, rid, metrics in await store.model_metrics(model_id)
-    ]
+    """Every version of ``model_id`` with its round, published figures and evaluation.
+
+    A version's evaluation is measured in the round that trains *from* it and
+    published with the next version (its metrics name ``evaluated_version``);
+    here it is shown against the version it measures. No weights.
+    """
+    rows = await store.model_metrics(model_id)
+    evaluated = {int(m["evaluated_version"]): m for _, _, m in rows if "evaluated_version" in m}
+    out = []
+    for version, rid, metrics in rows:
+        ev = evaluated.get(version, {})
+        out.append(
+            {
+                "version": version,
+                "round_id": rid,
+                "updates": metrics.get("updates"),
+                "error_bound": metrics.get("error_bound"),
+                "examples": ev.get("examples"),
+                "accuracy": ev.get("accuracy"),
+                "loss": ev.get("loss"),
+            }
+        )
+    return out
 
 
 async def device_table(

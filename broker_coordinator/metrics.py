@@ -108,6 +108,35 @@ class Metrics:
             _PREFIX + "mqtt_connected", "1 while the broker link is up", registry=r
         )
 
+        self.model_accuracy = Gauge(
+            "maskfl_model_accuracy",
+            "fleet accuracy of the global model on the updaters' held-out data (federated "
+            "evaluation under masking: only fleet totals are unmasked)",
+            ["model_version"],
+            registry=r,
+        )
+        self.model_loss = Gauge(
+            "maskfl_model_loss",
+            "mean loss per example of the global model on the updaters' held-out data",
+            ["model_version"],
+            registry=r,
+        )
+        self.model_eval_examples = Gauge(
+            "maskfl_model_evaluation_examples",
+            "held-out examples behind maskfl_model_accuracy and maskfl_model_loss",
+            ["model_version"],
+            registry=r,
+        )
+
+    def set_evaluation(self, version: int, accuracy: float, loss: float, examples: int) -> None:
+        """The latest evaluated version only: one series each, not one per version ever."""
+        for gauge in (self.model_accuracy, self.model_loss, self.model_eval_examples):
+            gauge.clear()
+        label = str(version)
+        self.model_accuracy.labels(model_version=label).set(accuracy)
+        self.model_loss.labels(model_version=label).set(loss)
+        self.model_eval_examples.labels(model_version=label).set(examples)
+
     def set_phase(self, phase: Phase) -> None:
         for p in Phase:
             self.phase.labels(phase=p.value).set(1 if p == phase else 0)

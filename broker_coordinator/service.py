@@ -502,6 +502,11 @@ class Coordinator:
                 field="model.length",
             )
         optimizer.load_state(latest.optimizer_state, weights.size)
+        m = latest.metrics
+        if "evaluated_version" in m:
+            self.metrics.set_evaluation(
+                int(m["evaluated_version"]), m["accuracy"], m["loss"], int(m["examples"])
+            )
         return ModelState(model_id, latest.version, weights, latest.digest)
 
     async def _serve(self, s: Services, transport: MqttTransport, stop: asyncio.Event) -> None:

@@ -5,11 +5,14 @@ Everything is modular arithmetic on numpy unsigned integers of ``w`` bits
 there is no big-integer code anywhere. docs/protocol.md §7 is the normative
 specification of every rule below; docs/vectors/masking.json has known answers.
 
-Encoding (one update of ``M`` elements becomes ``M + 1`` words)::
+Encoding (one update of ``M`` elements becomes ``M + 4`` words)::
 
     x  = clip(delta, -B, B) * a          clip first, then weight (a in [0, 1])
     e  = clip(rint(x * S), -K, K) + K    K = floor(B * S), an exact integer
     e_M = rint(a * S_w) + S_w            the weight, with its own bound 1
+    e_M+1, e_M+2, e_M+3                  evaluation counts of the global model on the
+                                         device's held-out data: examples, correct,
+                                         rint(summed loss * Q) (see EvalCounts)
 
 with ``S = floor((2^w - 1) / (N_max * 2B))`` and ``S_w`` the same with ``B = 1``.
 Every word lies in ``[0, 2K]``, so the sum of up to ``N_max`` of them never
@@ -47,7 +50,13 @@ from maskfl.protocol.errors import AggregationError, ConfigError, CryptoError, L
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "EVAL_MAX_EXAMPLES",
+    "EVAL_WORDS",
+    "LOSS_CAP",
     "MASK_NONCE",
+    "NO_EVALUATION",
+    "EvalCounts",
+    "FleetEvaluation",
     "MaskConfig",
     "WordBits",
     "Words",
@@ -55,11 +64,14 @@ __all__ = [
     "add_words",
     "aggregate_mask",
     "decode_aggregate",
+    "decode_evaluation",
+    "encode_evaluation",
     "encode_update",
     "error_bound",
     "mask_stream",
     "mask_update",
     "unmask",
+    "update_words",
 ]
 
 _log = logging.getLogger(__name__)
@@ -79,6 +91,14 @@ steeply up to 64 KiB (per-call overhead), are flat within noise from 128 to
 512 KiB, and 256 KiB was best or tied for both word sizes. Re-run the sweep
 before changing it, and on the target hardware (a Pi 4 has 1 MiB of shared L2).
 """
+
+EVAL_WORDS: Final = 3
+"""Words after the weight word: evaluation examples, correct predictions, summed loss."""
+EVAL_MAX_EXAMPLES: Final = 4096
+"""Held-out examples one update may count (fewer when the word size needs it, see
+:attr:`MaskConfig.eval_max_examples`); a device with more evaluates a fixed subset."""
+LOSS_CAP: Final = 32
+"""Each example's loss (nats) is clipped to ``[0, LOSS_CAP]`` before it is summed."""
 
 # Floating-point slack, in units of 1/S, of computing rint(a * x * S) in float64:
 # three roundings (a*x, float(S), the product), each at most 2^-53 relative.
@@ -202,6 +222,109 @@ class MaskConfig:
     def resolution(self) -> float:
         """``1/S``: the smallest step an encoded element can take."""
         return 1.0 / self.scale
+
+    @property
+    def eval_capacity(self) -> int:
+        """``C = floor((2^w - 1) / N_max)``: the most one evaluation word may hold, so that
+        the sum of ``N_max`` of them never wraps."""
+        return (self.modulus - 1) // self.n_max
+
+    @property
+    def eval_max_examples(self) -> int:
+        """``E = min(EVAL_MAX_EXAMPLES, floor(C / LOSS_CAP))``: examples per update."""
+        return min(EVAL_MAX_EXAMPLES, self.eval_capacity // LOSS_CAP)
+
+    @property
+    def loss_scale(self) -> int:
+        """``Q = floor(C / (E * LOSS_CAP))``: loss units per nat (the summed loss of ``E``
+        examples at ``LOSS_CAP`` each still fits ``C``)."""
+        return self.eval_capacity // (self.eval_max_examples * LOSS_CAP)
+
+
+@dataclass(frozen=True, slots=True)
+class EvalCounts:
+    """One updater's evaluation of the round's global model on its held-out data.
+
+    ``examples`` evaluated (at most :attr:`MaskConfig.eval_max_examples`), how many
+    of them were predicted ``correct``, and ``loss_sum``, the sum of their losses with
+    each clipped to ``[0, LOSS_CAP]``. Travels masked, as three words after the weight
+    word, so only the fleet's totals are ever seen. All zero: no evaluation.
+    """
+
+    examples: int
+    correct: int
+    loss_sum: float
+
+
+NO_EVALUATION: Final = EvalCounts(0, 0, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetEvaluation:
+    """The unmasked totals of the included updates' evaluation words."""
+
+    examples: int
+    correct: int
+    loss_sum: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.examples if self.examples else math.nan
+
+    @property
+    def loss(self) -> float:
+        """Mean loss per example."""
+        return self.loss_sum / self.examples if self.examples else math.nan
+
+
+def update_words(m: int) -> int:
+    """Words of an update (and of an aggregate mask) for a model of ``m`` parameters."""
+    return m + 1 + EVAL_WORDS
+
+
+def encode_evaluation(ev: EvalCounts, cfg: MaskConfig) -> list[int]:
+    """The three evaluation words ``[examples, correct, rint(loss_sum * Q)]``.
+
+    Raises :class:`LocalProtocolError` unless ``0 <= correct <= examples <= E`` and
+    ``0 <= loss_sum <= examples * LOSS_CAP`` (finite).
+    """
+    n, c = ev.examples, ev.correct
+    if not (isinstance(n, int) and isinstance(c, int)) or isinstance(n, bool):
+        raise LocalProtocolError("evaluation counts must be integers")
+    if not 0 <= c <= n <= cfg.eval_max_examples:
+        raise LocalProtocolError(
+            f"evaluation counts out of range: need 0 <= correct ({c}) <= examples ({n}) <= "
+            f"{cfg.eval_max_examples}"
+        )
+    loss = float(ev.loss_sum)
+    if not (math.isfinite(loss) and 0.0 <= loss <= n * LOSS_CAP):
+        raise LocalProtocolError(
+            f"evaluation loss sum {loss!r} outside [0, examples * {LOSS_CAP}]: clip each "
+            "example's loss to [0, LOSS_CAP]"
+        )
+    return [n, c, round(Fraction(loss) * cfg.loss_scale)]
+
+
+def decode_evaluation(words: Words, n_included: int, cfg: MaskConfig) -> FleetEvaluation:
+    """The fleet totals from the last :data:`EVAL_WORDS` words of an unmasked sum.
+
+    Raises :class:`AggregationError` when the totals are impossible for
+    ``n_included`` honest updates (an updater sent out-of-range words): the model
+    is still good, but its evaluation must not be published.
+    """
+    tail = [int(w) for w in words[-EVAL_WORDS:]]
+    if len(tail) != EVAL_WORDS:
+        raise AggregationError(f"an aggregate needs at least {EVAL_WORDS} evaluation words")
+    examples, correct, loss_units = tail
+    if not (
+        correct <= examples <= n_included * cfg.eval_max_examples
+        and loss_units <= examples * LOSS_CAP * cfg.loss_scale
+    ):
+        raise AggregationError(
+            f"evaluation totals impossible for {n_included} updates (examples {examples}, "
+            f"correct {correct}, loss units {loss_units}): some updater sent bad words"
+        )
+    return FleetEvaluation(examples, correct, loss_units / cfg.loss_scale)
 
 
 def _check_seed(seed: bytes) -> None:
@@ -437,26 +560,30 @@ def encode_update(
     weight: float,
     cfg: MaskConfig,
     *,
+    evaluation: EvalCounts = NO_EVALUATION,
     chunk_words: int = 1 << 16,
     out: Words | None = None,
 ) -> Words:
-    """Encode ``clip(delta, -B, B) * weight`` and the weight as ``M + 1`` words of ``cfg``.
+    """Encode ``clip(delta, -B, B) * weight``, the weight and the evaluation counts as
+    ``M + 4`` words of ``cfg`` (:func:`update_words`).
 
-    ``weight`` is ``min(samples, cap) / cap`` in [0, 1]. NaN in ``delta`` or a
-    weight outside [0, 1] raises :class:`LocalProtocolError` (infinities clip);
-    nothing is written then. ``out``, if given, receives the words (for
-    instance the payload slot of an outgoing message) and is returned.
+    ``weight`` is ``min(samples, cap) / cap`` in [0, 1]. NaN in ``delta``, a
+    weight outside [0, 1] or evaluation counts out of range raise
+    :class:`LocalProtocolError` (infinities clip); nothing is written then.
+    ``out``, if given, receives the words (for instance the payload slot of an
+    outgoing message) and is returned.
     """
     _check_update(delta, weight)
     _check_no_nan(delta)
+    tail = [_encode_weight(weight, cfg), *encode_evaluation(evaluation, cfg)]
     m = delta.size
-    out = _output(out, m + 1, cfg)
+    out = _output(out, update_words(m), cfg)
     step = max(1, min(chunk_words, m))
     encoder = _Encoder(weight, cfg, step)
     for start in range(0, m, step):
         stop = min(start + step, m)
         encoder.encode(out[start:stop], delta[start:stop])
-    out[m] = _encode_weight(weight, cfg)
+    out[m:] = tail
     return out
 
 
@@ -466,37 +593,40 @@ def mask_update(
     seed: bytes,
     cfg: MaskConfig,
     *,
+    evaluation: EvalCounts = NO_EVALUATION,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     out: Words | None = None,
 ) -> Words:
     """``encode_update`` then ``add_mask``, fused chunk by chunk: what an updater sends.
 
-    Equal to ``w = encode_update(delta, weight, cfg); add_mask(w, seed)`` word
+    Equal to ``w = encode_update(delta, weight, cfg, evaluation=e); add_mask(w, seed)`` word
     for word, but each chunk is encoded and masked while it is in cache.
     ``out``, if given, receives the words and is returned (no allocation).
     """
     _check_seed(seed)
     _check_update(delta, weight)
     _check_no_nan(delta)
+    tail = [_encode_weight(weight, cfg), *encode_evaluation(evaluation, cfg)]
     bits = cfg.word_bits
     m = delta.size
-    out = _output(out, m + 1, cfg)
-    step = min(_chunk_words(bits, chunk_bytes), m + 1)
+    total = update_words(m)
+    out = _output(out, total, cfg)
+    step = min(_chunk_words(bits, chunk_bytes), total)
     word_bytes = bits // 8
     encoder = _Encoder(weight, cfg, step)
     zeros = _zeros(step * word_bytes)
     ks_all = np.empty(step, dtype=_le(bits))
     ks_bytes = ks_all.data.cast("B")
     stream = _keystream(seed)
-    for start in range(0, m + 1, step):
-        stop = min(start + step, m + 1)
+    for start in range(0, total, step):
+        stop = min(start + step, total)
         n = stop - start
         target = out[start:stop]
         enc_stop = min(stop, m)
         if enc_stop > start:
             encoder.encode(target[: enc_stop - start], delta[start:enc_stop])
-        if stop == m + 1:
-            target[-1] = _encode_weight(weight, cfg)
+        for i in range(max(start, m), stop):
+            target[i - start] = tail[i - m]
         stream.update_into(zeros[: n * word_bytes], ks_bytes[: n * word_bytes])
         np.add(target, ks_all[:n], out=target)
     return out
@@ -510,11 +640,14 @@ def decode_aggregate(
     Subtracts the offsets in integers modulo ``2^w``, reads two's complement,
     then converts to float. Divide the first by the second for the weighted mean;
     :func:`error_bound` says how far that mean can be from the exact one.
-    Raises :class:`AggregationError` on a word-size mismatch, an empty vector or
-    ``n_included`` outside ``[1, n_max]``.
+    The last :data:`EVAL_WORDS` words (the evaluation counts) are
+    :func:`decode_evaluation`'s. Raises :class:`AggregationError` on a word-size
+    mismatch, a vector too short or ``n_included`` outside ``[1, n_max]``.
     """
-    if not isinstance(words, np.ndarray) or words.ndim != 1 or words.size < 1:
-        raise AggregationError("an aggregate must be a 1-D array of at least one word")
+    if not isinstance(words, np.ndarray) or words.ndim != 1 or words.size < 1 + EVAL_WORDS:
+        raise AggregationError(
+            f"an aggregate must be a 1-D array of at least {1 + EVAL_WORDS} words"
+        )
     if _word_bits(words) != cfg.word_bits:
         raise AggregationError(f"aggregate is {words.dtype}, config says {cfg.word_bits}-bit")
     if isinstance(n_included, bool) or not 1 <= n_included <= cfg.n_max:
@@ -522,10 +655,11 @@ def decode_aggregate(
     dtype = cfg.dtype
     signed_t = np.int32 if cfg.word_bits == 32 else np.int64
     shift = dtype((n_included * cfg.offset) % cfg.modulus)
-    centred = np.subtract(words[:-1], shift)
+    m = words.size - 1 - EVAL_WORDS
+    centred = np.subtract(words[:m], shift)
     values = centred.view(signed_t).astype(np.float64)
     values /= float(cfg.scale)
-    weight_units = (int(words[-1]) - n_included * cfg.weight_scale) % cfg.modulus
+    weight_units = (int(words[m]) - n_included * cfg.weight_scale) % cfg.modulus
     if weight_units >= cfg.modulus // 2:
         weight_units -= cfg.modulus
     weight_sum = float(Fraction(weight_units, cfg.weight_scale))

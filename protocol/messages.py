@@ -65,7 +65,7 @@ from maskfl.protocol.identity import (
     verify_certificate,
 )
 from maskfl.protocol.ids import FleetId, Role, RoundId
-from maskfl.protocol.masking import MaskConfig, Words
+from maskfl.protocol.masking import MaskConfig, Words, update_words
 from maskfl.protocol.phases import Phase
 from maskfl.protocol.sortition import next_round_seed
 
@@ -298,7 +298,8 @@ class RoundParams:
     """Coordinator → all, retained: everything a device needs to take part in a round.
 
     ``round_id`` repeats the header's (they must agree). ``vector_length`` is M,
-    the number of model parameters: updates carry M + 1 words (the weight last).
+    the number of model parameters: updates carry M + 4 words (the weight word, then
+    three evaluation words, last; :func:`~maskfl.protocol.masking.update_words`).
     The ``*_time_max_s`` are the phases' longest durations, in seconds.
     ``model_digest`` is the :func:`weights_digest` of the global model devices
     train on (the result of the previous round), which chains the round seed.
@@ -332,16 +333,16 @@ class RoundParams:
         return self.seed == next_round_seed(self.previous_seed, self.model_digest, self.round_id)
 
     def check_words(self, words: Words) -> None:
-        """Raise ``WRONG_LENGTH`` unless ``words`` are M + 1 words of this round's word size.
+        """Raise ``WRONG_LENGTH`` unless ``words`` are M + 4 words of this round's word size.
 
         For the words of an Update or Sum2 that passed :func:`decode_message`.
         """
         bits = words.dtype.itemsize * 8
-        if bits != self.mask.word_bits or words.size != self.vector_length + 1:
+        expected = update_words(self.vector_length)
+        if bits != self.mask.word_bits or words.size != expected:
             raise RemoteProtocolError(
                 Reason.WRONG_LENGTH,
-                f"{words.size} words of {bits} bits, expected {self.vector_length + 1} "
-                f"of {self.mask.word_bits}",
+                f"{words.size} words of {bits} bits, expected {expected} of {self.mask.word_bits}",
                 round_id=self.round_id,
             )
 

@@ -61,12 +61,14 @@ from maskfl.protocol.crypto import open_seed
 from maskfl.protocol.errors import CryptoError, MaskflError, Reason, RemoteProtocolError
 from maskfl.protocol.identity import Identity
 from maskfl.protocol.masking import (
+    LOSS_CAP,
     MaskConfig,
     Words,
     decode_aggregate,
     encode_update,
     error_bound,
     mask_stream,
+    update_words,
 )
 from maskfl.protocol.messages import (
     GlobalModel,
@@ -607,9 +609,10 @@ def _check_sum2(
     body = signed.body
     assert isinstance(body, Sum2)
     seeds = [s.sent[1].seed for s in sims if 1 in s.sent]
-    expected = np.zeros(params.vector_length + 1, dtype=params.mask.dtype)
+    n_words = update_words(params.vector_length)
+    expected = np.zeros(n_words, dtype=params.mask.dtype)
     for seed in seeds:
-        expected += mask_stream(seed, params.vector_length + 1, params.mask.word_bits)
+        expected += mask_stream(seed, n_words, params.mask.word_bits)
     judge.add(
         not body.failed,
         "§6.1",
@@ -626,10 +629,10 @@ def _check_sum2(
         i = int(differ[0])
         detail = (
             f"{differ.size} of {words.size} words differ from the sum mod 2^w of the "
-            f"{len(seeds)} ChaCha20 masks (§7.4); first at {i}: {int(words[i])}, "
+            f"{len(seeds)} ChaCha20 masks (§7.5); first at {i}: {int(words[i])}, "
             f"expected {int(expected[i])}"
         )
-    judge.add(not differ.size, "§6.1 §7.4", "SUM2 aggregate mask", detail)
+    judge.add(not differ.size, "§6.1 §7.5", "SUM2 aggregate mask", detail)
 
 
 def _check_update(
@@ -654,12 +657,27 @@ def _check_update(
     judge.add(True, "§6.3", "sealed seed opens")
     cfg = params.mask
     words = np.asarray(body.words)
-    if words.size != params.vector_length + 1 or words.dtype != cfg.dtype:
+    m = params.vector_length
+    if words.size != update_words(m) or words.dtype != cfg.dtype:
         judge.add(False, "§7", "UPDATE words", f"{words.size} words of {words.dtype}")
         return None
     plain: Words = np.subtract(words, mask_stream(seed, words.size, cfg.word_bits))
+    n_eval, correct, loss_units = (int(w) for w in plain[m + 1 :])
+    eval_ok = correct <= n_eval <= cfg.eval_max_examples and (
+        loss_units <= n_eval * LOSS_CAP * cfg.loss_scale
+    )
+    judge.add(
+        eval_ok,
+        "§7.4",
+        "evaluation words",
+        ""
+        if eval_ok
+        else f"examples {n_eval}, correct {correct}, loss units {loss_units}: need correct <= "
+        f"examples <= E = {cfg.eval_max_examples} and loss units <= examples·32·Q "
+        f"(Q = {cfg.loss_scale})",
+    )
     s_w = cfg.weight_scale
-    units = (int(plain[-1]) - s_w) % cfg.modulus
+    units = (int(plain[m]) - s_w) % cfg.modulus
     if units >= cfg.modulus // 2:
         units -= cfg.modulus
     a = units / s_w
@@ -670,14 +688,14 @@ def _check_update(
         "weight word",
         ""
         if ok
-        else f"the unmasked weight word {int(plain[-1])} decodes to a = (word − S_w)/S_w = "
+        else f"the unmasked weight word {int(plain[m])} decodes to a = (word − S_w)/S_w = "
         f"{a:.6g} with S_w = {s_w}; it must be round_half_even(a·S_w) + S_w for the weight "
         "a = min(samples, cap)/cap in (0, 1]",
     )
     if not ok:
         return plain  # the elements cannot be judged without the weight
     signed_t = np.int32 if cfg.word_bits == 32 else np.int64
-    values = np.subtract(plain[:-1], cfg.dtype(cfg.offset)).view(signed_t)
+    values = np.subtract(plain[:m], cfg.dtype(cfg.offset)).view(signed_t)
     limit = a * cfg.bound * cfg.scale + 1
     beyond = int(np.count_nonzero(np.abs(values.astype(np.float64)) > limit))
     judge.add(
@@ -715,7 +733,7 @@ def _check_model(
         return
     model = models[-1]
     cfg: MaskConfig = params.mask
-    total = np.zeros(params.vector_length + 1, dtype=cfg.dtype)
+    total = np.zeros(update_words(params.vector_length), dtype=cfg.dtype)
     for words in contributions:
         total += words
     n = len(contributions)
@@ -726,7 +744,7 @@ def _check_model(
     ok = metrics.get("updates") == n and diff == 0.0
     judge.add(
         ok,
-        "§5.6 §7.5 §8",
+        "§5.6 §7.6 §8",
         "the model is the weighted mean of the updates",
         ""
         if ok

@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,16 @@ import numpy.typing as npt
 
 from maskfl.agent.config import AgentConfig, TrainingSection, load_config
 from maskfl.agent.daemon import Agent, run_daemon
-from maskfl.agent.datasources import Dataset, load_dataset
+from maskfl.agent.datasources import load_dataset
 from maskfl.agent.identity import load_identity
-from maskfl.agent.learning import Learner, LiteRTLearner, TrainResult
+from maskfl.agent.learning import (
+    Learner,
+    LiteRTLearner,
+    Split,
+    TrainResult,
+    holdout_split,
+    local_round,
+)
 from maskfl.agent.logs import setup_logging
 from maskfl.agent.state import Journal
 from maskfl.agent.training import LocalTrainer
@@ -78,9 +86,16 @@ class RecordingLearner:
         return weights
 
     async def train(
-        self, model_id: str, global_weights: npt.NDArray[np.float32], *, round_id: int
+        self,
+        model_id: str,
+        global_weights: npt.NDArray[np.float32],
+        *,
+        round_id: int,
+        max_eval_examples: int = 0,
     ) -> TrainResult:
-        result = await self.inner.train(model_id, global_weights, round_id=round_id)
+        result = await self.inner.train(
+            model_id, global_weights, round_id=round_id, max_eval_examples=max_eval_examples
+        )
         await asyncio.to_thread(self._write, round_id, result)
         return result
 
@@ -94,27 +109,31 @@ class RecordingLearner:
 class SharedTrainerLearner:
     """One device's data with a TFLite interpreter shared by all in-process agents."""
 
-    def __init__(self, trainer: LocalTrainer, data: Dataset, training: TrainingSection) -> None:
+    def __init__(self, trainer: LocalTrainer, split: Split, training: TrainingSection) -> None:
         self.trainer = trainer
-        self.data = data
+        self.split = split
         self.training = training
 
-    def _train(self, weights: npt.NDArray[np.float32], round_id: int) -> TrainResult:
-        update = self.trainer.local_update(
-            weights,
-            self.data.x_train,
-            self.data.y_train,
-            epochs=self.training.epochs,
-            batch_size=self.training.batch_size,
-            seed=round_id,
-        )
-        return TrainResult.from_update(update)
-
     async def train(
-        self, model_id: str, global_weights: npt.NDArray[np.float32], *, round_id: int
+        self,
+        model_id: str,
+        global_weights: npt.NDArray[np.float32],
+        *,
+        round_id: int,
+        max_eval_examples: int = 0,
     ) -> TrainResult:
         del model_id
-        return await asyncio.to_thread(self._train, global_weights, round_id)
+        return await asyncio.to_thread(
+            partial(
+                local_round,
+                self.trainer,
+                self.split,
+                global_weights,
+                self.training,
+                round_id=round_id,
+                max_eval_examples=max_eval_examples,
+            )
+        )
 
 
 class InProcessFleet:
@@ -136,7 +155,10 @@ class InProcessFleet:
             data.check_fits(trainer.spec.input_shape, trainer.spec.num_classes)
             journal = await self._stack.enter_async_context(Journal.open(config.state.database))
             learner = RecordingLearner(
-                SharedTrainerLearner(trainer, data, config.training), plain_log_dir(config)
+                SharedTrainerLearner(
+                    trainer, holdout_split(data, config.data.holdout), config.training
+                ),
+                plain_log_dir(config),
             )
             agent = Agent(config, identity, journal, learner=learner)
             self.agents.append(agent)

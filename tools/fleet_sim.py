@@ -33,7 +33,7 @@ from maskfl.protocol.errors import CryptoError, MaskflError
 from maskfl.protocol.identity import Identity, issue_certificate, issue_revocation_list
 from maskfl.protocol.ids import Role
 from maskfl.protocol.keys import public_key_to_pem, signing_key_to_pem
-from maskfl.protocol.masking import Words, aggregate_mask, mask_update
+from maskfl.protocol.masking import Words, aggregate_mask, mask_update, update_words
 from maskfl.protocol.messages import (
     GlobalModel,
     Receipt,
@@ -228,7 +228,7 @@ class SimParticipant:
             except CryptoError:
                 failed.append(digest)
         words = await asyncio.to_thread(
-            aggregate_mask, seeds, params.vector_length + 1, params.mask.word_bits
+            aggregate_mask, seeds, update_words(params.vector_length), params.mask.word_bits
         )
         raw = self.sign(Sum2(self.identity.certificate, words, tuple(sorted(failed))), rid)
         await self.publish(self.topics.sum2(rid, self.device), raw, params.chunk_size)

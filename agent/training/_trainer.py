@@ -227,6 +227,24 @@ class LocalTrainer:
         accuracy = float((logits.argmax(axis=1) == ys).mean())
         return Evaluation(loss=loss, accuracy=accuracy, samples=len(ys))
 
+    def counts(
+        self, weights: npt.ArrayLike, x: npt.ArrayLike, y: npt.ArrayLike, *, loss_cap: float
+    ) -> tuple[int, int, float]:
+        """``(examples, correct, summed loss)`` of ``weights`` on ``(x, y)``, each example's
+        softmax cross-entropy clipped to ``[0, loss_cap]``: what federated evaluation
+        sends (masked). Loads ``weights``; atomic for other threads."""
+        _, ys = self._check_data(x, y)
+        if len(ys) == 0:
+            return 0, 0, 0.0
+        with self._lock:
+            self.set_weights(weights)
+            logits = self.predict(x).astype(np.float64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        losses = np.clip(-log_probs[np.arange(len(ys)), ys], 0.0, loss_cap)
+        correct = int((logits.argmax(axis=1) == ys).sum())
+        return len(ys), correct, float(losses.sum())
+
     def local_update(
         self,
         global_weights: npt.ArrayLike,

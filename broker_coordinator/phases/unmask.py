@@ -23,8 +23,9 @@ from maskfl.broker_coordinator.context import ModelState
 from maskfl.broker_coordinator.errors import RoundFailedError
 from maskfl.broker_coordinator.phases.base import StepPhase
 from maskfl.broker_coordinator.store import ModelRecord
+from maskfl.protocol.errors import AggregationError
 from maskfl.protocol.ids import RoundId
-from maskfl.protocol.masking import error_bound
+from maskfl.protocol.masking import FleetEvaluation, decode_evaluation, error_bound
 from maskfl.protocol.messages import GlobalModel, weights_digest
 from maskfl.protocol.phases import Phase
 
@@ -78,8 +79,9 @@ class UnmaskPhase(StepPhase):
         if not weight_sum > 0:
             raise RoundFailedError(f"sum of weights is {weight_sum}", round_id=rid)
         mean = weighted_sum / weight_sum
+        fleet = self._evaluation(included)
         weights = s.optimizer.step(s.model.weights, mean)
-        metrics = (
+        metrics: tuple[tuple[str, float], ...] = (
             ("updates", float(included)),
             ("dropped", float(len(dropped))),
             ("summers", float(len(state.summers))),
@@ -89,6 +91,16 @@ class UnmaskPhase(StepPhase):
             ("error_bound", float(error_bound(included, weight_sum, s.mask))),
             ("resolution", float(s.mask.resolution)),
         )
+        if fleet is not None:
+            # How good the model the updaters started from (this round's input,
+            # version v) is on their held-out data: fleet totals only.
+            metrics += (
+                ("evaluated_version", float(s.model.version)),
+                ("examples", float(fleet.examples)),
+                ("accuracy", fleet.accuracy),
+                ("loss", fleet.loss),
+            )
+            s.metrics.set_evaluation(s.model.version, fleet.accuracy, fleet.loss, fleet.examples)
         version = s.model.version + 1
         body = GlobalModel(
             model_id=s.model.model_id,
@@ -142,3 +154,15 @@ class UnmaskPhase(StepPhase):
             extra={"round_id": rid, "phase": "unmask", "model_version": version},
         )
         return Phase.IDLE
+
+    def _evaluation(self, included: int) -> FleetEvaluation | None:
+        """The fleet totals of the evaluation words (None when no updater evaluated, or
+        when the totals are impossible: the model is published without them)."""
+        s, state = self.s, self.state
+        assert state is not None and state.acc is not None
+        try:
+            fleet = decode_evaluation(state.acc.total(), included, s.mask)
+        except AggregationError as exc:
+            log.warning("round %d: fleet evaluation not published: %s", state.round_id, exc)
+            return None
+        return fleet if fleet.examples else None

@@ -122,7 +122,7 @@ function renderCharts(d) {
     axes: [INT_AXIS, { scale: "n" }, { scale: "err", side: 1, grid: { show: false }, values: EXP_VALUES, size: 60 }],
   });
 
-  const models = (d.models || []).filter(m => m.version > 0);
+  const models = d.models || [];
   const hasEval = models.some(m => m.accuracy !== null && m.accuracy !== undefined);
   text("eval-note", hasEval
     ? "Computed under masking: only fleet totals over the devices' held-out data are ever unmasked."

@@ -22,13 +22,21 @@ from maskfl.agent.config import load_config
 from maskfl.agent.daemon import Agent
 from maskfl.agent.datasources import load_dataset
 from maskfl.agent.identity import load_identity
+from maskfl.agent.learning import holdout_split
 from maskfl.agent.state import Journal, Step, TaskKind
 from maskfl.agent.training import LocalTrainer
 from maskfl.models import shipped_model
 from maskfl.protocol.crypto import digest, new_seed, open_seed, seal_seed
 from maskfl.protocol.errors import Reason
 from maskfl.protocol.ids import Role
-from maskfl.protocol.masking import aggregate_mask, decode_aggregate, error_bound, mask_stream
+from maskfl.protocol.masking import (
+    LOSS_CAP,
+    aggregate_mask,
+    decode_aggregate,
+    error_bound,
+    mask_stream,
+    update_words,
+)
 from maskfl.protocol.messages import HEADER_SIZE, Heartbeat, Sum, Sum2, Update, encode_message
 from maskfl.protocol.topics import TopicKind
 from maskfl.transport import MqttConfig, MqttTransport
@@ -100,7 +108,7 @@ async def test_summer_round(fleet: Fleet, mosquitto: Mosquitto) -> None:
         await coord.publish_seeds(1, "dev-s", agent.identity.identity.public_key, sealed)
         sum2 = await coord.expect(TopicKind.SUM2)
         assert isinstance(sum2.body, Sum2)
-        expected = aggregate_mask(seeds, setup.params.vector_length + 1, 32)
+        expected = aggregate_mask(seeds, update_words(setup.params.vector_length), 32)
         assert np.array_equal(sum2.body.words, expected)
         assert sum2.body.failed == (broken,)
         await coord.receipt("dev-s", sum2)
@@ -137,12 +145,18 @@ async def test_updater_round_with_litert(fleet: Fleet, mosquitto: Mosquitto) -> 
         assert len(opened) == 1  # the same seed, sealed to every summer
         seed = opened.pop()
         cfg = setup.params.mask
-        encoded = body.words - mask_stream(seed, M + 1, 32)
+        encoded = body.words - mask_stream(seed, update_words(M), 32)
         values, weight_sum = decode_aggregate(encoded, 1, cfg)
-        # Recompute the local round: same model, data, seed (the round id) and weights.
-        data = load_dataset("digits", {"shard": 0, "shards": 4})
-        local = LocalTrainer.shipped("mlp").local_update(
-            weights, data.x_train, data.y_train, epochs=1, batch_size=32, seed=3
+        # Recompute the local round: same model, data split, seed (the round id) and weights.
+        split = holdout_split(load_dataset("digits", {"shard": 0, "shards": 4}), 0.2)
+        trainer = LocalTrainer.shipped("mlp")
+        # The evaluation words: the global model on the held-out fifth, before training.
+        n, correct, loss = trainer.counts(weights, split.x_eval, split.y_eval, loss_cap=LOSS_CAP)
+        assert n == len(split.y_eval) > 0
+        assert encoded[M + 1 : M + 3].tolist() == [n, correct]
+        assert abs(int(encoded[M + 3]) / cfg.loss_scale - loss) <= 0.5 / cfg.loss_scale + 1e-9
+        local = trainer.local_update(
+            weights, split.x_train, split.y_train, epochs=1, batch_size=32, seed=3
         )
         weight = min(local.num_samples, 1000) / 1000
         assert weight_sum == pytest.approx(weight, abs=1e-5)
@@ -323,7 +337,7 @@ async def test_agent_waits_for_the_broker_and_survives_its_restart(
                 await coord.publish_seeds(1, "dev-w", first.header.sender, sealed)
                 sum2 = await coord.expect(TopicKind.SUM2, wait_s=30)
                 assert isinstance(sum2.body, Sum2)
-                assert np.array_equal(sum2.body.words, aggregate_mask([seed], 65, 32))
+                assert np.array_equal(sum2.body.words, aggregate_mask([seed], update_words(64), 32))
         finally:
             broker.stop()
 
@@ -385,7 +399,7 @@ async def test_a_forged_graph_is_refused_and_the_genuine_one_trains(
             await coord.publish(graph_topic, genuine, retain=True)
             update = await coord.expect(TopicKind.UPDATE, wait_s=60)
             assert isinstance(update.body, Update)
-            assert update.body.words.size == M + 1
+            assert update.body.words.size == update_words(M)
             await coord.receipt("dev-gr", update)
             await wait_step(agent, 1, Step.DONE)
             assert agent.graphs.verified("net") == genuine

@@ -27,10 +27,17 @@ import numpy as np
 import pytest
 
 from maskfl.agent.datasources import load_dataset
+from maskfl.agent.learning import holdout_split
 from maskfl.agent.training import LocalTrainer
 from maskfl.protocol.crypto import new_seed, open_seed, seal_seed
 from maskfl.protocol.errors import Reason
-from maskfl.protocol.masking import aggregate_mask, decode_aggregate, error_bound, mask_stream
+from maskfl.protocol.masking import (
+    aggregate_mask,
+    decode_aggregate,
+    error_bound,
+    mask_stream,
+    update_words,
+)
 from maskfl.protocol.messages import Sum, Sum2, Update, decode_message
 from maskfl.protocol.topics import TopicKind
 from tests.agent.fleet import Fleet, StandIn, summer_entry
@@ -116,7 +123,7 @@ async def test_sigkill_between_sum_and_sum2_still_delivers_sum2(
         try:
             message = await coord.expect(TopicKind.SUM2, wait_s=30)
             assert isinstance(message.body, Sum2)
-            expected = aggregate_mask(seeds, setup.params.vector_length + 1, 32)
+            expected = aggregate_mask(seeds, update_words(setup.params.vector_length), 32)
             assert np.array_equal(message.body.words, expected), second.text()
             assert message.body.failed == ()
             await coord.receipt("dev-k", message)
@@ -176,10 +183,12 @@ async def test_sigkill_after_training_delivers_exactly_one_update(
     seed = open_seed(body.sealed_seeds[summer.public_key], summer_sk)
     cfg = setup.params.mask
     n = setup.params.vector_length
-    values, weight_sum = decode_aggregate(body.words - mask_stream(seed, n + 1, 32), 1, cfg)
-    data = load_dataset("digits", {"shard": 0, "shards": 4})
+    values, weight_sum = decode_aggregate(
+        body.words - mask_stream(seed, update_words(n), 32), 1, cfg
+    )
+    split = holdout_split(load_dataset("digits", {"shard": 0, "shards": 4}), 0.2)
     local = LocalTrainer.shipped("mlp").local_update(
-        weights, data.x_train, data.y_train, epochs=1, batch_size=32, seed=rid
+        weights, split.x_train, split.y_train, epochs=1, batch_size=32, seed=rid
     )
     weight = min(local.num_samples, 1000) / 1000
     assert weight_sum == pytest.approx(weight, abs=1e-5)

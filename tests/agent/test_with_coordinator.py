@@ -3,7 +3,10 @@
 Two summers and three updaters, chosen by their sortition tickets for round 1, run a
 full round; the coordinator's new global model must be the initial weights plus the
 weighted mean of the three local deltas, which the test recomputes with the same
-model, data shards and training seed.
+model, data shards and training seed. Federated evaluation: the fleet accuracy the
+coordinator publishes (signed model metrics, Prometheus, ``models list``) must equal
+the accuracy of the initial model on the three updaters' held-out data, computed
+here directly, and an update as the coordinator stored it must still look uniform.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import numpy as np
 import pytest
 
 from maskfl.agent.datasources import load_dataset
+from maskfl.agent.learning import holdout_split
 from maskfl.agent.state import Step, TaskKind
 from maskfl.agent.training import LocalTrainer
 from maskfl.protocol.keys import public_key_to_pem
+from maskfl.protocol.masking import LOSS_CAP, update_words
 from maskfl.protocol.messages import GlobalModel, decode_message
 from maskfl.protocol.topics import Topics
 from maskfl.tools.fleet_sim import SimFleet, first_round_seed
+from maskfl.tools.report import randomness
 from maskfl.transport import MqttConfig, MqttTransport
 from tests.agent.fleet import write_bundle
 from tests.agent.test_daemon import running_agent
@@ -67,6 +73,7 @@ async def test_agents_and_coordinator_complete_a_round(
                 "sum2": {"count_min": 2, "count_max": 2, "time_max_s": 30.0},
                 "max_rounds": 1,
             },
+            "storage": {"update_words": "file"},  # keep the stored words to inspect
         },
     )
     ca_file = tmp_path / "ca.pub"
@@ -85,7 +92,7 @@ async def test_agents_and_coordinator_complete_a_round(
     ]
     async with contextlib.AsyncExitStack() as stack:
         agents = [await stack.enter_async_context(running_agent(c)) for c in configs]
-        async with running_coordinator(coordinator_toml):
+        async with running_coordinator(coordinator_toml) as coordinator:
 
             async def all_done() -> None:
                 while True:
@@ -101,20 +108,47 @@ async def test_agents_and_coordinator_complete_a_round(
             model = await retained_model(mosquitto, fleet.fleet, "mlp", version=1)
             weights = np.array(model.weights, dtype=np.float64)
             assert all(a.global_model("mlp") is None for a in agents)
+            prometheus = coordinator.metrics.render().decode()
+            assert coordinator.services is not None
+            loss_scale = coordinator.services.mask.loss_scale
         states = [await a.journal.load(1) for a in agents]
         assert [s.task for s in states if s] == [TaskKind.UPDATE] * 3 + [TaskKind.SUM] * 2
         assert all(s is not None and s.step is Step.DONE for s in states), states
 
-    # Recompute what each updater sent: same model, shard and seed (the round id).
+    # Recompute what each updater sent: same model, shard, held-out split and seed.
     num = np.zeros(initial.size)
     den = 0.0
+    examples = correct = 0
+    loss_sum = 0.0
     for k in range(3):
-        data = load_dataset("digits", {"shard": k, "shards": SHARDS})
-        local = LocalTrainer.shipped("mlp").local_update(
-            initial, data.x_train, data.y_train, epochs=1, batch_size=32, seed=1
+        split = holdout_split(load_dataset("digits", {"shard": k, "shards": SHARDS}), 0.2)
+        trainer = LocalTrainer.shipped("mlp")
+        n, c, loss = trainer.counts(initial, split.x_eval, split.y_eval, loss_cap=LOSS_CAP)
+        examples, correct, loss_sum = examples + n, correct + c, loss_sum + loss
+        local = trainer.local_update(
+            initial, split.x_train, split.y_train, epochs=1, batch_size=32, seed=1
         )
         weight = min(local.num_samples, 1000) / 1000
         num += weight * np.clip(local.delta.astype(np.float64), -1.0, 1.0)
         den += weight
     expected = initial.astype(np.float64) + num / den
     np.testing.assert_allclose(weights, expected, atol=1e-4)
+
+    # The fleet evaluation, unmasked only as a total, is the directly computed one.
+    metrics = dict(model.metrics)
+    assert examples > 0 and metrics["evaluated_version"] == 0
+    assert metrics["examples"] == examples
+    assert metrics["accuracy"] == correct / examples
+    # Each updater's loss word is rounded to half a unit of 1/Q.
+    assert abs(metrics["loss"] - loss_sum / examples) <= 3 / (2 * loss_scale * examples) + 1e-9
+    assert f'maskfl_model_accuracy{{model_version="0"}} {correct / examples}' in prometheus
+    # An update exactly as the coordinator stored it: uniform bytes, and its
+    # evaluation words are not the counts in the clear.
+    log = tmp_path / "coordinator" / "state" / "updates" / "round-1.log"
+    stored = np.frombuffer(log.read_bytes(), dtype=np.uint32).reshape(3, -1)
+    assert stored.shape[1] == update_words(initial.size)
+    for words in stored:
+        r = randomness(words)
+        assert r.entropy_bits_per_byte > 7.9 and r.p_value > 1e-4, r
+    tails = {tuple(int(w) for w in words[-3:]) for words in stored}
+    assert all(max(t) > 100_000 for t in tails), tails  # held-out counts are < 2,000

@@ -24,6 +24,7 @@ from maskfl.protocol.masking import (
     aggregate_mask,
     encode_update,
     error_bound,
+    update_words,
 )
 
 WORD_BITS = [32, 64]
@@ -201,15 +202,17 @@ def test_masked_round_decodes_to_the_weighted_mean(backend: Backend, word_bits: 
     deltas = [rng.uniform(-1.2, 1.2, m).astype(np.float32) for _ in range(n)]
     weights = [1.0, 0.5, 0.25, 1.0, 0.75, 0.1]
     seeds = [rng.bytes(32) for _ in range(n)]
-    acc = backend.accumulator(m + 1, word_bits)
+    acc = backend.accumulator(update_words(m), word_bits)
     for delta, weight, seed in zip(deltas, weights, seeds, strict=True):
         words = encode_update(delta, weight, cfg)
         add_mask(words, seed)
         acc.add(words.tobytes())
-    honest = aggregate_mask(seeds, m + 1, word_bits)  # type: ignore[arg-type]
+    honest = aggregate_mask(seeds, update_words(m), word_bits)  # type: ignore[arg-type]
     forged = honest.copy()
     forged[0] += 1
-    vote = plurality_vote([honest, forged, honest.tobytes()], length=m + 1, word_bits=word_bits)
+    vote = plurality_vote(
+        [honest, forged, honest.tobytes()], length=update_words(m), word_bits=word_bits
+    )
     assert vote.voters == (0, 2)
     with pytest.raises(AggregationError, match="subtract"):
         acc.decode(cfg)

@@ -29,14 +29,18 @@ from maskfl.broker_coordinator.config import OptimizerConfig, OptimizerKind
 from maskfl.broker_coordinator.optimizers import ServerOptimizer
 from maskfl.protocol.chunking import split_payload
 from maskfl.protocol.masking import (
+    NO_EVALUATION,
+    EvalCounts,
     MaskConfig,
     aggregate_mask,
     decode_aggregate,
+    decode_evaluation,
     encode_update,
     error_bound,
     mask_stream,
     mask_update,
     unmask,
+    update_words,
 )
 from maskfl.protocol.messages import decode_message, weights_digest
 from maskfl.protocol.sortition import (
@@ -192,6 +196,9 @@ def _cfg_json(cfg: MaskConfig) -> dict[str, Any]:
         "offset": str(cfg.offset),
         "weight_scale": str(cfg.weight_scale),
         "resolution": _f(cfg.resolution),
+        "eval_capacity": str(cfg.eval_capacity),
+        "eval_max_examples": cfg.eval_max_examples,
+        "loss_scale": str(cfg.loss_scale),
     }
 
 
@@ -210,13 +217,15 @@ def masking() -> dict[str, Any]:
             dtype=np.float64,
         ).astype(np.float32)
         for weight in (1.0, 0.5, 0.123, 0.0):
-            words = encode_update(delta, weight, cfg)
+            ev = EvalCounts(37, 29, 11.0625) if weight == 0.5 else NO_EVALUATION
+            words = encode_update(delta, weight, cfg, evaluation=ev)
             encode.append(
                 {
                     "config": [bound, n_max, bits],
                     "delta_f32": [float(x) for x in delta],
                     "delta_f32_le_hex": delta.astype("<f4").tobytes().hex(),
                     "weight": _f(weight),
+                    "evaluation": [ev.examples, ev.correct, _f(ev.loss_sum)],
                     "words": _words(words),
                 }
             )
@@ -232,8 +241,11 @@ def masking() -> dict[str, Any]:
                 "delta_f32": [float(x) for x in delta],
                 "weight": _f(0.75),
                 "seed": seed.hex(),
-                "mask": _words(mask_stream(seed, 4, bits)),
-                "masked_words": _words(mask_update(delta, 0.75, seed, cfg)),
+                "evaluation": [20, 15, _f(6.5)],
+                "mask": _words(mask_stream(seed, update_words(3), bits)),
+                "masked_words": _words(
+                    mask_update(delta, 0.75, seed, cfg, evaluation=EvalCounts(20, 15, 6.5))
+                ),
             }
         )
     aggregate = []
@@ -254,10 +266,12 @@ def masking() -> dict[str, Any]:
         n = min(3, n_max)
         deltas = [rng.uniform(-1.5 * bound, 1.5 * bound, 4).astype(np.float32) for _ in range(n)]
         weights = [float(w) for w in rng.uniform(0.1, 1.0, n).round(3)]
-        total = np.zeros(5, dtype=cfg.dtype)
-        for d, a in zip(deltas, weights, strict=True):
-            total += encode_update(d, a, cfg)
+        evals = [EvalCounts(10 + k, 5 + k, 2.5 * k) for k in range(n)]
+        total = np.zeros(update_words(4), dtype=cfg.dtype)
+        for d, a, ev in zip(deltas, weights, evals, strict=True):
+            total += encode_update(d, a, cfg, evaluation=ev)
         values, weight_sum = decode_aggregate(total, n, cfg)
+        fleet = decode_evaluation(total, n, cfg)
         decode.append(
             {
                 "config": [bound, n_max, bits],
@@ -269,6 +283,8 @@ def masking() -> dict[str, Any]:
                 "weight_sum": _f(weight_sum),
                 "mean": [_f(v / weight_sum) for v in values],
                 "error_bound": _f(error_bound(n, weight_sum, cfg)),
+                "evaluations": [[e.examples, e.correct, _f(e.loss_sum)] for e in evals],
+                "fleet_evaluation": [fleet.examples, fleet.correct, _f(fleet.loss_sum)],
             }
         )
     bounds = []
@@ -296,7 +312,9 @@ def masking() -> dict[str, Any]:
     return {
         "about": "Fixed-point encoding, the weight word, masks, decoding and the error "
         "bound (docs/protocol.md §7). config = [bound B, n_max, word bits w]. Words are "
-        "decimal strings; the last word of an encoding is the weight word.",
+        "decimal strings; an encoding of M elements has M + 4 words: the elements, the "
+        "weight word, then the evaluation words [examples, correct, loss units] "
+        "(evaluation = [examples, correct, summed loss]).",
         "configs": configs,
         "encode": encode,
         "mask_update": masked,
@@ -464,19 +482,22 @@ def worked_example() -> dict[str, Any]:
     ]
     weights = [0.5, 1.0, 0.25]
     seeds = [bytes([0x10 + i]) * 32 for i in range(3)]
+    evals = [EvalCounts(10, 7, 4.5), EvalCounts(5, 2, 3.25), NO_EVALUATION]
+    n_words = update_words(2)
     encoded, masks, masked = [], [], []
-    total = np.zeros(3, dtype=np.uint32)
-    for d, a, s in zip(deltas, weights, seeds, strict=True):
-        e = encode_update(d, a, cfg)
-        m = mask_stream(s, 3, 32)
+    total = np.zeros(n_words, dtype=np.uint32)
+    for d, a, s, ev in zip(deltas, weights, seeds, evals, strict=True):
+        e = encode_update(d, a, cfg, evaluation=ev)
+        m = mask_stream(s, n_words, 32)
         encoded.append(_words(e))
         masks.append(_words(m))
-        mw = mask_update(d, a, s, cfg)
+        mw = mask_update(d, a, s, cfg, evaluation=ev)
         masked.append(_words(mw))
         total += mw
-    agg = aggregate_mask(seeds, 3, 32)
+    agg = aggregate_mask(seeds, n_words, 32)
     plain = unmask(total, agg)
     values, weight_sum = decode_aggregate(plain, 3, cfg)
+    fleet = decode_evaluation(plain, 3, cfg)
     mean = values / weight_sum
     model = np.array([0.5, -0.5], dtype=np.float32)
     opt = ServerOptimizer(OptimizerConfig(kind=OptimizerKind.FEDAVG, lr=1.0))
@@ -487,6 +508,14 @@ def worked_example() -> dict[str, Any]:
         "config": _cfg_json(cfg),
         "deltas_f32": [[float(x) for x in d] for d in deltas],
         "weights": weights,
+        "evaluations": [[e.examples, e.correct, e.loss_sum] for e in evals],
+        "fleet_evaluation": {
+            "examples": fleet.examples,
+            "correct": fleet.correct,
+            "loss_sum": fleet.loss_sum,
+            "accuracy": fleet.accuracy,
+            "loss": fleet.loss,
+        },
         "seeds": [s.hex() for s in seeds],
         "encoded": encoded,
         "masks": masks,

@@ -18,6 +18,9 @@ from hypothesis import strategies as st
 
 from maskfl.protocol.errors import AggregationError, ConfigError, CryptoError, LocalProtocolError
 from maskfl.protocol.masking import (
+    EVAL_WORDS,
+    LOSS_CAP,
+    EvalCounts,
     MaskConfig,
     WordBits,
     Words,
@@ -25,11 +28,14 @@ from maskfl.protocol.masking import (
     add_words,
     aggregate_mask,
     decode_aggregate,
+    decode_evaluation,
+    encode_evaluation,
     encode_update,
     error_bound,
     mask_stream,
     mask_update,
     unmask,
+    update_words,
 )
 
 # Known answers made with libsodium (copied from the design's shared vectors).
@@ -233,12 +239,13 @@ def test_round_trip_within_error_bound(cfg: MaskConfig, data: st.DataObject) -> 
         for _ in range(n)
     ]
     weights = [data.draw(st.floats(0.0, 1.0)) for _ in range(n)]
-    total = np.zeros(m + 1, dtype=cfg.dtype)
+    total = np.zeros(update_words(m), dtype=cfg.dtype)
     for delta, a in zip(deltas, weights, strict=True):
         words = encode_update(delta, a, cfg)
         assert words.dtype == cfg.dtype
-        assert words.shape == (m + 1,)
-        assert int(words[:-1].max()) <= 2 * cfg.offset  # never wraps when summed
+        assert words.shape == (m + 1 + EVAL_WORDS,)
+        assert int(words[:m].max()) <= 2 * cfg.offset  # never wraps when summed
+        assert words[m + 1 :].tolist() == [0, 0, 0]  # no evaluation
         add_words(total, words)
     weighted_sum, weight_sum = decode_aggregate(total, n, cfg)
     means, exact_weight = _exact_mean(deltas, weights, cfg.bound)
@@ -299,8 +306,8 @@ def test_n_max_extreme_updates_never_wrap(bits: WordBits) -> None:
         assert int(bottom[0]) == 0
         assert int(top[0]) == 2 * cfg.offset
     assert cfg.n_max * (2 * cfg.offset) <= 2**bits - 1
-    assert cfg.n_max * int(top[-1]) <= 2**bits - 1
-    total = np.zeros(6, dtype=cfg.dtype)
+    assert cfg.n_max * int(top[5]) <= 2**bits - 1
+    total = np.zeros(update_words(5), dtype=cfg.dtype)
     for _ in range(cfg.n_max):
         add_words(total, top)
     values, weight = decode_aggregate(total, cfg.n_max, cfg)
@@ -328,16 +335,20 @@ def test_mask_update_equals_encode_then_add_mask(
     a = data.draw(st.floats(0.0, 1.0))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     delta = (rng.standard_normal(m) * cfg.bound).astype(np.float32)
-    expected = encode_update(delta, a, cfg, chunk_words=data.draw(st.integers(1, 500)))
+    examples = data.draw(st.integers(0, cfg.eval_max_examples))
+    ev = EvalCounts(examples, examples // 2, examples * 0.7)
+    expected = encode_update(
+        delta, a, cfg, evaluation=ev, chunk_words=data.draw(st.integers(1, 500))
+    )
     add_mask(expected, seed, chunk_bytes=chunk_bytes)
-    got = mask_update(delta, a, seed, cfg, chunk_bytes=chunk_bytes)
+    got = mask_update(delta, a, seed, cfg, evaluation=ev, chunk_bytes=chunk_bytes)
     assert np.array_equal(got, expected)
 
 
 def test_weight_zero_contributes_nothing() -> None:
     cfg = MaskConfig(1.0, 10, 32)
     words = encode_update(np.array([np.inf, -np.inf, 0.5], dtype=np.float32), 0.0, cfg)
-    assert [int(w) for w in words] == [cfg.offset] * 3 + [cfg.weight_scale]
+    assert [int(w) for w in words] == [cfg.offset] * 3 + [cfg.weight_scale, 0, 0, 0]
     values, weight = decode_aggregate(words, 1, cfg)
     assert weight == 0.0
     assert np.array_equal(values, np.zeros(3))
@@ -464,13 +475,13 @@ def test_out_receives_the_words_without_allocation(bits: WordBits) -> None:
     cfg = MaskConfig(1.0, 10, bits)
     delta = np.linspace(-2, 2, 1001, dtype=np.float32)
     seed = b"\x03" * 32
-    buffer = bytearray(8 + 1002 * bits // 8)  # e.g. a message with an 8-byte header
+    buffer = bytearray(8 + update_words(1001) * bits // 8)  # e.g. after an 8-byte header
     slot = np.frombuffer(buffer, dtype=cfg.dtype, offset=8)
     assert mask_update(delta, 0.25, seed, cfg, out=slot) is slot
     assert np.array_equal(slot, mask_update(delta, 0.25, seed, cfg))
     assert encode_update(delta, 0.25, cfg, out=slot) is slot
     assert np.array_equal(slot, encode_update(delta, 0.25, cfg))
-    for bad in (np.empty(1001, dtype=cfg.dtype), np.empty(1002, dtype=np.float64)):
+    for bad in (np.empty(1002, dtype=cfg.dtype), np.empty(1005, dtype=np.float64)):
         with pytest.raises(AggregationError):
             mask_update(delta, 0.25, seed, cfg, out=bad)  # type: ignore[arg-type]
     before = bytes(buffer)
@@ -488,12 +499,70 @@ def test_masked_aggregate_recovers_the_mean(cfg: MaskConfig, data: st.DataObject
     deltas = [(rng.standard_normal(m) * cfg.bound).astype(np.float32) for _ in range(n)]
     weights = [data.draw(st.floats(0.01, 1.0)) for _ in range(n)]
     update_seeds = [data.draw(seeds) for _ in range(n)]
-    total = np.zeros(m + 1, dtype=cfg.dtype)
-    for delta, a, seed in zip(deltas, weights, update_seeds, strict=True):
-        add_words(total, mask_update(delta, a, seed, cfg))
-    mask = aggregate_mask(update_seeds, m + 1, cfg.word_bits)
-    weighted_sum, weight_sum = decode_aggregate(unmask(total, mask), n, cfg)
+    evals = []
+    for _ in range(n):
+        examples = data.draw(st.integers(0, cfg.eval_max_examples))
+        correct = data.draw(st.integers(0, examples))
+        loss = data.draw(st.floats(0.0, float(examples * LOSS_CAP)))
+        evals.append(EvalCounts(examples, correct, loss))
+    total = np.zeros(update_words(m), dtype=cfg.dtype)
+    for delta, a, seed, ev in zip(deltas, weights, update_seeds, evals, strict=True):
+        add_words(total, mask_update(delta, a, seed, cfg, evaluation=ev))
+    mask = aggregate_mask(update_seeds, update_words(m), cfg.word_bits)
+    plain = unmask(total, mask)
+    weighted_sum, weight_sum = decode_aggregate(plain, n, cfg)
     means, _ = _exact_mean(deltas, weights, cfg.bound)
     bound = error_bound(n, weight_sum, cfg)
     for got, want in zip(weighted_sum / weight_sum, means, strict=True):
         assert abs(Fraction(float(got)) - want) <= Fraction(bound)
+    # Only the fleet totals come out: counts exactly, the loss within half a unit each.
+    fleet = decode_evaluation(plain, n, cfg)
+    assert fleet.examples == sum(e.examples for e in evals)
+    assert fleet.correct == sum(e.correct for e in evals)
+    exact_loss = sum(Fraction(e.loss_sum) for e in evals)
+    float_slack = exact_loss * Fraction(2) ** -52  # the float returned
+    assert abs(Fraction(fleet.loss_sum) - exact_loss) <= (
+        Fraction(n, 2 * cfg.loss_scale) + float_slack
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(cfg=configs)
+def test_evaluation_words_never_wrap(cfg: MaskConfig) -> None:
+    """N_max updates at every evaluation word's maximum still sum below 2^w."""
+    assert cfg.loss_scale >= 1 and cfg.eval_max_examples >= 1
+    top = encode_evaluation(
+        EvalCounts(cfg.eval_max_examples, cfg.eval_max_examples, cfg.eval_max_examples * LOSS_CAP),
+        cfg,
+    )
+    assert max(top) * cfg.n_max <= cfg.modulus - 1
+    total = np.array([w * cfg.n_max for w in top], dtype=object)
+    fleet = decode_evaluation(np.array(total, dtype=cfg.dtype), cfg.n_max, cfg)
+    assert fleet.accuracy == 1.0 and fleet.loss == LOSS_CAP
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        EvalCounts(-1, 0, 0.0),
+        EvalCounts(3, 4, 0.0),
+        EvalCounts(5000, 0, 0.0),
+        EvalCounts(3, 1, 3 * LOSS_CAP + 1.0),
+        EvalCounts(3, 1, float("nan")),
+        EvalCounts(3, 1, -0.5),
+    ],
+)
+def test_evaluation_out_of_range_is_refused(bad: EvalCounts) -> None:
+    cfg = MaskConfig(1.0, 1000, 32)
+    with pytest.raises(LocalProtocolError):
+        encode_evaluation(bad, cfg)
+    with pytest.raises(LocalProtocolError):
+        mask_update(np.zeros(4, np.float32), 0.5, bytes(32), cfg, evaluation=bad)
+
+
+def test_impossible_fleet_totals_are_refused() -> None:
+    cfg = MaskConfig(1.0, 1000, 32)
+    with pytest.raises(AggregationError):  # more correct than examples: a bad updater
+        decode_evaluation(np.array([0, 0, 5, 6, 0], dtype=np.uint32), 1, cfg)
+    with pytest.raises(AggregationError):  # more examples than n updates may hold
+        decode_evaluation(np.array([0, 0, cfg.eval_max_examples + 1, 0, 0], np.uint32), 1, cfg)

@@ -589,9 +589,9 @@ def test_long_receipt_details_are_cut_not_refused() -> None:
 
 
 def test_check_words_against_round_params() -> None:
-    params = round_params()  # M = 4, 32-bit words
-    params.check_words(np.zeros(5, np.uint32))
-    for words in (np.zeros(4, np.uint32), np.zeros(6, np.uint32), np.zeros(5, np.uint64)):
+    params = round_params()  # M = 4, 32-bit words: M + 1 + 3 evaluation words
+    params.check_words(np.zeros(8, np.uint32))
+    for words in (np.zeros(5, np.uint32), np.zeros(9, np.uint32), np.zeros(8, np.uint64)):
         with pytest.raises(RemoteProtocolError) as info:
             params.check_words(words)
         assert info.value.reason == Reason.WRONG_LENGTH

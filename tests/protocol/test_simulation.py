@@ -30,6 +30,7 @@ from maskfl.protocol.masking import (
     error_bound,
     mask_update,
     unmask,
+    update_words,
 )
 from maskfl.protocol.phases import Phase, PhaseTimer, PhaseWindow, Verdict, check_transition
 from maskfl.protocol.sortition import Task, next_round_seed, select_task
@@ -99,7 +100,7 @@ def _run_round(bits: WordBits, rng_seed: int) -> None:
     # update: mask, seal the seed to every summer; the coordinator adds the words.
     phase = check_transition(phase, Phase.UPDATE)
     timer = PhaseTimer(PhaseWindow(3, UPDATERS, 5.0, 60.0), clock.now)
-    aggregate: Words = np.zeros(M + 1, dtype=cfg.dtype)
+    aggregate: Words = np.zeros(update_words(M), dtype=cfg.dtype)
     seed_dict: dict[bytes, list[bytes]] = {pk: [] for pk in sum_dict}
     updaters = []
     for pk in updater_keys:
@@ -124,7 +125,7 @@ def _run_round(bits: WordBits, rng_seed: int) -> None:
     for pk in summer_keys[:2]:
         private = ephemeral[pk].private_key
         seeds = [open_seed(box, private) for box in seed_dict[pk]]
-        mask = aggregate_mask(seeds, M + 1, bits)
+        mask = aggregate_mask(seeds, update_words(M), bits)
         key = digest(mask.data)
         votes[key] += 1
         masks[key] = mask
@@ -159,7 +160,7 @@ def _run_round(bits: WordBits, rng_seed: int) -> None:
     # Any single honest summer suffices, including the one that dropped out.
     late = summer_keys[2]
     late_seeds = [open_seed(box, ephemeral[late].private_key) for box in seed_dict[late]]
-    assert np.array_equal(aggregate_mask(late_seeds, M + 1, bits), masks[best])
+    assert np.array_equal(aggregate_mask(late_seeds, update_words(M), bits), masks[best])
 
 
 @pytest.mark.parametrize("bits", [32, 64])
@@ -173,10 +174,14 @@ def test_a_wrong_mask_does_not_decode_to_the_mean() -> None:
     cfg = MaskConfig(bound=0.5, n_max=100, word_bits=32)
     rng = np.random.default_rng(3)
     seeds = [_h("s", i) for i in range(5)]
-    aggregate: Words = np.zeros(1001, dtype=cfg.dtype)
+    aggregate: Words = np.zeros(update_words(1000), dtype=cfg.dtype)
     for seed in seeds:
         add_words(aggregate, mask_update(rng.normal(0, 0.1, 1000), 1.0, seed, cfg))
-    good, _ = decode_aggregate(unmask(aggregate, aggregate_mask(seeds, 1001, 32)), 5, cfg)
-    bad, _ = decode_aggregate(unmask(aggregate, aggregate_mask(seeds[:4], 1001, 32)), 5, cfg)
+    good, _ = decode_aggregate(
+        unmask(aggregate, aggregate_mask(seeds, update_words(1000), 32)), 5, cfg
+    )
+    bad, _ = decode_aggregate(
+        unmask(aggregate, aggregate_mask(seeds[:4], update_words(1000), 32)), 5, cfg
+    )
     assert float(np.abs(good).max()) < 5 * cfg.bound
     assert float(np.abs(bad).max()) > 20 * cfg.bound  # uniform over ±n_max·B

@@ -24,14 +24,17 @@ from maskfl.protocol.chunking import Reassembler, split_payload
 from maskfl.protocol.crypto import open_seed
 from maskfl.protocol.errors import CryptoError, RemoteProtocolError
 from maskfl.protocol.masking import (
+    EvalCounts,
     MaskConfig,
     aggregate_mask,
     decode_aggregate,
+    decode_evaluation,
     encode_update,
     error_bound,
     mask_stream,
     mask_update,
     unmask,
+    update_words,
 )
 from maskfl.protocol.messages import decode_message, verify_sender, weights_digest
 from maskfl.protocol.sortition import (
@@ -144,11 +147,17 @@ def test_encoding_and_the_weight_word() -> None:
         mask = cfg(case["config"])
         delta = np.frombuffer(bytes.fromhex(case["delta_f32_le_hex"]), dtype="<f4")
         weight = f(case["weight"])
-        words = encode_update(delta, weight, mask)
+        examples, correct, loss = case["evaluation"]
+        ev = EvalCounts(examples, correct, f(loss))
+        words = encode_update(delta, weight, mask, evaluation=ev)
         assert words.tolist() == ints(case["words"]), case["config"]
         # The weight word, from its definition: round half to even of a·S_w, plus S_w.
+        m = delta.size
         s_w = mask.weight_scale
-        assert int(words[-1]) == round(Fraction(weight) * s_w) + s_w
+        assert int(words[m]) == round(Fraction(weight) * s_w) + s_w
+        # The evaluation words (§7.4): examples, correct, rint(loss · Q).
+        q = mask.loss_scale
+        assert words[m + 1 :].tolist() == [examples, correct, round(Fraction(f(loss)) * q)]
 
 
 def test_rounding_is_half_to_even_before_the_offset() -> None:
@@ -187,11 +196,14 @@ def test_masked_updates_and_aggregate_masks() -> None:
         mask = cfg(case["config"])
         seed = bytes.fromhex(case["seed"])
         delta = np.array(case["delta_f32"], dtype=np.float32)
-        assert mask_stream(seed, 4, mask.word_bits).tolist() == ints(case["mask"])
-        masked = mask_update(delta, f(case["weight"]), seed, mask)
+        n_words = update_words(delta.size)
+        assert mask_stream(seed, n_words, mask.word_bits).tolist() == ints(case["mask"])
+        examples, correct, loss = case["evaluation"]
+        ev = EvalCounts(examples, correct, f(loss))
+        masked = mask_update(delta, f(case["weight"]), seed, mask, evaluation=ev)
         assert masked.tolist() == ints(case["masked_words"])
         modulus = 1 << mask.word_bits
-        plain = encode_update(delta, f(case["weight"]), mask).tolist()
+        plain = encode_update(delta, f(case["weight"]), mask, evaluation=ev).tolist()
         assert [(p + m) % modulus for p, m in zip(plain, ints(case["mask"]), strict=True)] == ints(
             case["masked_words"]
         )
@@ -218,6 +230,10 @@ def test_decoding_and_error_bound() -> None:
         exact = exact_num / sum(case["weights"])
         mean = np.array([f(v) for v in case["mean"]])
         assert np.all(np.abs(mean - exact) <= f(case["error_bound"]))
+        fleet = decode_evaluation(words, case["n"], mask)
+        assert [fleet.examples, fleet.correct] == case["fleet_evaluation"][:2]
+        assert fleet.loss_sum == f(case["fleet_evaluation"][2])
+        assert fleet.examples == sum(e[0] for e in case["evaluations"])
     for case in data["error_bound"]:
         got = error_bound(case["n"], f(case["weight_sum"]), cfg(case["config"]))
         assert got == f(case["error_bound"])
@@ -292,23 +308,28 @@ def test_worked_example_in_the_spec() -> None:
     """Every number of the worked example appears in docs/protocol.md as computed."""
     data = load("worked_example.json")
     mask = MaskConfig(1.0, 4, 32)
-    total = np.zeros(3, dtype=np.uint32)
-    for d, a, s, enc, masked in zip(
+    total = np.zeros(update_words(2), dtype=np.uint32)
+    for d, a, s, e, enc, masked in zip(
         data["deltas_f32"],
         data["weights"],
         data["seeds"],
+        data["evaluations"],
         data["encoded"],
         data["masked"],
         strict=True,
     ):
-        words = encode_update(np.array(d, dtype=np.float32), a, mask)
+        ev = EvalCounts(*e)
+        words = encode_update(np.array(d, dtype=np.float32), a, mask, evaluation=ev)
         assert words.tolist() == ints(enc)
-        mw = mask_update(np.array(d, dtype=np.float32), a, bytes.fromhex(s), mask)
+        mw = mask_update(np.array(d, dtype=np.float32), a, bytes.fromhex(s), mask, evaluation=ev)
         assert mw.tolist() == ints(masked)
         total += mw
     assert total.tolist() == ints(data["masked_sum"])
-    agg = aggregate_mask([bytes.fromhex(s) for s in data["seeds"]], 3, 32)
-    assert unmask(total, agg).tolist() == ints(data["unmasked_sum"])
+    agg = aggregate_mask([bytes.fromhex(s) for s in data["seeds"]], update_words(2), 32)
+    plain = unmask(total, agg)
+    assert plain.tolist() == ints(data["unmasked_sum"])
+    fleet = decode_evaluation(plain, 3, mask)
+    assert fleet.accuracy == data["fleet_evaluation"]["accuracy"]
     text = SPEC.read_text(encoding="utf-8")
     numbers = set(re.findall(r"-?\d[\d.e+-]*", text))
     wanted = [

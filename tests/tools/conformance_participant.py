@@ -47,7 +47,8 @@ def _big_endian_task(params: RoundParams, public_key: bytes) -> Task:
 
 def _drop_weight_offset(words: Words, params: RoundParams) -> None:
     cfg = params.mask
-    words[-1] = cfg.dtype((int(words[-1]) - cfg.weight_scale) % cfg.modulus)
+    m = params.vector_length  # the weight word follows the M elements
+    words[m] = cfg.dtype((int(words[m]) - cfg.weight_scale) % cfg.modulus)
 
 
 def _delta(_round_id: int, m: int) -> tuple[np.ndarray, float]:

@@ -82,7 +82,7 @@ def test_our_agent_passes(tmp_path: Path) -> None:
     rc, out = _run(tmp_path, f'{agent} run --config "$MASKFL_BUNDLE/agent.toml"', "summer,updater")
     assert rc == 0, out
     assert "FAIL" not in out
-    for rule in ("§4 sortition", "§6.1 §7.4 SUM2 aggregate mask", "§7.3 weight word"):
+    for rule in ("§4 sortition", "§6.1 §7.5 SUM2 aggregate mask", "§7.3 weight word"):
         assert rule in out, out
     assert "checks passed" in out
 
