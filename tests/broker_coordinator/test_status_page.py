@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,12 @@ def _browser() -> Any:
     return webdriver.Chrome(service=Service(executable_path=str(DRIVER)), options=options)
 
 
-def _look(url: str, round_id: int, device: str, revoked: str, shot: Path) -> dict[str, Any]:
-    """Load the page, wait until it shows ``round_id`` and ``revoked`` as revoked, read the
-    DOM, take the screenshot."""
+def _look(
+    url: str, current: Callable[[], int | None], device: str, revoked: str, shot: Path
+) -> dict[str, Any]:
+    """Load the page, wait until it shows the round in progress (``current()``, read at
+    each poll: rounds go on meanwhile) and ``revoked`` as revoked, read the DOM, take the
+    screenshot."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -56,7 +60,7 @@ def _look(url: str, round_id: int, device: str, revoked: str, shot: Path) -> dic
     try:
         driver.get(url)
         wait = WebDriverWait(driver, 30)
-        wait.until(lambda d: d.find_element(By.ID, "round").text == str(round_id))
+        wait.until(lambda d: d.find_element(By.ID, "round").text == str(current()))
         wait.until(
             lambda d: (
                 int(d.find_element(By.ID, "chart-participants").get_attribute("data-points") or 0)
@@ -72,8 +76,10 @@ def _look(url: str, round_id: int, device: str, revoked: str, shot: Path) -> dic
             )
         )
         row = driver.find_element(By.CSS_SELECTOR, f'#devices tr[data-device="{device}"]')
+        wait.until(lambda d: d.find_element(By.ID, "round").text == str(current()))
         found = {
             "round": driver.find_element(By.ID, "round").text,
+            "live_round": current(),
             "phase": driver.find_element(By.ID, "phase").text,
             "points": int(
                 driver.find_element(By.ID, "chart-participants").get_attribute("data-points")
@@ -118,7 +124,8 @@ async def test_status_page_shows_a_live_fleet(
         },
         pet={
             "max_rounds": 0,
-            "sum": {"count_min": 1, "count_max": n, "time_min_s": 1.0, "time_max_s": 20.0},
+            # A round lasts at least 3 s, longer than the page's 2 s refresh.
+            "sum": {"count_min": 1, "count_max": n, "time_min_s": 2.0, "time_max_s": 20.0},
             "update": {"count_min": 1, "count_max": n, "time_min_s": 1.0, "time_max_s": 20.0},
             "sum2": {"count_min": 1, "count_max": n, "time_min_s": 0.5, "time_max_s": 20.0},
         },
@@ -150,14 +157,20 @@ async def test_status_page_shows_a_live_fleet(
             await wait_for(lambda: enrollment.revocations is not None, 10, "the revocation list")
             await wait_for(lambda: runner.state is not None, 30, "the third round to start")
             assert runner.state is not None
-            current = runner.state.round_id
+            third = runner.state.round_id
+
+            def current() -> int | None:
+                state = runner.state
+                return None if state is None else state.round_id
+
             shot = tmp_path / "status-page.png"
             found = await asyncio.to_thread(
                 _look, f"http://127.0.0.1:{port}/", current, first.device, victim.device, shot
             )
     finally:
         await stop_all(parts)
-    assert found["round"] == str(current)
+    assert int(found["round"]) >= third
+    assert found["round"] == str(found["live_round"]), found
     assert found["points"] >= 2 and found["canvases"] == 1, found
     assert found["round_rows"] >= 3, found
     row = found["device_row"]
@@ -188,7 +201,7 @@ async def test_status_page_shows_a_live_fleet(
             "accepted",
             "rejected",
         }  # metadata only: nothing of a device's update
-        assert r["roles"][0]["round_id"] >= current
+        assert r["roles"][0]["round_id"] >= third
     assert await asyncio.to_thread(main, ["devices", "--config", config]) == 0
     text = capsys.readouterr().out
     assert "REVOKED" in text and "malformed x1" in text, text
