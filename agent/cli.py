@@ -30,6 +30,7 @@ from maskfl.agent.logs import setup_logging
 from maskfl.agent.state import Journal, state_as_dict
 from maskfl.protocol.errors import ConfigError, MaskflError
 from maskfl.protocol.keys import public_key_to_pem
+from maskfl.protocol.settings import env_variable_for
 from maskfl.protocol.version import version_text
 
 __all__ = ["main"]
@@ -149,6 +150,12 @@ def _keygen(out: Path, force: bool) -> int:
     return 0
 
 
+def _set_by(*fields: str) -> str:
+    """`` (set by environment variable X)`` when the environment set one of ``fields``."""
+    names = [n for f in fields if (n := env_variable_for(f, os.environ)) is not None]
+    return f" (set by environment variable {', '.join(names)})" if names else ""
+
+
 def check_local_files(config: AgentConfig) -> None:
     """The checks ``load_identity`` leaves out: the broker's TLS files and the data source.
 
@@ -156,14 +163,23 @@ def check_local_files(config: AgentConfig) -> None:
     """
     broker = config.broker
     if broker.tls:
+        for name in ("ca_file", "cert_file", "key_file"):
+            file = getattr(broker, name)
+            if file is not None and not file.exists():
+                raise ConfigError(
+                    f"broker.{name}: {file} does not exist{_set_by(f'broker.{name}')}; fix "
+                    "the path (relative paths are resolved against the config file's "
+                    "directory) or copy the file from the device's bundle",
+                    field=f"broker.{name}",
+                )
         if broker.ca_file is not None:
             try:
                 ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(broker.ca_file))
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(
-                    f"broker.ca_file: cannot load CA certificates from {broker.ca_file}: "
-                    f"{getattr(exc, 'strerror', None) or exc}; point it at the bundle's "
-                    "broker-ca.pem",
+                    f"broker.ca_file: cannot load CA certificates from {broker.ca_file}"
+                    f"{_set_by('broker.ca_file')}: {getattr(exc, 'strerror', None) or exc}; "
+                    "point it at the bundle's broker-ca.pem",
                     field="broker.ca_file",
                 ) from exc
         if broker.cert_file is not None and broker.key_file is not None:
@@ -174,8 +190,9 @@ def check_local_files(config: AgentConfig) -> None:
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(
                     f"broker.cert_file: cannot load {broker.cert_file} with key "
-                    f"{broker.key_file}: {getattr(exc, 'strerror', None) or exc}; use the "
-                    "bundle's device-tls.pem and device-tls.key",
+                    f"{broker.key_file}{_set_by('broker.cert_file', 'broker.key_file')}: "
+                    f"{getattr(exc, 'strerror', None) or exc}; use the bundle's "
+                    "device-tls.pem and device-tls.key",
                     field="broker.cert_file",
                 ) from exc
     options = {k: v for k, v in config.data.options.items() if k not in ("shard", "shards")}

@@ -59,6 +59,7 @@ import os
 import re
 import shlex
 import tomllib
+from collections.abc import Mapping
 from datetime import time
 from pathlib import Path
 from typing import Any, Literal
@@ -67,6 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from maskfl.protocol.errors import ConfigError
+from maskfl.protocol.settings import describe_errors, env_overrides, merge
 
 __all__ = [
     "AgentConfig",
@@ -158,7 +160,9 @@ class BrokerSection(_Section):
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("set both cert_file and key_file (the TLS client pair) or neither")
         if not self.tls and (self.ca_file or self.cert_file):
-            raise ValueError("ca_file/cert_file/key_file need tls = true")
+            raise ValueError(
+                "ca_file/cert_file/key_file need tls = true; set tls = true or remove them"
+            )
         return self
 
 
@@ -283,8 +287,9 @@ class AgentConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment first: it overrides the file (which arrives as init kwargs).
-        return (env_settings, init_settings)
+        # load_config merges the environment into the file (protocol/settings.py:
+        # values read as TOML values, key by key) and passes the result as init kwargs.
+        return (init_settings,)
 
     def resolve_paths(self, base: Path) -> AgentConfig:
         """A copy whose relative paths are taken relative to ``base`` (the config's folder)."""
@@ -307,23 +312,14 @@ class AgentConfig(BaseSettings):
         )
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
-        message = error["msg"]
-        if error["type"] == "missing":
-            message = "is required; add it to the config file"
-        elif error["type"] == "extra_forbidden":
-            message = "is not a known key; remove it or check its spelling"
-        parts.append(f"{where}: {message}")
-    return "; ".join(parts)
-
-
-def load_config(path: Path | str | None, *, environ_only: bool = False) -> AgentConfig:
+def load_config(
+    path: Path | str | None, *, environ_only: bool = False, env: Mapping[str, str] | None = None
+) -> AgentConfig:
     """Read ``path`` (TOML), apply ``MASKFL__...`` overrides, resolve relative paths.
 
-    Raises :class:`ConfigError` naming the field; never a pydantic or TOML error.
+    The overrides come from ``env`` (default ``os.environ``) and merge key by key
+    (:mod:`maskfl.protocol.settings`). Raises :class:`ConfigError` naming the field,
+    the environment variable that set it, and the fix; never a pydantic or TOML error.
     """
     data: dict[str, Any] = {}
     base = Path.cwd()
@@ -338,11 +334,11 @@ def load_config(path: Path | str | None, *, environ_only: bool = False) -> Agent
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file} is not valid TOML: {exc}", field="--config") from exc
         base = file.resolve().parent
+    overrides, origins = env_overrides(os.environ if env is None else env, AgentConfig)
     try:
-        config = AgentConfig(**data)
+        config = AgentConfig(**merge(data, overrides))
     except ValidationError as exc:
-        first = exc.errors()[0]["loc"] if exc.errors() else ()
-        raise ConfigError(
-            f"invalid agent config: {_describe(exc)}", field=".".join(str(p) for p in first)
-        ) from exc
+        text, field = describe_errors(exc.errors(), AgentConfig, origins)
+        where = "the environment" if path is None or environ_only else str(path)
+        raise ConfigError(f"{text} (agent config: {where})", field=field) from exc
     return config.resolve_paths(base)

@@ -71,12 +71,25 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from maskfl.protocol.errors import ConfigError
+from maskfl.protocol.settings import (
+    ENV_PREFIX,
+    describe_errors,
+    env_overrides,
+    env_variable_for,
+    merge,
+)
 
-ENV_PREFIX = "MASKFL__"
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 __all__ = [
@@ -93,8 +106,11 @@ __all__ = [
     "OptimizerConfig",
     "OptimizerKind",
     "PetConfig",
-    "PhaseConfig",
+    "PrivacyConfig",
     "StorageConfig",
+    "Sum2PhaseConfig",
+    "SumPhaseConfig",
+    "UpdatePhaseConfig",
     "load_config",
 ]
 
@@ -163,7 +179,9 @@ class BrokerConfig(_Section):
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("set both cert_file and key_file (the TLS client pair) or neither")
         if not self.tls and (self.ca_file or self.cert_file):
-            raise ValueError("ca_file/cert_file/key_file need tls = true")
+            raise ValueError(
+                "ca_file/cert_file/key_file need tls = true; set tls = true or remove them"
+            )
         return self
 
 
@@ -215,17 +233,15 @@ class MaskingConfig(_Section):
     tolerance: Annotated[float, Field(gt=0)] = 1e-5
 
 
-class PhaseConfig(_Section):
-    """One message-driven phase: closes at count_max, or at time_min once count_min is in;
-    fails at time_max below count_min. ``target`` (sum, update) is the number of
-    participants the sortition probability aims at; ``prob`` fixes it instead."""
+class _Window(_Section):
+    """A message-driven phase: closes at count_max, or at time_min once count_min is in;
+    fails at time_max below count_min. Each phase has its own defaults, so a table
+    that sets one key (``[pet.sum] time_max_s = 15``) keeps the others."""
 
-    target: Annotated[int, Field(ge=1)] | None = None
-    prob: Annotated[float, Field(gt=0, le=1)] | None = None
-    count_min: Annotated[int, Field(ge=1)] = 1
-    count_max: Annotated[int, Field(ge=1)] = 100
-    time_min_s: Annotated[float, Field(ge=0)] = 0.0
-    time_max_s: Annotated[float, Field(gt=0)] = 60.0
+    count_min: Annotated[int, Field(ge=1)]
+    count_max: Annotated[int, Field(ge=1)]
+    time_min_s: Annotated[float, Field(ge=0)]
+    time_max_s: Annotated[float, Field(gt=0)]
 
     @model_validator(mode="after")
     def _windows(self) -> Self:
@@ -242,16 +258,49 @@ class PhaseConfig(_Section):
         return self
 
 
-def _default_sum() -> PhaseConfig:
-    return PhaseConfig(target=3, count_min=1, count_max=100, time_min_s=2.0, time_max_s=60.0)
+class SumPhaseConfig(_Window):
+    """``[pet.sum]``. ``target``: the summers to aim at among the devices alive (see
+    :func:`~maskfl.protocol.sortition.probabilities_for_targets`); ``prob``, when set,
+    is p_sum itself and ``target`` is ignored."""
+
+    target: Annotated[int, Field(ge=1)] = 3
+    prob: Annotated[float, Field(gt=0, le=1)] | None = None
+    count_min: Annotated[int, Field(ge=1)] = 1
+    count_max: Annotated[int, Field(ge=1)] = 100
+    time_min_s: Annotated[float, Field(ge=0)] = 2.0
+    time_max_s: Annotated[float, Field(gt=0)] = 60.0
 
 
-def _default_update() -> PhaseConfig:
-    return PhaseConfig(target=10, count_min=3, count_max=1000, time_min_s=5.0, time_max_s=300.0)
+class UpdatePhaseConfig(_Window):
+    """``[pet.update]``. ``target``: the updaters to aim at among the devices alive that
+    are not summers; ``prob``, when set, is p_update itself. ``count_min`` may not be
+    below ``privacy.min_updates``."""
+
+    target: Annotated[int, Field(ge=1)] = 10
+    prob: Annotated[float, Field(gt=0, le=1)] | None = None
+    count_min: Annotated[int, Field(ge=1)] = 3
+    count_max: Annotated[int, Field(ge=1)] = 1000
+    time_min_s: Annotated[float, Field(ge=0)] = 5.0
+    time_max_s: Annotated[float, Field(gt=0)] = 300.0
 
 
-def _default_sum2() -> PhaseConfig:
-    return PhaseConfig(count_min=1, count_max=100, time_min_s=5.0, time_max_s=120.0)
+class Sum2PhaseConfig(_Window):
+    """``[pet.sum2]``: no target or prob, its participants are the summers of the round."""
+
+    count_min: Annotated[int, Field(ge=1)] = 1
+    count_max: Annotated[int, Field(ge=1)] = 100
+    time_min_s: Annotated[float, Field(ge=0)] = 5.0
+    time_max_s: Annotated[float, Field(gt=0)] = 120.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_draw(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ({"target", "prob"} & set(data)):
+            raise ValueError(
+                "takes no target or prob: the summers drawn in the sum phase answer sum2; "
+                "remove the key"
+            )
+        return data
 
 
 class PetConfig(_Section):
@@ -270,9 +319,9 @@ class PetConfig(_Section):
     no room is refused (its sender resends it), never one already admitted dropped.
     """
 
-    sum: PhaseConfig = Field(default_factory=_default_sum)
-    update: PhaseConfig = Field(default_factory=_default_update)
-    sum2: PhaseConfig = Field(default_factory=_default_sum2)
+    sum: SumPhaseConfig = SumPhaseConfig()
+    update: UpdatePhaseConfig = UpdatePhaseConfig()
+    sum2: Sum2PhaseConfig = Sum2PhaseConfig()
     chunk_size: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] = 256 * 1024
     alive_window_s: Annotated[float, Field(gt=0)] = 300.0
     round_pause_s: Annotated[float, Field(ge=0)] = 0.0
@@ -286,18 +335,35 @@ class PetConfig(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> Self:
-        if self.sum.target is None and self.sum.prob is None:
-            raise ValueError("[pet.sum] needs target (participants to aim at) or prob")
-        if self.update.target is None and self.update.prob is None:
-            raise ValueError("[pet.update] needs target (participants to aim at) or prob")
-        if self.sum2.target is not None or self.sum2.prob is not None:
-            raise ValueError("[pet.sum2] takes no target or prob: summers are chosen in sum")
         if self.sum2.count_min > self.sum.count_max:
             raise ValueError(
                 f"pet.sum2.count_min ({self.sum2.count_min}) exceeds pet.sum.count_max "
                 f"({self.sum.count_max}): sum2 only hears from accepted summers; lower it"
             )
         return self
+
+
+#: No configuration lowers ``privacy.min_updates`` below this: an aggregate of one
+#: update is that device's update, in the clear.
+MIN_UPDATES_FLOOR = 2
+
+
+class PrivacyConfig(_Section):
+    """The privacy floor: the coordinator never unmasks an aggregate of fewer than
+    ``min_updates`` updates (after dropping updates whose seeds did not open); such
+    a round fails and publishes nothing. At least 2 (:data:`MIN_UPDATES_FLOOR`)."""
+
+    min_updates: int = 3
+
+    @field_validator("min_updates")
+    @classmethod
+    def _floor(cls, value: int) -> int:
+        if value < MIN_UPDATES_FLOOR:
+            raise ValueError(
+                f"must be at least {MIN_UPDATES_FLOOR}: an aggregate of fewer updates is one "
+                "device's update in the clear; use 2 or more (default 3)"
+            )
+        return value
 
 
 class OptimizerKind(StrEnum):
@@ -354,7 +420,8 @@ class CoordinatorConfig(BaseSettings):
     storage: StorageConfig = StorageConfig()
     model: ModelConfig
     masking: MaskingConfig = MaskingConfig()
-    pet: PetConfig = Field(default_factory=PetConfig)
+    pet: PetConfig = PetConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     aggregation: AggregationConfig = AggregationConfig()
     http: HttpConfig = HttpConfig()
@@ -369,8 +436,9 @@ class CoordinatorConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The TOML file arrives as init kwargs; the environment must win over it.
-        return (env_settings, init_settings)
+        # load_config merges the environment into the file (protocol/settings.py:
+        # values read as TOML values, key by key) and passes the result as init kwargs.
+        return (init_settings,)
 
     @model_validator(mode="after")
     def _cross(self) -> Self:
@@ -380,32 +448,65 @@ class CoordinatorConfig(BaseSettings):
                 f"({self.masking.n_max}): the aggregate could overflow; raise masking.n_max "
                 "or lower pet.update.count_max"
             )
-        pet = self.pet
-        spool = pet.reassembly_spool_max_bytes or 0
-        held = -(-(pet.reassembly_max_bytes + spool) // pet.chunk_size)
-        needed = held + self.storage.group_commit_max + 16
-        if self.broker.receive_maximum < needed:
+        if self.pet.update.count_min < self.privacy.min_updates:
             raise ValueError(
-                f"broker.receive_maximum ({self.broker.receive_maximum}) must exceed the "
-                f"chunk frames partial messages may hold unacked ({held} = "
-                "(pet.reassembly_max_bytes + pet.reassembly_spool_max_bytes) / pet.chunk_size) "
-                f"plus a commit batch: raise it to at least {needed} (max 65535) or lower "
-                "pet.reassembly_max_bytes or pet.reassembly_spool_max_bytes"
+                f"pet.update.count_min ({self.pet.update.count_min}) is below "
+                f"privacy.min_updates ({self.privacy.min_updates}): the update phase could "
+                "close with fewer updates than the coordinator will unmask; raise "
+                f"pet.update.count_min to at least {self.privacy.min_updates}"
             )
+        if self.reassembly_frames < 16:
+            needed = self.storage.group_commit_max + 32
+            raise ValueError(
+                f"broker.receive_maximum ({self.broker.receive_maximum}) leaves "
+                f"{max(self.reassembly_frames, 0)} unacked deliveries for chunk frames "
+                f"after a commit batch (storage.group_commit_max = "
+                f"{self.storage.group_commit_max}, plus 16): raise it to at least {needed} "
+                "or lower storage.group_commit_max"
+            )
+        pet = self.pet
+        if pet.reassembly_spool_max_bytes is not None:
+            held = -(-(self.reassembly_bytes + pet.reassembly_spool_max_bytes) // pet.chunk_size)
+            if held > self.reassembly_frames:
+                raise ValueError(
+                    f"pet.reassembly_spool_max_bytes ({pet.reassembly_spool_max_bytes}) with "
+                    f"the memory bound makes {held} chunk frames that partial messages may "
+                    f"hold unacked, more than broker.receive_maximum leaves "
+                    f"({self.reassembly_frames}, after a commit batch): lower it to at most "
+                    f"{max(0, self.reassembly_frames * pet.chunk_size - self.reassembly_bytes)} "
+                    "or leave it unset (then it is what the window leaves)"
+                )
         return self
+
+    @property
+    def reassembly_frames(self) -> int:
+        """Chunk frames partial messages may hold unacked: what ``broker.receive_maximum``
+        leaves after a commit batch (``storage.group_commit_max``) and 16 spare."""
+        return self.broker.receive_maximum - self.storage.group_commit_max - 16
+
+    @property
+    def reassembly_bytes(self) -> int:
+        """The bytes partial chunked messages may hold in memory: ``pet.reassembly_max_bytes``,
+        and no more than :attr:`reassembly_frames` frames of ``pet.chunk_size``.
+
+        Every held frame is an unacknowledged delivery, and the broker sends no more
+        than ``broker.receive_maximum`` of those: past that bound the coordinator would
+        wait for frames the broker will not send (``pet.chunk_size = 8192`` with the
+        default 512 MiB would need 65,680 of them, above MQTT's 65,535).
+        """
+        return min(self.pet.reassembly_max_bytes, self.reassembly_frames * self.pet.chunk_size)
 
     def reassembly_spool_bytes(self) -> int:
         """``pet.reassembly_spool_max_bytes``, or what the broker window leaves when unset.
 
         Every frame of a partial message is held unacked, so memory plus spool may
-        hold at most ``broker.receive_maximum`` frames, less a commit batch.
+        hold at most :attr:`reassembly_frames` frames.
         """
         pet = self.pet
         if pet.reassembly_spool_max_bytes is not None:
             return pet.reassembly_spool_max_bytes
-        window = self.broker.receive_maximum - self.storage.group_commit_max - 16
-        in_memory = -(-pet.reassembly_max_bytes // pet.chunk_size)
-        return max(0, window - in_memory) * pet.chunk_size
+        in_memory = -(-self.reassembly_bytes // pet.chunk_size)
+        return max(0, self.reassembly_frames - in_memory) * pet.chunk_size
 
 
 def _resolve(value: Any, base: Path) -> Any:
@@ -416,38 +517,6 @@ def _resolve(value: Any, base: Path) -> Any:
         updates = {name: _resolve(getattr(value, name), base) for name in type(value).model_fields}
         return value.model_copy(update=updates)
     return value
-
-
-def _env_origin(loc: tuple[Any, ...]) -> str:
-    """``set by MASKFL__A__B`` when that environment variable holds the field, else ""."""
-    names = [str(p) for p in loc if p != "__root__"]
-    if not names:
-        return ""
-    wanted = ENV_PREFIX + "__".join(names).upper()
-    found = next((k for k in os.environ if k.upper() == wanted), None)
-    return "" if found is None else f"set by environment variable {found}"
-
-
-def _describe(errors: list[Any]) -> str:
-    parts = []
-    for err in errors:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__") or "(top level)"
-        origin = _env_origin(tuple(err.get("loc", ())))
-        kind = err.get("type", "")
-        msg = str(err.get("msg", "invalid"))
-        if kind == "extra_forbidden":
-            where = f" ({origin})" if origin else ""
-            parts.append(f"{loc}: unknown key{where}; remove it or fix its spelling")
-        elif kind == "missing":
-            parts.append(f"{loc}: required; add it to the config file or set it in the env")
-        else:
-            msg = msg.removeprefix("Value error, ")
-            given = err.get("input")
-            notes = [] if isinstance(given, dict | list) else [f"got {given!r}"]
-            notes += [origin] if origin else []
-            shown = f" ({', '.join(notes)})" if notes else ""
-            parts.append(f"{loc}: {msg}{shown}")
-    return "; ".join(parts)
 
 
 def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> CoordinatorConfig:
@@ -465,22 +534,12 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Coord
         raise ConfigError(f"cannot read config file {path}: {exc}", field=str(path)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}", field=str(path)) from exc
-    saved: dict[str, str] | None = None
-    if env is not None:
-        saved = dict(os.environ)
-        for key in [k for k in os.environ if k.upper().startswith(ENV_PREFIX)]:
-            del os.environ[key]
-        os.environ.update({k: v for k, v in env.items() if k.upper().startswith(ENV_PREFIX)})
+    overrides, origins = env_overrides(os.environ if env is None else env, CoordinatorConfig)
     try:
-        config = CoordinatorConfig(**raw)
+        config = CoordinatorConfig(**merge(raw, overrides))
     except ValidationError as exc:
-        errors = exc.errors()
-        field = ".".join(str(p) for p in errors[0].get("loc", ())) if errors else None
-        raise ConfigError(f"{path}: {_describe(list(errors))}", field=field) from exc
-    finally:
-        if saved is not None:
-            os.environ.clear()
-            os.environ.update(saved)
+        text, field = describe_errors(exc.errors(), CoordinatorConfig, origins)
+        raise ConfigError(f"{path}: {text}", field=field) from exc
     resolved: CoordinatorConfig = _resolve(config, path.resolve().parent)
     return resolved
 
@@ -500,9 +559,11 @@ def check_files(config: CoordinatorConfig) -> None:
     ]
     for field, value in required:
         if value is not None and not value.is_file():
+            name = env_variable_for(field, os.environ)
+            origin = f" (set by environment variable {name})" if name else ""
             raise ConfigError(
-                f"{field}: file {value} does not exist; fix the path (relative paths are "
-                "resolved against the config file's directory)",
+                f"{field}: file {value} does not exist{origin}; fix the path (relative "
+                "paths are resolved against the config file's directory)",
                 field=field,
             )
     if config.identity.passphrase_env and config.identity.passphrase_env not in os.environ:

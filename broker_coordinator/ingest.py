@@ -29,9 +29,9 @@ all incomplete, no message could ever complete. Two facts rule it out:
   ``reassembly_max_messages``): a message that does not fit is refused at its
   first frame and its frames are acked as they come (the sender learns from the
   missing receipt and resends). So at most ``(memory + spool) / chunk_size``
-  slots are held by incomplete messages, and the config check requires
-  ``receive_maximum`` to exceed that with room for complete messages waiting
-  for their group commit. Admitted messages are never dropped for newer ones
+  slots are held by incomplete messages, and both bounds are capped to what
+  ``receive_maximum`` leaves after room for complete messages waiting for
+  their group commit (``CoordinatorConfig.reassembly_bytes``). Admitted messages are never dropped for newer ones
   (see :class:`ChunkTracker`), so the held frames always belong to uploads that
   can complete.
 
@@ -390,7 +390,7 @@ class Ingest:
         self.chunks = ChunkTracker(
             self._ack,
             max_messages=pet.reassembly_max_messages,
-            max_bytes=pet.reassembly_max_bytes,
+            max_bytes=services.config.reassembly_bytes,
             max_age_s=pet.reassembly_max_age_s,
             spool_dir=services.config.storage.dir / "spool",
             spool_max_bytes=services.config.reassembly_spool_bytes(),

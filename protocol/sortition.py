@@ -16,6 +16,8 @@ with ``task`` the ASCII bytes ``b"sum"`` or ``b"update"`` (seed and key are both
 sum ticket is below ``threshold(p_sum) = floor(p_sum·2^64)``, otherwise an
 updater when its update ticket is below ``threshold(p_update)``; a summer never
 also updates. The coordinator checks the very same function for every message.
+It picks p_sum and p_update for each round from the devices alive
+(:func:`probabilities_for_targets`) unless the configuration fixes them.
 """
 
 from __future__ import annotations
@@ -106,38 +108,51 @@ def select_task(seed: bytes, public_key: bytes, p_sum: float, p_update: float) -
 
 
 def probabilities_for_targets(
-    alive: int, target_summers: int, target_updaters: int
+    alive: int, target_summers: int, target_updaters: int, min_updaters: int = 0
 ) -> tuple[float, float]:
-    """``(p_sum, p_update)`` that give the target counts in expectation among ``alive`` devices.
+    """``(p_sum, p_update)`` for a round among the ``alive`` devices the coordinator knows.
 
-    Summers are drawn first from all ``alive`` devices, updaters from the rest::
+    Summers are drawn first, from every device alive; updaters from the rest. With
+    ``n = alive``, ``S = target_summers``, ``U = target_updaters`` and ``R =
+    min_updaters`` (the updates the round cannot do without)::
 
-        p_sum    = target_summers / alive
-        p_update = target_updaters / (alive - target_summers)   # expected non-summers
+        s        = min(S, n - R), but at least 1 (0 when S = 0)   # expected summers
+        p_sum    = s / n
+        u        = min(U, n - s)                                  # expected updaters
+        p_update = u / (n - s)                                    # 1 when n = s
 
-    When the fleet is too small for both targets (``alive <= summers + updaters``),
-    including when nothing is known yet (``alive == 0``), every device takes part
-    and the roles are split in proportion to the targets: ``p_sum = s / (s + u)``,
-    ``p_update = 1``. The two rules meet at ``alive == s + u``, so the
-    probabilities never jump as the fleet grows. Results are clamped to [0, 1].
+    So the expected number of summers is the sum target, whatever the update
+    target, as long as the fleet leaves room for ``R`` updaters beside them; a
+    fleet too small for that still draws one summer in expectation. Updaters
+    aim at their target among the expected non-summers, all of them when fewer
+    are alive. Examples: 10 alive, S = 3, U = 20, R = 3: p_sum = 0.3 (no summer
+    in 0.7^10 = 2.8 % of rounds), p_update = 1; 1000 alive, S = 10, U = 100:
+    p_sum = 0.01, p_update = 100/990.
 
-    These are expectations: with few devices the counts vary (binomially), so the
-    targets should sit above the phases' ``count_min`` with a margin. Negative
-    inputs raise :class:`ConfigError`.
+    ``n = 0`` (no device heard from yet): every device takes part and the roles
+    are split in proportion to the targets, ``p_sum = S / (S + U)``, ``p_update
+    = 1``. Results are clamped to [0, 1]. The counts are binomial around these
+    expectations: keep the targets above the phases' ``count_min`` with a margin.
+    Negative inputs raise :class:`ConfigError`.
     """
     for name, value in (
         ("alive", alive),
         ("target_summers", target_summers),
         ("target_updaters", target_updaters),
+        ("min_updaters", min_updaters),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{name} must be an integer >= 0, got {value!r}", field=name)
     wanted = target_summers + target_updaters
     if wanted == 0:
         return 0.0, 0.0
-    if alive <= wanted:
+    if alive == 0:
         return _clamp(target_summers / wanted), 1.0
-    return _clamp(target_summers / alive), _clamp(target_updaters / (alive - target_summers))
+    summers = min(target_summers, max(alive - min_updaters, min(target_summers, 1)))
+    rest = alive - summers
+    if rest == 0:
+        return _clamp(summers / alive), 1.0
+    return _clamp(summers / alive), _clamp(min(target_updaters, rest) / rest)
 
 
 def _clamp(p: float) -> float:

@@ -27,7 +27,7 @@ class IdlePhase(StepPhase):
         pet = self.s.config.pet
         alive = self.s.alive_count()
         p_sum, p_update = probabilities_for_targets(
-            alive, pet.sum.target or 1, pet.update.target or 1
+            alive, pet.sum.target, pet.update.target, pet.update.count_min
         )
         if pet.sum.prob is not None:
             p_sum = pet.sum.prob

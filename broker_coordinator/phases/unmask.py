@@ -4,7 +4,9 @@ The mask that the most summers sent wins (a tie fails the round). If the
 winning summers could not open some updates' seeds, those updates are dropped:
 their masked words (from the update log) are added to the mask before it is
 subtracted, so the aggregate then holds exactly the other updates, whose masks
-the summers did add. Decoding divides by the unmasked sum of weights; the
+the summers did add. Fewer than ``privacy.min_updates`` updates left (never
+fewer than 2, whatever the configuration) fails the round before anything is
+unmasked: the privacy floor. Decoding divides by the unmasked sum of weights; the
 server optimizer turns that mean delta into the next global model, which is
 stored in the registry (with the round's outcome, in one transaction) and
 published signed and retained on ``model/<id>/latest``.
@@ -19,6 +21,7 @@ import time
 import numpy as np
 
 from maskfl.aggregator_gpu import MaskVoteTieError, plurality_vote
+from maskfl.broker_coordinator.config import MIN_UPDATES_FLOOR
 from maskfl.broker_coordinator.context import ModelState
 from maskfl.broker_coordinator.errors import RoundFailedError
 from maskfl.broker_coordinator.phases.base import StepPhase
@@ -72,8 +75,17 @@ class UnmaskPhase(StepPhase):
                 )
         acc = state.acc
         included = acc.count - len(dropped)
-        if included < 1:
-            raise RoundFailedError("no update left to aggregate", round_id=rid)
+        floor = max(MIN_UPDATES_FLOOR, s.config.privacy.min_updates)
+        if included < floor:
+            # The privacy floor, checked where it matters: whatever the phases let
+            # through or the summers claim they could not open, an aggregate of fewer
+            # updates is never unmasked, and this round publishes nothing.
+            raise RoundFailedError(
+                f"only {included} of the round's updates can be unmasked ({len(dropped)} "
+                f"dropped), below the privacy floor privacy.min_updates = {floor}: "
+                "the aggregate stays masked and no model is published",
+                round_id=rid,
+            )
         acc.subtract_mask(combined.total())
         weighted_sum, weight_sum = acc.decode(s.mask, included)
         if not weight_sum > 0:

@@ -83,6 +83,12 @@ def make_setup(
         else:
             pet_cfg[key] = value
     overrides: dict[str, dict[str, Any]] = {"pet": pet_cfg}
+    if updaters < 3:
+        # Below the default privacy floor (3): the smallest one the config allows, and
+        # an update phase that waits for it (a round of one updater never unmasks).
+        overrides["privacy"] = {"min_updates": 2}
+        pet_cfg["update"]["count_min"] = max(2, pet_cfg["update"]["count_min"])
+        pet_cfg["update"]["count_max"] = max(2, pet_cfg["update"]["count_max"])
     overrides.update(extra or {})
     path = fleet.write_coordinator(
         tmp / "coordinator", port=port, length=length, initial=initial, overrides=overrides

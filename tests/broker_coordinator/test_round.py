@@ -149,7 +149,7 @@ async def test_several_rounds_chain_models(tmp_path, mosquitto: Mosquitto) -> No
         pet={
             "max_rounds": 5,
             "sum": {"count_min": 1, "count_max": 10, "time_min_s": 0.5},
-            "update": {"count_min": 1, "count_max": 10, "time_min_s": 0.5},
+            "update": {"count_min": 3, "count_max": 10, "time_min_s": 0.5},
             "sum2": {"count_min": 1, "count_max": 10, "time_min_s": 0.2},
         },
     )

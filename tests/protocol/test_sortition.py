@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from fractions import Fraction
 
@@ -147,46 +148,104 @@ def test_probabilities_for_a_large_fleet_hit_the_targets() -> None:
     assert 1000 * (1 - p_sum) * p_update == pytest.approx(100)
 
 
-def test_probabilities_for_a_small_fleet_split_everyone() -> None:
-    assert probabilities_for_targets(20, 10, 30) == (0.25, 1.0)
+def test_probabilities_aim_at_the_sum_target_whatever_the_update_target() -> None:
+    # The case the independent check found: 10 alive, update target 20. p_sum was
+    # 3/23 (no summer in 25 % of rounds); now 3/10 (no summer in 0.7^10 = 2.8 %).
+    assert probabilities_for_targets(10, 3, 20, 3) == (0.3, 1.0)
+    assert probabilities_for_targets(10, 3, 20) == (0.3, 1.0)
+    assert probabilities_for_targets(10, 3, 5, 3) == (0.3, 5 / 7)
+    # Room for the update floor first: 4 alive, 3 updates needed, one summer aimed at.
+    assert probabilities_for_targets(4, 3, 10, 3) == (0.25, 1.0)
+    assert probabilities_for_targets(2, 3, 10, 3) == (0.5, 1.0)  # too small: still one
+    assert probabilities_for_targets(1, 3, 10, 3) == (1.0, 1.0)
     assert probabilities_for_targets(0, 3, 9) == (0.25, 1.0)  # nothing known yet
-    assert probabilities_for_targets(40, 10, 30) == (0.25, 1.0)  # the boundary
     assert probabilities_for_targets(100, 0, 0) == (0.0, 0.0)
     assert probabilities_for_targets(100, 5, 0) == (0.05, 0.0)
+    assert probabilities_for_targets(100, 0, 5) == (0.0, 0.05)
 
 
-@settings(max_examples=200)
+@settings(max_examples=300)
 @given(
     alive=st.integers(0, 10**6),
     summers=st.integers(0, 10**4),
     updaters=st.integers(0, 10**5),
+    floor=st.integers(0, 100),
 )
-def test_probabilities_are_valid_and_never_overshoot(
-    alive: int, summers: int, updaters: int
+def test_probabilities_follow_the_documented_rule(
+    alive: int, summers: int, updaters: int, floor: int
 ) -> None:
-    p_sum, p_update = probabilities_for_targets(alive, summers, updaters)
+    p_sum, p_update = probabilities_for_targets(alive, summers, updaters, floor)
     assert 0.0 <= p_sum <= 1.0
     assert 0.0 <= p_update <= 1.0
-    if alive > 0:
-        assert alive * p_sum <= summers + 1e-6
-        assert alive * (1 - p_sum) * p_update <= updaters + 1e-6
-        if alive > summers + updaters:  # enough devices: targets met in expectation
-            assert alive * p_sum == pytest.approx(summers)
-            assert alive * (1 - p_sum) * p_update == pytest.approx(updaters)
+    if alive == 0 or summers + updaters == 0:
+        return
+    s = min(summers, max(alive - floor, min(summers, 1)))
+    assert alive * p_sum == pytest.approx(s)
+    if alive > s:
+        assert (alive - s) * p_update == pytest.approx(min(updaters, alive - s))
+    if alive >= summers + floor:  # room for both: the sum target, whatever the update target
+        assert alive * p_sum == pytest.approx(summers)
 
 
 @settings(max_examples=100)
-@given(summers=st.integers(1, 1000), updaters=st.integers(1, 1000))
-def test_probabilities_are_continuous_where_the_rules_meet(summers: int, updaters: int) -> None:
-    at = probabilities_for_targets(summers + updaters, summers, updaters)
-    above = probabilities_for_targets(summers + updaters + 1, summers, updaters)
-    assert abs(at[0] - above[0]) < 1 / (summers + updaters)
-    assert abs(at[1] - above[1]) < 1 / updaters + 1e-12
+@given(summers=st.integers(1, 100), updaters=st.integers(1, 1000), floor=st.integers(0, 10))
+def test_expected_summers_never_drop_as_the_fleet_grows(
+    summers: int, updaters: int, floor: int
+) -> None:
+    expected = [
+        n * probabilities_for_targets(n, summers, updaters, floor)[0] for n in range(1, 300)
+    ]
+    assert all(b >= a - 1e-9 for a, b in itertools.pairwise(expected))
 
 
-@pytest.mark.parametrize("field", ["alive", "target_summers", "target_updaters"])
+def _binomial_bounds(n: int, p: float, tail: float) -> tuple[int, int]:
+    """The smallest ``low`` and ``high`` with P(X < low) < tail and P(X > high) < tail
+    for X ~ Binomial(n, p) (the pmf in log space: no overflow for n in the thousands)."""
+    log_pmf = [
+        math.lgamma(n + 1)
+        - math.lgamma(i + 1)
+        - math.lgamma(n - i + 1)
+        + i * math.log(p)
+        + (n - i) * math.log1p(-p)
+        for i in range(n + 1)
+    ]
+    pmf = [math.exp(v) for v in log_pmf]
+    below, low = 0.0, 0
+    while below + pmf[low] < tail:
+        below += pmf[low]
+        low += 1
+    above, high = 0.0, n
+    while above + pmf[high] < tail:
+        above += pmf[high]
+        high -= 1
+    return low, high
+
+
+def test_rounds_without_a_summer_follow_the_binomial_law() -> None:
+    """10 alive devices, sum target 3, update target 20: over 4000 simulated rounds
+    (chained seeds, fixed keys, select_task as devices and coordinator run it) the
+    rounds without a summer stay within the binomial law of the documented
+    P(no summer) = (1 - p_sum)^10, two-sided at a 1e-6 tail each way."""
+    alive, rounds = 10, 4000
+    p_sum, p_update = probabilities_for_targets(alive, 3, 20, 3)
+    assert p_sum == pytest.approx(0.3)
+    keys = [hashlib.sha256(b"device-%d" % k).digest() for k in range(alive)]
+    seed, model = bytes(32), hashlib.sha256(b"model").digest()
+    empty = 0
+    for r in range(1, rounds + 1):
+        seed = next_round_seed(seed, model, r)
+        tasks = [select_task(seed, key, p_sum, p_update) for key in keys]
+        empty += Task.SUM not in tasks
+    q = (1 - p_sum) ** alive  # 0.0282
+    low, high = _binomial_bounds(rounds, q, 1e-6)
+    assert low <= empty <= high, (empty, low, high, rounds * q)
+    # The old rule (p_sum = 3/23) leaves 4000 * 0.248 = 993 rounds without a summer.
+    assert high < rounds * (1 - 3 / 23) ** alive
+
+
+@pytest.mark.parametrize("field", ["alive", "target_summers", "target_updaters", "min_updaters"])
 def test_probabilities_reject_negative_counts(field: str) -> None:
-    args = {"alive": 10, "target_summers": 1, "target_updaters": 3, field: -1}
+    args = {"alive": 10, "target_summers": 1, "target_updaters": 3, "min_updaters": 0, field: -1}
     with pytest.raises(ConfigError) as info:
         probabilities_for_targets(**args)
     assert info.value.field == field
