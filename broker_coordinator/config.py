@@ -452,8 +452,8 @@ class CoordinatorConfig(BaseSettings):
             raise ValueError(
                 f"pet.update.count_min ({self.pet.update.count_min}) is below "
                 f"privacy.min_updates ({self.privacy.min_updates}): the update phase could "
-                "close with fewer updates than the coordinator will unmask; raise "
-                f"pet.update.count_min to at least {self.privacy.min_updates}"
+                "close with fewer updates than the coordinator will unmask; raise it to "
+                f"at least {self.privacy.min_updates}"
             )
         if self.reassembly_frames < 16:
             needed = self.storage.group_commit_max + 32

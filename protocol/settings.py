@@ -247,8 +247,18 @@ def describe_errors(
         loc = tuple(str(p) for p in err.get("loc", ()) if p != "__root__")
         where = ".".join(loc) or "(top level)"
         first = first or ".".join(loc) or None
-        origin = _origin(loc, origins) if loc else ""
         kind = err.get("type", "")
+        message = str(err.get("msg", "invalid"))
+        for lead in _LIBRARY_PREFIXES:
+            message = message.removeprefix(lead)
+        if not loc and kind not in ("extra_forbidden", "missing"):
+            # A rule across sections: its text names the fields; say which of them
+            # the environment set.
+            named = sorted(n for p, n in origins.items() if ".".join(p) in message)
+            word = "variable" if len(named) == 1 else "variables"
+            parts.append(message + (f" ({word} {', '.join(named)})" if named else ""))
+            continue
+        origin = _origin(loc, origins) if loc else ""
         if kind == "extra_forbidden":
             env_name = origins.get(loc)
             seen = f" ({origin})" if origin else ""
@@ -258,9 +268,6 @@ def describe_errors(
             env_name = prefix + "__".join(loc).upper()
             parts.append(f"{where}: required; add it to the config file (or set {env_name})")
             continue
-        message = str(err.get("msg", "invalid"))
-        for lead in _LIBRARY_PREFIXES:
-            message = message.removeprefix(lead)
         given = err.get("input")
         shown_input = not isinstance(given, dict | list | tuple) and given is not None
         notes = [f"got {given!r}"] if shown_input else []
