@@ -131,7 +131,7 @@ def test_models_list_and_export_of_a_missing_version(
             "MASKFL__PET__SUM__COUNTMIN",
             "2",
             "pet.sum.countmin: unknown key (set by environment variable "
-            "MASKFL__PET__SUM__COUNTMIN); remove it or fix its spelling",
+            "MASKFL__PET__SUM__COUNTMIN); did you mean count_min (MASKFL__PET__SUM__COUNT_MIN)?",
         ),
         (
             "MASKFL__PET__SUM__COUNT_MIN",
