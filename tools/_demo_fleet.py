@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
+from maskfl.broker_coordinator.config import PrivacyConfig
 from maskfl.broker_coordinator.provision import numbered_device_ids
 from maskfl.models import model_path
 from maskfl.protocol.errors import ConfigError
@@ -270,11 +271,30 @@ def _write_agent(fleet: DemoFleet, device: str, index: int, s: FleetSettings) ->
     )
 
 
+#: The privacy floor the demo keeps: the coordinator's default ``privacy.min_updates``.
+DEMO_MIN_UPDATES = PrivacyConfig().min_updates
+#: A round needs a summer besides the updaters the floor asks for.
+DEMO_MIN_DEVICES = DEMO_MIN_UPDATES + 1
+
+
 def demo_pet(devices: int) -> dict[str, Any]:
     """Round timing for a demo fleet on one machine: phases close as soon as the
-    fleet has answered, failed rounds are retried quickly."""
-    summers = 1 if devices < 4 else 2 if devices < 10 else 3 if devices < 20 else 4
-    updaters = max(1, min(devices - summers, 100))
+    fleet has answered, failed rounds are retried quickly.
+
+    The privacy floor stays at the coordinator's default (3 updates), and the update
+    phase waits for that many. Few summers in small fleets: with 5 devices and a sum
+    target of 1, 61 % of the rounds draw 1 or 2 summers and complete; most of the
+    others draw none and fail after the short sum window. A fleet smaller than
+    :data:`DEMO_MIN_DEVICES` can never complete a round and is refused.
+    """
+    if devices < DEMO_MIN_DEVICES:
+        raise ConfigError(
+            f"--devices must be at least {DEMO_MIN_DEVICES}: a round needs a summer and "
+            f"{DEMO_MIN_UPDATES} updaters (the privacy floor, privacy.min_updates)",
+            field="--devices",
+        )
+    summers = 1 if devices < 6 else 2 if devices < 10 else 3 if devices < 20 else 4
+    updaters = min(devices - summers, 100)
     busy = 2.0 + 0.02 * devices  # in-process fleets of hundreds train and mask in turn
     return {
         "sum": {
@@ -286,10 +306,10 @@ def demo_pet(devices: int) -> dict[str, Any]:
         },
         "update": {
             "target": updaters,
-            "count_min": 1,
+            "count_min": DEMO_MIN_UPDATES,
             "count_max": 1000,
             "time_min_s": busy,
-            "time_max_s": 10.0 + 2 * busy,  # no updater drawn: retry soon
+            "time_max_s": 10.0 + 2 * busy,  # too few updaters drawn: retry soon
         },
         "sum2": {"count_min": 1, "count_max": 100, "time_min_s": 0.0, "time_max_s": 30.0},
         "alive_window_s": 30.0,

@@ -54,6 +54,7 @@ from maskfl.protocol.messages import GlobalModel, RoundParams
 from maskfl.protocol.version import version_text
 from maskfl.tools import report as rep
 from maskfl.tools._demo_fleet import (
+    DEMO_MIN_DEVICES,
     DemoFleet,
     FleetSettings,
     console_script,
@@ -661,8 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--devices",
         type=int,
         default=10,
-        help="number of devices (default 10; more than 50 need --in-process; beyond 700 "
-        "devices share the digits data, device i training on shard i mod 700)",
+        help="number of devices (default 10, at least 4; more than 50 need --in-process; "
+        "beyond 700 devices share the digits data, device i training on shard i mod 700)",
     )
     parser.add_argument("--rounds", type=int, default=10, help="completed rounds (default 10)")
     parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="default mlp")
@@ -684,8 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> DemoOptions:
-    if args.devices < 2:
-        raise ConfigError("--devices must be at least 2", field="--devices")
+    if args.devices < DEMO_MIN_DEVICES:
+        raise ConfigError(
+            f"--devices must be at least {DEMO_MIN_DEVICES}: a round needs a summer and "
+            f"{DEMO_MIN_DEVICES - 1} updaters (the privacy floor, privacy.min_updates)",
+            field="--devices",
+        )
     if not 1 <= args.rounds <= 1000:
         raise ConfigError("--rounds must be between 1 and 1000", field="--rounds")
     if not args.in_process and args.devices > 50:

@@ -32,7 +32,13 @@ async def test_probabilities_aim_at_the_targets(
         summers=1,
         updaters=1,
         pet={
-            "sum": {"prob": None, "target": 2, "count_min": 1, "time_min_s": 0.5, "time_max_s": 1.0},
+            "sum": {
+                "prob": None,
+                "target": 2,
+                "count_min": 1,
+                "time_min_s": 0.5,
+                "time_max_s": 1.0,
+            },
             "update": {"prob": None, "target": 4},
             "max_rounds": 3,
             "failure_pause_s": 0.1,
