@@ -31,9 +31,9 @@ all incomplete, no message could ever complete. Two facts rule it out:
   missing receipt and resends). So at most ``(memory + spool) / chunk_size``
   slots are held by incomplete messages, and both bounds are capped to what
   ``receive_maximum`` leaves after room for complete messages waiting for
-  their group commit (``CoordinatorConfig.reassembly_bytes``). Admitted messages are never dropped for newer ones
-  (see :class:`ChunkTracker`), so the held frames always belong to uploads that
-  can complete.
+  their group commit (``CoordinatorConfig.reassembly_bytes``). Admitted
+  messages are never dropped for newer ones (see :class:`ChunkTracker`), so the
+  held frames always belong to uploads that can complete.
 
 Rejections and receipts
 -----------------------

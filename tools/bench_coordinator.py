@@ -202,6 +202,8 @@ async def _measure(
                 "sum2": {"count_min": 2, "count_max": 2, "time_max_s": 600.0},
             },
             "log": {"level": os.environ.get("MASKFL_BENCH_LOG", "warning"), "format": "text"},
+            # The privacy floor: 3 by default, 2 at the least (a round of 2 updaters).
+            "privacy": {"min_updates": min(3, max(2, n))},
             "http": {"enabled": True, "host": "127.0.0.1", "port": http_port},
         },
     )

@@ -320,6 +320,8 @@ async def _masked_round(
                 "failure_pause_s": 0.5,
             },
             "aggregation": {"backend": "auto"},
+            # The privacy floor: 3 by default, 2 at the least (a round of 2 updaters).
+            "privacy": {"min_updates": min(3, max(2, n))},
             "http": {"enabled": True, "host": "127.0.0.1", "port": http_port},
             "log": {"level": "info", "format": "text"},
         },

@@ -78,8 +78,12 @@ def journal_step(db: Path, round_id: int) -> str | None:
     if not db.exists():
         return None
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-        row = conn.execute("SELECT step FROM rounds WHERE round_id = ?", (round_id,)).fetchone()
-    return None if row is None else str(row[0])
+        try:
+            row = conn.execute("SELECT step FROM rounds WHERE round_id = ?", (round_id,))
+            found = row.fetchone()
+        except sqlite3.OperationalError:  # the agent created the file, not yet its tables
+            return None
+    return None if found is None else str(found[0])
 
 
 async def wait_for_step(db: Path, round_id: int, step: str, wait_s: float = 20.0) -> None:

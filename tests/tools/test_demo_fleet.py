@@ -27,7 +27,7 @@ def test_numbered_ids_keep_their_names_as_the_fleet_grows() -> None:
 def test_the_demo_takes_more_than_a_thousand_devices() -> None:
     options = _check(build_parser().parse_args(["--devices", "5000", "--in-process"]))
     assert options.devices == 5000
-    with pytest.raises(ConfigError, match="at least 2"):
+    with pytest.raises(ConfigError, match="at least 4"):
         _check(build_parser().parse_args(["--devices", "1"]))
 
 
