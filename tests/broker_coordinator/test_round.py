@@ -226,3 +226,58 @@ async def test_storage_failure_fails_the_round_and_rejects_the_batch(
     finally:
         checkpoints.unlink(missing_ok=True)
         await stop_all(parts)
+
+
+@pytest.mark.parametrize(("floor", "bad"), [(3, 1), (2, 2)])
+async def test_an_aggregate_below_the_privacy_floor_is_never_unmasked(
+    tmp_path, mosquitto: Mosquitto, floor: int, bad: int
+) -> None:
+    """Three updates accepted, but ``bad`` of them seal a seed no summer can open: the
+    summers report them, they are dropped, and what is left is below
+    ``privacy.min_updates``. The coordinator fails the round before unmasking and
+    publishes no model (the config cannot let the update phase close that low; this
+    is the floor where it is enforced, at the point of unmasking)."""
+    setup = make_setup(
+        tmp_path,
+        mosquitto.port,
+        summers=2,
+        updaters=3,
+        extra={"privacy": {"min_updates": floor}, "storage": {"dir": "state"}},
+    )
+    corrupt = {i.device_id for i in setup.updaters[:bad]}
+    parts = _participants(
+        setup,
+        mosquitto.host,
+        mosquitto.port,
+        {d: Behaviour(corrupt_seed_for_all_summers=True) for d in corrupt},
+    )
+    await start_all(parts)
+    try:
+        async with running_coordinator(setup.config_path) as coordinator:
+            await wait_for(
+                lambda: (
+                    any(trained(p) for p in parts)
+                    or (coordinator.runner is not None and coordinator.runner.rounds_failed == 1)
+                ),
+                60,
+                "the round's end",
+            )
+            assert coordinator.services is not None
+            store = coordinator.services.store
+            record = await store.get_round(1)
+            for _ in range(100):
+                if record is not None and record.outcome is not None:
+                    break
+                await asyncio.sleep(0.05)
+                record = await store.get_round(1)
+            models = await store.models()
+        assert record is not None and record.outcome == "failed"
+        assert f"privacy.min_updates = {floor}" in (record.detail or ""), record.detail
+        assert f"only {3 - bad} of the round's updates" in (record.detail or "")
+        assert [m.version for m in models if m.version >= 1] == []
+        assert not any(trained(p) for p in parts)
+        # The updates themselves were accepted: the floor is about unmasking, not intake.
+        for p in parts[2:]:
+            assert [r.accepted for r in p.receipts] == [True], p.receipts
+    finally:
+        await stop_all(parts)

@@ -154,30 +154,36 @@ def sortition() -> dict[str, Any]:
 
 def probabilities() -> dict[str, Any]:
     cases = []
-    for alive, s, u in (
-        (0, 3, 10),
-        (1, 3, 10),
-        (4, 1, 3),
-        (10, 3, 20),
-        (13, 3, 10),
-        (20, 3, 10),
-        (100, 3, 10),
-        (1000, 5, 100),
-        (50, 0, 10),
+    for alive, s, u, r in (
+        (0, 3, 10, 3),
+        (1, 3, 10, 3),
+        (2, 3, 10, 3),
+        (4, 1, 3, 3),
+        (4, 3, 10, 3),
+        (6, 3, 10, 3),
+        (10, 3, 20, 3),
+        (10, 3, 5, 3),
+        (13, 3, 10, 3),
+        (20, 3, 10, 3),
+        (100, 3, 10, 3),
+        (1000, 5, 100, 3),
+        (50, 0, 10, 3),
+        (50, 3, 0, 0),
     ):
-        p_sum, p_update = probabilities_for_targets(alive, s, u)
+        p_sum, p_update = probabilities_for_targets(alive, s, u, r)
         cases.append(
             {
                 "alive": alive,
                 "target_summers": s,
                 "target_updaters": u,
+                "min_updaters": r,
                 "p_sum": _f(p_sum),
                 "p_update": _f(p_update),
             }
         )
     return {
-        "about": "(p_sum, p_update) from the devices alive and the targets "
-        "(probabilities_for_targets; docs/protocol.md §4.3).",
+        "about": "(p_sum, p_update) from the devices alive, the targets and the update "
+        "phase's count_min (probabilities_for_targets; docs/protocol.md §4.3).",
         "cases": cases,
     }
 

@@ -124,7 +124,7 @@ def test_sortition_tickets() -> None:
 def test_probabilities() -> None:
     for case in load("probabilities.json")["cases"]:
         p_sum, p_update = probabilities_for_targets(
-            case["alive"], case["target_summers"], case["target_updaters"]
+            case["alive"], case["target_summers"], case["target_updaters"], case["min_updaters"]
         )
         assert (p_sum, p_update) == (f(case["p_sum"]), f(case["p_update"])), case
 
