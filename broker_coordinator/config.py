@@ -5,7 +5,8 @@ writes files that match it). Loading order, later wins::
 
     defaults  <  the TOML file  <  environment (MASKFL__SECTION__KEY, nested with "__")
 
-so ``MASKFL__PET__SUM__COUNT_MIN=2`` overrides ``[pet.sum] count_min``. Relative paths
+so ``MASKFL__PET__SUM__COUNT_MIN=2`` overrides ``[pet.sum] count_min`` and nothing else
+(values are read as TOML values; :mod:`maskfl.protocol.settings`). Relative paths
 are resolved against the directory of the TOML file (a provisioning bundle can be
 moved as a whole). Every model is frozen and forbids unknown keys; cross-field rules
 live in validators. :func:`load_config` turns every pydantic error into a
@@ -48,12 +49,15 @@ Example (all sections; most keys have defaults)::
     word_bits = "auto"                    # 32, 64, or auto (32 unless tolerance needs 64)
     tolerance = 1e-5
 
-    [pet.sum]
-    target = 3
+    [pet.sum]                             # a table keeps the defaults of the keys
+    target = 3                            # it leaves out
     count_min = 1
     count_max = 100
     time_min_s = 2
     time_max_s = 60
+
+    [privacy]
+    min_updates = 3                       # never unmask fewer updates (at least 2)
 
     [optimizer]
     kind = "fedavg"                       # fedavg | fedavgm | fedadam
