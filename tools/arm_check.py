@@ -119,6 +119,12 @@ count_min = 1
 count_max = 4
 time_min_s = 1.0
 time_max_s = 60.0
+
+# Four devices: a round of one summer and two updaters must count (the default
+# floor, 3, would leave only rounds with exactly one summer). 2 is the lowest floor
+# any configuration may set.
+[privacy]
+min_updates = 2
 """
 
 
