@@ -121,12 +121,16 @@ async def test_status_page_shows_a_live_fleet(
         extra={
             "http": {"enabled": True, "host": "127.0.0.1", "port": port},
             "fleet": {"revocations_file": "revoked.bin", "revocations_poll_s": 0.2},
+            # Rounds after the first draw roles at p_sum = 0.5 among six devices: with
+            # the default floor (3 updates) a third of them fail and two completed
+            # rounds could take longer than the wait below.
+            "privacy": {"min_updates": 2},
         },
         pet={
             "max_rounds": 0,
             # A round lasts at least 3 s, longer than the page's 2 s refresh.
             "sum": {"count_min": 1, "count_max": n, "time_min_s": 2.0, "time_max_s": 20.0},
-            "update": {"count_min": 3, "count_max": n, "time_min_s": 1.0, "time_max_s": 20.0},
+            "update": {"count_min": 2, "count_max": n, "time_min_s": 1.0, "time_max_s": 20.0},
             "sum2": {"count_min": 1, "count_max": n, "time_min_s": 0.5, "time_max_s": 20.0},
         },
     )
