@@ -97,3 +97,27 @@ def test_cli_prints_one_line_and_exits_2(
     assert main(["run", "--config", str(_write(tmp_path, MINIMAL))]) == 2
     assert "fleet.ca_public_key_file" in capsys.readouterr().err
     assert main(["status", "--config", str(path.with_name("x.toml"))]) == 2
+
+
+def test_a_small_chunk_size_alone_fits_the_broker_window(tmp_path: Path) -> None:
+    """MASKFL__PET__CHUNK_SIZE=8192 alone asked for broker.receive_maximum >= 65,680
+    (beyond MQTT's 65,535): the in-memory reassembly bound is capped at the frames the
+    window leaves instead, and the spool takes what remains of it."""
+    config = load_config(_write(tmp_path, MINIMAL), env={"MASKFL__PET__CHUNK_SIZE": "8192"})
+    assert config.pet.chunk_size == 8192
+    assert config.pet.reassembly_max_bytes == 512 * 1024 * 1024  # the documented default
+    frames = config.broker.receive_maximum - config.storage.group_commit_max - 16
+    assert config.reassembly_frames == frames == 65391
+    assert config.reassembly_bytes == frames * 8192 < config.pet.reassembly_max_bytes
+    assert config.reassembly_spool_bytes() == 0
+    # The default chunk size leaves the memory bound as written, and the spool the rest.
+    default = load_config(_write(tmp_path, MINIMAL), env={})
+    assert default.reassembly_bytes == default.pet.reassembly_max_bytes
+    in_memory = default.reassembly_bytes // default.pet.chunk_size
+    assert default.reassembly_spool_bytes() == (frames - in_memory) * default.pet.chunk_size
+
+
+def test_a_spool_the_window_cannot_hold_is_refused(tmp_path: Path) -> None:
+    env = {"MASKFL__PET__REASSEMBLY_SPOOL_MAX_BYTES": str(1 << 40)}
+    with pytest.raises(ConfigError, match=r"pet\.reassembly_spool_max_bytes .* lower it to"):
+        load_config(_write(tmp_path, MINIMAL), env=env)
