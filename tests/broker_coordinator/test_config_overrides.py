@@ -136,3 +136,25 @@ def test_a_privacy_floor_below_two_is_refused_from_the_file(tmp_path: Path) -> N
     tree = merge(WALK.minimal, {"privacy": {"min_updates": 1}, "pet": {"update": {"count_min": 1}}})
     with pytest.raises(ConfigError, match=r"privacy\.min_updates: must be at least 2: "):
         load_config(write(tmp_path / "c.toml", tree), env={})
+
+
+def test_the_overrides_the_independent_check_reported(tmp_path: Path) -> None:
+    """Each exactly as reported, on a file without [pet] tables (as provisioning writes)."""
+    path = write(tmp_path / "c.toml", WALK.minimal)
+    defaults = load_config(path, env={})
+    assert (defaults.pet.update.time_max_s, defaults.pet.update.count_min) == (300.0, 3)
+    config = load_config(path, env={"MASKFL__PET__UPDATE__TARGET": "10"})
+    assert config.pet == defaults.pet  # it was: time_max_s 60, count_min 1
+    config = load_config(path, env={"MASKFL__PET__SUM__TIME_MAX_S": "15"})
+    assert config.pet.sum == defaults.pet.sum.model_copy(update={"time_max_s": 15.0})
+    appended = path.read_text() + "\n[pet.sum]\ntime_max_s = 15\n"  # it was: exit 2
+    config = load_config(_text(tmp_path / "e.toml", appended), env={})
+    assert config.pet.sum == defaults.pet.sum.model_copy(update={"time_max_s": 15.0})
+    for bits in (32, 64):  # it was: "Input should be 'auto', 32 or 64 (got '64')"
+        env = {"MASKFL__MASKING__WORD_BITS": str(bits)}
+        assert load_config(path, env=env).masking.word_bits == bits
+
+
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
