@@ -252,6 +252,48 @@ def _connect_ro(path: Path) -> sqlite3.Connection:
     return con
 
 
+@dataclass(frozen=True)
+class RoundRow:
+    """A round as the coordinator's database records it: outcome, reason, phase times."""
+
+    round_id: int
+    outcome: str | None
+    detail: str | None
+    phases: dict[str, float]
+
+
+_TIMED_PHASES = ("sum", "update", "sum2", "unmask")
+
+
+def coordinator_round(state_dir: Path, round_id: int) -> RoundRow | None:
+    """Read one round's row and its phase log from the coordinator's database (read-only;
+    blocking). Phase durations run from a phase's opening to the next one's, the last to
+    the round's end. None if the round is not there (yet)."""
+    db = state_dir / "coordinator.db"
+    if not db.exists():
+        return None
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        row = conn.execute(
+            "SELECT outcome, detail, finished_at FROM rounds WHERE round_id = ?", (round_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        opened = conn.execute(
+            "SELECT phase, opened_at FROM phase_log WHERE round_id = ? ORDER BY opened_at",
+            (round_id,),
+        ).fetchall()
+    finally:
+        conn.close()
+    outcome, detail, finished = row
+    phases: dict[str, float] = {}
+    for i, (phase, at) in enumerate(opened):
+        until = opened[i + 1][1] if i + 1 < len(opened) else finished
+        if until is not None and phase in _TIMED_PHASES:
+            phases[str(phase)] = max(0.0, float(until) - float(at))
+    return RoundRow(round_id, outcome, detail, phases)
+
+
 class StoreSampler:
     """Polls the coordinator's database and update log; keeps the first stored update
     of every round (the coordinator deletes them once the round is aggregated).

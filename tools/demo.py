@@ -68,6 +68,7 @@ from maskfl.tools._demo_watch import (
     RoundEvent,
     StoreSampler,
     SumsEvent,
+    coordinator_round,
     fetch_status,
     journal_rounds,
     plain_update,
@@ -336,7 +337,7 @@ class Demo:
             last_progress = time.monotonic()
             match event:
                 case RoundEvent():
-                    self._on_round(event)
+                    await self._on_round(event, fleet)
                 case SumsEvent():
                     r = self.rounds.get(event.round_id)
                     if r is not None:
@@ -352,15 +353,33 @@ class Demo:
                     )
                     completed += 1
 
-    def _on_round(self, event: RoundEvent) -> None:
-        for rid in self.rounds:
+    async def _on_round(self, event: RoundEvent, fleet: DemoFleet) -> None:
+        for rid, seen in list(self.rounds.items()):
             if (
                 rid < event.round_id
                 and rid not in self.failed_rounds
                 and not any(rec.round_id == rid for rec in self.records)
             ):
                 self.failed_rounds.append(rid)
-                self.say(f"round {rid:3d} | failed (see coordinator.log); the next round starts")
+                row = await asyncio.to_thread(coordinator_round, fleet.coordinator_state, rid)
+                reason = (row.detail if row is not None else None) or "see coordinator.log"
+                phases = rep.phase_times(row.phases if row is not None else None)
+                self.records.append(
+                    rep.RoundRecord(
+                        round_id=rid,
+                        outcome="failed",
+                        model_version=None,
+                        participants=0,
+                        summers=seen.summers,
+                        accuracy=None,
+                        loss=None,
+                        seconds=None,
+                        bytes_per_device=0.0,
+                        phases=phases,
+                        reason=reason,
+                    )
+                )
+                self.say(f"round {rid:3d} | {_phase_text(phases)} | failed: {reason}")
         self.rounds[event.round_id] = _Round(event.round_id, event.at, event.params)
         self.mask = event.params.mask
 
@@ -395,15 +414,10 @@ class Demo:
         metrics = event.metrics
         r = self.rounds.get(rid)
         started = r.started if r is not None else event.at
-        phases: dict[str, float] = {}
-        if r is not None and r.sums_at is not None:
-            phases["sum"] = r.sums_at - r.started
-            sum2_at = r.phase_seen.get("sum2")
-            if sum2_at is not None and sum2_at > r.sums_at:
-                phases["update"] = sum2_at - r.sums_at
-                phases["sum2+unmask"] = event.at - sum2_at
-            else:
-                phases["update+sum2+unmask"] = event.at - r.sums_at
+        # The coordinator's own phase log (the model is published after the round's
+        # row is committed, so it is complete here).
+        row = await asyncio.to_thread(coordinator_round, fleet.coordinator_state, rid)
+        phases = rep.phase_times(row.phases if row is not None else None)
         journals = {d: journal_rounds(fleet.agent_state(d)) for d in fleet.device_ids}
         sent = {d: j[rid] for d, j in journals.items() if rid in j}
         updater_bytes = [
@@ -430,7 +444,14 @@ class Demo:
             loss=ev.loss,
             seconds=event.at - started,
             bytes_per_device=float(np.mean(participant_bytes)) if participant_bytes else 0.0,
-            phases={k: round(v, 3) for k, v in phases.items()},
+            phases=phases,
+            outcome="completed",
+            fleet_accuracy=metrics.get("accuracy"),
+            fleet_loss=metrics.get("loss"),
+            fleet_examples=None if "examples" not in metrics else int(metrics["examples"]),
+            evaluated_version=None
+            if "evaluated_version" not in metrics
+            else int(metrics["evaluated_version"]),
         )
         self.records.append(record)
         if self.sampler is not None:
@@ -438,7 +459,13 @@ class Demo:
         check = self._check_round(
             fleet, rid=rid, previous=previous, current=weights, metrics=metrics, sent=sent
         )
-        phase_text = " ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+        phase_text = _phase_text(phases)
+        fleet_text = ""
+        if record.fleet_accuracy is not None:
+            fleet_text = (
+                f" | fleet accuracy of v{record.evaluated_version} {record.fleet_accuracy:.3f} "
+                f"({record.fleet_examples} held-out, masked)"
+            )
         agg = ""
         if check is not None:
             same = "=" if check.within else "!="
@@ -446,7 +473,8 @@ class Demo:
         self.say(
             f"round {rid:3d} | {phase_text} | {record.summers} summers, "
             f"{record.participants} updates"
-            f" | accuracy {ev.accuracy:.3f} loss {ev.loss:.3f} | {record.seconds:.1f} s"
+            f" | accuracy {ev.accuracy:.3f} loss {ev.loss:.3f}{fleet_text}"
+            f" | {record.seconds:.1f} s"
             f" | {_kb(np.mean(updater_bytes) if updater_bytes else 0)} per updater{agg}"
         )
         return weights
@@ -552,7 +580,7 @@ class Demo:
         o = self.o
         total = time.monotonic() - self.started
         config = {
-            "title": f"maskfl demo: {o.devices} devices, {o.model}, {o.rounds} rounds",
+            "title": f"maskfl demo: {o.devices} devices, {o.model}",
             "devices": o.devices,
             "rounds": o.rounds,
             "model": o.model,
@@ -572,18 +600,30 @@ class Demo:
             "workdir": str(self.root),
             "cpus": os.cpu_count(),
         }
-        report = rep.Report(config=config, rounds=list(self.records))
+        records = sorted(self.records, key=lambda r: r.round_id)
+        done = [r for r in records if r.outcome == "completed"]
+        report = rep.Report(config=config, rounds=records)
         report.privacy = self._privacy()
-        seconds = [r.seconds for r in self.records]
+        seconds = [r.seconds for r in done if r.seconds is not None]
+        fleet = [r for r in done if r.fleet_accuracy is not None]
         upd = [b["updater_bytes_mean"] for b in self.bytes_rows if b["updater_bytes_mean"]]
         report.summary = {
-            "rounds_completed": len(self.records),
+            "rounds_completed": len(done),
             "rounds_failed": len(self.failed_rounds),
             "failed_rounds": sorted(self.failed_rounds),
             "initial_accuracy": acc0,
             "initial_loss": loss0,
-            "final_accuracy": self.records[-1].accuracy if self.records else None,
-            "best_accuracy": max((r.accuracy for r in self.records), default=None),
+            "final_accuracy": done[-1].accuracy if done else None,
+            "best_accuracy": max((r.accuracy for r in done if r.accuracy), default=None),
+            "fleet_evaluation": [
+                {
+                    "model_version": r.evaluated_version,
+                    "fleet_accuracy": r.fleet_accuracy,
+                    "fleet_loss": r.fleet_loss,
+                    "examples": r.fleet_examples,
+                }
+                for r in fleet
+            ],
             "round_seconds_mean": float(np.mean(seconds)) if seconds else None,
             "round_seconds_max": float(np.max(seconds)) if seconds else None,
             "bytes_per_updater_per_round": float(np.mean(upd)) if upd else None,
@@ -598,6 +638,11 @@ class Demo:
             "total_seconds": round(total, 1),
         }
         return report
+
+
+def _phase_text(phases: dict[str, float | None]) -> str:
+    """The console's phase column: every phase, always in the same shape."""
+    return " ".join(f"{k} {'-' if v is None else f'{v:.1f}s':>5}" for k, v in phases.items())
 
 
 def _log_to_file(path: Path) -> None:
@@ -729,6 +774,15 @@ def print_summary(report: rep.Report, json_path: Path, png_path: Path) -> None:
         print(
             f"  accuracy on held-out digits: {s['initial_accuracy']:.3f} -> {acc:.3f} "
             f"(best {s['best_accuracy']:.3f})"
+        )
+    fleet = s.get("fleet_evaluation") or []
+    if fleet:
+        first, last = fleet[0], fleet[-1]
+        print(
+            f"  fleet accuracy (federated evaluation, only fleet totals unmasked): "
+            f"v{first['model_version']} {first['fleet_accuracy']:.3f} -> "
+            f"v{last['model_version']} {last['fleet_accuracy']:.3f} "
+            f"on {last['examples']} held-out examples of the updaters"
         )
     if s.get("round_seconds_mean") is not None:
         print(

@@ -15,21 +15,46 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+PHASES = ("sum", "update", "sum2", "unmask")
+"""The keys of every round's ``phases``, in order (None: the round did not reach it)."""
+
+
+def phase_times(measured: dict[str, Any] | None) -> dict[str, float | None]:
+    """``measured`` (the coordinator's phase durations) with exactly the keys of PHASES."""
+    out: dict[str, float | None] = {}
+    for key in PHASES:
+        value = (measured or {}).get(key)
+        out[key] = None if value is None else round(float(value), 3)
+    return out
+
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """What the demo saw of one round."""
+    """What the demo saw of one round, completed or failed (every round has all fields).
+
+    ``accuracy``/``loss`` are the demo's own check of the round's new model on held-out
+    digits (None for a failed round); ``fleet_*`` the fleet's federated evaluation,
+    unmasked only as a total, of the model the round started from
+    (``evaluated_version``), published with the round's model.
+    """
 
     round_id: int
-    model_version: int
+    outcome: str
+    model_version: int | None
     participants: int
     summers: int
-    accuracy: float
-    loss: float
-    seconds: float
+    accuracy: float | None
+    loss: float | None
+    seconds: float | None
     bytes_per_device: float
-    phases: dict[str, float] = field(default_factory=dict)
-    """Seconds spent in each phase, as far as the demo could see them."""
+    phases: dict[str, float | None] = field(default_factory=lambda: phase_times(None))
+    """Seconds in each phase, from the coordinator's phase log: always the keys PHASES."""
+    reason: str | None = None
+    """Why a failed round failed (the coordinator's words)."""
+    fleet_accuracy: float | None = None
+    fleet_loss: float | None = None
+    fleet_examples: int | None = None
+    evaluated_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,10 +131,32 @@ class Report:
             self.rounds,
             png_path,
             title=str(self.config.get("title", "maskfl demo")),
-            failed=[int(r) for r in self.summary.get("failed_rounds", [])],
             initial=None if acc0 is None or loss0 is None else (float(acc0), float(loss0)),
+            privacy=privacy_verdict(self.privacy),
         )
         return json_path, png_path
+
+
+def privacy_verdict(privacy: dict[str, Any]) -> str | None:
+    """One line: does a stored update look random, does the aggregate match the plain mean."""
+    parts = []
+    stored = privacy.get("stored_update")
+    if stored:
+        m = stored["masked"]
+        looks = "looks uniform" if stored.get("looks_random") else "DOES NOT look uniform"
+        parts.append(
+            f"a stored masked update {looks} ({m['entropy_bits_per_byte']:.3f} bits/byte, "
+            f"chi-square p = {m['p_value']:.2f})"
+        )
+    checks = privacy.get("aggregate_checks") or []
+    if checks:
+        ok = sum(1 for c in checks if c.get("within"))
+        worst = max(c["max_abs_difference"] for c in checks)
+        parts.append(
+            f"unmasked sum = plain weighted mean in {ok}/{len(checks)} rounds "
+            f"(max diff {worst:.1e})"
+        )
+    return "privacy: " + "; ".join(parts) if parts else None
 
 
 def plot(
@@ -117,56 +164,125 @@ def plot(
     path: Path,
     *,
     title: str,
-    failed: list[int] | None = None,
     initial: tuple[float, float] | None = None,
+    privacy: str | None = None,
 ) -> None:
-    """Global accuracy and loss per round, and participants per round, in one PNG.
+    """Accuracy and loss per round (the demo's held-out check and the fleet's masked
+    evaluation), and participants and round time per round, in one PNG.
 
-    ``initial`` (accuracy, loss of the initial model) is drawn at round 0; ``failed``
-    rounds are marked with a red x on the participants axis.
+    A failed round is shaded across both panels, with its reason in the legend; no
+    line is drawn across it. Legends sit beside the axes, never on the data. The title
+    counts the rounds the x axis shows; the privacy verdict is printed under it.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    xs = [r.round_id for r in rounds]
-    accuracy = [r.accuracy for r in rounds]
-    losses = [r.loss for r in rounds]
-    line_xs = xs
-    if initial is not None:
-        line_xs = [0, *xs]
-        accuracy = [initial[0], *accuracy]
-        losses = [initial[1], *losses]
-    fig, (ax_acc, ax_part) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    ax_acc.plot(line_xs, accuracy, "o-", color="tab:blue", label="accuracy")
-    ax_acc.set_ylabel("test accuracy")
-    ax_acc.set_ylim(0, 1)
+    ordered = sorted(rounds, key=lambda r: r.round_id)
+    nan = float("nan")
+    xs = [0, *(r.round_id for r in ordered)]
+    held_acc = [initial[0] if initial else nan] + [
+        nan if r.accuracy is None else r.accuracy for r in ordered
+    ]
+    held_loss = [initial[1] if initial else nan] + [
+        nan if r.loss is None else r.loss for r in ordered
+    ]
+    # The fleet's evaluation of version v is drawn where v came out: round 0 for the
+    # initial model, else the round that published v.
+    where = {0: 0, **{r.model_version: r.round_id for r in ordered if r.model_version}}
+    fleet: dict[int, tuple[float, float]] = {
+        where[r.evaluated_version]: (
+            r.fleet_accuracy,
+            nan if r.fleet_loss is None else r.fleet_loss,
+        )
+        for r in ordered
+        if r.evaluated_version in where and r.fleet_accuracy is not None
+    }
+    fleet_acc = [fleet.get(x, (nan, nan))[0] for x in xs]
+    fleet_loss = [fleet.get(x, (nan, nan))[1] for x in xs]
+    completed = [r for r in ordered if r.outcome == "completed"]
+    failed = [r for r in ordered if r.outcome != "completed"]
+
+    fig, (ax_acc, ax_part) = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
+    ax_acc.plot(xs, held_acc, "o-", color="tab:blue", label="accuracy, demo's held-out check")
+    if any(not math.isnan(v) for v in fleet_acc):
+        ax_acc.plot(
+            xs, fleet_acc, "^:", color="tab:purple", label="accuracy, fleet (masked evaluation)"
+        )
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylim(0, 1.02)
     ax_acc.grid(alpha=0.3)
     ax_loss = ax_acc.twinx()
-    ax_loss.plot(line_xs, losses, "s--", color="tab:red", label="loss")
-    ax_loss.set_ylabel("test loss")
-    lines = ax_acc.get_lines() + ax_loss.get_lines()
-    ax_acc.legend(lines, [str(line.get_label()) for line in lines], loc="center right")
-    ax_acc.set_title(title)
-    ax_part.bar(xs, [r.participants for r in rounds], color="tab:green", label="updaters")
+    ax_loss.plot(xs, held_loss, "s--", color="tab:red", label="loss, demo's held-out check")
+    if any(not math.isnan(v) for v in fleet_loss):
+        ax_loss.plot(xs, fleet_loss, "v:", color="tab:brown", label="loss, fleet (masked)")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_ylim(bottom=0)
+
+    part_xs = [r.round_id for r in ordered]
+    ax_part.bar(part_xs, [r.participants for r in ordered], color="tab:green", label="updates")
     ax_part.bar(
-        xs,
-        [r.summers for r in rounds],
-        bottom=[r.participants for r in rounds],
+        part_xs,
+        [r.summers for r in ordered],
+        bottom=[r.participants for r in ordered],
         color="tab:orange",
         label="summers",
     )
-    if failed:
-        ax_part.plot(
-            failed, [0.3] * len(failed), "x", color="tab:red", markersize=10, label="failed round"
-        )
-    ax_part.set_xlabel("round")
     ax_part.set_ylabel("devices")
-    ax_part.legend(loc="upper left")
+    ax_part.set_xlabel("round")
     ax_part.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    ax_time = ax_part.twinx()
+    ax_time.plot(
+        part_xs,
+        [nan if r.seconds is None or r.outcome != "completed" else r.seconds for r in ordered],
+        "d-",
+        color="tab:gray",
+        label="round time (s)",
+    )
+    ax_time.set_ylabel("round time (s)")
+    times = [r.seconds for r in completed if r.seconds is not None]
+    ax_time.set_ylim(0, 1.3 * max(times) if times else 1.0)
+
+    reasons: dict[str, None] = {}
+    for r in failed:
+        why = (r.reason or "failed").split(": ", 1)[-1]
+        label = f"round {r.round_id} failed: {why[:70]}"
+        reasons[label] = None
+        for ax in (ax_acc, ax_part):
+            ax.axvspan(r.round_id - 0.5, r.round_id + 0.5, color="tab:red", alpha=0.15, lw=0)
+    shade = [Patch(color="tab:red", alpha=0.15, label=label) for label in reasons]
+    top = ax_acc.get_lines() + ax_loss.get_lines()
+    ax_acc.legend(
+        [*top, *shade],
+        [str(line.get_label()) for line in top] + list(reasons),
+        loc="upper left",
+        bbox_to_anchor=(1.08, 1.0),
+        fontsize=8,
+        frameon=False,
+    )
+    bottom = [*ax_part.containers, *ax_time.get_lines()]
+    ax_part.legend(
+        bottom,
+        ["updates", "summers", "round time (s)"],
+        loc="upper left",
+        bbox_to_anchor=(1.08, 1.0),
+        fontsize=8,
+        frameon=False,
+    )
+    last = max(xs)
+    ax_part.set_xlim(-0.6, last + 0.6)
+    ax_part.set_xticks(range(0, last + 1, max(1, (last + 9) // 10)))
+    fig.suptitle(
+        f"{title}: {len(completed)} rounds completed, {len(failed)} failed "
+        f"(round 0 = the initial model)",
+        fontsize=11,
+    )
+    if privacy:
+        fig.text(0.5, 0.005, privacy, ha="center", va="bottom", fontsize=8, wrap=True)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

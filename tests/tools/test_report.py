@@ -85,15 +85,85 @@ def test_aggregate_check_accepts_the_bound_and_rejects_more() -> None:
     assert off.max_abs_difference == pytest.approx(1e-4, rel=0.1)
 
 
+def _completed(i: int, version: int) -> rep.RoundRecord:
+    return rep.RoundRecord(
+        round_id=i,
+        outcome="completed",
+        model_version=version,
+        participants=5,
+        summers=2,
+        accuracy=0.5 + 0.1 * i,
+        loss=1.0 / i,
+        seconds=3.0,
+        bytes_per_device=20_000.0,
+        phases=rep.phase_times({"sum": 1.0, "update": 1.5, "sum2": 0.2, "unmask": 0.01}),
+        fleet_accuracy=0.4 + 0.1 * i,
+        fleet_loss=1.2 / i,
+        fleet_examples=300,
+        evaluated_version=version - 1,
+    )
+
+
 def test_report_writes_json_and_png(tmp_path: Path) -> None:
     report = rep.Report(config={"title": "t"})
-    for i in range(1, 4):
-        report.rounds.append(
-            rep.RoundRecord(i, i, 5, 2, 0.5 + 0.1 * i, 1.0 / i, 3.0, 20_000.0, {"sum": 1.0})
+    report.rounds += [_completed(1, 1), _completed(3, 2), _completed(4, 3)]
+    report.rounds.append(
+        rep.RoundRecord(
+            round_id=2,
+            outcome="failed",
+            model_version=None,
+            participants=0,
+            summers=1,
+            accuracy=None,
+            loss=None,
+            seconds=None,
+            bytes_per_device=0.0,
+            phases=rep.phase_times({"sum": 20.0}),
+            reason="RoundFailedError: update phase: 0 of at least 2 messages by time_max",
         )
+    )
     report.summary = {"failed_rounds": [2], "initial_accuracy": 0.1, "initial_loss": 2.3}
+    report.privacy = {
+        "stored_update": {
+            "looks_random": True,
+            "masked": {"entropy_bits_per_byte": 7.998, "p_value": 0.41},
+        },
+        "aggregate_checks": [{"within": True, "max_abs_difference": 1e-7}] * 3,
+    }
     json_path, png_path = report.write(tmp_path)
     data = json.loads(json_path.read_text())
-    assert [r["round_id"] for r in data["rounds"]] == [1, 2, 3]
-    assert data["rounds"][0]["phases"] == {"sum": 1.0}
+    assert [r["round_id"] for r in data["rounds"]] == [1, 3, 4, 2]
+    failed = [r for r in data["rounds"] if r["outcome"] == "failed"]
+    assert [r["round_id"] for r in failed] == [2] and "update phase" in failed[0]["reason"]
+    # Every round's phases have the same keys, reached or not.
+    assert {tuple(r["phases"]) for r in data["rounds"]} == {rep.PHASES}
+    assert failed[0]["phases"]["update"] is None
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    verdict = rep.privacy_verdict(report.privacy)
+    assert verdict is not None and "looks uniform" in verdict and "3/3" in verdict
+
+
+async def test_round_rows_from_the_coordinator_database(tmp_path: Path) -> None:
+    """The demo reads phase times and a failed round's reason from the real store."""
+    import dataclasses
+
+    from maskfl.broker_coordinator.store import RoundRecord as Row
+    from maskfl.broker_coordinator.store import Store
+    from maskfl.tools._demo_watch import coordinator_round
+
+    row = Row(1, "sum", b"s" * 32, bytes(32), 0.5, 1.0, b"params", 100.0, 100.0)
+    async with Store.open(tmp_path / "coordinator.db") as store:
+        for phase, at in (("sum", 100.0), ("update", 101.5), ("sum2", 104.0)):
+            async with store.transaction() as tx:
+                row = dataclasses.replace(row, phase=phase, phase_opened_at=at)
+                await tx.put_round(row)
+        async with store.transaction() as tx:
+            await tx.put_round(
+                dataclasses.replace(
+                    row, phase="failure", outcome="failed", detail="sum2: 0 of 1", finished_at=134.0
+                )
+            )
+    got = coordinator_round(tmp_path, 1)
+    assert got is not None and got.outcome == "failed" and got.detail == "sum2: 0 of 1"
+    assert rep.phase_times(got.phases) == {"sum": 1.5, "update": 2.5, "sum2": 30.0, "unmask": None}
+    assert coordinator_round(tmp_path, 2) is None
