@@ -14,8 +14,10 @@ An environment value is read as a TOML value would be: ``64`` is an integer,
 ``{ shard = 0, shards = 4 }`` a table. Text that is not a TOML value
 (``localhost``, ``10.0.0.2``, ``fedadam``) is taken as written, and so is any
 value of a key whose type is text (names, hosts, paths): ``MASKFL__FLEET__ID=2024``
-is the string ``"2024"``. A variable whose first part names no section of this
-service (``MASKFL__PET__...`` seen by the agent) is left to the other service.
+is the string ``"2024"``. Both services read the same prefix, so a variable whose
+first part is a section of the other service only (``MASKFL__PET__...`` seen by
+the agent, :data:`SECTIONS`) is left to it; one that names no section of either
+(``MASKFL__BROKR__PORT``) is an unknown key, reported with the closest section.
 
 :func:`describe_errors` turns validation errors (pydantic's ``errors()`` list of
 dicts) into one line that names each field once, says which environment variable
@@ -40,6 +42,7 @@ from typing import Any
 
 __all__ = [
     "ENV_PREFIX",
+    "SECTIONS",
     "EnvOrigins",
     "describe_errors",
     "env_overrides",
@@ -50,6 +53,19 @@ __all__ = [
 ]
 
 ENV_PREFIX = "MASKFL__"
+
+#: The top-level tables of each service's config (a test checks them against the
+#: models): an override for a section of the other service is not a mistake.
+SECTIONS: dict[str, frozenset[str]] = {
+    "agent": frozenset(
+        ("broker", "data", "device", "guards", "heartbeat", "limits", "logging", "state")
+        + ("training",)
+    ),
+    "coordinator": frozenset(
+        ("aggregation", "broker", "fleet", "http", "identity", "log", "masking", "model")
+        + ("optimizer", "pet", "privacy", "storage")
+    ),
+}
 
 #: Which environment variable set which key path (lower-case parts).
 EnvOrigins = dict[tuple[str, ...], str]
@@ -137,18 +153,19 @@ def env_overrides(
     """The nested table the ``prefix`` variables of ``environ`` set, and who set what.
 
     Parts are matched case-insensitively and stored lower-case. A variable whose
-    first part is no top-level key of ``schema`` is skipped (it belongs to the
-    other service); an unknown key below a known section is kept, so validation
-    reports it (with the variable's name, through ``origins``).
+    first part is a section of another service only (:data:`SECTIONS`) is skipped;
+    any other unknown key is kept, so validation reports it (with the variable's
+    name, through ``origins``).
     """
     top = _fields(schema) or {}
+    others = frozenset().union(*SECTIONS.values()) - set(top)
     tree: dict[str, Any] = {}
     origins: EnvOrigins = {}
     for name in sorted(environ, key=lambda n: (n.count("__"), n)):
         if not name.upper().startswith(prefix.upper()):
             continue
         parts = [p.lower() for p in name[len(prefix) :].split("__")]
-        if not parts or "" in parts or parts[0] not in top:
+        if not parts or "" in parts or parts[0] in others:
             continue
         text = False
         current: Any = schema
@@ -215,13 +232,14 @@ def _origin(loc: tuple[str, ...], origins: EnvOrigins) -> str:
     return f"set by environment {word} {', '.join(names)}"
 
 
-def _suggest(schema: Any, loc: tuple[str, ...], env_name: str | None, prefix: str) -> str:
+def _suggest(schema: Any, loc: tuple[str, ...], origins: EnvOrigins, prefix: str) -> str:
     known = field_names(schema, loc[:-1])
     close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
     if not close:
         return "remove it or fix its spelling"
-    if env_name is not None:
-        fixed = prefix + "__".join((*loc[:-1], close[0])).upper()
+    below = sorted(path for path in origins if path[: len(loc)] == loc)
+    if below:  # the same variable, spelt right
+        fixed = prefix + "__".join((*loc[:-1], close[0], *below[0][len(loc) :])).upper()
         return f"did you mean {close[0]} ({fixed})?"
     return f"did you mean {close[0]}?"
 
@@ -260,9 +278,8 @@ def describe_errors(
             continue
         origin = _origin(loc, origins) if loc else ""
         if kind == "extra_forbidden":
-            env_name = origins.get(loc)
             seen = f" ({origin})" if origin else ""
-            parts.append(f"{where}: unknown key{seen}; {_suggest(schema, loc, env_name, prefix)}")
+            parts.append(f"{where}: unknown key{seen}; {_suggest(schema, loc, origins, prefix)}")
             continue
         if kind == "missing":
             env_name = prefix + "__".join(loc).upper()

@@ -10,6 +10,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from maskfl.protocol.settings import (
+    SECTIONS,
     describe_errors,
     env_overrides,
     env_variable_for,
@@ -100,3 +101,26 @@ def test_a_bad_value_names_the_value_and_its_variable() -> None:
     assert text.startswith("broker.bits: Input should be 'auto', 32 or 64")
     assert text.endswith("(got 48, set by environment variable MASKFL__BROKER__BITS)")
     assert "Value error" not in text and text.count("broker.bits") == 1
+
+
+def test_the_section_lists_match_the_services() -> None:
+    from maskfl.agent.config import AgentConfig
+    from maskfl.broker_coordinator.config import CoordinatorConfig
+
+    assert SECTIONS["agent"] == set(AgentConfig.model_fields)
+    assert SECTIONS["coordinator"] == set(CoordinatorConfig.model_fields)
+
+
+def test_a_section_of_neither_service_is_a_misspelling() -> None:
+    from maskfl.agent.config import AgentConfig
+
+    tree, origins = env_overrides({"MASKFL__BROKR__PORT": "1", "MASKFL__PET__X": "1"}, AgentConfig)
+    assert tree == {"brokr": {"port": 1}}  # pet: the coordinator's, left to it
+    with pytest.raises(ValidationError) as info:
+        AgentConfig(**merge({"device": {}}, tree))
+    errors = [dict(e) for e in info.value.errors() if e["type"] == "extra_forbidden"]
+    text, _ = describe_errors(errors, AgentConfig, origins)
+    assert text == (
+        "brokr: unknown key (set by environment variable MASKFL__BROKR__PORT); "
+        "did you mean broker (MASKFL__BROKER__PORT)?"
+    )
