@@ -58,12 +58,33 @@ ENV_PREFIX = "MASKFL__"
 #: models): an override for a section of the other service is not a mistake.
 SECTIONS: dict[str, frozenset[str]] = {
     "agent": frozenset(
-        ("broker", "data", "device", "guards", "heartbeat", "limits", "logging", "state")
-        + ("training",)
+        {
+            "broker",
+            "data",
+            "device",
+            "guards",
+            "heartbeat",
+            "limits",
+            "logging",
+            "state",
+            "training",
+        }
     ),
     "coordinator": frozenset(
-        ("aggregation", "broker", "fleet", "http", "identity", "log", "masking", "model")
-        + ("optimizer", "pet", "privacy", "storage")
+        {
+            "aggregation",
+            "broker",
+            "fleet",
+            "http",
+            "identity",
+            "log",
+            "masking",
+            "model",
+            "optimizer",
+            "pet",
+            "privacy",
+            "storage",
+        }
     ),
 }
 
