@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from maskfl.agent.config import AgentConfig, load_config
-from maskfl.agent.daemon import run_daemon
+from maskfl.agent.daemon import build_mqtt_config, run_daemon
 from maskfl.agent.datasources import DataSourceError, get_datasource, load_dataset
 from maskfl.agent.identity import check_private_mode, generate_key_file, load_identity
 from maskfl.agent.logs import setup_logging
@@ -195,6 +195,7 @@ def check_local_files(config: AgentConfig) -> None:
                     "device-tls.pem and device-tls.key",
                     field="broker.cert_file",
                 ) from exc
+    build_mqtt_config(config)  # the certificate (or username) must name device.id
     options = {k: v for k, v in config.data.options.items() if k not in ("shard", "shards")}
     try:
         get_datasource(config.data.source, options)

@@ -123,3 +123,31 @@ def test_a_revoked_observer_cannot_connect(fleet_broker: Broker) -> None:
     assert "user dash" not in (fleet_broker.root / "broker" / "acl").read_text()
     fleet_broker.reload()
     assert not fleet_broker.observer("dash").connect()
+
+
+def test_rotating_an_observer_replaces_its_certificate(
+    fleet_broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    provision(fleet_broker.root, "add-observer", "dash")
+    folder = fleet_broker.root / "observers" / "dash"
+    old_cert = (folder / "observer-tls.pem").read_bytes()
+    old_key = (folder / "observer-tls.key").read_bytes()
+    provision(fleet_broker.root, "rotate", "dash")
+    assert (folder / "observer-tls.pem").read_bytes() != old_cert
+    fleet_broker.reload()
+    assert fleet_broker.observer("dash").connect()
+    stale = folder.parent / "stale"
+    stale.mkdir()
+    (stale / "observer-tls.pem").write_bytes(old_cert)
+    (stale / "observer-tls.key").write_bytes(old_key)
+    (stale / "observer-tls.key").chmod(0o600)
+    (stale / "broker-ca.pem").write_bytes((folder / "broker-ca.pem").read_bytes())
+    client = fleet_broker.client(
+        "dash", stale / "broker-ca.pem", stale / "observer-tls.pem", stale / "observer-tls.key"
+    )
+    assert not client.connect()  # the old certificate is in the CRL
+    pem = tmp_path / "device.pub"
+    pem.write_text("-----BEGIN PUBLIC KEY-----\n")
+    capsys.readouterr()
+    assert main(["--dir", str(fleet_broker.root), "rotate", "dash", "--public-key", str(pem)]) == 2
+    assert "an observer has no signing key" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from maskfl.agent.cli import main as agent_main
 from maskfl.agent.config import load_config as load_agent_config
 from maskfl.agent.daemon import build_mqtt_config
 from maskfl.broker_coordinator.config import load_config as load_coordinator_config
@@ -229,3 +230,16 @@ def test_maskfl_clients_refuse_a_client_id_that_is_not_their_certificates(
     with pytest.raises(ConfigError, match=r"broker\.client_id = 'maskfl-coordinator'") as info:
         mqtt_config(coordinator)
     assert info.value.field == "broker.client_id"
+
+
+def test_agent_check_names_a_certificate_of_another_device(
+    fleet: Broker, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = fleet.root / "devices/dev-001"
+    monkeypatch.setenv("MASKFL__BROKER__CERT_FILE", str(other / "device-tls.pem"))
+    monkeypatch.setenv("MASKFL__BROKER__KEY_FILE", str(other / "device-tls.key"))
+    bundle = fleet.root / "devices/dev-002/agent.toml"
+    assert agent_main(["check", "--config", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert "broker.cert_file: the broker knows this client as 'dev-001'" in err
+    assert len(err.strip().splitlines()) == 1, err
