@@ -6,7 +6,8 @@ certificate whose common name mosquitto's ``use_identity_as_username`` turns
 into the MQTT username. The certificates come from
 :mod:`maskfl.broker_coordinator.provision._tls` (EC P-256 keys, PEM files), so
 the transport is tested against the certificates a provisioned fleet really uses.
-``mosquitto_tls_listener()`` writes the matching listener block for
+``mosquitto_tls_listener()`` writes the matching listener block (with client
+certificates: the common name as username and client id, as provisioning does) for
 :class:`tests.support.mosquitto.Mosquitto`.
 """
 
@@ -81,6 +82,7 @@ class TestPki:
             lines += [
                 "require_certificate true",
                 "use_identity_as_username true",
+                "use_username_as_clientid true",  # as provisioning writes it
                 "allow_anonymous false",
             ]
         else:
