@@ -204,8 +204,11 @@ async def device_table(
     recent_rounds: int = 5,
     alive: Mapping[str, float] | None = None,
     alive_since: float | None = None,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per device the coordinator has accepted or rejected a message from.
+    """One row per device the coordinator has accepted or rejected a message from
+    (or, with ``limit``, the ``limit`` most recently heard from), sorted by id or,
+    when limited, by last contact.
 
     ``roles`` covers the last ``recent_rounds`` rounds, newest first: ``summer``,
     ``updater`` or None (no accepted message that round). ``revoked`` is None
@@ -230,11 +233,21 @@ async def device_table(
         rejected.setdefault(d, {})[reason] = n
         last_rejected[d] = max(last_rejected.get(d, 0.0), at)
     heard = alive or {}
+
+    def latest_contact(device: str) -> float | None:
+        times = [seen[device][2]] if device in seen else []
+        times += [t for t in (last_rejected.get(device), heard.get(device)) if t]
+        return max(times) if times else None
+
+    devices = sorted(set(seen) | set(rejected) | set(heard))
+    if limit is not None and len(devices) > limit:
+        # The most recently heard from; rows are only built for those (a large fleet's
+        # page must not build one dict per device every refresh).
+        devices = sorted(devices, key=lambda d: latest_contact(d) or 0.0, reverse=True)[:limit]
     rows = []
-    for device in sorted(set(seen) | set(rejected) | set(heard)):
-        serial, first_seen, last_seen = seen.get(device, (None, None, None))
+    for device in devices:
+        serial, first_seen, _ = seen.get(device, (None, None, None))
         mine = accepted.get(device, {})
-        candidates = [t for t in (last_seen, last_rejected.get(device), heard.get(device)) if t]
         revoked = None
         if serial is not None:
             revoked = revocations is not None and revocations.is_revoked(serial)
@@ -243,7 +256,7 @@ async def device_table(
                 "device": device,
                 "serial": serial,
                 "first_seen": first_seen,
-                "last_seen": max(candidates) if candidates else None,
+                "last_seen": latest_contact(device),
                 "alive": None
                 if alive_since is None
                 else heard.get(device, float("-inf")) >= alive_since,

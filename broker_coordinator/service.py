@@ -78,7 +78,11 @@ _RECEIPTS_AT_STOP_S = 5.0
 _SAMPLE_S = 5.0
 """How often the status page's timeline (devices alive, rejections) takes a sample."""
 _PAGE_CACHE_S = 2.0
-"""The status page's database reads are reused for this long (any number of viewers)."""
+"""The status page's database reads are reused for at least this long (any number of
+viewers), and for ten times as long as they took (a large fleet's page costs at most a
+tenth of a core)."""
+PAGE_DEVICES = 500
+"""Device rows on the status page: the most recently heard from (the CLI shows all)."""
 _RESTART_PAUSE_S = 2.0
 
 
@@ -323,13 +327,13 @@ class Coordinator:
             "status": self.status(),
             "progress": self.progress(),
             "timeline": self.timeline.as_json(),
-            "dp": None,
         }
         if s is None or not self._store_open:
             return {**out, "rounds": [], "models": [], "devices": []}
         cached = self._page_cache
-        if cached is None or now - cached[0] > _PAGE_CACHE_S:
+        if cached is None or now > cached[0]:
             model_id = s.model.model_id
+            started = time.perf_counter()
             stored = {
                 "rounds": await round_history(s.store, model_id, now=now),
                 "models": await model_history(s.store, model_id),
@@ -338,9 +342,12 @@ class Coordinator:
                     revocations=s.enrollment.revocations,
                     alive=s.liveness.last_heard,
                     alive_since=now - self.config.pet.alive_window_s,
+                    limit=PAGE_DEVICES,
                 ),
+                "devices_total": await s.store.device_count(),
             }
-            self._page_cache = cached = (now, stored)
+            took = time.perf_counter() - started
+            self._page_cache = cached = (now + max(_PAGE_CACHE_S, 10 * took), stored)
         return {**out, **cached[1]}
 
     # -- lifecycle ---------------------------------------------------------------

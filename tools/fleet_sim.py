@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,14 @@ from maskfl.protocol.errors import CryptoError, MaskflError
 from maskfl.protocol.identity import Identity, issue_certificate, issue_revocation_list
 from maskfl.protocol.ids import Role
 from maskfl.protocol.keys import public_key_to_pem, signing_key_to_pem
-from maskfl.protocol.masking import Words, aggregate_mask, mask_update, update_words
+from maskfl.protocol.masking import (
+    NO_EVALUATION,
+    EvalCounts,
+    Words,
+    aggregate_mask,
+    mask_update,
+    update_words,
+)
 from maskfl.protocol.messages import (
     GlobalModel,
     Receipt,
@@ -72,6 +80,8 @@ class Behaviour:
     """Replaces the sortition (``select_task``): a deliberately wrong participant."""
     tamper_update: Callable[[Words, RoundParams], None] | None = None
     """Changes the masked words in place before they are signed (fault injection)."""
+    evaluation: Callable[[int], EvalCounts] | None = None
+    """Its federated evaluation counts for a round (default: none, zero words)."""
 
 
 @dataclass
@@ -254,7 +264,12 @@ class SimParticipant:
             delta = rng.uniform(-0.5, 0.5, m).astype(np.float32)
             weight = float(rng.uniform(0.2, 1.0))
         seed = new_seed()
-        words = await asyncio.to_thread(mask_update, delta, weight, seed, params.mask)
+        evaluation = (
+            NO_EVALUATION if self.behaviour.evaluation is None else (self.behaviour.evaluation(rid))
+        )
+        words = await asyncio.to_thread(
+            partial(mask_update, evaluation=evaluation), delta, weight, seed, params.mask
+        )
         if self.behaviour.tamper_update is not None:
             self.behaviour.tamper_update(words, params)
         sealed = {}

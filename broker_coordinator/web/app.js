@@ -170,7 +170,11 @@ function renderRounds(d) {
 function renderDevices(d) {
   const body = $("devices").tBodies[0];
   body.replaceChildren();
-  for (const dev of (d.devices || []).slice(0, 500)) {
+  const shown = (d.devices || []).length;
+  text("devices-note", d.devices_total > shown
+    ? `Showing the ${shown} most recently heard from of ${d.devices_total} (all: maskfl-coordinator devices).`
+    : "");
+  for (const dev of d.devices || []) {
     const tr = document.createElement("tr");
     tr.dataset.device = dev.device;
     cell(tr, dev.device);

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from maskfl.broker_coordinator.cli import main
+from maskfl.protocol.masking import EvalCounts
 from maskfl.protocol.topics import Topics
-from maskfl.tools.fleet_sim import SimParticipant, start_all, stop_all, wait_for
+from maskfl.tools.fleet_sim import Behaviour, SimParticipant, start_all, stop_all, wait_for
 from tests.broker_coordinator.support import make_setup, running_coordinator
 from tests.support.mosquitto import Mosquitto
 
@@ -59,7 +60,7 @@ def _look(
     driver = _browser()
     try:
         driver.get(url)
-        wait = WebDriverWait(driver, 30)
+        wait = WebDriverWait(driver, 60)
         wait.until(lambda d: d.find_element(By.ID, "round").text == str(current()))
         wait.until(
             lambda d: (
@@ -76,8 +77,16 @@ def _look(
             )
         )
         row = driver.find_element(By.CSS_SELECTOR, f'#devices tr[data-device="{device}"]')
+        wait.until(
+            lambda d: (
+                int(d.find_element(By.ID, "chart-eval").get_attribute("data-points") or 0) >= 2
+            )
+        )
         wait.until(lambda d: d.find_element(By.ID, "round").text == str(current()))
         found = {
+            "eval_points": int(
+                driver.find_element(By.ID, "chart-eval").get_attribute("data-points")
+            ),
             "round": driver.find_element(By.ID, "round").text,
             "live_round": current(),
             "phase": driver.find_element(By.ID, "phase").text,
@@ -135,8 +144,19 @@ async def test_status_page_shows_a_live_fleet(
         },
     )
     ca = setup.fleet.ca_public_key
+
+    def evaluation(round_id: int) -> EvalCounts:
+        # What an updater's held-out data would say of the model it starts from.
+        return EvalCounts(100, min(100, 10 + 20 * round_id), 230.0 / round_id)
+
     parts = [
-        SimParticipant(i, ca_public_key=ca, host=mosquitto.host, port=mosquitto.port)
+        SimParticipant(
+            i,
+            ca_public_key=ca,
+            host=mosquitto.host,
+            port=mosquitto.port,
+            behaviour=Behaviour(evaluation=evaluation),
+        )
         for i in setup.summers + setup.updaters
     ]
     await start_all(parts)
@@ -175,6 +195,7 @@ async def test_status_page_shows_a_live_fleet(
         await stop_all(parts)
     assert int(found["round"]) >= third
     assert found["round"] == str(found["live_round"]), found
+    assert found["eval_points"] >= 2, found  # fleet accuracy of v0 and v1 at least
     assert found["points"] >= 2 and found["canvases"] == 1, found
     assert found["round_rows"] >= 3, found
     row = found["device_row"]
