@@ -30,7 +30,13 @@ from maskfl.aggregator_gpu._cupy import CupyAccumulator, CupyBackend
 from maskfl.aggregator_gpu._gpu_masks import aggregate_mask_gpu, mask_stream_gpu
 from maskfl.aggregator_gpu._numpy import NumpyAccumulator, NumpyBackend
 from maskfl.aggregator_gpu._select import select_backend
-from maskfl.aggregator_gpu._vote import MaskVote, mask_digest, plurality_vote
+from maskfl.aggregator_gpu._vote import (
+    DigestVote,
+    MaskVote,
+    mask_digest,
+    plurality_of_digests,
+    plurality_vote,
+)
 
 __all__ = [
     "Accumulator",
@@ -39,6 +45,7 @@ __all__ = [
     "BackendUnavailableError",
     "CupyAccumulator",
     "CupyBackend",
+    "DigestVote",
     "MaskVote",
     "MaskVoteTieError",
     "NumpyAccumulator",
@@ -49,6 +56,7 @@ __all__ = [
     "aggregate_mask_gpu",
     "mask_digest",
     "mask_stream_gpu",
+    "plurality_of_digests",
     "plurality_vote",
     "select_backend",
 ]

@@ -273,6 +273,11 @@ class Accumulator(Protocol):
         """
         ...
 
+    def plain(self) -> Words:
+        """The unmasked sum in host memory, to decode in slices: the live buffer on
+        the CPU (no copy; read it, do not keep it), a host copy from a GPU."""
+        ...
+
     def snapshot(self) -> Snapshot:
         """A host copy for checkpointing; restore it with ``Backend.restore``."""
         ...
@@ -350,6 +355,11 @@ class AccumulatorState(abc.ABC):
             config=config,
             n_included=n_included,
         )
+
+    def plain(self) -> Words:
+        if not self._unmasked:
+            raise AggregationError("subtract the aggregate mask before decoding")
+        return self._host_words()
 
     def snapshot(self) -> Snapshot:
         return Snapshot(words=self.total(), count=self._count, unmasked=self._unmasked)

@@ -50,25 +50,34 @@ def mask_digest(words: Words) -> bytes:
     return hashlib.sha256(little.data.cast("B")).digest()
 
 
-def plurality_vote(masks: Iterable[WordsLike], *, length: int, word_bits: int) -> MaskVote:
-    """Group the sum2 masks by digest; the largest group wins.
+@dataclass(frozen=True)
+class DigestVote:
+    """The outcome of a plurality vote over mask digests (the masks stay where they are).
 
-    Raises :class:`MaskVoteTieError` when two groups share the top count and
-    :class:`AggregationError` when there are no masks or one has the wrong size
-    (each mask is checked like an added vector).
+    ``digest`` is the winner, ``voters`` the indexes (in input order) of the masks
+    with that digest, ``dissenters`` the rest; ``tally`` maps every distinct digest
+    to its votes, highest first.
     """
-    check_length(length)
-    dtype = word_dtype(word_bits)
+
+    digest: bytes
+    votes: int
+    total: int
+    voters: tuple[int, ...]
+    dissenters: tuple[int, ...]
+    tally: dict[bytes, int]
+
+
+def plurality_of_digests(digests: Iterable[bytes]) -> DigestVote:
+    """The vote of :func:`plurality_vote` on digests computed when the masks arrived,
+    so the coordinator need not hold every mask (S copies of the model) to vote.
+
+    Raises :class:`MaskVoteTieError` when two digests share the top count and
+    :class:`AggregationError` when there are none.
+    """
     groups: dict[bytes, list[int]] = {}
-    first: dict[bytes, Words] = {}
     total = 0
-    for index, mask in enumerate(masks):
-        words = as_words(mask, length, dtype)
-        digest = mask_digest(words)
-        if digest not in groups:
-            groups[digest] = []
-            first[digest] = words
-        groups[digest].append(index)
+    for index, digest in enumerate(digests):
+        groups.setdefault(digest, []).append(index)
         total += 1
     if total == 0:
         raise AggregationError("no sum2 masks to vote on")
@@ -81,12 +90,39 @@ def plurality_vote(masks: Iterable[WordsLike], *, length: int, word_bits: int) -
             f"{leaders} different aggregate masks tie with {len(best)} of {total} votes each",
             tally=tally,
         )
-    return MaskVote(
-        mask=np.array(first[best_digest], dtype=dtype, copy=True),
+    return DigestVote(
         digest=best_digest,
         votes=len(best),
         total=total,
         voters=tuple(best),
         dissenters=tuple(sorted(i for d, idx in groups.items() if d != best_digest for i in idx)),
         tally=tally,
+    )
+
+
+def plurality_vote(masks: Iterable[WordsLike], *, length: int, word_bits: int) -> MaskVote:
+    """Group the sum2 masks by digest; the largest group wins.
+
+    Raises :class:`MaskVoteTieError` when two groups share the top count and
+    :class:`AggregationError` when there are no masks or one has the wrong size
+    (each mask is checked like an added vector).
+    """
+    check_length(length)
+    dtype = word_dtype(word_bits)
+    first: dict[bytes, Words] = {}
+    digests = []
+    for mask in masks:
+        words = as_words(mask, length, dtype)
+        digest = mask_digest(words)
+        first.setdefault(digest, words)
+        digests.append(digest)
+    vote = plurality_of_digests(digests)
+    return MaskVote(
+        mask=np.array(first[vote.digest], dtype=dtype, copy=True),
+        digest=vote.digest,
+        votes=vote.votes,
+        total=vote.total,
+        voters=vote.voters,
+        dissenters=vote.dissenters,
+        tally=vote.tally,
     )

@@ -38,7 +38,7 @@ from maskfl.broker_coordinator.fleetview import device_table
 from maskfl.broker_coordinator.logs import setup_logging
 from maskfl.broker_coordinator.service import Coordinator, state_db
 from maskfl.broker_coordinator.store import Store
-from maskfl.protocol.errors import ConfigError, MaskflError
+from maskfl.protocol.errors import ConfigError, MaskflError, StorageError
 from maskfl.protocol.identity import RevocationList
 from maskfl.protocol.keys import public_key_from_pem
 from maskfl.protocol.version import version_text
@@ -387,6 +387,7 @@ async def _models_list(config: CoordinatorConfig, as_json: bool) -> None:
             "digest": m.digest.hex(),
             "created_at": m.created_at,
             "metrics": m.metrics,
+            "files_kept": m.kept,
         }
         for m in models
     ]
@@ -396,16 +397,20 @@ async def _models_list(config: CoordinatorConfig, as_json: bool) -> None:
     for r in rows:
         metrics = " ".join(f"{k}={v:g}" for k, v in sorted(r["metrics"].items()))
         rnd = "-" if r["round_id"] is None else r["round_id"]
-        line = f"{r['model_id']} v{r['version']} round {rnd} {r['digest'][:16]} {metrics}"
+        pruned = "" if r["files_kept"] else " (files removed: registry.keep_versions)"
+        line = f"{r['model_id']} v{r['version']} round {rnd} {r['digest'][:16]} {metrics}{pruned}"
         print(line.rstrip())
 
 
 async def _models_export(config: CoordinatorConfig, version: int | None, out: Path) -> None:
     async with Store.open(_open_existing(config)) as store:
-        if version is None:
-            record = await store.latest_model(config.model.id)
-        else:
-            record = await store.model(config.model.id, version)
+        try:
+            if version is None:
+                record = await store.latest_model(config.model.id)
+            else:
+                record = await store.model(config.model.id, version)
+        except StorageError as exc:
+            raise ConfigError(f"--version: {exc}", field="--version") from exc
     if record is None:
         async with Store.open(_open_existing(config)) as store:
             versions = [m.version for m in await store.models() if m.model_id == config.model.id]

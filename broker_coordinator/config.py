@@ -209,7 +209,7 @@ class StorageConfig(_Section):
     group_commit_max: Annotated[int, Field(ge=1, le=10000)] = 128
     group_commit_ms: Annotated[float, Field(ge=0, le=10000)] = 2.0
     update_words: Literal["memory", "file"] = "memory"
-    update_memory_max_bytes: Annotated[int, Field(ge=0)] = 1 << 30
+    update_memory_max_bytes: Annotated[int, Field(ge=0)] = 256 << 20
     update_log_fsync: bool = False
 
 
@@ -226,6 +226,14 @@ class ModelConfig(_Section):
     length: Annotated[int, Field(ge=1, le=100_000_000)]
     initial_weights: Path | None = None
     graph_file: Path | None = None
+
+
+class RegistryConfig(_Section):
+    """The model registry: every version's metadata in SQLite, its files in
+    ``<storage.dir>/models`` (weights, signed message, optimizer state), kept for the
+    newest ``keep_versions`` versions (older versions keep their metadata only)."""
+
+    keep_versions: Annotated[int, Field(ge=1)] = 10
 
 
 class MaskingConfig(_Section):
@@ -423,6 +431,7 @@ class CoordinatorConfig(BaseSettings):
     broker: BrokerConfig = BrokerConfig()
     storage: StorageConfig = StorageConfig()
     model: ModelConfig
+    registry: RegistryConfig = RegistryConfig()
     masking: MaskingConfig = MaskingConfig()
     pet: PetConfig = PetConfig()
     privacy: PrivacyConfig = PrivacyConfig()

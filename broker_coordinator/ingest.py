@@ -85,6 +85,9 @@ _TOPIC_TYPES = {
 }
 _LATE = frozenset({Reason.WRONG_ROUND, Reason.PHASE_CLOSED, Reason.WRONG_PHASE})
 """Reasons that a redelivery of an already accepted message would get (see _already_accepted)."""
+_ADMITTED_MAX_BYTES = 256 << 20
+"""Payload bytes admitted and waiting for their group commit, at most (one message
+always passes): part of the coordinator's fixed memory, see :meth:`Ingest._room_for`."""
 _THREAD_DECODE = 16 << 20
 """Messages from this size on are decoded in a worker thread, smaller ones on the loop.
 
@@ -397,6 +400,9 @@ class Ingest:
             on_drop=lambda cause: services.metrics.reassembly_dropped.labels(cause=cause).inc(),
         )
         self.unacked = 0
+        self.admitted_bytes = 0
+        """Payload bytes of messages handed to the runner and not yet settled."""
+        self._room = asyncio.Event()
         self.rejections = RejectionLog()
         """Rejections per device until housekeeping writes them to the store."""
         self._heartbeats_exported: collections.Counter[str] = collections.Counter()
@@ -465,6 +471,7 @@ class Ingest:
             if out is None:
                 return
             payload, deliveries = out
+        await self._room_for(len(payload))
         try:
             if len(payload) >= _THREAD_DECODE:
                 # Hashing tens of megabytes releases the GIL: let the loop read meanwhile.
@@ -529,11 +536,16 @@ class Ingest:
                 f"certificate is enrolled as {cert.subject!r}, the topic names {device!r}",
             )
         s.liveness.seen(device, now)
+        self.admitted_bytes += size
         try:
             await self.runner.offer(Incoming(signed, device, deliveries, size, now))
         except RemoteProtocolError as exc:
+            self._release(size)
             if exc.reason in _LATE:
                 await self._already_accepted(signed)
+            raise
+        except BaseException:
+            self._release(size)
             raise
 
     async def _already_accepted(self, signed: SignedMessage) -> None:
@@ -550,6 +562,22 @@ class Ingest:
                 Reason.DUPLICATE,
                 f"this message was already accepted in round {round_id} ({kind}); it counts once",
             )
+
+    async def _room_for(self, size: int) -> None:
+        """Wait until admitted messages not yet committed leave room for ``size`` bytes.
+
+        Each holds its whole payload until its group commit; without a bound, a burst
+        of large updates piles up in memory (ten 100 MB updates at M = 2.5e7 did).
+        Meanwhile the transport's queue fills and it stops reading the socket, so the
+        broker holds the rest. One message is always let through.
+        """
+        while self.admitted_bytes and self.admitted_bytes + size > _ADMITTED_MAX_BYTES:
+            self._room.clear()
+            await self._room.wait()
+
+    def _release(self, size: int) -> None:
+        self.admitted_bytes -= size
+        self._room.set()
 
     # -- outcomes -------------------------------------------------------------
 
@@ -583,6 +611,7 @@ class Ingest:
         ``receipt`` is the accepted message's signed receipt, already stored in the
         outbox table in the transaction that made the message durable."""
         inc = item.incoming
+        self._release(inc.size)
         kind = inc.message.header.message_type
         if reason is not None:
             self._reject(

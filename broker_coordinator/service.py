@@ -438,9 +438,12 @@ class Coordinator:
             )
             await self.http.start(config.http.host, config.http.port)
         try:
-            async with Store.open(state_dir / DB_NAME) as store:
+            async with Store.open(
+                state_dir / DB_NAME, keep_versions=config.registry.keep_versions
+            ) as store:
                 self._store_open = True
                 try:
+                    await store.collect_model_files()
                     optimizer = ServerOptimizer(config.optimizer)
                     model = await self._load_model(store, weights0, optimizer)
                     self.metrics.model_version.set(model.version)

@@ -1,14 +1,20 @@
-"""Durable coordinator state: SQLite (aiosqlite, WAL) plus two kinds of flat files.
+"""Durable coordinator state: SQLite (aiosqlite, WAL) plus three kinds of flat files.
 
-What lives where, and why the two always agree after a crash:
+What lives where, and why they always agree after a crash:
 
 - ``coordinator.db`` (SQLite, WAL, ``synchronous=FULL``): rounds and their phase,
   enrolled devices, every accepted message by digest, summers (the signed sum
   messages, i.e. the sum dictionary), accepted updates, the seed dictionary
-  entries, sum2 masks, and the global model registry (every version with digest,
-  weights, metrics and optimizer state), and the ``receipt_outbox``: accepted
-  messages' receipts, written with the message and deleted once the broker has
-  them (:mod:`.outbox`).
+  entries, sum2 masks' digests, the global model registry's metadata (every
+  version with digest, metrics and the names of its files), and the
+  ``receipt_outbox``: accepted messages' receipts, written with the message and
+  deleted once the broker has them (:mod:`.outbox`).
+- ``models/<sha256>.{f32,msg,opt}``: the registry's files (weights, the signed
+  model message, optimizer state), content-addressed, written and fsynced
+  *before* the transaction that names them; a crash in between leaves files no
+  row names, deleted at the next start. ``registry.keep_versions`` keeps the
+  files of the newest versions only (schema 1 kept everything in SQLite: 240 MB
+  after one round at M = 1e7; it is migrated on open).
 - ``checkpoints/round-<r>.gen-<g>.agg``: the running aggregate after commit
   generation ``g`` (an :class:`~maskfl.aggregator_gpu.Snapshot` image), written
   to a temp file, fsynced, renamed, directory fsynced. The ``rounds`` row names
@@ -38,8 +44,11 @@ become :class:`StorageError`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -52,7 +61,9 @@ import aiosqlite
 
 from maskfl.protocol.errors import StorageError
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("maskfl.coordinator.store")
+
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -121,7 +132,7 @@ CREATE TABLE IF NOT EXISTS sum2 (
     round_id INTEGER NOT NULL,
     device_id TEXT NOT NULL,
     digest BLOB NOT NULL,
-    mask BLOB NOT NULL,
+    mask_digest BLOB NOT NULL,
     failed BLOB NOT NULL,
     PRIMARY KEY (round_id, device_id)
 );
@@ -130,10 +141,10 @@ CREATE TABLE IF NOT EXISTS models (
     version INTEGER NOT NULL,
     round_id INTEGER,
     digest BLOB NOT NULL,
-    weights BLOB NOT NULL,
     metrics TEXT NOT NULL,
-    message BLOB,
-    optimizer_state BLOB,
+    weights_file TEXT,
+    message_file TEXT,
+    optimizer_file TEXT,
     created_at REAL NOT NULL,
     PRIMARY KEY (model_id, version)
 );
@@ -203,23 +214,50 @@ class UpdateRecord:
 
 @dataclass(frozen=True, slots=True)
 class Sum2Record:
+    """An accepted sum2 message: ``mask_digest`` names its aggregate mask, which is in
+    :meth:`CheckpointFiles.mask_path` (identical masks of honest summers once)."""
+
     device_id: str
     digest: bytes
-    mask: bytes
+    mask_digest: bytes
     failed: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class ModelRecord:
+    """A version of the global model with its files' contents.
+
+    ``weights`` are little-endian float32 (any buffer when writing: the registry
+    writes it to a file without a copy), ``message`` the signed ``GlobalModel`` as
+    published, ``optimizer_state`` the server optimizer's state after this step.
+    """
+
     model_id: str
     version: int
     round_id: int | None
     digest: bytes
-    weights: bytes
+    weights: bytes | memoryview
     metrics: dict[str, float]
     message: bytes | None
     optimizer_state: bytes | None
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A row of the registry without the files: what listing versions needs.
+
+    ``kept`` is False once the retention policy (``registry.keep_versions``)
+    removed this version's files; its metadata stays.
+    """
+
+    model_id: str
+    version: int
+    round_id: int | None
+    digest: bytes
+    metrics: dict[str, float]
+    created_at: float
+    kept: bool
 
 
 _ROUND_COLUMNS = (
@@ -239,8 +277,10 @@ class Transaction:
     held only while they run.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, files: ModelFiles | None = None) -> None:
         self.statements: list[tuple[str, list[tuple[Any, ...]]]] = []
+        self._files = files
+        self.models_added: set[str] = set()
 
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> None:
         await self.executemany(sql, [params])
@@ -332,26 +372,45 @@ class Transaction:
 
     async def add_sum2(self, round_id: int, s: Sum2Record) -> None:
         await self.execute(
-            "INSERT INTO sum2 (round_id, device_id, digest, mask, failed) VALUES (?,?,?,?,?)",
-            (round_id, s.device_id, s.digest, s.mask, b"".join(s.failed)),
+            "INSERT INTO sum2 (round_id, device_id, digest, mask_digest, failed) "
+            "VALUES (?,?,?,?,?)",
+            (round_id, s.device_id, s.digest, s.mask_digest, b"".join(s.failed)),
         )
 
     async def add_model(self, m: ModelRecord) -> None:
+        """Write the version's files now (fsynced, content-addressed) and its row at commit.
+
+        A crash before the commit leaves files no row names; the coordinator
+        deletes them at its next start (:meth:`Store.collect_model_files`).
+        """
+        if self._files is None:
+            raise StorageError("this store has no model file directory")
+        files = self._files
+        # The weights are named by their digest (already computed); the message is
+        # hashed for its name. Written in parallel: at M = 2.5e7 each is 100 MB.
+        weights_file, message_file, optimizer_file = await asyncio.gather(
+            asyncio.to_thread(files.put, m.weights, ".f32", digest=m.digest),
+            _none() if m.message is None else asyncio.to_thread(files.put, m.message, ".msg"),
+            _none()
+            if m.optimizer_state is None
+            else asyncio.to_thread(files.put, m.optimizer_state, ".opt"),
+        )
         await self.execute(
-            "INSERT OR REPLACE INTO models (model_id, version, round_id, digest, weights, "
-            "metrics, message, optimizer_state, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO models (model_id, version, round_id, digest, metrics, "
+            "weights_file, message_file, optimizer_file, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
             (
                 m.model_id,
                 m.version,
                 m.round_id,
                 m.digest,
-                m.weights,
                 json.dumps(m.metrics, sort_keys=True),
-                m.message,
-                m.optimizer_state,
+                weights_file,
+                message_file,
+                optimizer_file,
                 m.created_at,
             ),
         )
+        self.models_added.add(m.model_id)
 
     async def count_rejections(self, rows: Iterable[tuple[str, str, int, float]]) -> None:
         """Add ``(device, reason, count, last_at)`` to the per-device rejection counts."""
@@ -380,6 +439,10 @@ class Transaction:
         await self.execute("DELETE FROM seeds WHERE round_id = ?", (round_id,))
 
 
+async def _none() -> None:
+    return None
+
+
 def _run_transaction(
     conn: sqlite3.Connection, statements: list[tuple[str, list[tuple[Any, ...]]]]
 ) -> None:
@@ -398,13 +461,25 @@ def _run_transaction(
 class Store:
     """The coordinator's SQLite database. Use as ``async with Store.open(path) as store``."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(
+        self, db: aiosqlite.Connection, path: Path, keep_versions: int | None = None
+    ) -> None:
         self._db = db
         self.path = path
+        self.files = ModelFiles(path.parent / MODELS_DIR)
+        self.keep_versions = keep_versions
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, path: Path) -> AsyncIterator[Store]:
+    async def open(cls, path: Path, *, keep_versions: int | None = None) -> AsyncIterator[Store]:
+        """Open (creating or migrating) the database at ``path``.
+
+        ``keep_versions``: the registry's retention (the coordinator passes
+        ``registry.keep_versions``): after each new model version, the files of
+        all but the newest ``keep_versions`` versions are deleted (their rows,
+        metadata only, stay). Readers such as the CLI pass nothing and never
+        delete files.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             async with aiosqlite.connect(path, isolation_level=None, timeout=30) as db:
@@ -412,19 +487,46 @@ class Store:
                 await db.execute("PRAGMA synchronous=FULL")
                 await db.execute("PRAGMA foreign_keys=ON")
                 await db.executescript(_SCHEMA)
-                store = cls(db, path)
+                store = cls(db, path, keep_versions)
                 version = await store.get_meta("schema_version")
                 if version is None:
                     async with store.transaction() as tx:
                         await tx.set_meta("schema_version", str(SCHEMA_VERSION).encode())
+                elif int(version) == 1:
+                    await store._migrate_from_1()
                 elif int(version) != SCHEMA_VERSION:
                     raise StorageError(
                         f"{path}: schema version {int(version)}, this coordinator reads "
-                        f"{SCHEMA_VERSION}"
+                        f"{SCHEMA_VERSION} (and migrates 1); use a newer maskfl"
                     )
                 yield store
         except sqlite3.Error as exc:
             raise StorageError(f"sqlite {path}: {exc}") from exc
+
+    async def _migrate_from_1(self) -> None:
+        """Schema 1 kept every version's weights, signed message and optimizer state as
+        BLOBs in ``models`` (240 MB after one round at M = 1e7). Write them out as model
+        files, rebuild ``models`` with file names, then VACUUM to give the space back.
+
+        Under the write lock, so a second process opening the database meanwhile waits
+        and then finds schema 2. A crash midway leaves schema 1 and some files, and
+        the next open migrates again (files are content-addressed: rewriting is a no-op).
+        """
+        run = getattr(self._db, "_execute", None)
+        if run is None:  # pragma: no cover - an aiosqlite without the private hook
+            raise StorageError("cannot migrate: aiosqlite lacks its DB-thread hook")
+        migrated = await run(_migrate_models_1_to_2, self._db._conn, self.files)
+        if migrated is not None:
+            log.warning(
+                "%s: migrated from schema 1 to 2: %d model versions moved to %s",
+                self.path,
+                migrated,
+                self.files.dir,
+            )
+            await self._db.execute("VACUUM")
+        if self.keep_versions is not None:
+            for model_id in {m.model_id for m in await self.models()}:
+                await self._prune(model_id)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
@@ -433,7 +535,7 @@ class Store:
         Nothing is written if the block raises; a failing statement rolls back
         the whole transaction and raises :class:`StorageError`.
         """
-        tx = Transaction()
+        tx = Transaction(self.files)
         yield tx
         if not tx.statements:
             return
@@ -456,6 +558,32 @@ class Store:
                     raise
         except sqlite3.Error as exc:
             raise StorageError(f"sqlite: {exc}") from exc
+        if self.keep_versions is not None:
+            for model_id in tx.models_added:
+                await self._prune(model_id)
+
+    async def _prune(self, model_id: str) -> None:
+        """Apply ``keep_versions``: forget the files of older versions, then delete them."""
+        assert self.keep_versions is not None
+        await self._db.execute(
+            "UPDATE models SET weights_file = NULL, message_file = NULL, optimizer_file = NULL "
+            "WHERE model_id = ? AND version <= "
+            "(SELECT MAX(version) FROM models WHERE model_id = ?) - ? "
+            "AND weights_file IS NOT NULL",
+            (model_id, model_id, self.keep_versions),
+        )
+        await self.collect_model_files()
+
+    async def collect_model_files(self) -> int:
+        """Delete model files no registry row names (pruned versions, or written by a
+        transaction that a crash kept from committing). Only the coordinator calls
+        this: it is the only writer. Returns how many files were deleted."""
+        rows = await self._all(
+            "SELECT weights_file, message_file, optimizer_file FROM models "
+            "WHERE weights_file IS NOT NULL"
+        )
+        named = {str(name) for row in rows for name in row if name is not None}
+        return await asyncio.to_thread(self.files.keep_only, named)
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:
@@ -535,7 +663,7 @@ class Store:
 
     async def sum2s(self, round_id: int) -> list[Sum2Record]:
         rows = await self._all(
-            "SELECT device_id, digest, mask, failed FROM sum2 WHERE round_id = ? "
+            "SELECT device_id, digest, mask_digest, failed FROM sum2 WHERE round_id = ? "
             "ORDER BY device_id",
             (round_id,),
         )
@@ -616,24 +744,49 @@ class Store:
 
     # -- models ---------------------------------------------------------------
 
+    _MODEL_COLUMNS = (
+        "model_id, version, round_id, digest, metrics, weights_file, message_file, "
+        "optimizer_file, created_at"
+    )
+
     @staticmethod
-    def _model(r: sqlite3.Row | tuple[Any, ...]) -> ModelRecord:
-        return ModelRecord(
+    def _info(r: sqlite3.Row | tuple[Any, ...]) -> ModelInfo:
+        return ModelInfo(
             model_id=str(r[0]),
             version=int(r[1]),
             round_id=None if r[2] is None else int(r[2]),
             digest=bytes(r[3]),
-            weights=bytes(r[4]),
-            metrics={str(k): float(v) for k, v in json.loads(r[5]).items()},
-            message=None if r[6] is None else bytes(r[6]),
-            optimizer_state=None if r[7] is None else bytes(r[7]),
+            metrics={str(k): float(v) for k, v in json.loads(r[4]).items()},
             created_at=float(r[8]),
+            kept=r[5] is not None,
         )
 
-    _MODEL_COLUMNS = (
-        "model_id, version, round_id, digest, weights, metrics, message, optimizer_state, "
-        "created_at"
-    )
+    async def _record(self, r: sqlite3.Row | tuple[Any, ...]) -> ModelRecord:
+        info = self._info(r)
+        if r[5] is None:
+            raise StorageError(
+                f"the files of {info.model_id} v{info.version} were deleted by the retention "
+                "policy (registry.keep_versions); only its metadata is kept"
+            )
+        files = self.files
+        weights, message, optimizer_state = await asyncio.to_thread(
+            lambda: (
+                files.read(str(r[5])),
+                None if r[6] is None else files.read(str(r[6])),
+                None if r[7] is None else files.read(str(r[7])),
+            )
+        )
+        return ModelRecord(
+            model_id=info.model_id,
+            version=info.version,
+            round_id=info.round_id,
+            digest=info.digest,
+            weights=weights,
+            metrics=info.metrics,
+            message=message,
+            optimizer_state=optimizer_state,
+            created_at=info.created_at,
+        )
 
     async def latest_model(self, model_id: str) -> ModelRecord | None:
         rows = await self._all(
@@ -641,14 +794,15 @@ class Store:
             "ORDER BY version DESC LIMIT 1",
             (model_id,),
         )
-        return self._model(rows[0]) if rows else None
+        return await self._record(rows[0]) if rows else None
 
     async def model(self, model_id: str, version: int) -> ModelRecord | None:
+        """The version with its files; StorageError if retention deleted them."""
         rows = await self._all(
             f"SELECT {self._MODEL_COLUMNS} FROM models WHERE model_id = ? AND version = ?",
             (model_id, version),
         )
-        return self._model(rows[0]) if rows else None
+        return await self._record(rows[0]) if rows else None
 
     async def model_metrics(self, model_id: str) -> list[tuple[int, int | None, dict[str, float]]]:
         """``(version, round, metrics)`` of every version, without the weights."""
@@ -665,13 +819,141 @@ class Store:
             for r in rows
         ]
 
-    async def models(self, model_id: str | None = None) -> list[ModelRecord]:
+    async def models(self, model_id: str | None = None) -> list[ModelInfo]:
+        """Every version's metadata (no files are read)."""
         where, params = ("WHERE model_id = ?", (model_id,)) if model_id else ("", ())
         rows = await self._all(
             f"SELECT {self._MODEL_COLUMNS} FROM models {where} ORDER BY model_id, version",
             params,
         )
-        return [self._model(r) for r in rows]
+        return [self._info(r) for r in rows]
+
+
+CHECKPOINTS_DIR = "checkpoints"
+"""Aggregate checkpoints and sum2 masks, next to the database."""
+MODELS_DIR = "models"
+"""The registry's files, next to the database: ``<sha256>.f32`` (weights, named by
+their :func:`~maskfl.protocol.messages.weights_digest`), ``<sha256>.msg`` (signed
+``GlobalModel`` messages), ``<sha256>.opt`` (optimizer state)."""
+
+
+class ModelFiles:
+    """Content-addressed files of the model registry (blocking I/O).
+
+    A file is named by the SHA-256 of its bytes, written to a temp file, fsynced,
+    renamed and the directory fsynced; writing the same content twice is a no-op.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def put(self, data: bytes | memoryview, suffix: str, *, digest: bytes | None = None) -> str:
+        """Store ``data``; returns its file name. ``digest``: its SHA-256 if known."""
+        view = memoryview(data).cast("B")
+        name = (digest or hashlib.sha256(view).digest()).hex() + suffix
+        final = self.dir / name
+        if final.is_file() and final.stat().st_size == len(view):
+            return name
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{name}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(view)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            raise StorageError(f"cannot write model file {final}: {exc}") from exc
+        return name
+
+    def read(self, name: str) -> bytes:
+        try:
+            return (self.dir / name).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"model file {self.dir / name} unreadable: {exc}") from exc
+
+    def keep_only(self, names: set[str]) -> int:
+        """Delete every file (and temp file) not in ``names``; returns how many."""
+        if not self.dir.is_dir():
+            return 0
+        deleted = 0
+        for p in list(self.dir.iterdir()):
+            if p.name not in names and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    deleted += 1
+        return deleted
+
+
+def _migrate_models_1_to_2(conn: sqlite3.Connection, files: ModelFiles) -> int | None:
+    """Schema 1 → 2 in the DB thread, in one write transaction; the number of model rows
+    moved, or None when another process migrated first."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None or int(row[0]) != 1:
+            conn.execute("ROLLBACK")
+            return None
+        conn.execute(
+            "CREATE TABLE models_v2 (model_id TEXT NOT NULL, version INTEGER NOT NULL, "
+            "round_id INTEGER, digest BLOB NOT NULL, metrics TEXT NOT NULL, weights_file TEXT, "
+            "message_file TEXT, optimizer_file TEXT, created_at REAL NOT NULL, "
+            "PRIMARY KEY (model_id, version))"
+        )
+        keys = conn.execute("SELECT model_id, version FROM models").fetchall()
+        for model_id, version in keys:  # one version in memory at a time
+            r = conn.execute(
+                "SELECT round_id, digest, weights, metrics, message, optimizer_state, created_at "
+                "FROM models WHERE model_id = ? AND version = ?",
+                (model_id, version),
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO models_v2 VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    model_id,
+                    version,
+                    r[0],
+                    r[1],
+                    r[3],
+                    files.put(r[2], ".f32"),
+                    None if r[4] is None else files.put(r[4], ".msg"),
+                    None if r[5] is None else files.put(r[5], ".opt"),
+                    r[6],
+                ),
+            )
+        conn.execute("DROP TABLE models")
+        conn.execute("ALTER TABLE models_v2 RENAME TO models")
+        # sum2 masks of an unfinished round: to files, the table keeps their digests
+        masks = CheckpointFiles(files.dir.parent / CHECKPOINTS_DIR)
+        columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(sum2)").fetchall()}
+        pending = (
+            []
+            if "mask" not in columns
+            else conn.execute("SELECT round_id, device_id FROM sum2").fetchall()
+        )
+        for round_id, device_id in pending:
+            (mask,) = conn.execute(
+                "SELECT mask FROM sum2 WHERE round_id = ? AND device_id = ?", (round_id, device_id)
+            ).fetchone()
+            digest = hashlib.sha256(mask).digest()
+            masks.write_mask(round_id, digest, mask)
+            conn.execute(
+                "UPDATE sum2 SET mask = ? WHERE round_id = ? AND device_id = ?",
+                (digest, round_id, device_id),
+            )
+        if "mask" in columns:
+            conn.execute("ALTER TABLE sum2 RENAME COLUMN mask TO mask_digest")
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+            (str(SCHEMA_VERSION).encode(),),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return len(keys)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -711,6 +993,42 @@ class CheckpointFiles:
             return self.path(round_id, gen).read_bytes()
         except OSError as exc:
             raise StorageError(f"checkpoint {self.path(round_id, gen)} unreadable: {exc}") from exc
+
+    def mask_path(self, round_id: int, digest: bytes) -> Path:
+        """Where a sum2 aggregate mask lives, named by its SHA-256 (``mask_digest``)."""
+        return self.dir / f"round-{round_id}.mask-{digest.hex()}"
+
+    def write_mask(self, round_id: int, digest: bytes, data: bytes | memoryview) -> None:
+        """temp file, fsync, rename (a mask already there is the same mask)."""
+        final = self.mask_path(round_id, digest)
+        if final.is_file():
+            return
+        tmp = final.with_name(final.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            raise StorageError(f"cannot write sum2 mask {final}: {exc}") from exc
+
+    def read_mask(self, round_id: int, digest: bytes) -> bytes:
+        try:
+            return self.mask_path(round_id, digest).read_bytes()
+        except OSError as exc:
+            raise StorageError(
+                f"sum2 mask {self.mask_path(round_id, digest)} unreadable: {exc}"
+            ) from exc
+
+    def prune_masks(self, keep_round: int | None = None) -> None:
+        """Delete the sum2 masks of every round but ``keep_round``."""
+        keep = f"round-{keep_round}.mask-"
+        for p in list(self.dir.glob("round-*.mask-*")):
+            if keep_round is None or not p.name.startswith(keep):
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
     def prune(self, round_id: int | None = None, keep_gen: int | None = None) -> None:
         """Delete every checkpoint except ``(round_id, keep_gen)`` (and temp files)."""

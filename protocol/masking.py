@@ -65,6 +65,8 @@ __all__ = [
     "aggregate_mask",
     "decode_aggregate",
     "decode_evaluation",
+    "decode_values",
+    "decode_weight_sum",
     "encode_evaluation",
     "encode_update",
     "error_bound",
@@ -652,18 +654,31 @@ def decode_aggregate(
         raise AggregationError(f"aggregate is {words.dtype}, config says {cfg.word_bits}-bit")
     if isinstance(n_included, bool) or not 1 <= n_included <= cfg.n_max:
         raise AggregationError(f"n_included must be in [1, n_max={cfg.n_max}], got {n_included!r}")
-    dtype = cfg.dtype
-    signed_t = np.int32 if cfg.word_bits == 32 else np.int64
-    shift = dtype((n_included * cfg.offset) % cfg.modulus)
     m = words.size - 1 - EVAL_WORDS
-    centred = np.subtract(words[:m], shift)
+    return decode_values(words[:m], n_included, cfg), decode_weight_sum(words, n_included, cfg)
+
+
+def decode_values(part: Words, n_included: int, cfg: MaskConfig) -> npt.NDArray[np.float64]:
+    """The weighted sum ``Σ a_k·delta_k`` of any slice of an unmasked aggregate's model
+    words (not the weight word): element by element, so decoding a large model in
+    slices gives exactly the values of decoding it whole, with scratch memory of the
+    slice only. The caller checks ``words``, ``n_included`` as :func:`decode_aggregate`."""
+    signed_t = np.int32 if cfg.word_bits == 32 else np.int64
+    shift = cfg.dtype((n_included * cfg.offset) % cfg.modulus)
+    centred = np.subtract(part, shift)
     values = centred.view(signed_t).astype(np.float64)
     values /= float(cfg.scale)
-    weight_units = (int(words[m]) - n_included * cfg.weight_scale) % cfg.modulus
+    return values
+
+
+def decode_weight_sum(words: Words, n_included: int, cfg: MaskConfig) -> float:
+    """``Σ a_k`` from an unmasked aggregate (its weight word, before the evaluation words)."""
+    weight_units = (
+        int(words[words.size - 1 - EVAL_WORDS]) - n_included * cfg.weight_scale
+    ) % cfg.modulus
     if weight_units >= cfg.modulus // 2:
         weight_units -= cfg.modulus
-    weight_sum = float(Fraction(weight_units, cfg.weight_scale))
-    return values, weight_sum
+    return float(Fraction(weight_units, cfg.weight_scale))
 
 
 def error_bound(n: int, weight_sum: float, cfg: MaskConfig) -> float:

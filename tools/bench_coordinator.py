@@ -44,8 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from maskfl.protocol.chunking import split_payload
+from maskfl.protocol.chunking import Reassembler, is_chunk, split_payload
 from maskfl.protocol.crypto import new_seed, seal_seed
+from maskfl.protocol.errors import MaskflError
 from maskfl.protocol.masking import MaskConfig, mask_update
 from maskfl.protocol.messages import (
     GlobalModel,
@@ -60,7 +61,7 @@ from maskfl.protocol.messages import (
 from maskfl.protocol.topics import Topics
 from maskfl.tools._supervise import Supervisor
 from maskfl.tools.fleet_sim import SimFleet, SimParticipant, first_round_seed
-from maskfl.transport import MqttConfig, MqttTransport
+from maskfl.transport import MQTT_MAX_PACKET, MqttConfig, MqttTransport
 
 CHUNK = 256 * 1024
 P_SUM = 0.5
@@ -217,7 +218,7 @@ async def _measure(
             host="127.0.0.1",
             port=port,
             client_id="bench-observer",
-            max_incoming_payload=64 << 20,
+            max_incoming_payload=MQTT_MAX_PACKET,  # a global model of M = 2.5e7 is 100 MB
             incoming_queue_size=100_000,
         )
     )
@@ -233,12 +234,24 @@ async def _measure(
     sum_dict: asyncio.Future[SumDict] = asyncio.get_running_loop().create_future()
     model_seen = asyncio.Event()
 
+    model_frames = Reassembler(16, 1 << 31, 600.0)
+
     async def observe() -> None:
         async for msg in observer.messages():
             if not msg.payload:
                 continue
-            body = decode_message(msg.payload, max_size=64 << 20).body
-            now = time.time()
+            now = time.time()  # the last frame's arrival, before decoding a large message
+            payload = msg.payload
+            if is_chunk(msg.payload):  # global models above the chunk size
+                whole = model_frames.feed(msg.topic, msg.payload, now)
+                if whole is None:
+                    continue
+                payload = whole
+            try:
+                body = decode_message(payload, max_size=1 << 31).body
+            except MaskflError as exc:
+                print(f"maskfl-bench coordinator: observer: {msg.topic}: {exc}", file=sys.stderr)
+                continue
             if isinstance(body, RoundParams) and body.round_id == 1:
                 events.setdefault("round_params", now)
             elif isinstance(body, SumDict) and not sum_dict.done():
@@ -246,11 +259,14 @@ async def _measure(
             elif isinstance(body, Receipt) and body.accepted and body.message_type is not None:
                 if body.message_type.name == "UPDATE":
                     accepted.append(now)
+                elif body.message_type.name == "SUM2":
+                    events["last_sum2"] = now
             elif isinstance(body, GlobalModel) and body.version >= 1:
                 events["model"] = now
                 model_seen.set()
 
     watcher = asyncio.create_task(observe())
+    peak_rss = [0]
     coord = sup.start(
         "coordinator",
         [
@@ -263,6 +279,17 @@ async def _measure(
             str(config),
         ],
     )
+
+    async def sample_rss() -> None:
+        import psutil
+
+        proc = psutil.Process(coord.pid)
+        while True:
+            with contextlib.suppress(psutil.Error):
+                peak_rss[0] = max(peak_rss[0], proc.memory_info().rss)
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.create_task(sample_rss())
     try:
         sums = await asyncio.wait_for(sum_dict, 60)
         # Build every update before the clock starts.
@@ -278,7 +305,8 @@ async def _measure(
         rng = np.random.default_rng(0)
         frames: list[tuple[str, list[bytes]]] = []
         build_started = time.perf_counter()
-        for ident in updater_ids:
+
+        def build(ident: Any) -> tuple[str, list[bytes]]:
             seed = new_seed()
             delta = rng.uniform(-0.1, 0.1, m).astype(np.float32)
             words = mask_update(delta, 0.5, seed, cfg)
@@ -289,7 +317,12 @@ async def _measure(
                 round_id=1,
                 signing_key=ident.signing_key,
             )
-            frames.append((topics.update(1, ident.device_id), split_payload(raw, CHUNK)))
+            return topics.update(1, ident.device_id), split_payload(raw, CHUNK)
+
+        for ident in updater_ids:
+            # In a thread: at M = 2.5e7 building takes seconds per update, and a blocked
+            # loop misses the MQTT keepalives of the observer and the summers.
+            frames.append(await asyncio.to_thread(build, ident))
         build_s = time.perf_counter() - build_started
         total_bytes = sum(len(f) for _, fs in frames for f in fs)
         total_frames = sum(len(fs) for _, fs in frames)
@@ -308,6 +341,7 @@ async def _measure(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(accepted)} of {n} updates accepted")
             await asyncio.sleep(0.005)
+        print(f"maskfl-bench coordinator: {n} updates accepted", file=sys.stderr)
         ingest_s = max(accepted) - t0
         coord_cpu = _cpu(coord.pid) - cpu0
         _stop_pyspy(spy)
@@ -324,7 +358,16 @@ async def _measure(
         base = await _baseline(
             frames_file, port=port, total_frames=total_frames, sup=sup, work=work
         )
+        db_bytes = sum(
+            f.stat().st_size for f in (work / "coordinator" / "state").glob("coordinator.db*")
+        )
+        registry_bytes = sum(
+            f.stat().st_size
+            for f in (work / "coordinator" / "state").rglob("*")
+            if f.is_file() and "models" in f.parts
+        )
     finally:
+        sampler.cancel()
         watcher.cancel()
         for s in summers:
             await s.stop()
@@ -350,6 +393,12 @@ async def _measure(
         "ratio": round(base["consumer_s"] / inside_s, 3),
         "ratio_end_to_end": round((mb / ingest_s) / base["mb_per_s"], 3),
         "round_wall_s": round(round_s, 3),
+        "unmask_publish_s": round(events["model"] - events["last_sum2"], 3),
+        "coordinator_peak_rss_mb": round(peak_rss[0] / 1e6, 1),
+        "model_mb": round(4 * m / 1e6, 1),
+        "rss_over_model": round(peak_rss[0] / (4 * m), 2),
+        "db_mb_after_round": round(db_bytes / 1e6, 2),
+        "registry_files_mb": round(registry_bytes / 1e6, 2),
     }
     print(json.dumps(out), file=sys.stderr)
     return out

@@ -8,8 +8,12 @@ summers, so the phase closes as soon as every summer has answered.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 import numpy as np
 
+from maskfl.aggregator_gpu import mask_digest
 from maskfl.broker_coordinator.context import Contribution, Incoming
 from maskfl.broker_coordinator.phases.base import MessagePhase
 from maskfl.broker_coordinator.phases.sum import check_once
@@ -58,10 +62,31 @@ class Sum2Phase(MessagePhase):
             raise RemoteProtocolError(
                 Reason.MALFORMED, f"{len(unknown)} failed digests name no accepted update"
             )
-        record = Sum2Record(
-            incoming.device, incoming.message.digest, words.tobytes(), tuple(body.failed)
-        )
-        return Contribution(incoming, record)
+        record = Sum2Record(incoming.device, incoming.message.digest, b"", tuple(body.failed))
+        return Contribution(incoming, record, words=words)
+
+    async def prepare(self, batch: list[Contribution]) -> None:
+        """Each mask to a file named by its digest, before the batch's commit: the
+        coordinator then holds no mask in memory (S copies of the model) and votes on
+        the digests; honest summers' identical masks are one file."""
+        s, rid = self.s, self.state.round_id
+
+        def durable() -> list[bytes]:
+            # In a worker thread: hashing and writing 4·M bytes release the GIL.
+            s.checkpoints.prune_masks(keep_round=rid)
+            digests = []
+            for item in batch:
+                assert item.words is not None
+                digest = mask_digest(item.words)
+                s.checkpoints.write_mask(rid, digest, item.words.data.cast("B"))
+                digests.append(digest)
+            return digests
+
+        digests = await asyncio.to_thread(durable)
+        for item, digest in zip(batch, digests, strict=True):
+            assert isinstance(item.record, Sum2Record)
+            item.record = dataclasses.replace(item.record, mask_digest=digest)
+            item.words = None
 
     async def write(self, tx: Transaction, batch: list[Contribution]) -> None:
         rid = self.state.round_id

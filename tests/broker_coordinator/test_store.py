@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,121 @@ def test_update_log_overwrites_an_uncommitted_tail(tmp_path: Path) -> None:
     assert log.read(1, 4, 2) == b"bb"
     with pytest.raises(StorageError):
         log.read(1, 6, 10)
+
+
+def _model(version: int, weights: bytes, message: bytes | None = b"signed") -> ModelRecord:
+    return ModelRecord(
+        "m",
+        version,
+        version or None,
+        hashlib.sha256(weights).digest(),
+        weights,
+        {"updates": float(version)},
+        message,
+        b"opt" if version else None,
+        float(version),
+    )
+
+
+async def test_the_registry_keeps_files_and_the_newest_versions(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    async with Store.open(path, keep_versions=2) as store:
+        for v in range(5):
+            async with store.transaction() as tx:
+                await tx.add_model(_model(v, bytes([v]) * 4000, None if v == 0 else b"msg%d" % v))
+        latest = await store.latest_model("m")
+        assert latest is not None and latest.version == 4 and latest.weights == bytes([4]) * 4000
+        assert latest.message == b"msg4" and latest.optimizer_state == b"opt"
+        assert [(m.version, m.kept) for m in await store.models()] == [
+            (0, False),
+            (1, False),
+            (2, False),
+            (3, True),
+            (4, True),
+        ]
+        with pytest.raises(StorageError, match="keep_versions"):
+            await store.model("m", 1)
+        names = sorted(p.name for p in (tmp_path / "models").iterdir())
+        # two versions' weights, messages and (one shared, content-addressed) optimizer state
+        assert len(names) == 5 and all(len(n.split(".")[0]) == 64 for n in names)
+    # the blobs left SQLite: the database holds metadata only
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT SUM(LENGTH(metrics)) FROM models").fetchone()[0] < 200
+    assert path.stat().st_size < 200_000
+
+
+async def test_files_no_row_names_are_collected(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "c.db", keep_versions=10) as store:
+        async with store.transaction() as tx:
+            await tx.add_model(_model(0, b"\0" * 400))
+        with pytest.raises(RuntimeError):
+            async with store.transaction() as tx:  # files written, then a crash before commit
+                await tx.add_model(_model(1, b"\1" * 400, b"msg"))
+                raise RuntimeError("killed")
+        assert len(list((tmp_path / "models").iterdir())) == 5
+        assert await store.collect_model_files() == 3  # v1's weights, message, optimizer state
+        assert (await store.latest_model("m")).version == 0  # type: ignore[union-attr]
+
+
+def _schema_1(path: Path, versions: int, size: int) -> None:
+    """A coordinator.db as schema 1 wrote it: every version's blobs in ``models``."""
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);"
+            "CREATE TABLE models (model_id TEXT NOT NULL, version INTEGER NOT NULL, "
+            "round_id INTEGER, digest BLOB NOT NULL, weights BLOB NOT NULL, metrics TEXT NOT NULL,"
+            " message BLOB, optimizer_state BLOB, created_at REAL NOT NULL, "
+            "PRIMARY KEY (model_id, version));"
+            "CREATE TABLE sum2 (round_id INTEGER NOT NULL, device_id TEXT NOT NULL, "
+            "digest BLOB NOT NULL, mask BLOB NOT NULL, failed BLOB NOT NULL, "
+            "PRIMARY KEY (round_id, device_id));"
+        )
+        db.execute("INSERT INTO sum2 VALUES (7, 's1', ?, ?, ?)", (b"d" * 32, b"\5" * size, b""))
+        db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (b"1",))
+        for v in range(versions):
+            w = bytes([v]) * size
+            db.execute(
+                "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    "m",
+                    v,
+                    v or None,
+                    hashlib.sha256(w).digest(),
+                    w,
+                    '{"updates": 1.0}',
+                    None if v == 0 else b"M" * size,
+                    None,
+                    1.0,
+                ),
+            )
+
+
+async def test_a_schema_1_database_is_migrated_to_files(tmp_path: Path) -> None:
+    path = tmp_path / "coordinator.db"
+    size = 1 << 20
+    _schema_1(path, versions=4, size=size)
+    before = path.stat().st_size
+    assert before > 7 << 20
+    async with Store.open(path, keep_versions=3) as store:
+        latest = await store.latest_model("m")
+        assert latest is not None and latest.version == 3
+        assert latest.weights == bytes([3]) * (1 << 20) and latest.message == b"M" * (1 << 20)
+        assert [m.kept for m in await store.models()] == [False, True, True, True]
+        assert await store.get_meta("schema_version") == b"2"
+        (sum2,) = await store.sum2s(7)  # a round in sum2: its mask moved to a file too
+        assert sum2.mask_digest == hashlib.sha256(b"\5" * size).digest()
+        assert CheckpointFiles(tmp_path / "checkpoints").read_mask(7, sum2.mask_digest) == (
+            b"\5" * size
+        )
+    assert path.stat().st_size < before / 20  # VACUUM gave the space back
+    async with Store.open(path) as store:  # opening again: nothing to migrate
+        assert (await store.model("m", 1)).weights == bytes([1]) * (1 << 20)  # type: ignore[union-attr]
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    async with Store.open(path) as store, store.transaction() as tx:
+        await tx.set_meta("schema_version", b"3")
+    with pytest.raises(StorageError, match="schema version 3"):
+        async with Store.open(path):
+            pass
