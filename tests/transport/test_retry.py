@@ -25,9 +25,11 @@ from maskfl.transport import (
     MqttConfig,
     MqttTransport,
     RefusedError,
+    TlsConfig,
     diagnose,
 )
 from tests.support.mosquitto import Mosquitto
+from tests.support.tls import TestPki
 
 
 def test_backoff_doubles_to_the_cap_with_equal_jitter_and_resets() -> None:
@@ -239,3 +241,22 @@ async def test_a_broker_restarted_twice_in_a_row_is_not_a_takeover(tmp_path: Pat
     causes = [e.cause for e in events if e.state is LinkState.DISCONNECTED]
     assert Cause.TAKEN_OVER not in causes, causes
     assert Cause.UNREACHABLE in causes
+
+
+@pytest.mark.broker
+async def test_a_certificate_from_another_fleet_is_named_as_such(tmp_path: Path) -> None:
+    """The broker's TLS alert (``unknown ca``) is read even when TLS 1.3 loses it to the
+    CONNECT already sent: the diagnosis says the certificate is not accepted."""
+    ours, theirs = TestPki(tmp_path / "ours"), TestPki(tmp_path / "theirs", name="other")
+    lines = ours.mosquitto_tls_listener(ours.server_cert(), require_certificate=True)
+    foreign = theirs.client_cert("dev-1")
+    with Mosquitto(tmp_path / "broker", config=lines) as broker:
+        tls = TlsConfig(ca_file=ours.ca.cert, cert_file=foreign.cert, key_file=foreign.key)
+        for _ in range(3):  # the alert may come in the handshake or after the CONNECT
+            transport = MqttTransport(
+                MqttConfig(host=broker.host, port=broker.port, client_id="dev-1", tls=tls)
+            )
+            with pytest.raises(TransportError) as info:
+                await transport.connect()
+            assert diagnose(info.value).cause is Cause.CERTIFICATE_REFUSED, info.value
+            assert "unknown ca" in str(info.value).lower(), info.value
