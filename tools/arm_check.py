@@ -7,9 +7,9 @@ binfmt_misc in a chroot. Steps, all as root (debootstrap, chroot, mount):
 1. the base root: ``debootstrap --arch=arm64 --variant=minbase`` with python3-venv,
    ca-certificates and sudo (what Raspberry Pi OS has and a minimal Debian lacks); built
    once and kept in ``<workdir>/base``; each run works on a fresh copy of it;
-2. the wheel (``pip wheel --no-deps .``) and a provisioned fleet of four devices
-   (``maskfl-provision``) on the host; mosquitto, the coordinator and three x86 agents
-   (pi-002..pi-004) run on the host;
+2. the wheel (``pip wheel --no-deps .``) and a provisioned fleet of seven devices
+   (``maskfl-provision``) on the host; mosquitto, the coordinator and six x86 agents
+   (pi-002..pi-007) run on the host;
 3. on the "device", the fenced block that follows ``<!-- device-install -->`` in
    README.md runs *as written* (bash -e, as root, in a folder holding the wheel, the
    bundle pi-001.tar.gz and the unit file, as README says to copy them): apt-get, useradd,
@@ -62,7 +62,7 @@ __all__ = ["main", "mask_digests"]
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "pi-001"
-HOST_AGENTS = ("pi-002", "pi-003", "pi-004")
+HOST_AGENTS = tuple(f"pi-{i:03d}" for i in range(2, 8))  # six x86 agents beside pi-001
 ROOT_PACKAGES = "python3-venv,ca-certificates,sudo"
 MIRROR = "http://deb.debian.org/debian"
 README_MARKER = "<!-- device-install -->"
@@ -89,11 +89,11 @@ SYSTEMCTL_STANDIN = """#!/bin/sh
 echo "$*" >> /var/log/arm-check-systemctl.log
 """
 
-# The try-out's round timing (docs/operations.md), with room for an emulated device: a
-# summer probability near 1/2 so that pi-001 soon draws both tasks, phases that stay
-# open 5 s and take every device (pi-001 under qemu answers a few hundred ms after the
-# x86 agents; with count_max = 2 they filled the sum phase before it and it was refused
-# with phase_closed).
+# The try-out's round timing (docs/operations.md), with room for an emulated device:
+# seven devices, two summers aimed at (so pi-001 is a summer in about 2 rounds of 7 and
+# few rounds lack summers or updaters), phases that stay open 5 s and take every device
+# (pi-001 under qemu answers a few hundred ms after the x86 agents; with count_max = 2
+# they filled the sum phase before it and it was refused with phase_closed).
 PET = """
 [pet]
 alive_window_s = 60.0
@@ -103,28 +103,22 @@ failure_pause_s = 2.0
 [pet.sum]
 target = 2
 count_min = 1
-count_max = 4
+count_max = 7
+time_min_s = 5.0
+time_max_s = 20.0
+
+[pet.update]
+target = 5
+count_min = 3            # privacy.min_updates, the default floor
+count_max = 7
 time_min_s = 5.0
 time_max_s = 30.0
 
-[pet.update]
-target = 3
-count_min = 2
-count_max = 4
-time_min_s = 5.0
-time_max_s = 60.0
-
 [pet.sum2]
 count_min = 1
-count_max = 4
+count_max = 7
 time_min_s = 1.0
-time_max_s = 60.0
-
-# Four devices: a round of one summer and two updaters must count (the default
-# floor, 3, would leave only rounds with exactly one summer). 2 is the lowest floor
-# any configuration may set.
-[privacy]
-min_updates = 2
+time_max_s = 30.0
 """
 
 
@@ -340,7 +334,7 @@ def host_script(name: str) -> str:
 
 
 def provision(run_dir: Path, logfile: Path) -> tuple[Path, int, int]:
-    """A fleet of pi-001..pi-004 for a broker on 127.0.0.1; (fleet dir, MQTT port, HTTP port)."""
+    """A fleet of pi-001..pi-007 for a broker on 127.0.0.1; (fleet dir, MQTT port, HTTP port)."""
     fleet = run_dir / "fleet"
     port, http = free_port(), free_port()
     provision_cli = [host_script("maskfl-provision"), "--dir", str(fleet)]
@@ -371,7 +365,10 @@ def provision(run_dir: Path, logfile: Path) -> tuple[Path, int, int]:
         ],
         logfile=logfile,
     )
-    run([*provision_cli, "add-device", "pi", "--count", "4"], logfile=logfile)
+    run(
+        [*provision_cli, "add-device", "pi", "--count", str(1 + len(HOST_AGENTS))],
+        logfile=logfile,
+    )
     (run_dir / "broker-data").mkdir()
     with (fleet / "coordinator" / "coordinator.toml").open("a") as f:
         f.write(PET)
@@ -380,7 +377,7 @@ def provision(run_dir: Path, logfile: Path) -> tuple[Path, int, int]:
         with toml.open("a") as f:
             f.write(
                 f'\n[state]\ndir = "{run_dir / "agents" / device}"\n\n'
-                f"[data]\noptions = {{ shard = {index}, shards = 4 }}\n"
+                f"[data]\noptions = {{ shard = {index}, shards = {1 + len(HOST_AGENTS)} }}\n"
             )
     return fleet, port, http
 
@@ -640,6 +637,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckFailedError, subprocess.SubprocessError, OSError) as exc:
         print(f"arm-check: FAILED: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("arm-check: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     rss = report["agent_peak_rss_mb"]
