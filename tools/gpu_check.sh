@@ -16,7 +16,11 @@
 # Offline machines: put wheels in ./wheelhouse (or GPU_WHEELHOUSE=DIR), made on a machine
 # with the same Python minor version and the package index at hand:
 #     pip wheel -w wheelhouse '.[dev,gpu]'
-# The install then uses only the wheelhouse (--no-index).
+# (pip download plus maskfl's own wheel, which pip download cannot fetch). The install
+# then uses only the wheelhouse (--no-index). It is large: cupy-cuda12x 14.2 alone is a
+# 137 MB wheel. A CuPy already installed for the machine's Python is used as it is
+# (the venv sees the system's site-packages). CuPy compiles its kernels with NVRTC from
+# the CUDA toolkit of the machine (or the nvidia-* wheels of cupy-cuda12x[ctk]).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
