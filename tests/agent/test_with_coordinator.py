@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +21,21 @@ import pytest
 
 from maskfl.agent.datasources import load_dataset
 from maskfl.agent.learning import holdout_split
-from maskfl.agent.state import Step, TaskKind
+from maskfl.agent.state import OutboxEntry, OutboxStatus, Step, TaskKind
 from maskfl.agent.training import LocalTrainer
 from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.masking import LOSS_CAP, update_words
 from maskfl.protocol.messages import GlobalModel, decode_message
 from maskfl.protocol.topics import Topics
-from maskfl.tools.fleet_sim import SimFleet, first_round_seed
+from maskfl.tools.fleet_sim import SimFleet, first_round_seed, wait_for
 from maskfl.tools.report import randomness
 from maskfl.transport import MqttConfig, MqttTransport
 from tests.agent.fleet import write_bundle
 from tests.agent.test_daemon import running_agent
+from tests.broker_coordinator.crashing import Killer, Proc, round_row
 from tests.broker_coordinator.support import running_coordinator
 from tests.support.mosquitto import Mosquitto
+from tests.support.proxy import HoldingProxy
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -152,3 +155,107 @@ async def test_agents_and_coordinator_complete_a_round(
         assert r.entropy_bits_per_byte > 7.9 and r.p_value > 1e-4, r
     tails = {tuple(int(w) for w in words[-3:]) for words in stored}
     assert all(max(t) > 100_000 for t in tails), tails  # held-out counts are < 2,000
+
+
+async def test_coordinator_killed_with_receipts_unsent_no_agent_journals_a_rejection(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Real agents; the coordinator, a process behind a proxy, dies three times at the
+    worst instant for receipts: from the moment a phase's input is out (round
+    parameters, sum dictionary, all seed dictionaries) everything it sends is dropped,
+    and it is killed once its database shows the phase closed (the round completed,
+    for sum2). Every message the model counts must get an ``accepted`` receipt, and
+    no agent's journal may record a rejection for any of its messages."""
+    initial = LocalTrainer.shipped("mlp").get_weights()
+    fleet = SimFleet(fleet="agentcrash")
+    p_sum = 0.5
+    summers, updaters = fleet.identities_for_roles(
+        first_round_seed(bytes(32), initial), p_sum=p_sum, p_update=1.0, summers=2, updaters=3
+    )
+    proxy = await HoldingProxy(mosquitto.host, mosquitto.port).start()
+    coordinator_toml = fleet.write_coordinator(
+        tmp_path / "coordinator",
+        port=proxy.port,
+        length=initial.size,
+        initial=initial,
+        overrides={
+            "model": {"id": "mlp"},
+            "pet": {
+                "sum": {"prob": p_sum, "count_min": 2, "count_max": 2, "time_max_s": 60.0},
+                "update": {"prob": 1.0, "count_min": 3, "count_max": 3, "time_max_s": 60.0},
+                "sum2": {"count_min": 2, "count_max": 2, "time_max_s": 60.0},
+                "max_rounds": 2,
+                "round_pause_s": 60.0,
+            },
+        },
+    )
+    db = coordinator_toml.parent / "state" / "coordinator.db"
+    ca_file = tmp_path / "ca.pub"
+    ca_file.write_bytes(public_key_to_pem(fleet.ca_key.verify_key))
+    configs = [
+        write_bundle(
+            tmp_path / ident.certificate.subject,
+            ident,
+            fleet=fleet.fleet,
+            ca_public_key_file=ca_file,
+            broker=mosquitto,
+            shard=k,
+            shards=SHARDS,
+        )
+        for k, ident in enumerate([*updaters, *summers])
+    ]
+    coordinator = Proc(coordinator_toml, tmp_path / "coordinator.log")
+    killer = Killer(mosquitto.host, mosquitto.port, fleet.fleet)
+    steps = (("round", 1, "phase = 'update'"), ("sums", 1, "phase = 'sum2'"))
+    steps += (("seeds", 2, "outcome = 'completed'"),)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            agents = [await stack.enter_async_context(running_agent(c)) for c in configs]
+            for trigger, count, done in steps:
+                killer.on(trigger, proxy.hold, count)
+                coordinator.start()
+                await wait_for(killer.fired.is_set, 60, trigger)
+                await wait_for(functools.partial(round_row, db, done), 90, done)
+                coordinator.kill9()
+                await proxy.release()
+            coordinator.start()
+
+            async def journal() -> dict[tuple[str, str], OutboxEntry]:
+                entries = {
+                    (a.device, kind): await a.journal.outbox(1, kind)
+                    for a in agents
+                    for kind in ("sum", "update", "sum2")
+                }
+                return {key: e for key, e in entries.items() if e is not None}
+
+            deadline = asyncio.get_running_loop().time() + 90
+            while True:
+                rejected = {
+                    key: e.reason
+                    for key, e in (await journal()).items()
+                    if e.status is OutboxStatus.REJECTED
+                }
+                assert not rejected, f"{rejected}\n{coordinator.log.read_text()[-3000:]}"
+                states = [await a.journal.load(1) for a in agents]
+                if all(s is not None and s.step is Step.DONE for s in states):
+                    break
+                assert asyncio.get_running_loop().time() < deadline, states
+                await asyncio.sleep(0.1)
+            sent = await journal()
+            await wait_for(
+                lambda: all(e.digest in killer.accepted for e in sent.values()),
+                30,
+                "an accepted receipt for every message",
+            )
+            final = await journal()
+    finally:
+        killer.close()
+        coordinator.stop()
+        await proxy.stop()
+    assert proxy.dropped > 0
+    assert len(sent) == 3 + 2 * 2
+    for key, entry in final.items():
+        assert entry.status is not OutboxStatus.REJECTED, (key, entry.reason)
+        if entry.kind != "sum":  # a summer learns its sum counted from its seed dictionary
+            assert entry.status is OutboxStatus.ACCEPTED, (key, entry.status, entry.reason)
+            assert entry.reason in ("", "duplicate"), (key, entry.reason)

@@ -12,27 +12,15 @@ update was lost or added twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import os
 import random
-import signal
-import sqlite3
-import subprocess
-import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from maskfl.protocol.errors import Reason
-from maskfl.protocol.messages import GlobalModel, MessageType, Receipt, decode_message
-from maskfl.protocol.topics import TopicKind, parse_topic
+from maskfl.protocol.messages import MessageType
 from maskfl.tools.fleet_sim import (
     Behaviour,
     SimParticipant,
@@ -41,6 +29,7 @@ from maskfl.tools.fleet_sim import (
     stop_all,
     wait_for,
 )
+from tests.broker_coordinator.crashing import Killer, Proc, round_row
 from tests.broker_coordinator.support import fixed_delta, make_setup, trained
 from tests.support.mosquitto import Mosquitto
 from tests.support.proxy import HoldingProxy
@@ -72,44 +61,6 @@ def assert_no_rejection(parts: list[SimParticipant], log: Path) -> None:
     for p in parts:
         bad = [r for r in p.receipts if not r.accepted and r.reason is not Reason.DUPLICATE]
         assert not bad, f"{p.device} got {bad}\n{log.read_text()[-3000:]}"
-
-
-class Proc:
-    """The coordinator as a child process, with its log in a file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "maskfl.broker_coordinator.cli",
-                    "run",
-                    "--config",
-                    str(self.config),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 @pytest.mark.parametrize(
@@ -191,89 +142,6 @@ async def test_kill9_then_restart_includes_every_update_once(
     )
     expected = setup.initial + expected_mean([p.sent[1] for p in updaters], 1.0)
     np.testing.assert_allclose(model.weights, expected, atol=metrics["error_bound"] + 1e-6)
-
-
-def kill9(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-class Killer:
-    """SIGKILLs the coordinator the instant an armed output reaches the broker.
-
-    A paho client on its own thread, subscribed to the round's sum dictionary,
-    seed dictionaries, global model and receipts: the kill is sent from the
-    callback that receives the armed output, not by the test's event loop, so it
-    lands within a millisecond or so of the broker having the message. Triggers:
-    ``sums``, ``seeds`` (the first seed dictionary), ``model`` (version >= 1) and
-    ``receipt:<type>`` (the first ``accepted`` receipt for a message of that type:
-    the others of its group commit are then committed but perhaps not yet sent).
-    """
-
-    def __init__(self, host: str, port: int, fleet: str) -> None:
-        self._lock = threading.Lock()
-        self._armed: str | None = None
-        self._action: Callable[[], None] | None = None
-        self._count = 0
-        self.fired = threading.Event()
-        self.kills: list[str] = []
-        self.last: dict[str, bytes] = {}
-        """The last payload seen per topic (empty: a retained message cleared)."""
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"killer-{fleet}", protocol=mqtt.MQTTv5
-        )
-        self.client.on_message = self._on_message
-        self.client.connect(host, port)
-        prefix = f"maskfl/v1/{fleet}"
-        for topic in ("round", "round/+/sums", "round/+/seeds/+", "model/+/latest", "receipts/+"):
-            self.client.subscribe(f"{prefix}/{topic}", qos=1)
-        self.client.loop_start()
-
-    def arm(self, trigger: str, pid: int) -> None:
-        """SIGKILL ``pid`` on the first ``trigger``."""
-        self.on(trigger, lambda: kill9(pid))
-
-    def on(self, trigger: str, action: Callable[[], None], count: int = 1) -> None:
-        """Run ``action`` (on the paho thread) on the ``count``-th ``trigger``."""
-        with self._lock:
-            self._armed, self._action, self._count = trigger, action, count
-            self.fired.clear()
-
-    @staticmethod
-    def _trigger(msg: mqtt.MQTTMessage) -> str | None:
-        kind = parse_topic(msg.topic).kind
-        if kind is TopicKind.ROUND:
-            return "round"
-        if kind is TopicKind.SUMS:
-            return "sums"
-        if kind is TopicKind.SEEDS:
-            return "seeds"
-        body = decode_message(msg.payload, max_size=1 << 24).body
-        if isinstance(body, GlobalModel):
-            return "model" if body.version >= 1 else None  # v0 goes out at every start
-        if isinstance(body, Receipt) and body.accepted and body.message_type is not None:
-            return f"receipt:{body.message_type.name.lower()}"
-        return None
-
-    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.last[msg.topic] = msg.payload
-        if not msg.payload or self._armed is None:
-            return
-        trigger = self._trigger(msg)
-        with self._lock:
-            if trigger != self._armed or self._action is None:
-                return
-            self._count -= 1
-            if self._count > 0:
-                return
-            self._action()
-            self.kills.append(trigger)
-            self._armed = self._action = None
-            self.fired.set()
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 async def test_kill9_at_every_phase_boundary_the_round_completes(
@@ -368,18 +236,6 @@ async def _round_with_receipts_held(tmp_path: Path, mosquitto: Mosquitto, fleet:
     model = trained(parts[0])[0]
     assert dict(model.metrics)["updates"] == updaters
     assert_no_rejection(parts, coordinator.log)
-
-
-def round_row(db: Path, where: str) -> bool:
-    """Round 1's row in the coordinator's database matches ``where``."""
-    if not db.exists():
-        return False
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        try:
-            rows = conn.execute(f"SELECT 1 FROM rounds WHERE round_id = 1 AND {where}").fetchall()
-        except sqlite3.OperationalError:
-            return False
-    return bool(rows)
 
 
 async def _round_with_kills(
