@@ -293,6 +293,8 @@ class Bed:
                         },
                         "sum2": {"count_min": SUMMERS, "count_max": SUMMERS, "time_max_s": 3600.0},
                     },
+                    # The privacy floor: 3 by default, 2 at the least (a round of 2 updates).
+                    "privacy": {"min_updates": min(3, max(2, updates))},
                     "log": {
                         "level": os.environ.get("MASKFL_BENCH_LOG", "warning"),
                         "format": "text",
