@@ -121,3 +121,13 @@ def test_a_spool_the_window_cannot_hold_is_refused(tmp_path: Path) -> None:
     env = {"MASKFL__PET__REASSEMBLY_SPOOL_MAX_BYTES": str(1 << 40)}
     with pytest.raises(ConfigError, match=r"pet\.reassembly_spool_max_bytes .* lower it to"):
         load_config(_write(tmp_path, MINIMAL), env=env)
+
+
+def test_a_privacy_floor_below_two_stops_the_coordinator_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, MINIMAL + "[privacy]\nmin_updates = 1\n")
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "privacy.min_updates: must be at least 2: an aggregate of fewer updates is one " in err
