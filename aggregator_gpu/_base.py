@@ -165,6 +165,10 @@ class Snapshot:
 
     def to_bytes(self) -> bytes:
         """Header, words (little-endian, 8-byte aligned after the header), SHA-256."""
+        return b"".join(self.parts())
+
+    def parts(self) -> list[bytes | memoryview]:
+        """:meth:`to_bytes` as its three parts, the words a view (no copy of them)."""
         header = _SNAPSHOT_HEADER.pack(
             _SNAPSHOT_MAGIC,
             _SNAPSHOT_VERSION,
@@ -175,9 +179,10 @@ class Snapshot:
             self.length,
         )
         body = np.ascontiguousarray(self.words, dtype=word_dtype(self.word_bits))
+        words = body.data.cast("B")
         digest = hashlib.sha256(header)
-        digest.update(body.data.cast("B"))
-        return b"".join((header, body.data.cast("B"), digest.digest()))
+        digest.update(words)
+        return [header, words, digest.digest()]
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Snapshot:
@@ -282,6 +287,11 @@ class Accumulator(Protocol):
         """A host copy for checkpointing; restore it with ``Backend.restore``."""
         ...
 
+    def checkpoint_image(self) -> list[bytes | memoryview]:
+        """:meth:`snapshot`'s ``to_bytes()`` in parts, viewing the live sum where it is
+        in host memory (no copy of the model's size): write it before the sum changes."""
+        ...
+
 
 class Backend(Protocol):
     """Makes accumulators on one kind of device."""
@@ -363,6 +373,10 @@ class AccumulatorState(abc.ABC):
 
     def snapshot(self) -> Snapshot:
         return Snapshot(words=self.total(), count=self._count, unmasked=self._unmasked)
+
+    def checkpoint_image(self) -> list[bytes | memoryview]:
+        live = Snapshot(words=self._host_words(), count=self._count, unmasked=self._unmasked)
+        return live.parts()
 
 
 def check_mergeable(length: int, word_bits: int, snapshot: Snapshot) -> None:

@@ -974,13 +974,15 @@ class CheckpointFiles:
     def path(self, round_id: int, gen: int) -> Path:
         return self.dir / f"round-{round_id}.gen-{gen}.agg"
 
-    def write(self, round_id: int, gen: int, image: bytes) -> None:
-        """temp file, fsync, rename, fsync the directory: all or nothing."""
+    def write(self, round_id: int, gen: int, image: bytes | Sequence[bytes | memoryview]) -> None:
+        """temp file, fsync, rename, fsync the directory: all or nothing. ``image`` may
+        come in parts (:meth:`~maskfl.aggregator_gpu.Accumulator.checkpoint_image`)."""
         final = self.path(round_id, gen)
         tmp = final.with_suffix(".tmp")
         try:
             with open(tmp, "wb") as f:
-                f.write(image)
+                for part in [image] if isinstance(image, bytes) else image:
+                    f.write(part)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)

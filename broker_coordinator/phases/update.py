@@ -123,7 +123,7 @@ class UpdatePhase(MessagePhase):
             # the event loop keeps reading the next messages meanwhile. Only the
             # committer touches the accumulator during the update phase.
             acc.add_batch(vectors)
-            image = acc.snapshot().to_bytes()
+            image = acc.checkpoint_image()  # views the sum: written before the next add
             offsets = (
                 s.update_log.append(state.round_id, start, blobs, fsync=storage.update_log_fsync)
                 if blobs

@@ -347,3 +347,15 @@ def test_retract_needs_something_added_and_a_masked_sum(backend: Backend) -> Non
     with pytest.raises(AggregationError):
         acc.retract(np.ones(3, dtype=np.uint32))
     assert acc.count == 1
+
+
+def test_the_checkpoint_image_is_the_snapshot_without_copying_the_sum() -> None:
+    acc = NumpyBackend().accumulator(1000, 32)
+    acc.add(np.arange(1000, dtype=np.uint32))
+    parts = acc.checkpoint_image()
+    assert b"".join(parts) == acc.snapshot().to_bytes()
+    words = parts[1]
+    assert isinstance(words, memoryview) and len(words) == 4000
+    acc.add(np.ones(1000, dtype=np.uint32))  # a view of the live sum: it moves with it
+    assert np.frombuffer(words, dtype="<u4")[0] == 1
+    assert Snapshot.from_bytes(b"".join(acc.checkpoint_image())).count == 2
