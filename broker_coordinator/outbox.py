@@ -46,7 +46,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from maskfl.broker_coordinator.metrics import Metrics
-from maskfl.protocol.chunking import split_payload
+from maskfl.protocol.chunking import iter_frames
 from maskfl.protocol.errors import MaskflError
 from maskfl.transport import PayloadTooLargeError, RefusedError, Transport, TransportClosedError
 
@@ -74,7 +74,7 @@ class Outbox:
                 exc,
                 chunk_size,
             )
-            for frame in split_payload(payload, chunk_size):
+            for frame in iter_frames(payload, chunk_size):
                 await self._transport.publish(topic, frame, qos=1)
 
     async def clear(self, topic: str) -> None:

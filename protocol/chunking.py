@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -44,6 +44,7 @@ __all__ = [
     "ChunkFrame",
     "Reassembler",
     "is_chunk",
+    "iter_frames",
     "message_id",
     "split_payload",
 ]
@@ -71,26 +72,34 @@ def is_chunk(data: bytes | memoryview) -> bool:
 
 def split_payload(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[bytes]:
     """``[payload]`` when it fits in ``chunk_size`` bytes, else frames of at most that size."""
+    return list(iter_frames(payload, chunk_size))
+
+
+def iter_frames(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
+    """The frames of :func:`split_payload` one at a time, so a sender of a large payload
+    holds one frame more than the payload, not a second copy of it (checks first)."""
     if chunk_size < MIN_CHUNK_SIZE or chunk_size > 2**32 - 1 + CHUNK_HEADER_SIZE:
         raise LocalProtocolError(
             f"chunk size {chunk_size} is outside [{MIN_CHUNK_SIZE}, 2^32 + {CHUNK_HEADER_SIZE})"
         )
     total = len(payload)
     if total <= chunk_size:
-        return [payload]
+        return iter([payload])
     part = chunk_size - CHUNK_HEADER_SIZE
     count = -(-total // part)
     if count > 2**32 - 1:
         raise LocalProtocolError(f"{total} bytes need more than 2^32 frames of {part}")
+    return _frames(payload, total, part, count)
+
+
+def _frames(payload: bytes, total: int, part: int, count: int) -> Iterator[bytes]:
     ident = message_id(payload)
     view = memoryview(payload)
-    frames = []
     for index in range(count):
         header = _HEADER.pack(
             CHUNK_MAGIC, CHUNK_VERSION, bytes(3), ident, total, part, index, count
         )
-        frames.append(header + view[index * part : (index + 1) * part])
-    return frames
+        yield header + view[index * part : (index + 1) * part]
 
 
 @dataclass(frozen=True, slots=True)
