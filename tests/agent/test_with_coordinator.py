@@ -23,6 +23,7 @@ from maskfl.agent.datasources import load_dataset
 from maskfl.agent.learning import holdout_split
 from maskfl.agent.state import OutboxEntry, OutboxStatus, Step, TaskKind
 from maskfl.agent.training import LocalTrainer
+from maskfl.broker_coordinator.cli import main as cli_main
 from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.masking import LOSS_CAP, update_words
 from maskfl.protocol.messages import GlobalModel, decode_message
@@ -55,7 +56,7 @@ async def retained_model(broker: Mosquitto, fleet: str, model_id: str, version: 
 
 
 async def test_agents_and_coordinator_complete_a_round(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
 ) -> None:
     initial = LocalTrainer.shipped("mlp").get_weights()
     fleet = SimFleet(fleet="agentfleet")
@@ -155,6 +156,14 @@ async def test_agents_and_coordinator_complete_a_round(
         assert r.entropy_bits_per_byte > 7.9 and r.p_value > 1e-4, r
     tails = {tuple(int(w) for w in words[-3:]) for words in stored}
     assert all(max(t) > 100_000 for t in tails), tails  # held-out counts are < 2,000
+    # The registry keeps it with the version it came with: `maskfl-coordinator models list`.
+    assert (
+        await asyncio.to_thread(cli_main, ["models", "list", "--config", str(coordinator_toml)])
+        == 0
+    )
+    listed = capsys.readouterr().out.splitlines()
+    v1 = next(line for line in listed if line.startswith("mlp v1 "))
+    assert f"accuracy={correct / examples:g}" in v1 and "evaluated_version=0" in v1, v1
 
 
 async def test_coordinator_killed_with_receipts_unsent_no_agent_journals_a_rejection(
