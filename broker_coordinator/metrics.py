@@ -128,8 +128,17 @@ class Metrics:
             registry=r,
         )
 
+    evaluation: dict[str, float | int] | None = None
+    """The latest fleet evaluation (for ``/status``), None before the first."""
+
     def set_evaluation(self, version: int, accuracy: float, loss: float, examples: int) -> None:
         """The latest evaluated version only: one series each, not one per version ever."""
+        self.evaluation = {
+            "evaluated_version": version,
+            "examples": examples,
+            "accuracy": accuracy,
+            "loss": loss,
+        }
         for gauge in (self.model_accuracy, self.model_loss, self.model_eval_examples):
             gauge.clear()
         label = str(version)

@@ -273,6 +273,7 @@ class Coordinator:
                 sum2=0 if state is None else len(state.sum2),
                 model_id=s.model.model_id,
                 model_version=s.model.version,
+                model_evaluation=self.metrics.evaluation,
                 devices_alive=s.alive_count(),
                 rounds_completed=runner.rounds_completed,
                 rounds_failed=runner.rounds_failed,

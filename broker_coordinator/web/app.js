@@ -73,6 +73,8 @@ function renderHeader(d) {
   text("phase", st.phase ?? "–");
   text("model", st.model_version === undefined ? "–" : `${st.model_id} v${st.model_version}`);
   text("alive", st.devices_alive ?? "–");
+  const ev = st.model_evaluation;
+  text("fleet-acc", ev ? `${(100 * ev.accuracy).toFixed(1)} % (v${ev.evaluated_version}, ${ev.examples} examples)` : "–");
   text("completed", st.rounds_completed ?? 0);
   text("failed", st.rounds_failed ?? 0);
   text("updated", "updated " + new Date(d.now * 1000).toLocaleTimeString() + " · refreshes every " + REFRESH_MS / 1000 + " s");

@@ -113,6 +113,7 @@ async def test_agents_and_coordinator_complete_a_round(
             weights = np.array(model.weights, dtype=np.float64)
             assert all(a.global_model("mlp") is None for a in agents)
             prometheus = coordinator.metrics.render().decode()
+            status = coordinator.status()
             assert coordinator.services is not None
             loss_scale = coordinator.services.mask.loss_scale
         states = [await a.journal.load(1) for a in agents]
@@ -146,6 +147,12 @@ async def test_agents_and_coordinator_complete_a_round(
     # Each updater's loss word is rounded to half a unit of 1/Q.
     assert abs(metrics["loss"] - loss_sum / examples) <= 3 / (2 * loss_scale * examples) + 1e-9
     assert f'maskfl_model_accuracy{{model_version="0"}} {correct / examples}' in prometheus
+    assert status["model_evaluation"] == {
+        "evaluated_version": 0,
+        "examples": examples,
+        "accuracy": correct / examples,
+        "loss": metrics["loss"],
+    }
     # An update exactly as the coordinator stored it: uniform bytes, and its
     # evaluation words are not the counts in the clear.
     log = tmp_path / "coordinator" / "state" / "updates" / "round-1.log"
