@@ -324,7 +324,12 @@ def numbered_device_ids(base: str, count: int) -> list[str]:
     ``dev-1000``), so an id never changes when a fleet grows. Everything that
     names numbered devices (the demo, benchmarks) calls this one function.
     """
-    return [f"{base}-{i:03d}" for i in range(1, count + 1)]
+    return [numbered_device_id(base, i) for i in range(1, count + 1)]
+
+
+def numbered_device_id(base: str, number: int) -> str:
+    """The ``number``-th numbered id: ``BASE-001``, ..., ``BASE-999``, ``BASE-1000``."""
+    return f"{base}-{number:03d}"
 
 
 def _unix(now: dt.datetime) -> int:
@@ -457,11 +462,30 @@ class Fleet:
 
     # -- devices ----------------------------------------------------------------
 
-    def device_ids(self, base: str, count: int) -> list[str]:
-        """``base`` itself, or :func:`numbered_device_ids` when ``count`` > 1."""
-        if count < 1:
+    def device_ids(self, base: str, count: int | None, *, force: bool = False) -> list[str]:
+        """The ids ``add-device BASE [--count N]`` works on.
+
+        Without ``count``: ``base`` itself. With ``count`` (1 included): the first
+        ``count`` of ``BASE-001``, ``BASE-002`` ... that are not revoked, so a fleet
+        grows past a revoked device (``pi-004`` revoked: ``--count 6`` is pi-001 ..
+        pi-003 and pi-005 .. pi-007) instead of stopping at it. ``force`` takes the
+        first ``count`` ids as they are (it re-enrolls revoked ones).
+        """
+        if count is None:
+            ids = [base]
+        elif count < 1:
             raise ProvisionError("--count must be at least 1")
-        ids = [base] if count == 1 else numbered_device_ids(base, count)
+        elif force:
+            ids = numbered_device_ids(base, count)
+        else:
+            ids = []
+            number = 0
+            while len(ids) < count:
+                number += 1
+                device = numbered_device_id(base, number)
+                member = self.registry.devices.get(device)
+                if member is None or member.status is not Status.REVOKED:
+                    ids.append(device)
         for device in ids:
             check_id(device, "device id")
             if device == COORDINATOR_USER:
@@ -469,6 +493,20 @@ class Fleet:
             if device in self.registry.observers:
                 raise ProvisionError(f"{device!r} is an observer's name; pick another id")
         return ids
+
+    def revoked_numbered(self, base: str, ids: list[str]) -> list[str]:
+        """The revoked ``BASE-NNN`` ids that :meth:`device_ids` stepped over for ``ids``."""
+        if not ids:
+            return []
+        last = ids[-1]
+        return [
+            device
+            for device, member in sorted(self.registry.devices.items())
+            if member.status is Status.REVOKED
+            and device.startswith(f"{base}-")
+            and device[len(base) + 1 :].isdigit()
+            and (len(device), device) < (len(last), last)
+        ]
 
     def add_device(
         self,
@@ -484,7 +522,7 @@ class Fleet:
 
         ``force`` re-issues an active device (like rotate) and re-enrolls a revoked one.
         """
-        self.device_ids(device, 1)
+        self.device_ids(device, None)
         member = self.registry.devices.get(device)
         if member is not None and not force:
             if member.status is Status.REVOKED:

@@ -218,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.add_argument("id", help="device id ([A-Za-z0-9_-]{1,64}); with --count, a prefix")
     add.add_argument(
-        "--count", type=int, default=1, metavar="N", help="enroll N devices ID-001 .. ID-N"
+        "--count",
+        type=int,
+        metavar="N",
+        help="enroll N numbered devices ID-001, ID-002 ...; revoked numbers are skipped "
+        "and numbering continues after them (--count 1 makes ID-001)",
     )
     add.add_argument(
         "--public-key",
@@ -412,9 +416,12 @@ def _cmd_init(args: argparse.Namespace, root: Path) -> None:
 
 def _cmd_add(args: argparse.Namespace, root: Path) -> None:
     fleet = Fleet.open(root)
-    ids = fleet.device_ids(args.id, args.count)
-    if len(ids) > 1 and (args.public_key or args.tls_csr):
+    ids = fleet.device_ids(args.id, args.count, force=args.force)
+    if args.count is not None and (args.public_key or args.tls_csr):
         raise ProvisionError("--public-key and --tls-csr enroll one device; drop --count")
+    if args.count is not None and not args.force:
+        for device in fleet.revoked_numbered(args.id, ids):
+            print(f"{device}: revoked, skipped (numbering continues after it)")
     public_key = _read_optional(args.public_key, "--public-key")
     csr = _read_optional(args.tls_csr, "--tls-csr")
     with fleet.locked():

@@ -483,3 +483,29 @@ def test_init_rejects_a_bad_ip(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "--ip" in fail(tmp_path, "init", "--fleet", "demo", "--ip", "300.1.1.1", capsys=capsys)
     assert "--host" in fail(tmp_path, "init", "--fleet", "demo", "--host", "a b", capsys=capsys)
     assert not (tmp_path / "ca").exists()  # nothing was written: init can simply be re-run
+
+
+def test_count_continues_numbering_past_a_revoked_device(
+    fleet: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    provision(fleet, "add-device", "pi", "--count", "5")
+    provision(fleet, "revoke", "pi-004")
+    capsys.readouterr()
+    provision(fleet, "add-device", "pi", "--count", "6")
+    out = capsys.readouterr().out
+    assert "pi-004: revoked, skipped" in out
+    registry = Fleet.open(fleet).registry.devices
+    active = sorted(d for d, m in registry.items() if m.status is Status.ACTIVE)
+    assert active == ["pi-001", "pi-002", "pi-003", "pi-005", "pi-006", "pi-007"]
+    assert registry["pi-004"].status is Status.REVOKED
+    assert out.count("already enrolled, nothing changed") == 4
+    assert (fleet / "devices" / "pi-007.tar.gz").is_file()
+    revoked_serial = registry["pi-004"].current.serial
+    assert revocations(fleet).is_revoked(revoked_serial)
+
+
+def test_count_one_makes_a_numbered_device(fleet: Path) -> None:
+    provision(fleet, "add-device", "cam", "--count", "1")
+    provision(fleet, "add-device", "gate")
+    devices = set(Fleet.open(fleet).registry.devices)
+    assert devices == {"cam-001", "gate"}
