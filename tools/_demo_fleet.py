@@ -9,12 +9,14 @@ device's share of the digits data), through the config models' own keys.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from maskfl.broker_coordinator.config import PrivacyConfig
 from maskfl.broker_coordinator.provision import numbered_device_ids
 from maskfl.models import model_path
 from maskfl.protocol.errors import ConfigError
+from maskfl.tools._supervise import Child, Supervisor
 
 __all__ = [
     "OBSERVER",
@@ -35,6 +38,7 @@ __all__ = [
     "console_script",
     "free_port",
     "provision_fleet",
+    "start_broker",
 ]
 
 FLEET = "demo"
@@ -76,6 +80,24 @@ def find_mosquitto() -> str:
             field="mosquitto",
         )
     return found
+
+
+def start_broker(supervisor: Supervisor, conf: Path, port: int, *, limit_s: float = 15.0) -> Child:
+    """Start mosquitto with ``conf`` under ``supervisor`` (log: ``mosquitto.log``) and
+    return once it listens on 127.0.0.1:``port``; the one way maskfl's tools start a
+    broker."""
+    child = supervisor.start("mosquitto", [find_mosquitto(), "-c", str(conf)])
+    deadline = time.monotonic() + limit_s
+    while True:
+        supervisor.check()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return child
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"mosquitto did not listen on 127.0.0.1:{port} within {limit_s:.0f} s; "
+                f"see {child.log_path}"
+            )
+        time.sleep(0.05)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,12 @@ child started itself. Output goes to one log file per child. :meth:`Supervisor.s
 sends SIGTERM to every group, waits, then SIGKILLs what is left; it runs on normal exit,
 on an exception, on Ctrl-C and (through :func:`atexit`) if the interpreter exits some
 other way, so no child outlives the tool.
+
+A supervisor with a ``pid_dir`` (``maskfl-fleet up``) also writes one pid file per child
+(``NN-name.pid``: pid and the kernel's start time of the process, so a recycled pid is
+never taken for it) and can :meth:`~Supervisor.detach`: the children then outlive the
+tool, and :func:`recorded` / :func:`stop_recorded` find and stop exactly them later,
+from another process.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Self
 
 from maskfl.protocol.errors import MaskflError
 
-__all__ = ["Child", "ChildExitedError", "Supervisor"]
+__all__ = ["Child", "ChildExitedError", "Recorded", "Supervisor", "recorded", "stop_recorded"]
 
 
 class ChildExitedError(MaskflError):
@@ -60,11 +66,18 @@ class Child:
 class Supervisor:
     """Starts children and guarantees they are gone when it is closed."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, *, pid_dir: Path | None = None) -> None:
         self.log_dir = log_dir
+        self.pid_dir = pid_dir
         self.children: list[Child] = []
         self._closed = False
         atexit.register(self.stop_all)
+
+    def detach(self) -> None:
+        """Leave the children running when this process exits (their pid files stay)."""
+        self._closed = True
+        atexit.unregister(self.stop_all)
+        self.children = []
 
     def start(
         self,
@@ -94,6 +107,10 @@ class Supervisor:
             )
         child = Child(name, tuple(argv), log_path, proc)
         self.children.append(child)
+        if self.pid_dir is not None:
+            self.pid_dir.mkdir(parents=True, exist_ok=True)
+            path = self.pid_dir / f"{len(self.children):02d}-{name}.pid"
+            path.write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
         return child
 
     def check(self) -> None:
@@ -126,6 +143,9 @@ class Supervisor:
         """
         self._closed = True
         order = list(reversed(self.children))
+        if self.pid_dir is not None:
+            for path in self.pid_dir.glob("*.pid"):
+                path.unlink(missing_ok=True)
         for child in order:
             child.expected_exit = True
             _signal_group(child, signal.SIGTERM)
@@ -160,3 +180,82 @@ def _signal_group(child: Child, signum: int) -> None:
     # the group is signalled even after the leader exited, to reach what it left behind.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(child.pid, signum)
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux ``/proc/PID/stat``
+    field 22); ``-`` where there is no /proc. A pid with another start time is
+    another process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "-"
+    return stat.rpartition(")")[2].split()[19]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One child a detached supervisor left running, as its pid file tells."""
+
+    name: str
+    pid: int
+    start_time: str
+    pid_file: Path
+
+    def alive(self) -> bool:
+        """The very process that was started is still there (not a zombie, not a
+        recycled pid)."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return _exists(self.pid)
+        fields = stat.rpartition(")")[2].split()
+        return fields[0] != "Z" and (self.start_time == "-" or fields[19] == self.start_time)
+
+
+def recorded(pid_dir: Path) -> list[Recorded]:
+    """The children recorded in ``pid_dir``, in the order they were started."""
+    out = []
+    for path in sorted(pid_dir.glob("*.pid")):
+        try:
+            pid_text, start = path.read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        name = path.stem.partition("-")[2] or path.stem
+        out.append(Recorded(name, pid, start, path))
+    return out
+
+
+def stop_recorded(pid_dir: Path, timeout: float = 15.0) -> list[Recorded]:
+    """Stop every child recorded in ``pid_dir``, newest first, like :meth:`Supervisor.stop_all`
+    (SIGTERM to each process group, then SIGKILL after ``timeout``), and remove the pid
+    files. A pid file whose process is gone or was replaced is only removed. Returns the
+    children that were running."""
+    children = recorded(pid_dir)
+    running = [c for c in reversed(children) if c.alive()]
+    for child in running:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(c.alive() for c in running) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for child in running:
+        if child.alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
+    for child in children:
+        child.pid_file.unlink(missing_ok=True)
+    return running
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -57,7 +56,7 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.topics import TopicKind, Topics, parse_topic
 from maskfl.tools._benchargs import count
-from maskfl.tools._demo_fleet import console_script, find_mosquitto, free_port
+from maskfl.tools._demo_fleet import console_script, free_port, start_broker
 from maskfl.tools._demo_watch import fetch_status
 from maskfl.tools._help import plain
 from maskfl.tools._supervise import Supervisor
@@ -164,16 +163,8 @@ def _start_broker(root: Path, supervisor: Supervisor) -> int:
     if os.geteuid() == 0:
         lines.append("user root")
     conf.write_text("\n".join(lines) + "\n")
-    supervisor.start("mosquitto", [find_mosquitto(), "-c", str(conf)])
-    import socket
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        supervisor.check()
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return port
-        time.sleep(0.02)
-    raise MaskflError(f"mosquitto did not listen on 127.0.0.1:{port}")
+    start_broker(supervisor, conf, port, limit_s=10.0)
+    return port
 
 
 # -- the masked round --------------------------------------------------------------------

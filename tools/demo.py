@@ -35,7 +35,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -59,8 +58,8 @@ from maskfl.tools._demo_fleet import (
     FleetSettings,
     console_script,
     demo_pet,
-    find_mosquitto,
     provision_fleet,
+    start_broker,
 )
 from maskfl.tools._demo_watch import (
     ModelEvent,
@@ -213,10 +212,9 @@ class Demo:
     async def _start_processes(self, fleet: DemoFleet) -> None:
         o = self.o
         t = time.monotonic()
-        broker = self.supervisor.start(
-            "mosquitto", [find_mosquitto(), "-c", str(fleet.broker_conf)]
+        broker = await asyncio.to_thread(
+            start_broker, self.supervisor, fleet.broker_conf, fleet.broker_port
         )
-        await _wait_port(fleet.broker_port, 15.0, self.supervisor)
         self.say(
             f"  mosquitto pid {broker.pid} on 127.0.0.1:{fleet.broker_port} "
             "(mutual TLS, per-device ACL)"
@@ -658,19 +656,6 @@ def _log_to_file(path: Path) -> None:
 
 def _kb(n: float) -> str:
     return f"{n / 1000:.1f} kB"
-
-
-async def _wait_port(port: int, limit_s: float, supervisor: Supervisor) -> None:
-    deadline = time.monotonic() + limit_s
-    while True:
-        supervisor.check()
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        if time.monotonic() > deadline:
-            raise MaskflError(
-                f"mosquitto did not listen on 127.0.0.1:{port} within {limit_s:.0f} s"
-            )
-        await asyncio.sleep(0.05)
 
 
 async def run_demo(options: DemoOptions) -> tuple[rep.Report, Path, Path]:

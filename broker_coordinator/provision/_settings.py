@@ -52,6 +52,13 @@ class BrokerSettings:
     """A plain anonymous loopback listener for development; 0 = none."""
     user: str = ""
     """mosquitto's ``user`` option; empty keeps its default (``mosquitto``)."""
+    reload_command: str = ""
+    """Run after a change to the ACL or CRL so the broker applies it (for example
+    ``systemctl reload mosquitto`` or ``docker compose kill -s HUP mosquitto``)."""
+    pid_file: str = ""
+    """Or: a file whose first word is mosquitto's pid; it gets SIGHUP after a change (a
+    second word, if any, is the process's start time in /proc/PID/stat, as ``maskfl-fleet``
+    writes it; a pid that is not mosquitto's, or started at another time, is not signalled)."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from maskfl.broker_coordinator.provision._broker import COORDINATOR_USER
 from maskfl.broker_coordinator.provision._fleet import AddOutcome, Fleet, Status
+from maskfl.broker_coordinator.provision._reload import reload_broker
 from maskfl.broker_coordinator.provision._settings import (
     BrokerSettings,
     CoordinatorSettings,
@@ -49,8 +50,11 @@ examples:
 
 The CA keys can be passphrase-protected: give the passphrase with --passphrase-file
 FILE or in the environment variable MASKFL_CA_PASSPHRASE, at init and later.
-After revoke or rotate, send SIGHUP to mosquitto so it reloads its CRL and ACL; the
-coordinator picks up coordinator/revocations.bin by itself.
+add-device, add-observer, revoke and rotate change the broker's ACL or CRL: mosquitto
+applies them on a reload (SIGHUP). Set it up once and they reload it themselves:
+  maskfl-provision --dir fleet broker-config --reload-command 'systemctl reload mosquitto'
+  maskfl-provision --dir fleet broker-config --broker-pid-file /run/mosquitto/mosquitto.pid
+The coordinator picks up coordinator/revocations.bin by itself.
 """
 
 
@@ -111,6 +115,19 @@ def _broker_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         default=default(d.user),
         metavar="USER",
         help="mosquitto's `user` option (default: mosquitto's own, `mosquitto`)",
+    )
+    parser.add_argument(
+        "--reload-command",
+        default=default(d.reload_command),
+        metavar="CMD",
+        help="run after add-device, add-observer, revoke and rotate so the broker applies "
+        "the new ACL and CRL, e.g. 'systemctl reload mosquitto' (no shell; '' = none)",
+    )
+    parser.add_argument(
+        "--broker-pid-file",
+        default=default(d.pid_file),
+        metavar="FILE",
+        help="or: send SIGHUP to the mosquitto whose pid is in FILE after those commands",
     )
 
 
@@ -391,6 +408,8 @@ def _cmd_init(args: argparse.Namespace, root: Path) -> None:
             data_dir=args.broker_data_dir,
             dev_port=args.dev_port,
             user=args.broker_user,
+            reload_command=args.reload_command,
+            pid_file=args.broker_pid_file,
         ),
         validity=ValiditySettings(
             ca_days=args.ca_days, device_days=args.device_days, tls_days=args.tls_days
@@ -433,6 +452,7 @@ def _cmd_add(args: argparse.Namespace, root: Path) -> None:
             return
         keys = fleet.unlock(_passphrase(args))
         now = _now()
+        changed = False
         for device in ids:
             outcome = fleet.add_device(
                 device,
@@ -445,7 +465,15 @@ def _cmd_add(args: argparse.Namespace, root: Path) -> None:
             if outcome is AddOutcome.UNCHANGED:
                 print(f"{device}: already enrolled, nothing changed")
             else:
+                changed = True
                 print(f"{device}: {outcome} -> {fleet.layout.bundle_tar(device)}")
+    if changed:
+        _reload(fleet)
+
+
+def _reload(fleet: Fleet) -> None:
+    """The ACL or CRL changed: reload the broker as fleet.toml says, in one line."""
+    print(f"  {reload_broker(fleet.settings.broker)}")
 
 
 def _cmd_add_observer(args: argparse.Namespace, root: Path) -> None:
@@ -459,7 +487,7 @@ def _cmd_add_observer(args: argparse.Namespace, root: Path) -> None:
         keys = fleet.unlock(_passphrase(args))
         outcome = fleet.add_observer(args.name, keys, now=_now(), force=args.force)
     print(f"{args.name}: read-only observer {outcome} -> {fleet.layout.observer_dir(args.name)}")
-    print("  reload the broker (SIGHUP) so the ACL takes effect")
+    _reload(fleet)
 
 
 def _cmd_revoke(args: argparse.Namespace, root: Path) -> None:
@@ -471,7 +499,7 @@ def _cmd_revoke(args: argparse.Namespace, root: Path) -> None:
         changed = fleet.revoke(args.id, keys, now=_now())
     state = "revoked" if changed else "was already revoked (files rewritten)"
     print(f"{args.id}: {state}; revocation list version {fleet.registry.revocations_version}")
-    print("  reload the broker (SIGHUP) so the CRL and ACL take effect")
+    _reload(fleet)
 
 
 def _cmd_rotate(args: argparse.Namespace, root: Path) -> None:
@@ -491,7 +519,7 @@ def _cmd_rotate(args: argparse.Namespace, root: Path) -> None:
     else:
         where = fleet.layout.bundle_tar(args.id)
     print(f"{args.id}: rotated -> {where}; old credentials revoked")
-    print("  reload the broker (SIGHUP) so the CRL takes effect")
+    _reload(fleet)
 
 
 def _cmd_broker_config(args: argparse.Namespace, root: Path) -> None:
@@ -507,6 +535,8 @@ def _cmd_broker_config(args: argparse.Namespace, root: Path) -> None:
                 ("config_dir", args.broker_config_dir),
                 ("data_dir", args.broker_data_dir),
                 ("user", args.broker_user),
+                ("reload_command", args.reload_command),
+                ("pid_file", args.broker_pid_file),
             )
             if value is not None
         }
