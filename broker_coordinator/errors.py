@@ -12,3 +12,29 @@ class RoundFailedError(MaskflError):
         super().__init__(message)
         self.round_id = round_id
         self.phase = phase
+
+
+def shortfall_reason(phase: str, got: int, need: int, time_max_s: float) -> str:
+    """Why a message phase failed, in the operator's words (log, status, demo output).
+
+    ``got`` messages were accepted of the ``need`` (count_min) the phase asks for
+    before its time_max of ``time_max_s`` seconds; the numbers follow in parentheses.
+    """
+    numbers = f"{phase} phase: {got} of at least {need} messages in {time_max_s:g} s"
+    match phase, got:
+        case "sum", 0:
+            words = "no device drew the summer task this round"
+        case "sum", _:
+            words = f"only {got} of the {need} required summers answered"
+        case "update", 0:
+            words = (
+                "no update arrived (no device drew the update task, or none finished "
+                "training in time)"
+            )
+        case "update", _:
+            words = f"only {got} of the {need} required updates arrived"
+        case "sum2", _:
+            words = f"only {got} of the {need} required summers sent their aggregated masks"
+        case _:
+            words = f"only {got} of the {need} required {phase} messages arrived"
+    return f"{words} ({numbers})"

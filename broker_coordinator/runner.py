@@ -33,7 +33,7 @@ from typing import Final
 from maskfl.aggregator_gpu import Snapshot
 from maskfl.broker_coordinator.committer import Committer
 from maskfl.broker_coordinator.context import Incoming, RoundState, Services
-from maskfl.broker_coordinator.errors import RoundFailedError
+from maskfl.broker_coordinator.errors import RoundFailedError, shortfall_reason
 from maskfl.broker_coordinator.phases import PHASE_CLASSES
 from maskfl.broker_coordinator.phases.base import MessagePhase, StepPhase
 from maskfl.broker_coordinator.phases.failure import FailurePhase
@@ -81,6 +81,8 @@ class Runner:
         self._ready = False
         self._resumed = False
         self.rounds_failed = 0
+        self.last_failure: tuple[int | None, str] | None = None
+        """The round id and reason of the latest failed round (for /status)."""
 
     # -- state ---------------------------------------------------------------
 
@@ -230,7 +232,11 @@ class Runner:
                 nxt = await self._step(resumed)
             except MaskflError as exc:
                 nxt = Phase.FAILURE
-                reason = f"{type(exc).__name__}: {exc}"
+                # A round that could not go on says why in words; anything else names its type.
+                reason = str(exc)
+                if not isinstance(exc, RoundFailedError):
+                    reason = f"{type(exc).__name__}: {exc}"
+                self.last_failure = (self.state.round_id if self.state else None, reason)
                 await self._leave_message_phase()
                 if self.state is None:
                     # Failed in idle after the round row was written: close that row.
@@ -343,9 +349,12 @@ class Runner:
                     continue
                 if verdict is Verdict.FAIL:
                     raise RoundFailedError(
-                        f"{self.phase} phase: {timer.count} of at least "
-                        f"{timer.window.count_min} messages by time_max "
-                        f"({timer.window.time_max_s} s)",
+                        shortfall_reason(
+                            str(self.phase),
+                            timer.count,
+                            timer.window.count_min,
+                            timer.window.time_max_s,
+                        ),
                         round_id=state.round_id,
                         phase=self.phase,
                     )

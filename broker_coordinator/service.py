@@ -277,6 +277,9 @@ class Coordinator:
                 devices_alive=s.alive_count(),
                 rounds_completed=runner.rounds_completed,
                 rounds_failed=runner.rounds_failed,
+                last_failure=None
+                if runner.last_failure is None
+                else {"round_id": runner.last_failure[0], "reason": runner.last_failure[1]},
                 last_round_ingest=runner.last_ingest,
                 reassembly=self.ingest.chunks.status() if self.ingest else {},
                 rejected=self.metrics.rejected_total(),

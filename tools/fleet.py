@@ -26,9 +26,10 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from maskfl.broker_coordinator.provision import Fleet
 from maskfl.models import shipped_model
 from maskfl.protocol.errors import ConfigError, MaskflError
 from maskfl.protocol.version import version_text
@@ -141,19 +142,10 @@ def _provision(root: Path, devices: int, model: str) -> Trial:
 
 def _set_broker_pid_file(trial: Trial) -> None:
     """Name this fleet's broker pid file in fleet.toml: provisioning then reloads it."""
-    from maskfl.broker_coordinator.provision.cli import main as provision
-
-    code = provision(
-        [
-            "--dir",
-            str(trial.fleet_dir),
-            "broker-config",
-            "--broker-pid-file",
-            str(trial.broker_pid_file),
-        ]
-    )
-    if code != 0:
-        raise ConfigError("maskfl-provision broker-config --broker-pid-file failed")
+    fleet = Fleet.open(trial.fleet_dir)
+    with fleet.locked():
+        broker = replace(fleet.settings.broker, pid_file=str(trial.broker_pid_file))
+        fleet.save_settings(replace(fleet.settings, broker=broker))
 
 
 def up(root: Path, devices: int, model: str, limit_s: float) -> int:
@@ -163,7 +155,8 @@ def up(root: Path, devices: int, model: str, limit_s: float) -> int:
         _say(f"provisioning a fleet of {devices} devices in {root / 'fleet'} ...")
         t = time.monotonic()
         trial = _provision(root, devices, model)
-        _say(f"  provisioned in {time.monotonic() - t:.1f} s (maskfl-provision; logs/provision.log)")
+        took = time.monotonic() - t
+        _say(f"  provisioned in {took:.1f} s (maskfl-provision; logs/provision.log)")
     elif len(trial.devices) != devices:
         raise ConfigError(
             f"{root} holds a fleet of {len(trial.devices)} devices; run `maskfl-fleet up "
@@ -258,9 +251,9 @@ def status(root: Path) -> int:
             f"v{info.get('model_version')}, {info.get('rounds_completed')} rounds completed, "
             f"{info.get('rounds_failed')} failed, {info.get('devices_alive')} devices alive"
         )
-        reason = info.get("last_failure")
-        if reason:
-            _say(f"  last failed round: {reason}")
+        failure = info.get("last_failure")
+        if isinstance(failure, dict):
+            _say(f"  last failed round {failure.get('round_id')}: {failure.get('reason')}")
     else:
         _say(f"coordinator: no answer on http://127.0.0.1:{trial.http_port}/status")
     _say(f"{alive} of {len(children)} processes running")

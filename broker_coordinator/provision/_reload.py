@@ -92,8 +92,7 @@ def _sighup(path: Path) -> str:
             f"[broker] pid_file {path} holds no pid; the change is saved, reload the broker by hand"
         )
     gone = (
-        f"broker not running (pid {pid} from {path} is gone): it applies the change when "
-        "it starts"
+        f"broker not running (pid {pid} from {path} is gone): it applies the change when it starts"
     )
     # SIGHUP ends most processes: never send it to a pid that has been reused.
     comm = _proc(pid, "comm")

@@ -283,3 +283,53 @@ async def test_an_aggregate_below_the_privacy_floor_is_never_unmasked(
             assert [r.accepted for r in p.receipts] == [True], p.receipts
     finally:
         await stop_all(parts)
+
+
+async def test_a_failed_round_says_why_in_words(
+    tmp_path, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    setup = make_setup(
+        tmp_path,
+        mosquitto.port,
+        summers=1,
+        updaters=3,
+        pet={"update": {"count_min": 3, "count_max": 3, "time_min_s": 0.0, "time_max_s": 3.0}},
+    )
+    behaviours = {setup.updaters[2].device_id: Behaviour(update_delay_s=60.0)}
+    parts = _participants(setup, mosquitto.host, mosquitto.port, behaviours)
+    await start_all(parts)
+    words = "only 2 of the 3 required updates arrived"
+    try:
+        async with running_coordinator(setup.config_path) as coordinator:
+            await wait_for(
+                lambda: coordinator.runner is not None and coordinator.runner.rounds_failed == 1,
+                30,
+                "the failed round",
+            )
+            status = coordinator.status()
+            assert coordinator.services is not None
+            record = await coordinator.services.store.get_round(1)
+        assert status["last_failure"]["round_id"] == 1
+        reason = status["last_failure"]["reason"]
+        assert reason.startswith(words), reason
+        assert "RoundFailedError" not in reason
+        assert record is not None and (record.detail or "").startswith(words)
+        logged = [r.getMessage() for r in caplog.records if "round 1 failed" in r.getMessage()]
+        assert logged == [f"round 1 failed: {reason}"]
+    finally:
+        await stop_all(parts)
+
+
+def test_shortfall_reasons() -> None:
+    from maskfl.broker_coordinator.errors import shortfall_reason
+
+    assert shortfall_reason("sum", 0, 1, 15.0) == (
+        "no device drew the summer task this round (sum phase: 0 of at least 1 messages in 15 s)"
+    )
+    assert shortfall_reason("update", 1, 3, 14.2).startswith(
+        "only 1 of the 3 required updates arrived (update phase: 1 of at least 3"
+    )
+    assert shortfall_reason("update", 0, 3, 5.0).startswith("no update arrived")
+    assert shortfall_reason("sum2", 0, 2, 30.0).startswith(
+        "only 0 of the 2 required summers sent their aggregated masks"
+    )
