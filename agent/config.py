@@ -76,6 +76,7 @@ __all__ = [
     "DataSection",
     "DeviceSection",
     "GuardsSection",
+    "LOCAL_TOML",
     "HeartbeatSection",
     "LimitsSection",
     "LoggingSection",
@@ -312,33 +313,50 @@ class AgentConfig(BaseSettings):
         )
 
 
+LOCAL_TOML = "agent.local.toml"
+"""The operator's own settings beside ``agent.toml``: no bundle contains this file, so a
+new bundle (rotate) never overwrites it; it overrides agent.toml key by key."""
+
+
 def load_config(
     path: Path | str | None, *, environ_only: bool = False, env: Mapping[str, str] | None = None
 ) -> AgentConfig:
-    """Read ``path`` (TOML), apply ``MASKFL__...`` overrides, resolve relative paths.
+    """Read ``path`` (TOML) and the ``agent.local.toml`` beside it, apply ``MASKFL__...``
+    overrides, resolve relative paths.
 
-    The overrides come from ``env`` (default ``os.environ``) and merge key by key
-    (:mod:`maskfl.protocol.settings`). Raises :class:`ConfigError` naming the field,
-    the environment variable that set it, and the fix; never a pydantic or TOML error.
+    Precedence, each merged key by key (:mod:`maskfl.protocol.settings`): ``path`` (the
+    bundle's, replaced by a new bundle), then :data:`LOCAL_TOML` in the same folder if it
+    exists (the operator's), then the overrides from ``env`` (default ``os.environ``).
+    Raises :class:`ConfigError` naming the field, the file or environment variable that
+    set it, and the fix; never a pydantic or TOML error.
     """
     data: dict[str, Any] = {}
     base = Path.cwd()
+    where = "the environment"
     if path is not None and not environ_only:
         file = Path(path)
-        try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {file} does not exist", field="--config") from exc
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {file}: {exc}", field="--config") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{file} is not valid TOML: {exc}", field="--config") from exc
+        data = _read_toml(file)
         base = file.resolve().parent
+        where = str(path)
+        local = file.with_name(LOCAL_TOML)
+        if local.is_file():
+            data = merge(data, _read_toml(local))
+            where = f"{path} with {local}"
     overrides, origins = env_overrides(os.environ if env is None else env, AgentConfig)
     try:
         config = AgentConfig(**merge(data, overrides))
     except ValidationError as exc:
         text, field = describe_errors(exc.errors(), AgentConfig, origins)
-        where = "the environment" if path is None or environ_only else str(path)
         raise ConfigError(f"{text} (agent config: {where})", field=field) from exc
     return config.resolve_paths(base)
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {file} does not exist", field="--config") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc}", field="--config") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file} is not valid TOML: {exc}", field="--config") from exc

@@ -66,7 +66,9 @@ def render_agent_toml(
         f"# maskfl-agent configuration of device {device!r} in fleet {fleet!r},",
         "# written by maskfl-provision. Relative paths are relative to this file.",
         "# Other sections ([guards], [training], [data], ...) keep their defaults:",
-        "# see configs/agent.toml. Environment overrides: MASKFL__SECTION__KEY.",
+        "# see configs/agent.toml. A new bundle (rotate) replaces this file: put your own",
+        "# settings in agent.local.toml next to it, which no bundle contains and which",
+        "# overrides this file key by key. Environment overrides: MASKFL__SECTION__KEY.",
         *notes,
         "",
     ]
