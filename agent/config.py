@@ -71,12 +71,12 @@ from maskfl.protocol.errors import ConfigError
 from maskfl.protocol.settings import describe_errors, env_overrides, merge
 
 __all__ = [
+    "LOCAL_TOML",
     "AgentConfig",
     "BrokerSection",
     "DataSection",
     "DeviceSection",
     "GuardsSection",
-    "LOCAL_TOML",
     "HeartbeatSection",
     "LimitsSection",
     "LoggingSection",

@@ -86,5 +86,5 @@ def test_a_bad_local_setting_names_the_local_file(tmp_path: Path) -> None:
     assert "did you mean epochs" in str(caught.value)
     assert LOCAL_TOML in str(caught.value)
     (device / LOCAL_TOML).write_text("[training\n")
-    with pytest.raises(ConfigError, match="agent.local.toml is not valid TOML"):
+    with pytest.raises(ConfigError, match=r"agent\.local\.toml is not valid TOML"):
         load_config(device / "agent.toml")
