@@ -101,7 +101,7 @@ from ._errors import (
     TransportClosedError,
 )
 from ._link import LinkBase
-from ._retry import Backoff, Cause, Diagnosis, LinkReport, diagnose
+from ._retry import TLS_HANDSHAKE_RESET, Backoff, Cause, Diagnosis, LinkReport, diagnose
 from ._types import LinkEvent, LinkState, Message
 
 log = logging.getLogger("maskfl.transport")
@@ -493,13 +493,20 @@ class MqttTransport(LinkBase):
     async def _explained(self, error: TransportError) -> TransportError:
         """``error``, or a clearer one if the broker's TLS alert says why it closed.
 
-        Only for a TLS connect with a client certificate that failed without a
-        diagnosis of its own; the probe runs in a thread and sends no MQTT bytes."""
+        Only for a TLS connect that failed without a diagnosis of its own. A probe (in a
+        thread, sending no MQTT bytes) reads the alert TLS 1.3 may lose to a reset; when
+        no TLS handshake completes at all, the error is marked
+        :data:`TLS_HANDSHAKE_RESET` (nothing at that port speaks TLS), which
+        :func:`diagnose` reads."""
         tls = self._config.tls
-        if tls is None or tls.cert_file is None or diagnose(error).cause is not Cause.LINK_LOST:
+        if tls is None or diagnose(error).cause not in (Cause.LINK_LOST, Cause.NOT_MQTT_TLS):
             return error
-        alert = await asyncio.to_thread(_tls_alert, self._config)
+        alert, speaks_tls = await asyncio.to_thread(_tls_probe, self._config)
         if alert is None:
+            if not speaks_tls and diagnose(error).cause is Cause.LINK_LOST:
+                marked = TransportError(f"{error}: {TLS_HANDSHAKE_RESET}")
+                marked.__cause__ = error.__cause__
+                return marked
             return error
         # OpenSSL's SSLV3_ALERT_CERTIFICATE_REVOKED reads as the alert's name in RFC 8446.
         name = str(alert.reason).split("ALERT_", 1)[-1].replace("_", " ").lower()
@@ -898,30 +905,35 @@ def _close_sockets_in(exc: BaseException) -> None:
         tb = tb.tb_next
 
 
-def _tls_alert(cfg: MqttConfig) -> ssl.SSLError | None:
-    """The TLS alert the broker answers our certificate with, if any (blocking).
+def _tls_probe(cfg: MqttConfig) -> tuple[ssl.SSLError | None, bool]:
+    """The TLS alert the broker answers our certificate with, if any, and whether a TLS
+    handshake completed at all (blocking).
 
     A handshake that then only reads: a broker that refuses the certificate sends its
     alert (``certificate revoked``, ``unknown ca``, ...) and closes; one that accepts
-    it waits for CONNECT, which never comes, and the read times out (None). Sending
-    nothing keeps the alert from being lost to a TCP reset, as it often is after a
-    CONNECT with TLS 1.3."""
+    it waits for CONNECT, which never comes, and the read times out. Sending nothing
+    keeps the alert from being lost to a TCP reset, as it often is after a CONNECT with
+    TLS 1.3. A peer that resets or closes in the handshake itself does not speak TLS."""
     context = _tls_context(cfg)
     tls = cfg.tls
     assert tls is not None
     if tls.insecure:
         context.check_hostname = False
+    handshake = False
     try:
         with (
             socket.create_connection((cfg.host, cfg.port), timeout=_PROBE_TIMEOUT_S) as raw,
             context.wrap_socket(raw, server_hostname=cfg.host) as sock,
         ):
+            handshake = True
             sock.recv(1)
     except ssl.SSLError as exc:
-        return exc if "ALERT" in str(exc.reason or "").upper() else None
+        if "ALERT" in str(exc.reason or "").upper():
+            return exc, True
+        return None, handshake or isinstance(exc, ssl.SSLCertVerificationError)
     except (OSError, ValueError):
-        return None
-    return None
+        return None, handshake
+    return None, True
 
 
 def _tls_context(cfg: MqttConfig) -> ssl.SSLContext:

@@ -80,8 +80,10 @@ class Cause(StrEnum):
     BAD_LOGIN = "bad_login"
     REVOKED = "revoked"
     CERTIFICATE_REFUSED = "certificate_refused"
+    OTHER_FLEET = "other_fleet"
     BROKER_UNTRUSTED = "broker_untrusted"
     TAKEN_OVER = "taken_over"
+    NOT_MQTT_TLS = "not_mqtt_tls"
     LINK_LOST = "link_lost"
 
 
@@ -92,28 +94,41 @@ _ADVICE = {
     "revoke it is gone for good",
     Cause.BAD_LOGIN: "the broker refused the login: check username and password_file",
     Cause.REVOKED: "the broker refuses this certificate as revoked",
+    Cause.OTHER_FLEET: "the broker does not accept this client's certificate: it belongs to "
+    "another fleet (signed by another TLS CA); install this fleet's bundle",
     Cause.CERTIFICATE_REFUSED: "the broker does not accept this client's certificate "
-    "(it is from another fleet, or expired)",
+    "(bad or expired): issue a new bundle",
     Cause.BROKER_UNTRUSTED: "the broker's certificate is not signed by ca_file: use the "
     "bundle's broker-ca.pem",
     Cause.TAKEN_OVER: "another process uses this client's identity (a second agent on the "
     "same bundle, or a second coordinator): stop one",
+    Cause.NOT_MQTT_TLS: "nothing speaking MQTT over TLS at this address (is this the "
+    "plain or the HTTP port?)",
     Cause.LINK_LOST: "the broker closed the connection",
 }
+
+TLS_HANDSHAKE_RESET = "the TLS handshake was cut off without an alert"
+"""What the transport adds to a TLS connect that the peer reset or closed without a TLS
+alert (a plain MQTT listener does that); :func:`diagnose` reads it as NOT_MQTT_TLS."""
 
 #: Markers in error texts (TLS alert and verification names from OpenSSL, MQTT 5
 #: reason names from paho), most specific first.
 _MARKERS: tuple[tuple[str, Cause], ...] = (
     ("CERTIFICATE REVOKED", Cause.REVOKED),
     ("CERTIFICATE_REVOKED", Cause.REVOKED),
-    ("UNKNOWN CA", Cause.CERTIFICATE_REFUSED),
-    ("UNKNOWN_CA", Cause.CERTIFICATE_REFUSED),
+    ("UNKNOWN CA", Cause.OTHER_FLEET),
+    ("UNKNOWN_CA", Cause.OTHER_FLEET),
     ("BAD CERTIFICATE", Cause.CERTIFICATE_REFUSED),
     ("BAD_CERTIFICATE", Cause.CERTIFICATE_REFUSED),
     ("CERTIFICATE EXPIRED", Cause.CERTIFICATE_REFUSED),
     ("CERTIFICATE_EXPIRED", Cause.CERTIFICATE_REFUSED),
     ("CERTIFICATE_VERIFY_FAILED", Cause.BROKER_UNTRUSTED),
     ("SESSION TAKEN OVER", Cause.TAKEN_OVER),
+    # A TLS client at a port that does not speak TLS: an HTTP server answers with
+    # text (wrong version number); a plain MQTT listener resets or closes the link in
+    # the handshake, which the transport marks (an EOF on a link that worked is not this).
+    ("WRONG_VERSION_NUMBER", Cause.NOT_MQTT_TLS),
+    (TLS_HANDSHAKE_RESET.upper(), Cause.NOT_MQTT_TLS),
     ("CONNECTION REFUSED", Cause.UNREACHABLE),
     ("NAME OR SERVICE NOT KNOWN", Cause.UNREACHABLE),
     ("TEMPORARY FAILURE IN NAME RESOLUTION", Cause.UNREACHABLE),

@@ -86,7 +86,7 @@ def _chained(outer: str, inner: BaseException) -> TransportError:
                 "cannot connect",
                 ssl.SSLError(1, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca"),
             ),
-            Cause.CERTIFICATE_REFUSED,
+            Cause.OTHER_FLEET,
         ),
         (
             _chained(
@@ -258,5 +258,53 @@ async def test_a_certificate_from_another_fleet_is_named_as_such(tmp_path: Path)
             )
             with pytest.raises(TransportError) as info:
                 await transport.connect()
-            assert diagnose(info.value).cause is Cause.CERTIFICATE_REFUSED, info.value
+            found = diagnose(info.value)
+            assert found.cause is Cause.OTHER_FLEET, info.value
+            assert "it belongs to another fleet" in found.advice
             assert "unknown ca" in str(info.value).lower(), info.value
+
+
+@pytest.mark.broker
+async def test_a_tls_client_at_a_port_without_tls_is_told_so(tmp_path: Path) -> None:
+    """The agent's TLS config against mosquitto's plain listener (it resets the
+    handshake) and against an HTTP server (it answers text): one clear cause, not
+    'Connection reset by peer' or 'wrong version number' alone."""
+    pki = TestPki(tmp_path / "pki")
+    client = pki.client_cert("dev-1")
+    tls = TlsConfig(ca_file=pki.ca.cert, cert_file=client.cert, key_file=client.key)
+
+    async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(http, "127.0.0.1", 0)
+    http_port = server.sockets[0].getsockname()[1]
+    with Mosquitto(tmp_path / "plain") as plain:
+        async with server:
+            for port in (plain.port, http_port):
+                transport = MqttTransport(
+                    MqttConfig(host="127.0.0.1", port=port, client_id="dev-1", tls=tls)
+                )
+                with pytest.raises(TransportError) as info:
+                    await transport.connect()
+                found = diagnose(info.value)
+                assert found.cause is Cause.NOT_MQTT_TLS, (port, info.value)
+                assert found.advice.startswith("nothing speaking MQTT over TLS at this address")
+                assert "plain or the HTTP port" in found.advice
+    # The same TLS config at a real TLS listener with our CA connects: no false alarm.
+    lines = pki.mosquitto_tls_listener(pki.server_cert(), require_certificate=True)
+    with Mosquitto(tmp_path / "tls", config=lines) as broker:
+        transport = MqttTransport(
+            MqttConfig(host=broker.host, port=broker.port, client_id="dev-1", tls=tls)
+        )
+        async with asyncio.timeout(30), transport:
+            assert transport.is_connected
+
+
+def test_a_link_lost_with_an_eof_is_not_a_wrong_port() -> None:
+    eof = ssl.SSLEOFError(8, "[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation")
+    assert diagnose(eof).cause is Cause.LINK_LOST
+    reset = TransportError("cannot connect to MQTT broker h:1: [Errno 104] Connection reset")
+    assert diagnose(reset).cause is Cause.LINK_LOST  # only a probed handshake says more
