@@ -427,6 +427,14 @@ class Fleet:
             )
         return cls(layout, settings, registry)
 
+    def ca_encrypted(self) -> bool:
+        """Whether the fleet CA key is passphrase-protected (False if it cannot be read)."""
+        try:
+            with self.layout.fleet_ca_key.open("rb") as handle:
+                return b"ENCRYPTED" in handle.readline()
+        except OSError:
+            return False
+
     def unlock(self, passphrase: bytes | None) -> Keys:
         """Load both CA keys; a missing or wrong passphrase is a one-line ProvisionError."""
         fleet_pem = read_bytes(self.layout.fleet_ca_key, "fleet CA key")
@@ -434,8 +442,8 @@ class Fleet:
         encrypted = b"ENCRYPTED" in fleet_pem.split(b"\n", 1)[0]
         if encrypted and not passphrase:
             raise ProvisionError(
-                "the fleet CA key is passphrase-protected: pass --passphrase-file FILE "
-                "or set MASKFL_CA_PASSPHRASE"
+                "the fleet CA key is passphrase-protected: pass --passphrase-file FILE, "
+                "set MASKFL_CA_PASSPHRASE, or run the command on a terminal to be asked"
             )
         try:
             fleet_ca = signing_key_from_pem(fleet_pem, passphrase if encrypted else None)

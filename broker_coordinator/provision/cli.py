@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import getpass
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from maskfl.broker_coordinator.provision._broker import COORDINATOR_USER
-from maskfl.broker_coordinator.provision._fleet import AddOutcome, Fleet, Status
+from maskfl.broker_coordinator.provision._fleet import AddOutcome, Fleet, Keys, Status
 from maskfl.broker_coordinator.provision._reload import reload_broker
 from maskfl.broker_coordinator.provision._settings import (
     BrokerSettings,
@@ -49,7 +50,8 @@ examples:
   maskfl-provision --dir fleet list
 
 The CA keys can be passphrase-protected: give the passphrase with --passphrase-file
-FILE or in the environment variable MASKFL_CA_PASSPHRASE, at init and later.
+FILE or in the environment variable MASKFL_CA_PASSPHRASE, at init and later (or
+init --ask-passphrase, and type it when a command that signs asks on a terminal).
 add-device, add-observer, revoke and rotate change the broker's ACL or CRL: mosquitto
 applies them on a reload (SIGHUP). Set it up once and they reload it themselves:
   maskfl-provision --dir fleet broker-config --reload-command 'systemctl reload mosquitto'
@@ -224,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing fleet (its CA is lost; re-provision everything)",
     )
+    init.add_argument(
+        "--ask-passphrase",
+        action="store_true",
+        help="protect the CA keys with a passphrase typed on the terminal (twice); later "
+        "commands that sign ask for it on a terminal, or read --passphrase-file or "
+        f"{PASSPHRASE_ENV}",
+    )
 
     add = sub.add_parser(
         "add-device",
@@ -354,6 +363,30 @@ def _passphrase(args: argparse.Namespace) -> bytes | None:
     return env.encode() if env else None
 
 
+def _unlock(fleet: Fleet, args: argparse.Namespace) -> Keys:
+    """The CA keys, with the passphrase from --passphrase-file or the environment, or
+    asked for on the terminal when the keys are protected and neither gives one."""
+    passphrase = _passphrase(args)
+    if passphrase is None and fleet.ca_encrypted() and sys.stdin.isatty():
+        passphrase = getpass.getpass("CA key passphrase: ").encode() or None
+    return fleet.unlock(passphrase)
+
+
+def _new_passphrase(args: argparse.Namespace) -> bytes | None:
+    """init's passphrase: --passphrase-file, the environment, or --ask-passphrase."""
+    passphrase = _passphrase(args)
+    if passphrase is None and args.ask_passphrase:
+        first = getpass.getpass("new CA key passphrase: ")
+        if not first:
+            raise ProvisionError(
+                "an empty passphrase protects nothing; give one or omit --ask-passphrase"
+            )
+        if getpass.getpass("again: ") != first:
+            raise ProvisionError("the two passphrases differ; nothing was created")
+        passphrase = first.encode()
+    return passphrase
+
+
 def _read_optional(path: Path | None, option: str) -> bytes | None:
     if path is None:
         return None
@@ -416,7 +449,7 @@ def _cmd_init(args: argparse.Namespace, root: Path) -> None:
         ),
         coordinator=_model_settings(args),
     )
-    passphrase = _passphrase(args)
+    passphrase = _new_passphrase(args)
     Fleet.init(root, settings, now=_now(), passphrase=passphrase, force=args.force)
     protected = "passphrase-protected" if passphrase else "NOT passphrase-protected"
     print(f"fleet {args.fleet!r} created in {root} (CA keys {protected})")
@@ -450,7 +483,7 @@ def _cmd_add(args: argparse.Namespace, root: Path) -> None:
             for device in ids:
                 print(f"{device}: already enrolled, nothing changed")
             return
-        keys = fleet.unlock(_passphrase(args))
+        keys = _unlock(fleet, args)
         now = _now()
         changed = False
         for device in ids:
@@ -484,7 +517,7 @@ def _cmd_add_observer(args: argparse.Namespace, root: Path) -> None:
         if member is not None and member.status is Status.ACTIVE and not args.force:
             print(f"{args.name}: already issued, nothing changed")
             return
-        keys = fleet.unlock(_passphrase(args))
+        keys = _unlock(fleet, args)
         outcome = fleet.add_observer(args.name, keys, now=_now(), force=args.force)
     print(f"{args.name}: read-only observer {outcome} -> {fleet.layout.observer_dir(args.name)}")
     _reload(fleet)
@@ -495,7 +528,7 @@ def _cmd_revoke(args: argparse.Namespace, root: Path) -> None:
     with fleet.locked():
         fleet = Fleet.open(root)
         fleet.member(args.id)  # unknown id: fail before asking for the passphrase
-        keys = fleet.unlock(_passphrase(args))
+        keys = _unlock(fleet, args)
         changed = fleet.revoke(args.id, keys, now=_now())
     state = "revoked" if changed else "was already revoked (files rewritten)"
     print(f"{args.id}: {state}; revocation list version {fleet.registry.revocations_version}")
@@ -510,7 +543,7 @@ def _cmd_rotate(args: argparse.Namespace, root: Path) -> None:
         fleet = Fleet.open(root)
         if args.id != COORDINATOR_USER:
             fleet.member(args.id)
-        keys = fleet.unlock(_passphrase(args))
+        keys = _unlock(fleet, args)
         fleet.rotate(args.id, keys, now=_now(), public_key_pem=public_key, tls_csr_pem=csr)
     if args.id == COORDINATOR_USER:
         where = fleet.layout.coordinator_dir
@@ -550,7 +583,7 @@ def _cmd_broker_config(args: argparse.Namespace, root: Path) -> None:
 def _cmd_server_cert(args: argparse.Namespace, root: Path) -> None:
     fleet = Fleet.open(root)
     with fleet.locked():
-        keys = fleet.unlock(_passphrase(args))
+        keys = _unlock(fleet, args)
         fleet.write_server_cert(keys, _now())
     print(f"wrote {fleet.layout.broker_dir / 'server.crt'}; restart the broker to use it")
 
