@@ -83,6 +83,7 @@ SECTIONS: dict[str, frozenset[str]] = {
             "optimizer",
             "pet",
             "privacy",
+            "registry",
             "storage",
         }
     ),
