@@ -36,17 +36,26 @@ from maskfl.broker_coordinator.config import CoordinatorConfig, check_files, loa
 from maskfl.broker_coordinator.enrollment import Enrollment
 from maskfl.broker_coordinator.fleetview import device_table
 from maskfl.broker_coordinator.logs import setup_logging
-from maskfl.broker_coordinator.service import Coordinator, state_db
+from maskfl.broker_coordinator.service import (
+    Coordinator,
+    initial_weights,
+    load_identity,
+    model_graph,
+    mqtt_config,
+    state_db,
+)
 from maskfl.broker_coordinator.store import Store
 from maskfl.protocol.errors import ConfigError, MaskflError, StorageError
 from maskfl.protocol.identity import RevocationList
 from maskfl.protocol.keys import public_key_from_pem
 from maskfl.protocol.version import version_text
+from maskfl.transport import probe_broker
 
 EXIT_USAGE = 2
 
 _EPILOG = """\
 examples:
+  maskfl-coordinator check --config fleet/coordinator/coordinator.toml
   maskfl-coordinator run --config fleet/coordinator/coordinator.toml
   maskfl-coordinator status --config fleet/coordinator/coordinator.toml
   maskfl-coordinator devices --config fleet/coordinator/coordinator.toml
@@ -79,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=version_text("maskfl-coordinator"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = sub.add_parser(
+        "check",
+        help="validate config, keys, files and the broker, then exit",
+        description="Everything `run` needs, checked without running: the config (one line "
+        "per mistake), the identity (key, certificate, fleet CA, revocation list), file "
+        "modes, the initial weights and the model graph, the status port, and the broker "
+        "(TCP, and the TLS handshake with the coordinator's certificate; no MQTT CONNECT, "
+        "so a running coordinator keeps its session). Prints a JSON summary; exit 0 when "
+        "all is well, 2 for a config or file mistake, 1 when the broker refuses or is "
+        "unreachable.",
+    )
+    _config_arg(check)
     run = sub.add_parser(
         "run",
         help="run the coordinator service",
@@ -119,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     mlist = msub.add_parser(
         "list",
         help="every version with digest and metrics",
-        description="One line per version: model id, version, round, digest prefix, metrics.",
+        description="One line per version: model id, version, when it was published (UTC), "
+        "round, digest prefix, metrics (updates, weight sum, fleet accuracy and loss, ...).",
     )
     _config_arg(mlist)
     mlist.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -398,7 +420,11 @@ async def _models_list(config: CoordinatorConfig, as_json: bool) -> None:
         metrics = " ".join(f"{k}={v:g}" for k, v in sorted(r["metrics"].items()))
         rnd = "-" if r["round_id"] is None else r["round_id"]
         pruned = "" if r["files_kept"] else " (files removed: registry.keep_versions)"
-        line = f"{r['model_id']} v{r['version']} round {rnd} {r['digest'][:16]} {metrics}{pruned}"
+        made = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(r["created_at"]))
+        line = (
+            f"{r['model_id']} v{r['version']} {made} round {rnd} {r['digest'][:16]} "
+            f"{metrics}{pruned}"
+        )
         print(line.rstrip())
 
 
@@ -435,11 +461,53 @@ async def _models_export(config: CoordinatorConfig, version: int | None, out: Pa
     print(f"wrote {config.model.id} v{record.version} ({weights.size} weights) to {out}")
 
 
+def _check(config: CoordinatorConfig) -> int:
+    """``maskfl-coordinator check``: what ``run`` checks at start, and the broker."""
+    check_files(config)
+    check_private_files(config)
+    check_revocations(config)
+    check_http_port(config)
+    _, _, certificate = load_identity(config)
+    weights = initial_weights(config)
+    graph = model_graph(config)
+    mqtt = mqtt_config(config)
+    problem = probe_broker(mqtt)
+    print(
+        json.dumps(
+            {
+                "fleet": certificate.fleet,
+                "coordinator": certificate.subject,
+                "serial": certificate.serial,
+                "not_after": certificate.not_after,
+                "model": {
+                    "id": config.model.id,
+                    "length": int(weights.size),
+                    "graph_bytes": None if graph is None else len(graph),
+                },
+                "state": str(state_db(config)),
+                "http": f"{config.http.host}:{config.http.port}" if config.http.enabled else None,
+                "broker": {
+                    "address": mqtt.address,
+                    "tls": mqtt.tls is not None,
+                    "ok": problem is None,
+                    "problem": None if problem is None else f"{problem.advice} ({problem.detail})",
+                },
+            }
+        )
+    )
+    if problem is not None:
+        print(f"maskfl-coordinator: broker {mqtt.address}: {problem.advice}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
         match args.command:
+            case "check":
+                return _check(config)
             case "run":
                 check_files(config)  # missing files first, then their modes
                 check_private_files(config)

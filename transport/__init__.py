@@ -50,7 +50,7 @@ from ._errors import (
     TransportClosedError,
 )
 from ._memory import MemoryBroker, MemoryTransport
-from ._mqtt import MqttTransport, publish_packet_size
+from ._mqtt import MqttTransport, probe_broker, publish_packet_size
 from ._passwd import (
     mosquitto_passwd_line,
     mosquitto_password_hash,
@@ -89,6 +89,7 @@ __all__ = [
     "diagnose",
     "mosquitto_passwd_line",
     "mosquitto_password_hash",
+    "probe_broker",
     "publish_packet_size",
     "topic_matches",
     "verify_mosquitto_password",

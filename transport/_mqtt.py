@@ -936,6 +936,43 @@ def _tls_probe(cfg: MqttConfig) -> tuple[ssl.SSLError | None, bool]:
     return None, True
 
 
+def probe_broker(cfg: MqttConfig) -> Diagnosis | None:
+    """Whether the broker at ``cfg``'s address would take this client, without an MQTT
+    CONNECT, so no session is taken over (blocking; for ``check`` commands).
+
+    A TCP connect; with TLS also the handshake with this client's certificate and a
+    short read for the alert a broker sends when it refuses the certificate. None when
+    nothing went wrong, else the :func:`diagnose` of what did."""
+    address = (cfg.host, cfg.port)
+    try:
+        raw = socket.create_connection(address, timeout=max(cfg.connect_timeout_s, 1.0))
+    except OSError as exc:
+        error = TransportError(f"cannot connect to MQTT broker {cfg.address}: {exc}")
+        error.__cause__ = exc
+        return diagnose(error)
+    if cfg.tls is None:
+        raw.close()
+        return None
+    handshake = False
+    try:
+        context = _tls_context(cfg)
+        if cfg.tls.insecure:
+            context.check_hostname = False
+        with raw, context.wrap_socket(raw, server_hostname=cfg.host) as sock:
+            handshake = True
+            sock.settimeout(_PROBE_TIMEOUT_S / 3)
+            with contextlib.suppress(TimeoutError):
+                sock.recv(1)
+    except (OSError, ValueError) as exc:
+        detail = f"cannot connect to MQTT broker {cfg.address}: {exc}"
+        if not handshake and isinstance(exc, ConnectionResetError | ssl.SSLEOFError):
+            detail += f": {TLS_HANDSHAKE_RESET}"
+        error = TransportError(detail)
+        error.__cause__ = exc
+        return diagnose(error)
+    return None
+
+
 def _tls_context(cfg: MqttConfig) -> ssl.SSLContext:
     """An SSLContext that verifies the broker (and presents our certificate for mTLS)."""
     tls = cfg.tls

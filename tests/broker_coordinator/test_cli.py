@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 import signal
 import socket
 import subprocess
@@ -102,7 +104,10 @@ def test_models_list_and_export_of_a_missing_version(
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     (line,) = listed.splitlines()
-    assert line.startswith("sim v0 round - ")  # no round made version 0
+    # Version, when it was published (UTC, to the second), round (none made version 0).
+    assert re.fullmatch(r"sim v0 \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ round - [0-9a-f]{16}.*", line)
+    published = dt.datetime.strptime(line.split()[2] + line.split()[3], "%Y-%m-%d%H:%M:%SZ")
+    assert abs(published.replace(tzinfo=dt.UTC).timestamp() - time.time()) < 300
     assert line == line.rstrip()
     out = tmp_path / "m.npy"
     code = main(["models", "export", "--config", str(config), "--version", "7", "--out", str(out)])
