@@ -26,12 +26,12 @@ from maskfl.agent.config import AgentConfig, load_config
 from maskfl.agent.daemon import build_mqtt_config, run_daemon
 from maskfl.agent.datasources import DataSourceError, get_datasource, load_dataset
 from maskfl.agent.identity import check_private_mode, generate_key_file, load_identity
-from maskfl.agent.logs import setup_logging
 from maskfl.agent.state import Journal, state_as_dict
 from maskfl.protocol.errors import ConfigError, MaskflError
 from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.settings import env_variable_for
 from maskfl.protocol.version import version_text
+from maskfl.transport import LOG_FORMATS, setup_logging
 
 __all__ = ["main"]
 
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "files as `check` first.",
     )
     _config_arg(run)
+    _log_format_arg(run)
     check = sub.add_parser(
         "check",
         help="validate the config, identity, broker TLS files, data and model",
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "status":
                 return asyncio.run(_status(args.config, args.limit))
             case "run":
-                return _run(args.config)
+                return _run(args.config, args.log_format)
     except ConfigError as exc:
         message = str(exc)
         if exc.field and not message.startswith(exc.field):
@@ -319,10 +320,20 @@ async def _status(path: Path | None, limit: int) -> int:
     return 0
 
 
-def _run(path: Path | None) -> int:
+def _log_format_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="log lines as text or JSON; auto: text on a terminal or under journald, JSON "
+        "otherwise (default: [logging] format, itself auto by default)",
+    )
+
+
+def _run(path: Path | None, log_format: str | None = None) -> int:
     config = _load(path)
     check_local_files(config)
-    setup_logging(config.logging.level, config.logging.format)
+    setup_logging(config.logging.level, log_format or config.logging.format)
     try:
         code: int = asyncio.run(run_daemon(config))
         return code

@@ -255,7 +255,9 @@ class LimitsSection(_Section):
 
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["text", "json"] = "text"
+    format: Literal["auto", "text", "json"] = "auto"
+    """``auto``: text on a terminal or under journald, JSON otherwise (maskfl.transport's
+    logging convention, shared with the coordinator); ``run --log-format`` overrides it."""
 
 
 class AgentConfig(BaseSettings):

@@ -35,7 +35,6 @@ import numpy as np
 from maskfl.broker_coordinator.config import CoordinatorConfig, check_files, load_config
 from maskfl.broker_coordinator.enrollment import Enrollment
 from maskfl.broker_coordinator.fleetview import device_table
-from maskfl.broker_coordinator.logs import setup_logging
 from maskfl.broker_coordinator.service import (
     Coordinator,
     initial_weights,
@@ -49,7 +48,7 @@ from maskfl.protocol.errors import ConfigError, MaskflError, StorageError
 from maskfl.protocol.identity import RevocationList
 from maskfl.protocol.keys import public_key_from_pem
 from maskfl.protocol.version import version_text
-from maskfl.transport import probe_broker
+from maskfl.transport import LOG_FORMATS, probe_broker, setup_logging
 
 EXIT_USAGE = 2
 
@@ -109,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         "from [storage] dir on the next start.",
     )
     _config_arg(run)
+    run.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="log lines as text or JSON; auto: text on a terminal or under journald, JSON "
+        "otherwise (default: [log] format, itself auto by default)",
+    )
     status = sub.add_parser(
         "status",
         help="show rounds and the latest model from the database",
@@ -514,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_revocations(config)
                 check_http_port(config)
                 with state_lock(config):
-                    setup_logging(config.log.level, config.log.format)
+                    setup_logging(config.log.level, args.log_format or config.log.format)
                     asyncio.run(_run(config))
             case "status":
                 asyncio.run(_status(config, args.json))

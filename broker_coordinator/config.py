@@ -412,7 +412,9 @@ class HttpConfig(_Section):
 
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "text"] = "json"
+    format: Literal["auto", "text", "json"] = "auto"
+    """``auto``: text on a terminal or under journald, JSON otherwise (maskfl.transport's
+    logging convention, shared with the agent); ``run --log-format`` overrides it."""
 
 
 class CoordinatorConfig(BaseSettings):

@@ -41,10 +41,10 @@ from maskfl.agent.learning import (
     holdout_split,
     local_round,
 )
-from maskfl.agent.logs import setup_logging
 from maskfl.agent.state import Journal
 from maskfl.agent.training import LocalTrainer
 from maskfl.protocol.errors import ConfigError, MaskflError
+from maskfl.transport import setup_logging
 
 __all__ = ["InProcessFleet", "RecordingLearner", "SharedTrainerLearner", "main", "plain_log_dir"]
 

@@ -49,6 +49,7 @@ from ._errors import (
     RefusedError,
     TransportClosedError,
 )
+from ._logging import LOG_FORMATS, LogFormat, resolve_log_format, setup_logging
 from ._memory import MemoryBroker, MemoryTransport
 from ._mqtt import MqttTransport, probe_broker, publish_packet_size
 from ._passwd import (
@@ -61,6 +62,7 @@ from ._topics import check_filter, check_topic, topic_matches
 from ._types import LinkEvent, LinkListener, LinkState, Message, Transport, TransportStats
 
 __all__ = [
+    "LOG_FORMATS",
     "MQTT_MAX_PACKET",
     "Backoff",
     "Cause",
@@ -70,6 +72,7 @@ __all__ = [
     "LinkListener",
     "LinkReport",
     "LinkState",
+    "LogFormat",
     "MemoryBroker",
     "MemoryTransport",
     "Message",
@@ -91,6 +94,8 @@ __all__ = [
     "mosquitto_password_hash",
     "probe_broker",
     "publish_packet_size",
+    "resolve_log_format",
+    "setup_logging",
     "topic_matches",
     "verify_mosquitto_password",
 ]

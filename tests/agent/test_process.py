@@ -51,7 +51,16 @@ class AgentProcess:
         self.log = log
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "maskfl.agent.cli", "run", "--config", str(config)],
+                [
+                    sys.executable,
+                    "-m",
+                    "maskfl.agent.cli",
+                    "run",
+                    "--config",
+                    str(config),
+                    "--log-format",
+                    "text",
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
