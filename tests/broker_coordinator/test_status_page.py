@@ -82,13 +82,23 @@ def _look(
                 int(d.find_element(By.ID, "chart-eval").get_attribute("data-points") or 0) >= 2
             )
         )
-        wait.until(lambda d: d.find_element(By.ID, "round").text == str(current()))
+
+        def shows_the_live_round(d: Any) -> tuple[str, int] | None:
+            # The round in progress read before and after the page: the same, and shown.
+            before = current()
+            shown = d.find_element(By.ID, "round").text
+            after = current()
+            if before is None or before != after or shown != str(before):
+                return None
+            return shown, before
+
+        shown, live = wait.until(shows_the_live_round)
         found = {
             "eval_points": int(
                 driver.find_element(By.ID, "chart-eval").get_attribute("data-points")
             ),
-            "round": driver.find_element(By.ID, "round").text,
-            "live_round": current(),
+            "round": shown,
+            "live_round": live,
             "phase": driver.find_element(By.ID, "phase").text,
             "points": int(
                 driver.find_element(By.ID, "chart-participants").get_attribute("data-points")
