@@ -366,6 +366,28 @@ class PrivacyConfig(_Section):
     a round fails and publishes nothing. At least 2 (:data:`MIN_UPDATES_FLOOR`)."""
 
     min_updates: int = 3
+    dp: Literal["off", "distributed"] = "off"
+    """``distributed``: every updater adds discrete Gaussian noise before masking
+    (protocol/dp.py) and every model carries the (epsilon, delta) spent."""
+    noise_multiplier: Annotated[float, Field(gt=0, le=1e4)] | None = None
+    """Standard deviation of the aggregate noise over ``min_updates`` honest updaters,
+    in units of ``clip_norm``; or set ``epsilon_target`` instead (neither: 1.0)."""
+    epsilon_target: Annotated[float, Field(gt=0)] | None = None
+    """Epsilon one round may spend (at ``delta``); the noise multiplier is derived."""
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    clip_norm: Annotated[float, Field(gt=0)] = 1.0
+    """L2 norm every update is clipped to before encoding (the sensitivity)."""
+    budget: Annotated[float, Field(gt=0)] | None = None
+    """Cumulative epsilon at which the coordinator stops training (none: never)."""
+
+    @model_validator(mode="after")
+    def _dp_noise(self) -> Self:
+        if self.noise_multiplier is not None and self.epsilon_target is not None:
+            raise ValueError(
+                "privacy.noise_multiplier and privacy.epsilon_target are both set: "
+                "set one (the noise follows from either)"
+            )
+        return self
 
     @field_validator("min_updates")
     @classmethod

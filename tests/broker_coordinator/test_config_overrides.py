@@ -38,6 +38,7 @@ SPECIAL: dict[str, Any] = {
     "pet.initial_seed": "ab" * 32,
     "pet.update.count_max": 999,  # may not exceed masking.n_max (1000)
     "privacy.min_updates": 2,  # 4 would exceed pet.update.count_min (3)
+    "privacy.dp": "distributed",
     "broker.receive_maximum": 60000,
     "optimizer.kind": "fedadam",
     "aggregation.backend": "numpy",
