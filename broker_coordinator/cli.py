@@ -44,6 +44,7 @@ from maskfl.broker_coordinator.service import (
     state_db,
 )
 from maskfl.broker_coordinator.store import Store
+from maskfl.models import graph_with_weights
 from maskfl.protocol.errors import ConfigError, MaskflError, StorageError
 from maskfl.protocol.identity import RevocationList
 from maskfl.protocol.keys import public_key_from_pem
@@ -60,6 +61,7 @@ examples:
   maskfl-coordinator devices --config fleet/coordinator/coordinator.toml
   maskfl-coordinator models list --config fleet/coordinator/coordinator.toml
   maskfl-coordinator models export --config fleet/coordinator/coordinator.toml --out model.npy
+  maskfl-coordinator models export --config ... --format tflite --out model.tflite
 
 coordinator.toml is written by `maskfl-provision init` (every key is commented in
 configs/coordinator.toml); MASKFL__SECTION__KEY environment variables override it,
@@ -153,14 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     mlist.add_argument("--json", action="store_true", help="print JSON instead of text")
     export = msub.add_parser(
         "export",
-        help="write one version's weights as .npy",
-        description="Write one version's flat float32[M] weight vector as a .npy file.",
+        help="write one version's weights as .npy, or the model as .tflite",
+        description="Write one version's flat float32[M] weight vector as a .npy file, or "
+        "(--format tflite) the model graph ([model] graph_file) with that version's weights "
+        "built in, ready for inference anywhere TFLite runs (needs ai-edge-litert: the "
+        "agent extra).",
     )
     _config_arg(export)
     export.add_argument(
         "--version", type=int, default=None, help="model version (default: the latest)"
     )
-    export.add_argument("--out", required=True, type=Path, metavar="FILE", help="the .npy to write")
+    export.add_argument("--out", required=True, type=Path, metavar="FILE", help="the file to write")
+    export.add_argument(
+        "--format",
+        choices=("npy", "tflite"),
+        default="npy",
+        help="npy: the weight vector (default); tflite: the graph with the weights set",
+    )
     return parser
 
 
@@ -434,7 +445,9 @@ async def _models_list(config: CoordinatorConfig, as_json: bool) -> None:
         print(line.rstrip())
 
 
-async def _models_export(config: CoordinatorConfig, version: int | None, out: Path) -> None:
+async def _models_export(
+    config: CoordinatorConfig, version: int | None, out: Path, fmt: str = "npy"
+) -> None:
     async with Store.open(_open_existing(config)) as store:
         try:
             if version is None:
@@ -457,14 +470,28 @@ async def _models_export(config: CoordinatorConfig, version: int | None, out: Pa
             field="--version",
         )
     weights = np.frombuffer(record.weights, dtype="<f4")
+    graph = None
+    if fmt == "tflite":
+        source = model_graph(config)
+        if source is None:
+            raise ConfigError(
+                "--format tflite: [model] graph_file is not set, so there is no graph to "
+                "build the weights into; set it, or export --format npy",
+                field="--format",
+            )
+        graph = graph_with_weights(source, weights)
     try:
         with out.open("wb") as f:  # exactly the name given (np.save(path) would add .npy)
-            np.save(f, weights)
+            if graph is None:
+                np.save(f, weights)
+            else:
+                f.write(graph)
     except OSError as exc:
         raise ConfigError(
             f"--out: cannot write {out}: {exc.strerror}; choose a writable path", field="--out"
         ) from exc
-    print(f"wrote {config.model.id} v{record.version} ({weights.size} weights) to {out}")
+    what = f"{weights.size} weights" if graph is None else f"graph with {weights.size} weights set"
+    print(f"wrote {config.model.id} v{record.version} ({what}) to {out}")
 
 
 def _check(config: CoordinatorConfig) -> int:
@@ -529,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             case "models" if args.models_command == "list":
                 asyncio.run(_models_list(config, args.json))
             case "models":
-                asyncio.run(_models_export(config, args.version, args.out))
+                asyncio.run(_models_export(config, args.version, args.out, args.format))
     except ConfigError as exc:
         print(f"maskfl-coordinator: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from maskfl.models._export import graph_with_weights
 from maskfl.protocol.errors import ConfigError
 
 __all__ = [
     "CONTRACT_VERSION",
     "ShippedModel",
+    "graph_with_weights",
     "model_path",
     "shipped_model",
     "shipped_models",
