@@ -88,6 +88,7 @@ from maskfl.transport import (
     MqttTransport,
     TlsConfig,
     Transport,
+    TransportFactory,
     broker_identity,
     diagnose,
 )
@@ -107,8 +108,6 @@ MAX_EARLY_MESSAGES = 32
 #: systemd unit has ``RestartPreventExitStatus=2``, so a revoked device stays stopped
 #: instead of reconnecting forever (re-enroll it, then start it again).
 EXIT_REVOKED = 2
-
-TransportFactory = Callable[[MqttConfig], Transport]
 
 #: What to do about a revoked certificate. A rotate revokes the old credentials too,
 #: and ``add-device --force`` after a rotate would revoke the new ones as well.

@@ -62,6 +62,8 @@ from maskfl.transport import (
     MqttConfig,
     MqttTransport,
     TlsConfig,
+    Transport,
+    TransportFactory,
     broker_identity,
     diagnose,
 )
@@ -233,15 +235,29 @@ def coordinator_client_id(config: CoordinatorConfig, tls: TlsConfig | None) -> s
 
 
 class Coordinator:
-    """One coordinator process. ``await Coordinator(config).run(stop)``."""
+    """One coordinator process. ``await Coordinator(config).run(stop)``.
 
-    def __init__(self, config: CoordinatorConfig) -> None:
+    Its I/O is injected, as the agent's is: ``transport_factory`` makes the broker link
+    from the ``[broker]`` settings (default :class:`MqttTransport`; a test passes a
+    :class:`~maskfl.transport.MemoryBroker`'s clients) and ``clock`` is the wall clock
+    the round reads (phase windows, liveness, records; default :func:`time.time`).
+    """
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        transport_factory: TransportFactory | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
+        self._factory: TransportFactory = transport_factory or MqttTransport
+        self.clock = clock
         self.metrics = Metrics()
         self.services: Services | None = None
         self.runner: Runner | None = None
         self.ingest: Ingest | None = None
-        self.transport: MqttTransport | None = None
+        self.transport: Transport | None = None
         self.http: OpsServer | None = None
         self._store_open = False
         self.started = asyncio.Event()
@@ -324,7 +340,7 @@ class Coordinator:
     async def dashboard(self) -> dict[str, Any]:
         """Everything the status page shows, as JSON (``GET /api/dashboard``)."""
         s = self.services
-        now = time.time()
+        now = self.clock()
         out: dict[str, Any] = {
             "now": now,
             "fleet": self.config.fleet.id,
@@ -356,14 +372,14 @@ class Coordinator:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def _connect(self, stop: asyncio.Event) -> MqttTransport:
+    async def _connect(self, stop: asyncio.Event) -> Transport:
         """The first connect, retried with the transport's shared back-off; one log line
         per change of the likely cause (the transport repairs later losses itself)."""
         cfg = mqtt_config(self.config)
         backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
         report = LinkReport(log, f"broker {cfg.address}")
         while True:
-            transport = MqttTransport(cfg)
+            transport = self._factory(cfg)
             transport.add_listener(self._on_link)
             try:
                 await transport.connect()
@@ -471,6 +487,7 @@ class Coordinator:
                         model=model,
                         graph=graph,
                         graph_digest=hashlib.sha256(graph).digest() if graph else bytes(32),
+                        clock=self.clock,
                     )
                     self.services = services
                     try:
@@ -502,7 +519,7 @@ class Coordinator:
                         metrics={},
                         message=None,
                         optimizer_state=None,
-                        created_at=time.time(),
+                        created_at=self.clock(),
                     )
                 )
             log.info("registered the initial weights of %s as version 0", model_id)
@@ -523,7 +540,7 @@ class Coordinator:
             )
         return ModelState(model_id, latest.version, weights, latest.digest)
 
-    async def _serve(self, s: Services, transport: MqttTransport, stop: asyncio.Event) -> None:
+    async def _serve(self, s: Services, transport: Transport, stop: asyncio.Event) -> None:
         config = self.config
         # Heartbeats bypass the ingest queue (liveness), at QoS 0: no PUBACK each, and
         # none pile up in our broker session while we are away.

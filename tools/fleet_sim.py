@@ -58,7 +58,7 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.sortition import Task, next_round_seed, select_task
 from maskfl.protocol.topics import TopicKind, Topics, parse_topic
-from maskfl.transport import MqttConfig, MqttTransport
+from maskfl.transport import MqttConfig, MqttTransport, Transport
 
 log = logging.getLogger("maskfl.tools.fleet_sim")
 
@@ -82,6 +82,9 @@ class Behaviour:
     """Changes the masked words in place before they are signed (fault injection)."""
     evaluation: Callable[[int], EvalCounts] | None = None
     """Its federated evaluation counts for a round (default: none, zero words)."""
+    update_gate: asyncio.Event | None = None
+    """The update is sent only once this event is set (a test holds it back to a chosen
+    instant; never set, the updater drops out after reading the sum dictionary)."""
 
 
 @dataclass
@@ -104,6 +107,7 @@ class SimParticipant:
         port: int,
         behaviour: Behaviour | None = None,
         mqtt: MqttConfig | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.identity = identity
         self.device = identity.device_id
@@ -111,7 +115,7 @@ class SimParticipant:
         self.topics = Topics(self.fleet)
         self.ca = ca_public_key
         self.behaviour = behaviour or Behaviour()
-        self.transport = MqttTransport(
+        self.transport: Transport = transport or MqttTransport(
             mqtt
             or MqttConfig(
                 host=host,
@@ -256,6 +260,8 @@ class SimParticipant:
         )
         if self.behaviour.update_delay_s:
             await asyncio.sleep(self.behaviour.update_delay_s)
+        if self.behaviour.update_gate is not None:
+            await self.behaviour.update_gate.wait()
         m = params.vector_length
         if self.behaviour.delta is not None:
             delta, weight = self.behaviour.delta(rid, m)

@@ -59,7 +59,15 @@ from ._passwd import (
 )
 from ._retry import Backoff, Cause, Diagnosis, LinkReport, diagnose
 from ._topics import check_filter, check_topic, topic_matches
-from ._types import LinkEvent, LinkListener, LinkState, Message, Transport, TransportStats
+from ._types import (
+    LinkEvent,
+    LinkListener,
+    LinkState,
+    Message,
+    Transport,
+    TransportFactory,
+    TransportStats,
+)
 
 __all__ = [
     "LOG_FORMATS",
@@ -84,6 +92,7 @@ __all__ = [
     "TlsConfig",
     "Transport",
     "TransportClosedError",
+    "TransportFactory",
     "TransportStats",
     "broker_identity",
     "certificate_common_name",

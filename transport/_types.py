@@ -9,6 +9,7 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
+from ._config import MqttConfig
 from ._retry import Cause
 
 
@@ -124,3 +125,9 @@ class Transport(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+TransportFactory = Callable[[MqttConfig], Transport]
+"""Makes a service's broker link from its settings: :class:`MqttTransport` in
+production, a :class:`MemoryBroker`'s clients in tests (the agent and the
+coordinator take one)."""
