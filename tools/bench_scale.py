@@ -27,7 +27,9 @@ Four parts (``--parts``), each on fresh brokers and a fresh coordinator process
   the updaters of round 2 fetch model v1 once each, from the retained topic).
 - **fleet**: ``--fleet-devices`` heartbeating devices and ``--fleet-rounds``
   rounds of ``--fleet-updaters`` updaters each (M = ``--n-m``), fresh updater
-  identities chosen by each round's sortition seed.
+  identities chosen by each round's sortition seed; every second round runs with
+  the fleet's heartbeats paused (its processes stopped, connections kept), so the
+  rounds compare with and without heartbeats on the same coordinator and brokers.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import struct
@@ -204,7 +207,17 @@ async def _fleet_row(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     rounds = args.fleet_rounds
     async with Bed.open(work, m=m, n_max=n, updates=n, idle=k, args=args, rounds=rounds) as bed:
         load = await bed.idle_load(args.window) if k else None
-        done = [await bed.round(r, n, m) for r in range(1, rounds + 1)]
+        done = []
+        for r in range(1, rounds + 1):
+            # Every second round with the fleet's heartbeats paused (its processes
+            # stopped, connections kept): the same coordinator, brokers and machine
+            # load with and without them, back to back.
+            paused = r % 2 == 0 and k > 0
+            bed.pause_fleet(paused)
+            try:
+                done.append({"heartbeats_paused": paused, **await bed.round(r, n, m)})
+            finally:
+                bed.pause_fleet(False)
         return {
             "devices": k,
             "updaters_per_round": n,
@@ -391,6 +404,12 @@ class Bed:
             ] + (["--models"] if models else [])
             self.idle.append((self.sup.start(f"idle{i}", argv), status))
             start += count
+
+    def pause_fleet(self, paused: bool) -> None:
+        self.background = None  # the heartbeat background changes with it
+        for child, _ in self.idle:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGSTOP if paused else signal.SIGCONT)
 
     def fleet_counts(self) -> dict[str, int]:
         total: dict[str, int] = {}

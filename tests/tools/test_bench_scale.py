@@ -55,4 +55,5 @@ def test_scale_smoke(tmp_path: Path) -> None:
     assert after["broker_bytes_out_round_2"] < before["broker_bytes_out_round_2"] / 5
     fleet = result["fleet"]
     assert [r["outcome"] for r in fleet["rounds"]] == ["completed", "completed"]
+    assert [r["heartbeats_paused"] for r in fleet["rounds"]] == [False, True]
     assert fleet["coordinator_idle"]["devices_alive"] == 150
