@@ -722,6 +722,8 @@ class Agent:
                         ca_public_key=self.identity.ca_public_key,
                         now=self.clock(),
                         revocations=self.revocations,
+                        groups=self.coordinator.params.groups,
+                        round_seed=self.coordinator.params.seed,
                     )
                     log.info(
                         "round %d: sum dictionary with %d summers verified", current, len(sums)

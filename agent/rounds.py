@@ -316,6 +316,12 @@ class RoundDriver:
             raise RoundFailedError("journaled seed dictionary is not a seed dictionary")
         sk = self.state.ephemeral_sk
         p = self.params
+        group = p.group_of(self.ctx.identity.identity.public_key)
+        if body.group != group:
+            raise RoundFailedError(
+                f"the seed dictionary names mask group {body.group}; this summer's ticket "
+                f"puts it in group {group} of {p.groups}"
+            )
         n_words = update_words(p.vector_length)
         seeds: list[bytes] = []
         failed: list[bytes] = []
@@ -440,16 +446,23 @@ class RoundDriver:
         p = self.params
         cap = self.ctx.config.training.sample_cap
         weight = min(result.num_samples, cap) / cap
-        seed = new_seed()
+        # One fresh seed per mask group; a summer gets only its own group's seed, so
+        # no one summer can remove this update's mask (the sum of the g sub-masks).
+        seeds = [new_seed() for _ in range(p.groups)]
         words = await asyncio.to_thread(
             partial(mask_update, evaluation=result.evaluation),
             result.delta,
             weight,
-            seed,
+            seeds,
             p.mask,
         )
-        sealed = {s.certificate.public_key: seal_seed(seed, s.ephemeral_pk) for s in sums}
-        del seed
+        sealed = {
+            s.certificate.public_key: seal_seed(
+                seeds[p.group_of(s.certificate.public_key)], s.ephemeral_pk
+            )
+            for s in sums
+        }
+        del seeds
         ident = self.ctx.identity.identity
         message = encode_message(
             Update(ident.certificate, sealed, words),

@@ -48,6 +48,8 @@ Example (all sections; most keys have defaults)::
     n_max = 1000                          # most updates one aggregate may hold
     word_bits = "auto"                    # 32, 64, or auto (32 unless tolerance needs 64)
     tolerance = 1e-5
+    groups = "auto"                       # g mask groups: a coalition needs a summer in
+                                          # each; auto = max(1, pet.sum.target // 3)
 
     [pet.sum]                             # a table keeps the defaults of the keys
     target = 3                            # it leaves out
@@ -93,6 +95,7 @@ from maskfl.protocol.settings import (
     env_variable_for,
     merge,
 )
+from maskfl.protocol.sortition import MAX_GROUPS, default_groups
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -243,6 +246,7 @@ class MaskingConfig(_Section):
     n_max: Annotated[int, Field(ge=1)] = 1000
     word_bits: Literal["auto", 32, 64] = "auto"
     tolerance: Annotated[float, Field(gt=0)] = 1e-5
+    groups: Literal["auto"] | Annotated[int, Field(ge=1, le=MAX_GROUPS)] = "auto"
 
 
 class _Window(_Section):
@@ -492,6 +496,13 @@ class CoordinatorConfig(BaseSettings):
                 "close with fewer updates than the coordinator will unmask; raise it to "
                 f"at least {self.privacy.min_updates}"
             )
+        if self.masking.groups != "auto" and self.masking.groups > self.pet.sum.target:
+            raise ValueError(
+                f"masking.groups ({self.masking.groups}) exceeds pet.sum.target "
+                f"({self.pet.sum.target}): most rounds would leave a group without a summer "
+                f"and fail; raise pet.sum.target to at least {2 * self.masking.groups} or "
+                'lower masking.groups (or set it to "auto")'
+            )
         if self.reassembly_frames < 16:
             needed = self.storage.group_commit_max + 32
             raise ValueError(
@@ -514,6 +525,14 @@ class CoordinatorConfig(BaseSettings):
                     "or leave it unset (then it is what the window leaves)"
                 )
         return self
+
+    @property
+    def mask_groups(self) -> int:
+        """g, the round parameter ``groups``: ``masking.groups``, or
+        :func:`~maskfl.protocol.sortition.default_groups` of the sum target for auto."""
+        if self.masking.groups == "auto":
+            return default_groups(self.pet.sum.target)
+        return self.masking.groups
 
     @property
     def reassembly_frames(self) -> int:

@@ -592,7 +592,7 @@ def encode_update(
 def mask_update(
     delta: npt.NDArray[np.floating[Any]],
     weight: float,
-    seed: bytes,
+    seed: bytes | Sequence[bytes],
     cfg: MaskConfig,
     *,
     evaluation: EvalCounts = NO_EVALUATION,
@@ -602,10 +602,16 @@ def mask_update(
     """``encode_update`` then ``add_mask``, fused chunk by chunk: what an updater sends.
 
     Equal to ``w = encode_update(delta, weight, cfg, evaluation=e); add_mask(w, seed)`` word
-    for word, but each chunk is encoded and masked while it is in cache.
+    for word, but each chunk is encoded and masked while it is in cache. With mask
+    groups ``seed`` is the sequence of the g group seeds and the mask is the sum of
+    their masks, ``Σ_j ChaCha20(seed_j) mod 2^w`` (one seed: exactly the one mask).
     ``out``, if given, receives the words and is returned (no allocation).
     """
-    _check_seed(seed)
+    seeds = [bytes(seed)] if isinstance(seed, bytes | bytearray | memoryview) else list(seed)
+    if not seeds:
+        raise LocalProtocolError("an update is masked with at least one seed")
+    for one in seeds:
+        _check_seed(one)
     _check_update(delta, weight)
     _check_no_nan(delta)
     tail = [_encode_weight(weight, cfg), *encode_evaluation(evaluation, cfg)]
@@ -619,7 +625,7 @@ def mask_update(
     zeros = _zeros(step * word_bytes)
     ks_all = np.empty(step, dtype=_le(bits))
     ks_bytes = ks_all.data.cast("B")
-    stream = _keystream(seed)
+    streams = [_keystream(one) for one in seeds]
     for start in range(0, total, step):
         stop = min(start + step, total)
         n = stop - start
@@ -629,8 +635,9 @@ def mask_update(
             encoder.encode(target[: enc_stop - start], delta[start:enc_stop])
         for i in range(max(start, m), stop):
             target[i - start] = tail[i - m]
-        stream.update_into(zeros[: n * word_bytes], ks_bytes[: n * word_bytes])
-        np.add(target, ks_all[:n], out=target)
+        for stream in streams:
+            stream.update_into(zeros[: n * word_bytes], ks_bytes[: n * word_bytes])
+            np.add(target, ks_all[:n], out=target)
     return out
 
 

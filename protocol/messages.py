@@ -4,7 +4,7 @@ Every message is ``header ‖ signature ‖ body``::
 
     offset size field
       0     4   magic b"MFLM"
-      4     1   format version (1)
+      4     1   format version (2)
       5     1   message type (MessageType; it fixes the phase the message belongs to)
       6     1   fleet length n (1..64)
       7     1   reserved, zero
@@ -67,7 +67,7 @@ from maskfl.protocol.identity import (
 from maskfl.protocol.ids import FleetId, Role, RoundId
 from maskfl.protocol.masking import MaskConfig, Words, update_words
 from maskfl.protocol.phases import Phase
-from maskfl.protocol.sortition import next_round_seed
+from maskfl.protocol.sortition import MAX_GROUPS, group_of, next_round_seed
 
 __all__ = [
     "BODY_OFFSET",
@@ -105,7 +105,8 @@ __all__ = [
 ]
 
 MAGIC: Final = b"MFLM"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+"""2: mask groups (round parameters, sum and seed dictionaries carry them); 1 had none."""
 HEADER_SIZE: Final = 152
 SIGNATURE_SIZE: Final = 64
 BODY_OFFSET: Final = HEADER_SIZE + SIGNATURE_SIZE
@@ -205,7 +206,11 @@ class Header:
         if magic != MAGIC:
             raise _malformed("not a maskfl message (bad magic)")
         if version != FORMAT_VERSION:
-            raise _malformed(f"message format {version} is not supported")
+            raise _malformed(
+                f"message format {version} is not supported: this participant speaks format "
+                f"{FORMAT_VERSION} (maskfl {'newer' if version > FORMAT_VERSION else 'older'} "
+                "than this one sent it; run the same maskfl release on devices and coordinator)"
+            )
         try:
             message_type = MessageType(type_code)
         except ValueError as exc:
@@ -303,6 +308,8 @@ class RoundParams:
     The ``*_time_max_s`` are the phases' longest durations, in seconds.
     ``model_digest`` is the :func:`weights_digest` of the global model devices
     train on (the result of the previous round), which chains the round seed.
+    ``groups`` is g, the number of mask groups (:func:`~maskfl.protocol.sortition.group_of`):
+    an updater seals one fresh seed per group, each only to that group's summers.
     """
 
     TYPE: ClassVar[MessageType] = MessageType.ROUND_PARAMS
@@ -322,6 +329,11 @@ class RoundParams:
     vector_length: int
     chunk_size: int
     certificate: Certificate
+    groups: int = 1
+
+    def group_of(self, public_key: bytes) -> int:
+        """The mask group of the summer with this identity key in this round."""
+        return group_of(self.seed, public_key, self.groups)
 
     @property
     def seed_is_chained(self) -> bool:
@@ -368,6 +380,9 @@ class RoundParams:
         w.u8(self.mask.word_bits)
         w.u64(self.vector_length)
         w.u32(self.chunk_size)
+        if not 1 <= self.groups <= MAX_GROUPS:
+            raise LocalProtocolError(f"groups {self.groups} is not in [1, {MAX_GROUPS}]")
+        w.u8(self.groups)
         _write_certificate(w, self.certificate)
 
     @classmethod
@@ -396,6 +411,9 @@ class RoundParams:
             raise _malformed(f"mask config: {exc}") from exc
         vector_length = r.u64("vector length")
         chunk_size = r.u32("chunk size")
+        groups = r.u8("mask groups")
+        if groups < 1:
+            raise _malformed("a round has at least one mask group")
         certificate = _read_certificate(r)
         return cls(
             RoundId(round_id),
@@ -413,6 +431,7 @@ class RoundParams:
             vector_length,
             chunk_size,
             certificate,
+            groups,
         )
 
 
@@ -440,43 +459,55 @@ class SumDict:
 
     The entries are the raw messages as the summers signed them, so an updater
     verifies each (:func:`open_sum_dict`) and the coordinator can neither insert
-    a summer nor swap a key.
+    a summer nor swap a key. ``groups[i]`` is the mask group of entry i (all 0
+    when not given), which every updater checks against the ticket hash.
     """
 
     TYPE: ClassVar[MessageType] = MessageType.SUM_DICT
 
     entries: tuple[bytes, ...]
+    groups: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            object.__setattr__(self, "groups", (0,) * len(self.entries))
+        if len(self.groups) != len(self.entries):
+            raise LocalProtocolError("a sum dictionary has one group per entry")
 
     def _write(self, w: Writer) -> None:
         w.u32(len(self.entries))
-        for raw in self.entries:
+        for group, raw in zip(self.groups, self.entries, strict=True):
             if len(raw) > MAX_SUM_SIZE:
                 raise LocalProtocolError(f"sum dictionary entry above {MAX_SUM_SIZE} bytes")
+            w.u8(group)
             w.u16(len(raw))
             w.raw(bytes(raw))
 
     @classmethod
     def _read(cls, r: Reader, header: Header) -> SumDict:
         count = r.u32("summer count")
-        if count > r.remaining // 2:
+        if count > r.remaining // 3:
             raise _malformed(f"{count} summers do not fit in {r.remaining} bytes")
         entries = []
+        groups = []
         for _ in range(count):
+            groups.append(r.u8("sum entry group"))
             n = r.u16("sum entry length")
             if n > MAX_SUM_SIZE:
                 raise _malformed(f"sum entry of {n} bytes, at most {MAX_SUM_SIZE}")
             entries.append(r.fixed(n, "sum entry"))
-        return cls(tuple(entries))
+        return cls(tuple(entries), tuple(groups))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Update:
-    """Updater → coordinator: the masked update and its seed sealed to every summer.
+    """Updater → coordinator: the masked update and its seeds, each sealed to its group's summers.
 
     ``sealed_seeds`` maps a summer's Ed25519 identity key (the sender of its Sum
-    message) to the 80-byte sealed box of the mask seed under the summer's
-    ephemeral key. ``words`` are the M + 1 masked words (the weight last); after
-    :func:`decode_message` they are a read-only view into the received bytes.
+    message) to the 80-byte sealed box, under the summer's ephemeral key, of the
+    updater's seed for that summer's mask group. ``words`` are the M + 1 masked
+    words (the weight last); after :func:`decode_message` they are a read-only
+    view into the received bytes.
     """
 
     TYPE: ClassVar[MessageType] = MessageType.UPDATE
@@ -499,21 +530,29 @@ class Update:
 
 @dataclass(frozen=True, slots=True)
 class SeedDict:
-    """Coordinator → one summer, retained: the seeds sealed to it, by update digest."""
+    """Coordinator → one summer, retained: the seeds sealed to it, by update digest.
+
+    ``group`` is the summer's mask group: the seeds are the updaters' seeds of
+    that group, and the summer's sum2 is that group's aggregate mask.
+    """
 
     TYPE: ClassVar[MessageType] = MessageType.SEED_DICT
 
     summer_pk: bytes
     sealed_seeds: Mapping[bytes, bytes]
+    group: int = 0
 
     def _write(self, w: Writer) -> None:
         w.fixed(self.summer_pk, KEY_SIZE, "summer public key")
+        w.u8(self.group)
         _write_map(w, self.sealed_seeds, DIGEST_SIZE, SEALED_SEED_SIZE, "seed dictionary")
 
     @classmethod
     def _read(cls, r: Reader, header: Header) -> SeedDict:
         summer_pk = r.fixed(KEY_SIZE, "summer public key")
-        return cls(summer_pk, _read_map(r, DIGEST_SIZE, SEALED_SEED_SIZE, "seed dictionary"))
+        group = r.u8("seed dictionary group")
+        seeds = _read_map(r, DIGEST_SIZE, SEALED_SEED_SIZE, "seed dictionary")
+        return cls(summer_pk, seeds, group)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -888,17 +927,25 @@ def open_sum_dict(
     ca_public_key: bytes,
     now: float,
     revocations: RevocationList | None,
+    groups: int = 1,
+    round_seed: bytes | None = None,
 ) -> tuple[Sum, ...]:
     """Verify every entry of a sum dictionary as its summer signed it; return the Sum bodies.
 
     Any bad entry rejects the whole dictionary (the coordinator that sent it is
     broken or malicious): its reason is the entry's (``bad_signature`` for a
-    swapped ephemeral key, ``unenrolled`` for a swapped certificate, ...), and
-    a summer listed twice is ``duplicate``.
+    swapped ephemeral key, ``unenrolled`` for a swapped certificate, ...), a
+    summer listed twice is ``duplicate``, and an entry whose group is not
+    :func:`~maskfl.protocol.sortition.group_of` its key (the round's ``groups``
+    and ``round_seed``) is ``malformed``, as is a dictionary with a group that
+    has no summer: sealing a seed to nobody would leave the round unmaskable.
     """
+    if groups > 1 and round_seed is None:
+        raise LocalProtocolError("checking the groups of a sum dictionary needs the round seed")
     seen: set[bytes] = set()
     sums = []
-    for raw in sum_dict.entries:
+    filled: set[int] = set()
+    for group, raw in zip(sum_dict.groups, sum_dict.entries, strict=True):
         message = decode_message(raw, max_size=MAX_SUM_SIZE)
         message.expect(fleet=fleet, round_id=round_id, types=(MessageType.SUM,))
         verify_sender(
@@ -907,7 +954,19 @@ def open_sum_dict(
         if message.header.sender in seen:
             raise RemoteProtocolError(Reason.DUPLICATE, "a summer appears twice")
         seen.add(message.header.sender)
+        expected = 0 if groups == 1 else group_of(round_seed or b"", message.header.sender, groups)
+        if group != expected:
+            raise RemoteProtocolError(
+                Reason.MALFORMED,
+                f"sum dictionary puts a summer in group {group}; its ticket says {expected}",
+            )
+        filled.add(group)
         body = message.body
         assert isinstance(body, Sum)
         sums.append(body)
+    if sums and len(filled) != groups:
+        missing = sorted(set(range(groups)) - filled)
+        raise RemoteProtocolError(
+            Reason.MALFORMED, f"sum dictionary has no summer in group(s) {missing} of {groups}"
+        )
     return tuple(sums)

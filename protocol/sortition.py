@@ -18,6 +18,15 @@ updater when its update ticket is below ``threshold(p_update)``; a summer never
 also updates. The coordinator checks the very same function for every message.
 It picks p_sum and p_update for each round from the devices alive
 (:func:`probabilities_for_targets`) unless the configuration fixes them.
+
+With ``g`` mask groups (round parameter ``groups``), a summer's group is a
+second, domain-separated hash of the same two inputs, so neither the
+coordinator nor the summer can choose it, and anyone can audit it::
+
+    group = (u64 LE of BLAKE2b-64(person="maskfl/group/v1", seed ‖ public key)) mod g
+
+(``g = 1``: every summer is in group 0; the bias of a 64-bit value modulo
+``g <= 255`` is below 2^-56.)
 """
 
 from __future__ import annotations
@@ -30,8 +39,11 @@ from typing import Final
 from maskfl.protocol.errors import ConfigError, LocalProtocolError
 
 __all__ = [
+    "MAX_GROUPS",
     "TICKET_SPACE",
     "Task",
+    "default_groups",
+    "group_of",
     "next_round_seed",
     "probabilities_for_targets",
     "select_task",
@@ -42,6 +54,9 @@ __all__ = [
 TICKET_SPACE: Final = 1 << 64
 _SEED_PERSON: Final = b"maskfl/seed/v1"
 _TICKET_PERSON: Final = b"maskfl/ticket/v1"
+_GROUP_PERSON: Final = b"maskfl/group/v1"
+MAX_GROUPS: Final = 255
+"""The most mask groups a round may have (the group fits a u8; 255 groups need 255 summers)."""
 
 
 class Task(StrEnum):
@@ -82,6 +97,30 @@ def ticket(seed: bytes, task: Task | str, public_key: bytes) -> int:
     h.update(kind.value.encode("ascii"))
     h.update(_bytes32(public_key, "the public key"))
     return int.from_bytes(h.digest(), "little")
+
+
+def group_of(seed: bytes, public_key: bytes, groups: int) -> int:
+    """The mask group (0 .. groups - 1) of the summer ``public_key`` in the round of ``seed``."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= MAX_GROUPS:
+        raise LocalProtocolError(f"groups must be an integer in [1, {MAX_GROUPS}], not {groups!r}")
+    h = hashlib.blake2b(digest_size=8, person=_GROUP_PERSON)
+    h.update(_bytes32(seed, "the round seed"))
+    h.update(_bytes32(public_key, "the public key"))
+    return int.from_bytes(h.digest(), "little") % groups
+
+
+def default_groups(target_summers: int) -> int:
+    """``masking.groups = "auto"``: ``max(1, target_summers // 3)``, at most MAX_GROUPS.
+
+    Three summers per group in expectation, so a round at the target has at
+    least two per group as a rule: a group's count is about Poisson(S/g), and
+    one with none fails the round (about g·e^(-S/g) of rounds: 10 % for S = 6,
+    g = 2; 15 % for S = 9, g = 3, against 27 % for S = 4, g = 2 with two per
+    group). The default sum target (3) gives g = 1, today's protocol.
+    """
+    if isinstance(target_summers, bool) or not isinstance(target_summers, int):
+        raise ConfigError(f"target_summers must be an integer, got {target_summers!r}")
+    return min(MAX_GROUPS, max(1, target_summers // 3))
 
 
 def threshold(p: float) -> int:

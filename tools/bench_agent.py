@@ -6,6 +6,9 @@ seed to every summer, signing the message, and the bytes it puts on the wire.
 Summer side: opening ``U`` sealed seeds and expanding their masks into the aggregate
 mask of ``M + 1`` words, in words per second (target: at least 0.5 G words/s on one
 core). Global model: decoding and verifying the signed model message an agent receives.
+Mask groups (``mask_groups``): for g = 1, 2, 3, 5 groups of ``--summers`` summers each,
+the updater's mask (g ChaCha20 streams added) and sealing (one box per summer, g×k in
+all); a summer's expansion does not depend on g (its group's one seed per update).
 
 The training numbers of ``maskfl-bench agent-train`` (tools/bench_agent_train.py) are
 merged in under ``training`` (``--no-train`` skips them), and each shipped model gets an
@@ -55,6 +58,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--expansion-size", type=int, default=1_000_000, help="M for expansion")
     parser.add_argument("--summers", type=int, default=3, help="summers each seed is sealed to")
+    parser.add_argument(
+        "--groups", type=int, nargs="*", default=[1, 2, 3, 5], help="g: mask groups to compare"
+    )
+    parser.add_argument(
+        "--groups-size", type=int, default=1_000_000, help="M for the mask-group comparison"
+    )
     parser.add_argument("--word-bits", type=int, choices=(32, 64), default=32)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     parser.add_argument("--no-train", action="store_true", help="skip the training numbers")
@@ -124,6 +133,29 @@ def _updater(m: int, args: argparse.Namespace, device: Identity) -> dict[str, An
     }
 
 
+def _mask_groups(g: int, m: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The updater's cost with g groups of ``args.summers`` summers: g seeds, g streams
+    on the masked words, one sealed box per summer."""
+    cfg = MaskConfig(1.0, 1000, args.word_bits)
+    delta = np.random.default_rng(0).normal(0, 0.01, m).astype(np.float32)
+    summers = g * args.summers
+    pks = [EphemeralKeyPair.generate().public_key for _ in range(summers)]
+    seeds = [new_seed() for _ in range(g)]
+    mask_s = _median_s(lambda: mask_update(delta, 0.5, seeds, cfg), args.repeats)
+    seal_s = _median_s(
+        lambda: [seal_seed(seeds[i % g], pk) for i, pk in enumerate(pks)], args.repeats
+    )
+    return {
+        "groups": g,
+        "summers": summers,
+        "params": m,
+        "mask_s": mask_s,
+        "seal_s": seal_s,
+        "sealed_bytes": summers * (32 + 80),
+        "mask_seal_s": mask_s + seal_s,
+    }
+
+
 def _global_model(m: int, args: argparse.Namespace, coordinator: Identity) -> dict[str, Any]:
     weights = np.random.default_rng(1).normal(0, 0.1, m).astype(np.float32)
     raw = encode_message(
@@ -188,6 +220,7 @@ def run(args: argparse.Namespace | None = None) -> dict[str, Any]:
         "summers_per_update": args.summers,
         "updater": updater,
         "summer": summer,
+        "mask_groups": [_mask_groups(g, args.groups_size, args) for g in args.groups],
         "global_model": [
             _global_model(m, args, coordinator) for m in [*models.values(), *args.sizes]
         ],

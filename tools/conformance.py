@@ -608,7 +608,8 @@ def _check_sum2(
 ) -> None:
     body = signed.body
     assert isinstance(body, Sum2)
-    seeds = [s.sent[1].seed for s in sims if 1 in s.sent]
+    group = params.group_of(signed.header.sender)  # the summer's mask group's seeds
+    seeds = [s.sent[1].seeds[group] for s in sims if 1 in s.sent]
     n_words = update_words(params.vector_length)
     expected = np.zeros(n_words, dtype=params.mask.dtype)
     for seed in seeds:

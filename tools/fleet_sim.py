@@ -56,7 +56,7 @@ from maskfl.protocol.messages import (
     open_sum_dict,
     weights_digest,
 )
-from maskfl.protocol.sortition import Task, next_round_seed, select_task
+from maskfl.protocol.sortition import Task, group_of, next_round_seed, select_task
 from maskfl.protocol.topics import TopicKind, Topics, parse_topic
 from maskfl.transport import MqttConfig, MqttTransport, Transport
 
@@ -92,7 +92,8 @@ class Sent:
     delta: F32
     weight: float
     digest: bytes
-    seed: bytes = b""
+    seeds: tuple[bytes, ...] = ()
+    """One seed per mask group (the sub-mask of group j is ChaCha20(seeds[j]))."""
 
 
 class SimParticipant:
@@ -231,6 +232,9 @@ class SimParticipant:
         raw = self.sign(Sum(self.identity.certificate, keys.public_key), rid)
         await self.publish(self.topics.sum(rid, self.device), raw, params.chunk_size)
         seed_dict: SeedDict = await self._future(self._seeds, rid)
+        if seed_dict.group != params.group_of(self.identity.public_key):
+            self.errors.append(f"round {rid}: seed dictionary names group {seed_dict.group}")
+            return
         if self.behaviour.skip_sum2:
             return
         if self.behaviour.sum2_delay_s:
@@ -257,6 +261,8 @@ class SimParticipant:
             ca_public_key=self.ca,
             now=time.time(),
             revocations=None,
+            groups=params.groups,
+            round_seed=params.seed,
         )
         if self.behaviour.update_delay_s:
             await asyncio.sleep(self.behaviour.update_delay_s)
@@ -269,12 +275,12 @@ class SimParticipant:
             rng = np.random.default_rng()
             delta = rng.uniform(-0.5, 0.5, m).astype(np.float32)
             weight = float(rng.uniform(0.2, 1.0))
-        seed = new_seed()
+        seeds = tuple(new_seed() for _ in range(params.groups))
         evaluation = (
             NO_EVALUATION if self.behaviour.evaluation is None else (self.behaviour.evaluation(rid))
         )
         words = await asyncio.to_thread(
-            partial(mask_update, evaluation=evaluation), delta, weight, seed, params.mask
+            partial(mask_update, evaluation=evaluation), delta, weight, seeds, params.mask
         )
         if self.behaviour.tamper_update is not None:
             self.behaviour.tamper_update(words, params)
@@ -283,10 +289,11 @@ class SimParticipant:
             if self.behaviour.corrupt_seed_for_all_summers:
                 sealed[s.certificate.public_key] = bytes(80)
             else:
-                sealed[s.certificate.public_key] = seal_seed(seed, s.ephemeral_pk)
+                group = params.group_of(s.certificate.public_key)
+                sealed[s.certificate.public_key] = seal_seed(seeds[group], s.ephemeral_pk)
         raw = self.sign(Update(self.identity.certificate, sealed, words), rid)
         digest = decode_message(raw, max_size=len(raw)).digest
-        self.sent[rid] = Sent(delta, weight, digest, seed)
+        self.sent[rid] = Sent(delta, weight, digest, seeds)
         await self.publish(self.topics.update(rid, self.device), raw, params.chunk_size)
 
 
@@ -334,15 +341,22 @@ class SimFleet:
         summers: int,
         updaters: int,
         prefix: str = "dev",
+        groups: int = 1,
+        fill: int | None = None,
     ) -> tuple[list[Identity], list[Identity]]:
-        """Draw keys until ``summers`` get SUM and ``updaters`` get UPDATE for ``seed``."""
+        """Draw keys until ``summers`` get SUM and ``updaters`` get UPDATE for ``seed``.
+
+        With ``groups`` > 1, summer i is in mask group ``i % fill`` (``fill``:
+        ``groups`` unless given; 1 puts every summer in group 0)."""
+        cycle = groups if fill is None else fill
         got_s: list[Identity] = []
         got_u: list[Identity] = []
         n = 0
         while len(got_s) < summers or len(got_u) < updaters:
             key = SigningKey.generate()
             task = select_task(seed, bytes(key.verify_key), p_sum, p_update)
-            if task is Task.SUM and len(got_s) < summers:
+            in_turn = group_of(seed, bytes(key.verify_key), groups) == len(got_s) % cycle
+            if task is Task.SUM and len(got_s) < summers and in_turn:
                 got_s.append(self.identity(f"{prefix}-s{len(got_s)}", key=key))
             elif task is Task.UPDATE and len(got_u) < updaters:
                 got_u.append(self.identity(f"{prefix}-u{len(got_u)}", key=key))

@@ -69,6 +69,7 @@ class IdlePhase(StepPhase):
             vector_length=s.config.model.length,
             chunk_size=pet.chunk_size,
             certificate=s.certificate,
+            groups=s.config.mask_groups,
         )
         raw = s.sign(params, round_id)
         now = s.clock()
@@ -91,10 +92,11 @@ class IdlePhase(StepPhase):
         # (Runner._transition): published here, the first sums could arrive while no
         # round is current yet and be turned away as wrong_round.
         log.info(
-            "round %d started: p_sum=%.4f p_update=%.4f alive=%d model v%d",
+            "round %d started: p_sum=%.4f p_update=%.4f groups=%d alive=%d model v%d",
             round_id,
             p_sum,
             p_update,
+            params.groups,
             s.alive_count(),
             s.model.version,
             extra={"round_id": round_id, "phase": "sum"},

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from maskfl.broker_coordinator.context import Contribution, Incoming
+from maskfl.broker_coordinator.errors import RoundFailedError
 from maskfl.broker_coordinator.phases.base import MessagePhase
 from maskfl.broker_coordinator.store import SummerRecord, Transaction
 from maskfl.protocol.errors import Reason, RemoteProtocolError
@@ -94,10 +95,22 @@ class SumPhase(MessagePhase):
 
     async def close(self) -> Phase:
         s, state = self.s, self.state
-        entries = tuple(
-            r.message for r in sorted(state.summers.values(), key=lambda r: r.device_id)
-        )
-        raw = s.sign(SumDict(entries), state.round_id)
+        summers = sorted(state.summers.values(), key=lambda r: r.device_id)
+        groups = tuple(state.params.group_of(r.public_key) for r in summers)
+        g = state.params.groups
+        empty = sorted(set(range(g)) - set(groups))
+        if empty:
+            # Merging an empty group into another would be unsound: the coordinator
+            # decides which sums it accepts, so it could empty a group of honest
+            # summers on purpose and have its seeds go to a group where it has one.
+            counts = ", ".join(f"{j}: {groups.count(j)}" for j in range(g))
+            raise RoundFailedError(
+                f"mask group(s) {', '.join(map(str, empty))} of {g} drew no summer this round "
+                f"(summers per group {counts}); an updater's seed for that group could be "
+                "opened by nobody. Raise pet.sum.target or lower masking.groups",
+                round_id=state.round_id,
+            )
+        raw = s.sign(SumDict(tuple(r.message for r in summers), groups), state.round_id)
         # Not published here: the runner commits it with the phase change, then the
         # update phase publishes it on entry (UpdatePhase.enter).
         state.record = dataclasses.replace(state.record, sum_dict=raw)

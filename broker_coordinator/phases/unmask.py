@@ -1,6 +1,8 @@
 """unmask: vote on the aggregate masks, unmask, decode, step the model, publish it.
 
-The mask that the most summers sent wins (a tie fails the round). If the
+In each mask group, the mask that the most of its summers sent wins (a tie
+fails the round); the winners of the g groups are added (the sum of every
+updater's g sub-masks). A group with no sum2 fails the round. If the
 winning summers could not open some updates' seeds, those updates are dropped:
 their masked words (from the update log) are added to the mask before it is
 subtracted, so the aggregate then holds exactly the other updates, whose masks
@@ -21,12 +23,12 @@ import time
 
 import numpy as np
 
-from maskfl.aggregator_gpu import MaskVoteTieError, plurality_of_digests
+from maskfl.aggregator_gpu import DigestVote, MaskVoteTieError, plurality_of_digests
 from maskfl.broker_coordinator.config import MIN_UPDATES_FLOOR
 from maskfl.broker_coordinator.context import ModelState
 from maskfl.broker_coordinator.errors import RoundFailedError
 from maskfl.broker_coordinator.phases.base import StepPhase
-from maskfl.broker_coordinator.store import ModelRecord
+from maskfl.broker_coordinator.store import ModelRecord, Sum2Record
 from maskfl.protocol.errors import AggregationError
 from maskfl.protocol.ids import RoundId
 from maskfl.protocol.masking import (
@@ -50,23 +52,15 @@ class UnmaskPhase(StepPhase):
         assert state is not None and state.acc is not None
         started, cpu_started = time.perf_counter(), time.process_time()
         rid = state.round_id
-        masks = list(state.sum2.values())
-        try:
-            vote = plurality_of_digests(m.mask_digest for m in masks)
-        except MaskVoteTieError as exc:
-            raise RoundFailedError(f"aggregate masks tie: {exc}", round_id=rid) from exc
-        failed_sets = {masks[i].failed for i in vote.voters}
-        if len(failed_sets) != 1:
-            raise RoundFailedError(
-                "summers with the same mask disagree on the updates they could not open",
-                round_id=rid,
-            )
-        failed = set(next(iter(failed_sets)))
+        winners, failed = self._vote()
         dropped = [u for u in state.updates.values() if u.digest in failed]
-        mask = await asyncio.to_thread(s.checkpoints.read_mask, rid, vote.digest)
-        combined = s.backend.accumulator(s.vector_words, s.mask.word_bits) if dropped else None
+        mask = await asyncio.to_thread(s.checkpoints.read_mask, rid, winners[0].digest)
+        several = dropped or len(winners) > 1
+        combined = s.backend.accumulator(s.vector_words, s.mask.word_bits) if several else None
         if combined is not None:
             combined.add(mask)
+            for vote in winners[1:]:
+                combined.add(await asyncio.to_thread(s.checkpoints.read_mask, rid, vote.digest))
         for u in dropped:
             assert combined is not None
             words = state.words.get(u.digest)
@@ -94,7 +88,7 @@ class UnmaskPhase(StepPhase):
                 "the aggregate stays masked and no model is published",
                 round_id=rid,
             )
-        votes = vote.votes
+        votes = sum(vote.votes for vote in winners)
         acc.subtract_mask(mask if combined is None else combined.total())
         del mask, combined
         plain = acc.plain()
@@ -113,12 +107,14 @@ class UnmaskPhase(StepPhase):
             ("updates", float(included)),
             ("dropped", float(len(dropped))),
             ("summers", float(len(state.summers))),
-            ("sum2", float(len(masks))),
+            ("sum2", float(len(state.sum2))),
             ("mask_votes", float(votes)),
             ("weight_sum", float(weight_sum)),
             ("error_bound", float(error_bound(included, weight_sum, s.mask))),
             ("resolution", float(s.mask.resolution)),
         )
+        if len(winners) > 1:
+            metrics += (("groups", float(len(winners))),)
         if fleet is not None:
             # How good the model the updaters started from (this round's input,
             # version v) is on their held-out data: fleet totals only.
@@ -198,6 +194,63 @@ class UnmaskPhase(StepPhase):
             extra={"round_id": rid, "phase": "unmask", "model_version": version},
         )
         return Phase.IDLE
+
+    def _vote(self) -> tuple[list[DigestVote], set[bytes]]:
+        """One agreed aggregate mask per mask group (plurality of its summers' sum2 digests),
+        and the updates whose seeds did not open, on which every group must agree.
+
+        A group's mask leaves out exactly the updates its summers could not open; an
+        update left out of one group's mask but in another's cannot be removed from
+        the aggregate (nobody can expand the missing sub-mask), so the round fails.
+        """
+        state = self.state
+        assert state is not None
+        rid, params = state.round_id, state.params
+        by_group: dict[int, list[Sum2Record]] = {j: [] for j in range(params.groups)}
+        for record in state.sum2.values():
+            by_group[params.group_of(state.summers[record.device_id].public_key)].append(record)
+        winners: list[DigestVote] = []
+        failed_sets: set[tuple[bytes, ...]] = set()
+        label = "" if params.groups == 1 else " of mask group {j}"
+        for j, masks in by_group.items():
+            if not masks:
+                raise RoundFailedError(
+                    f"no summer of mask group {j} of {params.groups} sent its aggregate mask: "
+                    "that group's seeds cannot be removed and the aggregate stays masked",
+                    round_id=rid,
+                )
+            try:
+                vote = plurality_of_digests(m.mask_digest for m in masks)
+            except MaskVoteTieError as exc:
+                raise RoundFailedError(
+                    f"aggregate masks{label.format(j=j)} tie: {exc}", round_id=rid
+                ) from exc
+            agreed = {masks[i].failed for i in vote.voters}
+            if len(agreed) != 1:
+                raise RoundFailedError(
+                    f"summers{label.format(j=j)} with the same mask disagree on the updates "
+                    "they could not open",
+                    round_id=rid,
+                )
+            failed_sets |= agreed
+            winners.append(vote)
+            if params.groups > 1:
+                log.info(
+                    "round %d: mask group %d: %d of %d summers agree",
+                    rid,
+                    j,
+                    vote.votes,
+                    vote.total,
+                    extra={"round_id": rid, "phase": "unmask"},
+                )
+        if len(failed_sets) != 1:
+            raise RoundFailedError(
+                "mask groups disagree on the updates whose seeds did not open (an updater "
+                "sealed a bad seed to one group only): no mask can leave that update out "
+                "of every group, so the aggregate stays masked",
+                round_id=rid,
+            )
+        return winners, set(next(iter(failed_sets)))
 
     def _evaluation(self, included: int) -> FleetEvaluation | None:
         """The fleet totals of the evaluation words (None when no updater evaluated, or

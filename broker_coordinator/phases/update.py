@@ -37,10 +37,12 @@ log = logging.getLogger("maskfl.coordinator.update")
 
 
 async def publish_seed_dicts(s: Services, state: RoundState) -> None:
-    """One signed, retained seed dictionary per accepted summer (deterministic bytes)."""
+    """One signed, retained seed dictionary per accepted summer (deterministic bytes),
+    naming the summer's mask group."""
     for summer in state.summers.values():
         entries = await s.store.seeds_for(state.round_id, summer.public_key)
-        raw = s.sign(SeedDict(summer.public_key, dict(entries)), state.round_id)
+        group = state.params.group_of(summer.public_key)
+        raw = s.sign(SeedDict(summer.public_key, dict(entries), group), state.round_id)
         await s.outbox.state(s.topics.seeds(state.round_id, summer.device_id), raw)
 
 

@@ -22,6 +22,11 @@ def test_bench_agent_smoke() -> None:
             "3",
             "--expansion-size",
             "5000",
+            "--groups",
+            "1",
+            "3",
+            "--groups-size",
+            "2000",
         ]
     )
     result = bench_agent.run(args)
@@ -34,3 +39,8 @@ def test_bench_agent_smoke() -> None:
     assert bulk["expansion_gwords_per_s"] > 0
     assert "meets_target" in bulk
     assert len(result["global_model"]) == 3
+    one, three = result["mask_groups"]
+    assert (one["groups"], one["summers"]) == (1, 3)
+    assert (three["groups"], three["summers"]) == (3, 9)
+    assert three["sealed_bytes"] == 3 * one["sealed_bytes"] > 0
+    assert three["mask_s"] > 0 and three["seal_s"] > 0

@@ -55,14 +55,22 @@ async def retained_model(broker: Mosquitto, fleet: str, model_id: str, version: 
     raise AssertionError("no model")
 
 
+@pytest.mark.parametrize("groups", [1, 2])
 async def test_agents_and_coordinator_complete_a_round(
-    tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str], groups: int
 ) -> None:
+    """With groups = 2 the two summers are in different mask groups: each real agent
+    seals one seed per group and each summer returns its group's aggregate mask."""
     initial = LocalTrainer.shipped("mlp").get_weights()
     fleet = SimFleet(fleet="agentfleet")
     p_sum = 0.5
     summers, updaters = fleet.identities_for_roles(
-        first_round_seed(bytes(32), initial), p_sum=p_sum, p_update=1.0, summers=2, updaters=3
+        first_round_seed(bytes(32), initial),
+        p_sum=p_sum,
+        p_update=1.0,
+        summers=2,
+        updaters=3,
+        groups=groups,
     )
     coordinator_toml = fleet.write_coordinator(
         tmp_path / "coordinator",
@@ -78,6 +86,7 @@ async def test_agents_and_coordinator_complete_a_round(
                 "max_rounds": 1,
             },
             "storage": {"update_words": "file"},  # keep the stored words to inspect
+            "masking": {"groups": groups},
         },
     )
     ca_file = tmp_path / "ca.pub"
@@ -141,6 +150,7 @@ async def test_agents_and_coordinator_complete_a_round(
 
     # The fleet evaluation, unmasked only as a total, is the directly computed one.
     metrics = dict(model.metrics)
+    assert metrics.get("groups", 1) == groups and metrics["mask_votes"] == 2
     assert examples > 0 and metrics["evaluated_version"] == 0
     assert metrics["examples"] == examples
     assert metrics["accuracy"] == correct / examples

@@ -57,12 +57,20 @@ def make_setup(
     extra: dict[str, dict[str, Any]] | None = None,
     length: int = M,
     fleet_id: str = "simfleet",
+    groups: int = 1,
+    fill: int | None = None,
 ) -> Setup:
     fleet = SimFleet(fleet_id)
     initial = np.linspace(-0.1, 0.1, length).astype(np.float32)
     seed1 = first_round_seed(bytes(32), initial)
     s, u = fleet.identities_for_roles(
-        seed1, p_sum=P_SUM, p_update=1.0, summers=summers, updaters=updaters
+        seed1,
+        p_sum=P_SUM,
+        p_update=1.0,
+        summers=summers,
+        updaters=updaters,
+        groups=groups,
+        fill=fill,
     )
     pet_cfg: dict[str, Any] = {
         "sum": {"prob": P_SUM, "count_min": summers, "count_max": summers, "time_max_s": 30.0},
@@ -82,7 +90,7 @@ def make_setup(
             pet_cfg[key] = {k: v for k, v in merged.items() if v is not None}  # None: unset
         else:
             pet_cfg[key] = value
-    overrides: dict[str, dict[str, Any]] = {"pet": pet_cfg}
+    overrides: dict[str, dict[str, Any]] = {"pet": pet_cfg, "masking": {"groups": groups}}
     if updaters < 3:
         # Below the default privacy floor (3): the smallest one the config allows, and
         # an update phase that waits for it (a round of one updater never unmasks).

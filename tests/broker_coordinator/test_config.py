@@ -67,6 +67,9 @@ def test_environment_overrides_nested_keys(tmp_path: Path) -> None:
         ("[broker]\nreceive_maximum = 100\n", "", "receive_maximum"),
         ('[optimizer]\nkind = "sgd"\n', "optimizer.kind", "fedavg"),
         ('[broker]\ncert_file = "c.pem"\n', "broker", "key_file"),
+        ("[masking]\ngroups = 4\n", "", "raise pet.sum.target to at least 8"),
+        ("[masking]\ngroups = 0\n", "masking.groups", ""),
+        ("[masking]\ngroups = 256\n", "masking.groups", ""),
     ],
 )
 def test_wrong_fields_are_named_with_the_fix(
@@ -75,6 +78,16 @@ def test_wrong_fields_are_named_with_the_fix(
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, MINIMAL + extra), env={})
     assert field in str(err.value) and words in str(err.value)
+
+
+def test_mask_groups_auto_follows_the_sum_target(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, MINIMAL), env={}).mask_groups == 1  # target 3
+    six = load_config(_write(tmp_path, MINIMAL + "[pet.sum]\ntarget = 6\n"), env={})
+    assert six.mask_groups == 2
+    fixed = load_config(_write(tmp_path, MINIMAL + "[masking]\ngroups = 3\n"), env={})
+    assert fixed.mask_groups == 3
+    env = {"MASKFL__MASKING__GROUPS": "2"}
+    assert load_config(_write(tmp_path, MINIMAL), env=env).mask_groups == 2
 
 
 def test_missing_section_and_bad_toml(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ EXAMPLE = REPO / "configs" / "coordinator.toml"
 # Keys whose rules a derived value would break (a literal, a bound, a cross-field rule).
 SPECIAL: dict[str, Any] = {
     "masking.word_bits": 64,  # exited 2 from the environment ("got '64'")
+    "masking.groups": 2,  # "auto" or an integer up to pet.sum.target
     "pet.chunk_size": 8192,  # asked for broker.receive_maximum >= 65680
     "pet.initial_seed": "ab" * 32,
     "pet.update.count_max": 999,  # may not exceed masking.n_max (1000)

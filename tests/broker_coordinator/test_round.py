@@ -333,3 +333,57 @@ def test_shortfall_reasons() -> None:
     assert shortfall_reason("sum2", 0, 2, 30.0).startswith(
         "only 0 of the 2 required summers sent their aggregated masks"
     )
+
+
+async def test_round_with_two_mask_groups(tmp_path, mosquitto: Mosquitto) -> None:
+    """g = 2 over a real broker: every updater seals one seed per group, each group's
+    summers return their group's mask (one of group 1 drops out), and the coordinator
+    unmasks with one agreed mask per group."""
+    setup = make_setup(
+        tmp_path,
+        mosquitto.port,
+        summers=4,
+        updaters=4,
+        groups=2,
+        pet={"sum2": {"count_min": 3, "count_max": 4, "time_min_s": 1.0}},
+    )
+    s = setup.summers  # summer i is in group i % 2
+    behaviours = {s[3].device_id: Behaviour(skip_sum2=True)}
+    parts = _participants(setup, mosquitto.host, mosquitto.port, behaviours)
+    await start_all(parts)
+    try:
+        async with running_coordinator(setup.config_path):
+            await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")
+        model = trained(parts[0])[0]
+        metrics = dict(model.metrics)
+        assert metrics["groups"] == 2 and metrics["sum2"] == 3 and metrics["mask_votes"] == 3
+        assert metrics["updates"] == 4 and metrics["dropped"] == 0
+        updaters = parts[4:]
+        assert all(len(p.sent[1].seeds) == 2 for p in updaters)
+        expected = setup.initial + expected_mean([p.sent[1] for p in updaters], 1.0)
+        np.testing.assert_allclose(model.weights, expected, atol=metrics["error_bound"] + 1e-6)
+        for p in parts:
+            assert not p.errors, p.errors
+    finally:
+        await stop_all(parts)
+
+
+async def test_a_mask_group_without_a_summer_fails_the_round(
+    tmp_path, mosquitto: Mosquitto
+) -> None:
+    setup = make_setup(tmp_path, mosquitto.port, summers=2, updaters=3, groups=2, fill=1)
+    parts = _participants(setup, mosquitto.host, mosquitto.port, {})
+    await start_all(parts)
+    try:
+        async with running_coordinator(setup.config_path) as coordinator:
+            await wait_for(
+                lambda: coordinator.runner is not None and coordinator.runner.rounds_failed == 1,
+                30,
+                "the failed round",
+            )
+            reason = coordinator.status()["last_failure"]["reason"]
+        assert reason.startswith("mask group(s) 1 of 2 drew no summer this round"), reason
+        assert "summers per group 0: 2, 1: 0" in reason
+        assert not any(p.sent for p in parts), "no updater may seal a seed to nobody"
+    finally:
+        await stop_all(parts)

@@ -45,6 +45,7 @@ from maskfl.protocol.masking import (
 from maskfl.protocol.messages import decode_message, weights_digest
 from maskfl.protocol.sortition import (
     Task,
+    group_of,
     next_round_seed,
     probabilities_for_targets,
     select_task,
@@ -139,14 +140,32 @@ def sortition() -> dict[str, Any]:
                     "task": select_task(seed, pk, p_sum, p_update).value,
                 }
             )
+    groups = []
+    for n in (0x01, 0x02, 0xD1, 0x51, 0x07):
+        pk = _key(n)
+        h = hashlib.blake2b(digest_size=8, person=b"maskfl/group/v1")
+        h.update(seed + pk)
+        for g in (1, 2, 3, 5):
+            groups.append(
+                {
+                    "seed": seed.hex(),
+                    "public_key": pk.hex(),
+                    "groups": g,
+                    "digest": h.digest().hex(),
+                    "group": group_of(seed, pk, g),
+                }
+            )
     return {
         "about": "ticket = u64 little-endian of BLAKE2b(digest_size=8, "
         "person=b'maskfl/ticket/v1', seed(32) || ascii(task) || public_key(32)), task "
         "'sum' or 'update'; threshold(p) = floor(p * 2^64) with p clamped to [0, 1]; "
         "a device is a summer when its sum ticket < threshold(p_sum), else an updater "
         "when its update ticket < threshold(p_update), else neither (docs/protocol.md §4). "
-        "Public keys are those of the Ed25519 seeds 01*32, 02*32, ...",
+        "Public keys are those of the Ed25519 seeds 01*32, 02*32, ... "
+        "A summer's mask group = (u64 little-endian of BLAKE2b(digest_size=8, "
+        "person=b'maskfl/group/v1', seed(32) || public_key(32))) mod groups (§4.4).",
         "tickets": tickets,
+        "groups": groups,
         "thresholds": thresholds,
         "select_task": select,
     }
@@ -254,6 +273,21 @@ def masking() -> dict[str, Any]:
                 ),
             }
         )
+    # Mask groups: one seed per group, the mask is the sum of their streams (§7.5).
+    cfg = MaskConfig(*_CONFIGS[0])  # type: ignore[arg-type]
+    group_seeds = [bytes([0x10 + j]) * 32 for j in range(3)]
+    delta = np.array([0.25, -0.75, 0.0], dtype=np.float32)
+    masked_groups = {
+        "config": list(_CONFIGS[0]),
+        "delta_f32": [float(x) for x in delta],
+        "weight": _f(0.75),
+        "evaluation": [20, 15, _f(6.5)],
+        "seeds": [sd.hex() for sd in group_seeds],
+        "masks": [_words(mask_stream(sd, update_words(3), cfg.word_bits)) for sd in group_seeds],
+        "masked_words": _words(
+            mask_update(delta, 0.75, group_seeds, cfg, evaluation=EvalCounts(20, 15, 6.5))
+        ),
+    }
     aggregate = []
     seeds = [bytes([i]) * 32 for i in (1, 2, 3)]
     for bits in (32, 64):
@@ -324,6 +358,7 @@ def masking() -> dict[str, Any]:
         "configs": configs,
         "encode": encode,
         "mask_update": masked,
+        "mask_update_groups": masked_groups,
         "aggregate_mask": aggregate,
         "decode": decode,
         "error_bound": bounds,

@@ -23,6 +23,7 @@ from maskfl.protocol.errors import RemoteProtocolError
 from maskfl.protocol.identity import Certificate, RevocationList
 from maskfl.protocol.messages import (
     BODY_OFFSET,
+    FORMAT_VERSION,
     HEADER_SIZE,
     MESSAGE_DOMAIN,
     Header,
@@ -95,7 +96,7 @@ def test_decode_random_bytes(data: bytes) -> None:
 @FUZZ
 @given(data=st.binary(max_size=600))
 def test_decode_random_bytes_behind_a_valid_magic(data: bytes) -> None:
-    decode_or_reject(b"MFLM\x01" + data)
+    decode_or_reject(b"MFLM\x02" + data)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -198,7 +199,7 @@ def test_topic_parser(topic: str) -> None:
 def test_header_offsets_are_what_the_docs_say() -> None:
     raw, ident = SAMPLES["update"]
     assert raw[:4] == b"MFLM"
-    assert raw[4] == 1
+    assert raw[4] == FORMAT_VERSION == 2
     assert raw[5] == MessageType.UPDATE
     assert raw[6] == len(FLEET)
     assert struct.unpack_from("<Q", raw, 8)[0] == ROUND

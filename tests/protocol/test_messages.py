@@ -315,7 +315,16 @@ def test_tampered_header_body_or_signature_is_bad_signature() -> None:
 
 def test_header_fields_are_validated() -> None:
     raw = update_raw()
-    for position, value in ((0, ord("X")), (4, 2), (5, 0), (5, 99), (6, 0), (6, 65), (7, 1)):
+    for position, value in (
+        (0, ord("X")),
+        (4, 1),
+        (4, 3),
+        (5, 0),
+        (5, 99),
+        (6, 0),
+        (6, 65),
+        (7, 1),
+    ):
         mutated = bytearray(raw)
         mutated[position] = value
         reject(bytes(mutated), Reason.MALFORMED)

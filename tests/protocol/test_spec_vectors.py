@@ -38,6 +38,7 @@ from maskfl.protocol.masking import (
 )
 from maskfl.protocol.messages import decode_message, verify_sender, weights_digest
 from maskfl.protocol.sortition import (
+    group_of,
     next_round_seed,
     probabilities_for_targets,
     select_task,
@@ -119,6 +120,15 @@ def test_sortition_tickets() -> None:
         assert task.value == case["task"]
         tasks.add(task.value)
     assert tasks == {"sum", "update", "none"}, "the vectors must show every outcome"
+    seen = set()
+    for case in data["groups"]:
+        seed, pk = bytes.fromhex(case["seed"]), bytes.fromhex(case["public_key"])
+        raw = hashlib.blake2b(seed + pk, digest_size=8, person=b"maskfl/group/v1").digest()
+        assert raw.hex() == case["digest"]
+        assert int.from_bytes(raw, "little") % case["groups"] == case["group"]
+        assert group_of(seed, pk, case["groups"]) == case["group"]
+        seen.add(case["group"])
+    assert len(seen) >= 3, "the vectors must show several groups"
 
 
 def test_probabilities() -> None:
@@ -207,6 +217,18 @@ def test_masked_updates_and_aggregate_masks() -> None:
         assert [(p + m) % modulus for p, m in zip(plain, ints(case["mask"]), strict=True)] == ints(
             case["masked_words"]
         )
+    case = data["mask_update_groups"]  # one seed per mask group: the sum of their masks
+    mask = cfg(case["config"])
+    seeds = [bytes.fromhex(s) for s in case["seeds"]]
+    delta = np.array(case["delta_f32"], dtype=np.float32)
+    ev = EvalCounts(case["evaluation"][0], case["evaluation"][1], f(case["evaluation"][2]))
+    masked = mask_update(delta, f(case["weight"]), seeds, mask, evaluation=ev)
+    assert masked.tolist() == ints(case["masked_words"])
+    total = encode_update(delta, f(case["weight"]), mask, evaluation=ev).astype(object)
+    for seed, stream in zip(seeds, case["masks"], strict=True):
+        assert mask_stream(seed, delta.size + 4, mask.word_bits).tolist() == ints(stream)
+        total = (total + np.array(ints(stream), dtype=object)) % (1 << mask.word_bits)
+    assert total.tolist() == ints(case["masked_words"])
     for case in data["aggregate_mask"]:
         seeds = [bytes.fromhex(s) for s in case["seeds"]]
         got = aggregate_mask(seeds, case["n_words"], case["word_bits"])

@@ -39,6 +39,7 @@ from maskfl.protocol.messages import (
     Update,
     encode_message,
 )
+from maskfl.protocol.sortition import group_of
 
 FLEET = "demo"
 ROUND = RoundId(7)
@@ -115,12 +116,17 @@ def round_params(cert: Certificate = COORDINATOR.certificate) -> RoundParams:
         vector_length=M,
         chunk_size=262_144,
         certificate=cert,
+        groups=2,
     )
 
 
 EPHEMERAL_PK = bytes([0xE0]) * 32
 SEALED = bytes([0x5E]) * 80
 UPDATE_DIGEST = bytes([0xDD]) * 32
+
+
+SUMMER_GROUP = group_of(bytes(range(32)), SUMMER.public_key, 2)
+"""The summer's mask group in the sample round (seed 00 01 .. 1f, g = 2)."""
 
 
 def sum_message() -> bytes:
@@ -133,12 +139,15 @@ def bodies() -> dict[str, tuple[Body, Identity]]:
     return {
         "round_params": (round_params(), COORDINATOR),
         "sum": (Sum(SUMMER.certificate, EPHEMERAL_PK), SUMMER),
-        "sum_dict": (SumDict((sum_message(),)), COORDINATOR),
+        "sum_dict": (SumDict((sum_message(),), (SUMMER_GROUP,)), COORDINATOR),
         "update": (
             Update(DEVICE.certificate, {SUMMER.public_key: SEALED}, words),
             DEVICE,
         ),
-        "seed_dict": (SeedDict(SUMMER.public_key, {UPDATE_DIGEST: SEALED}), COORDINATOR),
+        "seed_dict": (
+            SeedDict(SUMMER.public_key, {UPDATE_DIGEST: SEALED}, SUMMER_GROUP),
+            COORDINATOR,
+        ),
         "sum2": (
             Sum2(
                 SUMMER.certificate,
