@@ -136,10 +136,20 @@ class UnmaskPhase(StepPhase):
             graph_digest=s.graph_digest,
         )
         computed = time.perf_counter()
-        # Two SHA-256 passes over 4·M bytes (the signed body, the weights): in parallel,
-        # off the event loop (hashlib releases the GIL).
+        little = np.ascontiguousarray(weights, dtype="<f4").data.cast("B")
+
+        def digest_and_file() -> bytes:
+            # The registry's weights file, named by the digest, written while the body is
+            # signed; add_model below finds it there (a crash before the commit leaves a
+            # file no row names, deleted at the next start).
+            digest = weights_digest(weights)
+            s.store.files.put(little, ".f32", digest=digest)
+            return digest
+
+        # Two SHA-256 passes over 4·M bytes (the signed body, the weights) and the
+        # weights file: in parallel, off the event loop (hashlib and I/O release the GIL).
         raw, digest = await asyncio.gather(
-            asyncio.to_thread(s.sign, body, rid), asyncio.to_thread(weights_digest, weights)
+            asyncio.to_thread(s.sign, body, rid), asyncio.to_thread(digest_and_file)
         )
         signed = time.perf_counter()
         now = s.clock()
@@ -157,7 +167,7 @@ class UnmaskPhase(StepPhase):
                     version=version,
                     round_id=rid,
                     digest=digest,
-                    weights=np.ascontiguousarray(weights, dtype="<f4").data.cast("B"),
+                    weights=little,
                     metrics=dict(metrics),
                     message=raw,
                     optimizer_state=s.optimizer.state_bytes(),
