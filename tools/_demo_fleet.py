@@ -100,6 +100,19 @@ def start_broker(supervisor: Supervisor, conf: Path, port: int, *, limit_s: floa
         time.sleep(0.05)
 
 
+def start_plain_broker(supervisor: Supervisor, work: Path, *, limit_s: float = 15.0) -> int:
+    """An anonymous plain-TCP mosquitto on a free 127.0.0.1 port (config in ``work``),
+    for the benchmarks; returns the port once it listens."""
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
+        "persistence false\n" + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    start_broker(supervisor, conf, port, limit_s=limit_s)
+    return port
+
+
 @dataclass(frozen=True)
 class FleetSettings:
     """What the demo asks of the fleet."""

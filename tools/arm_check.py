@@ -318,14 +318,6 @@ def du_bytes(path: Path) -> int:
 # --- the fleet on the host -----------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def host_script(name: str) -> str:
     beside = Path(sys.executable).with_name(name)
     if not beside.exists():
@@ -335,6 +327,8 @@ def host_script(name: str) -> str:
 
 def provision(run_dir: Path, logfile: Path) -> tuple[Path, int, int]:
     """A fleet of pi-001..pi-007 for a broker on 127.0.0.1; (fleet dir, MQTT port, HTTP port)."""
+    from maskfl.tools._demo_fleet import free_port
+
     fleet = run_dir / "fleet"
     port, http = free_port(), free_port()
     provision_cli = [host_script("maskfl-provision"), "--dir", str(fleet)]

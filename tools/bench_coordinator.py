@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from maskfl.protocol.messages import (
     open_sum_dict,
 )
 from maskfl.protocol.topics import Topics
+from maskfl.tools._demo_fleet import free_port, start_plain_broker
 from maskfl.tools._supervise import Supervisor
 from maskfl.tools.fleet_sim import SimFleet, SimParticipant, first_round_seed
 from maskfl.transport import MQTT_MAX_PACKET, MqttConfig, MqttTransport
@@ -133,35 +133,11 @@ def _workdir(keep: Path | None, name: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
-@contextlib.contextmanager
-def _mosquitto(work: Path, sup: Supervisor) -> Iterator[int]:
-    binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
-    if binary is None:
-        raise SystemExit("maskfl-bench coordinator: mosquitto is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    conf = work / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
-        "persistence false\n" + ("user root\n" if os.geteuid() == 0 else "")
-    )
-    child = sup.start("mosquitto", [binary, "-c", str(conf)])
-    deadline = time.monotonic() + 10
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            break
-        if time.monotonic() > deadline:
-            raise SystemExit(f"mosquitto did not start: {child.log_tail()}")
-        time.sleep(0.05)
-    yield port
-
-
 async def _one(n: int, m: int, backend: str, work: Path, storage: dict[str, Any]) -> dict[str, Any]:
     sup = Supervisor(work / "logs")
     try:
-        with _mosquitto(work, sup) as port:
-            return await _measure(n, m, backend, work, port=port, sup=sup, storage=storage)
+        port = start_plain_broker(sup, work, limit_s=10)
+        return await _measure(n, m, backend, work, port=port, sup=sup, storage=storage)
     finally:
         sup.stop_all()
 
@@ -177,7 +153,7 @@ async def _measure(
     storage: dict[str, Any],
 ) -> dict[str, Any]:
     fleet = SimFleet(fleet="bench")
-    http_port = _free_port()
+    http_port = free_port()
     # update.count_max = N may not exceed masking.n_max (the config refuses it).
     n_max = max(1000, n)
     initial = np.zeros(m, dtype=np.float32)
@@ -609,12 +585,6 @@ async def _sink(port: int, expected: int, result: Path) -> None:
     tmp.replace(result)
     await asyncio.sleep(2.0)  # stay up while the bench reads our CPU time
     await t.disconnect()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _status(port: int) -> dict[str, Any]:

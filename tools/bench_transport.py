@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from maskfl.tools._demo_fleet import start_plain_broker
+from maskfl.tools._supervise import Supervisor
 from maskfl.transport import MqttConfig, MqttTransport
 
 
@@ -104,33 +102,5 @@ async def _measure(args: argparse.Namespace, host: str, port: int) -> dict[str, 
 
 @contextlib.contextmanager
 def _temporary_mosquitto() -> Iterator[int]:
-    binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
-    if binary is None:
-        raise SystemExit("maskfl-bench transport: mosquitto is not installed (or pass --port)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    with tempfile.TemporaryDirectory() as tmp:
-        conf = Path(tmp) / "mosquitto.conf"
-        conf.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
-            "persistence false\n" + ("user root\n" if os.geteuid() == 0 else "")
-        )
-        proc = subprocess.Popen(
-            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", port), 0.2),
-                ):
-                    break
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit("maskfl-bench transport: mosquitto did not start")
-                time.sleep(0.05)
-            yield port
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with tempfile.TemporaryDirectory() as tmp, Supervisor(Path(tmp)) as sup:
+        yield start_plain_broker(sup, Path(tmp), limit_s=10)

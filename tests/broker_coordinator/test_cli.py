@@ -17,21 +17,15 @@ import pytest
 from maskfl.broker_coordinator.cli import check_revocations, main
 from maskfl.broker_coordinator.config import load_config
 from maskfl.tools.fleet_sim import SimFleet
+from tests.support.mosquitto import free_port
 
 M = 16
-
-
-def _closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bundle(tmp: Path) -> Path:
     config: Path = SimFleet().write_coordinator(
         tmp / "coordinator",
-        port=_closed_port(),
+        port=free_port(),
         length=M,
         initial=np.zeros(M, dtype=np.float32),
         overrides={
@@ -205,7 +199,7 @@ def test_run_refuses_a_revocation_list_that_does_not_verify(
     fleet = SimFleet()
     config = fleet.write_coordinator(
         tmp_path / "coordinator",
-        port=_closed_port(),
+        port=free_port(),
         length=M,
         overrides={
             "fleet": {"revocations_file": "revocations.bin"},
@@ -238,7 +232,7 @@ def test_run_refuses_an_http_port_in_use(
         port = busy.getsockname()[1]
         config = SimFleet().write_coordinator(
             tmp_path / "coordinator",
-            port=_closed_port(),
+            port=free_port(),
             length=M,
             overrides={
                 "http": {"enabled": True, "host": "127.0.0.1", "port": port},

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -18,15 +17,9 @@ from maskfl.protocol.topics import Topics
 from maskfl.tools.fleet_sim import SimParticipant, start_all, stop_all, wait_for
 from maskfl.transport import MqttConfig, MqttTransport
 from tests.broker_coordinator.support import make_setup, running_coordinator, trained
-from tests.support.mosquitto import Mosquitto
+from tests.support.mosquitto import Mosquitto, free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -40,7 +33,7 @@ def _get(port: int, path: str) -> tuple[int, str]:
 async def test_http_endpoints_and_cli(
     tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    port = _free_port()
+    port = free_port()
     setup = make_setup(
         tmp_path,
         mosquitto.port,
@@ -113,7 +106,7 @@ async def test_http_endpoints_and_cli(
 
 async def test_http_answers_while_the_broker_is_down(tmp_path: Path) -> None:
     """/healthz is the process, /readyz the broker link: a down broker is not a dead process."""
-    port = _free_port()
+    port = free_port()
     broker = Mosquitto(tmp_path / "broker")  # not started yet
     setup = make_setup(
         tmp_path,

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,12 @@ from maskfl.protocol.masking import EvalCounts
 from maskfl.protocol.topics import Topics
 from maskfl.tools.fleet_sim import Behaviour, SimParticipant, start_all, stop_all, wait_for
 from tests.broker_coordinator.support import make_setup, running_coordinator
-from tests.support.mosquitto import Mosquitto
+from tests.support.mosquitto import Mosquitto, free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(180)]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _browser() -> Any:
@@ -130,7 +123,7 @@ def _look(
 async def test_status_page_shows_a_live_fleet(
     tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    port = _free_port()
+    port = free_port()
     n = 6
     setup = make_setup(
         tmp_path,

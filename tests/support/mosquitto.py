@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,22 +16,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+# One way to find the binary and a free port, for tests, demo and benchmarks alike.
+from maskfl.tools._demo_fleet import find_mosquitto, free_port
 
-def find_mosquitto() -> str:
-    """The mosquitto binary: on PATH or in /usr/sbin (Debian puts it there)."""
-    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
-    if found is None:
-        raise RuntimeError(
-            "mosquitto is not installed: run `make test` (it installs it)"
-            " or apt-get install mosquitto"
-        )
-    return found
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["Mosquitto", "find_mosquitto", "free_port"]
 
 
 class Mosquitto:
