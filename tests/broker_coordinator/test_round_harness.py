@@ -211,3 +211,27 @@ async def test_a_new_coordinator_resumes_the_round_from_the_store(tmp_path) -> N
         assert model.round_id == 1 and dict(model.metrics)["sum2"] == 3
         check_mean(h, updaters, model)
         assert all(reasons(p) == [None] * len(p.receipts) for p in h.participants)
+
+
+async def test_a_failed_round_says_why_in_words(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two of the three required updates by time_max: the round fails, and the status,
+    the round's record and the log say so in words (not an exception's name)."""
+    window = {"count_min": 3, "count_max": 3, "time_min_s": 0.0, "time_max_s": 3.0}
+    async with harness(tmp_path, summers=1, updaters=3, pet={"update": window}) as h:
+        late = h.setup.updaters[2].device_id
+        summers, updaters = h.fleet({late: Behaviour(update_gate=asyncio.Event())})
+        await h.start(summers + updaters)
+        coordinator = await h.start_coordinator()
+        await h.until(lambda: all(p.receipts for p in updaters[:2]), "two updates' receipts")
+        h.advance(3.0)
+        await h.finished()  # failure -> idle -> max_rounds reached
+        status = coordinator.status()
+        async with Store.open(tmp_path / "coordinator" / "state" / "coordinator.db") as store:
+            record = await store.get_round(1)
+    words = "only 2 of the 3 required updates arrived"
+    assert status["rounds_failed"] == 1 and status["last_failure"]["round_id"] == 1
+    reason = status["last_failure"]["reason"]
+    assert reason == f"{words} (update phase: 2 of at least 3 messages in 3 s)"
+    assert record is not None and record.outcome == "failed" and record.detail == reason
+    logged = [r.getMessage() for r in caplog.records if "round 1 failed" in r.getMessage()]
+    assert logged == [f"round 1 failed: {reason}"]
