@@ -56,12 +56,14 @@ def make_setup(
     pet: dict[str, Any] | None = None,
     extra: dict[str, dict[str, Any]] | None = None,
     length: int = M,
+    initial: np.ndarray | None = None,
     fleet_id: str = "simfleet",
     groups: int = 1,
     fill: int | None = None,
 ) -> Setup:
     fleet = SimFleet(fleet_id)
-    initial = np.linspace(-0.1, 0.1, length).astype(np.float32)
+    if initial is None:
+        initial = np.linspace(-0.1, 0.1, length).astype(np.float32)
     seed1 = first_round_seed(bytes(32), initial)
     s, u = fleet.identities_for_roles(
         seed1,

@@ -26,6 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maskfl.agent.config import load_config as load_agent_config
+from maskfl.agent.daemon import Agent
+from maskfl.agent.identity import load_identity
+from maskfl.agent.state import Journal
 from maskfl.broker_coordinator.config import load_config
 from maskfl.broker_coordinator.service import Coordinator
 from maskfl.protocol.identity import Identity
@@ -192,6 +196,23 @@ class Harness:
                 b.delta = fixed_delta(k)
             updaters.append(self.participant(i, b))
         return summers, updaters
+
+    @contextlib.asynccontextmanager
+    async def agent(self, config_path: Path) -> AsyncIterator[Agent]:
+        """A real :class:`Agent` (its journal, its learner) on this broker and clock."""
+        config = load_agent_config(config_path)
+        identity = load_identity(config.device, now=self.clock())
+        async with Journal.open(config.state.database) as journal:
+            agent = Agent(
+                config, identity, journal, transport_factory=self._transport, clock=self.clock
+            )
+            task = asyncio.create_task(agent.run(), name=f"agent {config.device.id}")
+            try:
+                yield agent
+            finally:
+                agent.request_stop()
+                async with asyncio.timeout(15):
+                    await task
 
     async def start(self, participants: list[SimParticipant]) -> None:
         await asyncio.gather(*(p.start() for p in participants))
