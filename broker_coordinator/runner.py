@@ -334,7 +334,10 @@ class Runner:
             verdict = self._verdict(phase, timer)
             if verdict is Verdict.OPEN:
                 s.changed.clear()
-                wait = max(0.0, min(timer.wake_at() - s.clock(), _MAX_WAIT_S))
+                wake = (
+                    timer.wake_at() if phase.ready() else timer.opened_at + timer.window.time_max_s
+                )
+                wait = max(0.0, min(wake - s.clock(), _MAX_WAIT_S))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(s.changed.wait(), wait)
                 continue
@@ -370,9 +373,15 @@ class Runner:
                 return nxt
 
     def _verdict(self, phase: MessagePhase, timer: PhaseTimer) -> Verdict:
-        verdict = timer.decide(self.s.clock())
+        now = self.s.clock()
+        verdict = timer.decide(now)
         if verdict is Verdict.OPEN and phase.complete() and timer.count >= timer.window.count_min:
             return Verdict.CLOSE
+        if verdict is Verdict.CLOSE and not timer.full and not phase.ready():
+            # Enough messages, but not the right ones yet (sum2: a mask group without
+            # an answer): keep waiting until time_max, then close and let the phase
+            # that needs them say what is missing.
+            return Verdict.CLOSE if timer.elapsed(now) >= timer.window.time_max_s else Verdict.OPEN
         return verdict
 
     async def _leave_message_phase(self) -> None:

@@ -73,6 +73,12 @@ class MessagePhase(ABC):
         """True when nothing more can usefully arrive (e.g. every summer answered)."""
         return False
 
+    def ready(self) -> bool:
+        """False while the phase must not close at ``time_min`` although ``count_min``
+        messages are in (sum2: a mask group has not answered yet); it then waits for
+        more until ``time_max``."""
+        return True
+
     @abstractmethod
     async def close(self) -> Phase:
         """Prepare the phase's outputs in ``state.record`` and return the next phase.

@@ -3,7 +3,9 @@
 Accepts ``SUM2`` from the round's accepted summers, once each, with M + 1 words
 and a list of update digests whose seed did not open (each must name an
 accepted update). The window's ``count_max`` is narrowed to the number of
-summers, so the phase closes as soon as every summer has answered.
+summers, so the phase closes as soon as every summer has answered. With mask
+groups it does not close at ``time_min`` before every group has answered (it
+waits until ``time_max``).
 """
 
 from __future__ import annotations
@@ -110,6 +112,14 @@ class Sum2Phase(MessagePhase):
 
     def complete(self) -> bool:
         return len(self.state.sum2) >= len(self.state.summers)
+
+    def ready(self) -> bool:
+        """Every mask group has at least one answer (the unmask needs one mask per group)."""
+        params, state = self.state.params, self.state
+        if params.groups == 1:
+            return True
+        answered = {params.group_of(state.summers[d].public_key) for d in state.sum2}
+        return len(answered) == params.groups
 
     async def close(self) -> Phase:
         return Phase.UNMASK

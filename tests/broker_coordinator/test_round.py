@@ -302,18 +302,22 @@ def test_shortfall_reasons() -> None:
 
 async def test_round_with_two_mask_groups(tmp_path, mosquitto: Mosquitto) -> None:
     """g = 2 over a real broker: every updater seals one seed per group, each group's
-    summers return their group's mask (one of group 1 drops out), and the coordinator
-    unmasks with one agreed mask per group."""
+    summers return their group's mask (one of group 1 drops out, the other answers
+    late: sum2 waits past time_min for a group without an answer), and the
+    coordinator unmasks with one agreed mask per group."""
     setup = make_setup(
         tmp_path,
         mosquitto.port,
         summers=4,
         updaters=4,
         groups=2,
-        pet={"sum2": {"count_min": 3, "count_max": 4, "time_min_s": 1.0}},
+        pet={"sum2": {"count_min": 2, "count_max": 4, "time_min_s": 0.2}},
     )
     s = setup.summers  # summer i is in group i % 2
-    behaviours = {s[3].device_id: Behaviour(skip_sum2=True)}
+    behaviours = {
+        s[1].device_id: Behaviour(sum2_delay_s=2.5),
+        s[3].device_id: Behaviour(skip_sum2=True),
+    }
     parts = _participants(setup, mosquitto.host, mosquitto.port, behaviours)
     await start_all(parts)
     try:
