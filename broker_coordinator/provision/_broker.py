@@ -106,7 +106,9 @@ def render_mosquitto_conf(
     if dev_port:
         lines += [
             "",
-            "# DEVELOPMENT ONLY: plain, anonymous, unrestricted, loopback only.",
+            "# DEVELOPMENT ONLY: plain, anonymous, unrestricted, loopback only. No ACL and",
+            "# no client id binding: a client here may take any client id, the coordinator's",
+            "# included, and so take over its session.",
             f"listener {dev_port} 127.0.0.1",
             "protocol mqtt",
             "allow_anonymous true",

@@ -225,6 +225,20 @@ def test_development_listener_is_plain_and_loopback_only_when_asked(tmp_path: Pa
         # The TLS listener still wants a client certificate.
         ca = tmp_path / "fleet" / "coordinator" / "broker-ca.pem"
         assert not broker.client("nobody", ca, None, None).connect()
+        # The documented limit (threat model, operations guide): client ids are not
+        # bound here, so a plain client takes over the coordinator's TLS session.
+        coordinator = broker.coordinator()
+        assert coordinator.connect()
+        intruder = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="coordinator", protocol=mqtt.MQTTv5
+        )
+        assert intruder.connect("127.0.0.1", dev_port) == mqtt.MQTT_ERR_SUCCESS
+        intruder.loop_start()
+        try:
+            assert coordinator.disconnected.wait(10), "the coordinator kept its link"
+        finally:
+            intruder.disconnect()
+            intruder.loop_stop()
     finally:
         plain.disconnect()
         plain.loop_stop()
