@@ -45,7 +45,7 @@ from maskfl.agent.graphs import NOT_STATED, GraphGate
 from maskfl.agent.guards import Guards
 from maskfl.agent.identity import DeviceIdentity, load_identity
 from maskfl.agent.learning import Learner, LiteRTLearner
-from maskfl.agent.rounds import RoundContext, RoundDriver
+from maskfl.agent.rounds import Outcome, RoundContext, RoundDriver, classify_receipt
 from maskfl.agent.sdnotify import Notifier
 from maskfl.agent.state import Journal, OutboxStatus
 from maskfl.protocol.chunking import Reassembler, is_chunk, split_payload
@@ -782,7 +782,11 @@ class Agent:
         if driver is not None and driver.round_id == entry.round_id:
             driver.offer_receipt(entry.kind, receipt)
         elif entry.status is OutboxStatus.PENDING:
-            status = OutboxStatus.ACCEPTED if receipt.accepted else OutboxStatus.REJECTED
+            # A round we left: journal the answer as the round's driver would have.
+            outcome = classify_receipt(receipt, repeated=entry.attempts > 1)
+            if outcome is Outcome.AMBIGUOUS:
+                return
+            status = OutboxStatus.REJECTED if outcome is Outcome.REJECTED else OutboxStatus.ACCEPTED
             await self.journal.mark_receipt(
                 entry.round_id, entry.kind, status, str(receipt.reason or "")
             )

@@ -69,7 +69,7 @@ from maskfl.protocol.messages import (
 from maskfl.protocol.sortition import Task, select_task
 from maskfl.protocol.topics import Topics
 
-__all__ = ["Outcome", "RoundContext", "RoundDriver"]
+__all__ = ["Outcome", "RoundContext", "RoundDriver", "classify_receipt"]
 
 log = logging.getLogger("maskfl.agent.round")
 
@@ -559,7 +559,7 @@ class RoundDriver:
                         limits.receipt_timeout_s,
                     )
                     continue
-            outcome = _classify(receipt, repeated=attempts + sent_before > 1)
+            outcome = classify_receipt(receipt, repeated=attempts + sent_before > 1)
             status = OutboxStatus.REJECTED if outcome is Outcome.REJECTED else OutboxStatus.ACCEPTED
             if outcome is not Outcome.AMBIGUOUS:
                 await journal.mark_receipt(self.round_id, kind, status, str(receipt.reason or ""))
@@ -568,7 +568,10 @@ class RoundDriver:
             return outcome, receipt
 
 
-def _classify(receipt: Receipt, *, repeated: bool) -> Outcome:
+def classify_receipt(receipt: Receipt, *, repeated: bool) -> Outcome:
+    """What a receipt says about the message it answers: ``duplicate`` means the
+    message counted (a redelivery after a coordinator crash, in whatever phase or
+    round); a late-phase rejection of a *repeated* send proves nothing."""
     if receipt.accepted or receipt.reason is Reason.DUPLICATE:
         return Outcome.ACCEPTED
     if repeated and receipt.reason in _AMBIGUOUS_ON_REPEAT:

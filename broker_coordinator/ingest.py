@@ -85,6 +85,9 @@ _TOPIC_TYPES = {
 }
 _LATE = frozenset({Reason.WRONG_ROUND, Reason.PHASE_CLOSED, Reason.WRONG_PHASE})
 """Reasons that a redelivery of an already accepted message would get (see _already_accepted)."""
+_LAPSED = frozenset({Reason.REVOKED, Reason.EXPIRED})
+"""Certificate reasons that may have come about after a message was accepted: a
+redelivery of it is still answered ``duplicate`` (see _already_accepted)."""
 _ADMITTED_MAX_BYTES = 256 << 20
 """Payload bytes admitted and waiting for their group commit, at most (one message
 always passes): part of the coordinator's fixed memory, see :meth:`Ingest._room_for`."""
@@ -529,7 +532,12 @@ class Ingest:
             raise RemoteProtocolError(
                 Reason.DUPLICATE, "this message was already accepted (it counts once)"
             )
-        cert = s.enrollment.verify(signed, now)
+        try:
+            cert = s.enrollment.verify(signed, now)
+        except RemoteProtocolError as exc:
+            if exc.reason in _LAPSED:  # since it counted: still a duplicate, not a rejection
+                await self._already_accepted(signed)
+            raise
         if cert.subject != device:
             raise RemoteProtocolError(
                 Reason.UNENROLLED,

@@ -23,7 +23,7 @@ from maskfl.agent.daemon import Agent
 from maskfl.agent.datasources import load_dataset
 from maskfl.agent.identity import load_identity
 from maskfl.agent.learning import holdout_split
-from maskfl.agent.state import Journal, Step, TaskKind
+from maskfl.agent.state import Journal, OutboxEntry, OutboxStatus, Step, TaskKind
 from maskfl.agent.training import LocalTrainer
 from maskfl.models import shipped_model
 from maskfl.protocol.crypto import digest, new_seed, open_seed, seal_seed
@@ -188,6 +188,36 @@ async def test_rejected_update_is_not_retried(fleet: Fleet, mosquitto: Mosquitto
         assert state is not None and "phase_closed" in state.detail
         with pytest.raises(asyncio.TimeoutError):
             await coord.expect(TopicKind.UPDATE, wait_s=1.5)
+
+
+async def test_a_late_duplicate_receipt_is_journaled_as_accepted(
+    fleet: Fleet, mosquitto: Mosquitto
+) -> None:
+    """After a coordinator crash, a redelivered message that already counted is
+    answered ``duplicate`` (issue 10 item 4), perhaps once the device has moved on
+    to a later round and before the stored ``accepted`` receipt comes back. The
+    journal must record the message as accepted, not as rejected (it was: status
+    rejected, reason duplicate, and the accepted receipt after it was ignored)."""
+    config_path = fleet.device("dev-l", mosquitto)
+    async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
+        await coord.start_round(2, p_sum=0.0, p_update=1.0, weights=mlp_weights())
+        await coord.publish_sums(2, [summer_entry(fleet, "summer-0", 2)[3]])
+        update = await coord.expect(TopicKind.UPDATE)
+        await coord.start_round(3, p_sum=0.0, p_update=0.0, weights=mlp_weights())
+        await wait_step(agent, 2, Step.SAT_OUT)  # round 2 is left, its update unanswered
+        entry = await agent.journal.outbox(2, "update")
+        assert entry is not None and entry.status is OutboxStatus.PENDING
+        await coord.receipt("dev-l", update, accepted=False, reason=Reason.DUPLICATE)
+
+        async def answered() -> OutboxEntry:
+            while True:
+                entry = await agent.journal.outbox(2, "update")
+                if entry is not None and entry.status is not OutboxStatus.PENDING:
+                    return entry
+                await asyncio.sleep(0.05)
+
+        entry = await asyncio.wait_for(answered(), 20)
+        assert entry.status is OutboxStatus.ACCEPTED, entry
 
 
 async def test_guards_make_an_updater_sit_out(fleet: Fleet, mosquitto: Mosquitto) -> None:

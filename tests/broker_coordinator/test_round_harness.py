@@ -235,3 +235,39 @@ async def test_a_failed_round_says_why_in_words(tmp_path, caplog: pytest.LogCapt
     assert record is not None and record.outcome == "failed" and record.detail == reason
     logged = [r.getMessage() for r in caplog.records if "round 1 failed" in r.getMessage()]
     assert logged == [f"round 1 failed: {reason}"]
+
+
+async def test_a_message_that_counted_is_answered_duplicate_after_its_sender_is_revoked(
+    tmp_path,
+) -> None:
+    """Issue 10 item 4: a redelivery of a message the coordinator committed gets its
+    original outcome in any later phase or round, never a rejection. Here the device
+    is revoked after its update counted (an operator's revoke while the coordinator
+    was down) and the broker redelivers the update after the round: the answer is
+    ``duplicate``, not ``revoked``."""
+    async with harness(
+        tmp_path,
+        summers=2,
+        updaters=3,
+        pet={"max_rounds": 2},
+        extra={"fleet": {"revocations_file": "revocations.bin"}},
+    ) as h:
+        summers, updaters = h.fleet()
+        await h.start(summers + updaters)
+        await h.start_coordinator()
+        await h.until(lambda: all(trained(p) for p in h.participants), "the global model")
+        assert h.coordinator is not None and h.coordinator.runner is not None
+        runner = h.coordinator.runner
+        await h.until(lambda: runner.state is not None and runner.state.round_id == 2, "round 2")
+        first = updaters[0]
+        assert reasons(first) == [None]
+        path = h.setup.config_path.parent / "revocations.bin"
+        h.setup.fleet.revocations(path, [first.identity.certificate.serial], 1)
+        assert h.coordinator.services is not None
+        assert h.coordinator.services.enrollment.reload_if_changed()
+        sent = [m for m in first.transport.published if "/update/" in m.topic]
+        assert sent
+        for m in sent:  # the broker's redelivery: the same signed bytes again
+            await first.transport.publish(m.topic, m.payload, qos=1)
+        await h.until(lambda: len(first.receipts) == 2, "the redelivery's receipt")
+        assert reasons(first) == [None, "duplicate"], first.receipts[-1]
