@@ -129,6 +129,23 @@ async def test_retained_messages(pair: tuple[MqttTransport, MqttTransport]) -> N
     ]
 
 
+async def test_large_publishes_arrive_intact(mosquitto: Mosquitto) -> None:
+    """Payloads from 1 MiB on are written from a memoryview (paho copied the unsent rest of
+    the packet at every partial write): every byte must still arrive, in order."""
+    big = bytes(range(256)) * (24 * 1024 + 7)  # 6 MB, not a multiple of any buffer
+    async with (
+        MqttTransport(config(mosquitto, client_id="pub")) as pub,
+        MqttTransport(config(mosquitto, client_id="sub", max_incoming_payload=8 << 20)) as sub,
+    ):
+        await sub.subscribe(["big/#", "end"])
+        await asyncio.gather(
+            pub.publish("big/a", big, retain=True), pub.publish("big/b", big[::-1])
+        )
+        await pub.publish("end", b"")
+        got = await recv_until(sub, "end")
+    assert sorted((m.topic, m.payload) for m in got[:-1]) == [("big/a", big), ("big/b", big[::-1])]
+
+
 async def test_manual_ack_redelivers_only_unacked_messages(mosquitto: Mosquitto) -> None:
     coordinator = config(
         mosquitto,
