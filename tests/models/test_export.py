@@ -23,7 +23,7 @@ from maskfl.broker_coordinator.cli import main as coordinator
 from maskfl.models import graph_with_weights, model_path, shipped_model
 from maskfl.protocol.errors import ConfigError
 from tests.broker_coordinator.provision.conftest import provision
-from tests.broker_coordinator.test_cli import _closed_port
+from tests.support.mosquitto import free_port
 
 interpreter = pytest.importorskip("ai_edge_litert.interpreter")
 
@@ -66,7 +66,7 @@ def test_models_export_tflite_from_the_registry(
         "--coordinator-host",
         "localhost",
         "--port",
-        str(_closed_port()),
+        str(free_port()),
         "--coordinator-state-dir",
         str(tmp_path / "state"),
     )
