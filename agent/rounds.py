@@ -35,7 +35,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -46,12 +45,12 @@ from maskfl.agent.identity import DeviceIdentity
 from maskfl.agent.learning import Learner, TrainResult
 from maskfl.agent.state import Journal, OutboxEntry, OutboxStatus, RoundState, Step, TaskKind
 from maskfl.protocol.crypto import EphemeralKeyPair, digest, new_seed, open_seed, seal_seed
+from maskfl.protocol.dp import masked_update
 from maskfl.protocol.errors import CryptoError, MaskflError, Reason
 from maskfl.protocol.masking import (
     NO_EVALUATION,
     EvalCounts,
     aggregate_mask,
-    mask_update,
     update_words,
 )
 from maskfl.protocol.messages import (
@@ -450,11 +449,7 @@ class RoundDriver:
         # no one summer can remove this update's mask (the sum of the g sub-masks).
         seeds = [new_seed() for _ in range(p.groups)]
         words = await asyncio.to_thread(
-            partial(mask_update, evaluation=result.evaluation),
-            result.delta,
-            weight,
-            seeds,
-            p.mask,
+            masked_update, p, result.delta, weight, seeds, result.evaluation
         )
         sealed = {
             s.certificate.public_key: seal_seed(

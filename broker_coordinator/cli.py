@@ -35,6 +35,7 @@ import numpy as np
 from maskfl.broker_coordinator.config import CoordinatorConfig, check_files, load_config
 from maskfl.broker_coordinator.enrollment import Enrollment
 from maskfl.broker_coordinator.fleetview import device_table
+from maskfl.broker_coordinator.privacy import describe_status, privacy_status
 from maskfl.broker_coordinator.service import (
     Coordinator,
     initial_weights,
@@ -333,6 +334,12 @@ async def _status(config: CoordinatorConfig, as_json: bool) -> None:
         "model": None
         if latest is None
         else {"id": latest.model_id, "version": latest.version, "digest": latest.digest.hex()},
+        "privacy": privacy_status(
+            config.privacy.dp,
+            config.privacy.delta,
+            config.privacy.budget,
+            {} if latest is None else latest.metrics,
+        ),
         "rounds": [
             {
                 "round_id": r.round_id,
@@ -352,6 +359,7 @@ async def _status(config: CoordinatorConfig, as_json: bool) -> None:
     print(f"fleet {data['fleet']}: {devices} devices seen")
     if latest is not None:
         print(f"model {latest.model_id} v{latest.version} digest {latest.digest.hex()[:16]}")
+    print(describe_status(data["privacy"]))
     for r in data["rounds"]:
         outcome = r["outcome"] or f"in progress ({r['phase']})"
         extra = f": {r['detail']}" if r["detail"] else ""

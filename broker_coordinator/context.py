@@ -25,6 +25,7 @@ from maskfl.broker_coordinator.enrollment import Enrollment
 from maskfl.broker_coordinator.liveness import Liveness
 from maskfl.broker_coordinator.metrics import Metrics
 from maskfl.broker_coordinator.optimizers import ServerOptimizer
+from maskfl.broker_coordinator.privacy import Accountant, DpPlan
 from maskfl.broker_coordinator.store import (
     CheckpointFiles,
     RoundRecord,
@@ -134,6 +135,9 @@ class Services:
     model: ModelState
     graph: bytes | None = None
     graph_digest: bytes = bytes(32)
+    dp: DpPlan | None = None
+    """The differential-privacy plan; None with ``privacy.dp = "off"``."""
+    accountant: Accountant | None = None
     clock: Callable[[], float] = time.time
     liveness: Liveness = field(init=False)
     changed: asyncio.Event = field(default_factory=asyncio.Event)

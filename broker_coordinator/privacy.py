@@ -22,15 +22,29 @@ sample is not secret from the adversary, which amplification requires.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from maskfl.protocol.dp import TAIL_PROBABILITY, noise_tail
 from maskfl.protocol.errors import ConfigError
+from maskfl.protocol.masking import MaskConfig
 
-__all__ = ["MAX_NOISE_MULTIPLIER", "Accountant", "round_rho", "updater_variance"]
+__all__ = [
+    "MAX_NOISE_MULTIPLIER",
+    "Accountant",
+    "DpPlan",
+    "aggregate_noise_bound",
+    "describe_status",
+    "noise_multiplier_for",
+    "plan",
+    "privacy_status",
+    "round_rho",
+    "updater_variance",
+]
 
 MAX_NOISE_MULTIPLIER: Final = 1e4
 
@@ -100,3 +114,115 @@ class Accountant:
     def would_exceed(self, rho: float, budget: float) -> bool:
         """Whether one more round of ``rho`` would take the cumulative epsilon past ``budget``."""
         return self.epsilon(self.rho + rho, self.rounds + 1) > budget
+
+
+@dataclass(frozen=True, slots=True)
+class DpPlan:
+    """What every round of a DP coordinator publishes and spends."""
+
+    clip_norm: float
+    noise_multiplier: float
+    variance: int
+    """Per-updater integer variance ``v`` (RoundParams.noise_variance)."""
+    n_min: int
+    elements: int
+    rho: float
+    """zCDP of one round."""
+    delta: float
+    budget: float | None
+
+    def describe(self) -> str:
+        return (
+            f"distributed discrete Gaussian, noise multiplier {self.noise_multiplier:.4g}, "
+            f"clip norm {self.clip_norm:g}, {self.n_min} honest updaters, per-updater "
+            f"variance {self.variance}, epsilon {_epsilon(self.rho, 1, self.delta):.4g} per "
+            f"round at delta {self.delta:g}"
+            + (f", budget {self.budget:g}" if self.budget is not None else ", no budget")
+        )
+
+
+def aggregate_noise_bound(
+    noise_multiplier: float, clip_norm: float, n_min: int, n_max: int, elements: int
+) -> float:
+    """``T`` for :class:`MaskConfig`: the aggregate noise of up to ``n_max`` updaters,
+    each of variance ``(z C)^2 / n_min`` in delta units, bounded at :data:`TAIL_PROBABILITY`."""
+    sigma = noise_multiplier * clip_norm
+    # The per-updater variance is rounded up to an integer: at most 1 more encoded unit^2,
+    # which the 1 % margin covers for any scale at which DP is meaningful.
+    return 1.01 * noise_tail(sigma * sigma * n_max / n_min, elements, TAIL_PROBABILITY)
+
+
+def plan(
+    *,
+    noise_multiplier: float | None,
+    epsilon_target: float | None,
+    delta: float,
+    clip_norm: float,
+    budget: float | None,
+    n_min: int,
+    elements: int,
+    make_mask: Callable[[float], MaskConfig],
+) -> tuple[MaskConfig, DpPlan]:
+    """The mask config (its noise bound included) and the DP plan of a coordinator.
+
+    ``make_mask(noise)`` builds the mask config for a noise bound (the word size
+    choice, ``auto`` or fixed, is the caller's). With ``epsilon_target`` the noise
+    multiplier is the smallest whose round costs at most that epsilon, the
+    rounding term of the sensitivity included.
+    """
+    if noise_multiplier is None:
+        if epsilon_target is None:
+            noise_multiplier = 1.0
+        else:
+            noise_multiplier = noise_multiplier_for(epsilon_target, delta)
+    n_max = make_mask(0.0).n_max
+    for _ in range(3):
+        bound = aggregate_noise_bound(noise_multiplier, clip_norm, n_min, n_max, elements)
+        mask = make_mask(bound)
+        variance = updater_variance(noise_multiplier, clip_norm, mask.scale, n_min)
+        rho = round_rho(variance, clip_norm, mask.scale, n_min, elements)
+        if epsilon_target is None or _epsilon(rho, 1, delta) <= epsilon_target:
+            break
+        # Rounding adds sqrt(d)/2 encoded units to the sensitivity: raise the noise by as much.
+        noise_multiplier *= 1 + math.sqrt(elements) / (2 * clip_norm * mask.scale) + 1e-9
+    return mask, DpPlan(clip_norm, noise_multiplier, variance, n_min, elements, rho, delta, budget)
+
+
+def privacy_status(
+    dp: str, delta: float, budget: float | None, metrics: Mapping[str, float]
+) -> dict[str, Any]:
+    """The privacy block of /status and ``maskfl-coordinator status``, from the config
+    and the latest model's metrics (which carry the cumulative spend)."""
+    if dp == "off":
+        return {"dp": "off"}
+    acc = Accountant(
+        delta=delta,
+        rho=float(metrics.get("dp_rho_total", 0.0)),
+        rounds=int(metrics.get("dp_rounds", 0)),
+    )
+    rho_round = metrics.get("dp_rho_round")
+    return {
+        "dp": dp,
+        "epsilon": acc.epsilon(),
+        "delta": delta,
+        "epsilon_round": None if rho_round is None else acc.epsilon(float(rho_round), 1),
+        "rounds": acc.rounds,
+        "budget": budget,
+        "budget_spent": budget is not None
+        and rho_round is not None
+        and acc.would_exceed(float(rho_round), budget),
+    }
+
+
+def describe_status(status: Mapping[str, Any]) -> str:
+    """One line for ``maskfl-coordinator status``."""
+    if status.get("dp") == "off":
+        return "differential privacy: off"
+    budget = status.get("budget")
+    tail = "no budget" if budget is None else f"budget {budget:g}"
+    if status.get("budget_spent"):
+        tail += ", spent: training stopped"
+    return (
+        f"differential privacy: epsilon {status['epsilon']:.4g} at delta {status['delta']:g} "
+        f"after {status['rounds']} rounds ({tail})"
+    )

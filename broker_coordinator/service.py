@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from maskfl.broker_coordinator.ingest import Ingest
 from maskfl.broker_coordinator.metrics import Metrics
 from maskfl.broker_coordinator.optimizers import ServerOptimizer
 from maskfl.broker_coordinator.outbox import Outbox
+from maskfl.broker_coordinator.privacy import Accountant, DpPlan, plan, privacy_status
 from maskfl.broker_coordinator.runner import Runner
 from maskfl.broker_coordinator.store import CheckpointFiles, ModelRecord, Store, UpdateLog
 from maskfl.protocol.errors import ConfigError, MaskflError, Reason, TransportError
@@ -89,13 +90,36 @@ _RESTART_PAUSE_S = 2.0
 
 
 def mask_config(config: CoordinatorConfig) -> MaskConfig:
+    return mask_and_dp(config)[0]
+
+
+def mask_and_dp(config: CoordinatorConfig) -> tuple[MaskConfig, DpPlan | None]:
+    """The round's mask config and, with ``privacy.dp = "distributed"``, its DP plan:
+    the aggregate noise bound widens the encoding (``word_bits = "auto"`` picks 64
+    bits when 32 would be too coarse with it)."""
     m = config.masking
-    try:
-        if m.word_bits == "auto":
-            return MaskConfig.for_tolerance(m.bound, m.n_max, m.tolerance)
-        return MaskConfig(m.bound, m.n_max, m.word_bits)
-    except ConfigError as exc:
-        raise ConfigError(f"masking.{exc.field or 'n_max'}: {exc}", field="masking") from exc
+
+    def make(noise: float) -> MaskConfig:
+        try:
+            if m.word_bits == "auto":
+                return MaskConfig.for_tolerance(m.bound, m.n_max, m.tolerance, noise)
+            return MaskConfig(m.bound, m.n_max, m.word_bits, noise)
+        except ConfigError as exc:
+            raise ConfigError(f"masking.{exc.field or 'n_max'}: {exc}", field="masking") from exc
+
+    p = config.privacy
+    if p.dp == "off":
+        return make(0.0), None
+    return plan(
+        noise_multiplier=p.noise_multiplier,
+        epsilon_target=p.epsilon_target,
+        delta=p.delta,
+        clip_norm=p.clip_norm,
+        budget=p.budget,
+        n_min=p.min_updates,
+        elements=config.model.length,
+        make_mask=make,
+    )
 
 
 def _read(path: Path, field: str) -> bytes:
@@ -302,6 +326,7 @@ class Coordinator:
                 backend=s.backend.description,
                 word_bits=s.mask.word_bits,
                 resolution=s.mask.resolution,
+                privacy=self._privacy(s),
             )
         if self.transport is not None:
             st = self.transport.stats
@@ -428,7 +453,7 @@ class Coordinator:
         stop = stop or asyncio.Event()
         config = self.config
         ca, key, cert = load_identity(config)
-        mask = mask_config(config)
+        mask, dp = mask_and_dp(config)
         backend = select_backend(config.aggregation.backend)
         log.info(
             "masking: %d-bit words, bound %g, n_max %d, resolution %.3g; aggregation: %s",
@@ -438,6 +463,7 @@ class Coordinator:
             mask.resolution,
             backend.description,
         )
+        log.info("differential privacy: %s", "off" if dp is None else dp.describe())
         weights0 = initial_weights(config)
         graph = model_graph(config)
         state_dir = config.storage.dir
@@ -466,6 +492,8 @@ class Coordinator:
                     await store.collect_model_files()
                     optimizer = ServerOptimizer(config.optimizer)
                     model = await self._load_model(store, weights0, optimizer)
+                    latest = await store.latest_model(model.model_id)
+                    model_metrics = {} if latest is None else dict(latest.metrics)
                     self.metrics.model_version.set(model.version)
                     transport = await self._connect(stop)
                     self.transport = transport
@@ -488,6 +516,8 @@ class Coordinator:
                         graph=graph,
                         graph_digest=hashlib.sha256(graph).digest() if graph else bytes(32),
                         clock=self.clock,
+                        dp=dp,
+                        accountant=self._accountant(dp, model_metrics),
                     )
                     self.services = services
                     try:
@@ -500,6 +530,42 @@ class Coordinator:
         finally:
             if self.http is not None:
                 await self.http.stop()
+
+    @staticmethod
+    def _privacy(s: Services) -> dict[str, Any]:
+        p = s.config.privacy
+        if s.accountant is None or s.dp is None:
+            return privacy_status(p.dp, p.delta, p.budget, {})
+        acc = s.accountant
+        metrics = {
+            "dp_rho_total": acc.rho,
+            "dp_rho_round": s.dp.rho,
+            "dp_rounds": float(acc.rounds),
+        }
+        out = privacy_status(p.dp, p.delta, p.budget, metrics)
+        out["noise_multiplier"] = s.dp.noise_multiplier
+        out["clip_norm"] = s.dp.clip_norm
+        return out
+
+    @staticmethod
+    def _accountant(dp: DpPlan | None, metrics: Mapping[str, float]) -> Accountant | None:
+        """The accountant, resumed from the latest model's metrics (the cumulative rho
+        and round count every DP model carries), so a restart forgets no round."""
+        if dp is None:
+            return None
+        acc = Accountant(
+            delta=dp.delta,
+            rho=float(metrics.get("dp_rho_total", 0.0)),
+            rounds=int(metrics.get("dp_rounds", 0)),
+        )
+        if acc.rounds:
+            log.info(
+                "privacy spent so far: epsilon %.4g at delta %g over %d rounds",
+                acc.epsilon(),
+                acc.delta,
+                acc.rounds,
+            )
+        return acc
 
     async def _load_model(
         self, store: Store, weights0: npt.NDArray[np.float32], optimizer: ServerOptimizer

@@ -5,7 +5,7 @@ ICML 2021): every updater adds to its encoded integer vector an independent
 discrete Gaussian ``N_Z(0, sigma_i^2)`` per element, before masking, with
 ``sigma_i^2 = sigma^2 / n_min`` so that the noise in the sum of at least
 ``n_min`` honest updaters has variance at least ``sigma^2``. The coordinator
-only ever sees the noisy sum. docs/protocol.md §7.6 is the normative text.
+only ever sees the noisy sum. docs/protocol.md §7.9 is the normative text.
 
 The sampler is exact: Canonne, Kamath, Steinke, "The Discrete Gaussian for
 Differential Privacy" (NeurIPS 2020), Algorithms 1-3, in integer and
@@ -21,6 +21,7 @@ import math
 import os
 import random
 import secrets
+from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any, Final
 
@@ -28,6 +29,8 @@ import numpy as np
 import numpy.typing as npt
 
 from maskfl.protocol.errors import ConfigError
+from maskfl.protocol.masking import NO_EVALUATION, EvalCounts, Words, mask_update
+from maskfl.protocol.messages import RoundParams
 
 __all__ = [
     "TAIL_PROBABILITY",
@@ -35,13 +38,14 @@ __all__ = [
     "clip_l2",
     "discrete_gaussian",
     "discrete_gaussian_variance",
+    "masked_update",
     "noise_tail",
     "sample_discrete_gaussian",
 ]
 
 TAIL_PROBABILITY: Final = 2.0**-40
 """The probability, per round, that the aggregate noise of some element exceeds
-:func:`noise_tail` (and the sum could wrap). Stated in docs/protocol.md §7.6."""
+:func:`noise_tail` (and the sum could wrap). Stated in docs/protocol.md §7.9."""
 
 _SYSTEM_RANDOM: Final = secrets.SystemRandom()
 _URANDOM_BUFFER: Final = 1 << 16
@@ -208,3 +212,21 @@ def clip_l2(
             np.float32
         )
     return clipped, norm
+
+
+def masked_update(
+    params: RoundParams,
+    delta: npt.NDArray[np.float32],
+    weight: float,
+    seed: bytes | Sequence[bytes],
+    evaluation: EvalCounts = NO_EVALUATION,
+) -> Words:
+    """What an updater sends: :func:`~maskfl.protocol.masking.mask_update`, and with DP
+    (``params.noise_variance > 0``) the delta first clipped to L2 norm
+    ``params.clip_norm`` and this updater's exact ``N_Z(0, v)`` share added to each
+    encoded model value before the mask (docs/protocol.md §7.9)."""
+    if not params.noise_variance:
+        return mask_update(delta, weight, seed, params.mask, evaluation=evaluation)
+    clipped, _ = clip_l2(delta, params.clip_norm)
+    noise = discrete_gaussian(Fraction(params.noise_variance), delta.size)
+    return mask_update(clipped, weight, seed, params.mask, evaluation=evaluation, noise=noise)

@@ -14,9 +14,12 @@ Encoding (one update of ``M`` elements becomes ``M + 4`` words)::
                                          device's held-out data: examples, correct,
                                          rint(summed loss * Q) (see EvalCounts)
 
-with ``S = floor((2^w - 1) / (N_max * 2B))`` and ``S_w`` the same with ``B = 1``.
-Every word lies in ``[0, 2K]``, so the sum of up to ``N_max`` of them never
-wraps. The *masks* wrap, and that is the point: a masked word is uniform modulo
+with ``S = floor((2^w - 1) / (N_max * 2B + 2T))`` and ``S_w`` the same with
+``B = 1, T = 0``. ``T`` (``noise``) is 0 without differential privacy; with it,
+the bound on the aggregate noise (protocol/dp.py, docs/protocol.md §7.9), in the
+units of ``delta``. Every encoded value lies in ``[0, 2K]`` and the noise of the
+sum in ``[-T*S, T*S]`` (but for probability 2^-40), so the sum of up to ``N_max``
+updates never wraps. The *masks* wrap, and that is the point: a masked word is uniform modulo
 ``2^w`` and tells nothing about the value under it.
 
 Masking adds the ChaCha20 keystream of a 32-byte seed (RFC 8439, key = seed,
@@ -119,6 +122,8 @@ class MaskConfig:
     bound: float
     n_max: int
     word_bits: WordBits = 32
+    noise: float = 0.0
+    """``T``: the bound on the aggregate DP noise of one element, in delta units (0: none)."""
     # Derived exactly (with Fractions) once, in __post_init__.
     _scale: int = field(init=False, repr=False, compare=False)
     _offset: int = field(init=False, repr=False, compare=False)
@@ -139,8 +144,19 @@ class MaskConfig:
             raise ConfigError(
                 f"word_bits must be 32 or 64 (got {self.word_bits!r})", field="word_bits"
             )
+        if (
+            isinstance(self.noise, bool)
+            or not isinstance(self.noise, int | float)
+            or not math.isfinite(self.noise)
+            or self.noise < 0
+        ):
+            raise ConfigError(
+                f"noise must be a finite number >= 0 (got {self.noise!r})", field="noise"
+            )
         bound = Fraction(self.bound)
-        scale = math.floor(Fraction(self.modulus - 1) / (self.n_max * 2 * bound))
+        scale = math.floor(
+            Fraction(self.modulus - 1) / (self.n_max * 2 * bound + 2 * Fraction(self.noise))
+        )
         object.__setattr__(self, "_scale", scale)
         object.__setattr__(self, "_offset", math.floor(bound * scale))
         if scale < 1:
@@ -157,7 +173,9 @@ class MaskConfig:
             )
 
     @classmethod
-    def for_tolerance(cls, bound: float, n_max: int, tolerance: float) -> MaskConfig:
+    def for_tolerance(
+        cls, bound: float, n_max: int, tolerance: float, noise: float = 0.0
+    ) -> MaskConfig:
         """The cheapest word size whose resolution ``1/S`` is at most ``tolerance``.
 
         32-bit words keep a masked update as large as the float32 model; 64 bits
@@ -173,7 +191,7 @@ class MaskConfig:
         bits: WordBits
         for bits in (32, 64):
             try:
-                cfg = cls(bound, n_max, bits)
+                cfg = cls(bound, n_max, bits, noise)
             except ConfigError as exc:
                 if exc.field != "n_max" or bits == 64:
                     raise
@@ -190,7 +208,7 @@ class MaskConfig:
                 return cfg
         raise ConfigError(
             f"no word size reaches tolerance {tolerance:g} with bound {bound:g} and "
-            f"n_max {n_max}: 64-bit resolution is {cls(bound, n_max, 64).resolution:.3g}; "
+            f"n_max {n_max}: 64-bit resolution is {cls(bound, n_max, 64, noise).resolution:.3g}; "
             "raise tolerance or lower bound or n_max",
             field="tolerance",
         )
@@ -207,7 +225,8 @@ class MaskConfig:
 
     @property
     def scale(self) -> int:
-        """``S = floor((2^w - 1) / (N_max * 2B))``, exact (``B`` read as its exact binary value)."""
+        """``S = floor((2^w - 1) / (N_max * 2B + 2T))``, exact (``B``, ``T`` read as their
+        exact binary values)."""
         return self._scale
 
     @property
@@ -491,6 +510,16 @@ _ROUNDING_MAGIC: Final = 1.5 * 2.0**52
 _LOW_HALF: Final = 0 if sys.byteorder == "little" else 1
 
 
+def _check_noise(noise: npt.NDArray[np.int64] | None, m: int) -> None:
+    if noise is not None and (noise.dtype != np.int64 or noise.shape != (m,)):
+        raise LocalProtocolError(f"noise must be {m} int64 values, got {noise.dtype} {noise.shape}")
+
+
+def _add_noise(out: Words, noise: npt.NDArray[np.int64]) -> None:
+    """out += noise modulo 2^w (a negative value wraps, as two's complement)."""
+    np.add(out, noise.astype(out.dtype), out=out, casting="unsafe")
+
+
 class _Encoder:
     """Encodes one update chunk by chunk, with the constants and scratch computed once.
 
@@ -565,6 +594,7 @@ def encode_update(
     evaluation: EvalCounts = NO_EVALUATION,
     chunk_words: int = 1 << 16,
     out: Words | None = None,
+    noise: npt.NDArray[np.int64] | None = None,
 ) -> Words:
     """Encode ``clip(delta, -B, B) * weight``, the weight and the evaluation counts as
     ``M + 4`` words of ``cfg`` (:func:`update_words`).
@@ -573,10 +603,12 @@ def encode_update(
     weight outside [0, 1] or evaluation counts out of range raise
     :class:`LocalProtocolError` (infinities clip); nothing is written then.
     ``out``, if given, receives the words (for instance the payload slot of an
-    outgoing message) and is returned.
+    outgoing message) and is returned. ``noise``, if given, is ``M`` integers (the
+    updater's DP noise share, protocol/dp.py) added to the encoded values modulo ``2^w``.
     """
     _check_update(delta, weight)
     _check_no_nan(delta)
+    _check_noise(noise, delta.size)
     tail = [_encode_weight(weight, cfg), *encode_evaluation(evaluation, cfg)]
     m = delta.size
     out = _output(out, update_words(m), cfg)
@@ -585,6 +617,8 @@ def encode_update(
     for start in range(0, m, step):
         stop = min(start + step, m)
         encoder.encode(out[start:stop], delta[start:stop])
+        if noise is not None:
+            _add_noise(out[start:stop], noise[start:stop])
     out[m:] = tail
     return out
 
@@ -598,6 +632,7 @@ def mask_update(
     evaluation: EvalCounts = NO_EVALUATION,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     out: Words | None = None,
+    noise: npt.NDArray[np.int64] | None = None,
 ) -> Words:
     """``encode_update`` then ``add_mask``, fused chunk by chunk: what an updater sends.
 
@@ -614,6 +649,7 @@ def mask_update(
         _check_seed(one)
     _check_update(delta, weight)
     _check_no_nan(delta)
+    _check_noise(noise, delta.size)
     tail = [_encode_weight(weight, cfg), *encode_evaluation(evaluation, cfg)]
     bits = cfg.word_bits
     m = delta.size
@@ -633,6 +669,8 @@ def mask_update(
         enc_stop = min(stop, m)
         if enc_stop > start:
             encoder.encode(target[: enc_stop - start], delta[start:enc_stop])
+            if noise is not None:
+                _add_noise(target[: enc_stop - start], noise[start:enc_stop])
         for i in range(max(start, m), stop):
             target[i - start] = tail[i - m]
         for stream in streams:

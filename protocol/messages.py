@@ -310,6 +310,9 @@ class RoundParams:
     train on (the result of the previous round), which chains the round seed.
     ``groups`` is g, the number of mask groups (:func:`~maskfl.protocol.sortition.group_of`):
     an updater seals one fresh seed per group, each only to that group's summers.
+    ``noise_variance`` is 0 without differential privacy; with it, every updater
+    clips its delta to L2 norm ``clip_norm`` and adds ``N_Z(0, noise_variance)``
+    per model element to its encoded words before masking (docs/protocol.md §7.9).
     """
 
     TYPE: ClassVar[MessageType] = MessageType.ROUND_PARAMS
@@ -334,6 +337,9 @@ class RoundParams:
     def group_of(self, public_key: bytes) -> int:
         """The mask group of the summer with this identity key in this round."""
         return group_of(self.seed, public_key, self.groups)
+
+    clip_norm: float = 0.0
+    noise_variance: int = 0
 
     @property
     def seed_is_chained(self) -> bool:
@@ -378,6 +384,13 @@ class RoundParams:
         w.f64(self.mask.bound)
         w.u32(self.mask.n_max)
         w.u8(self.mask.word_bits)
+        if not (0.0 <= self.mask.noise < float("inf") and 0.0 <= self.clip_norm < float("inf")):
+            raise LocalProtocolError("mask noise and clip norm must be finite and >= 0")
+        if self.noise_variance and not self.clip_norm > 0:
+            raise LocalProtocolError("a round with DP noise needs a clip norm > 0")
+        w.f64(self.mask.noise)
+        w.f64(self.clip_norm)
+        w.u64(self.noise_variance)
         w.u64(self.vector_length)
         w.u32(self.chunk_size)
         if not 1 <= self.groups <= MAX_GROUPS:
@@ -405,10 +418,15 @@ class RoundParams:
         bound = r.f64("mask bound")
         n_max = r.u32("mask n_max")
         word_bits = r.u8("mask word bits")
+        noise = r.f64("mask noise")
         try:
-            mask = MaskConfig(bound, n_max, word_bits)  # type: ignore[arg-type]
+            mask = MaskConfig(bound, n_max, word_bits, noise)  # type: ignore[arg-type]
         except MaskflError as exc:
             raise _malformed(f"mask config: {exc}") from exc
+        clip_norm = r.f64("clip norm")
+        noise_variance = r.u64("noise variance")
+        if not 0.0 <= clip_norm < float("inf") or (noise_variance and not clip_norm > 0):
+            raise _malformed("clip norm must be finite, >= 0, and > 0 when there is noise")
         vector_length = r.u64("vector length")
         chunk_size = r.u32("chunk size")
         groups = r.u8("mask groups")
@@ -432,6 +450,8 @@ class RoundParams:
             chunk_size,
             certificate,
             groups,
+            clip_norm,
+            noise_variance,
         )
 
 

@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from nacl.signing import SigningKey
 
 from maskfl.protocol.chunking import split_payload
 from maskfl.protocol.crypto import EphemeralKeyPair, new_seed, open_seed, seal_seed
+from maskfl.protocol.dp import masked_update
 from maskfl.protocol.errors import CryptoError, MaskflError
 from maskfl.protocol.identity import Identity, issue_certificate, issue_revocation_list
 from maskfl.protocol.ids import Role
@@ -39,7 +39,6 @@ from maskfl.protocol.masking import (
     EvalCounts,
     Words,
     aggregate_mask,
-    mask_update,
     update_words,
 )
 from maskfl.protocol.messages import (
@@ -279,9 +278,7 @@ class SimParticipant:
         evaluation = (
             NO_EVALUATION if self.behaviour.evaluation is None else (self.behaviour.evaluation(rid))
         )
-        words = await asyncio.to_thread(
-            partial(mask_update, evaluation=evaluation), delta, weight, seeds, params.mask
-        )
+        words = await asyncio.to_thread(masked_update, params, delta, weight, seeds, evaluation)
         if self.behaviour.tamper_update is not None:
             self.behaviour.tamper_update(words, params)
         sealed = {}

@@ -45,6 +45,24 @@ class IdlePhase(StepPhase):
         if pet.max_rounds and round_id > pet.max_rounds:
             log.info("max_rounds = %d reached; shutting down", pet.max_rounds)
             return Phase.SHUTDOWN
+        dp, acc = s.dp, s.accountant
+        if (
+            dp is not None
+            and acc is not None
+            and dp.budget is not None
+            and acc.would_exceed(dp.rho, dp.budget)
+        ):
+            log.warning(
+                "privacy budget spent: epsilon %.4g of privacy.budget %g at delta %g after "
+                "%d rounds, and one more round would cost %.4g more; training stops "
+                "(raise privacy.budget or start a new model.id to go on)",
+                acc.epsilon(),
+                dp.budget,
+                dp.delta,
+                acc.rounds,
+                acc.epsilon(acc.rho + dp.rho, acc.rounds + 1) - acc.epsilon(),
+            )
+            return Phase.SHUTDOWN
         if last is not None:
             previous_seed = last.seed
         elif pet.initial_seed:
@@ -70,6 +88,8 @@ class IdlePhase(StepPhase):
             chunk_size=pet.chunk_size,
             certificate=s.certificate,
             groups=s.config.mask_groups,
+            clip_norm=0.0 if s.dp is None else s.dp.clip_norm,
+            noise_variance=0 if s.dp is None else s.dp.variance,
         )
         raw = s.sign(params, round_id)
         now = s.clock()

@@ -125,6 +125,20 @@ class UnmaskPhase(StepPhase):
                 ("loss", fleet.loss),
             )
             s.metrics.set_evaluation(s.model.version, fleet.accuracy, fleet.loss, fleet.examples)
+        if s.dp is not None and s.accountant is not None:
+            # The privacy this model cost, this round and all rounds so far (the signed
+            # model carries both, and the running total the accountant resumes from).
+            ledger, dp = s.accountant, s.dp
+            metrics += (
+                ("epsilon", ledger.epsilon(ledger.rho + dp.rho, ledger.rounds + 1)),
+                ("epsilon_round", ledger.epsilon(dp.rho, 1)),
+                ("delta", dp.delta),
+                ("noise_multiplier", dp.noise_multiplier),
+                ("clip_norm", dp.clip_norm),
+                ("dp_rho_total", ledger.rho + dp.rho),
+                ("dp_rho_round", dp.rho),
+                ("dp_rounds", float(ledger.rounds + 1)),
+            )
         version = s.model.version + 1
         body = GlobalModel(
             model_id=s.model.model_id,
@@ -176,6 +190,8 @@ class UnmaskPhase(StepPhase):
             )
             await tx.put_round(record)
             await tx.forget_round_bulk(rid)
+        if s.dp is not None and s.accountant is not None:
+            s.accountant.spend(s.dp.rho)  # after the commit: the store is the record
         s.checkpoints.prune_masks()  # the round's sum2 masks, now that it is over
         stored = time.perf_counter()
         state.record = record

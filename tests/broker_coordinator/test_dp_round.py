@@ -1,0 +1,96 @@
+"""Rounds with distributed DP against a real mosquitto: the noise really is in the
+published model with the mechanism's variance, every model carries (epsilon, delta),
+/status shows it, and the budget stops training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from maskfl.broker_coordinator.privacy import Accountant
+from maskfl.protocol.dp import clip_l2
+from maskfl.protocol.phases import Phase
+from maskfl.tools.fleet_sim import Sent, expected_mean, start_all, stop_all, wait_for
+from tests.broker_coordinator.support import make_setup, running_coordinator, trained
+from tests.broker_coordinator.test_round import _participants
+from tests.support.mosquitto import Mosquitto
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+
+DP = {"dp": "distributed", "noise_multiplier": 0.5, "clip_norm": 2.0, "delta": 1e-5}
+
+
+async def test_a_dp_round_adds_the_mechanisms_noise_and_publishes_epsilon(
+    tmp_path, mosquitto: Mosquitto
+) -> None:
+    setup = make_setup(tmp_path, mosquitto.port, summers=3, updaters=5, extra={"privacy": DP})
+    parts = _participants(setup, mosquitto.host, mosquitto.port, {})
+    await start_all(parts)
+    try:
+        async with running_coordinator(setup.config_path) as coordinator:
+            await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")
+            s = coordinator.services
+            assert s is not None and s.dp is not None
+            status = coordinator.status()["privacy"]
+        model = trained(parts[0])[0]
+        metrics = dict(model.metrics)
+        sent = [p.sent[1] for p in parts[3:]]
+        clipped = [Sent(clip_l2(x.delta, 2.0)[0], x.weight, x.digest) for x in sent]
+        residual = model.weights - (setup.initial + expected_mean(clipped, 1.0))
+        # Five updaters each add N_Z(0, (z C S)^2 / 3): the mean's noise has standard
+        # deviation z C sqrt(5 / 3) / (sum of weights), per element.
+        want = 0.5 * 2.0 * math.sqrt(5 / 3) / metrics["weight_sum"]
+        got = float(np.std(residual))
+        assert abs(got / want - 1) < 0.15, (got, want)
+        assert abs(float(np.mean(residual))) < 5 * want / math.sqrt(residual.size)
+        # Without noise the residual would be below the error bound; it is far above.
+        assert got > 100 * metrics["error_bound"]
+        one = Accountant(delta=1e-5).spend(s.dp.rho)[0]
+        assert metrics["epsilon"] == pytest.approx(one)
+        assert metrics["epsilon_round"] == pytest.approx(one)
+        assert metrics["delta"] == 1e-5 and metrics["dp_rounds"] == 1
+        assert status["dp"] == "distributed" and status["epsilon"] == pytest.approx(one)
+        assert status["rounds"] == 1 and not status["budget_spent"]
+    finally:
+        await stop_all(parts)
+
+
+async def test_the_budget_stops_training_and_says_so(
+    tmp_path, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    acc = Accountant(delta=1e-5)
+    # noise_multiplier 2: one round costs about 2.2, two 3.2: a budget of 2.5 allows one.
+    privacy = {**DP, "noise_multiplier": 2.0, "budget": 2.5}
+    setup = make_setup(
+        tmp_path,
+        mosquitto.port,
+        summers=3,
+        updaters=5,
+        pet={"max_rounds": 5},
+        extra={"privacy": privacy},
+    )
+    parts = _participants(setup, mosquitto.host, mosquitto.port, {})
+    await start_all(parts)
+    try:
+        async with running_coordinator(setup.config_path) as coordinator:
+            await wait_for(
+                lambda: (
+                    coordinator.runner is not None and coordinator.runner.phase is Phase.SHUTDOWN
+                ),
+                60,
+                "the coordinator to stop at the budget",
+            )
+            s = coordinator.services
+            assert s is not None and s.dp is not None and s.accountant is not None
+            status = coordinator.status()["privacy"]
+        models = trained(parts[0])
+        assert [m.version for m in models] == [1]
+        eps = dict(models[0].metrics)["epsilon"]
+        assert eps == pytest.approx(acc.spend(s.dp.rho)[0]) and eps <= 2.5
+        assert acc.epsilon(2 * s.dp.rho, 2) > 2.5
+        assert status["budget_spent"] and status["rounds"] == 1
+        assert any("privacy budget spent" in r.getMessage() for r in caplog.records)
+    finally:
+        await stop_all(parts)
