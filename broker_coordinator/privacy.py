@@ -29,7 +29,7 @@ from typing import Any, Final
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from maskfl.protocol.dp import TAIL_PROBABILITY, noise_tail
+from maskfl.protocol.dp import aggregate_noise_bound, updater_variance
 from maskfl.protocol.errors import ConfigError
 from maskfl.protocol.masking import MaskConfig
 
@@ -47,13 +47,6 @@ __all__ = [
 ]
 
 MAX_NOISE_MULTIPLIER: Final = 1e4
-
-
-def updater_variance(noise_multiplier: float, clip_norm: float, scale: int, n_min: int) -> int:
-    """The per-updater integer variance ``v = ceil((z C S)^2 / n_min)``: the sum of
-    ``n_min`` honest shares has variance at least ``(z C S)^2``."""
-    sigma = noise_multiplier * clip_norm * scale
-    return max(1, math.ceil(sigma * sigma / n_min))
 
 
 def round_rho(variance: int, clip_norm: float, scale: int, n_min: int, elements: int) -> float:
@@ -139,17 +132,6 @@ class DpPlan:
             f"round at delta {self.delta:g}"
             + (f", budget {self.budget:g}" if self.budget is not None else ", no budget")
         )
-
-
-def aggregate_noise_bound(
-    noise_multiplier: float, clip_norm: float, n_min: int, n_max: int, elements: int
-) -> float:
-    """``T`` for :class:`MaskConfig`: the aggregate noise of up to ``n_max`` updaters,
-    each of variance ``(z C)^2 / n_min`` in delta units, bounded at :data:`TAIL_PROBABILITY`."""
-    sigma = noise_multiplier * clip_norm
-    # The per-updater variance is rounded up to an integer: at most 1 more encoded unit^2,
-    # which the 1 % margin covers for any scale at which DP is meaningful.
-    return 1.01 * noise_tail(sigma * sigma * n_max / n_min, elements, TAIL_PROBABILITY)
 
 
 def plan(

@@ -35,12 +35,14 @@ from maskfl.protocol.messages import RoundParams
 __all__ = [
     "TAIL_PROBABILITY",
     "OsRandom",
+    "aggregate_noise_bound",
     "clip_l2",
     "discrete_gaussian",
     "discrete_gaussian_variance",
     "masked_update",
     "noise_tail",
     "sample_discrete_gaussian",
+    "updater_variance",
 ]
 
 TAIL_PROBABILITY: Final = 2.0**-40
@@ -230,3 +232,21 @@ def masked_update(
     clipped, _ = clip_l2(delta, params.clip_norm)
     noise = discrete_gaussian(Fraction(params.noise_variance), delta.size)
     return mask_update(clipped, weight, seed, params.mask, evaluation=evaluation, noise=noise)
+
+
+def updater_variance(noise_multiplier: float, clip_norm: float, scale: int, n_min: int) -> int:
+    """The per-updater integer variance ``v = ceil((z C S)^2 / n_min)``: the sum of
+    ``n_min`` honest shares has variance at least ``(z C S)^2``."""
+    sigma = noise_multiplier * clip_norm * scale
+    return max(1, math.ceil(sigma * sigma / n_min))
+
+
+def aggregate_noise_bound(
+    noise_multiplier: float, clip_norm: float, n_min: int, n_max: int, elements: int
+) -> float:
+    """``T`` for :class:`MaskConfig`: the aggregate noise of up to ``n_max`` updaters,
+    each of variance ``(z C)^2 / n_min`` in delta units, bounded at :data:`TAIL_PROBABILITY`."""
+    sigma = noise_multiplier * clip_norm
+    # The per-updater variance is rounded up to an integer: at most 1 more encoded unit^2,
+    # which the 1 % margin covers for any scale at which DP is meaningful.
+    return 1.01 * noise_tail(sigma * sigma * n_max / n_min, elements, TAIL_PROBABILITY)

@@ -9,6 +9,9 @@ core). Global model: decoding and verifying the signed model message an agent re
 Mask groups (``mask_groups``): for g = 1, 2, 3, 5 groups of ``--summers`` summers each,
 the updater's mask (g ChaCha20 streams added) and sealing (one box per summer, g×k in
 all); a summer's expansion does not depend on g (its group's one seed per update).
+DP noise (``dp_noise``, docs/protocol.md §7.9): the exact discrete Gaussian share of
+an updater, the L2 clip and the masked update with the noise added, per shipped model
+and ``--dp-sizes``.
 
 The training numbers of ``maskfl-bench agent-train`` (tools/bench_agent_train.py) are
 merged in under ``training`` (``--no-train`` skips them), and each shipped model gets an
@@ -22,6 +25,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import nacl.signing
@@ -29,6 +33,12 @@ import numpy as np
 
 from maskfl.models import shipped_models
 from maskfl.protocol.crypto import EphemeralKeyPair, new_seed, open_seed, seal_seed
+from maskfl.protocol.dp import (
+    aggregate_noise_bound,
+    clip_l2,
+    discrete_gaussian,
+    updater_variance,
+)
 from maskfl.protocol.identity import Identity, issue_certificate
 from maskfl.protocol.ids import Role
 from maskfl.protocol.masking import MaskConfig, aggregate_mask, mask_update
@@ -63,6 +73,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--groups-size", type=int, default=1_000_000, help="M for the mask-group comparison"
+    )
+    parser.add_argument(
+        "--dp-sizes",
+        type=int,
+        nargs="*",
+        default=[100_000],
+        help="M for the DP noise cost, beside the shipped models (default 100000)",
     )
     parser.add_argument("--word-bits", type=int, choices=(32, 64), default=32)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
@@ -130,6 +147,37 @@ def _updater(m: int, args: argparse.Namespace, device: Identity) -> dict[str, An
         "message_bytes": len(message),
         "float32_model_bytes": 4 * m,
         "wire_overhead": len(message) / (4 * m) - 1.0,
+    }
+
+
+def _dp_noise(m: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The updater's cost of distributed DP (protocol/dp.py): the exact discrete
+    Gaussian share of M elements, the L2 clip, and the masked update with and without
+    them, for noise multiplier 1, clip norm 1, min_updates 3 at n_max 1000."""
+    tail = aggregate_noise_bound(1.0, 1.0, 3, 1000, m)
+    cfg = MaskConfig(1.0, 1000, args.word_bits, tail)
+    variance = updater_variance(1.0, 1.0, cfg.scale, 3)
+    delta = np.random.default_rng(0).normal(0, 0.05, m).astype(np.float32)
+    seed = new_seed()
+    noise_s = _median_s(lambda: discrete_gaussian(Fraction(variance), m), args.repeats)
+    clip_s = _median_s(lambda: clip_l2(delta, 1.0), args.repeats)
+    noise = discrete_gaussian(Fraction(variance), m)
+    plain_s = _median_s(lambda: mask_update(delta, 0.5, seed, cfg), args.repeats)
+    noisy_s = _median_s(
+        lambda: mask_update(clip_l2(delta, 1.0)[0], 0.5, seed, cfg, noise=noise), args.repeats
+    )
+    return {
+        "params": m,
+        "word_bits": args.word_bits,
+        "noise_variance": variance,
+        "resolution": cfg.resolution,
+        "resolution_without_dp": MaskConfig(1.0, 1000, args.word_bits).resolution,
+        "noise_s": noise_s,
+        "noise_us_per_element": 1e6 * noise_s / m,
+        "clip_s": clip_s,
+        "mask_s": plain_s,
+        "clip_add_mask_s": noisy_s,
+        "dp_overhead_s": noise_s + noisy_s - plain_s,
     }
 
 
@@ -221,6 +269,10 @@ def run(args: argparse.Namespace | None = None) -> dict[str, Any]:
         "updater": updater,
         "summer": summer,
         "mask_groups": [_mask_groups(g, args.groups_size, args) for g in args.groups],
+        "dp_noise": {
+            **{name: _dp_noise(m, args) for name, m in models.items()},
+            **{f"M={m}": _dp_noise(m, args) for m in args.dp_sizes},
+        },
         "global_model": [
             _global_model(m, args, coordinator) for m in [*models.values(), *args.sizes]
         ],

@@ -27,6 +27,8 @@ def test_bench_agent_smoke() -> None:
             "3",
             "--groups-size",
             "2000",
+            "--dp-sizes",
+            "500",
         ]
     )
     result = bench_agent.run(args)
@@ -44,3 +46,10 @@ def test_bench_agent_smoke() -> None:
     assert (three["groups"], three["summers"]) == (3, 9)
     assert three["sealed_bytes"] == 3 * one["sealed_bytes"] > 0
     assert three["mask_s"] > 0 and three["seal_s"] > 0
+    dp = result["dp_noise"]
+    assert set(dp) == {"mlp", "cnn", "M=500"}
+    small = dp["M=500"]
+    assert small["params"] == 500 and small["noise_variance"] > 1
+    assert small["noise_s"] > 0 and small["clip_add_mask_s"] > 0
+    # The noise tail widens the encoding: a coarser resolution than without DP.
+    assert small["resolution"] > small["resolution_without_dp"]
