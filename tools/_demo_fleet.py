@@ -178,7 +178,12 @@ def _run(argv: list[str], log: Path) -> None:
 
 
 def provision_fleet(
-    root: Path, settings: FleetSettings, *, pet: dict[str, Any], initial: np.ndarray
+    root: Path,
+    settings: FleetSettings,
+    *,
+    pet: dict[str, Any],
+    initial: np.ndarray,
+    privacy: dict[str, Any] | None = None,
 ) -> DemoFleet:
     """Provision ``settings.devices`` devices (dev-001 ..., named by
     :func:`numbered_device_ids` like ``add-device --count``) and the read-only observer into
@@ -239,7 +244,7 @@ def provision_fleet(
     if missing:
         raise ConfigError(f"provisioning wrote no bundle for {', '.join(missing[:3])}")
     np.save(fleet.coordinator_toml.with_name("initial.npy"), initial.astype(np.float32))
-    _write_coordinator(fleet, pet, model_path(settings.model))
+    _write_coordinator(fleet, pet, model_path(settings.model), privacy or {})
     for index, device in enumerate(devices):
         _write_agent(fleet, device, index, settings)
     return fleet
@@ -259,10 +264,14 @@ def _edit_toml(path: Path, changes: dict[str, dict[str, Any]]) -> None:
     )
 
 
-def _write_coordinator(fleet: DemoFleet, pet: dict[str, Any], graph_file: Path) -> None:
+def _write_coordinator(
+    fleet: DemoFleet, pet: dict[str, Any], graph_file: Path, privacy: dict[str, Any]
+) -> None:
     _edit_toml(
         fleet.coordinator_toml,
         {
+            # Distributed DP for --dp (keys of [privacy]); nothing otherwise (off).
+            **({"privacy": privacy} if privacy else {}),
             # The coordinator publishes the graph and states its SHA-256 in every signed
             # global model; the agents check their shipped copy against it.
             "model": {"initial_weights": "initial.npy", "graph_file": str(graph_file)},

@@ -38,6 +38,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ from maskfl.protocol.version import version_text
 from maskfl.tools import report as rep
 from maskfl.tools._demo_fleet import (
     DEMO_MIN_DEVICES,
+    DEMO_MIN_UPDATES,
     DemoFleet,
     FleetSettings,
     console_script,
@@ -93,6 +95,9 @@ class DemoOptions:
     alpha: float = 0.5
     timeout_s: float = 600.0
     quiet: bool = False
+    dp: bool = False
+    noise_multiplier: float = 0.1
+    clip_norm: float = 1.0
 
 
 @dataclass
@@ -185,8 +190,26 @@ class Demo:
             f"({spec.num_params} parameters), work directory {self.root}"
         )
         t = time.monotonic()
+        privacy: dict[str, Any] = {}
+        if o.dp:
+            privacy = {
+                "dp": "distributed",
+                "noise_multiplier": o.noise_multiplier,
+                "clip_norm": o.clip_norm,
+            }
+            self.say(
+                f"  differential privacy: distributed discrete Gaussian, noise multiplier "
+                f"{o.noise_multiplier:g}, clip norm {o.clip_norm:g}, at least "
+                f"{DEMO_MIN_UPDATES} honest updaters (epsilon per round in the report)"
+            )
+        else:
+            self.say("  differential privacy: off (--dp turns it on)")
         fleet = await asyncio.to_thread(
-            provision_fleet, self.root, settings, pet=pet, initial=initial
+            partial(provision_fleet, privacy=privacy),
+            self.root,
+            settings,
+            pet=pet,
+            initial=initial,
         )
         self.fleet = fleet
         self.timeline["provision_s"] = time.monotonic() - t
@@ -450,6 +473,9 @@ class Demo:
             evaluated_version=None
             if "evaluated_version" not in metrics
             else int(metrics["evaluated_version"]),
+            epsilon=metrics.get("epsilon"),
+            epsilon_round=metrics.get("epsilon_round"),
+            delta=metrics.get("delta"),
         )
         self.records.append(record)
         if self.sampler is not None:
@@ -465,6 +491,8 @@ class Demo:
                 f"({record.fleet_examples} held-out, masked)"
             )
         agg = ""
+        if record.epsilon is not None:
+            agg = f" | epsilon {record.epsilon:.3g} (delta {record.delta:g})"
         if check is not None:
             same = "=" if check.within else "!="
             agg = f" | aggregate {same} plain mean (max diff {check.max_abs_difference:.1e})"
@@ -488,6 +516,9 @@ class Demo:
         sent: dict[str, dict[str, Any]],
     ) -> rep.AggregateCheck | None:
         """Unmasked aggregate vs the plain weighted mean of the included deltas."""
+        if "epsilon" in metrics:
+            self.unchecked[rid] = "DP noise: the aggregate is the plain mean plus noise"
+            return None
         if self.mask is None or int(metrics.get("dropped", 0)) != 0:
             self.unchecked[rid] = "updates were dropped from the aggregate"
             return None
@@ -711,6 +742,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=600.0, help="give up after this many seconds (600)"
     )
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    parser.add_argument(
+        "--dp",
+        action="store_true",
+        help="train with distributed differential privacy (privacy.dp = distributed); "
+        "report.json/png show accuracy against epsilon per round",
+    )
+    parser.add_argument(
+        "--noise-multiplier",
+        type=float,
+        default=0.1,
+        help="with --dp: aggregate noise std / clip norm (default 0.1: a handful of "
+        "devices cannot afford more; epsilon is large, see the report)",
+    )
+    parser.add_argument(
+        "--clip-norm", type=float, default=1.0, help="with --dp: L2 clip norm (default 1.0)"
+    )
     return parser
 
 
@@ -733,6 +780,10 @@ def _check(args: argparse.Namespace) -> DemoOptions:
         raise ConfigError("--epochs must be between 1 and 100", field="--epochs")
     if not args.alpha > 0:
         raise ConfigError("--alpha must be > 0", field="--alpha")
+    if not 0 < args.noise_multiplier <= 1e4:
+        raise ConfigError("--noise-multiplier must be in (0, 10000]", field="--noise-multiplier")
+    if not args.clip_norm > 0:
+        raise ConfigError("--clip-norm must be > 0", field="--clip-norm")
     return DemoOptions(
         devices=args.devices,
         rounds=args.rounds,
@@ -743,6 +794,9 @@ def _check(args: argparse.Namespace) -> DemoOptions:
         alpha=args.alpha,
         timeout_s=args.timeout,
         quiet=args.quiet,
+        dp=args.dp,
+        noise_multiplier=args.noise_multiplier,
+        clip_norm=args.clip_norm,
     )
 
 

@@ -55,6 +55,11 @@ class RoundRecord:
     fleet_loss: float | None = None
     fleet_examples: int | None = None
     evaluated_version: int | None = None
+    epsilon: float | None = None
+    """Cumulative epsilon after this round (at ``delta``), from the signed model; None
+    without differential privacy."""
+    epsilon_round: float | None = None
+    delta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -205,7 +210,18 @@ def plot(
     completed = [r for r in ordered if r.outcome == "completed"]
     failed = [r for r in ordered if r.outcome != "completed"]
 
-    fig, (ax_acc, ax_part) = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
+    # With differential privacy, a third panel: accuracy against the cumulative epsilon.
+    private = [r for r in completed if r.epsilon is not None and r.accuracy is not None]
+    ax_eps = None
+    ax_acc: Any
+    ax_part: Any
+    if private:
+        fig = plt.figure(figsize=(11, 11))
+        ax_acc = fig.add_subplot(3, 1, 1)
+        ax_part = fig.add_subplot(3, 1, 2, sharex=ax_acc)
+        ax_eps = fig.add_subplot(3, 1, 3)
+    else:
+        fig, (ax_acc, ax_part) = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
     ax_acc.plot(xs, held_acc, "o-", color="tab:blue", label="accuracy, demo's held-out check")
     if any(not math.isnan(v) for v in fleet_acc):
         ax_acc.plot(
@@ -281,6 +297,17 @@ def plot(
     )
     if privacy:
         fig.text(0.5, 0.005, privacy, ha="center", va="bottom", fontsize=8, wrap=True)
+    if ax_eps is not None:
+        eps = [float(r.epsilon or 0.0) for r in private]
+        acc = [float(r.accuracy or 0.0) for r in private]
+        ax_eps.plot(eps, acc, "o-", color="tab:purple", label="accuracy, demo's held-out check")
+        for r, x, y in zip(private, eps, acc, strict=True):
+            ax_eps.annotate(str(r.round_id), (x, y), textcoords="offset points", xytext=(3, 3))
+        ax_eps.set_xlabel(f"cumulative epsilon (delta {private[-1].delta:g}); labels: round")
+        ax_eps.set_ylabel("accuracy")
+        ax_eps.set_ylim(0, 1.02)
+        ax_eps.grid(alpha=0.3)
+        ax_eps.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -70,6 +70,8 @@ def test_short_demo_reports_and_cleans_up(tmp_path: Path) -> None:
     assert all(0.0 <= f["fleet_accuracy"] <= 1.0 and f["examples"] > 0 for f in fleet)
     assert fleet[-1]["fleet_accuracy"] > fleet[0]["fleet_accuracy"] + 0.1
     assert "fleet accuracy" in done.stdout
+    assert "differential privacy: off" in done.stdout
+    assert all(r["epsilon"] is None for r in rounds)
     summary = report["summary"]
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.3
     assert summary["bytes_per_updater_per_round"] > 4 * 4810  # a masked update of the MLP
@@ -132,6 +134,30 @@ def test_refuses_a_foreign_workdir(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "not empty" in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_dp_demo_reports_accuracy_against_epsilon(tmp_path: Path) -> None:
+    """--dp: every model carries epsilon, growing round by round; the report keeps
+    it per round beside the accuracy and draws accuracy against epsilon."""
+    workdir = tmp_path / "demo"
+    done = subprocess.run(
+        [*_demo(workdir, "--in-process", "--dp"), "--devices", "8", "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "differential privacy: distributed discrete Gaussian" in done.stdout
+    report = json.loads((workdir / "report.json").read_text())
+    rounds = [r for r in report["rounds"] if r["outcome"] == "completed"]
+    assert len(rounds) == 2
+    eps = [r["epsilon"] for r in rounds]
+    assert 0 < eps[0] < eps[1] and all(r["delta"] == 1e-5 for r in rounds)
+    assert rounds[0]["epsilon_round"] == pytest.approx(eps[0])
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rounds)
+    assert "epsilon" in done.stdout
+    assert (workdir / "report.png").stat().st_size > 10_000
 
 
 def test_in_process_agents(tmp_path: Path) -> None:
