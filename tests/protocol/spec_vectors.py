@@ -340,7 +340,13 @@ def masking() -> dict[str, Any]:
                 }
             )
     tolerance = []
-    for bound, n_max, tol in ((1.0, 1000, 1e-5), (1.0, 1000, 1e-6), (1.0, 100, 1e-6)):
+    for bound, n_max, tol in (
+        (1.0, 1000, 1e-5),
+        (1.0, 1000, 1e-6),
+        (1.0, 100, 1e-6),
+        (1.0, 1000, 1e-7),  # 32 bits give 4.66e-7: 64
+        (1.0, 3_000_000, 1e-5),  # 32 bits give 1.4e-3: 64
+    ):
         tolerance.append(
             {
                 "bound": bound,

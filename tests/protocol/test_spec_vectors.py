@@ -259,6 +259,7 @@ def test_decoding_and_error_bound() -> None:
     for case in data["error_bound"]:
         got = error_bound(case["n"], f(case["weight_sum"]), cfg(case["config"]))
         assert got == f(case["error_bound"])
+    assert {c["word_bits"] for c in data["word_size_auto"]} == {32, 64}  # both outcomes
     for case in data["word_size_auto"]:
         chosen = MaskConfig.for_tolerance(case["bound"], case["n_max"], case["tolerance"])
         assert chosen.word_bits == case["word_bits"]
