@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -167,3 +168,64 @@ async def test_round_rows_from_the_coordinator_database(tmp_path: Path) -> None:
     assert got is not None and got.outcome == "failed" and got.detail == "sum2: 0 of 1"
     assert rep.phase_times(got.phases) == {"sum": 1.5, "update": 2.5, "sum2": 30.0, "unmask": None}
     assert coordinator_round(tmp_path, 2) is None
+
+
+def test_the_plot_shades_a_failed_round_and_keeps_legends_off_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """report.png as the issue asks: the failed round shaded in both panels with its
+    reason, no line across it, legends beside the axes, title and axis on the same
+    rounds, round time and the privacy verdict on the figure."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures: list[Any] = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    failed = rep.RoundRecord(
+        round_id=2,
+        outcome="failed",
+        model_version=None,
+        participants=0,
+        summers=1,
+        accuracy=None,
+        loss=None,
+        seconds=None,
+        bytes_per_device=0.0,
+        reason="RoundFailedError: update phase: 0 of at least 2 messages by time_max",
+    )
+    rounds = [_completed(1, 1), failed, _completed(3, 2), _completed(4, 3)]
+    verdict = "privacy: a stored masked update looks uniform"
+    rep.plot(rounds, tmp_path / "r.png", title="demo", initial=(0.1, 2.3), privacy=verdict)
+    (fig,) = figures
+    ax_acc, ax_part = fig.axes[0], fig.axes[1]
+    for ax in (ax_acc, ax_part):  # shaded across both panels, exactly round 2
+        spans = [p.get_extents().transformed(ax.transData.inverted()) for p in ax.patches]
+        assert any(abs(s.x0 - 1.5) < 1e-6 and abs(s.x1 - 2.5) < 1e-6 for s in spans), ax
+    for ax in fig.axes:  # no line drawn across round 2
+        for line in ax.get_lines():
+            xs, ys = (list(v) for v in line.get_data())
+            if 2 in xs:
+                assert math.isnan(ys[xs.index(2)]), line.get_label()
+    fig.canvas.draw()
+    texts = [
+        t.get_text()
+        for leg in fig.legends + [a.get_legend() for a in fig.axes]
+        if leg
+        for t in leg.get_texts()
+    ]
+    assert any("round 2 failed: update phase" in t for t in texts), texts
+    assert "round time (s)" in texts
+    renderer = fig.canvas.get_renderer()
+    for ax in (ax_acc, ax_part):  # legends to the right of every axes box
+        legend = ax.get_legend()
+        right = max(a.get_window_extent(renderer).x1 for a in fig.axes)
+        assert legend.get_window_extent(renderer).x0 >= right - 1
+    title = fig._suptitle.get_text()
+    assert "3 rounds completed, 1 failed" in title
+    lo, hi = ax_part.get_xlim()
+    assert lo < 0 and 4 < hi < 5  # the axis shows rounds 0..4, as the title counts them
+    assert verdict in [t.get_text() for t in fig.texts]
