@@ -75,8 +75,8 @@ class MessagePhase(ABC):
 
     def ready(self) -> bool:
         """False while the phase must not close at ``time_min`` although ``count_min``
-        messages are in (sum2: a mask group has not answered yet); it then waits for
-        more until ``time_max``."""
+        messages are in (sum: a mask group has no summer yet; sum2: a group has not
+        answered yet); it then waits for more until ``time_max``."""
         return True
 
     @abstractmethod

@@ -93,6 +93,15 @@ class SumPhase(MessagePhase):
         state.timer.accepted(len(batch))
         self.s.metrics.participants.labels(role="summers").set(len(state.summers))
 
+    def ready(self) -> bool:
+        """Every mask group has a summer: until then the phase waits past time_min (a
+        slow summer may still come), and at time_max :meth:`close` fails the round."""
+        params, state = self.state.params, self.state
+        if params.groups == 1:
+            return True
+        drawn = {params.group_of(r.public_key) for r in state.summers.values()}
+        return len(drawn) == params.groups
+
     async def close(self) -> Phase:
         s, state = self.s, self.state
         summers = sorted(state.summers.values(), key=lambda r: r.device_id)

@@ -356,3 +356,34 @@ async def test_a_mask_group_without_a_summer_fails_the_round(
         assert not any(p.sent for p in parts), "no updater may seal a seed to nobody"
     finally:
         await stop_all(parts)
+
+
+async def test_the_sum_phase_waits_past_time_min_for_a_group_without_a_summer(
+    tmp_path, mosquitto: Mosquitto
+) -> None:
+    """count_min summers are in at time_min, all of group 0: the phase keeps waiting
+    (until time_max) and group 1's summer, starting late, completes the round."""
+    setup = make_setup(
+        tmp_path,
+        mosquitto.port,
+        summers=3,
+        updaters=3,
+        groups=2,
+        fill=2,
+        pet={"sum": {"count_min": 2, "count_max": 3, "time_min_s": 0.2}},
+    )
+    parts = _participants(setup, mosquitto.host, mosquitto.port, {})
+    late = parts[1]  # summer 1, the only one in group 1
+    early = [p for p in parts if p is not late]
+    await start_all(early)
+    try:
+        async with running_coordinator(setup.config_path) as coordinator:
+            await wait_for(lambda: all(1 in p.roles for p in early), 30, "round 1")
+            await asyncio.sleep(1.5)  # well past time_min with 2 summers of group 0
+            await late.start()
+            await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")
+            assert coordinator.runner is not None and coordinator.runner.rounds_failed == 0
+        metrics = dict(trained(parts[0])[0].metrics)
+        assert metrics["summers"] == 3 and metrics["groups"] == 2 and metrics["updates"] == 3
+    finally:
+        await stop_all(parts)
