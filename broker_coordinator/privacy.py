@@ -167,6 +167,14 @@ def plan(
             break
         # Rounding adds sqrt(d)/2 encoded units to the sensitivity: raise the noise by as much.
         noise_multiplier *= 1 + math.sqrt(elements) / (2 * clip_norm * mask.scale) + 1e-9
+    if variance >= 2**64:
+        raise ConfigError(
+            f"privacy: the per-updater noise variance ({variance:.3g} encoded units^2 at "
+            f"{mask.word_bits}-bit words) does not fit the round parameters' 64 bits; use "
+            "masking.word_bits = 32 (the noise, std noise_multiplier * clip_norm, dwarfs "
+            "the 32-bit resolution) or raise masking.tolerance",
+            field="masking.word_bits",
+        )
     return mask, DpPlan(clip_norm, noise_multiplier, variance, n_min, elements, rho, delta, budget)
 
 

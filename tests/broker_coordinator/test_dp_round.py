@@ -4,11 +4,13 @@ published model with the mechanism's variance, every model carries (epsilon, del
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import numpy as np
 import pytest
 
+from maskfl.broker_coordinator.cli import main
 from maskfl.broker_coordinator.privacy import Accountant
 from maskfl.protocol.dp import clip_l2
 from maskfl.protocol.phases import Phase
@@ -58,7 +60,10 @@ async def test_a_dp_round_adds_the_mechanisms_noise_and_publishes_epsilon(
 
 
 async def test_the_budget_stops_training_and_says_so(
-    tmp_path, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+    tmp_path,
+    mosquitto: Mosquitto,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     acc = Accountant(delta=1e-5)
     # noise_multiplier 2: one round costs about 2.2, two 3.2: a budget of 2.5 allows one.
@@ -92,5 +97,11 @@ async def test_the_budget_stops_training_and_says_so(
         assert acc.epsilon(2 * s.dp.rho, 2) > 2.5
         assert status["budget_spent"] and status["rounds"] == 1
         assert any("privacy budget spent" in r.getMessage() for r in caplog.records)
+        # maskfl-coordinator status reads the store: it says so after the coordinator stopped.
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, ["status", "--config", str(setup.config_path)]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if "privacy" in x)
+        assert line.startswith(f"differential privacy: epsilon {eps:.4g} at delta 1e-05 after 1")
+        assert line.endswith("(budget 2.5, spent: training stopped)"), line
     finally:
         await stop_all(parts)

@@ -10,10 +10,14 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from maskfl.broker_coordinator.privacy import (
     Accountant,
+    DpPlan,
     noise_multiplier_for,
+    plan,
     round_rho,
-    updater_variance,
 )
+from maskfl.protocol.dp import updater_variance
+from maskfl.protocol.errors import ConfigError
+from maskfl.protocol.masking import MaskConfig
 
 SCALE = 2**20  # encoded units per 1.0, as a 32-bit round of a few hundred devices has
 
@@ -66,3 +70,31 @@ def test_the_budget_stops_the_round_that_would_overspend() -> None:
         acc.spend(rho)
         rounds += 1
     assert rounds >= 1 and acc.epsilon() <= 8.0 < acc.epsilon(acc.rho + rho, acc.rounds + 1)
+
+
+def _plan(bits: int, **kw: object) -> tuple[MaskConfig, DpPlan]:
+    args: dict[str, object] = {
+        "noise_multiplier": 1.0,
+        "epsilon_target": None,
+        "delta": 1e-5,
+        "clip_norm": 1.0,
+        "budget": None,
+        "n_min": 3,
+        "elements": 4810,
+        "make_mask": lambda t: MaskConfig(1.0, 1000, bits, t),  # type: ignore[arg-type]
+    }
+    args.update(kw)
+    return plan(**args)  # type: ignore[arg-type]
+
+
+def test_the_plan_widens_the_encoding_and_meets_an_epsilon_target() -> None:
+    mask, dp = _plan(32)
+    assert mask.noise > 0 and mask.scale < MaskConfig(1.0, 1000, 32).scale
+    assert dp.variance == updater_variance(1.0, 1.0, mask.scale, 3)
+    mask, dp = _plan(32, noise_multiplier=None, epsilon_target=2.0)
+    assert Accountant(delta=1e-5).spend(dp.rho)[0] <= 2.0
+
+
+def test_a_variance_beyond_64_bits_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"masking\.word_bits = 32"):
+        _plan(64)

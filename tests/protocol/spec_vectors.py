@@ -28,6 +28,7 @@ from nacl.signing import SigningKey
 from maskfl.broker_coordinator.config import OptimizerConfig, OptimizerKind
 from maskfl.broker_coordinator.optimizers import ServerOptimizer
 from maskfl.protocol.chunking import split_payload
+from maskfl.protocol.dp import aggregate_noise_bound, updater_variance
 from maskfl.protocol.masking import (
     NO_EVALUATION,
     EvalCounts,
@@ -355,12 +356,42 @@ def masking() -> dict[str, Any]:
                 "word_bits": MaskConfig.for_tolerance(bound, n_max, tol).word_bits,
             }
         )
+    dp = []
+    for z, clip, n_min, n_max, m, bits in (
+        (1.0, 1.0, 3, 1000, 4810, 32),
+        (0.5, 2.0, 5, 100, 7, 32),
+    ):
+        noise = aggregate_noise_bound(z, clip, n_min, n_max, m)
+        cfg = MaskConfig(1.0, n_max, bits, noise)  # type: ignore[arg-type]
+        shares = np.array([-3, 0, 7, -(2**20), 2**20, 1, -1][: min(m, 7)], dtype=np.int64)
+        delta = np.linspace(-0.5, 0.5, shares.size).astype(np.float32)
+        words = encode_update(delta, 1.0, cfg, noise=shares)
+        dp.append(
+            {
+                "noise_multiplier": z,
+                "clip_norm": clip,
+                "min_updates": n_min,
+                "n_max": n_max,
+                "elements": m,
+                "noise_bound": _f(noise),
+                "config": [1.0, n_max, bits],
+                "scale": str(cfg.scale),
+                "offset": str(cfg.offset),
+                "noise_variance": str(updater_variance(z, clip, cfg.scale, n_min)),
+                "word_bits_auto_1e-6": MaskConfig.for_tolerance(1.0, n_max, 1e-6, noise).word_bits,
+                "delta": [_f(float(x)) for x in delta],
+                "shares": [int(x) for x in shares],
+                "words": [str(int(w)) for w in words],
+            }
+        )
     return {
         "about": "Fixed-point encoding, the weight word, masks, decoding and the error "
         "bound (docs/protocol.md §7). config = [bound B, n_max, word bits w]. Words are "
         "decimal strings; an encoding of M elements has M + 4 words: the elements, the "
         "weight word, then the evaluation words [examples, correct, loss units] "
-        "(evaluation = [examples, correct, summed loss]).",
+        "(evaluation = [examples, correct, summed loss]). dp: distributed DP "
+        "(§7.9): the noise bound T and the scale it leaves, the per-updater variance v, "
+        "and an encoding with given noise shares added (the element words only).",
         "configs": configs,
         "encode": encode,
         "mask_update": masked,
@@ -369,6 +400,7 @@ def masking() -> dict[str, Any]:
         "decode": decode,
         "error_bound": bounds,
         "word_size_auto": tolerance,
+        "dp": dp,
     }
 
 

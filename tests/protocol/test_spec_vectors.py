@@ -22,6 +22,7 @@ from maskfl.broker_coordinator.config import OptimizerConfig
 from maskfl.broker_coordinator.optimizers import ServerOptimizer
 from maskfl.protocol.chunking import Reassembler, split_payload
 from maskfl.protocol.crypto import open_seed
+from maskfl.protocol.dp import aggregate_noise_bound, updater_variance
 from maskfl.protocol.errors import CryptoError, RemoteProtocolError
 from maskfl.protocol.masking import (
     EvalCounts,
@@ -263,6 +264,34 @@ def test_decoding_and_error_bound() -> None:
     for case in data["word_size_auto"]:
         chosen = MaskConfig.for_tolerance(case["bound"], case["n_max"], case["tolerance"])
         assert chosen.word_bits == case["word_bits"]
+
+
+def test_dp_noise_bound_variance_and_noisy_encoding() -> None:
+    cases = load("masking.json")["dp"]
+    assert cases
+    for c in cases:
+        noise = aggregate_noise_bound(
+            c["noise_multiplier"], c["clip_norm"], c["min_updates"], c["n_max"], c["elements"]
+        )
+        assert noise == f(c["noise_bound"])
+        bound, n_max, bits = c["config"]
+        cfg = MaskConfig(bound, n_max, bits, noise)
+        assert (str(cfg.scale), str(cfg.offset)) == (c["scale"], c["offset"])
+        assert cfg.scale < MaskConfig(bound, n_max, bits).scale  # the tail takes room
+        v = updater_variance(c["noise_multiplier"], c["clip_norm"], cfg.scale, c["min_updates"])
+        assert str(v) == c["noise_variance"]
+        auto = MaskConfig.for_tolerance(bound, n_max, 1e-6, noise).word_bits
+        assert auto == c["word_bits_auto_1e-6"]
+        delta = np.array([f(x) for x in c["delta"]], dtype=np.float32)
+        shares = np.array(c["shares"], dtype=np.int64)
+        words = encode_update(delta, 1.0, cfg, noise=shares)
+        assert [str(int(w)) for w in words] == c["words"]
+        # The shares are exactly what separates the noisy words from the plain ones.
+        plain = encode_update(delta, 1.0, cfg)
+        diff = (words.astype(object) - plain.astype(object)) % cfg.modulus
+        assert [int(d) % cfg.modulus for d in diff[: shares.size]] == [
+            int(x) % cfg.modulus for x in shares
+        ]
 
 
 def test_sealed_seed_opening() -> None:
