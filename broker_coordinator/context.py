@@ -168,7 +168,9 @@ class Services:
         return update_words(self.config.model.length)
 
     def max_message_size(self) -> int:
-        """The largest participant message that can be valid (an update, with every summer)."""
+        """A bound on every valid participant message (protocol.md §9): an update with a
+        sealed seed for every summer, or a sum2 whose failed list names every update."""
         cfg = self.config
         seeds = cfg.pet.sum.count_max * (32 + 80)
-        return 216 + 1024 + seeds + 64 + self.vector_words * (self.mask.word_bits // 8)
+        failed = cfg.pet.update.count_max * 32
+        return 216 + 1024 + seeds + failed + 64 + self.vector_words * (self.mask.word_bits // 8)

@@ -271,3 +271,44 @@ async def test_a_message_that_counted_is_answered_duplicate_after_its_sender_is_
             await first.transport.publish(m.topic, m.payload, qos=1)
         await h.until(lambda: len(first.receipts) == 2, "the redelivery's receipt")
         assert reasons(first) == [None, "duplicate"], first.receipts[-1]
+
+
+async def test_the_per_message_limit_is_the_spec_formula(tmp_path) -> None:
+    """protocol.md §9: SUM, UPDATE and SUM2 share one limit, 216 + 1,024 +
+    112·sum.count_max + 32·update.count_max + 64 + (M + 4)·w/8 bytes; one byte more is
+    `oversize`, a message of exactly the limit is judged by its bytes (here `malformed`,
+    like a 503-byte SUM)."""
+    async with harness(tmp_path, summers=3, updaters=3) as h:
+        summers, updaters = h.fleet()
+        eve = summers[0]
+        await h.start(summers + updaters)
+        await h.start_coordinator()
+        await h.until(lambda: len(eve.receipts) == 1, "the summer's receipt")
+        params = round_params(h)
+        assert h.coordinator is not None
+        pet = h.coordinator.config.pet
+        words = params.vector_length + 4
+        limit = 216 + 1024 + 112 * pet.sum.count_max + 32 * pet.update.count_max + 64
+        limit += words * params.mask.word_bits // 8
+        rid = int(params.round_id)
+        for size in (limit + 1, limit):
+            garbage = bytes([0xA5]) * size
+            await eve.transport.publish(eve.topics.sum(rid, eve.device), garbage, qos=1)
+        await h.until(lambda: len(eve.receipts) == 3, "both receipts")
+        assert reasons(eve) == [None, "oversize", "malformed"]
+
+
+async def test_a_sum2_failing_every_update_is_within_the_limit(tmp_path) -> None:
+    """A summer whose 40 seeds all fail to open lists 40 digests (1,280 B) in its SUM2:
+    an honest message the per-message limit must admit (§9: it counts 32 B for each
+    update the round can accept)."""
+    async with harness(tmp_path, summers=1, updaters=40) as h:
+        corrupt = {
+            i.device_id: Behaviour(corrupt_seed_for_all_summers=True) for i in h.setup.updaters
+        }
+        summers, updaters = h.fleet(corrupt)
+        await h.start(summers + updaters)
+        await h.start_coordinator()
+        summer = summers[0]
+        await h.until(lambda: len(summer.receipts) == 2, "the SUM2's receipt", limit_s=60)
+        assert reasons(summer) == [None, None]
