@@ -212,6 +212,45 @@ def test_operations_tryout_runs_as_written(scratch: Path) -> None:
                 completed = [r["round_id"] for r in rounds if r["outcome"] == "completed"]
         logs = {p.name: p.read_text()[-1500:] for p in folder.glob("*.log")}
         assert completed, f"no round completed within 240 s; logs: {logs}"
+        # the text after the block: rotate pi-005 (provisioning reloads the try-out's
+        # broker through mosquitto.pid), extract its new bundle over dev/pi-005 as the
+        # block did; its own settings (agent.local.toml) survive: its shard and state
+        bin_dir = home / "maskfl" / "bin"
+        as_user = _run_as(user)
+        rotated = subprocess.run(
+            [str(bin_dir / "maskfl-provision"), "--dir", "fleet", "rotate", "pi-005"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            **as_user,  # type: ignore[arg-type]
+        )
+        assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+        assert "broker reloaded (SIGHUP to pid" in rotated.stdout + rotated.stderr
+        bundle = "fleet/devices/pi-005.tar.gz"
+        subprocess.run(
+            ["tar", "-C", "dev/pi-005", "--strip-components=1", "-xzf", bundle],
+            cwd=folder,
+            env=env,
+            check=True,
+            **as_user,  # type: ignore[arg-type]
+        )
+        checked = subprocess.run(
+            [str(bin_dir / "maskfl-agent"), "check", "--config", "dev/pi-005/agent.toml"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            **as_user,  # type: ignore[arg-type]
+        )
+        assert checked.returncode == 0, checked.stderr[-2000:]
+        after = json.loads(checked.stdout.strip().splitlines()[-1])
+        before = next(c for c in checks if c["device"] == "pi-005")
+        assert after["serial"] != before["serial"]
+        assert after["state"] == before["state"] == str(folder / "dev/pi-005/state/agent.sqlite3")
+        assert after["data"]["train_samples"] == before["data"]["train_samples"]
     finally:
         try:
             os.killpg(shell.pid, signal.SIGTERM)
