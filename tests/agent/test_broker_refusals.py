@@ -89,7 +89,10 @@ def test_a_crl_reload_cuts_a_running_agent_off_and_it_exits_2(
     assert "as revoked" in errors[0] and "certificate revoked" in errors[0], errors[0]
     # The advice covers a rotated device: install the new bundle, not add-device --force.
     assert "install its new bundle" in errors[0] and "do not run add-device --force" in errors[0]
-    assert "Client connection from 127.0.0.1 failed" in fleet.mosquitto.log()
+    # The broker refused the handshake: mosquitto logs it as a failed connection, or, when
+    # the agent's probe closes first (seen under load), as a protocol error.
+    log = fleet.mosquitto.log()
+    assert "Client connection from 127.0.0.1 failed" in log or "rotocol error" in log, log
 
 
 def test_an_unloaded_acl_is_one_line_and_a_growing_back_off(fleet: Broker, tmp_path: Path) -> None:
