@@ -196,7 +196,14 @@ def _start(trial: Trial, supervisor: Supervisor, limit_s: float) -> None:
         ],
     )
     agent = console_script("maskfl-agent", "maskfl.agent.cli")
+    # a device revoked since (README: `maskfl-provision --dir DIR/fleet revoke dev-004`)
+    # would exit with status 2 at once and fail the whole up: leave it out, and say so
+    active = set(Fleet.open(trial.fleet_dir).registry.active_devices())
+    devices = [d for d in trial.devices if d in active]
     for device in trial.devices:
+        if device not in active:
+            _say(f"  {device:<12} revoked, not started")
+    for device in devices:
         child = supervisor.start(
             f"agent-{device}", [*agent, "run", "--config", str(trial.agent_toml(device))]
         )
@@ -217,7 +224,7 @@ def _start(trial: Trial, supervisor: Supervisor, limit_s: float) -> None:
     while True:
         supervisor.check()
         text = log.read_text(errors="replace") if log.exists() else ""
-        missing = [d for d in trial.devices if f" as {d} " not in text]
+        missing = [d for d in devices if f" as {d} " not in text]
         if not missing:
             break
         if time.monotonic() > deadline:
@@ -226,7 +233,7 @@ def _start(trial: Trial, supervisor: Supervisor, limit_s: float) -> None:
                 f"({', '.join(missing[:3])}); see their logs in {trial.logs}"
             )
         time.sleep(0.2)
-    _say(f"  {len(trial.devices)}/{len(trial.devices)} agents connected")
+    _say(f"  {len(devices)}/{len(devices)} agents connected")
 
 
 def status(root: Path) -> int:

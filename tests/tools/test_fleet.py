@@ -91,10 +91,22 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
         stopped = fleet(root, "status")
         assert stopped.returncode == 1 and "is down" in stopped.stdout
 
-        # A second up reuses the fleet (no provisioning) and down stops it again.
+        # A second up reuses the fleet (no provisioning) and down stops it again. A device
+        # revoked meanwhile (README's example) is left out, not started to fail the up.
+        revoked = subprocess.run(
+            [sys.executable, "-m", "maskfl.broker_coordinator.provision.cli"]
+            + ["--dir", str(root / "fleet"), "revoke", "dev-004"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert revoked.returncode == 0, revoked.stdout + revoked.stderr
         second = fleet(root, "up", "--devices", "4")
         assert second.returncode == 0, second.stdout + second.stderr
         assert "provisioning" not in second.stdout
+        assert "dev-004      revoked, not started" in second.stdout
+        assert "3/3 agents connected" in second.stdout
+        assert [c.name for c in recorded(root / "run")][-1] == "agent-dev-003"
         assert fleet(root, "down").returncode == 0
         assert survivors(root) == []
     finally:
