@@ -94,8 +94,10 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
         # A second up reuses the fleet (no provisioning) and down stops it again. A device
         # revoked meanwhile (README's example) is left out, not started to fail the up.
         revoked = subprocess.run(
-            [sys.executable, "-m", "maskfl.broker_coordinator.provision.cli"]
-            + ["--dir", str(root / "fleet"), "revoke", "dev-004"],
+            [
+                *(sys.executable, "-m", "maskfl.broker_coordinator.provision.cli"),
+                *("--dir", str(root / "fleet"), "revoke", "dev-004"),
+            ],
             capture_output=True,
             text=True,
             check=False,
