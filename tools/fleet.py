@@ -184,6 +184,9 @@ def up(root: Path, devices: int, model: str, limit_s: float) -> int:
 
 def _start(trial: Trial, supervisor: Supervisor, limit_s: float) -> None:
     deadline = time.monotonic() + limit_s
+    # the logs are appended to: only what this broker writes says who connected now
+    log = trial.logs / "mosquitto.log"
+    offset = log.stat().st_size if log.exists() else 0
     broker = start_broker(supervisor, trial.broker_conf, trial.broker_port)
     _say(f"  mosquitto    pid {broker.pid:<7} 127.0.0.1:{trial.broker_port} (mutual TLS, ACL)")
     coordinator = supervisor.start(
@@ -220,10 +223,11 @@ def _start(trial: Trial, supervisor: Supervisor, limit_s: float) -> None:
         f"  coordinator  pid {coordinator.pid:<7} ready, status "
         f"http://127.0.0.1:{trial.http_port}/status"
     )
-    log = trial.logs / "mosquitto.log"
     while True:
         supervisor.check()
-        text = log.read_text(errors="replace") if log.exists() else ""
+        with log.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
         missing = [d for d in devices if f" as {d} " not in text]
         if not missing:
             break

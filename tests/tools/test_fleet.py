@@ -108,6 +108,9 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
         assert "provisioning" not in second.stdout
         assert "dev-004      revoked, not started" in second.stdout
         assert "3/3 agents connected" in second.stdout
+        # ... connected again, not found in the first up's part of the appended log
+        broker_log = (root / "logs" / "mosquitto.log").read_text()
+        assert all(broker_log.count(f" as dev-00{i} ") >= 2 for i in (1, 2, 3)), broker_log
         assert [c.name for c in recorded(root / "run")][-1] == "agent-dev-003"
         assert fleet(root, "down").returncode == 0
         assert survivors(root) == []
