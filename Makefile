@@ -25,7 +25,7 @@ mosquitto:
 	@if command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; then :; else \
 		echo "mosquitto not found: installing it with apt-get"; \
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
-		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q mosquitto; \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q mosquitto mosquitto-clients; \
 	fi
 
 # Headless Chromium and its WebDriver for the status page's browser test.

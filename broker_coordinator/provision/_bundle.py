@@ -124,7 +124,9 @@ def render_observer_readme(*, fleet: str, name: str, broker_host: str, broker_po
             f"--key {OBSERVER_TLS_KEY} \\",
             f"    -t '{prefix}/round' -t '{prefix}/status/+' -v",
             "",
-            "Revoke it with `maskfl-provision revoke " + name + "` (then reload mosquitto).",
+            f"Revoke it with `maskfl-provision --dir FLEET revoke {name}` on the operator's",
+            "machine (it reloads mosquitto where broker-config --reload-command or",
+            "--broker-pid-file is set; otherwise reload it by hand).",
             "",
         ]
     )

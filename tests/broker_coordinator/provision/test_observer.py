@@ -7,6 +7,8 @@ dictionaries, models, status, revocations) and can publish nothing, anywhere.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,30 @@ def test_rotating_an_observer_replaces_its_certificate(
     capsys.readouterr()
     assert main(["--dir", str(fleet_broker.root), "rotate", "dash", "--public-key", str(pem)]) == 2
     assert "an observer has no signing key" in capsys.readouterr().err
+
+
+def test_the_readmes_mosquitto_sub_line_works_as_written(fleet_broker: Broker) -> None:
+    """README.txt's ``mosquitto_sub`` line, run from the observer's folder as it stands
+    (plus ``-C 1 -W 20`` so it ends), receives the retained round parameters."""
+    mosquitto_sub = shutil.which("mosquitto_sub")
+    if mosquitto_sub is None:
+        pytest.skip("mosquitto_sub is not installed (mosquitto-clients)")
+    provision(fleet_broker.root, "add-observer", "dash")
+    fleet_broker.reload()
+    coord = fleet_broker.coordinator()
+    assert coord.connect()
+    assert not coord.publish(f"{P}/round", b"the round", retain=True).is_failure
+    folder = fleet_broker.root / "observers" / "dash"
+    text = (folder / "README.txt").read_text()
+    start = text.index("  mosquitto_sub ")
+    line = text[start : text.index(" -v\n", start) + 3]
+    done = subprocess.run(
+        ["bash", "-c", f"{line} -C 1 -W 20"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{P}/round the round\n"
