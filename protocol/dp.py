@@ -226,12 +226,15 @@ def masked_update(
     """What an updater sends: :func:`~maskfl.protocol.masking.mask_update`, and with DP
     (``params.noise_variance > 0``) the delta first clipped to L2 norm
     ``params.clip_norm`` and this updater's exact ``N_Z(0, v)`` share added to each
-    encoded model value before the mask (docs/protocol.md §7.9)."""
+    encoded model value before the mask (docs/protocol.md §7.9). With DP the weight
+    is 1 whatever ``weight`` says: the mean is unweighted, so the noise is divided by
+    the number of updates (not by a sum of sample fractions that may be far below it)
+    and the weight word tells nothing about sample counts."""
     if not params.noise_variance:
         return mask_update(delta, weight, seed, params.mask, evaluation=evaluation)
     clipped, _ = clip_l2(delta, params.clip_norm)
     noise = discrete_gaussian(Fraction(params.noise_variance), delta.size)
-    return mask_update(clipped, weight, seed, params.mask, evaluation=evaluation, noise=noise)
+    return mask_update(clipped, 1.0, seed, params.mask, evaluation=evaluation, noise=noise)
 
 
 def updater_variance(noise_multiplier: float, clip_norm: float, scale: int, n_min: int) -> int:

@@ -39,11 +39,13 @@ async def test_a_dp_round_adds_the_mechanisms_noise_and_publishes_epsilon(
         model = trained(parts[0])[0]
         metrics = dict(model.metrics)
         sent = [p.sent[1] for p in parts[3:]]
-        clipped = [Sent(clip_l2(x.delta, 2.0)[0], x.weight, x.digest) for x in sent]
+        # With DP every updater sends weight 1 (docs/protocol.md §7.9): an unweighted mean.
+        clipped = [Sent(clip_l2(x.delta, 2.0)[0], 1.0, x.digest) for x in sent]
         residual = model.weights - (setup.initial + expected_mean(clipped, 1.0))
         # Five updaters each add N_Z(0, (z C S)^2 / 3): the mean's noise has standard
-        # deviation z C sqrt(5 / 3) / (sum of weights), per element.
-        want = 0.5 * 2.0 * math.sqrt(5 / 3) / metrics["weight_sum"]
+        # deviation z C sqrt(5 / 3) / 5 (the weights are all 1), per element.
+        assert metrics["weight_sum"] == pytest.approx(5.0)
+        want = 0.5 * 2.0 * math.sqrt(5 / 3) / 5
         got = float(np.std(residual))
         assert abs(got / want - 1) < 0.15, (got, want)
         assert abs(float(np.mean(residual))) < 5 * want / math.sqrt(residual.size)
