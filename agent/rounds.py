@@ -444,7 +444,8 @@ class RoundDriver:
             raise RoundFailedError("the sum dictionary is empty")
         p = self.params
         cap = self.ctx.config.training.sample_cap
-        weight = min(result.num_samples, cap) / cap
+        # With DP noise the weight is 1 (docs/protocol.md §7.9; masked_update sends 1).
+        weight = 1.0 if p.noise_variance else min(result.num_samples, cap) / cap
         # One fresh seed per mask group; a summer gets only its own group's seed, so
         # no one summer can remove this update's mask (the sum of the g sub-masks).
         seeds = [new_seed() for _ in range(p.groups)]
