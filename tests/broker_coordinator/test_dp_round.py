@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import numpy as np
 import pytest
 
 from maskfl.broker_coordinator.cli import main
+from maskfl.broker_coordinator.config import load_config
+from maskfl.broker_coordinator.fleetview import round_history
 from maskfl.broker_coordinator.privacy import Accountant
+from maskfl.broker_coordinator.service import DB_NAME
+from maskfl.broker_coordinator.store import Store
 from maskfl.protocol.dp import clip_l2
 from maskfl.protocol.phases import Phase
 from maskfl.tools.fleet_sim import Sent, expected_mean, start_all, stop_all, wait_for
@@ -36,6 +41,10 @@ async def test_a_dp_round_adds_the_mechanisms_noise_and_publishes_epsilon(
             s = coordinator.services
             assert s is not None and s.dp is not None
             status = coordinator.status()["privacy"]
+        # What the status page draws (its privacy panel plots epsilon when present).
+        config = load_config(setup.config_path)
+        async with Store.open(config.storage.dir / DB_NAME) as store:
+            page = await round_history(store, config.model.id, now=time.time())
         model = trained(parts[0])[0]
         metrics = dict(model.metrics)
         sent = [p.sent[1] for p in parts[3:]]
@@ -57,6 +66,8 @@ async def test_a_dp_round_adds_the_mechanisms_noise_and_publishes_epsilon(
         assert metrics["delta"] == 1e-5 and metrics["dp_rounds"] == 1
         assert status["dp"] == "distributed" and status["epsilon"] == pytest.approx(one)
         assert status["rounds"] == 1 and not status["budget_spent"]
+        shown = next(r for r in page if r["model_version"] == 1)["privacy"]
+        assert shown["epsilon"] == pytest.approx(one) and shown["delta"] == 1e-5
     finally:
         await stop_all(parts)
 
