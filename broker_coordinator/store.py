@@ -390,12 +390,9 @@ class Transaction:
         # Named by digests already computed: the weights' (m.digest), the signed
         # message's by its header's body digest (no second pass over 4·M bytes).
         # Written in parallel: at M = 2.5e7 each is 100 MB.
-        message_digest = None if m.message is None else _body_digest(m.message)
         weights_file, message_file, optimizer_file = await asyncio.gather(
             asyncio.to_thread(files.put, m.weights, ".f32", digest=m.digest),
-            _none()
-            if m.message is None
-            else asyncio.to_thread(files.put, m.message, ".msg", digest=message_digest),
+            _none() if m.message is None else asyncio.to_thread(files.put_message, m.message),
             _none()
             if m.optimizer_state is None
             else asyncio.to_thread(files.put, m.optimizer_state, ".opt"),
@@ -882,6 +879,11 @@ class ModelFiles:
         except OSError as exc:
             raise StorageError(f"cannot write model file {final}: {exc}") from exc
         return name
+
+    def put_message(self, message: bytes) -> str:
+        """Store a signed message, named by the body digest its header states (no
+        second SHA-256 pass over 4·M bytes; hashed when it has no header)."""
+        return self.put(message, ".msg", digest=_body_digest(message))
 
     def read(self, name: str) -> bytes:
         try:

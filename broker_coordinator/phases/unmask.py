@@ -152,18 +152,24 @@ class UnmaskPhase(StepPhase):
         computed = time.perf_counter()
         little = np.ascontiguousarray(weights, dtype="<f4").data.cast("B")
 
+        def sign_and_file() -> bytes:
+            raw = s.sign(body, rid)
+            s.store.files.put_message(raw)
+            return raw
+
         def digest_and_file() -> bytes:
-            # The registry's weights file, named by the digest, written while the body is
-            # signed; add_model below finds it there (a crash before the commit leaves a
-            # file no row names, deleted at the next start).
             digest = weights_digest(weights)
             s.store.files.put(little, ".f32", digest=digest)
             return digest
 
-        # Two SHA-256 passes over 4·M bytes (the signed body, the weights) and the
-        # weights file: in parallel, off the event loop (hashlib and I/O release the GIL).
+        # The registry's two 4·M-byte files (the signed model, the weights) are written
+        # and fsynced in two threads off the event loop, each right after its SHA-256
+        # pass (hashlib and I/O release the GIL), so the writes overlap instead of
+        # following each other. add_model below finds them there; a crash before the
+        # commit leaves files no row names, deleted at the next start, and nothing
+        # announces the model before the commit.
         raw, digest = await asyncio.gather(
-            asyncio.to_thread(s.sign, body, rid), asyncio.to_thread(digest_and_file)
+            asyncio.to_thread(sign_and_file), asyncio.to_thread(digest_and_file)
         )
         signed = time.perf_counter()
         now = s.clock()
@@ -204,8 +210,8 @@ class UnmaskPhase(StepPhase):
         published = time.perf_counter()
         log.info(
             "round %d completed: model v%d from %d updates (%d dropped), weight sum %.3f; "
-            "unmask %.3f s (vote, decode, step %.3f, sign %.3f, store %.3f), publish %.3f s, "
-            "%.3f CPU-s in all",
+            "unmask %.3f s (vote, decode, step %.3f, sign and files %.3f, commit %.3f), "
+            "publish %.3f s, %.3f CPU-s in all",
             rid,
             version,
             included,
