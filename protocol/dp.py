@@ -8,10 +8,11 @@ discrete Gaussian ``N_Z(0, sigma_i^2)`` per element, before masking, with
 only ever sees the noisy sum. docs/protocol.md §7.9 is the normative text.
 
 The sampler is exact: Canonne, Kamath, Steinke, "The Discrete Gaussian for
-Differential Privacy" (NeurIPS 2020), Algorithms 1-3, in integer and
-:class:`fractions.Fraction` arithmetic only (no float is ever rounded into a
-sample), with uniform integers from the operating system's CSPRNG
-(:class:`secrets.SystemRandom`, i.e. ``os.urandom``). A float sampler would leak
+Differential Privacy" (NeurIPS 2020), Algorithms 1-3, in integer arithmetic
+only (no float is ever rounded into a sample; rationals are kept as numerator
+and denominator, without :class:`fractions.Fraction`'s gcd on every step), with
+uniform integers by rejection on bits from the operating system's CSPRNG
+(``os.urandom``, read in blocks by :class:`OsRandom`). A float sampler would leak
 through its rounding pattern (Mironov, CCS 2012); this one has none to leak.
 """
 
@@ -90,35 +91,42 @@ class OsRandom(random.Random):
         return (self.getrandbits(53)) * 2.0**-53
 
 
-def _bernoulli(p: Fraction, rng: random.Random) -> bool:
-    return rng.randrange(p.denominator) < p.numerator
+def _below(n: int, rng: random.Random) -> int:
+    """A uniform integer in [0, n), n >= 1: ``n.bit_length()`` random bits, redrawn
+    while >= n (exact; fewer than two draws on average)."""
+    bits = n.bit_length()
+    draw = rng.getrandbits(bits)
+    while draw >= n:
+        draw = rng.getrandbits(bits)
+    return draw
 
 
-def _bernoulli_exp1(gamma: Fraction, rng: random.Random) -> bool:
-    """Bernoulli(exp(-gamma)) for gamma in [0, 1] (CKS Algorithm 1, first part)."""
+def _bernoulli_exp1(num: int, den: int, rng: random.Random) -> bool:
+    """Bernoulli(exp(-num/den)) for 0 <= num <= den (CKS Algorithm 1, first part):
+    count k while Bernoulli(num / (den k)) succeeds; true iff k ends odd."""
     k = 1
-    while _bernoulli(gamma / k, rng):
+    while _below(den * k, rng) < num:
         k += 1
     return k % 2 == 1
 
 
-def _bernoulli_exp(gamma: Fraction, rng: random.Random) -> bool:
-    """Bernoulli(exp(-gamma)) for gamma >= 0."""
-    while gamma > 1:
-        if not _bernoulli_exp1(Fraction(1), rng):
+def _bernoulli_exp(num: int, den: int, rng: random.Random) -> bool:
+    """Bernoulli(exp(-num/den)) for num >= 0, den >= 1."""
+    while num > den:
+        if not _bernoulli_exp1(1, 1, rng):
             return False
-        gamma -= 1
-    return _bernoulli_exp1(gamma, rng)
+        num -= den
+    return _bernoulli_exp1(num, den, rng)
 
 
 def _geometric_exp(t: int, rng: random.Random) -> int:
     """Geometric(1 - exp(-1/t)) on {0, 1, ...}, t >= 1 (CKS Algorithm 2)."""
     while True:
-        u = rng.randrange(t)
-        if _bernoulli_exp(Fraction(u, t), rng):
+        u = _below(t, rng)
+        if _bernoulli_exp(u, t, rng):
             break
     v = 0
-    while _bernoulli_exp1(Fraction(1), rng):
+    while _bernoulli_exp1(1, 1, rng):
         v += 1
     return v * t + u
 
@@ -126,7 +134,7 @@ def _geometric_exp(t: int, rng: random.Random) -> int:
 def _discrete_laplace(t: int, rng: random.Random) -> int:
     """P(y) proportional to exp(-|y| / t) on the integers (CKS Algorithm 2)."""
     while True:
-        negative = rng.randrange(2) == 1
+        negative = rng.getrandbits(1) == 1
         magnitude = _geometric_exp(t, rng)
         if negative and magnitude == 0:
             continue
@@ -137,15 +145,19 @@ def sample_discrete_gaussian(sigma2: Fraction, rng: random.Random = _SYSTEM_RAND
     """One exact draw of N_Z(0, sigma2): P(y) proportional to exp(-y^2 / (2 sigma2)).
 
     CKS Algorithm 3: a discrete Laplace proposal with ``t = floor(sigma) + 1``,
-    accepted with probability ``exp(-(|y| - sigma2/t)^2 / (2 sigma2))``, all rational.
+    accepted with probability ``exp(-(|y| - sigma2/t)^2 / (2 sigma2))``. With
+    ``sigma2 = p/q`` that exponent is the integer ratio
+    ``(|y| q t - p)^2 / (2 p q t^2)``: every step compares uniform integers with
+    integers (no Fraction, no float), so the law is exactly the one CKS prove.
     """
     if sigma2 <= 0:
         return 0
-    t = math.isqrt(math.floor(sigma2)) + 1
+    p, q = sigma2.numerator, sigma2.denominator
+    t = math.isqrt(p // q) + 1
+    den = 2 * p * q * t * t
     while True:
         y = _discrete_laplace(t, rng)
-        bias = (abs(y) - sigma2 / t) ** 2 / (2 * sigma2)
-        if _bernoulli_exp(bias, rng):
+        if _bernoulli_exp((abs(y) * q * t - p) ** 2, den, rng):
             return y
 
 

@@ -37,6 +37,30 @@ def test_small_variance_matches_the_exact_law() -> None:
         assert abs(got - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-4, (k, got, p)
 
 
+@pytest.mark.parametrize("sigma2", [Fraction(7, 3), Fraction(25), Fraction(401, 4)])
+def test_histogram_passes_chi_square_against_the_exact_pmf(sigma2: Fraction) -> None:
+    """The integer-only acceptance ratio (|y| q t - p)^2 / (2 p q t^2), with q > 1 and
+    q = 1: the histogram out to 3 sigma (tails pooled) against the exact pmf. The
+    99.99th percentile of chi-square with d degrees of freedom is below d + 8 sqrt(d) + 20,
+    so a correct sampler fails about once in 10^4 runs; a wrong t, a dropped factor
+    of q or a sign bias moves the statistic by hundreds."""
+    n = 30_000
+    draws = discrete_gaussian(sigma2, n)
+    reach = int(3 * math.sqrt(float(sigma2))) + 1
+    pmf = _pmf(float(sigma2), 60 * reach)
+    centre = 60 * reach
+    expected = [float(pmf[: centre - reach + 1].sum()) * n]  # y <= -reach
+    observed = [int(np.sum(draws <= -reach))]
+    for k in range(-reach + 1, reach):
+        expected.append(float(pmf[centre + k]) * n)
+        observed.append(int(np.sum(draws == k)))
+    expected.append(float(pmf[centre + reach :].sum()) * n)  # y >= reach
+    observed.append(int(np.sum(draws >= reach)))
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=True))
+    dof = len(expected) - 1
+    assert chi2 <= dof + 8 * math.sqrt(dof) + 20, (chi2, dof)
+
+
 def test_aggregate_noise_of_three_updaters_has_the_mechanisms_variance_and_tail() -> None:
     """Three updaters' shares summed, as the coordinator sees them: the empirical
     variance and tail match the exact law of the sum (convolution of the pmfs)."""
@@ -64,7 +88,7 @@ def test_large_variance_is_exact_integers_with_the_right_scale() -> None:
 
 
 def test_the_sampler_is_a_pure_function_of_its_uniform_integers() -> None:
-    """Only rng.randrange feeds it (no float): a seeded generator repeats it exactly."""
+    """Only rng.getrandbits feeds it (no float): a seeded generator repeats it exactly."""
     a = [sample_discrete_gaussian(Fraction(7, 3), random.Random(5)) for _ in range(3)]
     b = [sample_discrete_gaussian(Fraction(7, 3), random.Random(5)) for _ in range(3)]
     assert a == b
