@@ -34,7 +34,7 @@ import numpy as np
 
 from maskfl.broker_coordinator.config import CoordinatorConfig, check_files, load_config
 from maskfl.broker_coordinator.enrollment import Enrollment
-from maskfl.broker_coordinator.fleetview import device_table
+from maskfl.broker_coordinator.fleetview import device_table, round_groups
 from maskfl.broker_coordinator.privacy import describe_status, privacy_status
 from maskfl.broker_coordinator.service import (
     Coordinator,
@@ -349,6 +349,7 @@ async def _status(config: CoordinatorConfig, as_json: bool) -> None:
                 "model_version": r.model_version,
                 "p_sum": r.p_sum,
                 "p_update": r.p_update,
+                "groups": round_groups(r.params),
             }
             for r in rounds
         ],
@@ -363,7 +364,8 @@ async def _status(config: CoordinatorConfig, as_json: bool) -> None:
     for r in data["rounds"]:
         outcome = r["outcome"] or f"in progress ({r['phase']})"
         extra = f": {r['detail']}" if r["detail"] else ""
-        print(f"round {r['round_id']}: {outcome}{extra}")
+        groups = "" if r["groups"] is None else f" (g = {r['groups']})"
+        print(f"round {r['round_id']}{groups}: {outcome}{extra}")
 
 
 def _revocations(config: CoordinatorConfig) -> RevocationList | None:

@@ -25,6 +25,7 @@ from typing import Any
 from maskfl.broker_coordinator.store import Store
 from maskfl.protocol.errors import MaskflError
 from maskfl.protocol.identity import RevocationList
+from maskfl.protocol.messages import RoundParams, decode_message
 
 log = logging.getLogger("maskfl.coordinator.fleetview")
 
@@ -114,6 +115,16 @@ class Timeline:
         }
 
 
+def round_groups(params: bytes) -> int | None:
+    """g, the round's number of mask groups, read from its stored signed ROUND_PARAMS
+    (None if that does not parse: the history must still show the round)."""
+    try:
+        body = decode_message(params, max_size=1 << 20).body
+    except MaskflError:
+        return None
+    return body.groups if isinstance(body, RoundParams) else None
+
+
 async def round_history(
     store: Store, model_id: str, *, limit: int = 50, now: float
 ) -> list[dict[str, Any]]:
@@ -157,6 +168,7 @@ async def round_history(
                 "finished_at": r.finished_at,
                 "duration_s": end - r.started_at,
                 "phases": phases,
+                "groups": round_groups(r.params),
                 "summers": c.get("summers", 0),
                 "updaters": c.get("updates", 0),
                 "sum2": c.get("sum2", 0),

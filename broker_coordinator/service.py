@@ -31,7 +31,7 @@ from nacl.signing import SigningKey
 from maskfl.aggregator_gpu import select_backend
 from maskfl.broker_coordinator.committer import Committer
 from maskfl.broker_coordinator.config import CoordinatorConfig, check_files
-from maskfl.broker_coordinator.context import Contribution, ModelState, Services
+from maskfl.broker_coordinator.context import Contribution, ModelState, RoundState, Services
 from maskfl.broker_coordinator.enrollment import Enrollment
 from maskfl.broker_coordinator.fleetview import Timeline, device_table, model_history, round_history
 from maskfl.broker_coordinator.http import OpsServer
@@ -309,6 +309,8 @@ class Coordinator:
                 phase=str(runner.phase),
                 round_id=None if state is None else state.round_id,
                 summers=0 if state is None else len(state.summers),
+                groups=None if state is None else state.params.groups,
+                summer_groups=None if state is None else _summer_groups(state),
                 updates=0 if state is None else len(state.updates),
                 sum2=0 if state is None else len(state.sum2),
                 model_id=s.model.model_id,
@@ -718,3 +720,13 @@ class Coordinator:
 
 def state_db(config: CoordinatorConfig) -> Path:
     return config.storage.dir / DB_NAME
+
+
+def _summer_groups(state: RoundState) -> list[dict[str, Any]]:
+    """The round's summers so far with their mask group (public: anyone can compute
+    ``group_of`` from the round seed and the summer's key), sorted by group then device."""
+    rows = [
+        {"device": r.device_id, "group": state.params.group_of(r.public_key)}
+        for r in state.summers.values()
+    ]
+    return sorted(rows, key=lambda row: (row["group"], row["device"]))

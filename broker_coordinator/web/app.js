@@ -71,6 +71,11 @@ function renderHeader(d) {
   ready.className = "badge " + (st.ready ? "ok" : "bad");
   text("round", st.round_id ?? "–");
   text("phase", st.phase ?? "–");
+  text("groups", st.groups ?? "–");
+  const byGroup = {};
+  for (const sg of st.summer_groups || []) (byGroup[sg.group] ||= []).push(sg.device);
+  text("summer-groups", Object.keys(byGroup).length === 0 ? "" : "summers by mask group: " +
+    Object.entries(byGroup).map(([g, ds]) => `${g}: ${ds.join(", ")}`).join("; "));
   text("model", st.model_version === undefined ? "–" : `${st.model_id} v${st.model_version}`);
   text("alive", st.devices_alive ?? "–");
   const ev = st.model_evaluation;

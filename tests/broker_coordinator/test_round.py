@@ -380,6 +380,13 @@ async def test_the_sum_phase_waits_past_time_min_for_a_group_without_a_summer(
         async with running_coordinator(setup.config_path) as coordinator:
             await wait_for(lambda: all(1 in p.roles for p in early), 30, "round 1")
             await asyncio.sleep(1.5)  # well past time_min with 2 summers of group 0
+            status = coordinator.status()  # g and each summer's group are public
+            assert status["phase"] == "sum" and status["groups"] == 2, status
+            assert status["summer_groups"] == [
+                {"device": d, "group": 0} for d in sorted(s.device_id for s in setup.summers[::2])
+            ], status
+            rounds = (await coordinator.dashboard())["rounds"]
+            assert [(r["round_id"], r["groups"]) for r in rounds] == [(1, 2)], rounds
             await late.start()
             await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")
             assert coordinator.runner is not None and coordinator.runner.rounds_failed == 0

@@ -91,6 +91,9 @@ async def test_http_endpoints_and_cli(
     state = json.loads(capsys.readouterr().out)
     assert state["model"]["version"] == 1
     assert state["rounds"][-1]["outcome"] == "completed"
+    assert state["rounds"][-1]["groups"] == 1  # g, read from the round's signed parameters
+    assert await asyncio.to_thread(main, ["status", "--config", config]) == 0
+    assert f"round {state['rounds'][-1]['round_id']} (g = 1): completed" in capsys.readouterr().out
     assert await asyncio.to_thread(main, ["models", "list", "--config", config, "--json"]) == 0
     versions = [m["version"] for m in json.loads(capsys.readouterr().out)]
     assert versions == [0, 1]
