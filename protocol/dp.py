@@ -101,64 +101,10 @@ def _below(n: int, rng: random.Random) -> int:
     return draw
 
 
-def _bernoulli_exp1(num: int, den: int, rng: random.Random) -> bool:
-    """Bernoulli(exp(-num/den)) for 0 <= num <= den (CKS Algorithm 1, first part):
-    count k while Bernoulli(num / (den k)) succeeds; true iff k ends odd."""
-    k = 1
-    while _below(den * k, rng) < num:
-        k += 1
-    return k % 2 == 1
-
-
-def _bernoulli_exp(num: int, den: int, rng: random.Random) -> bool:
-    """Bernoulli(exp(-num/den)) for num >= 0, den >= 1."""
-    while num > den:
-        if not _bernoulli_exp1(1, 1, rng):
-            return False
-        num -= den
-    return _bernoulli_exp1(num, den, rng)
-
-
-def _geometric_exp(t: int, rng: random.Random) -> int:
-    """Geometric(1 - exp(-1/t)) on {0, 1, ...}, t >= 1 (CKS Algorithm 2)."""
-    while True:
-        u = _below(t, rng)
-        if _bernoulli_exp(u, t, rng):
-            break
-    v = 0
-    while _bernoulli_exp1(1, 1, rng):
-        v += 1
-    return v * t + u
-
-
-def _discrete_laplace(t: int, rng: random.Random) -> int:
-    """P(y) proportional to exp(-|y| / t) on the integers (CKS Algorithm 2)."""
-    while True:
-        negative = rng.getrandbits(1) == 1
-        magnitude = _geometric_exp(t, rng)
-        if negative and magnitude == 0:
-            continue
-        return -magnitude if negative else magnitude
-
-
 def sample_discrete_gaussian(sigma2: Fraction, rng: random.Random = _SYSTEM_RANDOM) -> int:
-    """One exact draw of N_Z(0, sigma2): P(y) proportional to exp(-y^2 / (2 sigma2)).
-
-    CKS Algorithm 3: a discrete Laplace proposal with ``t = floor(sigma) + 1``,
-    accepted with probability ``exp(-(|y| - sigma2/t)^2 / (2 sigma2))``. With
-    ``sigma2 = p/q`` that exponent is the integer ratio
-    ``(|y| q t - p)^2 / (2 p q t^2)``: every step compares uniform integers with
-    integers (no Fraction, no float), so the law is exactly the one CKS prove.
-    """
-    if sigma2 <= 0:
-        return 0
-    p, q = sigma2.numerator, sigma2.denominator
-    t = math.isqrt(p // q) + 1
-    den = 2 * p * q * t * t
-    while True:
-        y = _discrete_laplace(t, rng)
-        if _bernoulli_exp((abs(y) * q * t - p) ** 2, den, rng):
-            return y
+    """One exact draw of N_Z(0, sigma2): P(y) proportional to exp(-y^2 / (2 sigma2))
+    (:func:`discrete_gaussian` of size 1)."""
+    return int(discrete_gaussian(sigma2, 1, rng)[0])
 
 
 def discrete_gaussian(
@@ -173,11 +119,135 @@ def discrete_gaussian(
     if sigma2 < 0 or sigma2 > 2**100:
         raise ConfigError(f"noise variance {float(sigma2):.3g} out of range", field="sigma2")
     source = OsRandom() if rng is None else rng
-    return np.fromiter(
-        (sample_discrete_gaussian(sigma2, source) for _ in range(size)),
-        dtype=np.int64,
-        count=size,
-    )
+    if sigma2 == 0:
+        return np.zeros(size, dtype=np.int64)
+    out = np.empty(size, dtype=np.int64)
+    done = 0
+    while done < size:
+        batch = _gaussian_batch(sigma2, size - done, source)
+        out[done : done + batch.size] = batch[: size - done]
+        done += batch.size
+    return out
+
+
+# The vectorised sampler: the same CKS Algorithms 1-3, run on arrays. Every step is
+# the scalar one above (same Bernoulli trials, same order of decisions per element),
+# with uniform integers below n drawn as uint64 words cut to n.bit_length() bits and
+# redrawn while >= n, and Bernoulli(a/b) for big a, b decided on the first 64 bits of
+# the uniform U (exactly: only U's 64-bit prefix equal to floor(a 2^64 / b) leaves it
+# open, and then the remaining bits are drawn exactly). No float touches a sample.
+
+_U64: Final = np.uint64
+
+
+def _words(count: int, rng: random.Random) -> npt.NDArray[np.uint64]:
+    if count == 0:
+        return np.empty(0, dtype=np.uint64)
+    raw = rng.getrandbits(64 * count).to_bytes(8 * count, "little")
+    return np.frombuffer(raw, dtype=np.uint64).copy()
+
+
+def _below_array(n: int, count: int, rng: random.Random) -> npt.NDArray[np.uint64]:
+    """``count`` uniform integers in [0, n), 1 <= n < 2^63."""
+    shift = _U64(64 - n.bit_length())
+    draws = _words(count, rng) >> shift
+    bad = np.flatnonzero(draws >= n)
+    while bad.size:
+        draws[bad] = _words(bad.size, rng) >> shift
+        bad = bad[draws[bad] >= n]
+    return draws
+
+
+def _exp1_array(num: npt.NDArray[np.uint64], t: int, rng: random.Random) -> npt.NDArray[np.bool_]:
+    """Bernoulli(exp(-num/t)) per element, 0 <= num <= t < 2^62 (CKS Algorithm 1)."""
+    k = 1
+    active = np.arange(num.size)
+    result = np.zeros(num.size, dtype=np.bool_)
+    while active.size:
+        if t * k >= 2**63:  # reached with probability < 1/2^12!: finish element by element
+            for i in active.tolist():
+                kk = k
+                while _below(t * kk, rng) < int(num[i]):
+                    kk += 1
+                result[i] = kk % 2 == 1
+            break
+        go_on = _below_array(t * k, active.size, rng) < num[active]
+        stopped = active[~go_on]
+        result[stopped] = k % 2 == 1
+        active = active[go_on]
+        k += 1
+    return result
+
+
+def _geometric_e_array(count: int, rng: random.Random) -> npt.NDArray[np.int64]:
+    """Successes of Bernoulli(exp(-1)) before the first failure: P(G >= m) = exp(-m)."""
+    g = np.zeros(count, dtype=np.int64)
+    active = np.arange(count)
+    ones = np.ones(count, dtype=np.uint64)
+    while active.size:
+        hit = _exp1_array(ones[: active.size], 1, rng)
+        g[active[hit]] += 1
+        active = active[hit]
+    return g
+
+
+def _laplace_array(t: int, count: int, rng: random.Random) -> npt.NDArray[np.int64]:
+    """About ``count`` draws of P(y) proportional to exp(-|y|/t) (CKS Algorithm 2)."""
+    u = _below_array(t, count, rng)
+    u = u[_exp1_array(u, t, rng)]
+    magnitude = _geometric_e_array(u.size, rng) * t + u.astype(np.int64)
+    negative = _below_array(2, u.size, rng) == 1
+    keep = ~(negative & (magnitude == 0))
+    signed: npt.NDArray[np.int64] = np.where(negative, -magnitude, magnitude)
+    kept: npt.NDArray[np.int64] = signed[keep]
+    return kept
+
+
+def _bernoulli_ratio_array(a: list[int], b: list[int], rng: random.Random) -> npt.NDArray[np.bool_]:
+    """Bernoulli(a_i / b_i) per element, 0 <= a_i <= b_i, any size of integers."""
+    prefix = [(x << 64) // y for x, y in zip(a, b, strict=True)]
+    certain = np.array([c >= 2**64 for c in prefix], dtype=np.bool_)
+    bounded = np.array([min(c, 2**64 - 1) for c in prefix], dtype=np.uint64)
+    r = _words(len(a), rng)
+    result = certain | (r < bounded)
+    for i in np.flatnonzero(~certain & (r == bounded)).tolist():
+        # U = (r + V) / 2^64 with V uniform in [0, 1): U < a/b iff V < (a 2^64 - r b) / b.
+        rest = (a[i] << 64) - prefix[i] * b[i]
+        result[i] = _below(b[i], rng) < rest
+    return result
+
+
+def _exp_ratio_array(a: list[int], b: list[int], rng: random.Random) -> npt.NDArray[np.bool_]:
+    """Bernoulli(exp(-a_i/b_i)) per element: exp(-m) as P(G >= m) for m = floor(a/b),
+    times Bernoulli(exp(-f)) for the fraction f by CKS Algorithm 1."""
+    m = np.array([x // y for x, y in zip(a, b, strict=True)], dtype=np.int64)
+    frac = [x - int(q) * y for x, y, q in zip(a, b, m.tolist(), strict=True)]
+    result = _geometric_e_array(len(a), rng) >= m
+    active = np.flatnonzero(result)
+    k = 1
+    parity = np.zeros(len(a), dtype=np.bool_)
+    while active.size:
+        go_on = _bernoulli_ratio_array(
+            [frac[i] for i in active.tolist()], [b[i] * k for i in active.tolist()], rng
+        )
+        parity[active[~go_on]] = k % 2 == 1
+        active = active[go_on]
+        k += 1
+    return result & parity
+
+
+def _gaussian_batch(sigma2: Fraction, count: int, rng: random.Random) -> npt.NDArray[np.int64]:
+    """Up to about ``count`` draws of N_Z(0, sigma2) (CKS Algorithm 3, on arrays): a
+    discrete Laplace proposal with ``t = floor(sigma) + 1``, accepted with probability
+    ``exp(-(|y| - sigma2/t)^2 / (2 sigma2))``; with ``sigma2 = p/q`` that exponent is
+    the integer ratio ``(|y| q t - p)^2 / (2 p q t^2)``."""
+    p, q = sigma2.numerator, sigma2.denominator
+    t = math.isqrt(p // q) + 1
+    den = 2 * p * q * t * t
+    y = _laplace_array(t, max(count * 2, 64), rng)
+    ys = y.tolist()
+    accept = _exp_ratio_array([(abs(v) * q * t - p) ** 2 for v in ys], [den] * len(ys), rng)
+    return y[accept]
 
 
 def discrete_gaussian_variance(sigma2: float) -> float:

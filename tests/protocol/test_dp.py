@@ -17,6 +17,7 @@ from maskfl.protocol.dp import (
     noise_tail,
     sample_discrete_gaussian,
 )
+from maskfl.protocol.dp import _bernoulli_ratio_array as bernoulli_ratio
 
 
 def _pmf(sigma2: float, reach: int) -> np.ndarray:
@@ -124,3 +125,35 @@ def test_clipping_bounds_the_l2_norm_and_keeps_small_updates() -> None:
     small = big / (2 * norm)
     same, _ = clip_l2(small, 1.0)
     assert same is small
+
+
+class _Scripted(random.Random):
+    """A generator whose first getrandbits call returns a chosen word, then seeded bits."""
+
+    def __init__(self, first: int) -> None:
+        super().__init__(3)
+        self.first: int | None = first
+
+    def getrandbits(self, k: int) -> int:
+        if self.first is not None:
+            word, self.first = self.first, None
+            return word
+        return super().getrandbits(k)
+
+
+def test_bernoulli_of_big_ratios_settles_a_64_bit_tie_exactly() -> None:
+    """Bernoulli(a/b) compares U's first 64 bits with floor(a 2^64 / b); a prefix equal
+    to it (probability 2^-64, forced here) is settled by drawing U's remaining bits:
+    for a/b = 1/3, P(true | tie) = frac(2^64 / 3) = 1/3, not 0 or 1."""
+    tie = (1 << 64) // 3
+    wins = 0
+    for seed in range(3_000):
+        rng = _Scripted(tie)
+        rng.seed(seed)
+        rng.first = tie
+        wins += int(bernoulli_ratio([1], [3], rng)[0])
+    assert abs(wins / 3_000 - 1 / 3) <= 5 * math.sqrt(2 / 9 / 3_000)
+    assert bool(bernoulli_ratio([1], [3], _Scripted(tie - 1))[0])
+    assert not bool(bernoulli_ratio([1], [3], _Scripted(tie + 1))[0])
+    assert bool(bernoulli_ratio([5], [5], _Scripted(2**64 - 1))[0])
+    assert not bool(bernoulli_ratio([0], [5], _Scripted(0))[0])
