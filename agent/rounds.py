@@ -66,7 +66,7 @@ from maskfl.protocol.messages import (
     encode_message,
 )
 from maskfl.protocol.sortition import Task, select_task
-from maskfl.protocol.topics import Topics
+from maskfl.protocol.topics import TopicKind, Topics
 
 __all__ = ["Outcome", "RoundContext", "RoundDriver", "classify_receipt"]
 
@@ -74,10 +74,6 @@ log = logging.getLogger("maskfl.agent.round")
 
 #: Rejections of a *repeated* message that do not prove the first copy was refused.
 _AMBIGUOUS_ON_REPEAT = frozenset({Reason.PHASE_CLOSED, Reason.WRONG_PHASE, Reason.WRONG_ROUND})
-
-KIND_SUM = "sum"
-KIND_UPDATE = "update"
-KIND_SUM2 = "sum2"
 
 
 class Outcome(StrEnum):
@@ -248,7 +244,7 @@ class RoundDriver:
             sum2_words = update_words(p.vector_length) * (p.mask.word_bits // 8)
             self._check_budget(len(message) + sum2_words, 0, "sum and sum2")
             topic = self.ctx.topics.sum(self.round_id, ident.device_id)
-            entry = self._entry(KIND_SUM, topic, message)
+            entry = self._entry(TopicKind.SUM, topic, message)
             # The private key is durable before the Sum message can reach anyone.
             await self._save(
                 RoundState(
@@ -277,7 +273,7 @@ class RoundDriver:
         if self.state.step is Step.SUM_SENT:
             # The seed dictionary also proves the sum was accepted, so whichever of the
             # receipt and the seeds comes first moves on (a lost receipt costs nothing).
-            delivery = asyncio.create_task(self._deliver(KIND_SUM))
+            delivery = asyncio.create_task(self._deliver(TopicKind.SUM))
             try:
                 waiting: set[asyncio.Future[Any]] = {delivery, self._seeds}
                 done, _ = await asyncio.wait(waiting, return_when="FIRST_COMPLETED")
@@ -297,7 +293,7 @@ class RoundDriver:
         if self.state.step is Step.SEEDS_RECEIVED:
             await self._compute_sum2()
         if self.state.step is Step.SUM2_SENT:
-            outcome, receipt = await self._deliver(KIND_SUM2)
+            outcome, receipt = await self._deliver(TopicKind.SUM2)
             if outcome is not Outcome.ACCEPTED:
                 raise RoundFailedError(f"sum2 {outcome}: {_why(receipt)}")
             await self._finish(Step.DONE, "sum2 accepted")
@@ -348,7 +344,7 @@ class RoundDriver:
             signing_key=ident.signing_key,
         )
         self._check_budget(len(message), self.state.bytes_sent, "sum2")
-        entry = self._entry(KIND_SUM2, self.ctx.topics.sum2(rid, ident.device_id), message)
+        entry = self._entry(TopicKind.SUM2, self.ctx.topics.sum2(rid, ident.device_id), message)
         await self._save(
             self.state.advance(Step.SUM2_SENT, f"{len(seeds)} seeds, {len(failed)} failed"), entry
         )
@@ -376,7 +372,7 @@ class RoundDriver:
             result = await self._load_training()
             await self._compose_update(await self._sums, result)
         if self.state.step is Step.UPDATE_SENT:
-            outcome, receipt = await self._deliver(KIND_UPDATE)
+            outcome, receipt = await self._deliver(TopicKind.UPDATE)
             if outcome is not Outcome.ACCEPTED:
                 raise RoundFailedError(f"update {outcome}: {_why(receipt)}")
             await self._finish(Step.DONE, "update accepted")
@@ -467,7 +463,7 @@ class RoundDriver:
             signing_key=ident.signing_key,
         )
         self._check_budget(len(message), self.state.bytes_sent, "update")
-        entry = self._entry(KIND_UPDATE, self.ctx.topics.update(rid, ident.device_id), message)
+        entry = self._entry(TopicKind.UPDATE, self.ctx.topics.update(rid, ident.device_id), message)
         await self._save(
             self.state.advance(
                 Step.UPDATE_SENT, f"weight {weight:.4f}, sealed to {len(sealed)} summers"

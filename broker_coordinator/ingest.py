@@ -68,21 +68,17 @@ from maskfl.broker_coordinator.runner import Runner
 from maskfl.protocol.chunking import ChunkFrame, is_chunk
 from maskfl.protocol.errors import MaskflError, Reason, RemoteProtocolError
 from maskfl.protocol.messages import (
+    PARTICIPANT_KINDS,
     MessageType,
     Receipt,
     SignedMessage,
     decode_message,
 )
-from maskfl.protocol.topics import PARTICIPANT_KINDS, ParsedTopic, TopicKind
+from maskfl.protocol.topics import ParsedTopic, TopicKind
 from maskfl.transport import Message, Transport
 
 log = logging.getLogger("maskfl.coordinator.ingest")
 
-_TOPIC_TYPES = {
-    TopicKind.SUM: MessageType.SUM,
-    TopicKind.UPDATE: MessageType.UPDATE,
-    TopicKind.SUM2: MessageType.SUM2,
-}
 _LATE = frozenset({Reason.WRONG_ROUND, Reason.PHASE_CLOSED, Reason.WRONG_PHASE})
 """Reasons that a redelivery of an already accepted message would get (see _already_accepted)."""
 _LAPSED = frozenset({Reason.REVOKED, Reason.EXPIRED})
@@ -516,7 +512,7 @@ class Ingest:
         s = self.s
         header = signed.header
         signed.expect(fleet=s.fleet)
-        if _TOPIC_TYPES.get(parsed.kind) != header.message_type:
+        if header.message_type.topic_kind != parsed.kind:
             raise RemoteProtocolError(
                 Reason.MALFORMED, f"{header.message_type.name} message on a {parsed.kind} topic"
             )

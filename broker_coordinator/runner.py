@@ -42,25 +42,11 @@ from maskfl.broker_coordinator.phases.unmask import UnmaskPhase
 from maskfl.broker_coordinator.phases.update import publish_seed_dicts
 from maskfl.broker_coordinator.store import RoundRecord
 from maskfl.protocol.errors import MaskflError, Reason, RemoteProtocolError
-from maskfl.protocol.messages import MessageType, RoundParams, decode_message
-from maskfl.protocol.phases import MESSAGE_PHASES, Phase, PhaseTimer, Verdict, check_transition
+from maskfl.protocol.messages import MESSAGE_PHASES, RoundParams, decode_message
+from maskfl.protocol.phases import Phase, PhaseTimer, Verdict, check_transition, precedes
 
 log = logging.getLogger("maskfl.coordinator.runner")
 
-_ORDER: Final = {
-    Phase.IDLE: 0,
-    Phase.SUM: 1,
-    Phase.UPDATE: 2,
-    Phase.SUM2: 3,
-    Phase.UNMASK: 4,
-    Phase.FAILURE: 5,
-    Phase.SHUTDOWN: 6,
-}
-_PHASE_OF: Final = {
-    MessageType.SUM: Phase.SUM,
-    MessageType.UPDATE: Phase.UPDATE,
-    MessageType.SUM2: Phase.SUM2,
-}
 _MAX_WAIT_S: Final = 1.0
 
 
@@ -153,14 +139,14 @@ class Runner:
                     Reason.WRONG_ROUND,
                     f"message for round {header.round_id}, current round is {current}",
                 )
-            wanted = _PHASE_OF.get(header.message_type)
+            wanted = header.message_type.phase
             if wanted is None:
                 raise RemoteProtocolError(
                     Reason.MALFORMED, f"{header.message_type.name} is not a participant message"
                 )
             phase = self.current
             if not isinstance(phase, MessagePhase) or phase.phase != wanted or state.closing:
-                if _ORDER[wanted] < _ORDER[self.phase] or (wanted == self.phase and state.closing):
+                if precedes(wanted, self.phase) or (wanted == self.phase and state.closing):
                     raise RemoteProtocolError(
                         Reason.PHASE_CLOSED, f"the {wanted} phase of round {state.round_id} closed"
                     )

@@ -52,8 +52,7 @@ from maskfl.protocol.identity import (
 )
 from maskfl.protocol.ids import Role, RoundId
 from maskfl.protocol.masking import MaskConfig
-from maskfl.protocol.messages import GlobalModel, weights_digest
-from maskfl.protocol.phases import MESSAGE_PHASES
+from maskfl.protocol.messages import MESSAGE_PHASES, GlobalModel, weights_digest
 from maskfl.protocol.topics import Topics
 from maskfl.transport import (
     Backoff,

@@ -43,6 +43,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from types import MappingProxyType
 from typing import Any, ClassVar, Final, TypeAlias
 
 import nacl.exceptions
@@ -68,6 +69,7 @@ from maskfl.protocol.ids import FleetId, Role, RoundId
 from maskfl.protocol.masking import MaskConfig, Words, update_words
 from maskfl.protocol.phases import Phase
 from maskfl.protocol.sortition import MAX_GROUPS, group_of, next_round_seed
+from maskfl.protocol.topics import TopicKind
 
 __all__ = [
     "BODY_OFFSET",
@@ -80,6 +82,11 @@ __all__ = [
     "MAX_METRICS",
     "MAX_SUM_SIZE",
     "MESSAGE_DOMAIN",
+    "MESSAGE_PHASES",
+    "PARTICIPANT_BY_TOPIC",
+    "PARTICIPANT_BY_TYPE",
+    "PARTICIPANT_KINDS",
+    "PARTICIPANT_MESSAGES",
     "SEALED_SEED_SIZE",
     "SIGNATURE_SIZE",
     "Body",
@@ -87,6 +94,7 @@ __all__ = [
     "Header",
     "Heartbeat",
     "MessageType",
+    "ParticipantKind",
     "Receipt",
     "RoundParams",
     "SeedDict",
@@ -142,21 +150,50 @@ class MessageType(IntEnum):
     @property
     def phase(self) -> Phase | None:
         """The phase that accepts this participant message; None for coordinator messages."""
-        return _PARTICIPANT_PHASES.get(self)
+        kind = PARTICIPANT_BY_TYPE.get(self)
+        return None if kind is None else kind.phase
+
+    @property
+    def topic_kind(self) -> TopicKind | None:
+        """The topic kind a participant publishes this type on; None for coordinator messages."""
+        kind = PARTICIPANT_BY_TYPE.get(self)
+        return None if kind is None else kind.topic
 
     @property
     def sender_role(self) -> Role:
         """Who may send this type: devices send sum, update, sum2 and heartbeats."""
-        if self in (MessageType.SUM, MessageType.UPDATE, MessageType.SUM2, MessageType.HEARTBEAT):
+        if self in PARTICIPANT_BY_TYPE or self is MessageType.HEARTBEAT:
             return Role.DEVICE
         return Role.COORDINATOR
 
 
-_PARTICIPANT_PHASES: Final = {
-    MessageType.SUM: Phase.SUM,
-    MessageType.UPDATE: Phase.UPDATE,
-    MessageType.SUM2: Phase.SUM2,
-}
+@dataclass(frozen=True, slots=True)
+class ParticipantKind:
+    """One kind of participant message: its header type, its topic, the phase that takes it."""
+
+    message_type: MessageType
+    topic: TopicKind
+    phase: Phase
+
+
+PARTICIPANT_MESSAGES: Final = (
+    ParticipantKind(MessageType.SUM, TopicKind.SUM, Phase.SUM),
+    ParticipantKind(MessageType.UPDATE, TopicKind.UPDATE, Phase.UPDATE),
+    ParticipantKind(MessageType.SUM2, TopicKind.SUM2, Phase.SUM2),
+)
+"""The one table of participant message kinds, in round order; every other mapping
+(type -> phase, topic -> type, the message phases, the agent's journal keys) is derived."""
+
+PARTICIPANT_BY_TYPE: Final[Mapping[MessageType, ParticipantKind]] = MappingProxyType(
+    {kind.message_type: kind for kind in PARTICIPANT_MESSAGES}
+)
+PARTICIPANT_BY_TOPIC: Final[Mapping[TopicKind, ParticipantKind]] = MappingProxyType(
+    {kind.topic: kind for kind in PARTICIPANT_MESSAGES}
+)
+PARTICIPANT_KINDS: Final = frozenset(PARTICIPANT_BY_TOPIC)
+"""The topic kinds on which participants publish (sum, update, sum2)."""
+MESSAGE_PHASES: Final = frozenset(kind.phase for kind in PARTICIPANT_MESSAGES)
+"""The phases that collect participant messages and so have a :class:`PhaseWindow`."""
 
 
 # --- header -------------------------------------------------------------------------------

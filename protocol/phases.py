@@ -41,7 +41,6 @@ from typing import Final
 from maskfl.protocol.errors import ConfigError, LocalProtocolError
 
 __all__ = [
-    "MESSAGE_PHASES",
     "TRANSITIONS",
     "Phase",
     "PhaseTimer",
@@ -50,6 +49,7 @@ __all__ = [
     "can_transition",
     "check_transition",
     "next_phase",
+    "precedes",
 ]
 
 
@@ -65,32 +65,31 @@ class Phase(StrEnum):
     SHUTDOWN = "shutdown"
 
 
+_ROUND: Final = (Phase.IDLE, Phase.SUM, Phase.UPDATE, Phase.SUM2, Phase.UNMASK)
+"""The one statement of the phase order: a round's phases, after the last the next round."""
+
 _HAPPY_PATH: Final[Mapping[Phase, Phase]] = MappingProxyType(
-    {
-        Phase.IDLE: Phase.SUM,
-        Phase.SUM: Phase.UPDATE,
-        Phase.UPDATE: Phase.SUM2,
-        Phase.SUM2: Phase.UNMASK,
-        Phase.UNMASK: Phase.IDLE,
-        Phase.FAILURE: Phase.IDLE,
-    }
+    {phase: _ROUND[(i + 1) % len(_ROUND)] for i, phase in enumerate(_ROUND)}
+    | {Phase.FAILURE: Phase.IDLE}
+)
+
+_RANK: Final[Mapping[Phase, int]] = MappingProxyType(
+    {phase: i for i, phase in enumerate((*_ROUND, Phase.FAILURE, Phase.SHUTDOWN))}
 )
 
 TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = MappingProxyType(
     {
-        Phase.IDLE: frozenset({Phase.SUM, Phase.FAILURE, Phase.SHUTDOWN}),
-        Phase.SUM: frozenset({Phase.UPDATE, Phase.FAILURE, Phase.SHUTDOWN}),
-        Phase.UPDATE: frozenset({Phase.SUM2, Phase.FAILURE, Phase.SHUTDOWN}),
-        Phase.SUM2: frozenset({Phase.UNMASK, Phase.FAILURE, Phase.SHUTDOWN}),
-        Phase.UNMASK: frozenset({Phase.IDLE, Phase.FAILURE, Phase.SHUTDOWN}),
-        Phase.FAILURE: frozenset({Phase.IDLE, Phase.SHUTDOWN}),
-        Phase.SHUTDOWN: frozenset(),
+        phase: frozenset({after, Phase.SHUTDOWN} | ({Phase.FAILURE} - {phase}))
+        for phase, after in _HAPPY_PATH.items()
     }
+    | {Phase.SHUTDOWN: frozenset()}
 )
 """Every allowed move ``from -> {to, ...}``; anything else is a bug."""
 
-MESSAGE_PHASES: Final = frozenset({Phase.SUM, Phase.UPDATE, Phase.SUM2})
-"""The phases that collect participant messages and so have a :class:`PhaseWindow`."""
+
+def precedes(earlier: Phase, later: Phase) -> bool:
+    """Whether ``earlier`` comes before ``later`` in a round (failure, shutdown last)."""
+    return _RANK[earlier] < _RANK[later]
 
 
 def can_transition(current: Phase, target: Phase) -> bool:

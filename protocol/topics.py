@@ -33,7 +33,6 @@ from maskfl.protocol.ids import DeviceId, FleetId, RoundId
 
 __all__ = [
     "MAX_TOPIC_LENGTH",
-    "PARTICIPANT_KINDS",
     "ROOT",
     "ParsedTopic",
     "TopicKind",
@@ -57,9 +56,6 @@ class TopicKind(StrEnum):
     MODEL_LATEST = "model_latest"
     RECEIPTS = "receipts"
     STATUS = "status"
-
-
-PARTICIPANT_KINDS: Final = frozenset({TopicKind.SUM, TopicKind.UPDATE, TopicKind.SUM2})
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,6 @@ from typing import ClassVar
 
 from maskfl.broker_coordinator.context import Contribution, Incoming, RoundState, Services
 from maskfl.broker_coordinator.store import Transaction
-from maskfl.protocol.messages import MessageType
 from maskfl.protocol.phases import Phase, PhaseWindow
 
 
@@ -33,7 +32,6 @@ class StepPhase(ABC):
 
 class MessagePhase(ABC):
     phase: ClassVar[Phase]
-    accepts: ClassVar[MessageType]
 
     def __init__(self, services: Services, state: RoundState) -> None:
         self.s = services

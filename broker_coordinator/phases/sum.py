@@ -17,7 +17,7 @@ from maskfl.broker_coordinator.errors import RoundFailedError
 from maskfl.broker_coordinator.phases.base import MessagePhase
 from maskfl.broker_coordinator.store import SummerRecord, Transaction
 from maskfl.protocol.errors import Reason, RemoteProtocolError
-from maskfl.protocol.messages import MessageType, Sum, SumDict
+from maskfl.protocol.messages import Sum, SumDict
 from maskfl.protocol.phases import Phase, PhaseWindow
 from maskfl.protocol.sortition import Task, select_task
 
@@ -47,7 +47,6 @@ def check_task(phase: MessagePhase, public_key: bytes, wanted: Task) -> None:
 
 class SumPhase(MessagePhase):
     phase = Phase.SUM
-    accepts = MessageType.SUM
 
     def window(self) -> PhaseWindow:
         c = self.s.config.pet.sum

@@ -22,13 +22,12 @@ from maskfl.broker_coordinator.phases.sum import check_once
 from maskfl.broker_coordinator.phases.update import publish_seed_dicts
 from maskfl.broker_coordinator.store import Sum2Record, Transaction
 from maskfl.protocol.errors import Reason, RemoteProtocolError
-from maskfl.protocol.messages import MessageType, Sum2
+from maskfl.protocol.messages import Sum2
 from maskfl.protocol.phases import Phase, PhaseWindow
 
 
 class Sum2Phase(MessagePhase):
     phase = Phase.SUM2
-    accepts = MessageType.SUM2
 
     def window(self) -> PhaseWindow:
         c = self.s.config.pet.sum2

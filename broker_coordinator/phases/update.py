@@ -29,7 +29,7 @@ from maskfl.broker_coordinator.phases.base import MessagePhase
 from maskfl.broker_coordinator.phases.sum import check_once, check_task
 from maskfl.broker_coordinator.store import RoundRecord, Transaction, UpdateRecord
 from maskfl.protocol.errors import Reason, RemoteProtocolError
-from maskfl.protocol.messages import MessageType, SeedDict, Update
+from maskfl.protocol.messages import SeedDict, Update
 from maskfl.protocol.phases import Phase, PhaseWindow
 from maskfl.protocol.sortition import Task
 
@@ -48,7 +48,6 @@ async def publish_seed_dicts(s: Services, state: RoundState) -> None:
 
 class UpdatePhase(MessagePhase):
     phase = Phase.UPDATE
-    accepts = MessageType.UPDATE
 
     _next: RoundRecord | None = None
 

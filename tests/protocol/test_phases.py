@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maskfl.protocol.errors import ConfigError, LocalProtocolError
+from maskfl.protocol.messages import MESSAGE_PHASES, PARTICIPANT_MESSAGES, MessageType
 from maskfl.protocol.phases import (
-    MESSAGE_PHASES,
     TRANSITIONS,
     Phase,
     PhaseTimer,
@@ -20,6 +20,7 @@ from maskfl.protocol.phases import (
     can_transition,
     check_transition,
     next_phase,
+    precedes,
 )
 
 # --- the table ---------------------------------------------------------------------------
@@ -28,6 +29,37 @@ from maskfl.protocol.phases import (
 def test_every_phase_has_a_row() -> None:
     assert set(TRANSITIONS) == set(Phase)
     assert {Phase.SUM, Phase.UPDATE, Phase.SUM2} == MESSAGE_PHASES
+
+
+def test_the_derived_table_is_the_drawn_one() -> None:
+    every_but_shutdown = {Phase.FAILURE, Phase.SHUTDOWN}
+    assert dict(TRANSITIONS) == {
+        Phase.IDLE: frozenset({Phase.SUM} | every_but_shutdown),
+        Phase.SUM: frozenset({Phase.UPDATE} | every_but_shutdown),
+        Phase.UPDATE: frozenset({Phase.SUM2} | every_but_shutdown),
+        Phase.SUM2: frozenset({Phase.UNMASK} | every_but_shutdown),
+        Phase.UNMASK: frozenset({Phase.IDLE} | every_but_shutdown),
+        Phase.FAILURE: frozenset({Phase.IDLE, Phase.SHUTDOWN}),
+        Phase.SHUTDOWN: frozenset(),
+    }
+
+
+def test_precedes_is_the_round_order() -> None:
+    order = [Phase.IDLE, Phase.SUM, Phase.UPDATE, Phase.SUM2, Phase.UNMASK]
+    order += [Phase.FAILURE, Phase.SHUTDOWN]
+    for i, earlier in enumerate(order):
+        for later in order:
+            assert precedes(earlier, later) == (i < order.index(later))
+
+
+def test_participant_kinds_are_one_table() -> None:
+    assert [k.phase for k in PARTICIPANT_MESSAGES] == [Phase.SUM, Phase.UPDATE, Phase.SUM2]
+    for kind in PARTICIPANT_MESSAGES:
+        assert kind.message_type.phase is kind.phase
+        assert kind.message_type.topic_kind is kind.topic
+        assert kind.topic.value == kind.phase.value
+    others = set(MessageType) - {k.message_type for k in PARTICIPANT_MESSAGES}
+    assert all(t.phase is None and t.topic_kind is None for t in others)
 
 
 def test_happy_path_is_a_cycle() -> None:
