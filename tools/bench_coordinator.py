@@ -57,6 +57,7 @@ from maskfl.protocol.messages import (
     encode_message,
     open_sum_dict,
 )
+from maskfl.protocol.sortition import MAX_GROUPS, group_of
 from maskfl.protocol.topics import Topics
 from maskfl.tools._demo_fleet import free_port, start_plain_broker
 from maskfl.tools._supervise import Supervisor
@@ -85,6 +86,13 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="override storage.group_commit_ms (default: the coordinator's default)",
     )
+    parser.add_argument(
+        "--groups",
+        type=int,
+        default=1,
+        help="g, the round's mask groups ([masking] groups): each update seals one seed per "
+        "group, with max(2, g) summers, one or more per group (default 1)",
+    )
     parser.add_argument("--json", type=Path, help="write the JSON here instead of stdout")
     parser.add_argument("--keep", type=Path, help="keep logs and state in this directory")
 
@@ -94,6 +102,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     m_values = [int(m) for m in (getattr(args, "m", None) or [1e4, 1e5, 1e6])]
     backend = getattr(args, "backend", "numpy")
     repeat = max(1, getattr(args, "repeat", 3))
+    groups = getattr(args, "groups", 1)
+    if not 1 <= groups <= MAX_GROUPS:
+        raise SystemExit(f"maskfl-bench coordinator: --groups {groups}: pick 1 to {MAX_GROUPS}")
     storage: dict[str, Any] = {}
     if getattr(args, "group_commit_ms", None) is not None:
         storage["group_commit_ms"] = float(args.group_commit_ms)
@@ -106,7 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"maskfl-bench coordinator: N={n} M={m} run {r + 1}/{repeat}", file=sys.stderr
                 )
                 with _workdir(getattr(args, "keep", None), f"n{n}-m{m}") as work:
-                    runs.append(asyncio.run(_one(n, m, backend, work, storage)))
+                    runs.append(asyncio.run(_one(n, m, backend, work, storage, groups=groups)))
             runs.sort(key=lambda x: x["ratio"])
             median = runs[len(runs) // 2]
             results.append({**median, "ratios": [x["ratio"] for x in runs]})
@@ -114,6 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_size": CHUNK,
         "word_bits": 32,
         "backend": backend,
+        "groups": groups,
         "storage": storage,
         "repeat": repeat,
         "note": "each entry is the run with the median ratio; 'ratios' lists every run",
@@ -133,11 +145,15 @@ def _workdir(keep: Path | None, name: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
-async def _one(n: int, m: int, backend: str, work: Path, storage: dict[str, Any]) -> dict[str, Any]:
+async def _one(
+    n: int, m: int, backend: str, work: Path, storage: dict[str, Any], *, groups: int = 1
+) -> dict[str, Any]:
     sup = Supervisor(work / "logs")
     try:
         port = start_plain_broker(sup, work, limit_s=10)
-        return await _measure(n, m, backend, work, port=port, sup=sup, storage=storage)
+        return await _measure(
+            n, m, backend, work, port=port, sup=sup, storage=storage, groups=groups
+        )
     finally:
         sup.stop_all()
 
@@ -151,15 +167,17 @@ async def _measure(
     port: int,
     sup: Supervisor,
     storage: dict[str, Any],
+    groups: int = 1,
 ) -> dict[str, Any]:
     fleet = SimFleet(fleet="bench")
+    n_summers = max(2, groups)
     http_port = free_port()
     # update.count_max = N may not exceed masking.n_max (the config refuses it).
     n_max = max(1000, n)
     initial = np.zeros(m, dtype=np.float32)
     seed1 = first_round_seed(bytes(32), initial)
     summer_ids, updater_ids = fleet.identities_for_roles(
-        seed1, p_sum=P_SUM, p_update=1.0, summers=2, updaters=n
+        seed1, p_sum=P_SUM, p_update=1.0, summers=n_summers, updaters=n, groups=groups
     )
     config = fleet.write_coordinator(
         work / "coordinator",
@@ -167,16 +185,23 @@ async def _measure(
         length=m,
         initial=initial,
         overrides={
-            "masking": {"bound": 1.0, "n_max": n_max, "word_bits": 32},
+            "masking": {"bound": 1.0, "n_max": n_max, "word_bits": 32, "groups": groups},
             "aggregation": {"backend": backend},
             **({"storage": storage} if storage else {}),
             "pet": {
                 "chunk_size": CHUNK,
                 "max_rounds": 2,
                 "round_pause_s": 600.0,
-                "sum": {"prob": P_SUM, "count_min": 2, "count_max": 2, "time_max_s": 120.0},
+                # target only bounds groups here (prob sets p_sum)
+                "sum": {
+                    "prob": P_SUM,
+                    "target": max(3, n_summers),
+                    "count_min": n_summers,
+                    "count_max": n_summers,
+                    "time_max_s": 120.0,
+                },
                 "update": {"prob": 1.0, "count_min": n, "count_max": n, "time_max_s": 600.0},
-                "sum2": {"count_min": 2, "count_max": 2, "time_max_s": 600.0},
+                "sum2": {"count_min": n_summers, "count_max": n_summers, "time_max_s": 600.0},
             },
             "log": {"level": os.environ.get("MASKFL_BENCH_LOG", "warning"), "format": "text"},
             # The privacy floor: 3 by default, 2 at the least (a round of 2 updaters).
@@ -276,6 +301,8 @@ async def _measure(
             ca_public_key=fleet.ca_public_key,
             now=time.time(),
             revocations=None,
+            groups=groups,
+            round_seed=seed1,
         )
         cfg = MaskConfig(1.0, n_max, 32)
         rng = np.random.default_rng(0)
@@ -283,10 +310,15 @@ async def _measure(
         build_started = time.perf_counter()
 
         def build(ident: Any) -> tuple[str, list[bytes]]:
-            seed = new_seed()
+            seeds = [new_seed() for _ in range(groups)]  # one per mask group
             delta = rng.uniform(-0.1, 0.1, m).astype(np.float32)
-            words = mask_update(delta, 0.5, seed, cfg)
-            sealed = {s.certificate.public_key: seal_seed(seed, s.ephemeral_pk) for s in opened}
+            words = mask_update(delta, 0.5, seeds, cfg)
+            sealed = {
+                s.certificate.public_key: seal_seed(
+                    seeds[group_of(seed1, s.certificate.public_key, groups)], s.ephemeral_pk
+                )
+                for s in opened
+            }
             raw = encode_message(
                 Update(ident.certificate, sealed, words),
                 fleet=fleet.fleet,

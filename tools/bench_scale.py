@@ -67,6 +67,7 @@ from maskfl.protocol.messages import (
     encode_message,
     open_sum_dict,
 )
+from maskfl.protocol.sortition import MAX_GROUPS
 from maskfl.protocol.topics import Topics
 from maskfl.tools._supervise import Child, Supervisor
 from maskfl.tools.bench_coordinator import _publish_all, _read_frames
@@ -101,14 +102,25 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--fleet-rounds", type=int, default=3)
     p.add_argument("--per-broker", type=int, default=18000, help="clients per mosquitto")
     p.add_argument("--per-process", type=int, default=17000, help="idle devices per process")
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=1,
+        help="g, the mask groups ([masking] groups) of every round: updates seal one seed per "
+        f"group, with max({SUMMERS}, g) summers, one or more per group (default 1)",
+    )
     p.add_argument("--json", type=Path, help="write the JSON here instead of stdout")
     p.add_argument("--keep", type=Path, help="keep logs and state in this directory")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     parts = getattr(args, "parts", None) or list(PARTS)
+    groups = _groups(args)
+    if not 1 <= groups <= MAX_GROUPS:
+        raise SystemExit(f"maskfl-bench scale: --groups {groups}: pick 1 to {MAX_GROUPS}")
     out: dict[str, Any] = {
         "word_bits": 32,
+        "groups": groups,
         "backend": "numpy",
         "chunk_size": CHUNK,
         "fd_limit": _fd_limit(),
@@ -129,6 +141,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "fleet" in parts:
         out["fleet"] = _run("fleet", args, _fleet_row)
     return out
+
+
+def _groups(args: argparse.Namespace) -> int:
+    return int(getattr(args, "groups", 1) or 1)
 
 
 def _net_of_baseline(rows: list[dict[str, Any]]) -> None:
@@ -280,22 +296,29 @@ class Bed:
             brokers = [core] + [_broker(work, sup, f"edge{i}", core.port) for i in range(edges)]
             fleet = SimFleet(fleet=FLEET)
             http_port = _free_port()
+            summers = max(SUMMERS, _groups(args))
             config = fleet.write_coordinator(
                 work / "coordinator",
                 port=core.port,
                 length=m,
                 initial=np.zeros(m, dtype=np.float32),
                 overrides={
-                    "masking": {"bound": 1.0, "n_max": max(1000, n_max), "word_bits": 32},
+                    "masking": {
+                        "bound": 1.0,
+                        "n_max": max(1000, n_max),
+                        "word_bits": 32,
+                        "groups": _groups(args),
+                    },
                     "aggregation": {"backend": "numpy"},
                     "pet": {
                         "chunk_size": CHUNK,
                         "max_rounds": rounds + 1,
                         "round_pause_s": 0.5,
                         "sum": {
-                            "prob": P_SUM,
-                            "count_min": SUMMERS,
-                            "count_max": SUMMERS,
+                            "prob": P_SUM,  # target only bounds masking.groups here
+                            "target": max(3, summers),
+                            "count_min": summers,
+                            "count_max": summers,
                             "time_max_s": 3600.0,
                         },
                         "update": {
@@ -304,7 +327,7 @@ class Bed:
                             "count_max": updates,
                             "time_max_s": 3600.0,
                         },
-                        "sum2": {"count_min": SUMMERS, "count_max": SUMMERS, "time_max_s": 3600.0},
+                        "sum2": {"count_min": summers, "count_max": summers, "time_max_s": 3600.0},
                     },
                     # The privacy floor: 3 by default, 2 at the least (a round of 2 updates).
                     "privacy": {"min_updates": min(3, max(2, updates))},
@@ -511,8 +534,9 @@ class Bed:
     async def round(self, rid: int, n: int, m: int, *, fetch_model: bool = False) -> dict[str, Any]:
         sent0 = await self.settle()
         params = await asyncio.wait_for(self._future(self.params, rid), 120 + n / 50)
+        g = params.groups  # the round's, as an updater reads it
         summer_ids, updater_ids = self.fleet.identities_for_roles(
-            params.seed, p_sum=P_SUM, p_update=1.0, summers=SUMMERS, updaters=n
+            params.seed, p_sum=P_SUM, p_update=1.0, summers=max(SUMMERS, g), updaters=n, groups=g
         )
         summers = [
             SimParticipant(
@@ -535,6 +559,8 @@ class Bed:
                 ca_public_key=self.fleet.ca_public_key,
                 now=time.time(),
                 revocations=None,
+                groups=g,
+                round_seed=params.seed,
             )
             cfg = MaskConfig(1.0, max(1000, n), 32)
             rng = np.random.default_rng(rid)
@@ -543,11 +569,14 @@ class Bed:
             update_bytes = 0
             with frames_file.open("wb") as out:
                 for ident in updater_ids:
-                    seed = new_seed()
+                    seeds = [new_seed() for _ in range(g)]  # one per mask group
                     delta = rng.uniform(-0.1, 0.1, m).astype(np.float32)
-                    words = mask_update(delta, 0.5, seed, cfg)
+                    words = mask_update(delta, 0.5, seeds, cfg)
                     sealed = {
-                        s.certificate.public_key: seal_seed(seed, s.ephemeral_pk) for s in opened
+                        s.certificate.public_key: seal_seed(
+                            seeds[params.group_of(s.certificate.public_key)], s.ephemeral_pk
+                        )
+                        for s in opened
                     }
                     raw = encode_message(
                         Update(ident.certificate, sealed, words),

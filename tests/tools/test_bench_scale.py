@@ -57,3 +57,21 @@ def test_scale_smoke(tmp_path: Path) -> None:
     assert [r["outcome"] for r in fleet["rounds"]] == ["completed", "completed"]
     assert [r["heartbeats_paused"] for r in fleet["rounds"]] == [False, True]
     assert fleet["coordinator_idle"]["devices_alive"] == 150
+
+
+def test_scale_rounds_with_two_mask_groups(tmp_path: Path) -> None:
+    """The hand-built updates take the round's g: one seed per group, each sealed to its
+    group's summers (with g = 1 assumed, the sum dictionary's group check refused them)."""
+    out = tmp_path / "scale.json"
+    argv = ["scale", "--json", str(out), "--parts", "rounds", "--groups", "2"]
+    assert main([*argv, "--n", "3", "--n-m", "2000", "--m", "2000", "--m-n", "2"]) == 0
+    result = json.loads(out.read_text())["results"]
+    assert result["groups"] == 2
+    for row in result["rounds"]:
+        assert "error" not in row, row
+        assert row["outcome"] == "completed"
+
+
+def test_scale_refuses_groups_out_of_range() -> None:
+    with pytest.raises(SystemExit, match="--groups 256: pick 1 to 255"):
+        main(["scale", "--parts", "rounds", "--groups", "256"])
