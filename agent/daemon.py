@@ -73,7 +73,6 @@ from maskfl.protocol.messages import (
     verify_sender,
     weights_digest,
 )
-from maskfl.protocol.sortition import next_round_seed
 from maskfl.protocol.topics import ParsedTopic, TopicKind, Topics
 from maskfl.transport import (
     Backoff,
@@ -643,8 +642,7 @@ class Agent:
             now=self.clock(),
             revocations=self.revocations,
         )
-        expected = next_round_seed(params.previous_seed, params.model_digest, rid)
-        if params.seed != expected:
+        if not params.seed_is_chained:
             raise RemoteProtocolError(
                 Reason.MALFORMED,
                 f"round {rid} seed is not the hash chain of the previous seed and model",
