@@ -117,7 +117,7 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 one return per subcommand exit status
     args = build_parser().parse_args(argv)
     try:
         match args.command:

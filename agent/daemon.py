@@ -691,7 +691,7 @@ class Agent:
             certificate=self.coordinator.certificate,
         )
 
-    async def _on_coordinator_message(
+    async def _on_coordinator_message(  # noqa: PLR0912, PLR0915 one match arm per coordinator topic kind
         self, topic: str, parsed: ParsedTopic, payload: bytes
     ) -> None:
         assert self.coordinator is not None

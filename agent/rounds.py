@@ -496,7 +496,7 @@ class RoundDriver:
             self._receipts[kind] = future
         return future
 
-    async def _deliver(self, kind: str) -> tuple[Outcome, Receipt | None]:
+    async def _deliver(self, kind: str) -> tuple[Outcome, Receipt | None]:  # noqa: PLR0912 the resend loop: one branch per receipt outcome and budget
         """Publish the journaled message ``kind`` until its receipt arrives."""
         journal = self.ctx.journal
         entry = await journal.outbox(self.round_id, kind)

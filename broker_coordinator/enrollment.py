@@ -56,7 +56,7 @@ class Enrollment:
         self.cache_hits = 0
         self.cache_evictions = 0
 
-    def reload_if_changed(self) -> bool:
+    def reload_if_changed(self) -> bool:  # noqa: PLR0911 one early return per unchanged or unreadable file
         """Load the revocation list if its file changed; True when a new list is in force."""
         path = self.revocations_file
         if path is None:

@@ -120,7 +120,7 @@ class OpsServer:
                 await self._server.wait_closed()
             self._server = None
 
-    async def _respond(self, path: str) -> Response:
+    async def _respond(self, path: str) -> Response:  # noqa: PLR0911 one return per route
         match path:
             case "/metrics":
                 return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics.render()

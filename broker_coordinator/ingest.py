@@ -431,7 +431,7 @@ class Ingest:
                 m.heartbeats.labels(result=result).inc(fresh)
                 self._heartbeats_exported[result] = total
 
-    async def handle(self, message: Message) -> None:
+    async def handle(self, message: Message) -> None:  # noqa: PLR0912 bound, parse, tap status, decode off-loop, answer: in order
         s = self.s
         s.metrics.bytes_in.inc(len(message.payload))
         try:

@@ -36,7 +36,7 @@ def _schema() -> Any:
     return schema_py_generated
 
 
-def graph_with_weights(graph: bytes, weights: npt.ArrayLike) -> bytes:
+def graph_with_weights(graph: bytes, weights: npt.ArrayLike) -> bytes:  # noqa: PLR0912 one branch per flatbuffer tensor case
     """``graph`` (a .tflite following the model contract) with ``weights`` as its
     initial weights. Raises :class:`ConfigError` when the graph does not have the
     contract's shape or the vector's length does not match it."""

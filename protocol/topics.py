@@ -184,7 +184,7 @@ def _parse_id(topic: str, text: str, what: str) -> str:
     return text
 
 
-def parse_topic(topic: str) -> ParsedTopic:
+def parse_topic(topic: str) -> ParsedTopic:  # noqa: PLR0911 one return per topic shape
     """What ``topic`` names, or ``RemoteProtocolError(MALFORMED)``."""
     if not isinstance(topic, str) or len(topic) > MAX_TOPIC_LENGTH:
         raise _bad(str(topic), "not a topic of at most 512 characters")

@@ -447,7 +447,7 @@ def start_unit(root: Path, unit: Path, logs: Path, supervisor: Any) -> Any:
     return supervisor.start(DEVICE, as_user(start))
 
 
-def check(args: argparse.Namespace) -> dict[str, Any]:
+def check(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 one check after another, each recorded
     from maskfl.tools._supervise import Supervisor
 
     workdir: Path = args.workdir.resolve()

@@ -158,7 +158,7 @@ async def _one(
         sup.stop_all()
 
 
-async def _measure(
+async def _measure(  # noqa: PLR0915 the measured sequence; split tracked in issue 12
     n: int,
     m: int,
     backend: str,

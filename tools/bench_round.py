@@ -514,7 +514,7 @@ async def _plain_round(
 # -- the plain aggregator (its own process) ------------------------------------------------
 
 
-async def _plain_aggregator(config_path: Path, n: int, out: Path) -> None:
+async def _plain_aggregator(config_path: Path, n: int, out: Path) -> None:  # noqa: PLR0915 one measured aggregator run
     from maskfl.broker_coordinator.config import load_config
     from maskfl.broker_coordinator.service import load_identity
 

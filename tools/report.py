@@ -164,7 +164,7 @@ def privacy_verdict(privacy: dict[str, Any]) -> str | None:
     return "privacy: " + "; ".join(parts) if parts else None
 
 
-def plot(
+def plot(  # noqa: PLR0915 one figure, panel by panel
     rounds: list[RoundRecord],
     path: Path,
     *,

@@ -92,7 +92,7 @@ class MqttConfig:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: PLR0912 one check per field, each naming it
         def bad(name: str, fix: str) -> ConfigError:
             return ConfigError(f"mqtt.{name} = {getattr(self, name)!r}: {fix}", field=name)
 

@@ -428,7 +428,7 @@ class MqttTransport(LinkBase):
 
     # -------------------------------------------------------- connection logic
 
-    async def _attempt(self) -> None:
+    async def _attempt(self) -> None:  # noqa: PLR0912, PLR0915 one connect attempt: TLS, CONNACK, subscriptions, errors
         """One connection attempt: blocking connect in a thread, then await CONNACK."""
         assert self._loop is not None
         cfg = self._config

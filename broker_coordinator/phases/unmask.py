@@ -47,7 +47,7 @@ log = logging.getLogger("maskfl.coordinator.unmask")
 class UnmaskPhase(StepPhase):
     phase = Phase.UNMASK
 
-    async def run(self) -> Phase:
+    async def run(self) -> Phase:  # noqa: PLR0915 the unmask sequence; split tracked in issue 12
         s, state = self.s, self.state
         assert state is not None and state.acc is not None
         started, cpu_started = time.perf_counter(), time.process_time()

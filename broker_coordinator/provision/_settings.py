@@ -90,7 +90,7 @@ class FleetSettings:
     validity: ValiditySettings = field(default_factory=ValiditySettings)
     coordinator: CoordinatorSettings = field(default_factory=CoordinatorSettings)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: PLR0912 one check per field, each naming it
         check_id(self.name, "fleet name")
         check_id(self.coordinator.model_id, "model id")
         for port_name in ("port", "dev_port"):

@@ -124,7 +124,7 @@ def _run_as(user: tuple[int, int] | None) -> dict[str, object]:
 @pytest.mark.slow
 @pytest.mark.broker
 @pytest.mark.timeout(420)
-def test_operations_tryout_runs_as_written(scratch: Path) -> None:
+def test_operations_tryout_runs_as_written(scratch: Path) -> None:  # noqa: PLR0915 runs the documented steps in order
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         pytest.skip("mosquitto is not installed (make test installs it)")
     if shutil.which("curl") is None:

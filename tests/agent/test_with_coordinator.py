@@ -56,7 +56,7 @@ async def retained_model(broker: Mosquitto, fleet: str, model_id: str, version: 
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-async def test_agents_and_coordinator_complete_a_round(
+async def test_agents_and_coordinator_complete_a_round(  # noqa: PLR0915 one end-to-end round, step by step
     tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str], groups: int
 ) -> None:
     """With groups = 2 the two summers are in different mask groups: each real agent

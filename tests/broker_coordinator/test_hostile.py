@@ -136,7 +136,7 @@ def _digest(raw: bytes) -> bytes:
     return hashlib.sha256(raw[:152]).digest()
 
 
-async def test_hostile_client_cannot_disturb_the_round(
+async def test_hostile_client_cannot_disturb_the_round(  # noqa: PLR0915 one attack after another on one round
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     setup = make_setup(

@@ -53,7 +53,7 @@ def _status(port: int) -> dict[str, Any]:
         return data
 
 
-async def test_300_concurrent_4mb_uploads_all_count(tmp_path: Path) -> None:
+async def test_300_concurrent_4mb_uploads_all_count(tmp_path: Path) -> None:  # noqa: PLR0915 one scenario, set up and checked in line
     fleet = SimFleet(fleet="many")
     initial = np.zeros(M, dtype=np.float32)
     summer_ids, updater_ids = fleet.identities_for_roles(

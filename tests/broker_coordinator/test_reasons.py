@@ -171,7 +171,7 @@ def _raw_digest(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()
 
 
-async def test_a_real_coordinator_answers_every_reason_code(
+async def test_a_real_coordinator_answers_every_reason_code(  # noqa: PLR0915 one message per reason code, in order
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     summers, updaters = 2, 3

@@ -30,7 +30,7 @@ def _get(port: int, path: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-async def test_http_endpoints_and_cli(
+async def test_http_endpoints_and_cli(  # noqa: PLR0915 every endpoint and CLI command against one coordinator
     tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
 ) -> None:
     port = free_port()

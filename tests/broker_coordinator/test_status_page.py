@@ -120,7 +120,7 @@ def _look(
     CHROMIUM is None or DRIVER is None,
     reason="needs Debian's chromium and chromium-driver (make test installs them)",
 )
-async def test_status_page_shows_a_live_fleet(
+async def test_status_page_shows_a_live_fleet(  # noqa: PLR0915 one live fleet, checked page by page
     tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
 ) -> None:
     port = free_port()

@@ -78,7 +78,7 @@ class Clock:
         return self.now
 
 
-def _run_round(bits: WordBits, rng_seed: int) -> None:
+def _run_round(bits: WordBits, rng_seed: int) -> None:  # noqa: PLR0915 a whole round in one place, as the spec reads
     rng = np.random.default_rng(rng_seed)
     cfg = MaskConfig(bound=0.5, n_max=100, word_bits=bits)
     clock = Clock()

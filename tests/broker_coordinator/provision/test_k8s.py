@@ -92,7 +92,7 @@ def test_the_schema_check_rejects_what_kubernetes_would() -> None:
 
 
 @needs_kubectl
-def test_overlay_fits_what_provisioning_writes(tmp_path: Path) -> None:
+def test_overlay_fits_what_provisioning_writes(tmp_path: Path) -> None:  # noqa: PLR0915 checks every file provisioning writes
     fleet = tmp_path / "fleet"
     provision(fleet, "init", "--fleet", "k8s", "--host", "mqtt.example.org")
     provision(fleet, "add-device", "pi", "--count", "2")
