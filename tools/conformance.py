@@ -71,6 +71,8 @@ from maskfl.protocol.masking import (
     update_words,
 )
 from maskfl.protocol.messages import (
+    PARTICIPANT_KINDS,
+    PARTICIPANT_MESSAGES,
     GlobalModel,
     MessageType,
     Receipt,
@@ -446,11 +448,7 @@ def _sent(monitor: Monitor, device: str, params: RoundParams) -> dict[TopicKind,
     for rec in monitor.seen:
         with contextlib.suppress(RemoteProtocolError):
             parsed = parse_topic(rec.topic)
-            if parsed.device == device and parsed.kind in (
-                TopicKind.SUM,
-                TopicKind.UPDATE,
-                TopicKind.SUM2,
-            ):
+            if parsed.device == device and parsed.kind in PARTICIPANT_KINDS:
                 raw.setdefault(parsed.kind, []).append(rec)
     out: dict[TopicKind, list[bytes]] = {}
     for kind, recs in raw.items():
@@ -488,7 +486,7 @@ def _judge(
     wanted = Task.SUM if role == "summer" else Task.UPDATE
     t_sum = compute_ticket(params.seed, Task.SUM, pk)
     sent = _sent(monitor, device, params)
-    kinds = [k.value for k in (TopicKind.SUM, TopicKind.UPDATE, TopicKind.SUM2) if sent.get(k)]
+    kinds = [k.topic.value for k in PARTICIPANT_MESSAGES if sent.get(k.topic)]
     expected_kinds = ["sum", "sum2"] if wanted is Task.SUM else ["update"]
     relation = "below" if t_sum < threshold(params.p_sum) else "not below"
     judge.add(
@@ -558,11 +556,7 @@ def _check_chunking(judge: Judge, monitor: Monitor, device: str, params: RoundPa
     for rec in monitor.seen:
         with contextlib.suppress(RemoteProtocolError):
             parsed = parse_topic(rec.topic)
-            if parsed.device != device or parsed.kind not in (
-                TopicKind.SUM,
-                TopicKind.UPDATE,
-                TopicKind.SUM2,
-            ):
+            if parsed.device != device or parsed.kind not in PARTICIPANT_KINDS:
                 continue
             if len(rec.payload) > params.chunk_size:
                 bad.append(f"a {len(rec.payload)}-byte publish on {parsed.kind.value}")
