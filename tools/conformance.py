@@ -1,6 +1,7 @@
 """``maskfl-conformance``: check a participant implementation against a real coordinator.
 
-For each scenario (the participant as *summer*, then as *updater*) the tool
+For each scenario (the participant as *summer*, then as *updater*; ``--roles groups``
+adds an updater in a round of g = 2 mask groups) the tool
 
 1. provisions a fresh fleet with ``maskfl-provision`` (fleet CA, broker TLS CA,
    mosquitto config and ACL, bundles for the participant, five helpers and a
@@ -84,7 +85,7 @@ from maskfl.protocol.messages import (
     verify_sender,
     weights_digest,
 )
-from maskfl.protocol.sortition import Task, next_round_seed, select_task, threshold
+from maskfl.protocol.sortition import Task, group_of, next_round_seed, select_task, threshold
 from maskfl.protocol.sortition import ticket as compute_ticket
 from maskfl.protocol.topics import TopicKind, parse_topic
 from maskfl.protocol.version import version_text
@@ -108,6 +109,10 @@ P_SUM = 0.25
 P_UPDATE = 1.0
 MODEL = "mlp"
 ROLES = ("summer", "updater")
+GROUPS_ROLE = "groups"
+"""The optional scenario: the participant updates in a round of g = 2 mask groups (one
+helper sums in each), so it must seal a different seed to each group's summer (§4.4)."""
+ALL_ROLES = (*ROLES, GROUPS_ROLE)
 _MAX_IN = 64 * 1024 * 1024
 
 
@@ -180,9 +185,11 @@ def choose_initial_seed(
         seed = next_round_seed(initial, initial_digest, 1)
         if select_task(seed, participant, P_SUM, P_UPDATE) is not wanted:
             continue
-        summers = sum(select_task(seed, pk, P_SUM, P_UPDATE) is Task.SUM for pk in helpers)
-        if summers != (0 if role == "summer" else 1):
+        summers = [pk for pk in helpers if select_task(seed, pk, P_SUM, P_UPDATE) is Task.SUM]
+        if len(summers) != {"summer": 0, "updater": 1, GROUPS_ROLE: 2}[role]:
             continue
+        if role == GROUPS_ROLE and len({group_of(seed, pk, 2) for pk in summers}) != 2:
+            continue  # one summer in each of the two groups
         if all(_task_with(v, seed, participant) is not wanted for v in WRONG_TICKETS.values()):
             return initial
     raise MaskflError("found no seed with the wanted roles")  # pragma: no cover
@@ -192,12 +199,15 @@ def choose_initial_seed(
 
 
 def _pet(role: str) -> dict[str, Any]:
-    del role  # five updaters either way: five helpers, or the participant and four
-    summers, updaters = 1, HELPERS
+    # five updaters either way: five helpers, or the participant and four (three with
+    # g = 2, where two helpers sum); target only bounds [masking] groups (prob is set)
+    summers = 2 if role == GROUPS_ROLE else 1
+    updaters = HELPERS + 1 - summers if role == GROUPS_ROLE else HELPERS
     return {
         "sum": {
             "prob": P_SUM,
-            "count_min": 1,
+            "target": 3,
+            "count_min": summers,
             "count_max": summers,
             "time_min_s": 0.0,
             "time_max_s": 60.0,
@@ -209,7 +219,12 @@ def _pet(role: str) -> dict[str, Any]:
             "time_min_s": 0.0,
             "time_max_s": 90.0,
         },
-        "sum2": {"count_min": 1, "count_max": summers, "time_min_s": 0.0, "time_max_s": 60.0},
+        "sum2": {
+            "count_min": summers,
+            "count_max": summers,
+            "time_min_s": 0.0,
+            "time_max_s": 60.0,
+        },
         "alive_window_s": 30.0,
         "round_pause_s": 0.5,
         "failure_pause_s": 1.0,
@@ -333,6 +348,8 @@ async def run_scenario(
         role, me.public_key, [h.public_key for h, _ in helpers], weights_digest(initial)
     )
     _edit_toml(fleet.coordinator_toml, {"pet": {"initial_seed": initial_seed.hex()}})
+    if role == GROUPS_ROLE:
+        _edit_toml(fleet.coordinator_toml, {"masking": {"groups": 2}})
     rng = np.random.default_rng(int.from_bytes(initial_seed[:8], "little"))
     plans: dict[str, tuple[npt.NDArray[np.float32], float]] = {
         str(h.device_id): (
@@ -643,20 +660,38 @@ def _check_update(
         "" if set(body.sealed_seeds) == set(summers) else "not keyed by exactly the summers' keys",
     ):
         return None
-    key, pair = next(iter(summers.items()))
-    try:
-        seed = open_seed(body.sealed_seeds[key], pair.private_key)
-    except CryptoError as exc:
-        judge.add(False, "§6.3", "sealed seed opens", str(exc))
-        return None
+    seeds: dict[int, bytes] = {}  # one per mask group: every summer of group j opens seed j
+    for key, pair in summers.items():
+        try:
+            seed = open_seed(body.sealed_seeds[key], pair.private_key)
+        except CryptoError as exc:
+            judge.add(False, "§6.3", "sealed seed opens", str(exc))
+            return None
+        group = params.group_of(key)
+        if seeds.setdefault(group, seed) != seed:
+            judge.add(False, "§4.4", "one seed per mask group", f"group {group}: two seeds")
+            return None
     judge.add(True, "§6.3", "sealed seed opens")
+    if params.groups > 1:
+        fresh = len(set(seeds.values())) == len(seeds) == params.groups
+        judge.add(
+            fresh,
+            "§4.4",
+            "a fresh seed per mask group",
+            ""
+            if fresh
+            else f"{len(set(seeds.values()))} distinct seeds for {params.groups} groups: the "
+            "summers of one group must not learn another group's seed",
+        )
     cfg = params.mask
     words = np.asarray(body.words)
     m = params.vector_length
     if words.size != update_words(m) or words.dtype != cfg.dtype:
         judge.add(False, "§7", "UPDATE words", f"{words.size} words of {words.dtype}")
         return None
-    plain: Words = np.subtract(words, mask_stream(seed, words.size, cfg.word_bits))
+    plain: Words = words
+    for seed in seeds.values():  # the mask is the sum of the g sub-masks
+        plain = np.subtract(plain, mask_stream(seed, words.size, cfg.word_bits))
     n_eval, correct, loss_units = (int(w) for w in plain[m + 1 :])
     eval_ok = correct <= n_eval <= cfg.eval_max_examples and (
         loss_units <= n_eval * LOSS_CAP * cfg.loss_scale
@@ -784,7 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--roles",
         default=",".join(ROLES),
-        help="scenarios to run, comma separated (default: summer,updater)",
+        help="scenarios to run, comma separated (default: summer,updater; also groups: an "
+        "updater in a round of g = 2 mask groups, sealing a seed per group)",
     )
     parser.add_argument("--workdir", type=Path, help="keep fleets and logs here (default: temp)")
     parser.add_argument("--json", type=Path, help="also write the checks as JSON")
@@ -797,9 +833,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     roles = tuple(r.strip() for r in args.roles.split(",") if r.strip())
-    unknown = [r for r in roles if r not in ROLES]
+    unknown = [r for r in roles if r not in ALL_ROLES]
     if unknown or not roles:
-        print(f"--roles: unknown {unknown}; choose from {', '.join(ROLES)}", file=sys.stderr)
+        print(f"--roles: unknown {unknown}; choose from {', '.join(ALL_ROLES)}", file=sys.stderr)
         return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="maskfl-conformance-"))
     workdir.mkdir(parents=True, exist_ok=True)

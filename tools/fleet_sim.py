@@ -77,6 +77,9 @@ class Behaviour:
     send_heartbeat: bool = True
     select: Callable[[RoundParams, bytes], Task] | None = None
     """Replaces the sortition (``select_task``): a deliberately wrong participant."""
+    one_seed_for_all_groups: bool = False
+    """Masks with the same seed for every mask group (fault: a group's summers could
+    then open the others' sub-masks; the sum still unmasks, so only a check sees it)."""
     tamper_update: Callable[[Words, RoundParams], None] | None = None
     """Changes the masked words in place before they are signed (fault injection)."""
     evaluation: Callable[[int], EvalCounts] | None = None
@@ -275,6 +278,8 @@ class SimParticipant:
             delta = rng.uniform(-0.5, 0.5, m).astype(np.float32)
             weight = float(rng.uniform(0.2, 1.0))
         seeds = tuple(new_seed() for _ in range(params.groups))
+        if self.behaviour.one_seed_for_all_groups:
+            seeds = (seeds[0],) * params.groups
         evaluation = (
             NO_EVALUATION if self.behaviour.evaluation is None else (self.behaviour.evaluation(rid))
         )

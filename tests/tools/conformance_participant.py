@@ -1,13 +1,14 @@
 """A protocol-level participant for ``maskfl-conformance`` tests, correct or deliberately wrong.
 
-``python -m tests.tools.conformance_participant [--fault weight-word|ticket]`` reads
+``python -m tests.tools.conformance_participant [--fault weight-word|ticket|one-seed]`` reads
 the bundle named by ``MASKFL_BUNDLE`` (as the conformance bench passes it) and takes
 part in rounds with :class:`maskfl.tools.fleet_sim.SimParticipant` until SIGTERM.
 
 - ``--fault weight-word``: the weight word is ``round(a·S_w)``, without the offset
   ``S_w`` (docs/protocol.md §7.3);
 - ``--fault ticket``: the ticket reads the BLAKE2b digest big-endian instead of
-  little-endian (docs/protocol.md §4.1).
+  little-endian (docs/protocol.md §4.1);
+- ``--fault one-seed``: with g > 1, the same seed masks every group (docs/protocol.md §4.4).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ async def run(fault: str | None) -> None:
         delta=_delta,
         select=_big_endian_task if fault == "ticket" else None,
         tamper_update=_drop_weight_offset if fault == "weight-word" else None,
+        one_seed_for_all_groups=fault == "one-seed",
     )
     participant = SimParticipant(
         ident.identity,
@@ -85,7 +87,7 @@ async def run(fault: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fault", choices=["weight-word", "ticket"])
+    parser.add_argument("--fault", choices=["weight-word", "ticket", "one-seed"])
     args = parser.parse_args(argv)
     asyncio.run(run(args.fault))
     return 0

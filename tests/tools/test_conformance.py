@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from maskfl.protocol.sortition import Task, next_round_seed, select_task
+from maskfl.protocol.sortition import Task, group_of, next_round_seed, select_task
 from maskfl.tools import conformance
 from maskfl.tools._demo_fleet import console_script
 
@@ -39,6 +39,17 @@ def test_the_seed_gives_the_roles_and_defeats_the_usual_ticket_mistakes(role: st
     assert helper_tasks.count(Task.NONE) == 0  # p_update = 1: every other helper updates
     for variant in conformance.WRONG_TICKETS.values():
         assert conformance._task_with(variant, seed, me) is not wanted
+
+
+def test_the_groups_seed_puts_one_helper_summer_in_each_group() -> None:
+    me, *helpers = _keys(1 + conformance.HELPERS)
+    digest = bytes(32)
+    initial = conformance.choose_initial_seed(conformance.GROUPS_ROLE, me, helpers, digest)
+    seed = next_round_seed(initial, digest, 1)
+    p_sum, p_update = conformance.P_SUM, conformance.P_UPDATE
+    assert select_task(seed, me, p_sum, p_update) is Task.UPDATE
+    summers = [pk for pk in helpers if select_task(seed, pk, p_sum, p_update) is Task.SUM]
+    assert sorted(group_of(seed, pk, 2) for pk in summers) == [0, 1]
 
 
 def test_roles_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,6 +96,31 @@ def test_our_agent_passes(tmp_path: Path) -> None:
     for rule in ("§4 sortition", "§6.1 §7.5 SUM2 aggregate mask", "§7.3 weight word"):
         assert rule in out, out
     assert "checks passed" in out
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_our_agent_seals_a_fresh_seed_per_mask_group(tmp_path: Path) -> None:
+    """The groups scenario: g = 2, one helper summer per group; the bench opens the
+    participant's seed with each group's summer key and unmasks with both sub-masks."""
+    agent = shlex.join(console_script("maskfl-agent", "maskfl.agent.cli"))
+    rc, out = _run(tmp_path, f'{agent} run --config "$MASKFL_BUNDLE/agent.toml"', "groups")
+    assert rc == 0, out
+    assert "FAIL" not in out
+    for rule in ("§4.4 a fresh seed per mask group", "§6.3 sealed seed opens", "§7.3 weight word"):
+        assert rule in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_one_seed_for_both_groups_fails_naming_the_rule(tmp_path: Path) -> None:
+    """The sum of two equal sub-masks still unmasks, so the round completes; the check
+    that each group's summers got a different seed is what fails."""
+    rc, out = _run(tmp_path, _faulty("one-seed"), "groups")
+    assert rc == 1, out
+    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert any("§4.4 a fresh seed per mask group" in line for line in fails), out
+    assert len(fails) == 1, out
 
 
 @pytest.mark.slow
