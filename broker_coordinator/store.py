@@ -869,15 +869,9 @@ class ModelFiles:
             return name
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(f".{name}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(view)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
         except OSError as exc:
             raise StorageError(f"cannot write model file {final}: {exc}") from exc
+        _write_durably(final, final.with_name(f".{name}.tmp"), [view], "model file")
         return name
 
     def put_message(self, message: bytes) -> str:
@@ -982,6 +976,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_durably(final: Path, tmp: Path, parts: Sequence[bytes | memoryview], what: str) -> None:
+    """``parts`` to ``tmp``, fsync, rename onto ``final``, fsync the directory: all or
+    nothing. One sequence for checkpoints, sum2 masks and model files; ``what`` names
+    the file in the StorageError."""
+    try:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        raise StorageError(f"cannot write {what} {final}: {exc}") from exc
+
+
 class CheckpointFiles:
     """Aggregate checkpoints: ``round-<r>.gen-<g>.agg``, written atomically (blocking I/O)."""
 
@@ -996,17 +1006,8 @@ class CheckpointFiles:
         """temp file, fsync, rename, fsync the directory: all or nothing. ``image`` may
         come in parts (:meth:`~maskfl.aggregator_gpu.Accumulator.checkpoint_image`)."""
         final = self.path(round_id, gen)
-        tmp = final.with_suffix(".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                for part in [image] if isinstance(image, bytes) else image:
-                    f.write(part)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
-        except OSError as exc:
-            raise StorageError(f"cannot write checkpoint {final}: {exc}") from exc
+        parts = [image] if isinstance(image, bytes) else image
+        _write_durably(final, final.with_suffix(".tmp"), parts, "checkpoint")
 
     def read(self, round_id: int, gen: int) -> bytes:
         try:
@@ -1023,16 +1024,7 @@ class CheckpointFiles:
         final = self.mask_path(round_id, digest)
         if final.is_file():
             return
-        tmp = final.with_name(final.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
-        except OSError as exc:
-            raise StorageError(f"cannot write sum2 mask {final}: {exc}") from exc
+        _write_durably(final, final.with_name(final.name + ".tmp"), [data], "sum2 mask")
 
     def read_mask(self, round_id: int, digest: bytes) -> bytes:
         try:
