@@ -16,7 +16,16 @@ import pytest
 from maskfl.agent.cli import main
 from maskfl.agent.config import AgentConfig, load_config
 from maskfl.protocol.errors import ConfigError
-from tests.support.config_walk import REPO, Key, Walk, env_text, merge, nest, write
+from tests.support.config_walk import (
+    BROKER_TLS_COMPANIONS,
+    REPO,
+    Key,
+    Walk,
+    env_text,
+    merge,
+    nest,
+    write,
+)
 
 EXAMPLE = REPO / "configs" / "agent.toml"
 
@@ -24,19 +33,6 @@ SPECIAL: dict[str, Any] = {
     "guards.time_windows": ["22:00-06:00"],
     "logging.level": "DEBUG",
     "logging.format": "json",
-}
-COMPANIONS: dict[str, dict[str, Any]] = {
-    "broker.ca_file": {"broker.tls": True},
-    "broker.cert_file": {
-        "broker.tls": True,
-        "broker.cert_file": "a.pem",
-        "broker.key_file": "a.key",
-    },
-    "broker.key_file": {
-        "broker.tls": True,
-        "broker.cert_file": "a.pem",
-        "broker.key_file": "a.key",
-    },
 }
 
 
@@ -49,7 +45,7 @@ WALK = Walk(
     _load,
     EXAMPLE,
     special=SPECIAL,
-    companions=COMPANIONS,
+    companions=BROKER_TLS_COMPANIONS,
     leaves=frozenset({"options"}),
 )
 

@@ -19,6 +19,7 @@ import pytest
 from maskfl.broker_coordinator.config import CoordinatorConfig, load_config
 from maskfl.protocol.errors import ConfigError
 from tests.support.config_walk import (
+    BROKER_TLS_COMPANIONS,
     REPO,
     Key,
     Walk,
@@ -47,27 +48,13 @@ SPECIAL: dict[str, Any] = {
     "log.level": "debug",
     "log.format": "text",
 }
-# Keys that only make sense with others (the TLS client pair needs tls = true).
-COMPANIONS: dict[str, dict[str, Any]] = {
-    "broker.ca_file": {"broker.tls": True},
-    "broker.cert_file": {
-        "broker.tls": True,
-        "broker.cert_file": "a.pem",
-        "broker.key_file": "a.key",
-    },
-    "broker.key_file": {
-        "broker.tls": True,
-        "broker.cert_file": "a.pem",
-        "broker.key_file": "a.key",
-    },
-}
 
 
 def _load(path: Path, env: dict[str, str]) -> CoordinatorConfig:
     return load_config(path, env=env)
 
 
-WALK = Walk(CoordinatorConfig, _load, EXAMPLE, special=SPECIAL, companions=COMPANIONS)
+WALK = Walk(CoordinatorConfig, _load, EXAMPLE, special=SPECIAL, companions=BROKER_TLS_COMPANIONS)
 
 
 def _same(got: Any, value: Any, config_dir: Path) -> bool:

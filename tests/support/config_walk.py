@@ -21,6 +21,22 @@ import tomli_w
 
 REPO = Path(__file__).resolve().parents[2]
 
+# Keys that only make sense with others: the broker's TLS client files need tls = true,
+# and a certificate needs its key (the same [broker] rules in agent and coordinator).
+BROKER_TLS_COMPANIONS: dict[str, dict[str, Any]] = {
+    "broker.ca_file": {"broker.tls": True},
+    "broker.cert_file": {
+        "broker.tls": True,
+        "broker.cert_file": "a.pem",
+        "broker.key_file": "a.key",
+    },
+    "broker.key_file": {
+        "broker.tls": True,
+        "broker.cert_file": "a.pem",
+        "broker.key_file": "a.key",
+    },
+}
+
 _HEADER = re.compile(r"^\s*\[([A-Za-z0-9_.]+)\]")
 _KEY = re.compile(r"^(#\s*)?([a-z_0-9]+)\s*=")
 
