@@ -43,7 +43,8 @@ from maskfl.broker_coordinator.phases.update import publish_seed_dicts
 from maskfl.broker_coordinator.store import RoundRecord
 from maskfl.protocol.errors import MaskflError, Reason, RemoteProtocolError
 from maskfl.protocol.messages import MESSAGE_PHASES, RoundParams, decode_message
-from maskfl.protocol.phases import Phase, PhaseTimer, Verdict, check_transition, precedes
+from maskfl.protocol.phases import Phase, PhaseTimer, Verdict, precedes
+from maskfl.protocol.round import check_transition
 
 log = logging.getLogger("maskfl.coordinator.runner")
 

@@ -1,22 +1,15 @@
-"""The phases of a round, the transitions between them, and the count/time window.
+"""The phases of a round, their order, and the count/time window of a message phase.
 
 ::
 
-                 ┌──────────────────────────────────────────────────┐
-                 v                                                  │
-    ──> idle ──> sum ──> update ──> sum2 ──> unmask ────────────────┘
-         │        │        │         │         │
-         │        └────────┴────┬────┴─────────┘
-         │                      v
-         │                   failure ──> idle       (the round is abandoned,
-         │                      │                    the next one starts)
-         v                      v
-      shutdown <─── (from every phase but shutdown itself)
+    ──> idle ──> sum ──> update ──> sum2 ──> unmask ──> idle ...
+         any phase ──> failure ──> idle;  any phase ──> shutdown
 
-:data:`TRANSITIONS` is the one table of allowed moves; :func:`check_transition`
-enforces it. ``sum``, ``update`` and ``sum2`` are driven by messages: each has a
-:class:`PhaseWindow` ``(count_min, count_max, time_min_s, time_max_s)`` and a
-:class:`PhaseTimer` that decides when it ends:
+Which event moves a phase where, and what the move produces, is the round table
+(:mod:`maskfl.protocol.round`); this module names the phases, their order
+(:func:`precedes`) and the window. ``sum``, ``update`` and ``sum2`` are driven
+by messages: each has a :class:`PhaseWindow` ``(count_min, count_max,
+time_min_s, time_max_s)`` and a :class:`PhaseTimer` that decides when it ends:
 
 * ``CLOSE`` as soon as ``count_max`` messages were accepted;
 * ``CLOSE`` once ``time_min_s`` has passed and ``count_min`` were accepted;
@@ -41,14 +34,10 @@ from typing import Final
 from maskfl.protocol.errors import ConfigError, LocalProtocolError
 
 __all__ = [
-    "TRANSITIONS",
     "Phase",
     "PhaseTimer",
     "PhaseWindow",
     "Verdict",
-    "can_transition",
-    "check_transition",
-    "next_phase",
     "precedes",
 ]
 
@@ -68,51 +57,14 @@ class Phase(StrEnum):
 _ROUND: Final = (Phase.IDLE, Phase.SUM, Phase.UPDATE, Phase.SUM2, Phase.UNMASK)
 """The one statement of the phase order: a round's phases, after the last the next round."""
 
-_HAPPY_PATH: Final[Mapping[Phase, Phase]] = MappingProxyType(
-    {phase: _ROUND[(i + 1) % len(_ROUND)] for i, phase in enumerate(_ROUND)}
-    | {Phase.FAILURE: Phase.IDLE}
-)
-
 _RANK: Final[Mapping[Phase, int]] = MappingProxyType(
     {phase: i for i, phase in enumerate((*_ROUND, Phase.FAILURE, Phase.SHUTDOWN))}
 )
-
-TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = MappingProxyType(
-    {
-        phase: frozenset({after, Phase.SHUTDOWN} | ({Phase.FAILURE} - {phase}))
-        for phase, after in _HAPPY_PATH.items()
-    }
-    | {Phase.SHUTDOWN: frozenset()}
-)
-"""Every allowed move ``from -> {to, ...}``; anything else is a bug."""
 
 
 def precedes(earlier: Phase, later: Phase) -> bool:
     """Whether ``earlier`` comes before ``later`` in a round (failure, shutdown last)."""
     return _RANK[earlier] < _RANK[later]
-
-
-def can_transition(current: Phase, target: Phase) -> bool:
-    """Whether ``current -> target`` is in :data:`TRANSITIONS`."""
-    return target in TRANSITIONS[current]
-
-
-def check_transition(current: Phase, target: Phase) -> Phase:
-    """Return ``target`` if the move is allowed, else raise :class:`LocalProtocolError`."""
-    if not can_transition(current, target):
-        raise LocalProtocolError(f"no transition from {current} to {target}", phase=current)
-    return target
-
-
-def next_phase(current: Phase) -> Phase:
-    """The phase after ``current`` when all goes well (``failure`` -> ``idle``).
-
-    Raises :class:`LocalProtocolError` for ``shutdown``, which has no successor.
-    """
-    try:
-        return _HAPPY_PATH[current]
-    except KeyError:
-        raise LocalProtocolError(f"{current} has no next phase", phase=current) from None
 
 
 class Verdict(StrEnum):

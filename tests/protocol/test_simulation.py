@@ -32,7 +32,8 @@ from maskfl.protocol.masking import (
     unmask,
     update_words,
 )
-from maskfl.protocol.phases import Phase, PhaseTimer, PhaseWindow, Verdict, check_transition
+from maskfl.protocol.phases import Phase, PhaseTimer, PhaseWindow, Verdict
+from maskfl.protocol.round import Event, move
 from maskfl.protocol.sortition import Task, next_round_seed, select_task
 
 M = 100_000
@@ -87,7 +88,8 @@ def _run_round(bits: WordBits, rng_seed: int) -> None:  # noqa: PLR0915 a whole 
     summer_keys, updater_keys = _draw_roles(round_seed)
 
     # sum: each summer publishes a fresh ephemeral key; the phase closes at count_max.
-    phase = check_transition(phase, Phase.SUM)
+    phase = move(phase, Event.STARTED).target
+    assert phase is Phase.SUM
     timer = PhaseTimer(PhaseWindow(2, SUMMERS, 1.0, 30.0), clock.now)
     ephemeral: dict[bytes, EphemeralKeyPair] = {}
     for pk in summer_keys:
@@ -98,7 +100,8 @@ def _run_round(bits: WordBits, rng_seed: int) -> None:  # noqa: PLR0915 a whole 
     sum_dict = {pk: pair.public_key for pk, pair in ephemeral.items()}
 
     # update: mask, seal the seed to every summer; the coordinator adds the words.
-    phase = check_transition(phase, Phase.UPDATE)
+    phase = move(phase, Event.CLOSED).target
+    assert phase is Phase.UPDATE
     timer = PhaseTimer(PhaseWindow(3, UPDATERS, 5.0, 60.0), clock.now)
     aggregate: Words = np.zeros(update_words(M), dtype=cfg.dtype)
     seed_dict: dict[bytes, list[bytes]] = {pk: [] for pk in sum_dict}
@@ -118,7 +121,8 @@ def _run_round(bits: WordBits, rng_seed: int) -> None:  # noqa: PLR0915 a whole 
     assert timer.decide(clock.tick()) is Verdict.CLOSE
 
     # sum2: the third summer has dropped out; the other two send their aggregate masks.
-    phase = check_transition(phase, Phase.SUM2)
+    phase = move(phase, Event.CLOSED).target
+    assert phase is Phase.SUM2
     timer = PhaseTimer(PhaseWindow(1, SUMMERS, 2.0, 60.0), clock.now)
     votes: Counter[bytes] = Counter()
     masks: dict[bytes, Words] = {}
@@ -134,13 +138,15 @@ def _run_round(bits: WordBits, rng_seed: int) -> None:  # noqa: PLR0915 a whole 
     assert timer.decide(clock.tick(5.0)) is Verdict.CLOSE
 
     # unmask: the mask with the most votes (here the only one: honest summers agree).
-    phase = check_transition(phase, Phase.UNMASK)
+    phase = move(phase, Event.CLOSED).target
+    assert phase is Phase.UNMASK
     (best, count), *rest = votes.most_common()
     assert count == 2
     assert rest == []
     weighted_sum, weight_sum = decode_aggregate(unmask(aggregate, masks[best]), UPDATERS, cfg)
     mean = weighted_sum / weight_sum
-    phase = check_transition(phase, Phase.IDLE)
+    phase = move(phase, Event.DONE).target
+    assert phase is Phase.IDLE
 
     clipped = [np.clip(u.delta.astype(np.float64), -cfg.bound, cfg.bound) for u in updaters]
     weights = np.array([u.weight for u in updaters])
