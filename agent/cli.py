@@ -31,7 +31,7 @@ from maskfl.protocol.errors import ConfigError, MaskflError
 from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.settings import env_variable_for
 from maskfl.protocol.version import version_text
-from maskfl.transport import LOG_FORMATS, setup_logging
+from maskfl.transport import LOG_FORMATS, LogFormat, setup_logging
 
 __all__ = ["main"]
 
@@ -330,7 +330,7 @@ def _log_format_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _run(path: Path | None, log_format: str | None = None) -> int:
+def _run(path: Path | None, log_format: LogFormat | None = None) -> int:
     config = _load(path)
     check_local_files(config)
     setup_logging(config.logging.level, log_format or config.logging.format)

@@ -343,8 +343,8 @@ async def _status(config: CoordinatorConfig, as_json: bool) -> None:
         "rounds": [
             {
                 "round_id": r.round_id,
-                "phase": r.phase,
-                "outcome": r.outcome,
+                "phase": r.phase.value,
+                "outcome": None if r.outcome is None else r.outcome.value,
                 "detail": r.detail,
                 "model_version": r.model_version,
                 "p_sum": r.p_sum,

@@ -364,13 +364,17 @@ class PetConfig(_Section):
 MIN_UPDATES_FLOOR = 2
 
 
+DpMode = Literal["off", "distributed"]
+"""``[privacy] dp``: no noise, or every updater adds its share of the noise (§7.9)."""
+
+
 class PrivacyConfig(_Section):
     """The privacy floor: the coordinator never unmasks an aggregate of fewer than
     ``min_updates`` updates (after dropping updates whose seeds did not open); such
     a round fails and publishes nothing. At least 2 (:data:`MIN_UPDATES_FLOOR`)."""
 
     min_updates: int = 3
-    dp: Literal["off", "distributed"] = "off"
+    dp: DpMode = "off"
     """``distributed``: every updater adds discrete Gaussian noise before masking
     (protocol/dp.py) and every model carries the (epsilon, delta) spent."""
     noise_multiplier: Annotated[float, Field(gt=0, le=1e4)] | None = None

@@ -22,15 +22,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from maskfl.broker_coordinator.store import Store
+from maskfl.broker_coordinator.store import LOGGED_PHASES, Store
 from maskfl.protocol.errors import MaskflError
 from maskfl.protocol.identity import RevocationList
 from maskfl.protocol.messages import RoundParams, decode_message
+from maskfl.protocol.phases import Phase
 
 log = logging.getLogger("maskfl.coordinator.fleetview")
 
-PHASES = ("sum", "update", "sum2", "unmask")
-"""The timed phases of a round, in order: every round's ``phases`` has exactly these keys."""
 
 ROLES = {"sum": "summer", "update": "updater"}
 
@@ -138,7 +137,7 @@ async def round_history(
     if not rounds:
         return []
     since = rounds[0].round_id
-    opened: dict[int, list[tuple[str, float]]] = {}
+    opened: dict[int, list[tuple[Phase, float]]] = {}
     for rid, phase, at in await store.phase_log(since):
         opened.setdefault(rid, []).append((phase, at))
     counts = await store.participant_counts(since)
@@ -149,20 +148,20 @@ async def round_history(
     }
     out = []
     for r in rounds:
-        phases: dict[str, float | None] = dict.fromkeys(PHASES)
+        phases: dict[str, float | None] = dict.fromkeys(p.value for p in LOGGED_PHASES)
         log_ = opened.get(r.round_id, [])
         end = r.finished_at if r.finished_at is not None else now
         for i, (phase, at) in enumerate(log_):
             until = log_[i + 1][1] if i + 1 < len(log_) else end
-            phases[phase] = max(0.0, until - at)
+            phases[phase.value] = max(0.0, until - at)
         c = counts.get(r.round_id, {})
         model = models.get(r.round_id)
         metrics = model[1] if model else {}
         out.append(
             {
                 "round_id": r.round_id,
-                "outcome": r.outcome,
-                "phase": r.phase,
+                "outcome": None if r.outcome is None else r.outcome.value,
+                "phase": r.phase.value,
                 "detail": r.detail,
                 "started_at": r.started_at,
                 "finished_at": r.finished_at,

@@ -29,6 +29,7 @@ from typing import Any, Final
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from maskfl.broker_coordinator.config import DpMode
 from maskfl.protocol.dp import aggregate_noise_bound, updater_variance
 from maskfl.protocol.errors import ConfigError
 from maskfl.protocol.masking import MaskConfig
@@ -179,7 +180,7 @@ def plan(
 
 
 def privacy_status(
-    dp: str, delta: float, budget: float | None, metrics: Mapping[str, float]
+    dp: DpMode, delta: float, budget: float | None, metrics: Mapping[str, float]
 ) -> dict[str, Any]:
     """The privacy block of /status and ``maskfl-coordinator status``, from the config
     and the latest model's metrics (which carry the cumulative spend)."""

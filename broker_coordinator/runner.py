@@ -40,7 +40,7 @@ from maskfl.broker_coordinator.phases.failure import FailurePhase
 from maskfl.broker_coordinator.phases.idle import IdlePhase
 from maskfl.broker_coordinator.phases.unmask import UnmaskPhase
 from maskfl.broker_coordinator.phases.update import publish_seed_dicts
-from maskfl.broker_coordinator.store import RoundRecord
+from maskfl.broker_coordinator.store import RoundOutcome, RoundRecord
 from maskfl.protocol.errors import MaskflError, Reason, RemoteProtocolError
 from maskfl.protocol.messages import MESSAGE_PHASES, RoundParams, decode_message
 from maskfl.protocol.phases import Phase, PhaseTimer, Verdict, precedes
@@ -173,7 +173,7 @@ class Runner:
         if last is not None and last.outcome is None:
             try:
                 self.state = await self.load_state(last)
-                self.phase = Phase(last.phase)
+                self.phase = last.phase
                 self._resumed = True
                 if self.phase in MESSAGE_PHASES:
                     async with self.lock:
@@ -233,7 +233,7 @@ class Runner:
                 self.current = FailurePhase(s, self.state, reason)
                 self.phase = Phase.FAILURE
                 self.rounds_failed += 1
-                s.metrics.rounds.labels(outcome="failed").inc()
+                s.metrics.rounds.labels(outcome=RoundOutcome.FAILED).inc()
                 s.metrics.set_phase(Phase.FAILURE)
                 await self._clear_round_topics()
                 nxt = await self.current.run()
@@ -248,8 +248,8 @@ class Runner:
             await tx.put_round(
                 dataclasses.replace(
                     record,
-                    phase=Phase.FAILURE.value,
-                    outcome="failed",
+                    phase=Phase.FAILURE,
+                    outcome=RoundOutcome.FAILED,
                     detail=reason[:500],
                     finished_at=self.s.clock(),
                 )
@@ -271,7 +271,7 @@ class Runner:
                 self.current = unmask
                 nxt = await unmask.run()
                 self.rounds_completed += 1
-                s.metrics.rounds.labels(outcome="completed").inc()
+                s.metrics.rounds.labels(outcome=RoundOutcome.COMPLETED).inc()
                 await self._clear_round_topics()
                 self.finished_round = None if self.state is None else self.state.round_id
                 if self.state is not None:
@@ -393,9 +393,7 @@ class Runner:
         elif self.state is not None and nxt in MESSAGE_PHASES | {Phase.UNMASK}:
             # The closing phase's outputs (state.record.sum_dict) go in this same
             # transaction as the new phase: both or neither survive a kill.
-            record = dataclasses.replace(
-                self.state.record, phase=nxt.value, phase_opened_at=s.clock()
-            )
+            record = dataclasses.replace(self.state.record, phase=nxt, phase_opened_at=s.clock())
             async with s.store.transaction() as tx:
                 await tx.put_round(record)
             self.state.record = record

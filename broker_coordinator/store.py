@@ -54,6 +54,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ import aiosqlite
 
 from maskfl.protocol.errors import MaskflError, StorageError
 from maskfl.protocol.messages import HEADER_SIZE, Header
+from maskfl.protocol.phases import Phase
 
 log = logging.getLogger("maskfl.coordinator.store")
 
@@ -169,16 +171,32 @@ CREATE TABLE IF NOT EXISTS device_rejections (
 );
 """
 
-_LOGGED_PHASES = ("sum", "update", "sum2", "unmask")
-"""Phases whose opening time ``phase_log`` keeps (for phase durations on the status page)."""
+LOGGED_PHASES = (Phase.SUM, Phase.UPDATE, Phase.SUM2, Phase.UNMASK)
+"""Phases whose opening time ``phase_log`` keeps, in round order (for phase durations
+on the status page)."""
+
+
+class RoundOutcome(StrEnum):
+    """How a round ended: ``rounds.outcome`` holds the value, NULL while the round runs.
+
+    (Not the agent's :class:`maskfl.agent.rounds.Outcome`, which is a receipt's verdict.)
+    """
+
+    COMPLETED = "completed"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True, slots=True)
 class RoundRecord:
-    """One row of ``rounds``: where a round stands."""
+    """One row of ``rounds``: where a round stands.
+
+    ``phase`` and ``outcome`` are stored as their enum values (``'sum'``,
+    ``'completed'``); a value the enums do not know is a :class:`StorageError`
+    when the row is read.
+    """
 
     round_id: int
-    phase: str
+    phase: Phase
     seed: bytes
     previous_seed: bytes
     p_sum: float
@@ -189,7 +207,7 @@ class RoundRecord:
     sum_dict: bytes | None = None
     checkpoint_gen: int = 0
     update_log_size: int = 0
-    outcome: str | None = None
+    outcome: RoundOutcome | None = None
     detail: str | None = None
     finished_at: float | None = None
     model_version: int | None = None
@@ -266,6 +284,8 @@ _ROUND_COLUMNS = (
     "phase_opened_at, sum_dict, checkpoint_gen, update_log_size, outcome, detail, "
     "finished_at, model_version"
 )
+_PHASE_AT = _ROUND_COLUMNS.split(", ").index("phase")
+_OUTCOME_AT = _ROUND_COLUMNS.split(", ").index("outcome")
 
 
 class Transaction:
@@ -320,7 +340,7 @@ class Transaction:
                 r.model_version,
             ),
         )
-        if r.phase in _LOGGED_PHASES:
+        if r.phase in LOGGED_PHASES:
             await self.execute(
                 "INSERT OR IGNORE INTO phase_log (round_id, phase, opened_at) VALUES (?,?,?)",
                 (r.round_id, r.phase, r.phase_opened_at),
@@ -614,7 +634,14 @@ class Store:
 
     @staticmethod
     def _round(row: sqlite3.Row | tuple[Any, ...]) -> RoundRecord:
-        return RoundRecord(*row)
+        values = list(row)
+        try:
+            values[_PHASE_AT] = Phase(values[_PHASE_AT])
+            if values[_OUTCOME_AT] is not None:
+                values[_OUTCOME_AT] = RoundOutcome(values[_OUTCOME_AT])
+        except ValueError as exc:
+            raise StorageError(f"round {values[0]}: unknown phase or outcome: {exc}") from exc
+        return RoundRecord(*values)
 
     async def last_round(self) -> RoundRecord | None:
         rows = await self._all(
@@ -692,14 +719,17 @@ class Store:
             )
         return out
 
-    async def phase_log(self, since_round: int) -> list[tuple[int, str, float]]:
+    async def phase_log(self, since_round: int) -> list[tuple[int, Phase, float]]:
         """``(round, phase, opened_at)`` of every logged phase from ``since_round`` on."""
         rows = await self._all(
             "SELECT round_id, phase, opened_at FROM phase_log WHERE round_id >= ? "
             "ORDER BY round_id, opened_at",
             (since_round,),
         )
-        return [(int(r[0]), str(r[1]), float(r[2])) for r in rows]
+        try:
+            return [(int(r[0]), Phase(r[1]), float(r[2])) for r in rows]
+        except ValueError as exc:
+            raise StorageError(f"unknown phase in phase_log: {exc}") from exc
 
     async def participant_counts(self, since_round: int) -> dict[int, dict[str, int]]:
         """Accepted summers, updates and sum2 masks per round from ``since_round`` on."""

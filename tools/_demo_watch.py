@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from maskfl.broker_coordinator.store import LOGGED_PHASES, RoundOutcome
 from maskfl.protocol.chunking import Reassembler, is_chunk
 from maskfl.protocol.errors import CryptoError, RemoteProtocolError
 from maskfl.protocol.identity import Certificate
@@ -257,12 +258,9 @@ class RoundRow:
     """A round as the coordinator's database records it: outcome, reason, phase times."""
 
     round_id: int
-    outcome: str | None
+    outcome: RoundOutcome | None
     detail: str | None
     phases: dict[str, float]
-
-
-_TIMED_PHASES = ("sum", "update", "sum2", "unmask")
 
 
 def coordinator_round(state_dir: Path, round_id: int) -> RoundRow | None:
@@ -289,9 +287,9 @@ def coordinator_round(state_dir: Path, round_id: int) -> RoundRow | None:
     phases: dict[str, float] = {}
     for i, (phase, at) in enumerate(opened):
         until = opened[i + 1][1] if i + 1 < len(opened) else finished
-        if until is not None and phase in _TIMED_PHASES:
+        if until is not None and phase in LOGGED_PHASES:
             phases[str(phase)] = max(0.0, float(until) - float(at))
-    return RoundRow(round_id, outcome, detail, phases)
+    return RoundRow(round_id, None if outcome is None else RoundOutcome(outcome), detail, phases)
 
 
 class StoreSampler:

@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from maskfl.broker_coordinator.store import RoundOutcome
 from maskfl.protocol.masking import MaskConfig, mask_stream, mask_update
 
 __all__ = ["main", "mask_digests"]
@@ -376,7 +377,7 @@ def provision(run_dir: Path, logfile: Path) -> tuple[Path, int, int]:
     return fleet, port, http
 
 
-def coordinator_rounds(fleet: Path) -> dict[int, str | None]:
+def coordinator_rounds(fleet: Path) -> dict[int, RoundOutcome | None]:
     """round id -> outcome (None while it runs), from ``maskfl-coordinator status --json``."""
     done = subprocess.run(
         [
@@ -393,7 +394,10 @@ def coordinator_rounds(fleet: Path) -> dict[int, str | None]:
     )
     if done.returncode != 0:
         return {}
-    return {r["round_id"]: r["outcome"] for r in json.loads(done.stdout)["rounds"]}
+    return {
+        r["round_id"]: None if r["outcome"] is None else RoundOutcome(r["outcome"])
+        for r in json.loads(done.stdout)["rounds"]
+    }
 
 
 def accepted_from(state: Path, device: str) -> dict[int, set[str]]:
@@ -583,13 +587,13 @@ def wait_for_roles(timeout: float, fleet: Path, state: Path, sup: Any) -> dict[s
     """Poll until DEVICE's update was accepted in a completed round and its sum and sum2 in
     another; the rounds seen, as a dict."""
     deadline = time.monotonic() + timeout
-    outcomes: dict[int, str | None] = {}
+    outcomes: dict[int, RoundOutcome | None] = {}
     accepted: dict[int, set[str]] = {}
     while time.monotonic() < deadline:
         sup.check()
         outcomes = coordinator_rounds(fleet) or outcomes
         accepted = accepted_from(state, DEVICE)
-        completed = {r for r, outcome in outcomes.items() if outcome == "completed"}
+        completed = {r for r, outcome in outcomes.items() if outcome is RoundOutcome.COMPLETED}
         as_updater = sorted(r for r in completed if "update" in accepted.get(r, set()))
         as_summer = sorted(r for r in completed if {"sum", "sum2"} <= accepted.get(r, set()))
         if as_updater and as_summer:

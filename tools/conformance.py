@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -306,7 +306,11 @@ def _load(fleet: DemoFleet, device: str) -> tuple[Identity, Any]:
     return ident.identity, build_mqtt_config(config, None)
 
 
-async def _wait_outcome(monitor: Monitor, limit_s: float) -> str:
+RoundSeen = Literal["model", "failed", "timeout"]
+"""What the monitor saw of round 1: its model, round 2 starting (so it failed), or neither."""
+
+
+async def _wait_outcome(monitor: Monitor, limit_s: float) -> RoundSeen:
     """'model' when round 1 published its model, 'failed' when round 2 started, else 'timeout'."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
@@ -490,7 +494,7 @@ def _judge(
     monitor: Monitor,
     sims: list[SimParticipant],
     initial: npt.NDArray[np.float32],
-    outcome: str,
+    outcome: RoundSeen,
     log_tail: str,
     ca: bytes,
 ) -> None:
@@ -747,7 +751,7 @@ def _check_model(
     params: RoundParams,
     contributions: list[Words],
     initial: npt.NDArray[np.float32],
-    outcome: str,
+    outcome: RoundSeen,
 ) -> None:
     models = [
         s.body

@@ -47,6 +47,7 @@ import numpy.typing as npt
 
 from maskfl.agent.datasources import load_dataset
 from maskfl.agent.training import Evaluation, LocalTrainer
+from maskfl.broker_coordinator.store import RoundOutcome
 from maskfl.models import shipped_model
 from maskfl.protocol.errors import ConfigError, MaskflError
 from maskfl.protocol.masking import MaskConfig, encode_update
@@ -388,7 +389,7 @@ class Demo:
                 self.records.append(
                     rep.RoundRecord(
                         round_id=rid,
-                        outcome="failed",
+                        outcome=RoundOutcome.FAILED,
                         model_version=None,
                         participants=0,
                         summers=seen.summers,
@@ -466,7 +467,7 @@ class Demo:
             seconds=event.at - started,
             bytes_per_device=float(np.mean(participant_bytes)) if participant_bytes else 0.0,
             phases=phases,
-            outcome="completed",
+            outcome=RoundOutcome.COMPLETED,
             fleet_accuracy=metrics.get("accuracy"),
             fleet_loss=metrics.get("loss"),
             fleet_examples=None if "examples" not in metrics else int(metrics["examples"]),
@@ -630,7 +631,7 @@ class Demo:
             "cpus": os.cpu_count(),
         }
         records = sorted(self.records, key=lambda r: r.round_id)
-        done = [r for r in records if r.outcome == "completed"]
+        done = [r for r in records if r.outcome is RoundOutcome.COMPLETED]
         report = rep.Report(config=config, rounds=records)
         report.privacy = self._privacy()
         seconds = [r.seconds for r in done if r.seconds is not None]

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-PHASES = ("sum", "update", "sum2", "unmask")
+from maskfl.broker_coordinator.store import LOGGED_PHASES, RoundOutcome
+
+PHASES = tuple(p.value for p in LOGGED_PHASES)
 """The keys of every round's ``phases``, in order (None: the round did not reach it)."""
 
 
@@ -39,7 +41,7 @@ class RoundRecord:
     """
 
     round_id: int
-    outcome: str
+    outcome: RoundOutcome
     model_version: int | None
     participants: int
     summers: int
@@ -207,8 +209,8 @@ def plot(  # noqa: PLR0915 one figure, panel by panel
     }
     fleet_acc = [fleet.get(x, (nan, nan))[0] for x in xs]
     fleet_loss = [fleet.get(x, (nan, nan))[1] for x in xs]
-    completed = [r for r in ordered if r.outcome == "completed"]
-    failed = [r for r in ordered if r.outcome != "completed"]
+    completed = [r for r in ordered if r.outcome is RoundOutcome.COMPLETED]
+    failed = [r for r in ordered if r.outcome is not RoundOutcome.COMPLETED]
 
     # With differential privacy, a third panel: accuracy against the cumulative epsilon.
     private = [r for r in completed if r.epsilon is not None and r.accuracy is not None]
@@ -252,7 +254,10 @@ def plot(  # noqa: PLR0915 one figure, panel by panel
     ax_time = ax_part.twinx()
     ax_time.plot(
         part_xs,
-        [nan if r.seconds is None or r.outcome != "completed" else r.seconds for r in ordered],
+        [
+            nan if r.seconds is None or r.outcome is not RoundOutcome.COMPLETED else r.seconds
+            for r in ordered
+        ],
         "d-",
         color="tab:gray",
         label="round time (s)",

@@ -56,7 +56,7 @@ def _journald(env: Mapping[str, str]) -> bool:
 
 
 def resolve_log_format(
-    fmt: str, stream: TextIO | None = None, env: Mapping[str, str] | None = None
+    fmt: LogFormat, stream: TextIO | None = None, env: Mapping[str, str] | None = None
 ) -> Literal["text", "json"]:
     """``text`` or ``json`` for ``fmt``; ``auto`` is text on a terminal or under journald."""
     if fmt in ("text", "json"):
@@ -70,7 +70,7 @@ def resolve_log_format(
     return "text" if terminal or _journald(env) else "json"
 
 
-def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
+def setup_logging(level: str = "INFO", fmt: LogFormat = "auto") -> None:
     """Configure the root logger to stderr (replacing earlier handlers)."""
     handler = logging.StreamHandler(sys.stderr)
     if resolve_log_format(fmt) == "json":

@@ -12,6 +12,7 @@ import logging
 
 from maskfl.broker_coordinator.context import RoundState, Services
 from maskfl.broker_coordinator.phases.base import StepPhase
+from maskfl.broker_coordinator.store import RoundOutcome
 from maskfl.protocol.phases import Phase
 
 log = logging.getLogger("maskfl.coordinator.failure")
@@ -29,8 +30,8 @@ class FailurePhase(StepPhase):
         if state is not None:
             record = dataclasses.replace(
                 state.record,
-                phase=Phase.FAILURE.value,
-                outcome="failed",
+                phase=Phase.FAILURE,
+                outcome=RoundOutcome.FAILED,
                 detail=self.reason[:500],
                 finished_at=s.clock(),
             )

@@ -95,7 +95,7 @@ class IdlePhase(StepPhase):
         now = s.clock()
         record = RoundRecord(
             round_id=round_id,
-            phase=Phase.SUM.value,
+            phase=Phase.SUM,
             seed=seed,
             previous_seed=previous_seed,
             p_sum=p_sum,

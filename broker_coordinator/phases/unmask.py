@@ -28,7 +28,7 @@ from maskfl.broker_coordinator.config import MIN_UPDATES_FLOOR
 from maskfl.broker_coordinator.context import ModelState
 from maskfl.broker_coordinator.errors import RoundFailedError
 from maskfl.broker_coordinator.phases.base import StepPhase
-from maskfl.broker_coordinator.store import ModelRecord, Sum2Record
+from maskfl.broker_coordinator.store import ModelRecord, RoundOutcome, Sum2Record
 from maskfl.protocol.errors import AggregationError
 from maskfl.protocol.ids import RoundId
 from maskfl.protocol.masking import (
@@ -175,8 +175,8 @@ class UnmaskPhase(StepPhase):
         now = s.clock()
         record = dataclasses.replace(
             state.record,
-            phase=Phase.IDLE.value,
-            outcome="completed",
+            phase=Phase.IDLE,
+            outcome=RoundOutcome.COMPLETED,
             finished_at=now,
             model_version=version,
         )

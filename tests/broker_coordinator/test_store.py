@@ -11,6 +11,7 @@ import pytest
 from maskfl.broker_coordinator.store import (
     CheckpointFiles,
     ModelRecord,
+    RoundOutcome,
     RoundRecord,
     Store,
     SummerRecord,
@@ -18,12 +19,13 @@ from maskfl.broker_coordinator.store import (
     UpdateRecord,
 )
 from maskfl.protocol.errors import StorageError
+from maskfl.protocol.phases import Phase
 
 
 def _round(rid: int = 1, **kw: object) -> RoundRecord:
     base = dict(
         round_id=rid,
-        phase="sum",
+        phase=Phase.SUM,
         seed=b"s" * 32,
         previous_seed=bytes(32),
         p_sum=0.5,
@@ -59,7 +61,7 @@ async def test_transaction_commits_all_or_nothing(tmp_path: Path) -> None:
 async def test_state_survives_reopening(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
     async with Store.open(path) as store, store.transaction() as tx:
-        await tx.put_round(_round(phase="update", checkpoint_gen=3))
+        await tx.put_round(_round(phase=Phase.UPDATE, checkpoint_gen=3))
         await tx.add_update(1, UpdateRecord("u1", b"d" * 32, 3, -1, 44), [(b"p" * 32, b"x" * 80)])
         await tx.record_message(b"d" * 32, 1, "update", "u1", 2.0)
         await tx.add_model(
@@ -72,6 +74,28 @@ async def test_state_survives_reopening(tmp_path: Path) -> None:
         assert await store.message_round(b"d" * 32) == (1, "update")
         latest = await store.latest_model("m")
         assert latest is not None and latest.metrics == {"updates": 3.0}
+
+
+async def test_round_phase_and_outcome_are_enums_stored_as_their_values(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    async with Store.open(path) as store:
+        async with store.transaction() as tx:
+            await tx.put_round(_round(1, phase=Phase.IDLE, outcome=RoundOutcome.COMPLETED))
+            await tx.put_round(_round(2, phase=Phase.SUM2))
+        done, running = await store.get_round(1), await store.last_round()
+        assert done is not None and running is not None
+        assert done.phase is Phase.IDLE and done.outcome is RoundOutcome.COMPLETED
+        assert running.phase is Phase.SUM2 and running.outcome is None
+        assert [p for r, p, _ in await store.phase_log(1) if r == 2] == [Phase.SUM2]
+    con = sqlite3.connect(path)
+    rows = con.execute("SELECT round_id, phase, outcome FROM rounds ORDER BY round_id").fetchall()
+    assert rows == [(1, "idle", "completed"), (2, "sum2", None)]  # the same strings as before
+    con.execute("UPDATE rounds SET outcome = 'exploded' WHERE round_id = 1")
+    con.commit()
+    con.close()
+    async with Store.open(path) as store:
+        with pytest.raises(StorageError, match=r"round 1: unknown phase or outcome.*exploded"):
+            await store.get_round(1)
 
 
 def test_checkpoint_files_are_replaced_atomically(tmp_path: Path) -> None:

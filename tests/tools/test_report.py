@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from maskfl.broker_coordinator.store import RoundOutcome
 from maskfl.protocol.masking import MaskConfig, encode_update, mask_stream
+from maskfl.protocol.phases import Phase
 from maskfl.tools import report as rep
 
 
@@ -89,7 +91,7 @@ def test_aggregate_check_accepts_the_bound_and_rejects_more() -> None:
 def _completed(i: int, version: int) -> rep.RoundRecord:
     return rep.RoundRecord(
         round_id=i,
-        outcome="completed",
+        outcome=RoundOutcome.COMPLETED,
         model_version=version,
         participants=5,
         summers=2,
@@ -111,7 +113,7 @@ def test_report_writes_json_and_png(tmp_path: Path) -> None:
     report.rounds.append(
         rep.RoundRecord(
             round_id=2,
-            outcome="failed",
+            outcome=RoundOutcome.FAILED,
             model_version=None,
             participants=0,
             summers=1,
@@ -152,20 +154,24 @@ async def test_round_rows_from_the_coordinator_database(tmp_path: Path) -> None:
     from maskfl.broker_coordinator.store import Store
     from maskfl.tools._demo_watch import coordinator_round
 
-    row = Row(1, "sum", b"s" * 32, bytes(32), 0.5, 1.0, b"params", 100.0, 100.0)
+    row = Row(1, Phase.SUM, b"s" * 32, bytes(32), 0.5, 1.0, b"params", 100.0, 100.0)
     async with Store.open(tmp_path / "coordinator.db") as store:
-        for phase, at in (("sum", 100.0), ("update", 101.5), ("sum2", 104.0)):
+        for phase, at in ((Phase.SUM, 100.0), (Phase.UPDATE, 101.5), (Phase.SUM2, 104.0)):
             async with store.transaction() as tx:
                 row = dataclasses.replace(row, phase=phase, phase_opened_at=at)
                 await tx.put_round(row)
         async with store.transaction() as tx:
             await tx.put_round(
                 dataclasses.replace(
-                    row, phase="failure", outcome="failed", detail="sum2: 0 of 1", finished_at=134.0
+                    row,
+                    phase=Phase.FAILURE,
+                    outcome=RoundOutcome.FAILED,
+                    detail="sum2: 0 of 1",
+                    finished_at=134.0,
                 )
             )
     got = coordinator_round(tmp_path, 1)
-    assert got is not None and got.outcome == "failed" and got.detail == "sum2: 0 of 1"
+    assert got is not None and got.outcome is RoundOutcome.FAILED and got.detail == "sum2: 0 of 1"
     assert rep.phase_times(got.phases) == {"sum": 1.5, "update": 2.5, "sum2": 30.0, "unmask": None}
     assert coordinator_round(tmp_path, 2) is None
 
@@ -187,7 +193,7 @@ def test_the_plot_shades_a_failed_round_and_keeps_legends_off_the_data(
     monkeypatch.setattr(plt, "close", figures.append)
     failed = rep.RoundRecord(
         round_id=2,
-        outcome="failed",
+        outcome=RoundOutcome.FAILED,
         model_version=None,
         participants=0,
         summers=1,
