@@ -54,6 +54,14 @@ def render_mosquitto_conf(
     user: str = "",
 ) -> str:
     """The whole mosquitto.conf. ``dev_port`` > 0 adds a plain, anonymous loopback listener."""
+    lines = [*_global_settings(fleet, files, user), "", *_tls_listener(port, bind, files)]
+    if dev_port:
+        lines += ["", *_dev_listener(dev_port)]
+    return "\n".join(lines) + "\n"
+
+
+def _global_settings(fleet: str, files: BrokerFiles, user: str) -> list[str]:
+    """Persistence, queues, logging and the user mosquitto runs as."""
     data_dir = files.data_dir.rstrip("/") + "/"
     lines = [
         f"# mosquitto 2.x configuration for the maskfl fleet {fleet!r}.",
@@ -86,8 +94,12 @@ def render_mosquitto_conf(
     ]
     if user:
         lines += ["", f"user {user}"]
-    lines += [
-        "",
+    return lines
+
+
+def _tls_listener(port: int, bind: str, files: BrokerFiles) -> list[str]:
+    """Devices and the coordinator: TLS, client certificates, the ACL and the CRL."""
+    return [
         "# Devices and the coordinator: TLS with client certificates only.",
         f"listener {port} {bind}",
         "protocol mqtt",
@@ -103,17 +115,18 @@ def render_mosquitto_conf(
         "# device cannot take over another's session, nor the coordinator's.",
         "use_username_as_clientid true",
     ]
-    if dev_port:
-        lines += [
-            "",
-            "# DEVELOPMENT ONLY: plain, anonymous, unrestricted, loopback only. No ACL and",
-            "# no client id binding: a client here may take any client id, the coordinator's",
-            "# included, and so take over its session.",
-            f"listener {dev_port} 127.0.0.1",
-            "protocol mqtt",
-            "allow_anonymous true",
-        ]
-    return "\n".join(lines) + "\n"
+
+
+def _dev_listener(dev_port: int) -> list[str]:
+    """DEVELOPMENT ONLY: plain and anonymous on loopback."""
+    return [
+        "# DEVELOPMENT ONLY: plain, anonymous, unrestricted, loopback only. No ACL and",
+        "# no client id binding: a client here may take any client id, the coordinator's",
+        "# included, and so take over its session.",
+        f"listener {dev_port} 127.0.0.1",
+        "protocol mqtt",
+        "allow_anonymous true",
+    ]
 
 
 def device_rules(fleet: str, device: str) -> list[str]:

@@ -21,6 +21,9 @@ ACL are derived from it and rewritten (each atomically) after every change, so
 re-running a command after a crash repairs them. Private keys of devices exist
 only in their bundles; a deleted bundle cannot be recreated, only re-issued
 (``rotate``).
+
+The registry's records and the layout are in _registry.py; issuing keys and
+certificates, and writing the files they go into, in _issue.py.
 """
 
 from __future__ import annotations
@@ -28,36 +31,24 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import grp
-import ipaddress
-import json
 import shutil
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import nacl.signing
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from maskfl.broker_coordinator.provision import _bundle as b
 from maskfl.broker_coordinator.provision import _tls
 from maskfl.broker_coordinator.provision._broker import (
     ACL_FILE,
-    CA_FILE,
     CONF_FILE,
     COORDINATOR_USER,
     CRL_FILE,
-    SERVER_CERT,
-    SERVER_KEY,
     BrokerFiles,
     render_acl,
     render_mosquitto_conf,
 )
 from maskfl.broker_coordinator.provision._files import (
-    GROUP_READ,
     PRIVATE,
     PRIVATE_DIR,
     PUBLIC,
@@ -65,17 +56,20 @@ from maskfl.broker_coordinator.provision._files import (
     read_bytes,
     write_atomic,
 )
+from maskfl.broker_coordinator.provision._issue import Issuer, Keys
+from maskfl.broker_coordinator.provision._registry import (
+    Enrollment,
+    Layout,
+    Member,
+    Registry,
+    Revoked,
+    Status,
+    unix_time,
+)
 from maskfl.broker_coordinator.provision._settings import FleetSettings, check_id
 from maskfl.broker_coordinator.provision.errors import ProvisionError
-from maskfl.models import shipped_model
 from maskfl.protocol.errors import CryptoError
-from maskfl.protocol.identity import (
-    Certificate,
-    RevocationList,
-    issue_certificate,
-    issue_revocation_list,
-)
-from maskfl.protocol.ids import Role
+from maskfl.protocol.identity import RevocationList, issue_revocation_list
 from maskfl.protocol.keys import (
     public_key_from_pem,
     public_key_to_pem,
@@ -83,232 +77,7 @@ from maskfl.protocol.keys import (
     signing_key_to_pem,
 )
 
-REGISTRY_VERSION = 1
-
-
-class Status(StrEnum):
-    ACTIVE = "active"
-    REVOKED = "revoked"
-
-
-@dataclass
-class Enrollment:
-    """One issued pair of credentials: enrollment certificate and TLS client certificate."""
-
-    serial: int
-    public_key: str
-    tls_serial: int
-    issued_at: int
-    not_after: int
-    own_key: bool = False
-    own_tls_key: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "serial": self.serial,
-            "public_key": self.public_key,
-            "tls_serial": str(self.tls_serial),
-            "issued_at": self.issued_at,
-            "not_after": self.not_after,
-            "own_key": self.own_key,
-            "own_tls_key": self.own_tls_key,
-        }
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> Enrollment:
-        return cls(
-            serial=int(raw["serial"]),
-            public_key=str(raw["public_key"]),
-            tls_serial=int(raw["tls_serial"]),
-            issued_at=int(raw["issued_at"]),
-            not_after=int(raw["not_after"]),
-            own_key=bool(raw.get("own_key", False)),
-            own_tls_key=bool(raw.get("own_tls_key", False)),
-        )
-
-
-@dataclass
-class Revoked:
-    subject: str
-    serial: int
-    tls_serial: int
-    revoked_at: int
-    why: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "subject": self.subject,
-            "serial": self.serial,
-            "tls_serial": str(self.tls_serial),
-            "revoked_at": self.revoked_at,
-            "why": self.why,
-        }
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> Revoked:
-        return cls(
-            subject=str(raw["subject"]),
-            serial=int(raw["serial"]),
-            tls_serial=int(raw["tls_serial"]),
-            revoked_at=int(raw["revoked_at"]),
-            why=str(raw["why"]),
-        )
-
-
-@dataclass
-class Member:
-    """A device (or the coordinator) and its current enrollment."""
-
-    id: str
-    status: Status
-    current: Enrollment
-
-    def to_json(self) -> dict[str, Any]:
-        return {"status": str(self.status), "current": self.current.to_json()}
-
-
-@dataclass
-class Registry:
-    fleet: str
-    next_serial: int = 1
-    revocations_version: int = 0
-    coordinator: Enrollment | None = None
-    devices: dict[str, Member] = field(default_factory=dict)
-    revoked: list[Revoked] = field(default_factory=list)
-    observers: dict[str, Member] = field(default_factory=dict)
-    """Read-only identities: a TLS client certificate and an ACL block that only reads;
-    no enrollment certificate (their ``Enrollment.serial`` is 0), so no protocol role."""
-
-    def take_serial(self) -> int:
-        serial = self.next_serial
-        self.next_serial += 1
-        return serial
-
-    def active_devices(self) -> list[str]:
-        return sorted(d for d, m in self.devices.items() if m.status is Status.ACTIVE)
-
-    def active_observers(self) -> list[str]:
-        return sorted(o for o, m in self.observers.items() if m.status is Status.ACTIVE)
-
-    def to_json(self) -> str:
-        return (
-            json.dumps(
-                {
-                    "format": REGISTRY_VERSION,
-                    "fleet": self.fleet,
-                    "next_serial": self.next_serial,
-                    "revocations_version": self.revocations_version,
-                    "coordinator": self.coordinator.to_json() if self.coordinator else None,
-                    "devices": {k: self.devices[k].to_json() for k in sorted(self.devices)},
-                    "revoked": [r.to_json() for r in self.revoked],
-                    "observers": {k: self.observers[k].to_json() for k in sorted(self.observers)},
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-
-    @classmethod
-    def from_json(cls, text: str, path: Path) -> Registry:
-        try:
-            raw = json.loads(text)
-            if raw.get("format") != REGISTRY_VERSION:
-                raise ProvisionError(f"{path}: unsupported registry format {raw.get('format')!r}")
-            coordinator = raw.get("coordinator")
-            return cls(
-                fleet=str(raw["fleet"]),
-                next_serial=int(raw["next_serial"]),
-                revocations_version=int(raw["revocations_version"]),
-                coordinator=Enrollment.from_json(coordinator) if coordinator else None,
-                devices={
-                    name: Member(name, Status(m["status"]), Enrollment.from_json(m["current"]))
-                    for name, m in raw["devices"].items()
-                },
-                revoked=[Revoked.from_json(r) for r in raw["revoked"]],
-                observers={
-                    name: Member(name, Status(m["status"]), Enrollment.from_json(m["current"]))
-                    for name, m in raw.get("observers", {}).items()
-                },
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ProvisionError(f"{path} is damaged ({exc}); restore it from a backup") from exc
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Every path of a fleet directory."""
-
-    root: Path
-
-    @property
-    def fleet_toml(self) -> Path:
-        return self.root / "fleet.toml"
-
-    @property
-    def registry(self) -> Path:
-        return self.root / "registry.json"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / ".lock"
-
-    @property
-    def ca_dir(self) -> Path:
-        return self.root / "ca"
-
-    @property
-    def fleet_ca_key(self) -> Path:
-        return self.ca_dir / "fleet-ca.key"
-
-    @property
-    def fleet_ca_pub(self) -> Path:
-        return self.ca_dir / "fleet-ca.pub"
-
-    @property
-    def tls_ca_key(self) -> Path:
-        return self.ca_dir / "tls-ca.key"
-
-    @property
-    def tls_ca_cert(self) -> Path:
-        return self.ca_dir / "tls-ca.crt"
-
-    @property
-    def broker_dir(self) -> Path:
-        return self.root / "broker"
-
-    @property
-    def coordinator_dir(self) -> Path:
-        return self.root / "coordinator"
-
-    @property
-    def revocations(self) -> Path:
-        """The signed revocation list the running coordinator watches (by mtime)."""
-        return self.coordinator_dir / b.COORD_REVOCATIONS
-
-    @property
-    def devices_dir(self) -> Path:
-        return self.root / "devices"
-
-    def bundle_dir(self, device: str) -> Path:
-        return self.devices_dir / device
-
-    def bundle_tar(self, device: str) -> Path:
-        return self.devices_dir / f"{device}.tar.gz"
-
-    @property
-    def observers_dir(self) -> Path:
-        return self.root / "observers"
-
-    def observer_dir(self, name: str) -> Path:
-        return self.observers_dir / name
-
-
-@dataclass(frozen=True)
-class Keys:
-    """The unlocked CA keys; only commands that sign need them."""
-
-    fleet_ca: nacl.signing.SigningKey
-    tls_ca: _tls.TlsCa
+__all__ = ["AddOutcome", "Fleet", "numbered_device_id", "numbered_device_ids"]
 
 
 class AddOutcome(StrEnum):
@@ -330,10 +99,6 @@ def numbered_device_ids(base: str, count: int) -> list[str]:
 def numbered_device_id(base: str, number: int) -> str:
     """The ``number``-th numbered id: ``BASE-001``, ..., ``BASE-999``, ``BASE-1000``."""
     return f"{base}-{number:03d}"
-
-
-def _unix(now: dt.datetime) -> int:
-    return int(now.timestamp())
 
 
 @contextlib.contextmanager
@@ -406,8 +171,9 @@ class Fleet:
             make_dir(layout.broker_dir)
             make_dir(layout.coordinator_dir, mode=PRIVATE_DIR)
             make_dir(layout.devices_dir, mode=PRIVATE_DIR)
-            fleet._write_server_cert(keys, now)
-            fleet._issue_coordinator(keys, now)
+            issuer = fleet._issuer(keys, now)
+            issuer.server_cert()
+            fleet.registry.coordinator = issuer.coordinator()
             fleet._save()
             fleet._publish(keys, now)
             fleet.write_broker_config()
@@ -551,7 +317,7 @@ class Fleet:
         outcome = AddOutcome.CREATED if member is None else AddOutcome.REISSUED
         if member is not None and member.status is Status.ACTIVE:
             self._retire(device, member.current, now, why="reissued")
-        enrollment = self._issue_device(device, keys, now, public_key_pem, tls_csr_pem)
+        enrollment = self._issuer(keys, now).device(device, public_key_pem, tls_csr_pem)
         self.registry.devices[device] = Member(device, Status.ACTIVE, enrollment)
         self._save()
         self._publish(keys, now)
@@ -595,7 +361,7 @@ class Fleet:
         outcome = AddOutcome.CREATED if member is None else AddOutcome.REISSUED
         if member is not None and member.status is Status.ACTIVE:
             self._retire(name, member.current, now, why="reissued")
-        enrollment = self._issue_observer(name, keys, now, None)
+        enrollment = self._issuer(keys, now).observer(name, None)
         self.registry.observers[name] = Member(name, Status.ACTIVE, enrollment)
         self._save()
         self._publish(keys, now)
@@ -619,7 +385,7 @@ class Fleet:
             if public_key_pem or tls_csr_pem:
                 raise ProvisionError("the coordinator's keys are always generated here")
             self._retire(COORDINATOR_USER, old, now, why="rotated")
-            self._issue_coordinator(keys, now)
+            self.registry.coordinator = self._issuer(keys, now).coordinator()
         else:
             member = self.member(device)
             observer = device in self.registry.observers
@@ -630,9 +396,9 @@ class Fleet:
                 raise ProvisionError("an observer has no signing key: drop --public-key")
             self._retire(device, member.current, now, why="rotated")
             if observer:
-                member.current = self._issue_observer(device, keys, now, tls_csr_pem)
+                member.current = self._issuer(keys, now).observer(device, tls_csr_pem)
             else:
-                member.current = self._issue_device(device, keys, now, public_key_pem, tls_csr_pem)
+                member.current = self._issuer(keys, now).device(device, public_key_pem, tls_csr_pem)
         self._save()
         self._publish(keys, now)
         self.write_broker_config()
@@ -653,244 +419,17 @@ class Fleet:
 
     def _retire(self, subject: str, enrollment: Enrollment, now: dt.datetime, *, why: str) -> None:
         self.registry.revoked.append(
-            Revoked(subject, enrollment.serial, enrollment.tls_serial, _unix(now), why)
+            Revoked(subject, enrollment.serial, enrollment.tls_serial, unix_time(now), why)
         )
 
     # -- issuing ----------------------------------------------------------------
 
-    def _enroll(
-        self, keys: Keys, subject: str, role: Role, public_key: bytes, now: dt.datetime
-    ) -> Certificate:
-        not_after = now + dt.timedelta(days=self.settings.validity.device_days)
-        return issue_certificate(
-            keys.fleet_ca,
-            fleet=self.settings.name,
-            serial=self.registry.take_serial(),
-            subject=subject,
-            role=role,
-            public_key=public_key,
-            not_before=_unix(now - _tls.CLOCK_SKEW),
-            not_after=_unix(not_after),
-        )
-
-    def _issue_device(
-        self,
-        device: str,
-        keys: Keys,
-        now: dt.datetime,
-        public_key_pem: bytes | None,
-        tls_csr_pem: bytes | None,
-    ) -> Enrollment:
-        signing_key: nacl.signing.SigningKey | None = None
-        if public_key_pem is None:
-            signing_key = nacl.signing.SigningKey.generate()
-            public_key = bytes(signing_key.verify_key)
-        else:
-            try:
-                public_key = public_key_from_pem(public_key_pem)
-            except CryptoError as exc:
-                raise ProvisionError(f"--public-key: {exc}") from exc
-        tls_key: ec.EllipticCurvePrivateKey | None = None
-        if tls_csr_pem is None:
-            tls_key = _tls.new_key()
-            tls_public = tls_key.public_key()
-        else:
-            tls_public = _tls.public_key_from_csr(tls_csr_pem)
-        cert = self._enroll(keys, device, Role.DEVICE, public_key, now)
-        tls_cert = _tls.issue_client_cert(
-            keys.tls_ca,
-            common_name=device,
-            public_key=tls_public,
-            now=now,
-            days=self.settings.validity.tls_days,
-        )
-        broker = self.settings.broker
-        files: dict[str, tuple[bytes | str, bool]] = {
-            b.AGENT_TOML: (
-                b.render_agent_toml(
-                    fleet=self.settings.name,
-                    device=device,
-                    broker_host=broker.host,
-                    broker_port=broker.port,
-                    own_key=signing_key is None,
-                    own_tls_key=tls_key is None,
-                ),
-                False,
-            ),
-            b.DEVICE_CERT: (cert.to_bytes(), False),
-            b.DEVICE_CA_PUB: (public_key_to_pem(keys.fleet_ca.verify_key), False),
-            b.DEVICE_BROKER_CA: (_tls.cert_to_pem(keys.tls_ca.cert), False),
-            b.DEVICE_TLS_CERT: (_tls.cert_to_pem(tls_cert), False),
-        }
-        if signing_key is not None:
-            files[b.DEVICE_KEY] = (signing_key_to_pem(signing_key), True)
-        if tls_key is not None:
-            files[b.DEVICE_TLS_KEY] = (_tls.key_to_pem(tls_key), True)
-        self._write_bundle(device, files)
-        return Enrollment(
-            serial=cert.serial,
-            public_key=public_key.hex(),
-            tls_serial=tls_cert.serial_number,
-            issued_at=_unix(now),
-            not_after=cert.not_after,
-            own_key=signing_key is None,
-            own_tls_key=tls_key is None,
-        )
-
-    def _issue_observer(
-        self, name: str, keys: Keys, now: dt.datetime, tls_csr_pem: bytes | None
-    ) -> Enrollment:
-        tls_key: ec.EllipticCurvePrivateKey | None = None
-        if tls_csr_pem is None:
-            tls_key = _tls.new_key()
-            tls_public = tls_key.public_key()
-        else:
-            tls_public = _tls.public_key_from_csr(tls_csr_pem)
-        tls_cert = _tls.issue_client_cert(
-            keys.tls_ca,
-            common_name=name,
-            public_key=tls_public,
-            now=now,
-            days=self.settings.validity.tls_days,
-        )
-        broker = self.settings.broker
-        directory = self.layout.observer_dir(name)
-        make_dir(self.layout.observers_dir, mode=PRIVATE_DIR)
-        make_dir(directory, mode=PRIVATE_DIR)
-        # The key first, the certificate naming it after (as for the coordinator).
-        if tls_key is not None:
-            b.write_file(directory, b.OBSERVER_TLS_KEY, _tls.key_to_pem(tls_key), private=True)
-        b.write_file(directory, b.OBSERVER_TLS_CERT, _tls.cert_to_pem(tls_cert), private=False)
-        b.write_file(
-            directory, b.OBSERVER_BROKER_CA, _tls.cert_to_pem(keys.tls_ca.cert), private=False
-        )
-        b.write_file(
-            directory, b.OBSERVER_CA_PUB, public_key_to_pem(keys.fleet_ca.verify_key), private=False
-        )
-        b.write_file(
-            directory,
-            b.OBSERVER_README,
-            b.render_observer_readme(
-                fleet=self.settings.name,
-                name=name,
-                broker_host=broker.host,
-                broker_port=broker.port,
-            ),
-            private=False,
-        )
-        return Enrollment(
-            serial=0,
-            public_key="",
-            tls_serial=tls_cert.serial_number,
-            issued_at=_unix(now),
-            not_after=int(tls_cert.not_valid_after_utc.timestamp()),
-            own_tls_key=tls_key is None,
-        )
-
-    def _write_bundle(self, device: str, files: dict[str, tuple[bytes | str, bool]]) -> None:
-        """Build the bundle in a private temporary folder, then swap it in with renames."""
-        devices = self.layout.devices_dir
-        make_dir(devices, mode=PRIVATE_DIR)
-        staging = Path(tempfile.mkdtemp(prefix=f".{device}.", dir=devices))
-        try:
-            target = staging / device
-            make_dir(target, mode=PRIVATE_DIR)
-            for name, (data, private) in files.items():
-                b.write_file(target, name, data, private=private)
-            b.write_tarball(target, staging / f"{device}.tar.gz")
-            final = self.layout.bundle_dir(device)
-            if final.exists():
-                old = staging / "old"
-                final.rename(old)
-            target.rename(final)
-            (staging / f"{device}.tar.gz").replace(self.layout.bundle_tar(device))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-    def _issue_coordinator(self, keys: Keys, now: dt.datetime) -> None:
-        signing_key = nacl.signing.SigningKey.generate()
-        cert = self._enroll(
-            keys, COORDINATOR_USER, Role.COORDINATOR, bytes(signing_key.verify_key), now
-        )
-        tls_key = _tls.new_key()
-        tls_cert = _tls.issue_client_cert(
-            keys.tls_ca,
-            common_name=COORDINATOR_USER,
-            public_key=tls_key.public_key(),
-            now=now,
-            days=self.settings.validity.tls_days,
-        )
-        directory = self.layout.coordinator_dir
-        make_dir(directory, mode=PRIVATE_DIR)
-        broker = self.settings.broker
-        coordinator = self.settings.coordinator
-        # Keys first, the certificates that name them after: a crash in between leaves
-        # a coordinator whose key and certificate disagree, which it refuses to start.
-        b.write_file(directory, b.COORD_KEY, signing_key_to_pem(signing_key), private=True)
-        b.write_file(directory, b.COORD_TLS_KEY, _tls.key_to_pem(tls_key), private=True)
-        b.write_file(directory, b.COORD_CERT, cert.to_bytes(), private=False)
-        b.write_file(directory, b.COORD_TLS_CERT, _tls.cert_to_pem(tls_cert), private=False)
-        b.write_file(
-            directory, b.COORD_CA_PUB, public_key_to_pem(keys.fleet_ca.verify_key), private=False
-        )
-        b.write_file(
-            directory, b.COORD_BROKER_CA, _tls.cert_to_pem(keys.tls_ca.cert), private=False
-        )
-        initial_weights = graph_file = None
-        if coordinator.shipped_model:
-            # The coordinator has no TFLite runtime: it starts from the graph's own
-            # initial weights, shipped next to the graph (zeros would never learn).
-            model = shipped_model(coordinator.shipped_model)
-            model.initial_weights()  # checked against manifest.json before it is copied
-            initial_weights, graph_file = model.initial_weights_file, model.file
-            b.write_file(directory, graph_file, model.read_bytes(), private=False)
-            b.write_file(
-                directory, initial_weights, model.initial_weights_path.read_bytes(), private=False
-            )
-        b.write_file(
-            directory,
-            b.COORDINATOR_TOML,
-            b.render_coordinator_toml(
-                fleet=self.settings.name,
-                broker_host=broker.coordinator_host,
-                broker_port=broker.port,
-                model_id=coordinator.model_id,
-                model_length=coordinator.model_length,
-                state_dir=coordinator.state_dir,
-                initial_weights=initial_weights,
-                graph_file=graph_file,
-            ),
-            private=False,
-        )
-        self.registry.coordinator = Enrollment(
-            serial=cert.serial,
-            public_key=bytes(signing_key.verify_key).hex(),
-            tls_serial=tls_cert.serial_number,
-            issued_at=_unix(now),
-            not_after=cert.not_after,
-        )
+    def _issuer(self, keys: Keys, now: dt.datetime) -> Issuer:
+        return Issuer(self.settings, self.layout, self.registry, keys, now)
 
     def write_server_cert(self, keys: Keys, now: dt.datetime) -> None:
         """Re-issue the broker's certificate for the host names and IPs in fleet.toml."""
-        self._write_server_cert(keys, now)
-
-    def _write_server_cert(self, keys: Keys, now: dt.datetime) -> None:
-        broker = self.settings.broker
-        hosts = list(dict.fromkeys([broker.host, *broker.san_hosts, broker.coordinator_host]))
-        hosts = [h for h in hosts if not _is_ip(h)]
-        ips = list(
-            dict.fromkeys(
-                [*broker.san_ips, *(h for h in (broker.host, broker.coordinator_host) if _is_ip(h))]
-            )
-        )
-        key, cert = _tls.issue_server_cert(
-            keys.tls_ca, hosts=hosts, ips=ips, now=now, days=self.settings.validity.tls_days
-        )
-        make_dir(self.layout.broker_dir)
-        write_atomic(self.layout.broker_dir / SERVER_KEY, _tls.key_to_pem(key), mode=GROUP_READ)
-        _chgrp_mosquitto(self.layout.broker_dir / SERVER_KEY)
-        write_atomic(self.layout.broker_dir / SERVER_CERT, _tls.cert_to_pem(cert))
-        write_atomic(self.layout.broker_dir / CA_FILE, _tls.cert_to_pem(keys.tls_ca.cert))
+        self._issuer(keys, now).server_cert()
 
     # -- derived files ------------------------------------------------------------
 
@@ -902,7 +441,7 @@ class Fleet:
             keys.fleet_ca,
             fleet=self.settings.name,
             version=self.registry.revocations_version,
-            issued_at=_unix(now),
+            issued_at=unix_time(now),
             # Observers hold no enrollment certificate (serial 0): the CRL revokes them.
             serials=[r.serial for r in self.registry.revoked if r.serial],
         )
@@ -947,21 +486,3 @@ class Fleet:
             raise ProvisionError("the fleet name cannot change; create a new fleet instead")
         self.settings = settings
         write_atomic(self.layout.fleet_toml, settings.to_toml())
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _chgrp_mosquitto(path: Path) -> None:
-    """Give the broker's key to group mosquitto where that group exists (Debian package)."""
-    try:
-        gid = grp.getgrnam("mosquitto").gr_gid
-    except KeyError:
-        return
-    with contextlib.suppress(OSError):
-        shutil.chown(path, group=gid)
