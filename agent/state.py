@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
@@ -38,7 +37,7 @@ from typing import Any, Self
 
 import aiosqlite
 
-from maskfl.protocol.errors import StorageError
+from maskfl.protocol.errors import StorageError, sqlite_errors
 
 __all__ = [
     "Journal",
@@ -185,13 +184,11 @@ class Journal:
     @contextlib.asynccontextmanager
     async def open(cls, path: Path) -> AsyncIterator[Journal]:
         _prepare_file(path)
-        try:
+        with sqlite_errors(path, "open the agent database"):
             async with aiosqlite.connect(path, timeout=10) as db:
                 journal = cls(db, path)
                 await journal._init()
                 yield journal
-        except sqlite3.Error as exc:
-            raise StorageError(f"agent database {path}: {exc}") from exc
 
     async def _init(self) -> None:
         db = self._db
@@ -216,7 +213,7 @@ class Journal:
         """Write ``state`` (and an outbox entry) in one transaction; returns it stamped."""
         now = time.time()
         state = replace(state, started_at=state.started_at or now, updated_at=now)
-        try:
+        with sqlite_errors(self.path, f"journal round {state.round_id}"):
             await self._db.execute(
                 "INSERT INTO rounds (round_id, task, step, params_digest, ephemeral_sk, "
                 "ephemeral_pk, bytes_sent, detail, started_at, updated_at) "
@@ -245,8 +242,6 @@ class Journal:
             if outbox is not None:
                 await self._put_outbox(outbox)
             await self._db.commit()
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot journal round {state.round_id}: {exc}") from exc
         return state
 
     async def load(self, round_id: int) -> RoundState | None:
@@ -269,7 +264,7 @@ class Journal:
 
     async def forget_secrets(self, round_id: int) -> None:
         """Erase a finished round's ephemeral private key and bulky blobs."""
-        try:
+        with sqlite_errors(self.path, f"clean round {round_id}"):
             await self._db.execute(
                 "UPDATE rounds SET ephemeral_sk = NULL WHERE round_id = ?", (round_id,)
             )
@@ -279,12 +274,10 @@ class Journal:
                 (round_id, str(OutboxStatus.PENDING)),
             )
             await self._db.commit()
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot clean round {round_id}: {exc}") from exc
 
     async def prune(self, keep_rounds: int) -> None:
         """Keep the inputs of the newest ``keep_rounds`` rounds (the history stays)."""
-        try:
+        with sqlite_errors(self.path, "prune the journal"):
             async with self._db.execute(
                 "SELECT round_id FROM rounds ORDER BY round_id DESC LIMIT 1 OFFSET ?",
                 (keep_rounds,),
@@ -299,8 +292,6 @@ class Journal:
                 "UPDATE rounds SET ephemeral_sk = NULL WHERE round_id <= ?", (cutoff,)
             )
             await self._db.commit()
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot prune the journal: {exc}") from exc
 
     # -- outbox --------------------------------------------------------------------
 
@@ -381,26 +372,20 @@ class Journal:
 
     async def _fetch_one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
         """The first row of a query, or None; a sqlite error is a :class:`StorageError`."""
-        try:
+        with sqlite_errors(self.path, "read the agent database"):
             async with self._db.execute(sql, args) as cur:
                 return await cur.fetchone()
-        except sqlite3.Error as exc:
-            raise StorageError(f"agent database read failed: {exc}") from exc
 
     async def _fetch_all(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         """Every row of a query; a sqlite error is a :class:`StorageError`."""
-        try:
+        with sqlite_errors(self.path, "read the agent database"):
             async with self._db.execute(sql, args) as cur:
                 return list(await cur.fetchall())
-        except sqlite3.Error as exc:
-            raise StorageError(f"agent database read failed: {exc}") from exc
 
     async def _exec(self, sql: str, args: tuple[Any, ...]) -> None:
-        try:
+        with sqlite_errors(self.path, "write the agent database"):
             await self._db.execute(sql, args)
             await self._db.commit()
-        except sqlite3.Error as exc:
-            raise StorageError(f"agent database write failed: {exc}") from exc
 
 
 def _prepare_file(path: Path) -> None:

@@ -39,7 +39,8 @@ What lives where, and why they always agree after a crash:
 
 Every write method takes an open :class:`Transaction` so callers group writes
 into one commit (group commit: several updates per fsync). All sqlite errors
-become :class:`StorageError`.
+become :class:`StorageError` naming the file and the operation
+(:func:`~maskfl.protocol.errors.sqlite_errors`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from typing import Any
 
 import aiosqlite
 
-from maskfl.protocol.errors import MaskflError, StorageError
+from maskfl.protocol.errors import MaskflError, StorageError, sqlite_errors
 from maskfl.protocol.messages import HEADER_SIZE, Header
 from maskfl.protocol.phases import Phase
 
@@ -513,7 +514,7 @@ class Store:
         delete files.
         """
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with sqlite_errors(path, "open the coordinator database"):
             async with aiosqlite.connect(path, isolation_level=None, timeout=30) as db:
                 await db.execute("PRAGMA journal_mode=WAL")
                 await db.execute("PRAGMA synchronous=FULL")
@@ -532,8 +533,6 @@ class Store:
                         f"{SCHEMA_VERSION} (and migrates 1); use a newer maskfl"
                     )
                 yield store
-        except sqlite3.Error as exc:
-            raise StorageError(f"sqlite {path}: {exc}") from exc
 
     async def _migrate_from_1(self) -> None:
         """Schema 1 kept every version's weights, signed message and optimizer state as
@@ -547,7 +546,8 @@ class Store:
         run = getattr(self._db, "_execute", None)
         if run is None:  # pragma: no cover - an aiosqlite without the private hook
             raise StorageError("cannot migrate: aiosqlite lacks its DB-thread hook")
-        migrated = await run(_migrate_models_1_to_2, self._db._conn, self.files)
+        with sqlite_errors(self.path, "migrate schema 1 to 2"):
+            migrated = await run(_migrate_models_1_to_2, self._db._conn, self.files)
         if migrated is not None:
             log.warning(
                 "%s: migrated from schema 1 to 2: %d model versions moved to %s",
@@ -555,7 +555,8 @@ class Store:
                 migrated,
                 self.files.dir,
             )
-            await self._db.execute("VACUUM")
+            with sqlite_errors(self.path, "vacuum after migrating"):
+                await self._db.execute("VACUUM")
         if self.keep_versions is not None:
             for model_id in {m.model_id for m in await self.models()}:
                 await self._prune(model_id)
@@ -572,7 +573,7 @@ class Store:
         if not tx.statements:
             return
         run_in_db_thread = getattr(self._db, "_execute", None)
-        try:
+        with sqlite_errors(self.path, "commit a transaction"):
             if run_in_db_thread is not None:
                 # One hop to aiosqlite's thread for the whole transaction: under
                 # load every await on the loop costs a loop iteration, and a
@@ -588,8 +589,6 @@ class Store:
                     with contextlib.suppress(sqlite3.Error):
                         await self._db.execute("ROLLBACK")
                     raise
-        except sqlite3.Error as exc:
-            raise StorageError(f"sqlite: {exc}") from exc
         if self.keep_versions is not None:
             for model_id in tx.models_added:
                 await self._prune(model_id)
@@ -597,13 +596,14 @@ class Store:
     async def _prune(self, model_id: str) -> None:
         """Apply ``keep_versions``: forget the files of older versions, then delete them."""
         assert self.keep_versions is not None
-        await self._db.execute(
-            "UPDATE models SET weights_file = NULL, message_file = NULL, optimizer_file = NULL "
-            "WHERE model_id = ? AND version <= "
-            "(SELECT MAX(version) FROM models WHERE model_id = ?) - ? "
-            "AND weights_file IS NOT NULL",
-            (model_id, model_id, self.keep_versions),
-        )
+        with sqlite_errors(self.path, "forget old model versions"):
+            await self._db.execute(
+                "UPDATE models SET weights_file = NULL, message_file = NULL, optimizer_file = NULL "
+                "WHERE model_id = ? AND version <= "
+                "(SELECT MAX(version) FROM models WHERE model_id = ?) - ? "
+                "AND weights_file IS NOT NULL",
+                (model_id, model_id, self.keep_versions),
+            )
         await self.collect_model_files()
 
     async def collect_model_files(self) -> int:
@@ -618,12 +618,10 @@ class Store:
         return await asyncio.to_thread(self.files.keep_only, named)
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        try:
+        with sqlite_errors(self.path, "read the coordinator database"):
             cursor = await self._db.execute(sql, tuple(params))
             rows = await cursor.fetchall()
             await cursor.close()
-        except sqlite3.Error as exc:
-            raise StorageError(f"sqlite: {exc}") from exc
         return list(rows)  # type: ignore[arg-type]
 
     async def get_meta(self, key: str) -> bytes | None:

@@ -17,11 +17,18 @@ Every error maskfl raises on purpose is a :class:`MaskflError`. Foreign errors
 
 A :class:`RemoteProtocolError` carries a machine-readable :class:`Reason`; the
 coordinator puts that reason into the receipt it sends back and counts it.
+
+sqlite's errors become :class:`StorageError` in one place, :func:`sqlite_errors`,
+which every database access of the agent and the coordinator runs under.
 """
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
+from os import PathLike
 
 __all__ = [
     "AggregationError",
@@ -35,6 +42,7 @@ __all__ = [
     "RemoteProtocolError",
     "StorageError",
     "TransportError",
+    "sqlite_errors",
 ]
 
 
@@ -118,7 +126,34 @@ class TransportError(MaskflError):
 
 
 class StorageError(MaskflError):
-    """Reading or writing durable state failed."""
+    """Reading or writing durable state failed.
+
+    ``path`` names the file and ``operation`` what was being done, when known.
+    """
+
+    def __init__(
+        self, message: str, *, path: str | None = None, operation: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.operation = operation
+
+
+@contextmanager
+def sqlite_errors(path: str | PathLike[str], operation: str) -> Iterator[None]:
+    """Run the block; a :class:`sqlite3.Error` it raises becomes a :class:`StorageError`
+    ``"<operation> (<path>): <sqlite's words>"``, chained with ``raise ... from``.
+
+    Works around awaited code too (``with sqlite_errors(...): await db.execute(...)``).
+    Whatever the block changed is as the block left it: rolling back is the caller's
+    business (a transaction that failed has been rolled back by then).
+    """
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StorageError(
+            f"{operation} ({path}): {exc}", path=str(path), operation=operation
+        ) from exc
 
 
 class ConfigError(MaskflError):

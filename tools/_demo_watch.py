@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from maskfl.broker_coordinator.store import LOGGED_PHASES, RoundOutcome
 from maskfl.protocol.chunking import Reassembler, is_chunk
-from maskfl.protocol.errors import CryptoError, RemoteProtocolError
+from maskfl.protocol.errors import CryptoError, RemoteProtocolError, StorageError, sqlite_errors
 from maskfl.protocol.identity import Certificate
 from maskfl.protocol.keys import public_key_from_pem
 from maskfl.protocol.messages import (
@@ -247,10 +247,18 @@ class StoredUpdate:
     data: bytes
 
 
-def _connect_ro(path: Path) -> sqlite3.Connection:
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
-    con.execute("PRAGMA query_only = 1")
-    return con
+def _query_ro(
+    path: Path, *queries: tuple[str, tuple[Any, ...]], timeout_s: float = 1.0
+) -> list[list[Any]]:
+    """The rows of each query, read through a read-only connection to another process's
+    database (blocking); a sqlite error is a :class:`StorageError`."""
+    with sqlite_errors(path, "read (read-only)"):
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout_s)
+        try:
+            con.execute("PRAGMA query_only = 1")
+            return [con.execute(sql, params).fetchall() for sql, params in queries]
+        finally:
+            con.close()
 
 
 @dataclass(frozen=True)
@@ -270,20 +278,18 @@ def coordinator_round(state_dir: Path, round_id: int) -> RoundRow | None:
     db = state_dir / "coordinator.db"
     if not db.exists():
         return None
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        row = conn.execute(
-            "SELECT outcome, detail, finished_at FROM rounds WHERE round_id = ?", (round_id,)
-        ).fetchone()
-        if row is None:
-            return None
-        opened = conn.execute(
+    rows, opened = _query_ro(
+        db,
+        ("SELECT outcome, detail, finished_at FROM rounds WHERE round_id = ?", (round_id,)),
+        (
             "SELECT phase, opened_at FROM phase_log WHERE round_id = ? ORDER BY opened_at",
             (round_id,),
-        ).fetchall()
-    finally:
-        conn.close()
-    outcome, detail, finished = row
+        ),
+        timeout_s=5.0,
+    )
+    if not rows:
+        return None
+    outcome, detail, finished = rows[0]
     phases: dict[str, float] = {}
     for i, (phase, at) in enumerate(opened):
         until = opened[i + 1][1] if i + 1 < len(opened) else finished
@@ -324,7 +330,7 @@ class StoreSampler:
 
     async def refresh(self) -> None:
         """Poll once now (errors of a coordinator mid-write are retried next time)."""
-        with contextlib.suppress(sqlite3.Error, OSError):
+        with contextlib.suppress(StorageError, OSError):
             await asyncio.to_thread(self.poll)
 
     def poll(self) -> None:
@@ -334,14 +340,14 @@ class StoreSampler:
     def _poll(self) -> None:
         if not self.db.exists():
             return
-        con = _connect_ro(self.db)
-        try:
-            rows = con.execute(
+        (rows,) = _query_ro(
+            self.db,
+            (
                 "SELECT round_id, device_id, log_offset, log_length FROM updates "
-                "ORDER BY round_id, log_offset"
-            ).fetchall()
-        finally:
-            con.close()
+                "ORDER BY round_id, log_offset",
+                (),
+            ),
+        )
         for round_id, device_id, offset, length in rows:
             self.accepted.setdefault(int(round_id), set()).add(str(device_id))
             if int(round_id) in self.samples:
@@ -363,12 +369,8 @@ def journal_rounds(state_dir: Path) -> dict[int, dict[str, Any]]:
     if not db.exists():
         return {}
     try:
-        con = _connect_ro(db)
-        try:
-            rows = con.execute("SELECT round_id, task, step, bytes_sent FROM rounds").fetchall()
-        finally:
-            con.close()
-    except sqlite3.Error:
+        (rows,) = _query_ro(db, ("SELECT round_id, task, step, bytes_sent FROM rounds", ()))
+    except StorageError:
         return {}
     return {int(r): {"task": str(t), "step": str(s), "bytes_sent": int(b)} for r, t, s, b in rows}
 

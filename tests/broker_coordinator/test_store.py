@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 from pathlib import Path
@@ -96,6 +97,32 @@ async def test_round_phase_and_outcome_are_enums_stored_as_their_values(tmp_path
     async with Store.open(path) as store:
         with pytest.raises(StorageError, match=r"round 1: unknown phase or outcome.*exploded"):
             await store.get_round(1)
+
+
+async def test_sqlite_errors_name_the_database_and_what_was_done(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    async with Store.open(path) as store:
+        async with store.transaction() as tx:
+            await tx.put_round(_round())
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            other.execute("DROP TABLE phase_log")
+            other.commit()
+        with pytest.raises(StorageError, match=r"^commit a transaction \(.*c\.db\): no such table"):
+            async with store.transaction() as tx:
+                await tx.put_round(_round(2))
+        assert (await store.last_round()) == _round()  # rolled back: round 2 is not there
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            other.execute("DROP TABLE rounds")
+            other.commit()
+        with pytest.raises(StorageError) as caught:
+            await store.last_round()
+        assert caught.value.operation == "read the coordinator database"
+        assert caught.value.path == str(path)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database file at all" * 8)
+    with pytest.raises(StorageError, match=r"^open the coordinator database \(.*garbage\.db\)"):
+        async with Store.open(garbage):
+            pass
 
 
 def test_checkpoint_files_are_replaced_atomically(tmp_path: Path) -> None:
