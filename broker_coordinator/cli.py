@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,6 +51,9 @@ from maskfl.protocol.identity import RevocationList
 from maskfl.protocol.keys import public_key_from_pem
 from maskfl.protocol.version import version_text
 from maskfl.transport import LOG_FORMATS, probe_broker, setup_logging
+
+if TYPE_CHECKING:
+    _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_USAGE = 2
 
@@ -90,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=version_text("maskfl-coordinator"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _service_parsers(sub)
+    _state_parsers(sub)
+    _models_parser(sub)
+    return parser
+
+
+def _service_parsers(sub: _Subparsers) -> None:
+    """check and run: the service itself."""
     check = sub.add_parser(
         "check",
         help="validate config, keys, files and the broker, then exit",
@@ -118,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="log lines as text or JSON; auto: text on a terminal or under journald, JSON "
         "otherwise (default: [log] format, itself auto by default)",
     )
+
+
+def _state_parsers(sub: _Subparsers) -> None:
+    """status and devices: what the database says, read while the service runs."""
     status = sub.add_parser(
         "status",
         help="show rounds and the latest model from the database",
@@ -140,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument(
         "--rounds", type=int, default=5, metavar="N", help="roles in the last N rounds (default 5)"
     )
+
+
+def _models_parser(sub: _Subparsers) -> None:
+    """models list and models export: the global model registry."""
     models = sub.add_parser(
         "models",
         help="the global model registry",
@@ -173,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="npy",
         help="npy: the weight vector (default); tflite: the graph with the weights set",
     )
-    return parser
 
 
 def check_private_files(config: CoordinatorConfig) -> None:

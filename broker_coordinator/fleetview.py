@@ -230,54 +230,75 @@ async def device_table(
     last = await store.last_round()
     latest = 0 if last is None else last.round_id
     since = max(1, latest - recent_rounds + 1)
-    seen = {d: (serial, first, last_) for d, serial, first, last_ in await store.devices()}
-    accepted: dict[str, dict[str, int]] = {}
-    for d, kind, n in await store.device_messages():
-        accepted.setdefault(d, {})[kind] = n
-    roles: dict[str, dict[int, str]] = {}
-    for d, rid, kind in await store.device_roles(since):
-        if kind in ROLES:
-            roles.setdefault(d, {})[rid] = ROLES[kind]
-    rejected: dict[str, dict[str, int]] = {}
-    last_rejected: dict[str, float] = {}
-    for d, reason, n, at in await store.device_rejections():
-        rejected.setdefault(d, {})[reason] = n
-        last_rejected[d] = max(last_rejected.get(d, 0.0), at)
-    heard = alive or {}
-
-    def latest_contact(device: str) -> float | None:
-        times = [seen[device][2]] if device in seen else []
-        times += [t for t in (last_rejected.get(device), heard.get(device)) if t]
-        return max(times) if times else None
-
-    devices = sorted(set(seen) | set(rejected) | set(heard))
+    known = await _KnownDevices.load(store, since, alive or {})
+    devices = sorted(set(known.seen) | set(known.rejected) | set(known.heard))
     if limit is not None and len(devices) > limit:
         # The most recently heard from; rows are only built for those (a large fleet's
         # page must not build one dict per device every refresh).
-        devices = sorted(devices, key=lambda d: latest_contact(d) or 0.0, reverse=True)[:limit]
-    rows = []
-    for device in devices:
-        serial, first_seen, _ = seen.get(device, (None, None, None))
-        mine = accepted.get(device, {})
+        by_contact = sorted(devices, key=lambda d: known.latest_contact(d) or 0.0, reverse=True)
+        devices = by_contact[:limit]
+    rounds = range(latest, since - 1, -1)
+    return [known.row(d, revocations, alive_since, rounds) for d in devices]
+
+
+@dataclass
+class _KnownDevices:
+    """What the store (and the heartbeat table, ``heard``) knows of each device, by id."""
+
+    seen: dict[str, tuple[int, float, float]]
+    accepted: dict[str, dict[str, int]]
+    roles: dict[str, dict[int, str]]
+    rejected: dict[str, dict[str, int]]
+    last_rejected: dict[str, float]
+    heard: Mapping[str, float]
+
+    @classmethod
+    async def load(cls, store: Store, since: int, heard: Mapping[str, float]) -> _KnownDevices:
+        seen = {d: (serial, first, last_) for d, serial, first, last_ in await store.devices()}
+        accepted: dict[str, dict[str, int]] = {}
+        for d, kind, n in await store.device_messages():
+            accepted.setdefault(d, {})[kind] = n
+        roles: dict[str, dict[int, str]] = {}
+        for d, rid, kind in await store.device_roles(since):
+            if kind in ROLES:
+                roles.setdefault(d, {})[rid] = ROLES[kind]
+        rejected: dict[str, dict[str, int]] = {}
+        last_rejected: dict[str, float] = {}
+        for d, reason, n, at in await store.device_rejections():
+            rejected.setdefault(d, {})[reason] = n
+            last_rejected[d] = max(last_rejected.get(d, 0.0), at)
+        return cls(seen, accepted, roles, rejected, last_rejected, heard)
+
+    def latest_contact(self, device: str) -> float | None:
+        times = [self.seen[device][2]] if device in self.seen else []
+        times += [t for t in (self.last_rejected.get(device), self.heard.get(device)) if t]
+        return max(times) if times else None
+
+    def row(
+        self,
+        device: str,
+        revocations: RevocationList | None,
+        alive_since: float | None,
+        rounds: range,
+    ) -> dict[str, Any]:
+        """One device's row of :func:`device_table`, its roles in ``rounds`` (newest first)."""
+        serial, first_seen, _ = self.seen.get(device, (None, None, None))
+        mine = self.accepted.get(device, {})
         revoked = None
         if serial is not None:
             revoked = revocations is not None and revocations.is_revoked(serial)
-        rows.append(
-            {
-                "device": device,
-                "serial": serial,
-                "first_seen": first_seen,
-                "last_seen": latest_contact(device),
-                "alive": None
-                if alive_since is None
-                else heard.get(device, float("-inf")) >= alive_since,
-                "revoked": revoked,
-                "roles": [
-                    {"round_id": rid, "role": roles.get(device, {}).get(rid)}
-                    for rid in range(latest, since - 1, -1)
-                ],
-                "accepted": {k: mine.get(k, 0) for k in ("sum", "update", "sum2")},
-                "rejected": rejected.get(device, {}),
-            }
-        )
-    return rows
+        return {
+            "device": device,
+            "serial": serial,
+            "first_seen": first_seen,
+            "last_seen": self.latest_contact(device),
+            "alive": None
+            if alive_since is None
+            else self.heard.get(device, float("-inf")) >= alive_since,
+            "revoked": revoked,
+            "roles": [
+                {"round_id": rid, "role": self.roles.get(device, {}).get(rid)} for rid in rounds
+            ],
+            "accepted": {k: mine.get(k, 0) for k in ("sum", "update", "sum2")},
+            "rejected": self.rejected.get(device, {}),
+        }

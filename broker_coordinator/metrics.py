@@ -52,6 +52,11 @@ class Metrics:
         self.devices_alive = Gauge(
             _PREFIX + "devices_alive", "devices heard from within the alive window", registry=r
         )
+        self._work_instruments(r)
+        self._model_instruments(r)
+
+    def _work_instruments(self, r: CollectorRegistry) -> None:
+        """The coordinator's own work: commits, unmask, reassembly, MQTT, receipts."""
         self.aggregation_seconds = Histogram(
             _PREFIX + "aggregation_seconds",
             "time to add one group-commit batch of updates and make it durable",
@@ -108,6 +113,8 @@ class Metrics:
             _PREFIX + "mqtt_connected", "1 while the broker link is up", registry=r
         )
 
+    def _model_instruments(self, r: CollectorRegistry) -> None:
+        """The global model's fleet evaluation, one series per label."""
         self.model_accuracy = Gauge(
             "maskfl_model_accuracy",
             "fleet accuracy of the global model on the updaters' held-out data (federated "

@@ -935,55 +935,8 @@ def _migrate_models_1_to_2(conn: sqlite3.Connection, files: ModelFiles) -> int |
         if row is None or int(row[0]) != 1:
             conn.execute("ROLLBACK")
             return None
-        conn.execute(
-            "CREATE TABLE models_v2 (model_id TEXT NOT NULL, version INTEGER NOT NULL, "
-            "round_id INTEGER, digest BLOB NOT NULL, metrics TEXT NOT NULL, weights_file TEXT, "
-            "message_file TEXT, optimizer_file TEXT, created_at REAL NOT NULL, "
-            "PRIMARY KEY (model_id, version))"
-        )
-        keys = conn.execute("SELECT model_id, version FROM models").fetchall()
-        for model_id, version in keys:  # one version in memory at a time
-            r = conn.execute(
-                "SELECT round_id, digest, weights, metrics, message, optimizer_state, created_at "
-                "FROM models WHERE model_id = ? AND version = ?",
-                (model_id, version),
-            ).fetchone()
-            conn.execute(
-                "INSERT INTO models_v2 VALUES (?,?,?,?,?,?,?,?,?)",
-                (
-                    model_id,
-                    version,
-                    r[0],
-                    r[1],
-                    r[3],
-                    files.put(r[2], ".f32"),
-                    None if r[4] is None else files.put(r[4], ".msg"),
-                    None if r[5] is None else files.put(r[5], ".opt"),
-                    r[6],
-                ),
-            )
-        conn.execute("DROP TABLE models")
-        conn.execute("ALTER TABLE models_v2 RENAME TO models")
-        # sum2 masks of an unfinished round: to files, the table keeps their digests
-        masks = CheckpointFiles(files.dir.parent / CHECKPOINTS_DIR)
-        columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(sum2)").fetchall()}
-        pending = (
-            []
-            if "mask" not in columns
-            else conn.execute("SELECT round_id, device_id FROM sum2").fetchall()
-        )
-        for round_id, device_id in pending:
-            (mask,) = conn.execute(
-                "SELECT mask FROM sum2 WHERE round_id = ? AND device_id = ?", (round_id, device_id)
-            ).fetchone()
-            digest = hashlib.sha256(mask).digest()
-            masks.write_mask(round_id, digest, mask)
-            conn.execute(
-                "UPDATE sum2 SET mask = ? WHERE round_id = ? AND device_id = ?",
-                (digest, round_id, device_id),
-            )
-        if "mask" in columns:
-            conn.execute("ALTER TABLE sum2 RENAME COLUMN mask TO mask_digest")
+        moved = _move_models_to_files(conn, files)
+        _move_sum2_masks_to_files(conn, files)
         conn.execute(
             "UPDATE meta SET value = ? WHERE key = 'schema_version'",
             (str(SCHEMA_VERSION).encode(),),
@@ -993,7 +946,66 @@ def _migrate_models_1_to_2(conn: sqlite3.Connection, files: ModelFiles) -> int |
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
+    return moved
+
+
+def _move_models_to_files(conn: sqlite3.Connection, files: ModelFiles) -> int:
+    """Schema 1 → 2: model weights, messages and optimizer states out of the models table
+    into content-addressed files, the table keeping their names; how many versions moved."""
+    conn.execute(
+        "CREATE TABLE models_v2 (model_id TEXT NOT NULL, version INTEGER NOT NULL, "
+        "round_id INTEGER, digest BLOB NOT NULL, metrics TEXT NOT NULL, weights_file TEXT, "
+        "message_file TEXT, optimizer_file TEXT, created_at REAL NOT NULL, "
+        "PRIMARY KEY (model_id, version))"
+    )
+    keys = conn.execute("SELECT model_id, version FROM models").fetchall()
+    for model_id, version in keys:  # one version in memory at a time
+        r = conn.execute(
+            "SELECT round_id, digest, weights, metrics, message, optimizer_state, created_at "
+            "FROM models WHERE model_id = ? AND version = ?",
+            (model_id, version),
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO models_v2 VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                model_id,
+                version,
+                r[0],
+                r[1],
+                r[3],
+                files.put(r[2], ".f32"),
+                None if r[4] is None else files.put(r[4], ".msg"),
+                None if r[5] is None else files.put(r[5], ".opt"),
+                r[6],
+            ),
+        )
+    conn.execute("DROP TABLE models")
+    conn.execute("ALTER TABLE models_v2 RENAME TO models")
     return len(keys)
+
+
+def _move_sum2_masks_to_files(conn: sqlite3.Connection, files: ModelFiles) -> None:
+    """Schema 1 → 2: sum2 masks of an unfinished round to checkpoint files, the table
+    keeping their digests."""
+    masks = CheckpointFiles(files.dir.parent / CHECKPOINTS_DIR)
+    columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(sum2)").fetchall()}
+    pending = (
+        []
+        if "mask" not in columns
+        else conn.execute("SELECT round_id, device_id FROM sum2").fetchall()
+    )
+    for round_id, device_id in pending:
+        (mask,) = conn.execute(
+            "SELECT mask FROM sum2 WHERE round_id = ? AND device_id = ?", (round_id, device_id)
+        ).fetchone()
+        digest = hashlib.sha256(mask).digest()
+        masks.write_mask(round_id, digest, mask)
+        conn.execute(
+            "UPDATE sum2 SET mask = ? WHERE round_id = ? AND device_id = ?",
+            (digest, round_id, device_id),
+        )
+    if "mask" in columns:
+        conn.execute("ALTER TABLE sum2 RENAME COLUMN mask TO mask_digest")
 
 
 def _fsync_dir(path: Path) -> None:

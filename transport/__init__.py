@@ -35,6 +35,7 @@ bugs: ``LocalProtocolError``. Bad settings: ``ConfigError`` naming the field.
 
 from __future__ import annotations
 
+from ._blocking import probe_broker
 from ._config import (
     MQTT_MAX_PACKET,
     LastWill,
@@ -51,7 +52,7 @@ from ._errors import (
 )
 from ._logging import LOG_FORMATS, LogFormat, resolve_log_format, setup_logging
 from ._memory import MemoryBroker, MemoryTransport
-from ._mqtt import MqttTransport, probe_broker, publish_packet_size
+from ._mqtt import MqttTransport, publish_packet_size
 from ._passwd import (
     mosquitto_passwd_line,
     mosquitto_password_hash,

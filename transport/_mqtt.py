@@ -75,7 +75,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -91,8 +90,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from maskfl.protocol.errors import ConfigError, LocalProtocolError, TransportError
+from maskfl.protocol.errors import LocalProtocolError, TransportError
 
+from ._blocking import reconnect, tls_context, tls_probe
 from ._config import MQTT_MAX_PACKET, MqttConfig
 from ._errors import (
     NotConnectedError,
@@ -111,8 +111,6 @@ log = logging.getLogger("maskfl.transport")
 _PACKET_OVERHEAD = 65_535 + 1024
 _MISC_INTERVAL_S = 1.0
 _DISCONNECT_TIMEOUT_S = 5.0
-#: How long the alert probe waits for the broker's verdict on our certificate.
-_PROBE_TIMEOUT_S = 3.0
 
 
 _LARGE_PUBLISH = 1 << 20
@@ -428,14 +426,31 @@ class MqttTransport(LinkBase):
 
     # -------------------------------------------------------- connection logic
 
-    async def _attempt(self) -> None:  # noqa: PLR0912, PLR0915 one connect attempt: TLS, CONNACK, subscriptions, errors
+    async def _attempt(self) -> None:
         """One connection attempt: blocking connect in a thread, then await CONNACK."""
-        assert self._loop is not None
-        cfg = self._config
         self._state = LinkState.CONNECTING
         self._connack = self._future()
+        sock = await self._open_socket()
+        self._socket_closed.clear()
+        self._paused = False
+        self._start_reading()
+        if self._client.want_write():
+            self._add_writer(sock)
+        session_present, props = await self._await_connack()
+        self._max_packet = int(getattr(props, "MaximumPacketSize", MQTT_MAX_PACKET))
+        if not session_present and self._subscriptions:
+            await self._restore_subscriptions()
+        if self._state is not LinkState.CONNECTING:  # closed or lost meanwhile
+            raise TransportError(f"link to {self._config.address} lost right after connecting")
+        self._up(session_present)
+
+    async def _open_socket(self) -> Any:
+        """paho's blocking ``reconnect()`` (DNS, TCP, TLS handshake, CONNECT) in a thread;
+        the socket it opened."""
+        assert self._loop is not None
+        cfg = self._config
         self._idle.clear()
-        worker = asyncio.ensure_future(asyncio.to_thread(_reconnect, self._client))
+        worker = asyncio.ensure_future(asyncio.to_thread(reconnect, self._client))
         worker.add_done_callback(self._connect_thread_done)
         try:
             # Shielded: a cancelled attempt must not release the paho client while
@@ -456,17 +471,16 @@ class MqttTransport(LinkBase):
             raise await self._explained(
                 TransportError(f"{cfg.address} closed the connection before CONNACK")
             )
-        self._socket_closed.clear()
-        self._paused = False
-        self._start_reading()
-        if self._client.want_write():
-            self._add_writer(sock)
+        return sock
+
+    async def _await_connack(self) -> tuple[bool, Properties | None]:
+        """``(session_present, properties)`` of the CONNACK, within ``connect_timeout_s``."""
+        assert self._connack is not None
+        cfg = self._config
         try:
             async with asyncio.timeout(cfg.connect_timeout_s):
-                session_present, props = await self._connack
-        except RefusedError:
-            raise
-        except TransportClosedError:
+                return await self._connack
+        except (RefusedError, TransportClosedError):
             raise
         except TransportError as exc:
             explained = await self._explained(exc)
@@ -477,24 +491,28 @@ class MqttTransport(LinkBase):
             raise TransportError(
                 f"MQTT broker {cfg.address} sent no CONNACK within {cfg.connect_timeout_s} s"
             ) from exc
-        self._max_packet = int(getattr(props, "MaximumPacketSize", MQTT_MAX_PACKET))
-        if not session_present and self._subscriptions:
-            try:
-                codes = await self._send_subscribe(dict(self._subscriptions))
-            except NotConnectedError as exc:
-                raise TransportError(
-                    f"{cfg.address} dropped the link while subscriptions were restored"
-                ) from exc
-            for (topic_filter, _), code in zip(self._subscriptions.items(), codes, strict=False):
-                if code.is_failure:
-                    log.error(
-                        "mqtt %s: resubscription to %r refused: %s",
-                        cfg.address,
-                        topic_filter,
-                        code.getName(),
-                    )
-        if self._state is not LinkState.CONNECTING:  # closed or lost meanwhile
-            raise TransportError(f"link to {cfg.address} lost right after connecting")
+
+    async def _restore_subscriptions(self) -> None:
+        """The broker kept no session: subscribe again (a refused filter is logged)."""
+        cfg = self._config
+        try:
+            codes = await self._send_subscribe(dict(self._subscriptions))
+        except NotConnectedError as exc:
+            raise TransportError(
+                f"{cfg.address} dropped the link while subscriptions were restored"
+            ) from exc
+        for (topic_filter, _), code in zip(self._subscriptions.items(), codes, strict=False):
+            if code.is_failure:
+                log.error(
+                    "mqtt %s: resubscription to %r refused: %s",
+                    cfg.address,
+                    topic_filter,
+                    code.getName(),
+                )
+
+    def _up(self, session_present: bool) -> None:
+        """The link is up: state, counters, the log line and the CONNECTED event."""
+        cfg = self._config
         self._state = LinkState.CONNECTED
         self._stats.connects += 1
         self._connected.set()
@@ -521,7 +539,7 @@ class MqttTransport(LinkBase):
         tls = self._config.tls
         if tls is None or diagnose(error).cause not in (Cause.LINK_LOST, Cause.NOT_MQTT_TLS):
             return error
-        alert, speaks_tls = await asyncio.to_thread(_tls_probe, self._config)
+        alert, speaks_tls = await asyncio.to_thread(tls_probe, self._config)
         if alert is None:
             if not speaks_tls and diagnose(error).cause is Cause.LINK_LOST:
                 marked = TransportError(f"{error}: {TLS_HANDSHAKE_RESET}")
@@ -727,7 +745,7 @@ class MqttTransport(LinkBase):
         if cfg.will is not None:
             client.will_set(cfg.will.topic, cfg.will.payload, cfg.will.qos, cfg.will.retain)
         if cfg.tls is not None:
-            client.tls_set_context(_tls_context(cfg))
+            client.tls_set_context(tls_context(cfg))
             client.tls_insecure_set(cfg.tls.insecure)
         client.on_connect = self._cb_connect
         client.on_disconnect = self._cb_disconnect
@@ -896,123 +914,3 @@ class MqttTransport(LinkBase):
     def _cb_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         if self._loop is not None:
             self._on_loop(self._loop.remove_writer, sock)
-
-
-def _reconnect(client: paho.Client) -> MQTTErrorCode:
-    """``client.reconnect()``, run in a worker thread, without leaking sockets.
-
-    paho 2.2's ``_ssl_wrap_socket`` does not close the TCP/TLS socket when the
-    handshake (or its timeout, or the host name check) fails; the socket is then
-    reachable only from the traceback's frames and would be closed by the
-    garbage collector with a ResourceWarning. Close it here, in the thread,
-    where the traceback still holds those frames (asyncio drops them when it
-    hands the exception to the loop).
-    """
-    try:
-        return client.reconnect()
-    except BaseException as exc:
-        _close_sockets_in(exc)
-        raise
-
-
-def _close_sockets_in(exc: BaseException) -> None:
-    """Close every socket a frame of ``exc``'s traceback holds."""
-    tb = exc.__traceback__
-    while tb is not None:
-        for value in tb.tb_frame.f_locals.values():
-            if isinstance(value, socket.socket):
-                value.close()
-        tb = tb.tb_next
-
-
-def _tls_probe(cfg: MqttConfig) -> tuple[ssl.SSLError | None, bool]:
-    """The TLS alert the broker answers our certificate with, if any, and whether a TLS
-    handshake completed at all (blocking).
-
-    A handshake that then only reads: a broker that refuses the certificate sends its
-    alert (``certificate revoked``, ``unknown ca``, ...) and closes; one that accepts
-    it waits for CONNECT, which never comes, and the read times out. Sending nothing
-    keeps the alert from being lost to a TCP reset, as it often is after a CONNECT with
-    TLS 1.3. A peer that resets or closes in the handshake itself does not speak TLS."""
-    context = _tls_context(cfg)
-    tls = cfg.tls
-    assert tls is not None
-    if tls.insecure:
-        context.check_hostname = False
-    handshake = False
-    try:
-        with (
-            socket.create_connection((cfg.host, cfg.port), timeout=_PROBE_TIMEOUT_S) as raw,
-            context.wrap_socket(raw, server_hostname=cfg.host) as sock,
-        ):
-            handshake = True
-            sock.recv(1)
-    except ssl.SSLError as exc:
-        if "ALERT" in str(exc.reason or "").upper():
-            return exc, True
-        return None, handshake or isinstance(exc, ssl.SSLCertVerificationError)
-    except (OSError, ValueError):
-        return None, handshake
-    return None, True
-
-
-def probe_broker(cfg: MqttConfig) -> Diagnosis | None:
-    """Whether the broker at ``cfg``'s address would take this client, without an MQTT
-    CONNECT, so no session is taken over (blocking; for ``check`` commands).
-
-    A TCP connect; with TLS also the handshake with this client's certificate and a
-    short read for the alert a broker sends when it refuses the certificate. None when
-    nothing went wrong, else the :func:`diagnose` of what did."""
-    address = (cfg.host, cfg.port)
-    try:
-        raw = socket.create_connection(address, timeout=max(cfg.connect_timeout_s, 1.0))
-    except OSError as exc:
-        error = TransportError(f"cannot connect to MQTT broker {cfg.address}: {exc}")
-        error.__cause__ = exc
-        return diagnose(error)
-    if cfg.tls is None:
-        raw.close()
-        return None
-    handshake = False
-    try:
-        context = _tls_context(cfg)
-        if cfg.tls.insecure:
-            context.check_hostname = False
-        with raw, context.wrap_socket(raw, server_hostname=cfg.host) as sock:
-            handshake = True
-            sock.settimeout(_PROBE_TIMEOUT_S / 3)
-            with contextlib.suppress(TimeoutError):
-                sock.recv(1)
-    except (OSError, ValueError) as exc:
-        detail = f"cannot connect to MQTT broker {cfg.address}: {exc}"
-        if not handshake and isinstance(exc, ConnectionResetError | ssl.SSLEOFError):
-            detail += f": {TLS_HANDSHAKE_RESET}"
-        error = TransportError(detail)
-        error.__cause__ = exc
-        return diagnose(error)
-    return None
-
-
-def _tls_context(cfg: MqttConfig) -> ssl.SSLContext:
-    """An SSLContext that verifies the broker (and presents our certificate for mTLS)."""
-    tls = cfg.tls
-    assert tls is not None
-    try:
-        context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None
-        )
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"mqtt.tls.ca_file: cannot load CA certificates from {tls.ca_file}: {exc}",
-            field="tls.ca_file",
-        ) from exc
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.cert_file is not None and tls.key_file is not None:
-        try:
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"mqtt.tls.cert_file: cannot load {tls.cert_file} with key {tls.key_file}: {exc}",
-                field="tls.cert_file",
-            ) from exc
-    return context
