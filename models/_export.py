@@ -36,7 +36,7 @@ def _schema() -> Any:
     return schema_py_generated
 
 
-def graph_with_weights(graph: bytes, weights: npt.ArrayLike) -> bytes:  # noqa: PLR0912 one branch per flatbuffer tensor case
+def graph_with_weights(graph: bytes, weights: npt.ArrayLike) -> bytes:
     """``graph`` (a .tflite following the model contract) with ``weights`` as its
     initial weights. Raises :class:`ConfigError` when the graph does not have the
     contract's shape or the vector's length does not match it."""
@@ -44,54 +44,9 @@ def graph_with_weights(graph: bytes, weights: npt.ArrayLike) -> bytes:  # noqa: 
     import flatbuffers
 
     flat = np.ascontiguousarray(weights, dtype="<f4").ravel()
-    model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(graph, 0))
-    builtin = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
-
-    def op_name(op: Any) -> str:
-        code = model.operatorCodes[op.opcodeIndex]
-        return str(builtin.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?"))
-
-    def handles(subgraph: Any) -> dict[int, bytes]:
-        """tensor index -> the shared name of the variable the VAR_HANDLE op gives."""
-        return {
-            op.outputs[0]: bytes(op.builtinOptions.sharedName or b"")
-            for op in subgraph.operators
-            if op_name(op) == "VAR_HANDLE"
-        }
-
-    signatures = {bytes(sd.signatureKey): sd.subgraphIndex for sd in model.signatureDefs}
-    if b"get_flat" not in signatures:
-        raise ConfigError("the model graph has no get_flat signature (see models/build.py)")
-    getter = model.subgraphs[signatures[b"get_flat"]]
-    names = handles(getter)
-    read = {
-        op.outputs[0]: names[op.inputs[0]]
-        for op in getter.operators
-        if op_name(op) == "READ_VARIABLE" and op.inputs[0] in names
-    }
-    producer = {out: op for op in getter.operators for out in op.outputs}
-    concat = [op for op in getter.operators if op_name(op) == "CONCATENATION"]
-    if len(concat) != 1:
-        raise ConfigError("the model graph's get_flat is not one concatenation of variables")
-    order: list[bytes] = []
-    for part in concat[0].inputs:
-        source = part
-        while source not in read and source in producer:  # RESHAPE(READ_VARIABLE(handle))
-            source = producer[source].inputs[0]
-        if source not in read:
-            raise ConfigError("the model graph's get_flat reads something that is no variable")
-        order.append(read[source])
-
-    constants: dict[bytes, tuple[Any, Any]] = {}  # variable -> (tensor, buffer) assigned
-    for subgraph in model.subgraphs:
-        names = handles(subgraph)
-        for op in subgraph.operators:
-            if op_name(op) != "ASSIGN_VARIABLE" or op.inputs[0] not in names:
-                continue
-            tensor = subgraph.tensors[op.inputs[1]]
-            buffer = model.buffers[tensor.buffer]
-            if tensor.buffer and buffer.data is not None and len(buffer.data):
-                constants.setdefault(names[op.inputs[0]], (tensor, buffer))
+    model = _Model(s, s.ModelT.InitFromObj(s.Model.GetRootAsModel(graph, 0)))
+    order = model.variable_order()
+    constants = model.initial_values()
     sizes = []
     for name in order:
         if name not in constants:
@@ -108,5 +63,67 @@ def graph_with_weights(graph: bytes, weights: npt.ArrayLike) -> bytes:  # noqa: 
         buffer.data = np.frombuffer(flat[start : start + size].tobytes(), dtype=np.uint8)
         start += size
     builder = flatbuffers.Builder(len(graph) + flat.nbytes)
-    builder.Finish(model.Pack(builder), file_identifier=_TFLITE_ID)
+    builder.Finish(model.model.Pack(builder), file_identifier=_TFLITE_ID)
     return bytes(builder.Output())
+
+
+class _Model:
+    """A parsed .tflite (the flatbuffer's object API) and the questions asked of it."""
+
+    def __init__(self, schema: Any, model: Any) -> None:
+        self.model = model
+        self._builtin = {
+            v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")
+        }
+
+    def op_name(self, op: Any) -> str:
+        code = self.model.operatorCodes[op.opcodeIndex]
+        return str(self._builtin.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?"))
+
+    def handles(self, subgraph: Any) -> dict[int, bytes]:
+        """tensor index -> the shared name of the variable the VAR_HANDLE op gives."""
+        return {
+            op.outputs[0]: bytes(op.builtinOptions.sharedName or b"")
+            for op in subgraph.operators
+            if self.op_name(op) == "VAR_HANDLE"
+        }
+
+    def variable_order(self) -> list[bytes]:
+        """The variables in the order ``get_flat`` concatenates them."""
+        signatures = {bytes(sd.signatureKey): sd.subgraphIndex for sd in self.model.signatureDefs}
+        if b"get_flat" not in signatures:
+            raise ConfigError("the model graph has no get_flat signature (see models/build.py)")
+        getter = self.model.subgraphs[signatures[b"get_flat"]]
+        names = self.handles(getter)
+        read = {
+            op.outputs[0]: names[op.inputs[0]]
+            for op in getter.operators
+            if self.op_name(op) == "READ_VARIABLE" and op.inputs[0] in names
+        }
+        producer = {out: op for op in getter.operators for out in op.outputs}
+        concat = [op for op in getter.operators if self.op_name(op) == "CONCATENATION"]
+        if len(concat) != 1:
+            raise ConfigError("the model graph's get_flat is not one concatenation of variables")
+        order: list[bytes] = []
+        for part in concat[0].inputs:
+            source = part
+            while source not in read and source in producer:  # RESHAPE(READ_VARIABLE(handle))
+                source = producer[source].inputs[0]
+            if source not in read:
+                raise ConfigError("the model graph's get_flat reads something that is no variable")
+            order.append(read[source])
+        return order
+
+    def initial_values(self) -> dict[bytes, tuple[Any, Any]]:
+        """variable -> (tensor, buffer) of the constant an ASSIGN_VARIABLE gives it first."""
+        constants: dict[bytes, tuple[Any, Any]] = {}
+        for subgraph in self.model.subgraphs:
+            names = self.handles(subgraph)
+            for op in subgraph.operators:
+                if self.op_name(op) != "ASSIGN_VARIABLE" or op.inputs[0] not in names:
+                    continue
+                tensor = subgraph.tensors[op.inputs[1]]
+                buffer = self.model.buffers[tensor.buffer]
+                if tensor.buffer and buffer.data is not None and len(buffer.data):
+                    constants.setdefault(names[op.inputs[0]], (tensor, buffer))
+        return constants

@@ -355,6 +355,20 @@ def verify_certificate(
             f"certificate of {who!r} is not signed by the fleet CA",
             participant=who,
         )
+    _check_window(cert, now)
+    if revocations is not None:
+        _check_not_revoked(cert, revocations, fleet)
+    if role is not None and cert.role != role:
+        raise CertificateError(
+            Reason.WRONG_ROLE,
+            f"certificate of {who!r} has role {cert.role}, {role} required",
+            participant=who,
+        )
+
+
+def _check_window(cert: Certificate, now: float) -> None:
+    """``expired`` outside ``[not_before, not_after]``."""
+    who = cert.subject
     if now < cert.not_before:
         raise CertificateError(
             Reason.EXPIRED,
@@ -367,22 +381,19 @@ def verify_certificate(
             f"certificate of {who!r} expired at {cert.not_after}",
             participant=who,
         )
-    if revocations is not None:
-        if revocations.fleet != fleet:
-            raise LocalProtocolError(
-                f"revocation list of fleet {revocations.fleet!r} used for fleet {fleet!r}"
-            )
-        if revocations.is_revoked(cert.serial):
-            raise CertificateError(
-                Reason.REVOKED,
-                f"certificate {cert.serial} of {who!r} is revoked",
-                participant=who,
-            )
-    if role is not None and cert.role != role:
+
+
+def _check_not_revoked(cert: Certificate, revocations: RevocationList, fleet: str) -> None:
+    """``revoked`` when the (verified) list of ``fleet`` names the certificate's serial."""
+    if revocations.fleet != fleet:
+        raise LocalProtocolError(
+            f"revocation list of fleet {revocations.fleet!r} used for fleet {fleet!r}"
+        )
+    if revocations.is_revoked(cert.serial):
         raise CertificateError(
-            Reason.WRONG_ROLE,
-            f"certificate of {who!r} has role {cert.role}, {role} required",
-            participant=who,
+            Reason.REVOKED,
+            f"certificate {cert.serial} of {cert.subject!r} is revoked",
+            participant=cert.subject,
         )
 
 
@@ -479,35 +490,9 @@ def check_identity(
     both carry the :class:`IdentityPart` at fault and a message that reads
     after the name of the file, e.g. ``f"device.key_file: {exc}"``.
     """
-    try:
-        key = signing_key_from_pem(key_pem, passphrase)
-    except CryptoError as exc:
-        raise IdentityCryptoError(
-            IdentityPart.KEY, f"{exc} (wrong passphrase, or not an Ed25519 PEM key?)"
-        ) from exc
-    try:
-        ca = public_key_from_pem(ca_public_key_pem)
-    except CryptoError as exc:
-        raise IdentityCryptoError(IdentityPart.CA_PUBLIC_KEY, str(exc)) from exc
-    try:
-        cert = Certificate.from_bytes(certificate)
-    except RemoteProtocolError as exc:
-        raise IdentityCertificateError(
-            IdentityPart.CERTIFICATE,
-            exc.reason,
-            f"not an enrollment certificate: {exc.args[0]}",
-        ) from exc
-    revocation_list = None
-    if revocations is not None:
-        try:
-            revocation_list = RevocationList.from_bytes(revocations)
-            revocation_list.verify(ca_public_key=ca, fleet=fleet)
-        except RemoteProtocolError as exc:
-            raise IdentityCertificateError(
-                IdentityPart.REVOCATIONS,
-                exc.reason,
-                f"not a revocation list of the fleet CA: {exc.args[0]}",
-            ) from exc
+    key, ca = _load_keys(key_pem, passphrase, ca_public_key_pem)
+    cert = _load_certificate(certificate)
+    revocation_list = None if revocations is None else _load_revocations(revocations, ca, fleet)
     try:
         verify_certificate(
             cert, ca_public_key=ca, fleet=fleet, now=now, revocations=revocation_list, role=role
@@ -534,3 +519,45 @@ def check_identity(
             "for; use the key the certificate was issued for",
         )
     return CheckedIdentity(Identity(key, cert), ca, revocation_list)
+
+
+def _load_keys(
+    key_pem: bytes, passphrase: bytes | None, ca_public_key_pem: bytes
+) -> tuple[nacl.signing.SigningKey, bytes]:
+    """The private key and the CA's public key, or the part that does not load."""
+    try:
+        key = signing_key_from_pem(key_pem, passphrase)
+    except CryptoError as exc:
+        raise IdentityCryptoError(
+            IdentityPart.KEY, f"{exc} (wrong passphrase, or not an Ed25519 PEM key?)"
+        ) from exc
+    try:
+        ca = public_key_from_pem(ca_public_key_pem)
+    except CryptoError as exc:
+        raise IdentityCryptoError(IdentityPart.CA_PUBLIC_KEY, str(exc)) from exc
+    return key, ca
+
+
+def _load_certificate(certificate: bytes) -> Certificate:
+    try:
+        return Certificate.from_bytes(certificate)
+    except RemoteProtocolError as exc:
+        raise IdentityCertificateError(
+            IdentityPart.CERTIFICATE,
+            exc.reason,
+            f"not an enrollment certificate: {exc.args[0]}",
+        ) from exc
+
+
+def _load_revocations(revocations: bytes, ca: bytes, fleet: str) -> RevocationList:
+    """The revocation list, parsed and verified as the CA's for ``fleet``."""
+    try:
+        revocation_list = RevocationList.from_bytes(revocations)
+        revocation_list.verify(ca_public_key=ca, fleet=fleet)
+    except RemoteProtocolError as exc:
+        raise IdentityCertificateError(
+            IdentityPart.REVOCATIONS,
+            exc.reason,
+            f"not a revocation list of the fleet CA: {exc.args[0]}",
+        ) from exc
+    return revocation_list
