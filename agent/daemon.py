@@ -212,7 +212,7 @@ class Agent:
         self._wanted_models: collections.Counter[str] = collections.Counter()
         self._models_changed = asyncio.Condition()
         self._early: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._reassembler = Reassembler(
+        self._reassembler: Reassembler[None] = Reassembler(
             config.limits.max_reassembly_messages,
             config.limits.max_message_bytes,
             config.limits.reassembly_max_age_s,
@@ -528,7 +528,7 @@ class Agent:
                 whole = self._reassembler.feed(message.topic, payload, time.monotonic())
                 if whole is None:
                     return
-                payload = whole
+                payload = whole.payload
             await self._dispatch(message.topic, parsed, payload)
         except RemoteProtocolError as exc:
             self.ignored[str(exc.reason)] += 1

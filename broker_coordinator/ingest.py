@@ -32,7 +32,8 @@ all incomplete, no message could ever complete. Two facts rule it out:
   slots are held by incomplete messages, and both bounds are capped to what
   ``receive_maximum`` leaves after room for complete messages waiting for
   their group commit (``CoordinatorConfig.reassembly_bytes``). Admitted
-  messages are never dropped for newer ones (see :class:`ChunkTracker`), so the
+  messages are never dropped for newer ones (:attr:`WhenFull.REFUSE` of the
+  protocol's :class:`Reassembler`), so the
   held frames always belong to uploads that can complete.
 
 Rejections and receipts
@@ -58,14 +59,12 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 from maskfl.broker_coordinator.context import Contribution, Incoming, Services
 from maskfl.broker_coordinator.fleetview import RejectionLog
 from maskfl.broker_coordinator.runner import Runner
-from maskfl.protocol.chunking import ChunkFrame, is_chunk
+from maskfl.protocol.chunking import ChunkFrame, Reassembler, Released, WhenFull, is_chunk
 from maskfl.protocol.errors import MaskflError, Reason, RemoteProtocolError
 from maskfl.protocol.messages import (
     PARTICIPANT_KINDS,
@@ -102,283 +101,32 @@ def _light(message: Message) -> Message:
     return dataclasses.replace(message, payload=b"")
 
 
-class DropCause(StrEnum):
-    """Why an admitted partial message left the reassembler without completing."""
+class FileSpool:
+    """The reassembler's spool: one sparse file per partial message in ``directory``,
+    frames written at their offsets, read back once complete.
 
-    EXPIRED = "expired"
-    """No frame completed it within ``max_age_s`` of its first (the sender is gone)."""
-    SUPERSEDED = "superseded"
-    """Its sender (topic) started more than ``max_per_key`` other messages since."""
-    SPOOL_FAILED = "spool_failed"
-    """Writing a frame to the spool failed (disk full, I/O error)."""
-
-
-@dataclass(slots=True)
-class _Partial:
-    total: int
-    part_size: int
-    count: int
-    started_at: float
-    spool: Path | None = None
-    """Where its frames are written; None while they stay in memory."""
-    parts: dict[int, memoryview] = field(default_factory=dict)
-    have: set[int] = field(default_factory=set)
-    deliveries: list[Message] = field(default_factory=list)
-
-
-class ChunkTracker:
-    """Reassembly of chunk frames plus the unacked deliveries of every partial message.
-
-    Frames are parsed and checked by the protocol's :class:`ChunkFrame` (which
-    checks each frame's length against the declared total and part size); each
-    frame's data stays a view of its delivery until the message is complete, then
-    all are joined in order: one copy, straight into the ``bytes`` the decoder
-    takes (no zeroed buffer of the declared size, no second copy out of it). The
-    frame hash of the protocol's reassembler is not recomputed here: the payload is
-    a signed message whose body digest :func:`decode_message` checks anyway, so a
-    mixed-up frame fails there (one SHA-256 pass per message, not two).
-
-    **Admission, never eviction in favour of another upload.** A message is
-    admitted at its first frame, reserving its declared total: in memory while
-    ``max_bytes`` and ``max_messages`` allow, else in the spool directory (one
-    sparse file per message, frames written at their offsets, read back once
-    complete) while ``spool_max_bytes`` allows. When neither has room, the new
-    message is *refused*: its frames are acked and dropped as they come (counted,
-    logged once per message), and its sender, hearing no receipt, publishes it
-    again later (``limits.receipt_timeout_s`` on an agent); a resend is a new
-    admission from its first frame. An admitted message is never dropped to make
-    room for another, so admitted uploads complete and the reassembler always
-    makes progress, however many devices upload at once. (The old policy dropped
-    the oldest partial for each new message: with 200 uploads of 4 MB against
-    512 MiB, every partial was evicted by a newer one and none completed.)
-
-    An admitted partial leaves without completing only for a :class:`DropCause`:
-    it expired (``max_age_s`` from its first frame), its own sender superseded it
-    (more than ``max_per_key`` messages on one topic), or the spool failed. Each
-    drop is logged and counted (``on_drop``), and its deliveries are acked (see
-    the module docstring).
+    Frames of a partial message are never acked, so after a restart the broker
+    redelivers them: a spool left from before is garbage and is emptied here.
     """
 
-    def __init__(
-        self,
-        ack: Callable[[Message], None],
-        *,
-        max_messages: int,
-        max_bytes: int,
-        max_age_s: float,
-        max_per_key: int = 2,
-        spool_dir: Path | None = None,
-        spool_max_bytes: int = 0,
-        on_drop: Callable[[str], None] | None = None,
-    ) -> None:
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
-        self.max_age_s = max_age_s
-        self.max_per_key = max_per_key
-        self.spool_dir = spool_dir
-        self.spool_max_bytes = spool_max_bytes if spool_dir is not None else 0
-        self._ack = ack
-        self._on_drop = on_drop
-        self._partials: dict[tuple[str, bytes], _Partial] = {}
-        self._refused: dict[tuple[str, bytes], float] = {}
-        self._reserved = 0
-        self._spooled = 0
-        self.spooled_peak = 0
-        self.dropped: dict[str, int] = {}
-        """Admitted partials dropped, by :class:`DropCause` (and ``refused`` messages)."""
-        if spool_dir is not None:
-            # Frames of a partial message are never acked, so after a restart the
-            # broker redelivers them: a spool left from before is garbage.
-            shutil.rmtree(spool_dir, ignore_errors=True)
-            spool_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
 
-    @property
-    def pending_messages(self) -> int:
-        return len(self._partials)
-
-    @property
-    def reserved_bytes(self) -> int:
-        """Bytes reserved in memory by partial messages."""
-        return self._reserved
-
-    @property
-    def spooled_bytes(self) -> int:
-        """Bytes reserved in the spool by partial messages."""
-        return self._spooled
-
-    @property
-    def evicted(self) -> int:
-        """Admitted partial messages dropped before completion (every cause)."""
-        return sum(n for cause, n in self.dropped.items() if cause != "refused")
-
-    @property
-    def held(self) -> int:
-        return sum(len(p.deliveries) for p in self._partials.values())
-
-    def status(self) -> dict[str, int]:
-        """What ``/status`` shows under ``reassembly``."""
-        return {
-            "pending": self.pending_messages,
-            "bytes": self._reserved,
-            "spooled": self._spooled,
-            "spooled_peak": self.spooled_peak,
-            "evicted": self.evicted,
-            "refused": self.dropped.get("refused", 0),
-            **{f"dropped_{cause}": n for cause, n in sorted(self.dropped.items())},
-        }
-
-    def _count(self, cause: str) -> None:
-        self.dropped[cause] = self.dropped.get(cause, 0) + 1
-        if self._on_drop is not None:
-            self._on_drop(cause)
-
-    def _release(self, slot: tuple[str, bytes]) -> _Partial:
-        partial = self._partials.pop(slot)
-        if partial.spool is None:
-            self._reserved -= partial.total
-        else:
-            self._spooled -= partial.total
-            with contextlib.suppress(OSError):
-                partial.spool.unlink()
-        return partial
-
-    def _drop(self, slot: tuple[str, bytes], cause: DropCause) -> None:
-        partial = self._release(slot)
-        log.warning(
-            "dropped a partial chunked message on %s (%d of %d frames, %d bytes): %s",
-            slot[0],
-            len(partial.have),
-            partial.count,
-            partial.total,
-            cause.value,
-            extra={"topic": slot[0], "cause": cause.value},
-        )
-        self._count(cause.value)
-        for d in partial.deliveries:
-            self._ack(d)
-
-    def expire(self, now: float) -> None:
-        for slot in [s for s, p in self._partials.items() if now - p.started_at > self.max_age_s]:
-            self._drop(slot, DropCause.EXPIRED)
-        for slot in [s for s, t in self._refused.items() if now - t > self.max_age_s]:
-            del self._refused[slot]
-
-    def _admit(self, slot: tuple[str, bytes], frame: ChunkFrame, now: float) -> _Partial | None:
-        """A new partial for ``frame``'s message, or None when there is no room (refused)."""
-        key = slot[0]
-        own = [s for s in self._partials if s[0] == key]
-        for old in own[: max(0, len(own) - self.max_per_key + 1)]:
-            self._drop(old, DropCause.SUPERSEDED)
-        if len(self._partials) < self.max_messages:
-            if self._reserved + frame.total <= self.max_bytes:
-                partial = _Partial(frame.total, frame.part_size, frame.count, now)
-                self._reserved += frame.total
-                self._partials[slot] = partial
-                return partial
-            if self.spool_dir is not None and self._spooled + frame.total <= self.spool_max_bytes:
-                name = hashlib.sha256(key.encode() + slot[1]).hexdigest()[:32]
-                partial = _Partial(
-                    frame.total, frame.part_size, frame.count, now, self.spool_dir / name
-                )
-                self._spooled += frame.total
-                self.spooled_peak = max(self.spooled_peak, self._spooled)
-                self._partials[slot] = partial
-                return partial
-        if len(self._refused) >= 4 * self.max_messages:
-            del self._refused[next(iter(self._refused))]
-        self._refused[slot] = now
-        log.warning(
-            "refused a chunked message of %d bytes on %s: %d partial messages hold %d bytes in "
-            "memory and %d in the spool (pet.reassembly_max_bytes, "
-            "pet.reassembly_spool_max_bytes); the sender resends it when no receipt comes",
-            frame.total,
-            key,
-            len(self._partials),
-            self._reserved,
-            self._spooled,
-            extra={"topic": key, "cause": "refused"},
-        )
-        self._count("refused")
-        return None
-
-    def _store(self, slot: tuple[str, bytes], partial: _Partial, frame: ChunkFrame) -> bool:
-        """Keep one frame's data; False when the spool failed (the partial is dropped)."""
-        if partial.spool is None:
-            partial.parts[frame.index] = frame.data
-            return True
+    def write(self, name: str, offset: int, data: bytes | memoryview) -> None:
+        fd = os.open(self.dir / name, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            fd = os.open(partial.spool, os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                os.pwrite(fd, frame.data, frame.index * partial.part_size)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.error("cannot write to the reassembly spool %s: %s", partial.spool, exc)
-            self._drop(slot, DropCause.SPOOL_FAILED)
-            return False
-        return True
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
 
-    def _payload(self, partial: _Partial) -> bytes:
-        if partial.spool is None:
-            parts = partial.parts
-            return b"".join([parts[i] for i in range(partial.count)])
-        with partial.spool.open("rb") as f:
-            payload = f.read()
-        if len(payload) != partial.total:
-            raise RemoteProtocolError(Reason.MALFORMED, "spooled message is short")
-        return payload
+    def read(self, name: str) -> bytes:
+        return (self.dir / name).read_bytes()
 
-    def feed(
-        self, key: str, message: Message, frame: ChunkFrame, now: float
-    ) -> tuple[bytes, list[Message]] | None:
-        """The whole payload and all its deliveries once complete; None while partial.
-
-        A frame of a refused message is acked here and None returned. Raises
-        RemoteProtocolError (the caller acks this delivery) for a frame that does
-        not fit the message it claims to belong to, or is too large.
-        """
-        self.expire(now)
-        slot = (key, frame.message_id)
-        partial = self._partials.get(slot)
-        if partial is None:
-            if frame.total > max(self.max_bytes, self.spool_max_bytes):
-                raise RemoteProtocolError(
-                    Reason.OVERSIZE,
-                    f"chunked message of {frame.total} bytes, at most "
-                    f"{max(self.max_bytes, self.spool_max_bytes)}",
-                )
-            if slot in self._refused and frame.index != 0:
-                self._ack(_light(message))  # the rest of a refused message; counted at its refusal
-                return None
-            self._refused.pop(slot, None)  # a resend starts again from its first frame
-            partial = self._admit(slot, frame, now)
-            if partial is None:
-                self._ack(_light(message))
-                return None
-        elif (frame.total, frame.part_size, frame.count) != (
-            partial.total,
-            partial.part_size,
-            partial.count,
-        ):
-            raise RemoteProtocolError(
-                Reason.MALFORMED, "chunk disagrees with earlier chunks on total, size or count"
-            )
-        partial.deliveries.append(_light(message))
-        # A duplicate index (MQTT redelivery) keeps the first copy.
-        if frame.index not in partial.have:
-            if not self._store(slot, partial, frame):
-                return None
-            partial.have.add(frame.index)
-        if len(partial.have) < partial.count:
-            return None
-        try:
-            payload = self._payload(partial)
-        except (OSError, RemoteProtocolError) as exc:
-            log.error("cannot read back a spooled message on %s: %s", key, exc)
-            self._drop(slot, DropCause.SPOOL_FAILED)
-            return None
-        self._release(slot)
-        return payload, partial.deliveries
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            (self.dir / name).unlink()
 
 
 class Ingest:
@@ -389,14 +137,17 @@ class Ingest:
         self.runner = runner
         self.transport = transport
         pet = services.config.pet
-        self.chunks = ChunkTracker(
-            self._ack,
-            max_messages=pet.reassembly_max_messages,
-            max_bytes=services.config.reassembly_bytes,
-            max_age_s=pet.reassembly_max_age_s,
-            spool_dir=services.config.storage.dir / "spool",
+        # Admission, never eviction for another upload (see the module docstring):
+        # refused senders resend. No id hash: decode_message checks the body digest.
+        self.chunks: Reassembler[Message] = Reassembler(
+            pet.reassembly_max_messages,
+            services.config.reassembly_bytes,
+            pet.reassembly_max_age_s,
+            when_full=WhenFull.REFUSE,
+            spool=FileSpool(services.config.storage.dir / "spool"),
             spool_max_bytes=services.config.reassembly_spool_bytes(),
-            on_drop=lambda cause: services.metrics.reassembly_dropped.labels(cause=cause).inc(),
+            check_id=False,
+            on_release=self._released,
         )
         self.unacked = 0
         self.admitted_bytes = 0
@@ -408,6 +159,13 @@ class Ingest:
 
     def _ack(self, message: Message) -> None:
         self.transport.ack(message)
+
+    def _released(self, released: Released[Message]) -> None:
+        """Frames the reassembler let go (logged and counted there): ack them, export."""
+        for delivery in released.tags:
+            self._ack(delivery)
+        if released.counted:
+            self.s.metrics.reassembly_dropped.labels(cause=released.cause.value).inc()
 
     async def run(self) -> None:
         async for message in self.transport.messages():
@@ -463,13 +221,13 @@ class Ingest:
                         Reason.OVERSIZE,
                         f"chunked message of {frame.total} bytes, at most {s.max_message_size()}",
                     )
-                out = self.chunks.feed(message.topic, message, frame, now)
+                whole = self.chunks.feed(message.topic, payload, now, _light(message))
             except RemoteProtocolError as exc:
                 self._reject(device, hashlib.sha256(payload).digest(), None, exc, deliveries)
                 return
-            if out is None:
+            if whole is None:
                 return
-            payload, deliveries = out
+            payload, deliveries = whole.payload, list(whole.tags)
         await self._room_for(len(payload))
         try:
             if len(payload) >= _THREAD_DECODE:

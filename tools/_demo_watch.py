@@ -114,7 +114,7 @@ class Observer:
         self._seen_rounds: set[int] = set()
         self._seen_sums: set[int] = set()
         self._model_version = -1
-        self._reassembler = Reassembler(8, MAX_MESSAGE, 120.0)
+        self._reassembler: Reassembler[None] = Reassembler(8, MAX_MESSAGE, 120.0)
         self._transport: MqttTransport | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -152,7 +152,7 @@ class Observer:
                     whole = self._reassembler.feed(message.topic, payload, time.monotonic())
                     if whole is None:
                         continue
-                    payload = whole
+                    payload = whole.payload
                 self._handle(message.topic, payload)
             except (RemoteProtocolError, CryptoError):
                 self.ignored += 1

@@ -235,7 +235,7 @@ async def _measure(  # noqa: PLR0915 the measured sequence; split tracked in iss
     sum_dict: asyncio.Future[SumDict] = asyncio.get_running_loop().create_future()
     model_seen = asyncio.Event()
 
-    model_frames = Reassembler(16, 1 << 31, 600.0)
+    model_frames: Reassembler[None] = Reassembler(16, 1 << 31, 600.0)
 
     async def observe() -> None:
         async for msg in observer.messages():
@@ -247,7 +247,7 @@ async def _measure(  # noqa: PLR0915 the measured sequence; split tracked in iss
                 whole = model_frames.feed(msg.topic, msg.payload, now)
                 if whole is None:
                     continue
-                payload = whole
+                payload = whole.payload
             try:
                 body = decode_message(payload, max_size=1 << 31).body
             except MaskflError as exc:

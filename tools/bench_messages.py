@@ -109,11 +109,11 @@ def measure(m: int, word_bits: int, repeats: int) -> dict[str, Any]:
     chunk_size = min(DEFAULT_CHUNK_SIZE, max(MIN_CHUNK_SIZE, size // 4))
 
     def chunk_round_trip() -> bytes | None:
-        r = Reassembler(4, size, 60.0)
+        r: Reassembler[None] = Reassembler(4, size, 60.0)
         out = None
         for frame in split_payload(raw, chunk_size):
             out = r.feed("t", frame, 0.0)
-        return out
+        return None if out is None else out.payload
 
     view = memoryview(raw)[BODY_OFFSET:]
     return {

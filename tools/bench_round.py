@@ -201,7 +201,7 @@ class _ModelWatcher:
         self.at: float | None = None
         self.model: GlobalModel | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._reassembler = Reassembler(4, _MAX_IN, 600.0)
+        self._reassembler: Reassembler[None] = Reassembler(4, _MAX_IN, 600.0)
 
     async def start(self) -> None:
         await self.transport.connect()
@@ -221,7 +221,7 @@ class _ModelWatcher:
                 whole = self._reassembler.feed(msg.topic, payload, time.monotonic())
                 if whole is None:
                     continue
-                payload = whole
+                payload = whole.payload
             if not payload:
                 continue
             at = time.perf_counter()
@@ -554,7 +554,7 @@ async def _plain_aggregator(config_path: Path, n: int, out: Path) -> None:  # no
     acc = np.zeros(m, dtype=np.float64)
     weight_sum = 0.0
     count = 0
-    reassembler = Reassembler(
+    reassembler: Reassembler[None] = Reassembler(
         4 * n + 8, 8 * (4 * m + 1_000_000) * n + (1 << 20), 600.0, max_per_key=2
     )
     verify_s = 0.0
@@ -573,7 +573,7 @@ async def _plain_aggregator(config_path: Path, n: int, out: Path) -> None:  # no
             whole = reassembler.feed(msg.topic, payload, time.monotonic())
             if whole is None:
                 continue
-            payload = whole
+            payload = whole.payload
         first = first or time.perf_counter()
         a = time.perf_counter()
         signed = decode_message(payload, max_size=_MAX_IN)

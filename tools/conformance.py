@@ -283,7 +283,7 @@ class Monitor:
     def decoded(self, kind: TopicKind) -> list[tuple[str, SignedMessage]]:
         """Every whole, decodable message seen on topics of ``kind`` (chunks reassembled)."""
         out = []
-        reassembler = Reassembler(64, 1 << 30, 3600.0)
+        reassembler: Reassembler[None] = Reassembler(64, 1 << 30, 3600.0)
         for rec in self.seen:
             if not rec.payload:
                 continue
@@ -292,7 +292,8 @@ class Monitor:
                     continue
                 payload: bytes | None = rec.payload
                 if is_chunk(rec.payload):
-                    payload = reassembler.feed(rec.topic, rec.payload, 0.0)
+                    whole = reassembler.feed(rec.topic, rec.payload, 0.0)
+                    payload = None if whole is None else whole.payload
                 if payload is not None:
                     out.append((rec.topic, decode_message(payload, max_size=_MAX_IN)))
             except RemoteProtocolError:
@@ -473,12 +474,12 @@ def _sent(monitor: Monitor, device: str, params: RoundParams) -> dict[TopicKind,
                 raw.setdefault(parsed.kind, []).append(rec)
     out: dict[TopicKind, list[bytes]] = {}
     for kind, recs in raw.items():
-        reassembler = Reassembler(16, 1 << 30, 3600.0)
+        reassembler: Reassembler[None] = Reassembler(16, 1 << 30, 3600.0)
         for rec in recs:
             if is_chunk(rec.payload):
                 whole = reassembler.feed(rec.topic, rec.payload, 0.0)
                 if whole is not None:
-                    out.setdefault(kind, []).append(whole)
+                    out.setdefault(kind, []).append(whole.payload)
             else:
                 out.setdefault(kind, []).append(rec.payload)
         out.setdefault(kind, [])

@@ -174,7 +174,7 @@ class StandIn:
             asyncio.Queue
         )
         self.raw: dict[TopicKind, list[bytes]] = defaultdict(list)
-        self._reassembler = Reassembler(8, 1 << 28, 60)
+        self._reassembler: Reassembler[None] = Reassembler(8, 1 << 28, 60)
         self._reader: asyncio.Task[None] | None = None
         self.previous_seed = bytes(32)
         self.gone: list[str] = []
@@ -200,7 +200,7 @@ class StandIn:
                 whole = self._reassembler.feed(message.topic, payload, time.monotonic())
                 if whole is None:
                     continue
-                payload = whole
+                payload = whole.payload
             self.raw[parsed.kind].append(payload)
             if not payload:  # a status "gone" (last will or goodbye)
                 self.gone.append(message.topic)

@@ -10,8 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maskfl.broker_coordinator.ingest import ChunkTracker
-from maskfl.protocol.chunking import CHUNK_HEADER_SIZE, ChunkFrame, split_payload
+from maskfl.broker_coordinator.ingest import FileSpool, _light
+from maskfl.protocol.chunking import (
+    CHUNK_HEADER_SIZE,
+    Reassembler,
+    Released,
+    WhenFull,
+    Whole,
+    split_payload,
+)
 from maskfl.protocol.errors import Reason, RemoteProtocolError
 from maskfl.transport import Message
 
@@ -25,11 +32,51 @@ class Acks:
         self.mids.append(message.mid)
 
 
-def _feed(tracker: ChunkTracker, key: str, frames: list[bytes], mid0: int, now: float = 0.0):  # type: ignore[no-untyped-def]
+def _tracker(
+    acks: Acks,
+    *,
+    max_messages: int,
+    max_bytes: int,
+    max_age_s: float,
+    max_per_key: int = 2,
+    spool_dir: Path | None = None,
+    spool_max_bytes: int = 0,
+    drops: list[str] | None = None,
+) -> Reassembler[Message]:
+    """The reassembler as Ingest configures it: refuse when full, the file spool, no id
+    hash, released deliveries acked and counted drops recorded."""
+
+    def released(r: Released[Message]) -> None:
+        for delivery in r.tags:
+            acks(delivery)
+        if r.counted and drops is not None:
+            drops.append(r.cause.value)
+
+    return Reassembler(
+        max_messages,
+        max_bytes,
+        max_age_s,
+        max_per_key=max_per_key,
+        when_full=WhenFull.REFUSE,
+        spool=None if spool_dir is None else FileSpool(spool_dir),
+        spool_max_bytes=spool_max_bytes,
+        check_id=False,
+        on_release=released,
+    )
+
+
+def _one(
+    tracker: Reassembler[Message], key: str, frame: bytes, mid: int, now: float = 0.0
+) -> Whole[Message] | None:
+    return tracker.feed(key, frame, now, _light(Message(key, frame, qos=1, mid=mid)))
+
+
+def _feed(
+    tracker: Reassembler[Message], key: str, frames: list[bytes], mid0: int, now: float = 0.0
+) -> Whole[Message] | None:
     out = None
     for i, frame in enumerate(frames):
-        msg = Message(key, frame, qos=1, mid=mid0 + i)
-        out = tracker.feed(key, msg, ChunkFrame.parse(frame), now)
+        out = _one(tracker, key, frame, mid0 + i, now)
     return out
 
 
@@ -48,26 +95,24 @@ def test_any_order_and_duplicates_reassemble(
     order = frames + (frames[:1] if dup else [])
     random.Random(seed).shuffle(order)
     acks = Acks()
-    tracker = ChunkTracker(acks, max_messages=4, max_bytes=1 << 20, max_age_s=60)
+    tracker = _tracker(acks, max_messages=4, max_bytes=1 << 20, max_age_s=60)
     fed: list[int] = []
     result = None
     for i, frame in enumerate(order):
         fed.append(i + 1)
-        out = tracker.feed("t", Message("t", frame, qos=1, mid=i + 1), ChunkFrame.parse(frame), 0.0)
+        out = _one(tracker, "t", frame, i + 1)
         if out is not None:
             result = out
             break
-    assert result is not None and result[0] == payload
-    assert sorted(d.mid for d in result[1]) == fed  # every delivery, duplicates too, acked later
+    assert result is not None and result.payload == payload
+    assert sorted(d.mid for d in result.tags) == fed  # every delivery, duplicates too, acked later
     assert acks.mids == [] and tracker.held == 0
 
 
 def test_a_full_reassembler_refuses_new_messages_and_keeps_admitted_ones() -> None:
     acks = Acks()
     drops: list[str] = []
-    tracker = ChunkTracker(
-        acks, max_messages=2, max_bytes=1 << 20, max_age_s=60, on_drop=drops.append
-    )
+    tracker = _tracker(acks, max_messages=2, max_bytes=1 << 20, max_age_s=60, drops=drops)
     parts = [split_payload(bytes([k]) * 500, CHUNK_HEADER_SIZE + 100) for k in range(3)]
     assert _feed(tracker, "a", parts[0][:2], 10) is None
     assert _feed(tracker, "b", parts[1][:2], 20) is None
@@ -76,18 +121,18 @@ def test_a_full_reassembler_refuses_new_messages_and_keeps_admitted_ones() -> No
     assert acks.mids == [30, 31] and drops == ["refused"]
     assert tracker.pending_messages == 2 and tracker.held == 4 and tracker.evicted == 0
     done = _feed(tracker, "a", parts[0][2:], 12)
-    assert done is not None and done[0] == bytes([0]) * 500
+    assert done is not None and done.payload == bytes([0]) * 500
     assert _feed(tracker, "c", parts[2][2:3], 32) is None  # the rest of the refused one: acked
     assert acks.mids == [30, 31, 32]
     resent = _feed(tracker, "c", parts[2], 40)  # its sender publishes it again: admitted
-    assert resent is not None and resent[0] == bytes([2]) * 500
+    assert resent is not None and resent.payload == bytes([2]) * 500
     assert drops == ["refused"] and tracker.evicted == 0
 
 
 def test_uploads_beyond_memory_go_to_the_spool(tmp_path: Path) -> None:
     acks = Acks()
     spool = tmp_path / "spool"
-    tracker = ChunkTracker(
+    tracker = _tracker(
         acks,
         max_messages=100,
         max_bytes=1200,
@@ -102,14 +147,9 @@ def test_uploads_beyond_memory_go_to_the_spool(tmp_path: Path) -> None:
     for index in range(len(frames[0])):  # the worst order: every upload started at once
         for k, fs in enumerate(frames):
             mid += 1
-            out = tracker.feed(
-                f"t{k}",
-                Message(f"t{k}", fs[index], qos=1, mid=mid),
-                ChunkFrame.parse(fs[index]),
-                0.0,
-            )
+            out = _one(tracker, f"t{k}", fs[index], mid)
             if out is not None:
-                done[out[0]] = sorted(d.mid for d in out[1])
+                done[out.payload] = sorted(d.mid for d in out.tags)
         if index == 0:
             assert tracker.reserved_bytes == 1000 and tracker.spooled_bytes == 2000
             assert len(list(spool.iterdir())) == 4
@@ -124,7 +164,7 @@ def test_many_concurrent_uploads_make_progress() -> None:
     refused senders' resends complete in the next."""
     acks = Acks()
     size, part = 4000, 100
-    tracker = ChunkTracker(acks, max_messages=4096, max_bytes=134 * size, max_age_s=600)
+    tracker = _tracker(acks, max_messages=4096, max_bytes=134 * size, max_age_s=600)
     frames = {
         k: split_payload(k.to_bytes(2, "big") * (size // 2), CHUNK_HEADER_SIZE + part)
         for k in range(300)
@@ -138,11 +178,9 @@ def test_many_concurrent_uploads_make_progress() -> None:
             for k in sorted(pending):
                 mid += 1
                 frame = frames[k][index]
-                out = tracker.feed(
-                    str(k), Message(str(k), frame, qos=1, mid=mid), ChunkFrame.parse(frame), 0.0
-                )
+                out = _one(tracker, str(k), frame, mid)
                 if out is not None:
-                    assert out[0] == frames[k][0][CHUNK_HEADER_SIZE:] + b"".join(
+                    assert out.payload == frames[k][0][CHUNK_HEADER_SIZE:] + b"".join(
                         f[CHUNK_HEADER_SIZE:] for f in frames[k][1:]
                     )
                     pending.discard(k)
@@ -154,13 +192,8 @@ def test_many_concurrent_uploads_make_progress() -> None:
 def test_per_key_limit_and_expiry_are_counted_by_cause() -> None:
     acks = Acks()
     drops: list[str] = []
-    tracker = ChunkTracker(
-        acks,
-        max_messages=10,
-        max_bytes=1 << 20,
-        max_age_s=5,
-        max_per_key=1,
-        on_drop=drops.append,
+    tracker = _tracker(
+        acks, max_messages=10, max_bytes=1 << 20, max_age_s=5, max_per_key=1, drops=drops
     )
     one = split_payload(b"1" * 500, CHUNK_HEADER_SIZE + 100)
     two = split_payload(b"2" * 500, CHUNK_HEADER_SIZE + 100)
@@ -174,7 +207,7 @@ def test_per_key_limit_and_expiry_are_counted_by_cause() -> None:
 
 def test_inconsistent_and_oversize_frames_are_rejected() -> None:
     acks = Acks()
-    tracker = ChunkTracker(acks, max_messages=10, max_bytes=2000, max_age_s=60)
+    tracker = _tracker(acks, max_messages=10, max_bytes=2000, max_age_s=60)
     big = split_payload(b"x" * 5000, CHUNK_HEADER_SIZE + 1000)
     with pytest.raises(RemoteProtocolError) as err:
         _feed(tracker, "k", big[:1], 1)
@@ -184,6 +217,4 @@ def test_inconsistent_and_oversize_frames_are_rejected() -> None:
     forged = bytearray(a[1])
     forged[32:36] = (200).to_bytes(4, "little")  # another part size, same message id
     with pytest.raises(RemoteProtocolError):
-        tracker.feed(
-            "k", Message("k", bytes(forged), qos=1, mid=9), ChunkFrame.parse(bytes(forged)), 0
-        )
+        _one(tracker, "k", bytes(forged), 9)

@@ -342,9 +342,9 @@ def test_chunk_framing() -> None:
         assert [fr.hex() for fr in frames] == case["frames"]
         assert all(len(fr) <= case["chunk_size"] for fr in frames)
         if len(frames) > 1:
-            r = Reassembler(4, 1 << 20, 60.0)
+            r: Reassembler[None] = Reassembler(4, 1 << 20, 60.0)
             outs = [r.feed("t", bytes.fromhex(fr), 0.0) for fr in reversed(case["frames"])]
-            assert outs[-1] == payload
+            assert outs[-1] is not None and outs[-1].payload == payload
 
 
 def test_optimizer_steps() -> None:
