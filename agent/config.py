@@ -64,11 +64,12 @@ from datetime import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from maskfl.protocol.errors import ConfigError
 from maskfl.protocol.settings import describe_errors, env_overrides, merge
+from maskfl.transport import BrokerSettings, ServiceSettings
+from maskfl.transport import Section as _Section
 
 __all__ = [
     "LOCAL_TOML",
@@ -88,10 +89,6 @@ __all__ = [
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class TimeWindow(_Section):
@@ -135,36 +132,13 @@ class DeviceSection(_Section):
     revocations_file: Path | None = None
 
 
-class BrokerSection(_Section):
-    """How to reach the MQTT broker (MQTT 5; TLS with client certificates in production)."""
+class BrokerSection(BrokerSettings):
+    """How to reach the MQTT broker: the keys and checks of the shared
+    :class:`~maskfl.transport.BrokerSettings`; ``session_expiry_s`` is how long receipts
+    and seeds sent while the device is down wait for it (0 = a clean session on every
+    connect)."""
 
     host: str = "localhost"
-    port: int = Field(default=1883, ge=1, le=65535)
-    tls: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    username: str | None = None
-    password_file: Path | None = None
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
-    session_expiry_s: int = Field(default=86400, ge=0, le=2**32 - 1)
-    """Persistent MQTT session: receipts and seeds sent while the device is down wait for it
-    this long on the broker (0 = a clean session on every connect)."""
-    reconnect_min_s: float = Field(default=1.0, gt=0)
-    reconnect_max_s: float = Field(default=60.0, gt=0)
-    connect_timeout_s: float = Field(default=15.0, gt=0)
-
-    @model_validator(mode="after")
-    def _check(self) -> BrokerSection:
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("set both cert_file and key_file (the TLS client pair) or neither")
-        if not self.tls and (self.ca_file or self.cert_file):
-            raise ValueError(
-                "ca_file/cert_file/key_file need tls = true; set tls = true or remove them"
-            )
-        return self
 
 
 def _default_state_dir() -> Path:
@@ -260,16 +234,8 @@ class LoggingSection(_Section):
     logging convention, shared with the coordinator); ``run --log-format`` overrides it."""
 
 
-class AgentConfig(BaseSettings):
+class AgentConfig(ServiceSettings):
     """The whole ``agent.toml``. Build it with :func:`load_config`."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="MASKFL__",
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-        case_sensitive=False,
-    )
 
     device: DeviceSection
     broker: BrokerSection = BrokerSection()
@@ -280,19 +246,6 @@ class AgentConfig(BaseSettings):
     heartbeat: HeartbeatSection = HeartbeatSection()
     limits: LimitsSection = LimitsSection()
     logging: LoggingSection = LoggingSection()
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # load_config merges the environment into the file (protocol/settings.py:
-        # values read as TOML values, key by key) and passes the result as init kwargs.
-        return (init_settings,)
 
     def resolve_paths(self, base: Path) -> AgentConfig:
         """A copy whose relative paths are taken relative to ``base`` (the config's folder)."""

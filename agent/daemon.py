@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -85,7 +86,6 @@ from maskfl.transport import (
     Message,
     MqttConfig,
     MqttTransport,
-    TlsConfig,
     Transport,
     TransportFactory,
     broker_identity,
@@ -122,20 +122,7 @@ _REENROLL = (
 def build_mqtt_config(config: AgentConfig, will: bytes | None = b"") -> MqttConfig:
     """The transport settings of the agent's broker section."""
     broker = config.broker
-    password = None
-    if broker.password_file is not None:
-        try:
-            password = broker.password_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"broker.password_file: cannot read {broker.password_file}: {exc.strerror}",
-                field="broker.password_file",
-            ) from exc
-    tls = None
-    if broker.tls:
-        tls = TlsConfig(
-            ca_file=broker.ca_file, cert_file=broker.cert_file, key_file=broker.key_file
-        )
+    tls = broker.tls_config()
     topics = Topics(config.device.fleet)
     # The broker knows the device by its certificate (or username) and files its session
     # under that name whatever client id is sent (use_username_as_clientid); one that is
@@ -149,21 +136,10 @@ def build_mqtt_config(config: AgentConfig, will: bytes | None = b"") -> MqttConf
             f"{config.device.id!r}, as in its bundle",
             field=field,
         )
-    return MqttConfig(
-        host=broker.host,
-        port=broker.port,
-        client_id=config.device.id,
-        clean_start=broker.session_expiry_s == 0,
-        session_expiry_s=broker.session_expiry_s,
-        keepalive_s=broker.keepalive_s,
-        username=broker.username,
-        password=password,
-        tls=tls,
+    return dataclasses.replace(
+        broker.mqtt_config(config.device.id, clean_start=broker.session_expiry_s == 0),
         will=None if will is None else LastWill(topics.status(config.device.id), will, qos=1),
         max_incoming_payload=min(config.limits.max_message_bytes, MAX_PUBLISH_PAYLOAD),
-        connect_timeout_s=broker.connect_timeout_s,
-        reconnect_min_s=broker.reconnect_min_s,
-        reconnect_max_s=broker.reconnect_max_s,
     )
 
 

@@ -70,6 +70,7 @@ Example (all sections; most keys have defaults)::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
@@ -79,13 +80,12 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from maskfl.protocol.errors import ConfigError
 from maskfl.protocol.settings import (
@@ -96,6 +96,8 @@ from maskfl.protocol.settings import (
     merge,
 )
 from maskfl.protocol.sortition import MAX_GROUPS, default_groups
+from maskfl.transport import BrokerSettings, ServiceSettings, TlsConfig
+from maskfl.transport import Section as _Section
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -122,10 +124,6 @@ __all__ = [
 ]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
 class FleetConfig(_Section):
     """Who the fleet is and whom it trusts.
 
@@ -149,47 +147,35 @@ class IdentityConfig(_Section):
     passphrase_env: str = ""
 
 
-class BrokerConfig(_Section):
+class BrokerConfig(BrokerSettings):
     """The broker connection: a persistent MQTT 5 session with manual acknowledgement.
 
-    Same keys as the agent's ``[broker]`` plus the session settings. TLS: ``tls = true``
-    with ``ca_file``; client-certificate auth with ``cert_file`` + ``key_file``;
-    username/password with ``username`` + ``password_file`` (or ``password``).
+    The agent's ``[broker]`` keys (:class:`~maskfl.transport.BrokerSettings`) plus the
+    session settings, ``tls_insecure`` and an inline ``password`` (or ``password_file``).
     """
 
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=1, le=65535)] = 1883
-    tls: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
     tls_insecure: bool = False
-    username: str | None = None
     password: str | None = None
-    password_file: Path | None = None
     client_id: Annotated[str | None, Field(min_length=1, max_length=128)] = None
     """Only for a broker without identities (anonymous listener; default "coordinator"):
     otherwise the client id is the TLS certificate's common name or the username."""
-    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
-    session_expiry_s: Annotated[int, Field(ge=1)] = 86400
+    session_expiry_s: Annotated[int, Field(ge=1, le=2**32 - 1)] = 86400
     reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
     reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
-    connect_timeout_s: Annotated[float, Field(gt=0)] = 15.0
     receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 65535
 
     @model_validator(mode="after")
-    def _checks(self) -> Self:
+    def _check_password(self) -> Self:
         if self.password is not None and self.password_file is not None:
             raise ValueError("set password or password_file, not both")
-        if self.reconnect_min_s > self.reconnect_max_s:
-            raise ValueError("reconnect_min_s must not exceed reconnect_max_s")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("set both cert_file and key_file (the TLS client pair) or neither")
-        if not self.tls and (self.ca_file or self.cert_file):
-            raise ValueError(
-                "ca_file/cert_file/key_file need tls = true; set tls = true or remove them"
-            )
         return self
+
+    def read_password(self) -> str | None:
+        return self.password if self.password is not None else super().read_password()
+
+    def tls_config(self) -> TlsConfig | None:
+        tls = super().tls_config()
+        return None if tls is None else dataclasses.replace(tls, insecure=self.tls_insecure)
 
 
 class StorageConfig(_Section):
@@ -447,16 +433,8 @@ class LogConfig(_Section):
     logging convention, shared with the agent); ``run --log-format`` overrides it."""
 
 
-class CoordinatorConfig(BaseSettings):
+class CoordinatorConfig(ServiceSettings):
     """The whole coordinator configuration (see the module docstring for the file)."""
-
-    model_config = SettingsConfigDict(
-        frozen=True,
-        extra="forbid",
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        case_sensitive=False,
-    )
 
     fleet: FleetConfig
     identity: IdentityConfig

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -208,33 +209,14 @@ def model_graph(config: CoordinatorConfig) -> bytes | None:
 
 def mqtt_config(config: CoordinatorConfig) -> MqttConfig:
     b = config.broker
-    password = b.password
-    if b.password_file is not None:
-        password = b.password_file.read_text().strip()
-    tls = None
-    if b.tls:
-        tls = TlsConfig(
-            ca_file=b.ca_file, cert_file=b.cert_file, key_file=b.key_file, insecure=b.tls_insecure
-        )
-    return MqttConfig(
-        host=b.host,
-        port=b.port,
-        client_id=coordinator_client_id(config, tls),
-        clean_start=False,
-        session_expiry_s=b.session_expiry_s,
-        keepalive_s=b.keepalive_s,
-        username=b.username,
-        password=password,
-        tls=tls,
+    return dataclasses.replace(
+        b.mqtt_config(coordinator_client_id(config, b.tls_config()), clean_start=False),
         manual_ack=True,
         receive_maximum=b.receive_maximum,
         max_inflight=100,
         max_queued_publishes=100_000,
         incoming_queue_size=256,
         max_incoming_payload=config.pet.chunk_size + 65536,
-        connect_timeout_s=b.connect_timeout_s,
-        reconnect_min_s=b.reconnect_min_s,
-        reconnect_max_s=b.reconnect_max_s,
     )
 
 

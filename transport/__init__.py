@@ -59,6 +59,7 @@ from ._passwd import (
     verify_mosquitto_password,
 )
 from ._retry import Backoff, Cause, Diagnosis, LinkReport, diagnose
+from ._settings import BrokerSettings, Section, ServiceSettings
 from ._topics import check_filter, check_topic, topic_matches
 from ._types import (
     LinkEvent,
@@ -74,6 +75,7 @@ __all__ = [
     "LOG_FORMATS",
     "MQTT_MAX_PACKET",
     "Backoff",
+    "BrokerSettings",
     "Cause",
     "Diagnosis",
     "LastWill",
@@ -90,6 +92,8 @@ __all__ = [
     "NotConnectedError",
     "PayloadTooLargeError",
     "RefusedError",
+    "Section",
+    "ServiceSettings",
     "TlsConfig",
     "Transport",
     "TransportClosedError",
