@@ -2,18 +2,40 @@
 
 Every error maskfl raises on purpose is a :class:`MaskflError`. Foreign errors
 (PyNaCl, paho, sqlite, pydantic) are translated where they happen, with
-``raise ... from exc``, so callers only ever catch ours::
+``raise ... from exc``, so callers only ever catch ours. This is the whole tree,
+every subclass in every maskfl package (a class defined outside this module names
+its module in brackets; tests/protocol/test_errors.py checks the drawing against
+the classes, so a new one is drawn here or the test fails)::
 
     MaskflError
     ├── ProtocolError                  a protocol rule was broken
     │   ├── RemoteProtocolError        ... by a peer: drop, receipt, count, go on
     │   │   └── CertificateError       ... its enrollment certificate is not acceptable
+    │   │       └── IdentityCertificateError [protocol.identity]  ... in a local identity bundle
     │   └── LocalProtocolError         ... by us: a bug or a misuse of the API
     ├── CryptoError                    a key, seal or signature operation failed locally
+    │   └── IdentityCryptoError [protocol.identity]  key material of an identity bundle
     ├── TransportError                 the MQTT link failed (connect, publish, subscribe)
-    ├── StorageError                   SQLite or the checkpoint files failed
+    │   ├── NotConnectedError [transport._errors]      a QoS 0 publish while the link is down
+    │   ├── PayloadTooLargeError [transport._errors]   a packet above the broker's maximum
+    │   ├── RefusedError [transport._errors]           a failing MQTT 5 reason code
+    │   └── TransportClosedError [transport._errors]   disconnect() ran, or connect() never did
+    ├── StorageError                   SQLite or the checkpoint files failed (sqlite_errors)
     ├── ConfigError                    a configuration value is wrong; names field and fix
-    └── AggregationError               the aggregate cannot be formed (shape, word size, backend)
+    │   ├── DataSourceError [agent.datasources._base]     the device's data do not load or fit
+    │   ├── GraphPendingError [agent.learning]            a signed graph digest not yet here
+    │   ├── ModelContractError [agent.training._errors]   the model breaks its signature contract
+    │   ├── RuntimeUnavailableError [agent.training._errors]  no LiteRT / tflite-runtime
+    │   ├── TrainingError [agent.training._errors]        training cannot run or diverged
+    │   └── ProvisionError [broker_coordinator.provision.errors]  a fleet directory or argument
+    ├── AggregationError               the aggregate cannot be formed (shape, word size, backend)
+    │   ├── BackendUnavailableError [aggregator_gpu._base]  no CuPy, no device, kernel failed
+    │   └── MaskVoteTieError [aggregator_gpu._base]         different masks share the top vote
+    ├── RoundFailedError [agent.rounds]                this device cannot complete its task
+    ├── SatOutError [agent.rounds]                     this device sits this round out
+    ├── RoundFailedError [broker_coordinator.errors]   the coordinator's round cannot go on
+    ├── ChildExitedError [tools._supervise]            a child process a tool needs exited
+    └── CheckFailedError [tools.arm_check]             a check of maskfl-arm-check failed
 
 A :class:`RemoteProtocolError` carries a machine-readable :class:`Reason`; the
 coordinator puts that reason into the receipt it sends back and counts it.

@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from maskfl.broker_coordinator.store import RoundOutcome
+from maskfl.protocol.errors import MaskflError
 from maskfl.protocol.masking import MaskConfig, mask_stream, mask_update
 
 __all__ = ["main", "mask_digests"]
@@ -123,7 +124,7 @@ time_max_s = 30.0
 """
 
 
-class CheckFailedError(Exception):
+class CheckFailedError(MaskflError):
     """One check failed; the message says which and where its log is."""
 
 

@@ -1,13 +1,18 @@
-"""The exception tree's helpers: sqlite errors translated in one place."""
+"""The one exception tree: drawn in protocol/errors.py as it is; sqlite errors translated
+in one place."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import pkgutil
+import re
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from maskfl.protocol import errors
 from maskfl.protocol.errors import StorageError, sqlite_errors
 
 
@@ -40,3 +45,89 @@ async def test_sqlite_errors_wrap_awaited_code_and_leave_others_alone(tmp_path: 
         raise KeyError("not sqlite's")
     with sqlite_errors("db", "nothing"):
         pass
+
+
+# -- the drawn tree -------------------------------------------------------------------
+
+_PACKAGES = (
+    "protocol",
+    "transport",
+    "agent",
+    "broker_coordinator",
+    "aggregator_gpu",
+    "tools",
+    "models",
+)
+_DRAWN = re.compile(
+    r"^(?P<indent>[ │├└─]*?)(?:[├└]── )?(?P<name>[A-Z]\w+)(?: \[(?P<module>[\w.]+)\])?"
+)
+
+
+def _import_everything() -> set[str]:
+    """Import every maskfl module; the names of those that need a missing optional
+    dependency (tensorflow for models.build, cupy on a machine without it)."""
+    missing = set()
+    for package in _PACKAGES:
+        root = importlib.import_module(f"maskfl.{package}")
+        for info in pkgutil.walk_packages(root.__path__, f"maskfl.{package}."):
+            try:
+                importlib.import_module(info.name)
+            except ModuleNotFoundError as exc:
+                if exc.name is None or exc.name.startswith("maskfl"):
+                    raise
+                missing.add(info.name.removeprefix("maskfl."))
+    return missing
+
+
+def _drawn_tree() -> set[tuple[str, str]]:
+    """(parent, child) edges of the docstring's drawing, as module.Name."""
+    doc = errors.__doc__ or ""
+    lines = doc[doc.index("    MaskflError\n") :].split("\n\n")[0].splitlines()
+    edges: set[tuple[str, str]] = set()
+    path: list[str] = []
+    for line in lines:
+        found = _DRAWN.match(line[4:])
+        assert found is not None, line
+        depth = len(found["indent"]) // 4 + (1 if found["indent"] or "──" in line else 0)
+        name = f"{found['module'] or 'protocol.errors'}.{found['name']}"
+        del path[depth:]
+        if path:
+            edges.add((path[-1], name))
+        path.append(name)
+    return edges
+
+
+def _real_tree() -> set[tuple[str, str]]:
+    def qualified(cls: type) -> str:
+        return f"{cls.__module__.removeprefix('maskfl.')}.{cls.__qualname__}"
+
+    edges: set[tuple[str, str]] = set()
+    todo: list[type] = [errors.MaskflError]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            if sub.__module__.startswith("maskfl."):  # not the test suite's own
+                edges.add((qualified(cls), qualified(sub)))
+                todo.append(sub)
+    return edges
+
+
+def test_the_drawn_exception_tree_is_the_real_one() -> None:
+    missing = _import_everything()
+    drawn = {e for e in _drawn_tree() if e[1].rsplit(".", 1)[0] not in missing}
+    real = _real_tree()
+    assert real - drawn == set(), "raised but not drawn in protocol/errors.py's docstring"
+    assert drawn - real == set(), "drawn in protocol/errors.py's docstring but not defined"
+
+
+def test_every_maskfl_exception_is_in_the_one_tree() -> None:
+    _import_everything()
+    outside = []
+    todo: list[type] = [BaseException]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            todo.append(sub)
+            if sub.__module__.startswith("maskfl.") and not issubclass(sub, errors.MaskflError):
+                outside.append(f"{sub.__module__}.{sub.__qualname__}")
+    assert outside == []
