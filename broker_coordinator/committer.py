@@ -11,8 +11,8 @@ make them durable:
    next aggregate checkpoint generation: temp, fsync, rename);
 2. one SQLite transaction: ``phase.write(tx, batch)`` plus the round row (which
    names the new checkpoint generation and the update log's committed size),
-   plus each message's signed ``accepted`` receipt in the ``receipt_outbox``
-   table (and the deletion of the rows whose receipts the broker has confirmed
+   plus each message's signed ``accepted`` receipt among the stored receipts
+   (table ``receipt_outbox``; and the deletion of the rows whose receipts the broker has confirmed
    since the last commit);
 3. ``phase.committed(batch)``: in-memory bookkeeping, the phase timer;
 4. only now the receipts; each message's MQTT deliveries are acked once the
@@ -20,8 +20,8 @@ make them durable:
 
 A crash anywhere before 2 completes leaves the database naming the previous
 generation, with nothing acked: the broker redelivers and the messages are
-admitted again. A crash after 2 leaves them durable with their receipts in the
-outbox table: the restarted coordinator sends those receipts, and the broker
+admitted again. A crash after 2 leaves them durable with their receipts stored:
+the restarted coordinator sends those receipts, and the broker
 redelivers the unacked messages, which are recognised by their digest
 (``duplicate``, in whatever phase or round the coordinator is by then).
 
@@ -63,7 +63,7 @@ class Committing(Protocol):
 
 Settle = Callable[[Contribution, Reason | None, str, bytes | None], None]
 """Send the receipt (then ack the deliveries): ``reason`` None means accepted, and
-then the last argument is the signed receipt, already in the outbox table."""
+then the last argument is the signed receipt, already among the stored receipts."""
 
 
 class Committer:

@@ -370,8 +370,8 @@ class Ingest:
     ) -> None:
         """The committer's callback: count, send the receipt, then ack the deliveries.
 
-        ``receipt`` is the accepted message's signed receipt, already stored in the
-        outbox table in the transaction that made the message durable."""
+        ``receipt`` is the accepted message's signed receipt, already stored (with
+        the stored receipts) in the transaction that made the message durable."""
         inc = item.incoming
         self._release(inc.size)
         kind = inc.message.header.message_type

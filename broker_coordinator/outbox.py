@@ -54,6 +54,13 @@ log = logging.getLogger("maskfl.coordinator.outbox")
 
 
 class Outbox:
+    """The coordinator's one publisher: retained state and receipts (see the module doc).
+
+    In the coordinator "outbox" names only this; the receipts it keeps in SQLite until
+    the broker has them are the *stored receipts* (table ``receipt_outbox``, an older
+    name kept to spare a migration).
+    """
+
     def __init__(self, transport: Transport, metrics: Metrics) -> None:
         self._transport = transport
         self._metrics = metrics

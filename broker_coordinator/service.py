@@ -655,8 +655,8 @@ class Coordinator:
 
     @staticmethod
     async def _receipts_delivered(s: Services) -> None:
-        """Delete the outbox rows of stored receipts the broker has (those that no
-        group commit took along)."""
+        """Forget the stored receipts the broker has (those that no group commit
+        took along)."""
         delivered = s.outbox.take_sent()
         s.metrics.receipts_pending.set(s.outbox.pending)
         if delivered:

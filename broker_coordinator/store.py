@@ -6,9 +6,11 @@ What lives where, and why they always agree after a crash:
   enrolled devices, every accepted message by digest, summers (the signed sum
   messages, i.e. the sum dictionary), accepted updates, the seed dictionary
   entries, sum2 masks' digests, the global model registry's metadata (every
-  version with digest, metrics and the names of its files), and the
-  ``receipt_outbox``: accepted messages' receipts, written with the message and
-  deleted once the broker has them (:mod:`.outbox`).
+  version with digest, metrics and the names of its files), and the *stored
+  receipts*: accepted messages' receipts, written with the message and deleted
+  once the broker has them (:mod:`.outbox` publishes them). Their table keeps its
+  schema-1 name ``receipt_outbox``; in the code "outbox" is only the publisher
+  (:class:`~maskfl.broker_coordinator.outbox.Outbox`).
 - ``models/<sha256>.{f32,msg,opt}``: the registry's files (weights, the signed
   model message, optimizer state), content-addressed, written and fsynced
   *before* the transaction that names them; a crash in between leaves files no
@@ -152,7 +154,7 @@ CREATE TABLE IF NOT EXISTS models (
     created_at REAL NOT NULL,
     PRIMARY KEY (model_id, version)
 );
-CREATE TABLE IF NOT EXISTS receipt_outbox (
+CREATE TABLE IF NOT EXISTS receipt_outbox (  -- the stored receipts (old name, kept)
     digest BLOB PRIMARY KEY,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL

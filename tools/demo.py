@@ -123,7 +123,7 @@ class Demo:
         self.inproc: InProcessFleet | None = None
         self.observer: Observer | None = None
         self.sampler: StoreSampler | None = None
-        self.records: list[rep.RoundRecord] = []
+        self.records: list[rep.RoundReport] = []
         self.failed_rounds: list[int] = []
         self.checks: list[rep.AggregateCheck] = []
         self.unchecked: dict[int, str] = {}
@@ -387,7 +387,7 @@ class Demo:
                 reason = (row.detail if row is not None else None) or "see coordinator.log"
                 phases = rep.phase_times(row.phases if row is not None else None)
                 self.records.append(
-                    rep.RoundRecord(
+                    rep.RoundReport(
                         round_id=rid,
                         outcome=RoundOutcome.FAILED,
                         model_version=None,
@@ -457,7 +457,7 @@ class Demo:
                 "all_devices_mean": float(sum(participant_bytes)) / max(1, len(fleet.device_ids)),
             }
         )
-        record = rep.RoundRecord(
+        record = rep.RoundReport(
             round_id=rid,
             model_version=model.version,
             participants=int(metrics.get("updates", 0)),

@@ -31,7 +31,7 @@ def phase_times(measured: dict[str, Any] | None) -> dict[str, float | None]:
 
 
 @dataclass(frozen=True)
-class RoundRecord:
+class RoundReport:
     """What the demo saw of one round, completed or failed (every round has all fields).
 
     ``accuracy``/``loss`` are the demo's own check of the round's new model on held-out
@@ -113,7 +113,7 @@ class Report:
     """Everything ``report.json`` holds."""
 
     config: dict[str, Any]
-    rounds: list[RoundRecord] = field(default_factory=list)
+    rounds: list[RoundReport] = field(default_factory=list)
     privacy: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -167,7 +167,7 @@ def privacy_verdict(privacy: dict[str, Any]) -> str | None:
 
 
 def plot(  # noqa: PLR0915 one figure, panel by panel
-    rounds: list[RoundRecord],
+    rounds: list[RoundReport],
     path: Path,
     *,
     title: str,

@@ -58,7 +58,7 @@ from maskfl.broker_coordinator.provision._files import (
 )
 from maskfl.broker_coordinator.provision._issue import Issuer, Keys
 from maskfl.broker_coordinator.provision._registry import (
-    Enrollment,
+    Credentials,
     Layout,
     Member,
     Registry,
@@ -417,7 +417,7 @@ class Fleet:
             )
         return member
 
-    def _retire(self, subject: str, enrollment: Enrollment, now: dt.datetime, *, why: str) -> None:
+    def _retire(self, subject: str, enrollment: Credentials, now: dt.datetime, *, why: str) -> None:
         self.registry.revoked.append(
             Revoked(subject, enrollment.serial, enrollment.tls_serial, unix_time(now), why)
         )

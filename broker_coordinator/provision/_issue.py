@@ -37,7 +37,7 @@ from maskfl.broker_coordinator.provision._files import (
     write_atomic,
 )
 from maskfl.broker_coordinator.provision._registry import (
-    Enrollment,
+    Credentials,
     Layout,
     Registry,
     unix_time,
@@ -73,10 +73,10 @@ class Issued:
     public_key: bytes = b""
     signing_key: nacl.signing.SigningKey | None = None
 
-    def enrollment(self, now: dt.datetime) -> Enrollment:
+    def enrollment(self, now: dt.datetime) -> Credentials:
         """What the registry keeps of it (an observer's serial is 0: the CRL revokes it)."""
         if self.cert is None:
-            return Enrollment(
+            return Credentials(
                 serial=0,
                 public_key="",
                 tls_serial=self.tls_cert.serial_number,
@@ -84,7 +84,7 @@ class Issued:
                 not_after=int(self.tls_cert.not_valid_after_utc.timestamp()),
                 own_tls_key=self.tls_key is None,
             )
-        return Enrollment(
+        return Credentials(
             serial=self.cert.serial,
             public_key=self.public_key.hex(),
             tls_serial=self.tls_cert.serial_number,
@@ -155,7 +155,7 @@ class Issuer:
 
     def device(
         self, device: str, public_key_pem: bytes | None, tls_csr_pem: bytes | None
-    ) -> Enrollment:
+    ) -> Credentials:
         """A device's bundle: devices/ID/ and devices/ID.tar.gz."""
         issued = self.issue(
             device, Role.DEVICE, public_key_pem=public_key_pem, tls_csr_pem=tls_csr_pem
@@ -186,7 +186,7 @@ class Issuer:
         self._write_bundle(device, files)
         return issued.enrollment(self.now)
 
-    def observer(self, name: str, tls_csr_pem: bytes | None) -> Enrollment:
+    def observer(self, name: str, tls_csr_pem: bytes | None) -> Credentials:
         """A read-only identity's folder, observers/NAME/, with a README."""
         issued = self.issue(name, None, tls_csr_pem=tls_csr_pem)
         broker = self.settings.broker
@@ -242,7 +242,7 @@ class Issuer:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def coordinator(self) -> Enrollment:
+    def coordinator(self) -> Credentials:
         """The coordinator bundle: keys, certificates, the shipped model and coordinator.toml."""
         issued = self.issue(COORDINATOR_USER, Role.COORDINATOR)
         assert issued.cert is not None and issued.signing_key is not None

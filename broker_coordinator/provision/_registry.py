@@ -21,8 +21,12 @@ class Status(StrEnum):
 
 
 @dataclass
-class Enrollment:
-    """One issued pair of credentials: enrollment certificate and TLS client certificate."""
+class Credentials:
+    """One issued pair of credentials: enrollment certificate and TLS client certificate.
+
+    (Was ``Enrollment``; that name is the coordinator's check of senders,
+    :class:`maskfl.broker_coordinator.enrollment.Enrollment`. The registry file's
+    JSON is unchanged.)"""
 
     serial: int
     public_key: str
@@ -44,7 +48,7 @@ class Enrollment:
         }
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> Enrollment:
+    def from_json(cls, raw: dict[str, Any]) -> Credentials:
         return cls(
             serial=int(raw["serial"]),
             public_key=str(raw["public_key"]),
@@ -90,7 +94,7 @@ class Member:
 
     id: str
     status: Status
-    current: Enrollment
+    current: Credentials
 
     def to_json(self) -> dict[str, Any]:
         return {"status": str(self.status), "current": self.current.to_json()}
@@ -101,12 +105,12 @@ class Registry:
     fleet: str
     next_serial: int = 1
     revocations_version: int = 0
-    coordinator: Enrollment | None = None
+    coordinator: Credentials | None = None
     devices: dict[str, Member] = field(default_factory=dict)
     revoked: list[Revoked] = field(default_factory=list)
     observers: dict[str, Member] = field(default_factory=dict)
     """Read-only identities: a TLS client certificate and an ACL block that only reads;
-    no enrollment certificate (their ``Enrollment.serial`` is 0), so no protocol role."""
+    no enrollment certificate (their ``Credentials.serial`` is 0), so no protocol role."""
 
     def take_serial(self) -> int:
         serial = self.next_serial
@@ -148,14 +152,14 @@ class Registry:
                 fleet=str(raw["fleet"]),
                 next_serial=int(raw["next_serial"]),
                 revocations_version=int(raw["revocations_version"]),
-                coordinator=Enrollment.from_json(coordinator) if coordinator else None,
+                coordinator=Credentials.from_json(coordinator) if coordinator else None,
                 devices={
-                    name: Member(name, Status(m["status"]), Enrollment.from_json(m["current"]))
+                    name: Member(name, Status(m["status"]), Credentials.from_json(m["current"]))
                     for name, m in raw["devices"].items()
                 },
                 revoked=[Revoked.from_json(r) for r in raw["revoked"]],
                 observers={
-                    name: Member(name, Status(m["status"]), Enrollment.from_json(m["current"]))
+                    name: Member(name, Status(m["status"]), Credentials.from_json(m["current"]))
                     for name, m in raw.get("observers", {}).items()
                 },
             )

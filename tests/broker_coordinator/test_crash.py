@@ -172,7 +172,7 @@ async def test_kill9_with_receipts_unsent_every_counted_message_gets_accepted(
     dictionaries), drops everything the coordinator sends: its acks and
     receipts never arrive. Once its database shows the phase closed (for sum2:
     the round completed), it is killed and restarted. Every message the round
-    used must still get an ``accepted`` receipt (from the outbox table), and
+    used must still get an ``accepted`` receipt (one of its stored receipts), and
     the broker's redeliveries — now in a later phase or round — must be
     answered ``duplicate``, never rejected.
     """

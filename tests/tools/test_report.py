@@ -88,8 +88,8 @@ def test_aggregate_check_accepts_the_bound_and_rejects_more() -> None:
     assert off.max_abs_difference == pytest.approx(1e-4, rel=0.1)
 
 
-def _completed(i: int, version: int) -> rep.RoundRecord:
-    return rep.RoundRecord(
+def _completed(i: int, version: int) -> rep.RoundReport:
+    return rep.RoundReport(
         round_id=i,
         outcome=RoundOutcome.COMPLETED,
         model_version=version,
@@ -111,7 +111,7 @@ def test_report_writes_json_and_png(tmp_path: Path) -> None:
     report = rep.Report(config={"title": "t"})
     report.rounds += [_completed(1, 1), _completed(3, 2), _completed(4, 3)]
     report.rounds.append(
-        rep.RoundRecord(
+        rep.RoundReport(
             round_id=2,
             outcome=RoundOutcome.FAILED,
             model_version=None,
@@ -191,7 +191,7 @@ def test_the_plot_shades_a_failed_round_and_keeps_legends_off_the_data(
 
     figures: list[Any] = []
     monkeypatch.setattr(plt, "close", figures.append)
-    failed = rep.RoundRecord(
+    failed = rep.RoundReport(
         round_id=2,
         outcome=RoundOutcome.FAILED,
         model_version=None,
