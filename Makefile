@@ -58,7 +58,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	@rm -rf $(TYPECHECK_ROOT) && mkdir -p $(TYPECHECK_ROOT)/maskfl
-	@for d in protocol transport agent broker_coordinator aggregator_gpu tools models; do \
+	@for d in protocol transport agent broker_coordinator aggregator_gpu testing tools models; do \
 		ln -s $(CURDIR)/$$d $(TYPECHECK_ROOT)/maskfl/$$d; done
 	MYPYPATH=$(TYPECHECK_ROOT) $(VENV)/bin/mypy -p maskfl
 	PYTHONPATH=$(TYPECHECK_ROOT) $(VENV)/bin/lint-imports

@@ -12,6 +12,7 @@ TOP_LEVEL = (
     "agent",
     "broker_coordinator",
     "aggregator_gpu",
+    "testing",
     "tools",
     "models",
 )

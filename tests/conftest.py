@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.mosquitto import Mosquitto
+from maskfl.testing.broker import Mosquitto
 
 
 @pytest.fixture

@@ -9,14 +9,11 @@ device's share of the digits data), through the config models' own keys.
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +26,14 @@ from maskfl.broker_coordinator.config import PrivacyConfig
 from maskfl.broker_coordinator.provision import numbered_device_ids
 from maskfl.models import model_path
 from maskfl.protocol.errors import ConfigError
-from maskfl.tools._supervise import Child, Supervisor
+from maskfl.testing.broker import free_port
 
 __all__ = [
     "OBSERVER",
     "DemoFleet",
     "FleetSettings",
     "console_script",
-    "free_port",
     "provision_fleet",
-    "start_broker",
 ]
 
 FLEET = "demo"
@@ -51,13 +46,6 @@ add-observer``): its ACL reads round parameters, sum dictionaries, models and st
 which is all the demo needs, and publishes nothing."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def console_script(name: str, module: str) -> list[str]:
     """How to run maskfl's console script ``name``: the one installed next to this
     interpreter (a venv), else ``python -c`` on the module's ``main``."""
@@ -68,49 +56,6 @@ def console_script(name: str, module: str) -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
-
-
-def find_mosquitto() -> str:
-    found = shutil.which("mosquitto") or shutil.which(
-        "mosquitto", path="/usr/sbin:/usr/local/sbin:/opt/homebrew/sbin"
-    )
-    if found is None:
-        raise ConfigError(
-            "mosquitto is not installed: `make demo` installs it, or apt-get install mosquitto",
-            field="mosquitto",
-        )
-    return found
-
-
-def start_broker(supervisor: Supervisor, conf: Path, port: int, *, limit_s: float = 15.0) -> Child:
-    """Start mosquitto with ``conf`` under ``supervisor`` (log: ``mosquitto.log``) and
-    return once it listens on 127.0.0.1:``port``; the one way maskfl's tools start a
-    broker."""
-    child = supervisor.start("mosquitto", [find_mosquitto(), "-c", str(conf)])
-    deadline = time.monotonic() + limit_s
-    while True:
-        supervisor.check()
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return child
-        if time.monotonic() > deadline:
-            raise ConfigError(
-                f"mosquitto did not listen on 127.0.0.1:{port} within {limit_s:.0f} s; "
-                f"see {child.log_path}"
-            )
-        time.sleep(0.05)
-
-
-def start_plain_broker(supervisor: Supervisor, work: Path, *, limit_s: float = 15.0) -> int:
-    """An anonymous plain-TCP mosquitto on a free 127.0.0.1 port (config in ``work``),
-    for the benchmarks; returns the port once it listens."""
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
-        "persistence false\n" + ("user root\n" if os.geteuid() == 0 else "")
-    )
-    start_broker(supervisor, conf, port, limit_s=limit_s)
-    return port
 
 
 @dataclass(frozen=True)

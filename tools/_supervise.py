@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Self
 
 from maskfl.protocol.errors import MaskflError
+from maskfl.testing.broker import LOG_QUIET, Mosquitto, write_config
 
 __all__ = ["Child", "ChildExitedError", "Recorded", "Supervisor", "recorded", "stop_recorded"]
 
@@ -105,12 +106,36 @@ class Supervisor:
                 cwd=cwd,
                 start_new_session=True,
             )
-        child = Child(name, tuple(argv), log_path, proc)
+        return self._adopt(Child(name, tuple(argv), log_path, proc))
+
+    def start_broker(
+        self, conf: Path, port: int, *, name: str = "mosquitto", limit_s: float = 15.0
+    ) -> Child:
+        """Start mosquitto with ``conf`` (:class:`maskfl.testing.broker.Mosquitto`, output
+        appended to ``log_dir/<name>.log``), return once it listens on 127.0.0.1:``port``
+        and supervise it like any other child."""
+        if self._closed:
+            raise ChildExitedError(f"cannot start {name}: the supervisor is shutting down")
+        broker = Mosquitto.from_config(conf, port, log_path=self.log_dir / f"{name}.log")
+        broker.start(limit_s)
+        if broker.proc is None:  # start() returns with the process running, or raises
+            raise ChildExitedError(f"{name} is not running")
+        return self._adopt(Child(name, broker.command(), broker.log_path, broker.proc))
+
+    def start_plain_broker(self, work: Path, *, limit_s: float = 15.0) -> int:
+        """An anonymous plain-TCP mosquitto on a free 127.0.0.1 port (config in ``work``),
+        for the benchmarks; returns the port once it listens."""
+        conf = work / "mosquitto.conf"
+        port = write_config(conf, log_types=LOG_QUIET)
+        self.start_broker(conf, port, limit_s=limit_s)
+        return port
+
+    def _adopt(self, child: Child) -> Child:
         self.children.append(child)
         if self.pid_dir is not None:
             self.pid_dir.mkdir(parents=True, exist_ok=True)
-            path = self.pid_dir / f"{len(self.children):02d}-{name}.pid"
-            path.write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
+            path = self.pid_dir / f"{len(self.children):02d}-{child.name}.pid"
+            path.write_text(f"{child.pid} {_start_time(child.pid)}\n")
         return child
 
     def check(self) -> None:

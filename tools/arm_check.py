@@ -329,7 +329,7 @@ def host_script(name: str) -> str:
 
 def provision(run_dir: Path, logfile: Path) -> tuple[Path, int, int]:
     """A fleet of pi-001..pi-007 for a broker on 127.0.0.1; (fleet dir, MQTT port, HTTP port)."""
-    from maskfl.tools._demo_fleet import free_port
+    from maskfl.testing.broker import free_port
 
     fleet = run_dir / "fleet"
     port, http = free_port(), free_port()
@@ -540,8 +540,7 @@ def check(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 one chec
     }
 
     with Supervisor(logs) as sup:
-        broker = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        sup.start("mosquitto", [broker, "-c", str(fleet / "broker" / "mosquitto.conf")])
+        sup.start_broker(fleet / "broker" / "mosquitto.conf", port)
         coordinator_env = {"MASKFL__HTTP__PORT": str(http)}
         sup.start(
             "coordinator",

@@ -59,9 +59,10 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.sortition import MAX_GROUPS, group_of
 from maskfl.protocol.topics import Topics
-from maskfl.tools._demo_fleet import free_port, start_plain_broker
+from maskfl.testing.broker import free_port
+from maskfl.testing.fleet import SimFleet, first_round_seed
+from maskfl.testing.participants import SimParticipant
 from maskfl.tools._supervise import Supervisor
-from maskfl.tools.fleet_sim import SimFleet, SimParticipant, first_round_seed
 from maskfl.transport import MQTT_MAX_PACKET, MqttConfig, MqttTransport
 
 CHUNK = 256 * 1024
@@ -150,7 +151,7 @@ async def _one(
 ) -> dict[str, Any]:
     sup = Supervisor(work / "logs")
     try:
-        port = start_plain_broker(sup, work, limit_s=10)
+        port = sup.start_plain_broker(work, limit_s=10)
         return await _measure(
             n, m, backend, work, port=port, sup=sup, storage=storage, groups=groups
         )

@@ -2,7 +2,7 @@
 
 For each (N, M): a fresh mosquitto on a free loopback port, the real coordinator
 (``maskfl-coordinator run``, its own process, durable SQLite store) and N updaters
-plus S summers that speak the protocol (:mod:`maskfl.tools.fleet_sim`: no TFLite,
+plus S summers that speak the protocol (:mod:`maskfl.testing.participants`: no TFLite,
 random deltas) from this process. Identities are drawn so that round 1 has exactly S
 summers and N updaters, and every phase closes at its count, so the wall time is the
 work, not a timer. Reported, in seconds from the round parameters:
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -55,18 +54,14 @@ from maskfl.protocol.messages import (
     verify_sender,
 )
 from maskfl.protocol.topics import TopicKind, Topics, parse_topic
+from maskfl.testing.broker import free_port
+from maskfl.testing.fleet import SimFleet, first_round_seed
+from maskfl.testing.participants import SimParticipant, start_all, stop_all
 from maskfl.tools._benchargs import count
-from maskfl.tools._demo_fleet import console_script, free_port, start_broker
+from maskfl.tools._demo_fleet import console_script
 from maskfl.tools._demo_watch import fetch_status
 from maskfl.tools._help import plain
 from maskfl.tools._supervise import Supervisor
-from maskfl.tools.fleet_sim import (
-    SimFleet,
-    SimParticipant,
-    first_round_seed,
-    start_all,
-    stop_all,
-)
 from maskfl.transport import MqttConfig, MqttTransport
 
 __all__ = ["add_parser", "run", "run_one"]
@@ -125,7 +120,7 @@ def run_one(
     with tempfile.TemporaryDirectory(prefix="maskfl-bench-round-") as tmp:
         root = Path(tmp)
         with Supervisor(root / "logs") as supervisor:
-            port = _start_broker(root, supervisor)
+            port = supervisor.start_plain_broker(root, limit_s=10.0)
             result: dict[str, Any] = {"n": n, "m": m, "summers": summers, "word_bits": word_bits}
             result["masked"] = asyncio.run(
                 _masked_round(
@@ -143,28 +138,6 @@ def run_one(
                     - result["plain"]["bytes_per_updater"],
                 }
         return result
-
-
-# -- the broker -------------------------------------------------------------------------
-
-
-def _start_broker(root: Path, supervisor: Supervisor) -> int:
-    port = free_port()
-    conf = root / "mosquitto.conf"
-    lines = [
-        "per_listener_settings false",
-        "max_queued_messages 0",
-        "persistence false",
-        "log_type error",
-        "log_type warning",
-        f"listener {port} 127.0.0.1",
-        "allow_anonymous true",
-    ]
-    if os.geteuid() == 0:
-        lines.append("user root")
-    conf.write_text("\n".join(lines) + "\n")
-    start_broker(supervisor, conf, port, limit_s=10.0)
-    return port
 
 
 # -- the masked round --------------------------------------------------------------------
@@ -236,26 +209,18 @@ class _TimedParticipant(SimParticipant):
     def __init__(self, identity: Identity, times: _Times, **kwargs: Any) -> None:
         super().__init__(identity, **kwargs)
         self._times = times
-        self._watched: set[int] = set()
 
-    async def start(self) -> None:
+    async def start(self, *, models: bool = False) -> None:
         """Subscribe like a device, except to models (see :class:`_ModelWatcher`)."""
-        await self.transport.connect()
-        filters = [f for f in self.topics.agent_filters(self.device) if "/model/" not in f]
-        await self.transport.subscribe(filters, qos=1)
-        self._reader = asyncio.create_task(self._read(), name=f"sim {self.device}")
+        await super().start(models=models)
 
-    async def _round(self, params: RoundParams, sender: bytes) -> None:
-        self._times.params.append(time.perf_counter())
-        await super()._round(params, sender)
-
-    def _future(self, table: dict[int, asyncio.Future[Any]], round_id: int) -> asyncio.Future[Any]:
-        fut = super()._future(table, round_id)
-        if id(fut) not in self._watched:
-            self._watched.add(id(fut))
-            target = self._times.sums if table is self._sums else self._times.seeds
-            fut.add_done_callback(lambda _f: target.append(time.perf_counter()))
-        return fut
+    def arrived(self, kind: TopicKind, round_id: int) -> None:
+        times = {
+            TopicKind.ROUND: self._times.params,
+            TopicKind.SUMS: self._times.sums,
+            TopicKind.SEEDS: self._times.seeds,
+        }
+        times[kind].append(time.perf_counter())
 
     async def publish(self, topic: str, payload: bytes, chunk_size: int) -> None:
         await super().publish(topic, payload, chunk_size)

@@ -12,7 +12,7 @@ Four parts (``--parts``), each on fresh brokers and a fresh coordinator process
   coordinator and the broker, and the bytes the broker sent during the round
   (``wchar`` of the mosquitto process: everything it wrote to sockets).
 - **idle**: K connected devices (``--idle``) that heartbeat every ``--interval``
-  seconds (raw MQTT clients, :mod:`maskfl.tools._idle_fleet`, spread over
+  seconds (raw MQTT clients, :mod:`maskfl.testing.idle_fleet`, spread over
   processes). Reports the coordinator's CPU share over ``--window`` seconds once
   every device has beaten at least once, its alive count and peak RSS, and a
   round of ``--round-n`` updaters run under that load, next to the same round on
@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import struct
 import sys
@@ -69,9 +68,11 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.sortition import MAX_GROUPS
 from maskfl.protocol.topics import Topics
+from maskfl.testing.broker import LOG_QUIET, free_port, write_config
+from maskfl.testing.fleet import SimFleet
+from maskfl.testing.participants import Behaviour, SimParticipant
 from maskfl.tools._supervise import Child, Supervisor
 from maskfl.tools.bench_coordinator import _publish_all, _read_frames
-from maskfl.tools.fleet_sim import Behaviour, SimFleet, SimParticipant
 from maskfl.transport import MqttConfig, MqttTransport
 
 CHUNK = 256 * 1024
@@ -295,7 +296,7 @@ class Bed:
             core = _broker(work, sup, "core", None)
             brokers = [core] + [_broker(work, sup, f"edge{i}", core.port) for i in range(edges)]
             fleet = SimFleet(fleet=FLEET)
-            http_port = _free_port()
+            http_port = free_port()
             summers = max(SUMMERS, _groups(args))
             config = fleet.write_coordinator(
                 work / "coordinator",
@@ -409,7 +410,7 @@ class Bed:
             argv = [
                 sys.executable,
                 "-m",
-                "maskfl.tools._idle_fleet",
+                "maskfl.testing.idle_fleet",
                 "--port",
                 str(broker.port),
                 "--fleet",
@@ -710,21 +711,7 @@ def _workdir(keep: Path | None, name: str) -> Iterator[Path]:
 
 
 def _broker(work: Path, sup: Supervisor, name: str, core_port: int | None) -> Broker:
-    binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
-    if binary is None:
-        raise SystemExit("maskfl-bench scale: mosquitto is not installed")
-    port = _free_port()
-    lines = [
-        f"listener {port} 127.0.0.1",
-        "allow_anonymous true",
-        "max_queued_messages 0",
-        "persistence false",
-        "log_type error",
-        "log_type warning",
-        "connection_messages false",
-    ]
-    if os.geteuid() == 0:
-        lines.append("user root")
+    lines = ["listener {port} 127.0.0.1", "allow_anonymous true", "connection_messages false"]
     if core_port is not None:
         p = f"maskfl/v1/{FLEET}/"
         lines += [
@@ -738,16 +725,8 @@ def _broker(work: Path, sup: Supervisor, name: str, core_port: int | None) -> Br
             f"topic {p}model/# in 0",
         ]
     conf = work / f"{name}.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    child = sup.start(name, [binary, "-c", str(conf)])
-    deadline = time.monotonic() + 10
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            break
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"mosquitto {name} did not start: {child.log_tail()}")
-        time.sleep(0.05)
-    return Broker(child, port)
+    port = write_config(conf, listeners=lines, log_types=LOG_QUIET)
+    return Broker(sup.start_broker(conf, port, name=name, limit_s=10), port)
 
 
 def _round_record(coordinator_dir: Path, rid: int) -> dict[str, Any]:
@@ -780,12 +759,6 @@ def _records(topic: str, frames: list[bytes]) -> bytes:
     """(topic, frame) records as :func:`bench_coordinator._read_frames` reads them."""
     t = topic.encode()
     return b"".join(struct.pack("<HI", len(t), len(f)) + t + f for f in frames)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _fd_limit() -> list[int]:

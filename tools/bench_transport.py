@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from maskfl.tools._demo_fleet import start_plain_broker
 from maskfl.tools._supervise import Supervisor
 from maskfl.transport import MqttConfig, MqttTransport
 
@@ -103,4 +102,4 @@ async def _measure(args: argparse.Namespace, host: str, port: int) -> dict[str, 
 @contextlib.contextmanager
 def _temporary_mosquitto() -> Iterator[int]:
     with tempfile.TemporaryDirectory() as tmp, Supervisor(Path(tmp)) as sup:
-        yield start_plain_broker(sup, Path(tmp), limit_s=10)
+        yield sup.start_plain_broker(Path(tmp), limit_s=10)

@@ -12,7 +12,7 @@ adds an updater in a round of g = 2 mask groups) the tool
    also chosen so that the usual ticket mistakes (big-endian, no personalisation)
    would give the participant the other role, so they cannot pass by chance;
 3. starts a monitor that reads every topic of the fleet, the helpers (protocol-
-   level participants of :mod:`maskfl.tools.fleet_sim` with known deltas), the
+   level participants of :mod:`maskfl.testing.participants` with known deltas), the
    participant command, and the coordinator;
 4. waits for round 1 to publish its model (or fail), then judges every message
    the participant sent against the specification and prints one line per rule:
@@ -89,17 +89,16 @@ from maskfl.protocol.sortition import Task, group_of, next_round_seed, select_ta
 from maskfl.protocol.sortition import ticket as compute_ticket
 from maskfl.protocol.topics import TopicKind, parse_topic
 from maskfl.protocol.version import version_text
+from maskfl.testing.participants import Behaviour, SimParticipant
 from maskfl.tools._demo_fleet import (
     OBSERVER,
     DemoFleet,
     FleetSettings,
     _edit_toml,
     console_script,
-    find_mosquitto,
     provision_fleet,
 )
 from maskfl.tools._supervise import Supervisor
-from maskfl.tools.fleet_sim import Behaviour, SimParticipant
 from maskfl.transport import MqttConfig, MqttTransport, TlsConfig, broker_identity
 
 __all__ = ["Check", "main", "run_conformance"]
@@ -368,8 +367,7 @@ async def run_scenario(
         return lambda _rid, _m: plans[device_id]
 
     with Supervisor(root / "logs") as sup:
-        sup.start("mosquitto", [find_mosquitto(), "-c", str(fleet.broker_conf)])
-        await _wait_port(fleet.broker_port, 15.0, sup)
+        await asyncio.to_thread(sup.start_broker, fleet.broker_conf, fleet.broker_port)
         monitor = Monitor(MqttTransport(_monitor_config(fleet)), fleet.fleet)
         await monitor.start()
         sims = [
@@ -446,19 +444,6 @@ def _monitor_config(fleet: DemoFleet) -> MqttConfig:
 def _ca_key(fleet: DemoFleet, device: str) -> bytes:
     config = load_config(fleet.agent_toml(device))
     return load_identity(config.device).ca_public_key
-
-
-async def _wait_port(port: int, limit_s: float, sup: Supervisor) -> None:
-    deadline = time.monotonic() + limit_s
-    while True:
-        sup.check()
-        with contextlib.suppress(OSError):
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        if time.monotonic() > deadline:
-            raise MaskflError(f"mosquitto did not listen on port {port} within {limit_s} s")
-        await asyncio.sleep(0.1)
 
 
 # --- judging -------------------------------------------------------------------------------

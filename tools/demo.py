@@ -62,7 +62,6 @@ from maskfl.tools._demo_fleet import (
     console_script,
     demo_pet,
     provision_fleet,
-    start_broker,
 )
 from maskfl.tools._demo_watch import (
     ModelEvent,
@@ -237,7 +236,7 @@ class Demo:
         o = self.o
         t = time.monotonic()
         broker = await asyncio.to_thread(
-            start_broker, self.supervisor, fleet.broker_conf, fleet.broker_port
+            self.supervisor.start_broker, fleet.broker_conf, fleet.broker_port
         )
         self.say(
             f"  mosquitto pid {broker.pid} on 127.0.0.1:{fleet.broker_port} "

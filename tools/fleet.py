@@ -40,7 +40,6 @@ from maskfl.tools._demo_fleet import (
     console_script,
     demo_pet,
     provision_fleet,
-    start_broker,
 )
 from maskfl.tools._demo_watch import fetch_status
 from maskfl.tools._help import plain
@@ -187,7 +186,7 @@ def _start(trial: Trial, supervisor: Supervisor, limit_s: float) -> None:
     # the logs are appended to: only what this broker writes says who connected now
     log = trial.logs / "mosquitto.log"
     offset = log.stat().st_size if log.exists() else 0
-    broker = start_broker(supervisor, trial.broker_conf, trial.broker_port)
+    broker = supervisor.start_broker(trial.broker_conf, trial.broker_port)
     _say(f"  mosquitto    pid {broker.pid:<7} 127.0.0.1:{trial.broker_port} (mutual TLS, ACL)")
     coordinator = supervisor.start(
         "coordinator",

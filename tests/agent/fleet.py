@@ -42,8 +42,8 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.sortition import next_round_seed
 from maskfl.protocol.topics import TopicKind, Topics, parse_topic
+from maskfl.testing.broker import Mosquitto
 from maskfl.transport import MqttConfig, MqttTransport
-from tests.support.mosquitto import Mosquitto
 
 FLEET = "testfleet"
 

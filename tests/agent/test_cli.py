@@ -14,9 +14,9 @@ import pytest
 from maskfl.agent.cli import main
 from maskfl.models import model_path
 from maskfl.protocol.keys import public_key_from_pem
+from maskfl.testing.broker import Mosquitto
+from maskfl.testing.tls import TestPki
 from tests.agent.fleet import Fleet
-from tests.support.mosquitto import Mosquitto
-from tests.support.tls import TestPki
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -39,9 +39,9 @@ from maskfl.protocol.masking import (
 )
 from maskfl.protocol.messages import HEADER_SIZE, Heartbeat, Sum, Sum2, Update, encode_message
 from maskfl.protocol.topics import TopicKind
+from maskfl.testing.broker import Mosquitto
 from maskfl.transport import MqttConfig, MqttTransport
 from tests.agent.fleet import Fleet, StandIn, summer_entry
-from tests.support.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.broker
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.mosquitto import free_port
+from maskfl.testing.broker import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -23,9 +23,9 @@ from maskfl.agent.state import Journal
 from maskfl.protocol.chunking import split_payload
 from maskfl.protocol.messages import GlobalModel, Receipt, SeedDict, SumDict
 from maskfl.protocol.topics import Topics
+from maskfl.testing.broker import Mosquitto
 from maskfl.transport import Message
 from tests.agent.fleet import Fleet, StandIn, summer_entry
-from tests.support.mosquitto import Mosquitto
 
 DEVICE = "dev-f"
 

@@ -40,8 +40,8 @@ from maskfl.protocol.masking import (
 )
 from maskfl.protocol.messages import Sum, Sum2, Update, decode_message
 from maskfl.protocol.topics import TopicKind
+from maskfl.testing.broker import Mosquitto
 from tests.agent.fleet import Fleet, StandIn, summer_entry
-from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

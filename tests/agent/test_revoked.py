@@ -18,10 +18,10 @@ import pytest
 from maskfl.agent.config import load_config
 from maskfl.protocol.identity import Certificate, issue_revocation_list
 from maskfl.protocol.topics import Topics
+from maskfl.testing.broker import Mosquitto
 from maskfl.transport import MqttConfig, MqttTransport
 from tests.agent.fleet import Fleet
 from tests.agent.test_process import AgentProcess, _recv_until
-from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 

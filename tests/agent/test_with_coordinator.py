@@ -28,14 +28,15 @@ from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.masking import LOSS_CAP, update_words
 from maskfl.protocol.messages import GlobalModel, decode_message
 from maskfl.protocol.topics import Topics
-from maskfl.tools.fleet_sim import SimFleet, first_round_seed, wait_for
+from maskfl.testing.broker import Mosquitto
+from maskfl.testing.fleet import SimFleet, first_round_seed
+from maskfl.testing.participants import wait_for
 from maskfl.tools.report import randomness
 from maskfl.transport import MqttConfig, MqttTransport
 from tests.agent.fleet import write_bundle
 from tests.agent.test_daemon import running_agent
 from tests.broker_coordinator.crashing import Killer, Proc, round_row
 from tests.broker_coordinator.support import running_coordinator
-from tests.support.mosquitto import Mosquitto
 from tests.support.proxy import HoldingProxy
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(180)]

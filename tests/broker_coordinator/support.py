@@ -15,7 +15,8 @@ from maskfl.broker_coordinator.config import load_config
 from maskfl.broker_coordinator.service import Coordinator
 from maskfl.protocol.identity import Identity
 from maskfl.protocol.messages import GlobalModel
-from maskfl.tools.fleet_sim import SimFleet, SimParticipant, first_round_seed
+from maskfl.testing.fleet import SimFleet, first_round_seed
+from maskfl.testing.participants import SimParticipant
 
 M = 1000
 P_SUM = 0.5

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from maskfl.tools.fleet_sim import wait_for
+from maskfl.testing.broker import Mosquitto
+from maskfl.testing.participants import wait_for
+from maskfl.testing.tls import TestPki
 from maskfl.transport import mosquitto_passwd_line
 from tests.broker_coordinator.support import make_setup, running_coordinator
-from tests.support.mosquitto import Mosquitto
-from tests.support.tls import TestPki
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 

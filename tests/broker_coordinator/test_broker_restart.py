@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskfl.tools.fleet_sim import (
+from maskfl.testing.broker import Mosquitto
+from maskfl.testing.participants import (
     Behaviour,
     SimParticipant,
     expected_mean,
@@ -25,7 +26,6 @@ from maskfl.tools.fleet_sim import (
     wait_for,
 )
 from tests.broker_coordinator.support import fixed_delta, make_setup, running_coordinator, trained
-from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -53,7 +53,9 @@ async def test_round_completes_across_a_broker_restart(tmp_path: Path, persisten
         await start_all(parts)
         try:
             async with running_coordinator(setup.config_path) as coordinator:
-                await wait_for(lambda: all(p._sums for p in parts[3:]), 30, "the sum dictionary")
+                await wait_for(
+                    lambda: all(p.sum_dicts for p in parts[3:]), 30, "the sum dictionary"
+                )
                 await asyncio.sleep(0.5)
                 broker.restart()
                 await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")

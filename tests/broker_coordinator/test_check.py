@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from maskfl.broker_coordinator.cli import main
+from maskfl.testing.broker import Mosquitto
 from tests.broker_coordinator.provision.conftest import start_fleet_broker
-from tests.support.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.broker
 

@@ -16,8 +16,8 @@ import pytest
 
 from maskfl.broker_coordinator.cli import check_revocations, main
 from maskfl.broker_coordinator.config import load_config
-from maskfl.tools.fleet_sim import SimFleet
-from tests.support.mosquitto import free_port
+from maskfl.testing.broker import free_port
+from maskfl.testing.fleet import SimFleet
 
 M = 16
 

@@ -21,7 +21,8 @@ import pytest
 
 from maskfl.protocol.errors import Reason
 from maskfl.protocol.messages import MessageType
-from maskfl.tools.fleet_sim import (
+from maskfl.testing.broker import Mosquitto
+from maskfl.testing.participants import (
     Behaviour,
     SimParticipant,
     expected_mean,
@@ -31,7 +32,6 @@ from maskfl.tools.fleet_sim import (
 )
 from tests.broker_coordinator.crashing import Killer, Proc, round_row
 from tests.broker_coordinator.support import fixed_delta, make_setup, trained
-from tests.support.mosquitto import Mosquitto
 from tests.support.proxy import HoldingProxy
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -115,10 +115,10 @@ async def test_kill9_then_restart_includes_every_update_once(
     try:
         coordinator.start()
         if phase == "update":
-            await wait_for(lambda: any(p._sums for p in updaters), 30, "the sum dictionary")
+            await wait_for(lambda: any(p.sum_dicts for p in updaters), 30, "the sum dictionary")
             kills = sorted(rng.uniform(0.0, 2.5) for _ in range(2))
         else:
-            await wait_for(lambda: any(p._seeds for p in summers), 60, "the seed dictionaries")
+            await wait_for(lambda: any(p.seed_dicts for p in summers), 60, "the seed dictionaries")
             kills = [rng.uniform(0.1, 2.0)]
         elapsed = 0.0
         for at in kills:

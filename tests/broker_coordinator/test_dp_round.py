@@ -19,10 +19,10 @@ from maskfl.broker_coordinator.service import DB_NAME
 from maskfl.broker_coordinator.store import Store
 from maskfl.protocol.dp import clip_l2
 from maskfl.protocol.phases import Phase
-from maskfl.tools.fleet_sim import Sent, expected_mean, start_all, stop_all, wait_for
+from maskfl.testing.broker import Mosquitto
+from maskfl.testing.participants import Sent, expected_mean, start_all, stop_all, wait_for
 from tests.broker_coordinator.support import make_setup, running_coordinator, trained
 from tests.broker_coordinator.test_round import _participants
-from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 

@@ -33,9 +33,10 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.sortition import Task, select_task
 from maskfl.protocol.topics import Topics
-from maskfl.tools.fleet_sim import (
+from maskfl.testing.broker import Mosquitto
+from maskfl.testing.fleet import SimFleet
+from maskfl.testing.participants import (
     Behaviour,
-    SimFleet,
     SimParticipant,
     expected_mean,
     start_all,
@@ -51,7 +52,6 @@ from tests.broker_coordinator.support import (
     running_coordinator,
     trained,
 )
-from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
@@ -154,7 +154,7 @@ async def test_hostile_client_cannot_disturb_the_round(  # noqa: PLR0915 one att
         extra={"fleet": {"revocations_file": "revocations.bin", "revocations_poll_s": 0.2}},
     )
     fleet = setup.fleet
-    from maskfl.tools.fleet_sim import first_round_seed
+    from maskfl.testing.fleet import first_round_seed
 
     seed1 = first_round_seed(bytes(32), setup.initial)
     evil = _summer_ticket_identity(fleet, seed1, "evil")

@@ -12,7 +12,7 @@ from maskfl.broker_coordinator.service import load_identity
 from maskfl.protocol.errors import ConfigError
 from maskfl.protocol.ids import Role
 from maskfl.protocol.keys import signing_key_to_pem
-from maskfl.tools.fleet_sim import SimFleet
+from maskfl.testing.fleet import SimFleet
 
 VALID = {"pet": {"update": {"prob": 1.0, "count_max": 100}}}  # count_max <= masking.n_max
 

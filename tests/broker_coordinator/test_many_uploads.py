@@ -35,9 +35,10 @@ from maskfl.protocol.messages import (
     open_sum_dict,
 )
 from maskfl.protocol.topics import Topics
-from maskfl.tools.fleet_sim import SimFleet, SimParticipant, first_round_seed, start_all, stop_all
+from maskfl.testing.broker import Mosquitto, free_port
+from maskfl.testing.fleet import SimFleet, first_round_seed
+from maskfl.testing.participants import SimParticipant, start_all, stop_all
 from maskfl.transport import MqttConfig, MqttTransport
-from tests.support.mosquitto import Mosquitto, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 

@@ -42,17 +42,11 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.sortition import Task, select_task
 from maskfl.protocol.topics import Topics
-from maskfl.tools.fleet_sim import (
-    SimFleet,
-    SimParticipant,
-    first_round_seed,
-    start_all,
-    stop_all,
-    wait_for,
-)
+from maskfl.testing.broker import Mosquitto
+from maskfl.testing.fleet import SimFleet, first_round_seed
+from maskfl.testing.participants import SimParticipant, start_all, stop_all, wait_for
 from maskfl.transport import MqttConfig, MqttTransport
 from tests.broker_coordinator.support import P_SUM, M, make_setup, running_coordinator, trained
-from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 

@@ -7,7 +7,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from maskfl.tools.fleet_sim import (
+from maskfl.testing.broker import Mosquitto
+from maskfl.testing.participants import (
     Behaviour,
     SimParticipant,
     expected_mean,
@@ -16,7 +17,6 @@ from maskfl.tools.fleet_sim import (
     wait_for,
 )
 from tests.broker_coordinator.support import fixed_delta, make_setup, running_coordinator, trained
-from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
@@ -207,7 +207,7 @@ async def test_storage_failure_fails_the_round_and_rejects_the_batch(
     checkpoints = setup.config_path.parent / "state" / "checkpoints"
     try:
         async with running_coordinator(setup.config_path) as coordinator:
-            await wait_for(lambda: all(p._sums for p in parts[1:]), 30, "the sum dictionary")
+            await wait_for(lambda: all(p.sum_dicts for p in parts[1:]), 30, "the sum dictionary")
             shutil.rmtree(checkpoints)
             checkpoints.write_text("not a directory")  # every checkpoint write now fails
             await wait_for(lambda: all(p.receipts for p in parts[1:]), 30, "the receipts")

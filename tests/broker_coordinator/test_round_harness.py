@@ -16,7 +16,7 @@ from maskfl.broker_coordinator.store import Store
 from maskfl.protocol.masking import aggregate_mask, update_words
 from maskfl.protocol.messages import GlobalModel, RoundParams, Sum2, decode_message
 from maskfl.protocol.phases import Phase
-from maskfl.tools.fleet_sim import Behaviour, SimParticipant, expected_mean
+from maskfl.testing.participants import Behaviour, SimParticipant, expected_mean
 from tests.broker_coordinator.support import trained
 from tests.support.harness import Harness, harness
 

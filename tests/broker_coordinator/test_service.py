@@ -14,10 +14,10 @@ import pytest
 from maskfl.broker_coordinator.cli import main
 from maskfl.protocol.identity import RevocationList
 from maskfl.protocol.topics import Topics
-from maskfl.tools.fleet_sim import SimParticipant, start_all, stop_all, wait_for
+from maskfl.testing.broker import Mosquitto, free_port
+from maskfl.testing.participants import SimParticipant, start_all, stop_all, wait_for
 from maskfl.transport import MqttConfig, MqttTransport
 from tests.broker_coordinator.support import make_setup, running_coordinator, trained
-from tests.support.mosquitto import Mosquitto, free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
 

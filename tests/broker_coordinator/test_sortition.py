@@ -14,10 +14,10 @@ import pytest
 
 from maskfl.protocol.messages import Heartbeat, RoundParams, decode_message, encode_message
 from maskfl.protocol.topics import Topics
-from maskfl.tools.fleet_sim import wait_for
+from maskfl.testing.broker import Mosquitto
+from maskfl.testing.participants import wait_for
 from maskfl.transport import MqttConfig, MqttTransport
 from tests.broker_coordinator.support import make_setup, running_coordinator
-from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 

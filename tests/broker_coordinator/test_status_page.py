@@ -20,9 +20,9 @@ import pytest
 from maskfl.broker_coordinator.cli import main
 from maskfl.protocol.masking import EvalCounts
 from maskfl.protocol.topics import Topics
-from maskfl.tools.fleet_sim import Behaviour, SimParticipant, start_all, stop_all, wait_for
+from maskfl.testing.broker import Mosquitto, free_port
+from maskfl.testing.participants import Behaviour, SimParticipant, start_all, stop_all, wait_for
 from tests.broker_coordinator.support import make_setup, running_coordinator
-from tests.support.mosquitto import Mosquitto, free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(180)]
 

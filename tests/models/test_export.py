@@ -22,8 +22,8 @@ from maskfl.agent.training import LocalTrainer
 from maskfl.broker_coordinator.cli import main as coordinator
 from maskfl.models import graph_with_weights, model_path, shipped_model
 from maskfl.protocol.errors import ConfigError
+from maskfl.testing.broker import free_port
 from tests.broker_coordinator.provision.conftest import provision
-from tests.support.mosquitto import free_port
 
 interpreter = pytest.importorskip("ai_edge_litert.interpreter")
 

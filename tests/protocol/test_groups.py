@@ -30,7 +30,7 @@ from maskfl.protocol.masking import (
 )
 from maskfl.protocol.messages import SumDict, decode_message, encode_message, open_sum_dict
 from maskfl.protocol.sortition import MAX_GROUPS, default_groups, group_of
-from maskfl.tools.fleet_sim import SimFleet
+from maskfl.testing.fleet import SimFleet
 
 CFG = MaskConfig(1.0, 16, 32)
 M = 64

@@ -13,7 +13,7 @@ fails after ``limit_s`` of real time, naming what it waited for.
 
 What this does not cover is the network: sessions across a broker restart, ACLs,
 TLS, chunked delivery over a real socket, a killed process. Those stay tested
-against a real mosquitto (tests/support/mosquitto.py).
+against a real mosquitto (maskfl.testing.broker).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from maskfl.agent.state import Journal
 from maskfl.broker_coordinator.config import load_config
 from maskfl.broker_coordinator.service import Coordinator
 from maskfl.protocol.identity import Identity
-from maskfl.tools.fleet_sim import Behaviour, SimParticipant
+from maskfl.testing.participants import Behaviour, SimParticipant
 from maskfl.transport import MemoryBroker, MqttConfig, Transport
 from tests.broker_coordinator.support import Setup, fixed_delta, make_setup
 

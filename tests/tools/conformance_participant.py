@@ -2,7 +2,7 @@
 
 ``python -m tests.tools.conformance_participant [--fault weight-word|ticket|one-seed]`` reads
 the bundle named by ``MASKFL_BUNDLE`` (as the conformance bench passes it) and takes
-part in rounds with :class:`maskfl.tools.fleet_sim.SimParticipant` until SIGTERM.
+part in rounds with :class:`maskfl.testing.participants.SimParticipant` until SIGTERM.
 
 - ``--fault weight-word``: the weight word is ``round(a·S_w)``, without the offset
   ``S_w`` (docs/protocol.md §7.3);
@@ -29,7 +29,7 @@ from maskfl.agent.identity import load_identity
 from maskfl.protocol.masking import Words
 from maskfl.protocol.messages import RoundParams
 from maskfl.protocol.sortition import Task, threshold
-from maskfl.tools.fleet_sim import Behaviour, SimParticipant
+from maskfl.testing.participants import Behaviour, SimParticipant
 
 
 def _big_endian_task(params: RoundParams, public_key: bytes) -> Task:

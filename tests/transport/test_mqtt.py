@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from maskfl.protocol.errors import LocalProtocolError, TransportError
+from maskfl.testing.broker import Mosquitto, free_port
+from maskfl.testing.tls import TestPki
 from maskfl.transport import (
     LastWill,
     LinkEvent,
@@ -28,8 +30,6 @@ from maskfl.transport import (
     mosquitto_passwd_line,
     publish_packet_size,
 )
-from tests.support.mosquitto import Mosquitto, free_port
-from tests.support.tls import TestPki
 
 pytestmark = pytest.mark.broker
 

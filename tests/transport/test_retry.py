@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from maskfl.protocol.errors import TransportError
+from maskfl.testing.broker import Mosquitto
+from maskfl.testing.tls import TestPki
 from maskfl.transport import (
     Backoff,
     Cause,
@@ -28,8 +30,6 @@ from maskfl.transport import (
     TlsConfig,
     diagnose,
 )
-from tests.support.mosquitto import Mosquitto
-from tests.support.tls import TestPki
 
 
 def test_backoff_doubles_to_the_cap_with_equal_jitter_and_resets() -> None:

@@ -20,7 +20,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from maskfl.broker_coordinator.provision.cli import main
-from tests.support.mosquitto import Mosquitto, free_port
+from maskfl.testing.broker import Mosquitto, free_port
 
 WAIT_S = 10.0
 

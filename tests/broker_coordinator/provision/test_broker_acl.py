@@ -19,8 +19,8 @@ from maskfl.protocol.errors import CertificateError, Reason
 from maskfl.protocol.identity import Certificate, RevocationList, verify_certificate
 from maskfl.protocol.keys import public_key_from_pem
 from maskfl.protocol.topics import Topics
+from maskfl.testing.broker import free_port
 from tests.broker_coordinator.provision.conftest import Broker, provision, start_fleet_broker
-from tests.support.mosquitto import free_port
 
 pytestmark = pytest.mark.broker
 

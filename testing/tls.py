@@ -8,7 +8,7 @@ into the MQTT username. The certificates come from
 the transport is tested against the certificates a provisioned fleet really uses.
 ``mosquitto_tls_listener()`` writes the matching listener block (with client
 certificates: the common name as username and client id, as provisioning does) for
-:class:`tests.support.mosquitto.Mosquitto`.
+:class:`maskfl.testing.broker.Mosquitto`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from maskfl.broker_coordinator.provision import _tls
+
+__all__ = ["CertFiles", "TestPki"]
 
 
 @dataclass(frozen=True)

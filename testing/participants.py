@@ -1,39 +1,36 @@
-"""A protocol-level fleet simulator: a CA, enrolled identities and participants.
+"""Simulated participants: enrolled devices that speak the PET protocol, and nothing more.
 
 No TFLite and no agent: a :class:`SimParticipant` speaks the PET protocol with
 :mod:`maskfl.protocol` over :mod:`maskfl.transport` and sends whatever delta
-its :class:`Behaviour` says, so tests, the benchmark and the demo can check
-that the coordinator publishes exactly the weighted mean of what was sent.
+its :class:`Behaviour` says, so tests, the benchmarks and the conformance bench can
+check that the coordinator publishes exactly the weighted mean of what was sent
+(:func:`expected_mean`). Its identity comes from :class:`maskfl.testing.fleet.SimFleet`
+(or a provisioned bundle).
 
-:class:`SimFleet` holds the fleet CA key, issues certificates, writes a
-coordinator bundle (keys, certificate, initial weights, ``coordinator.toml``)
-and can pick identities whose sortition ticket gives a wanted role in a given
-round, so a test can have exactly 3 summers and 6 updaters in round 1.
+What a participant saw and did is public: ``roles``, ``sent``, ``receipts``,
+``models``, ``sum_dicts``, ``seed_dicts``, ``ephemeral`` and ``errors``, each by round
+where it belongs to one; :meth:`SimParticipant.arrived` is the hook a subclass
+overrides to time what arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import tomli_w
-from nacl.signing import SigningKey
 
 from maskfl.protocol.chunking import split_payload
 from maskfl.protocol.crypto import EphemeralKeyPair, new_seed, open_seed, seal_seed
 from maskfl.protocol.dp import masked_update
 from maskfl.protocol.errors import CryptoError, MaskflError
-from maskfl.protocol.identity import Identity, issue_certificate, issue_revocation_list
+from maskfl.protocol.identity import Identity
 from maskfl.protocol.ids import Role
-from maskfl.protocol.keys import public_key_to_pem, signing_key_to_pem
 from maskfl.protocol.masking import (
     NO_EVALUATION,
     EvalCounts,
@@ -53,13 +50,20 @@ from maskfl.protocol.messages import (
     decode_message,
     encode_message,
     open_sum_dict,
-    weights_digest,
 )
-from maskfl.protocol.sortition import Task, group_of, next_round_seed, select_task
+from maskfl.protocol.sortition import Task, select_task
 from maskfl.protocol.topics import TopicKind, Topics, parse_topic
 from maskfl.transport import MqttConfig, MqttTransport, Transport
 
-log = logging.getLogger("maskfl.tools.fleet_sim")
+__all__ = [
+    "Behaviour",
+    "Sent",
+    "SimParticipant",
+    "expected_mean",
+    "start_all",
+    "stop_all",
+    "wait_for",
+]
 
 F32 = npt.NDArray[np.float32]
 _MAX_IN = 64 * 1024 * 1024
@@ -134,17 +138,25 @@ class SimParticipant:
         self.roles: dict[int, Task] = {}
         self.ephemeral: dict[int, EphemeralKeyPair] = {}
         self.errors: list[str] = []
+        self.sum_dicts: dict[int, SumDict] = {}
+        """The sum dictionary of each round, as it arrived (updaters read it)."""
+        self.seed_dicts: dict[int, SeedDict] = {}
+        """This summer's seed dictionary of each round, as it arrived."""
         self._sums: dict[int, asyncio.Future[SumDict]] = {}
         self._seeds: dict[int, asyncio.Future[SeedDict]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
         self._seen_rounds: set[int] = set()
 
-    async def start(self) -> None:
+    async def start(self, *, models: bool = True) -> None:
+        """Connect and subscribe like a device. Unlike an agent, which fetches a model
+        only when it trains, a simulated participant watches every global model (tests
+        read them from ``models``); ``models=False`` leaves the model topics out (a
+        benchmark that does not want the models' fan-out to load the round)."""
         await self.transport.connect()
-        # Unlike an agent, which fetches a model only when it trains, a simulated
-        # participant watches every global model (tests read them from ``models``).
         filters = [*self.topics.agent_filters(self.device), self.topics.model_latest_filter()]
+        if not models:
+            filters = [f for f in filters if "/model/" not in f]
         await self.transport.subscribe(filters, qos=1)
         self._reader = asyncio.create_task(self._read(), name=f"sim {self.device}")
 
@@ -177,21 +189,40 @@ class SimParticipant:
                 case TopicKind.ROUND if isinstance(body, RoundParams):
                     if rid not in self._seen_rounds:
                         self._seen_rounds.add(rid)
+                        self.arrived(parsed.kind, rid)
                         self._spawn(self._round(body, signed.header.sender))
                 case TopicKind.SUMS if isinstance(body, SumDict):
-                    fut = self._future(self._sums, rid)
-                    if not fut.done():
-                        fut.set_result(body)
+                    self._deliver(self.sum_dicts, self._sums, parsed.kind, rid, body)
                 case TopicKind.SEEDS if isinstance(body, SeedDict):
-                    fut = self._future(self._seeds, rid)
-                    if not fut.done():
-                        fut.set_result(body)
+                    self._deliver(self.seed_dicts, self._seeds, parsed.kind, rid, body)
                 case TopicKind.RECEIPTS if isinstance(body, Receipt):
                     self.receipts.append(body)
                 case TopicKind.MODEL_LATEST if isinstance(body, GlobalModel):
                     self.models.append(body)
                 case _:
                     pass
+
+    def _deliver(
+        self,
+        record: dict[int, Any],
+        waiting: dict[int, asyncio.Future[Any]],
+        kind: TopicKind,
+        rid: int,
+        body: Any,
+    ) -> None:
+        """The first dictionary of a round is recorded and handed to the waiting phase."""
+        if rid in record:
+            return
+        record[rid] = body
+        self.arrived(kind, rid)
+        fut = self._future(waiting, rid)
+        if not fut.done():
+            fut.set_result(body)
+
+    def arrived(self, kind: TopicKind, round_id: int) -> None:
+        """Called once per round when its parameters (``ROUND``), the sum dictionary
+        (``SUMS``) or this summer's seed dictionary (``SEEDS``) first arrive, before the
+        participant acts on them. Does nothing; a subclass overrides it to time them."""
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -297,153 +328,6 @@ class SimParticipant:
         digest = decode_message(raw, max_size=len(raw)).digest
         self.sent[rid] = Sent(delta, weight, digest, seeds)
         await self.publish(self.topics.update(rid, self.device), raw, params.chunk_size)
-
-
-@dataclass
-class SimFleet:
-    """A fleet CA and the identities it issued."""
-
-    fleet: str = "simfleet"
-    ca_key: SigningKey = field(default_factory=SigningKey.generate)
-    _serial: int = 0
-
-    @property
-    def ca_public_key(self) -> bytes:
-        return bytes(self.ca_key.verify_key)
-
-    def identity(
-        self,
-        device: str,
-        *,
-        role: Role = Role.DEVICE,
-        key: SigningKey | None = None,
-        not_after: int | None = None,
-    ) -> Identity:
-        key = key or SigningKey.generate()
-        self._serial += 1
-        now = int(time.time())
-        cert = issue_certificate(
-            self.ca_key,
-            fleet=self.fleet,
-            serial=self._serial,
-            subject=device,
-            role=role,
-            public_key=bytes(key.verify_key),
-            not_before=now - 3600,
-            not_after=not_after if not_after is not None else now + 365 * 86400,
-        )
-        return Identity(key, cert)
-
-    def identities_for_roles(
-        self,
-        seed: bytes,
-        *,
-        p_sum: float,
-        p_update: float,
-        summers: int,
-        updaters: int,
-        prefix: str = "dev",
-        groups: int = 1,
-        fill: int | None = None,
-    ) -> tuple[list[Identity], list[Identity]]:
-        """Draw keys until ``summers`` get SUM and ``updaters`` get UPDATE for ``seed``.
-
-        With ``groups`` > 1, summer i is in mask group ``i % fill`` (``fill``:
-        ``groups`` unless given; 1 puts every summer in group 0)."""
-        cycle = groups if fill is None else fill
-        got_s: list[Identity] = []
-        got_u: list[Identity] = []
-        n = 0
-        while len(got_s) < summers or len(got_u) < updaters:
-            key = SigningKey.generate()
-            task = select_task(seed, bytes(key.verify_key), p_sum, p_update)
-            in_turn = group_of(seed, bytes(key.verify_key), groups) == len(got_s) % cycle
-            if task is Task.SUM and len(got_s) < summers and in_turn:
-                got_s.append(self.identity(f"{prefix}-s{len(got_s)}", key=key))
-            elif task is Task.UPDATE and len(got_u) < updaters:
-                got_u.append(self.identity(f"{prefix}-u{len(got_u)}", key=key))
-            n += 1
-            if n > 100_000:
-                raise RuntimeError("could not draw the wanted roles; check the probabilities")
-        return got_s, got_u
-
-    def revocations(self, path: Path, serials: list[int], version: int) -> None:
-        rl = issue_revocation_list(
-            self.ca_key,
-            fleet=self.fleet,
-            version=version,
-            issued_at=int(time.time()),
-            serials=serials,
-        )
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(rl.to_bytes())
-        tmp.replace(path)
-
-    def write_coordinator(
-        self,
-        directory: Path,
-        *,
-        port: int,
-        length: int,
-        initial: F32 | None = None,
-        overrides: dict[str, dict[str, Any]] | None = None,
-    ) -> Path:
-        """A coordinator bundle in ``directory``; returns the path of coordinator.toml."""
-        directory.mkdir(parents=True, exist_ok=True)
-        ident = self.identity("coordinator", role=Role.COORDINATOR)
-        (directory / "ca.pub").write_bytes(public_key_to_pem(self.ca_key.verify_key))
-        key_path = directory / "coordinator.key"
-        key_path.write_bytes(signing_key_to_pem(ident.signing_key))
-        key_path.chmod(0o600)
-        (directory / "coordinator.cert").write_bytes(ident.certificate.to_bytes())
-        weights = initial if initial is not None else np.zeros(length, dtype=np.float32)
-        np.save(directory / "initial_weights.npy", weights.astype(np.float32))
-        config: dict[str, dict[str, Any]] = {
-            "fleet": {"id": self.fleet, "ca_public_key_file": "ca.pub"},
-            "identity": {"key_file": "coordinator.key", "certificate_file": "coordinator.cert"},
-            "broker": {
-                "host": "127.0.0.1",
-                "port": port,
-                "reconnect_min_s": 0.2,
-                "reconnect_max_s": 1.0,
-            },
-            "storage": {"dir": "state"},
-            "model": {"id": "sim", "length": length, "initial_weights": "initial_weights.npy"},
-            "masking": {"bound": 1.0, "n_max": 100, "word_bits": 32},
-            # update.count_max may not exceed masking.n_max (the config refuses it)
-            "pet": {
-                "failure_pause_s": 0.5,
-                "update": {
-                    "target": 10,
-                    "count_min": 3,
-                    "count_max": 100,
-                    "time_min_s": 5.0,
-                    "time_max_s": 300.0,
-                },
-            },
-            "aggregation": {"backend": "numpy"},
-            "http": {"enabled": False},
-            "log": {"level": "info", "format": "json"},
-        }
-        for section, values in (overrides or {}).items():
-            if isinstance(values, dict) and isinstance(config.get(section), dict):
-                merged = dict(config[section])
-                for k, v in values.items():
-                    if isinstance(v, dict) and isinstance(merged.get(k), dict):
-                        merged[k] = {**merged[k], **v}
-                    else:
-                        merged[k] = v
-                config[section] = merged
-            else:
-                config[section] = values
-        path = directory / "coordinator.toml"
-        path.write_bytes(tomli_w.dumps(config).encode())
-        return path
-
-
-def first_round_seed(initial_seed: bytes, initial: F32) -> bytes:
-    """The seed of round 1 for a coordinator with this initial seed and these weights."""
-    return next_round_seed(initial_seed, weights_digest(initial.astype(np.float32)), 1)
 
 
 def expected_mean(sent: list[Sent], bound: float) -> npt.NDArray[np.float64]:

@@ -1,0 +1,178 @@
+"""A fleet CA for tests, benchmarks and the conformance bench: identities and bundles.
+
+:class:`SimFleet` holds the fleet CA key, issues certificates, writes a coordinator
+bundle (keys, certificate, initial weights, ``coordinator.toml``) and can pick
+identities whose sortition ticket gives a wanted role in a given round, so a test
+can have exactly 3 summers and 6 updaters in round 1. The identities are what
+:class:`maskfl.testing.participants.SimParticipant` speaks with.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import tomli_w
+from nacl.signing import SigningKey
+
+from maskfl.protocol.identity import Identity, issue_certificate, issue_revocation_list
+from maskfl.protocol.ids import Role
+from maskfl.protocol.keys import public_key_to_pem, signing_key_to_pem
+from maskfl.protocol.messages import weights_digest
+from maskfl.protocol.sortition import Task, group_of, next_round_seed, select_task
+
+__all__ = ["SimFleet", "first_round_seed"]
+
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass
+class SimFleet:
+    """A fleet CA and the identities it issued."""
+
+    fleet: str = "simfleet"
+    ca_key: SigningKey = field(default_factory=SigningKey.generate)
+    serial: int = 0
+    """The serial number of the last certificate issued."""
+
+    @property
+    def ca_public_key(self) -> bytes:
+        return bytes(self.ca_key.verify_key)
+
+    def identity(
+        self,
+        device: str,
+        *,
+        role: Role = Role.DEVICE,
+        key: SigningKey | None = None,
+        not_after: int | None = None,
+    ) -> Identity:
+        key = key or SigningKey.generate()
+        self.serial += 1
+        now = int(time.time())
+        cert = issue_certificate(
+            self.ca_key,
+            fleet=self.fleet,
+            serial=self.serial,
+            subject=device,
+            role=role,
+            public_key=bytes(key.verify_key),
+            not_before=now - 3600,
+            not_after=not_after if not_after is not None else now + 365 * 86400,
+        )
+        return Identity(key, cert)
+
+    def identities_for_roles(
+        self,
+        seed: bytes,
+        *,
+        p_sum: float,
+        p_update: float,
+        summers: int,
+        updaters: int,
+        prefix: str = "dev",
+        groups: int = 1,
+        fill: int | None = None,
+    ) -> tuple[list[Identity], list[Identity]]:
+        """Draw keys until ``summers`` get SUM and ``updaters`` get UPDATE for ``seed``.
+
+        With ``groups`` > 1, summer i is in mask group ``i % fill`` (``fill``:
+        ``groups`` unless given; 1 puts every summer in group 0)."""
+        cycle = groups if fill is None else fill
+        got_s: list[Identity] = []
+        got_u: list[Identity] = []
+        n = 0
+        while len(got_s) < summers or len(got_u) < updaters:
+            key = SigningKey.generate()
+            task = select_task(seed, bytes(key.verify_key), p_sum, p_update)
+            in_turn = group_of(seed, bytes(key.verify_key), groups) == len(got_s) % cycle
+            if task is Task.SUM and len(got_s) < summers and in_turn:
+                got_s.append(self.identity(f"{prefix}-s{len(got_s)}", key=key))
+            elif task is Task.UPDATE and len(got_u) < updaters:
+                got_u.append(self.identity(f"{prefix}-u{len(got_u)}", key=key))
+            n += 1
+            if n > 100_000:
+                raise RuntimeError("could not draw the wanted roles; check the probabilities")
+        return got_s, got_u
+
+    def revocations(self, path: Path, serials: list[int], version: int) -> None:
+        rl = issue_revocation_list(
+            self.ca_key,
+            fleet=self.fleet,
+            version=version,
+            issued_at=int(time.time()),
+            serials=serials,
+        )
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(rl.to_bytes())
+        tmp.replace(path)
+
+    def write_coordinator(
+        self,
+        directory: Path,
+        *,
+        port: int,
+        length: int,
+        initial: F32 | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None,
+    ) -> Path:
+        """A coordinator bundle in ``directory``; returns the path of coordinator.toml."""
+        directory.mkdir(parents=True, exist_ok=True)
+        ident = self.identity("coordinator", role=Role.COORDINATOR)
+        (directory / "ca.pub").write_bytes(public_key_to_pem(self.ca_key.verify_key))
+        key_path = directory / "coordinator.key"
+        key_path.write_bytes(signing_key_to_pem(ident.signing_key))
+        key_path.chmod(0o600)
+        (directory / "coordinator.cert").write_bytes(ident.certificate.to_bytes())
+        weights = initial if initial is not None else np.zeros(length, dtype=np.float32)
+        np.save(directory / "initial_weights.npy", weights.astype(np.float32))
+        config: dict[str, dict[str, Any]] = {
+            "fleet": {"id": self.fleet, "ca_public_key_file": "ca.pub"},
+            "identity": {"key_file": "coordinator.key", "certificate_file": "coordinator.cert"},
+            "broker": {
+                "host": "127.0.0.1",
+                "port": port,
+                "reconnect_min_s": 0.2,
+                "reconnect_max_s": 1.0,
+            },
+            "storage": {"dir": "state"},
+            "model": {"id": "sim", "length": length, "initial_weights": "initial_weights.npy"},
+            "masking": {"bound": 1.0, "n_max": 100, "word_bits": 32},
+            # update.count_max may not exceed masking.n_max (the config refuses it)
+            "pet": {
+                "failure_pause_s": 0.5,
+                "update": {
+                    "target": 10,
+                    "count_min": 3,
+                    "count_max": 100,
+                    "time_min_s": 5.0,
+                    "time_max_s": 300.0,
+                },
+            },
+            "aggregation": {"backend": "numpy"},
+            "http": {"enabled": False},
+            "log": {"level": "info", "format": "json"},
+        }
+        for section, values in (overrides or {}).items():
+            if isinstance(values, dict) and isinstance(config.get(section), dict):
+                merged = dict(config[section])
+                for k, v in values.items():
+                    if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                        merged[k] = {**merged[k], **v}
+                    else:
+                        merged[k] = v
+                config[section] = merged
+            else:
+                config[section] = values
+        path = directory / "coordinator.toml"
+        path.write_bytes(tomli_w.dumps(config).encode())
+        return path
+
+
+def first_round_seed(initial_seed: bytes, initial: F32) -> bytes:
+    """The seed of round 1 for a coordinator with this initial seed and these weights."""
+    return next_round_seed(initial_seed, weights_digest(initial.astype(np.float32)), 1)
