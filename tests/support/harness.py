@@ -11,6 +11,15 @@ message the broker routes wakes :meth:`Harness.until`, which re-checks its
 predicate (receipts, models, the runner's phase); a predicate that never comes true
 fails after ``limit_s`` of real time, naming what it waited for.
 
+Beyond an honest round the harness can hold back a participant's messages and
+deliver them later or out of order (:meth:`TrafficBroker.hold`), drop a client's
+link (:meth:`Harness.drop_link`), give raw clients to a test that plays a hostile
+client or a stand-in coordinator (:meth:`Harness.client`), throw the coordinator
+away mid-phase and start a new one on the same SQLite files
+(:meth:`Harness.restart_coordinator`), and run real agents whose journal writes
+wake :meth:`Harness.until` like broker traffic does (:meth:`Harness.agent`). Log
+records wake it too, so a test can await "the agent logged that it ignored this".
+
 What this does not cover is the network: sessions across a broker restart, ACLs,
 TLS, chunked delivery over a real socket, a killed process. Those stay tested
 against a real mosquitto (maskfl.testing.broker).
@@ -20,26 +29,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from maskfl.agent.config import load_config as load_agent_config
 from maskfl.agent.daemon import Agent
 from maskfl.agent.identity import load_identity
-from maskfl.agent.state import Journal
+from maskfl.agent.state import Journal, OutboxEntry, OutboxStatus, RoundState
 from maskfl.broker_coordinator.config import load_config
 from maskfl.broker_coordinator.service import Coordinator
 from maskfl.protocol.identity import Identity
 from maskfl.testing.participants import Behaviour, SimParticipant
-from maskfl.transport import MemoryBroker, MqttConfig, Transport
+from maskfl.transport import MemoryBroker, MemoryTransport, MqttConfig, Transport, topic_matches
 from tests.broker_coordinator.support import Setup, fixed_delta, make_setup
 
 #: The coordinator's configured broker port; the memory broker ignores it (no socket
 #: is ever opened), and it is not 1883, the system broker's, which tests never use.
 UNUSED_PORT = 9
+
+#: A broker address for bundles whose clients the harness connects (agent.toml needs
+#: one; no socket is opened to it).
+NOWHERE = SimpleNamespace(host="127.0.0.1", port=UNUSED_PORT)
+
+#: What a test may wait for: a plain predicate, or a coroutine function (a journal read).
+Predicate = Callable[[], bool] | Callable[[], Awaitable[bool]]
 
 
 class FakeClock:
@@ -67,34 +87,230 @@ class FakeClock:
             listener()
 
 
+@dataclass
+class Hold:
+    """Messages kept back by :meth:`TrafficBroker.hold` until :meth:`release`."""
+
+    broker: TrafficBroker
+    match: Callable[[str], bool]
+    held: list[tuple[str, bytes, int, bool]] = field(default_factory=list)
+
+    @property
+    def topics(self) -> list[str]:
+        return [topic for topic, *_ in self.held]
+
+    def release(self, *, reverse: bool = False) -> int:
+        """Route what was held (newest first with ``reverse``) and stop holding;
+        returns how many messages that was."""
+        if self in self.broker.holds:
+            self.broker.holds.remove(self)
+        held, self.held = self.held, []
+        for message in reversed(held) if reverse else held:
+            self.broker.route(*message)
+        return len(held)
+
+    def drop(self) -> int:
+        """Stop holding and lose what was held (a client that never got it out)."""
+        if self in self.broker.holds:
+            self.broker.holds.remove(self)
+        lost, self.held = len(self.held), []
+        return lost
+
+
 class TrafficBroker(MemoryBroker):
-    """A :class:`MemoryBroker` that wakes waiters whenever it routes a message."""
+    """A :class:`MemoryBroker` that wakes waiters whenever it routes a message, and
+    can hold messages back (:meth:`hold`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.traffic = asyncio.Event()
+        self.holds: list[Hold] = []
 
-    def _route(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+    def hold(self, match: str | Callable[[str], bool]) -> Hold:
+        """From now on, keep back every published message whose topic matches
+        (an MQTT topic filter, or a predicate on the topic) until ``release()``:
+        the sender's publish returns as if the broker took it, nobody receives it."""
+        test = (lambda topic: topic_matches(match, topic)) if isinstance(match, str) else match
+        hold = Hold(self, test)
+        self.holds.append(hold)
+        return hold
+
+    def route(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """Deliver one message now, past every hold."""
         super()._route(topic, payload, qos, retain)
         self.traffic.set()
 
+    def _route(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        for hold in self.holds:
+            if hold.match(topic):
+                hold.held.append((topic, payload, qos, retain))
+                self.traffic.set()
+                return
+        self.route(topic, payload, qos, retain)
 
-@dataclass
-class Harness:
+
+class _Wakeup(logging.Handler):
+    """Sets an event on every log record (from any thread), so waiters re-check."""
+
+    def __init__(self, event: asyncio.Event) -> None:
+        super().__init__(logging.DEBUG)
+        self.event = event
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if threading.get_ident() == self.thread:
+            self.event.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                self.loop.call_soon_threadsafe(self.event.set)
+
+
+class _ClearPokes(asyncio.Event):
+    """The runner's ``changed`` event; clearing it (the runner is about to wait again,
+    having looked at the clock and its counts) also wakes :meth:`Harness.until`."""
+
+    def __init__(self, poke: asyncio.Event) -> None:
+        super().__init__()
+        self.poke = poke
+
+    def clear(self) -> None:
+        super().clear()
+        self.poke.set()
+
+
+class WatchedJournal(Journal):
+    """The agent's real journal; each write also wakes :meth:`Harness.until`."""
+
+    wake: asyncio.Event | None = None
+
+    async def save(self, state: RoundState, *, outbox: OutboxEntry | None = None) -> RoundState:
+        saved = await super().save(state, outbox=outbox)
+        if self.wake is not None:
+            self.wake.set()
+        return saved
+
+    async def mark_receipt(
+        self, round_id: int, kind: str, status: OutboxStatus, reason: str = ""
+    ) -> None:
+        await super().mark_receipt(round_id, kind, status, reason)
+        if self.wake is not None:
+            self.wake.set()
+
+
+@dataclass(kw_only=True)
+class Bench:
+    """A memory broker, a fake clock, raw clients and real agents: what a test of the
+    agent against a stand-in coordinator needs (:func:`bench`). :class:`Harness`
+    adds the real coordinator and simulated participants."""
+
+    broker: TrafficBroker
+    clock: FakeClock
+    clients: list[MemoryTransport] = field(default_factory=list)
+
+    def _transport(self, config: MqttConfig) -> Transport:
+        return self.broker.transport(config.client_id, manual_ack=config.manual_ack)
+
+    def _running(self) -> asyncio.Task[None] | None:
+        """A task whose end must stop a wait (the coordinator's, in a :class:`Harness`)."""
+        return None
+
+    # -- time and events -----------------------------------------------------------
+
+    def wake(self) -> None:
+        """Make :meth:`until` re-check its predicate now."""
+        self.broker.traffic.set()
+
+    async def until(self, predicate: Predicate, what: str, limit_s: float = 20) -> None:
+        """Wait until ``predicate()`` (a coroutine function's result is awaited) is
+        true, re-checking on every broker message, journal write, log record and clock
+        move, and when the coordinator ends; never by polling."""
+
+        async def check() -> bool:
+            value = predicate()
+            return bool(await value) if inspect.isawaitable(value) else bool(value)
+
+        try:
+            async with asyncio.timeout(limit_s):
+                while True:
+                    self.broker.traffic.clear()  # before the check: no wake-up is lost
+                    if await check():
+                        return
+                    task = self._running()
+                    waiters: list[asyncio.Future[Any]] = [
+                        asyncio.ensure_future(self.broker.traffic.wait())
+                    ]
+                    if task is not None and not task.done():
+                        waiters.append(asyncio.ensure_future(asyncio.shield(task)))
+                    try:
+                        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for w in waiters:
+                            w.cancel()
+                    if task is not None and task.done() and not await check():
+                        task.result()  # a crashed coordinator: its error, not a timeout
+                        raise AssertionError(f"the coordinator ended before {what}")
+        except TimeoutError:
+            raise AssertionError(f"no {what} after {limit_s} s") from None
+
+    # -- clients -------------------------------------------------------------------
+
+    async def client(self, client_id: str) -> MemoryTransport:
+        """A connected raw client (a prober, a hostile client, a stand-in), closed
+        with the harness. Like any client of a broker without ACLs it may publish
+        anywhere."""
+        transport = self.broker.transport(client_id)
+        await transport.connect()
+        self.clients.append(transport)
+        return transport
+
+    def drop_link(self, transport: Transport) -> None:
+        """Lose ``transport``'s link; it comes back at once to its session, and what
+        it had not acknowledged is delivered again with ``dup`` set."""
+        assert isinstance(transport, MemoryTransport), transport
+        transport.drop_link()
+        self.wake()
+
+    @contextlib.asynccontextmanager
+    async def agent(self, config_path: Path) -> AsyncIterator[Agent]:
+        """A real :class:`Agent` (its journal, its learner) on this broker and clock.
+        Leaving the block stops it as a service stop would; entering again with the
+        same bundle is a restart on the same journal."""
+        config = load_agent_config(config_path)
+        identity = load_identity(config.device, now=self.clock())
+        async with WatchedJournal.open(config.state.database) as journal:
+            assert isinstance(journal, WatchedJournal)
+            journal.wake = self.broker.traffic
+            agent = Agent(
+                config, identity, journal, transport_factory=self._transport, clock=self.clock
+            )
+            task = asyncio.create_task(agent.run(), name=f"agent {config.device.id}")
+            try:
+                yield agent
+            finally:
+                agent.request_stop()
+                async with asyncio.timeout(15):
+                    await task
+
+    async def close(self) -> None:
+        for transport in self.clients:
+            await transport.disconnect()
+
+
+@dataclass(kw_only=True)
+class Harness(Bench):
     """One test's fleet: a coordinator bundle, a broker, a clock and participants."""
 
     setup: Setup
-    broker: TrafficBroker
-    clock: FakeClock
     participants: list[SimParticipant] = field(default_factory=list)
     coordinator: Coordinator | None = None
     _task: asyncio.Task[None] | None = None
     _stop: asyncio.Event | None = None
 
-    # -- the coordinator ----------------------------------------------------------
+    def _running(self) -> asyncio.Task[None] | None:
+        return self._task
 
-    def _transport(self, config: MqttConfig) -> Transport:
-        return self.broker.transport(config.client_id, manual_ack=config.manual_ack)
+    # -- the coordinator ----------------------------------------------------------
 
     async def start_coordinator(self) -> Coordinator:
         """A fresh :class:`Coordinator` on the bundle's config and store; returns once
@@ -114,7 +330,20 @@ class Harness:
             started.cancel()
             self._task.result()  # raises what stopped it
             raise AssertionError("the coordinator returned before it started")
+        services = coordinator.services
+        if services is not None and not isinstance(services.changed, _ClearPokes):
+            waited_on, services.changed = services.changed, _ClearPokes(self.broker.traffic)
+            waited_on.set()  # the runner may wait on the old one: it comes round to the new
         return coordinator
+
+    async def settle(self, what: str = "the runner to look at the clock") -> None:
+        """Wait until the runner has re-read the clock and its counts since the last
+        :meth:`advance` (or message) and waits again: after this, a window that the
+        new time closes is closed, and one still open stayed open at that time."""
+        coordinator = self.coordinator
+        assert coordinator is not None and coordinator.services is not None
+        services = coordinator.services
+        await self.until(lambda: not services.changed.is_set(), what)
 
     async def finished(self, limit_s: float = 30.0) -> None:
         """Wait for the coordinator to end by itself (``max_rounds`` reached)."""
@@ -139,7 +368,15 @@ class Harness:
         async with asyncio.timeout(30):
             await self._task
 
-    # -- time and events -----------------------------------------------------------
+    async def restart_coordinator(self, *, crash: bool = True) -> Coordinator:
+        """A new coordinator on the same config and SQLite files, mid-phase: the old one
+        is thrown away (``crash``) or stopped as a service stop would, then a new one
+        resumes from the store. Returns the new one."""
+        if crash:
+            await self.discard_coordinator()
+        else:
+            await self.stop_coordinator()
+        return await self.start_coordinator()
 
     def advance(self, seconds: float) -> None:
         """Move the clock; the runner re-reads it at once (not at its next poll)."""
@@ -147,26 +384,7 @@ class Harness:
         coordinator = self.coordinator
         if coordinator is not None and coordinator.services is not None:
             coordinator.services.changed.set()
-
-    async def until(self, predicate: Callable[[], bool], what: str, limit_s: float = 20) -> None:
-        """Wait, on broker traffic and the coordinator's end, until ``predicate()``."""
-        try:
-            async with asyncio.timeout(limit_s):
-                while not predicate():
-                    self.broker.traffic.clear()
-                    waiters = [asyncio.create_task(self.broker.traffic.wait())]
-                    if self._task is not None and not self._task.done():
-                        waiters.append(asyncio.ensure_future(asyncio.shield(self._task)))
-                    try:
-                        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        for w in waiters:
-                            w.cancel()
-                    if self._task is not None and self._task.done() and not predicate():
-                        self._task.result()  # a crashed coordinator: its error, not a timeout
-                        raise AssertionError(f"the coordinator ended before {what}")
-        except TimeoutError:
-            raise AssertionError(f"no {what} after {limit_s} s") from None
+        self.wake()
 
     # -- participants --------------------------------------------------------------
 
@@ -197,23 +415,6 @@ class Harness:
             updaters.append(self.participant(i, b))
         return summers, updaters
 
-    @contextlib.asynccontextmanager
-    async def agent(self, config_path: Path) -> AsyncIterator[Agent]:
-        """A real :class:`Agent` (its journal, its learner) on this broker and clock."""
-        config = load_agent_config(config_path)
-        identity = load_identity(config.device, now=self.clock())
-        async with Journal.open(config.state.database) as journal:
-            agent = Agent(
-                config, identity, journal, transport_factory=self._transport, clock=self.clock
-            )
-            task = asyncio.create_task(agent.run(), name=f"agent {config.device.id}")
-            try:
-                yield agent
-            finally:
-                agent.request_stop()
-                async with asyncio.timeout(15):
-                    await task
-
     async def start(self, participants: list[SimParticipant]) -> None:
         await asyncio.gather(*(p.start() for p in participants))
 
@@ -221,15 +422,44 @@ class Harness:
         await asyncio.gather(*(p.stop() for p in self.participants), return_exceptions=True)
         if self._task is not None and not self._task.done():
             await self.stop_coordinator()
+        await super().close()
+
+
+@contextlib.contextmanager
+def _log_wakeups(event: asyncio.Event) -> Any:
+    handler = _Wakeup(event)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
+@contextlib.asynccontextmanager
+async def bench() -> AsyncIterator[Bench]:
+    """A :class:`Bench`: memory broker, fake clock, no coordinator."""
+    b = Bench(broker=TrafficBroker(), clock=FakeClock())
+    try:
+        with _log_wakeups(b.broker.traffic):
+            yield b
+    finally:
+        await b.close()
 
 
 @contextlib.asynccontextmanager
 async def harness(tmp: Path, **setup: Any) -> AsyncIterator[Harness]:
     """A :class:`Harness` on :func:`make_setup`'s bundle (same keyword arguments);
-    pauses between and after rounds are zero (a pause is real time, not round logic)."""
+    pauses between and after rounds are zero unless ``pet`` sets them (a pause is real
+    time, not round logic)."""
     pet = {"round_pause_s": 0.0, "failure_pause_s": 0.0, **setup.pop("pet", {})}
-    h = Harness(make_setup(tmp, UNUSED_PORT, pet=pet, **setup), TrafficBroker(), FakeClock())
+    h = Harness(
+        setup=make_setup(tmp, UNUSED_PORT, pet=pet, **setup),
+        broker=TrafficBroker(),
+        clock=FakeClock(),
+    )
     try:
-        yield h
+        with _log_wakeups(h.broker.traffic):
+            yield h
     finally:
         await h.close()
