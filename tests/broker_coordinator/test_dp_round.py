@@ -1,6 +1,6 @@
-"""Rounds with distributed DP against a real mosquitto: the noise really is in the
-published model with the mechanism's variance, every model carries (epsilon, delta),
-/status shows it, and the budget stops training."""
+"""Rounds with distributed DP (through the in-memory harness): the noise really is in
+the published model with the mechanism's variance, every model carries (epsilon,
+delta), /status shows it, and the budget stops training."""
 
 from __future__ import annotations
 
@@ -19,28 +19,27 @@ from maskfl.broker_coordinator.service import DB_NAME
 from maskfl.broker_coordinator.store import Store
 from maskfl.protocol.dp import clip_l2
 from maskfl.protocol.phases import Phase
-from maskfl.testing.broker import Mosquitto
-from maskfl.testing.participants import Sent, expected_mean, start_all, stop_all, wait_for
-from tests.broker_coordinator.support import make_setup, running_coordinator, trained
-from tests.broker_coordinator.test_round import _participants
+from maskfl.testing.participants import Sent, expected_mean
+from tests.broker_coordinator.support import trained
+from tests.support.harness import harness
 
-pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 DP = {"dp": "distributed", "noise_multiplier": 0.5, "clip_norm": 2.0, "delta": 1e-5}
 
 
-async def test_a_dp_round_adds_the_mechanisms_noise_and_publishes_epsilon(
-    tmp_path, mosquitto: Mosquitto
-) -> None:
-    setup = make_setup(tmp_path, mosquitto.port, summers=3, updaters=5, extra={"privacy": DP})
-    parts = _participants(setup, mosquitto.host, mosquitto.port, {})
-    await start_all(parts)
-    try:
-        async with running_coordinator(setup.config_path) as coordinator:
-            await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")
-            s = coordinator.services
-            assert s is not None and s.dp is not None
-            status = coordinator.status()["privacy"]
+async def test_a_dp_round_adds_the_mechanisms_noise_and_publishes_epsilon(tmp_path) -> None:
+    async with harness(tmp_path, summers=3, updaters=5, extra={"privacy": DP}) as h:
+        setup = h.setup
+        summers, updaters = h.fleet()
+        parts = summers + updaters
+        await h.start(parts)
+        coordinator = await h.start_coordinator()
+        await h.until(lambda: all(trained(p) for p in parts), "the global model")
+        await h.finished()  # max_rounds = 1
+        s = coordinator.services
+        assert s is not None and s.dp is not None
+        status = coordinator.status()["privacy"]
         # What the status page draws (its privacy panel plots epsilon when present).
         config = load_config(setup.config_path)
         async with Store.open(config.storage.dir / DB_NAME) as store:
@@ -68,41 +67,29 @@ async def test_a_dp_round_adds_the_mechanisms_noise_and_publishes_epsilon(
         assert status["rounds"] == 1 and not status["budget_spent"]
         shown = next(r for r in page if r["model_version"] == 1)["privacy"]
         assert shown["epsilon"] == pytest.approx(one) and shown["delta"] == 1e-5
-    finally:
-        await stop_all(parts)
 
 
 async def test_the_budget_stops_training_and_says_so(
     tmp_path,
-    mosquitto: Mosquitto,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     acc = Accountant(delta=1e-5)
     # noise_multiplier 2: one round costs about 2.2, two 3.2: a budget of 2.5 allows one.
     privacy = {**DP, "noise_multiplier": 2.0, "budget": 2.5}
-    setup = make_setup(
-        tmp_path,
-        mosquitto.port,
-        summers=3,
-        updaters=5,
-        pet={"max_rounds": 5},
-        extra={"privacy": privacy},
-    )
-    parts = _participants(setup, mosquitto.host, mosquitto.port, {})
-    await start_all(parts)
-    try:
-        async with running_coordinator(setup.config_path) as coordinator:
-            await wait_for(
-                lambda: (
-                    coordinator.runner is not None and coordinator.runner.phase is Phase.SHUTDOWN
-                ),
-                60,
-                "the coordinator to stop at the budget",
-            )
-            s = coordinator.services
-            assert s is not None and s.dp is not None and s.accountant is not None
-            status = coordinator.status()["privacy"]
+    async with harness(
+        tmp_path, summers=3, updaters=5, pet={"max_rounds": 5}, extra={"privacy": privacy}
+    ) as h:
+        setup = h.setup
+        summers, updaters = h.fleet()
+        parts = summers + updaters
+        await h.start(parts)
+        coordinator = await h.start_coordinator()
+        await h.finished()  # before max_rounds: the budget
+        assert coordinator.runner is not None and coordinator.runner.phase is Phase.SHUTDOWN
+        s = coordinator.services
+        assert s is not None and s.dp is not None and s.accountant is not None
+        status = coordinator.status()["privacy"]
         models = trained(parts[0])
         assert [m.version for m in models] == [1]
         eps = dict(models[0].metrics)["epsilon"]
@@ -116,5 +103,3 @@ async def test_the_budget_stops_training_and_says_so(
         line = next(x for x in capsys.readouterr().out.splitlines() if "privacy" in x)
         assert line.startswith(f"differential privacy: epsilon {eps:.4g} at delta 1e-05 after 1")
         assert line.endswith("(budget 2.5, spent: training stopped)"), line
-    finally:
-        await stop_all(parts)
