@@ -47,7 +47,14 @@ from maskfl.broker_coordinator.config import load_config
 from maskfl.broker_coordinator.service import Coordinator
 from maskfl.protocol.identity import Identity
 from maskfl.testing.participants import Behaviour, SimParticipant
-from maskfl.transport import MemoryBroker, MemoryTransport, MqttConfig, Transport, topic_matches
+from maskfl.transport import (
+    MemoryBroker,
+    MemoryTransport,
+    Message,
+    MqttConfig,
+    Transport,
+    topic_matches,
+)
 from tests.broker_coordinator.support import Setup, fixed_delta, make_setup
 
 #: The coordinator's configured broker port; the memory broker ignores it (no socket
@@ -117,14 +124,32 @@ class Hold:
         return lost
 
 
+class _WakingTransport(MemoryTransport):
+    """A client that wakes waiters again once its reader took a message: whatever the
+    reader does with it before its next await (a receipt appended, a round noted) is
+    done by the time the waiter re-checks."""
+
+    def __init__(self, broker: TrafficBroker, client_id: str, *, manual_ack: bool) -> None:
+        super().__init__(broker, client_id, manual_ack=manual_ack)
+        self.traffic = broker.traffic
+
+    async def receive(self) -> Message:
+        message = await super().receive()
+        self.traffic.set()
+        return message
+
+
 class TrafficBroker(MemoryBroker):
-    """A :class:`MemoryBroker` that wakes waiters whenever it routes a message, and
-    can hold messages back (:meth:`hold`)."""
+    """A :class:`MemoryBroker` that wakes waiters whenever it routes a message or a
+    client reads one, and can hold messages back (:meth:`hold`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.traffic = asyncio.Event()
         self.holds: list[Hold] = []
+
+    def transport(self, client_id: str = "", *, manual_ack: bool = False) -> MemoryTransport:
+        return _WakingTransport(self, client_id or f"mem-{next(self._ids)}", manual_ack=manual_ack)
 
     def hold(self, match: str | Callable[[str], bool]) -> Hold:
         """From now on, keep back every published message whose topic matches
