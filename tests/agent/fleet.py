@@ -43,7 +43,7 @@ from maskfl.protocol.messages import (
 from maskfl.protocol.sortition import next_round_seed
 from maskfl.protocol.topics import TopicKind, Topics, parse_topic
 from maskfl.testing.broker import Mosquitto
-from maskfl.transport import MqttConfig, MqttTransport
+from maskfl.transport import MqttConfig, MqttTransport, Transport
 
 FLEET = "testfleet"
 
@@ -161,15 +161,22 @@ class RoundSetup:
 
 
 class StandIn:
-    """The coordinator side of the protocol, for tests (a real MQTT client)."""
+    """The coordinator side of the protocol, for tests (an MQTT or a memory client)."""
 
-    def __init__(self, fleet: Fleet, broker: Mosquitto) -> None:
+    def __init__(
+        self, fleet: Fleet, broker: Mosquitto | None = None, *, transport: Transport | None = None
+    ) -> None:
+        """On ``broker`` (a real one), or on ``transport`` (a harness's memory client,
+        not connected yet)."""
         self.fleet = fleet
         self.identity = fleet.identity("coordinator", Role.COORDINATOR)
         self.topics = Topics(fleet.name)
-        self.transport = MqttTransport(
-            MqttConfig(host=broker.host, port=broker.port, client_id="standin")
-        )
+        if transport is None:
+            assert broker is not None, "a broker or a transport"
+            transport = MqttTransport(
+                MqttConfig(host=broker.host, port=broker.port, client_id="standin")
+            )
+        self.transport = transport
         self.queues: dict[TopicKind, asyncio.Queue[tuple[str, SignedMessage]]] = defaultdict(
             asyncio.Queue
         )

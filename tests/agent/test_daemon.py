@@ -1,8 +1,11 @@
-"""The agent daemon in-process against a real mosquitto and a protocol-level coordinator.
+"""The agent daemon in-process against a protocol-level stand-in coordinator.
 
 Summer and updater rounds end to end (real SQLite journal, real PyNaCl, real LiteRT
 training on the digits data), receipts and retries, guards, and hostile round
-parameters that must be ignored with one log line each.
+parameters that must be ignored with one log line each. The round logic runs on the
+in-memory harness (tests/support/harness.py: memory broker, fake clock, waits on
+events); waiting for a broker that is down and surviving its restart is the
+transport's and stays on a real mosquitto.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from maskfl.agent.daemon import Agent
 from maskfl.agent.datasources import load_dataset
 from maskfl.agent.identity import load_identity
 from maskfl.agent.learning import holdout_split
-from maskfl.agent.state import Journal, OutboxEntry, OutboxStatus, Step, TaskKind
+from maskfl.agent.state import OutboxStatus, Step, TaskKind
 from maskfl.agent.training import LocalTrainer
 from maskfl.models import shipped_model
 from maskfl.protocol.crypto import digest, new_seed, open_seed, seal_seed
@@ -40,10 +43,10 @@ from maskfl.protocol.masking import (
 from maskfl.protocol.messages import HEADER_SIZE, Heartbeat, Sum, Sum2, Update, encode_message
 from maskfl.protocol.topics import TopicKind
 from maskfl.testing.broker import Mosquitto
-from maskfl.transport import MqttConfig, MqttTransport
 from tests.agent.fleet import Fleet, StandIn, summer_entry
+from tests.support.harness import NOWHERE, Bench, WatchedJournal, bench
 
-pytestmark = pytest.mark.broker
+pytestmark = pytest.mark.timeout(120)
 
 M = 4810  # the shipped MLP
 
@@ -57,10 +60,15 @@ def small_weights(n: int = 64) -> np.ndarray:
 
 
 @contextlib.asynccontextmanager
-async def running_agent(config_path: Path) -> AsyncIterator[Agent]:
+async def running_agent(
+    config_path: Path, *, wake: asyncio.Event | None = None
+) -> AsyncIterator[Agent]:
+    """The agent on its configured (real) broker; its journal writes set ``wake``."""
     config = load_config(config_path)
     identity = load_identity(config.device)
-    async with Journal.open(config.state.database) as journal:
+    async with WatchedJournal.open(config.state.database) as journal:
+        assert isinstance(journal, WatchedJournal)
+        journal.wake = wake
         agent = Agent(config, identity, journal)
         task = asyncio.create_task(agent.run())
         try:
@@ -70,15 +78,14 @@ async def running_agent(config_path: Path) -> AsyncIterator[Agent]:
             await asyncio.wait_for(task, 15)
 
 
-async def wait_step(agent: Agent, round_id: int, step: Step, wait_s: float = 20.0) -> None:
-    async def poll() -> None:
-        while True:
-            state = await agent.journal.load(round_id)
-            if state is not None and state.step is step:
-                return
-            await asyncio.sleep(0.05)
+async def wait_step(b: Bench, agent: Agent, round_id: int, step: Step) -> None:
+    """Until the agent journals ``step`` for the round (each journal write wakes it)."""
 
-    await asyncio.wait_for(poll(), wait_s)
+    async def there() -> bool:
+        state = await agent.journal.load(round_id)
+        return state is not None and state.step is step
+
+    await b.until(there, f"round {round_id} at {step}")
 
 
 @pytest.fixture
@@ -86,10 +93,17 @@ def fleet(tmp_path: Path) -> Fleet:
     return Fleet(tmp_path / "fleet")
 
 
-async def test_summer_round(fleet: Fleet, mosquitto: Mosquitto) -> None:
-    config = fleet.device("dev-s", mosquitto, extra="[limits]\nreceipt_timeout_s = 1.0\n")
+@contextlib.asynccontextmanager
+async def stand_in(b: Bench, fleet: Fleet) -> AsyncIterator[StandIn]:
+    """The stand-in coordinator on the bench's memory broker."""
+    async with StandIn(fleet, transport=b.broker.transport("standin")) as coord:
+        yield coord
+
+
+async def test_summer_round(fleet: Fleet) -> None:
+    config = fleet.device("dev-s", NOWHERE, extra="[limits]\nreceipt_timeout_s = 1.0\n")
     weights = small_weights()
-    async with StandIn(fleet, mosquitto) as coord, running_agent(config) as agent:
+    async with bench() as b, stand_in(b, fleet) as coord, b.agent(config) as agent:
         setup = await coord.start_round(1, p_sum=1.0, p_update=0.0, weights=weights)
         first = await coord.expect(TopicKind.SUM)
         assert isinstance(first.body, Sum)
@@ -112,7 +126,7 @@ async def test_summer_round(fleet: Fleet, mosquitto: Mosquitto) -> None:
         assert np.array_equal(sum2.body.words, expected)
         assert sum2.body.failed == (broken,)
         await coord.receipt("dev-s", sum2)
-        await wait_step(agent, 1, Step.DONE)
+        await wait_step(b, agent, 1, Step.DONE)
         state = await agent.journal.load(1)
         assert state is not None and state.task is TaskKind.SUM
         assert state.ephemeral_sk is None  # erased once the duty is done
@@ -124,14 +138,14 @@ async def test_summer_round(fleet: Fleet, mosquitto: Mosquitto) -> None:
         assert agent.global_model("mlp") is None
 
 
-async def test_updater_round_with_litert(fleet: Fleet, mosquitto: Mosquitto) -> None:
+async def test_updater_round_with_litert(fleet: Fleet) -> None:
     config_path = fleet.device(
-        "dev-u", mosquitto, extra="[training]\nepochs = 1\nbatch_size = 32\nsample_cap = 1000\n"
+        "dev-u", NOWHERE, extra="[training]\nepochs = 1\nbatch_size = 32\nsample_cap = 1000\n"
     )
     # Not the shipped weights: the agent must fetch this model from the broker.
     weights = mlp_weights() + np.float32(0.01)
     assert weights.size == M
-    async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
+    async with bench() as b, stand_in(b, fleet) as coord, b.agent(config_path) as agent:
         setup = await coord.start_round(
             3, p_sum=0.0, p_update=1.0, weights=weights, chunk_size=8 * 1024
         )
@@ -164,26 +178,26 @@ async def test_updater_round_with_litert(fleet: Fleet, mosquitto: Mosquitto) -> 
         bound = error_bound(1, weight_sum, cfg) * weight_sum
         assert np.max(np.abs(values - expected)) <= bound + 1e-5
         await coord.receipt("dev-u", update)
-        await wait_step(agent, 3, Step.DONE)
+        await wait_step(b, agent, 3, Step.DONE)
         # The updater fetched model v2 for its round, and only that: the next global
         # model, and round 4 (in which it sits out), do not bring it another one.
         held = agent.global_model("mlp")
         assert held is not None and held.version == 2
         await coord.start_round(4, p_sum=0.0, p_update=0.0, weights=weights + 1)
-        await wait_step(agent, 4, Step.SAT_OUT)
+        await wait_step(b, agent, 4, Step.SAT_OUT)
         held = agent.global_model("mlp")
         assert held is not None and held.version == 2
 
 
-async def test_rejected_update_is_not_retried(fleet: Fleet, mosquitto: Mosquitto) -> None:
-    config_path = fleet.device("dev-r", mosquitto, extra="[limits]\nreceipt_timeout_s = 0.5\n")
-    async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
+async def test_rejected_update_is_not_retried(fleet: Fleet) -> None:
+    config_path = fleet.device("dev-r", NOWHERE, extra="[limits]\nreceipt_timeout_s = 0.5\n")
+    async with bench() as b, stand_in(b, fleet) as coord, b.agent(config_path) as agent:
         await coord.start_round(2, p_sum=0.0, p_update=1.0, weights=mlp_weights())
         summers = [summer_entry(fleet, "summer-0", 2)]
         await coord.publish_sums(2, [summers[0][3]])
         update = await coord.expect(TopicKind.UPDATE)
         await coord.receipt("dev-r", update, accepted=False, reason=Reason.PHASE_CLOSED)
-        await wait_step(agent, 2, Step.FAILED)
+        await wait_step(b, agent, 2, Step.FAILED)
         state = await agent.journal.load(2)
         assert state is not None and "phase_closed" in state.detail
         with pytest.raises(asyncio.TimeoutError):
@@ -191,50 +205,46 @@ async def test_rejected_update_is_not_retried(fleet: Fleet, mosquitto: Mosquitto
 
 
 async def test_a_late_duplicate_receipt_is_journaled_as_accepted(
-    fleet: Fleet, mosquitto: Mosquitto
+    fleet: Fleet,
 ) -> None:
     """After a coordinator crash, a redelivered message that already counted is
     answered ``duplicate`` (issue 10 item 4), perhaps once the device has moved on
     to a later round and before the stored ``accepted`` receipt comes back. The
     journal must record the message as accepted, not as rejected (it was: status
     rejected, reason duplicate, and the accepted receipt after it was ignored)."""
-    config_path = fleet.device("dev-l", mosquitto)
-    async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
+    config_path = fleet.device("dev-l", NOWHERE)
+    async with bench() as b, stand_in(b, fleet) as coord, b.agent(config_path) as agent:
         await coord.start_round(2, p_sum=0.0, p_update=1.0, weights=mlp_weights())
         await coord.publish_sums(2, [summer_entry(fleet, "summer-0", 2)[3]])
         update = await coord.expect(TopicKind.UPDATE)
         await coord.start_round(3, p_sum=0.0, p_update=0.0, weights=mlp_weights())
-        await wait_step(agent, 2, Step.SAT_OUT)  # round 2 is left, its update unanswered
+        await wait_step(b, agent, 2, Step.SAT_OUT)  # round 2 is left, its update unanswered
         entry = await agent.journal.outbox(2, "update")
         assert entry is not None and entry.status is OutboxStatus.PENDING
         await coord.receipt("dev-l", update, accepted=False, reason=Reason.DUPLICATE)
 
-        async def answered() -> OutboxEntry:
-            while True:
-                entry = await agent.journal.outbox(2, "update")
-                if entry is not None and entry.status is not OutboxStatus.PENDING:
-                    return entry
-                await asyncio.sleep(0.05)
+        async def answered() -> bool:
+            entry = await agent.journal.outbox(2, "update")
+            return entry is not None and entry.status is not OutboxStatus.PENDING
 
-        entry = await asyncio.wait_for(answered(), 20)
-        assert entry.status is OutboxStatus.ACCEPTED, entry
+        await b.until(answered, "the journaled answer")
+        entry = await agent.journal.outbox(2, "update")
+        assert entry is not None and entry.status is OutboxStatus.ACCEPTED, entry
 
 
-async def test_guards_make_an_updater_sit_out(fleet: Fleet, mosquitto: Mosquitto) -> None:
+async def test_guards_make_an_updater_sit_out(fleet: Fleet) -> None:
     status = fleet.root / "battery"
     status.write_text("Discharging\n")
-    config_path = fleet.device(
-        "dev-g", mosquitto, extra=f'[guards]\non_battery_file = "{status}"\n'
-    )
-    async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
+    config_path = fleet.device("dev-g", NOWHERE, extra=f'[guards]\non_battery_file = "{status}"\n')
+    async with bench() as b, stand_in(b, fleet) as coord, b.agent(config_path) as agent:
         await coord.start_round(1, p_sum=0.0, p_update=1.0, weights=small_weights())
-        await wait_step(agent, 1, Step.SAT_OUT)
+        await wait_step(b, agent, 1, Step.SAT_OUT)
         state = await agent.journal.load(1)
         assert state is not None and "on battery" in state.detail
 
 
 async def test_guards_and_the_sum2_budget_make_a_summer_sit_out(
-    fleet: Fleet, mosquitto: Mosquitto
+    fleet: Fleet,
 ) -> None:
     # A summer expands U x (M + 1) mask words: outside its time window or on battery it
     # must not volunteer, so no Sum message leaves the device.
@@ -244,19 +254,20 @@ async def test_guards_and_the_sum2_budget_make_a_summer_sit_out(
     window = f"{(now.hour + 2) % 24:02d}:00-{(now.hour + 3) % 24:02d}:00"
     guarded = fleet.device(
         "dev-gs",
-        mosquitto,
+        NOWHERE,
         extra=f'[guards]\non_battery_file = "{status}"\ntime_windows = ["{window}"]\n',
     )
     # Its sum2 of M + 1 = 4811 words (19 kB) would not fit a 4 kB upload budget.
-    budget = fleet.device("dev-gb", mosquitto, extra="[guards]\nmax_upload_bytes = 4096\n")
+    budget = fleet.device("dev-gb", NOWHERE, extra="[guards]\nmax_upload_bytes = 4096\n")
     async with (
-        StandIn(fleet, mosquitto) as coord,
-        running_agent(guarded) as first,
-        running_agent(budget) as second,
+        bench() as b,
+        stand_in(b, fleet) as coord,
+        b.agent(guarded) as first,
+        b.agent(budget) as second,
     ):
         await coord.start_round(1, p_sum=1.0, p_update=0.0, weights=mlp_weights())
-        await wait_step(first, 1, Step.SAT_OUT)
-        await wait_step(second, 1, Step.SAT_OUT)
+        await wait_step(b, first, 1, Step.SAT_OUT)
+        await wait_step(b, second, 1, Step.SAT_OUT)
         state = await first.journal.load(1)
         assert state is not None and state.task is TaskKind.SUM
         assert "on battery" in state.detail and "outside the time windows" in state.detail
@@ -268,22 +279,24 @@ async def test_guards_and_the_sum2_budget_make_a_summer_sit_out(
 
 
 async def test_hostile_round_parameters_are_ignored(
-    fleet: Fleet, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="maskfl.agent")
-    config_path = fleet.device("dev-h", mosquitto)
+    config_path = fleet.device("dev-h", NOWHERE)
     weights = small_weights()
-    async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
+    async with bench() as b, stand_in(b, fleet) as coord, b.agent(config_path) as agent:
         round_topic = coord.topics.round
 
         async def send_and_wait_for_log(payload: bytes, words: str) -> None:
+            caplog.clear()
             await coord.publish(round_topic, payload, retain=True)
-            for _ in range(200):
-                lines = [r.getMessage() for r in caplog.records]
-                if any(words in line and round_topic in line for line in lines):
-                    return
-                await asyncio.sleep(0.05)
-            raise AssertionError(f"no log line with {words!r}: {lines}")
+            await b.until(
+                lambda: any(
+                    words in r.getMessage() and round_topic in r.getMessage()
+                    for r in caplog.records
+                ),
+                f"a log line with {words!r}",
+            )
 
         # 1. Garbage.
         await send_and_wait_for_log(b"not a message", "ignored message on")
@@ -333,24 +346,29 @@ async def test_hostile_round_parameters_are_ignored(
         assert agent.handler_errors == 0
 
 
-async def test_upload_budget_makes_an_updater_sit_out(fleet: Fleet, mosquitto: Mosquitto) -> None:
-    config_path = fleet.device("dev-b", mosquitto, extra="[guards]\nmax_upload_bytes = 4096\n")
-    async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
+async def test_upload_budget_makes_an_updater_sit_out(fleet: Fleet) -> None:
+    config_path = fleet.device("dev-b", NOWHERE, extra="[guards]\nmax_upload_bytes = 4096\n")
+    async with bench() as b, stand_in(b, fleet) as coord, b.agent(config_path) as agent:
         await coord.start_round(1, p_sum=0.0, p_update=1.0, weights=mlp_weights())
         await coord.publish_sums(1, [summer_entry(fleet, "summer-0", 1)[3]])
-        await wait_step(agent, 1, Step.SAT_OUT)
+        await wait_step(b, agent, 1, Step.SAT_OUT)
         state = await agent.journal.load(1)
         assert state is not None and "max_upload_bytes 4096" in state.detail
         assert coord.raw[TopicKind.UPDATE] == []
 
 
+@pytest.mark.broker
 async def test_agent_waits_for_the_broker_and_survives_its_restart(
-    fleet: Fleet, tmp_path: Path
+    fleet: Fleet, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     broker = Mosquitto(tmp_path / "broker", persistence=True)
     config_path = fleet.device("dev-w", broker)
-    async with running_agent(config_path) as agent:
-        await asyncio.sleep(1.0)  # the agent retries with backoff while nothing listens
+    async with bench() as b, running_agent(config_path, wake=b.broker.traffic) as agent:
+        # Nothing listens: the agent's first attempt fails and it retries with back-off.
+        await b.until(
+            lambda: any("retrying with back-off" in r.getMessage() for r in caplog.records),
+            "a failed connection attempt",
+        )
         assert agent.transport is None
         broker.start()
         try:
@@ -359,7 +377,7 @@ async def test_agent_waits_for_the_broker_and_survives_its_restart(
                 first = await coord.expect(TopicKind.SUM)
                 assert isinstance(first.body, Sum)
                 await coord.receipt("dev-w", first)
-                await wait_step(agent, 1, Step.SUM_SENT)
+                await wait_step(b, agent, 1, Step.SUM_SENT)
                 broker.kill()
                 broker.start()
                 seed = new_seed()
@@ -373,69 +391,59 @@ async def test_agent_waits_for_the_broker_and_survives_its_restart(
 
 
 async def test_updater_resumes_after_restart_with_the_same_update(
-    fleet: Fleet, mosquitto: Mosquitto
+    fleet: Fleet,
 ) -> None:
-    config_path = fleet.device("dev-z", mosquitto)
-    async with StandIn(fleet, mosquitto) as coord:
-        async with running_agent(config_path):
+    config_path = fleet.device("dev-z", NOWHERE)
+    async with bench() as b, stand_in(b, fleet) as coord:
+        async with b.agent(config_path):
             await coord.start_round(4, p_sum=0.0, p_update=1.0, weights=mlp_weights())
             await coord.publish_sums(4, [summer_entry(fleet, "summer-0", 4)[3]])
             first = await coord.expect(TopicKind.UPDATE)
         # Stopped before the receipt came: the next start publishes the same bytes again.
-        async with running_agent(config_path) as agent:
+        async with b.agent(config_path) as agent:  # the same journal: a restart
             again = await coord.expect(TopicKind.UPDATE)
             assert again.raw == first.raw
             await coord.receipt("dev-z", again, accepted=False, reason=Reason.DUPLICATE)
-            await wait_step(agent, 4, Step.DONE)
+            await wait_step(b, agent, 4, Step.DONE)
 
 
 async def test_a_forged_graph_is_refused_and_the_genuine_one_trains(
-    fleet: Fleet, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The model id "net" is not shipped and no model_file is set: the device needs the
     # graph from the broker. Mallory can publish on the graph topic (broker rights) and
     # retains another valid model there; loading it would fail the round (4810 != cnn).
     caplog.set_level(logging.INFO, logger="maskfl.agent")
-    config_path = fleet.device("dev-gr", mosquitto, extra="[training]\nepochs = 1\n")
+    config_path = fleet.device("dev-gr", NOWHERE, extra="[training]\nepochs = 1\n")
     genuine = shipped_model("mlp").read_bytes()
     forged = shipped_model("cnn").read_bytes()
-    mallory = MqttTransport(
-        MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="mallory")
-    )
-    await mallory.connect()
-    try:
-        async with StandIn(fleet, mosquitto) as coord, running_agent(config_path) as agent:
-            graph_topic = coord.topics.model_graph("net")
-            await mallory.publish(graph_topic, forged, qos=1, retain=True)
-            await coord.start_round(
-                1,
-                p_sum=0.0,
-                p_update=1.0,
-                weights=mlp_weights(),
-                model_id="net",
-                graph_digest=digest(genuine),
-            )
-            await coord.publish_sums(1, [summer_entry(fleet, "summer-0", 1)[3]])
+    async with bench() as b, stand_in(b, fleet) as coord, b.agent(config_path) as agent:
+        mallory = await b.client("mallory")  # broker rights on the graph topic
+        graph_topic = coord.topics.model_graph("net")
+        await mallory.publish(graph_topic, forged, qos=1, retain=True)
+        await coord.start_round(
+            1,
+            p_sum=0.0,
+            p_update=1.0,
+            weights=mlp_weights(),
+            model_id="net",
+            graph_digest=digest(genuine),
+        )
+        await coord.publish_sums(1, [summer_entry(fleet, "summer-0", 1)[3]])
 
-            async def graph_refused() -> None:
-                while agent.ignored["graph_digest"] == 0:  # noqa: ASYNC110 - a counter
-                    await asyncio.sleep(0.05)
-
-            await asyncio.wait_for(graph_refused(), 20)
-            state = await agent.journal.load(1)
-            assert state is not None and state.step is Step.WAITING_SUMS
-            assert coord.raw[TopicKind.UPDATE] == []
-            # The coordinator retains the genuine graph; training goes on with it.
-            await coord.publish(graph_topic, genuine, retain=True)
-            update = await coord.expect(TopicKind.UPDATE, wait_s=60)
-            assert isinstance(update.body, Update)
-            assert update.body.words.size == update_words(M)
-            await coord.receipt("dev-gr", update)
-            await wait_step(agent, 1, Step.DONE)
-            assert agent.graphs.verified("net") == genuine
-            await mallory.publish(graph_topic, b"", qos=1, retain=True)
-    finally:
-        await mallory.disconnect()
+        await b.until(lambda: agent.ignored["graph_digest"] > 0, "the refused graph")
+        state = await agent.journal.load(1)
+        assert state is not None and state.step is Step.WAITING_SUMS
+        assert coord.raw[TopicKind.UPDATE] == []
+        # The coordinator retains the genuine graph; training goes on with it.
+        await coord.publish(graph_topic, genuine, retain=True)
+        update = await coord.expect(TopicKind.UPDATE, wait_s=60)
+        assert isinstance(update.body, Update)
+        assert update.body.words.size == update_words(M)
+        await coord.receipt("dev-gr", update)
+        await wait_step(b, agent, 1, Step.DONE)
+        assert agent.graphs.verified("net") == genuine
+        await mallory.publish(graph_topic, b"", qos=1, retain=True)
     refused = [
         r.getMessage() for r in caplog.records if "refused the model graph" in r.getMessage()
     ]
