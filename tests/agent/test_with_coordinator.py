@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import pytest
 
+from maskfl.agent.daemon import Agent
 from maskfl.agent.datasources import load_dataset
 from maskfl.agent.learning import holdout_split
 from maskfl.agent.state import OutboxEntry, OutboxStatus, Step, TaskKind
@@ -36,12 +39,18 @@ from maskfl.transport import MqttConfig, MqttTransport
 from tests.agent.fleet import write_bundle
 from tests.agent.test_daemon import running_agent
 from tests.broker_coordinator.crashing import Killer, Proc, round_row
-from tests.broker_coordinator.support import running_coordinator
+from tests.broker_coordinator.support import Setup, running_coordinator
+from tests.support.harness import NOWHERE, bench, harness_on
 from tests.support.proxy import HoldingProxy
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 SHARDS = 4
+
+
+class Address(Protocol):
+    host: str
+    port: int
 
 
 async def retained_model(broker: Mosquitto, fleet: str, model_id: str, version: int) -> GlobalModel:
@@ -56,12 +65,16 @@ async def retained_model(broker: Mosquitto, fleet: str, model_id: str, version: 
     raise AssertionError("no model")
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-async def test_agents_and_coordinator_complete_a_round(  # noqa: PLR0915 one end-to-end round, step by step
-    tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str], groups: int
-) -> None:
-    """With groups = 2 the two summers are in different mask groups: each real agent
-    seals one seed per group and each summer returns its group's aggregate mask."""
+@dataclass
+class Bundles:
+    setup: Setup
+    agents: list[Path]
+    """agent.toml of the three updaters, then the two summers"""
+
+
+def _bundles(tmp_path: Path, broker: Address, groups: int) -> Bundles:
+    """A fleet whose round-1 tickets give two summers and three updaters, a coordinator
+    bundle and five agent bundles, all naming ``broker``."""
     initial = LocalTrainer.shipped("mlp").get_weights()
     fleet = SimFleet(fleet="agentfleet")
     p_sum = 0.5
@@ -75,7 +88,7 @@ async def test_agents_and_coordinator_complete_a_round(  # noqa: PLR0915 one end
     )
     coordinator_toml = fleet.write_coordinator(
         tmp_path / "coordinator",
-        port=mosquitto.port,
+        port=broker.port,
         length=initial.size,
         initial=initial,
         overrides={
@@ -98,38 +111,101 @@ async def test_agents_and_coordinator_complete_a_round(  # noqa: PLR0915 one end
             ident,
             fleet=fleet.fleet,
             ca_public_key_file=ca_file,
-            broker=mosquitto,
+            broker=broker,  # type: ignore[arg-type]
             shard=k,
             shards=SHARDS,
         )
         for k, ident in enumerate([*updaters, *summers])
     ]
-    async with contextlib.AsyncExitStack() as stack:
-        agents = [await stack.enter_async_context(running_agent(c)) for c in configs]
-        async with running_coordinator(coordinator_toml) as coordinator:
+    return Bundles(Setup(fleet, coordinator_toml, summers, updaters, initial), configs)
 
-            async def all_done() -> None:
-                while True:
-                    states = [await a.journal.load(1) for a in agents]
-                    if all(s is not None and s.step.terminal for s in states):
-                        return
-                    await asyncio.sleep(0.1)
 
-            await asyncio.wait_for(all_done(), 120)
+@dataclass
+class Outcome:
+    model: GlobalModel
+    prometheus: str
+    status: dict[str, Any]
+    loss_scale: int
 
-            # The new model is retained on the broker; no agent downloads it until it
-            # trains again (the updaters started from their shipped weights, v0).
-            model = await retained_model(mosquitto, fleet.fleet, "mlp", version=1)
-            weights = np.array(model.weights, dtype=np.float64)
-            assert all(a.global_model("mlp") is None for a in agents)
-            prometheus = coordinator.metrics.render().decode()
-            status = coordinator.status()
+
+async def _all_done(agents: list[Agent]) -> bool:
+    states = [await a.journal.load(1) for a in agents]
+    return all(s is not None and s.step.terminal for s in states)
+
+
+async def _check_steps(agents: list[Agent]) -> None:
+    states = [await a.journal.load(1) for a in agents]
+    assert [s.task for s in states if s] == [TaskKind.UPDATE] * 3 + [TaskKind.SUM] * 2
+    assert all(s is not None and s.step is Step.DONE for s in states), states
+    # No agent downloaded the new model: none trains again (the updaters started from
+    # their shipped weights, v0).
+    assert all(a.global_model("mlp") is None for a in agents)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+async def test_agents_and_coordinator_complete_a_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], groups: int
+) -> None:
+    """Through the in-memory harness. With groups = 2 the two summers are in different
+    mask groups: each real agent seals one seed per group and each summer returns its
+    group's aggregate mask."""
+    b = _bundles(tmp_path, NOWHERE, groups)
+    async with harness_on(b.setup) as h, contextlib.AsyncExitStack() as stack:
+        agents = [await stack.enter_async_context(h.agent(c)) for c in b.agents]
+        coordinator = await h.start_coordinator()
+        await h.until(lambda: _all_done(agents), "every agent's end of round 1")
+        await h.finished()  # max_rounds = 1
+        retained = h.broker.retained[Topics(b.setup.fleet.fleet).model_latest("mlp")].payload
+        model = decode_message(retained, max_size=len(retained)).body
+        assert isinstance(model, GlobalModel) and model.version == 1
+        assert coordinator.services is not None
+        outcome = Outcome(
+            model,
+            coordinator.metrics.render().decode(),
+            coordinator.status(),
+            coordinator.services.mask.loss_scale,
+        )
+        await _check_steps(agents)
+    await _check_round(tmp_path, b, outcome, groups, capsys)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_agents_and_coordinator_complete_a_round_over_mosquitto(
+    tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same round end to end over a real broker: the truth for the transport."""
+    b = _bundles(tmp_path, mosquitto, 1)
+    async with bench() as events, contextlib.AsyncExitStack() as stack:
+        wake = events.broker.traffic
+        agents = [await stack.enter_async_context(running_agent(c, wake=wake)) for c in b.agents]
+        async with running_coordinator(b.setup.config_path) as coordinator:
+            await events.until(lambda: _all_done(agents), "every agent's end of round 1", 120)
+            # The new model is retained on the broker.
+            model = await retained_model(mosquitto, b.setup.fleet.fleet, "mlp", version=1)
             assert coordinator.services is not None
-            loss_scale = coordinator.services.mask.loss_scale
-        states = [await a.journal.load(1) for a in agents]
-        assert [s.task for s in states if s] == [TaskKind.UPDATE] * 3 + [TaskKind.SUM] * 2
-        assert all(s is not None and s.step is Step.DONE for s in states), states
+            outcome = Outcome(
+                model,
+                coordinator.metrics.render().decode(),
+                coordinator.status(),
+                coordinator.services.mask.loss_scale,
+            )
+        await _check_steps(agents)
+    await _check_round(tmp_path, b, outcome, 1, capsys)
 
+
+async def _check_round(
+    tmp_path: Path,
+    b: Bundles,
+    outcome: Outcome,
+    groups: int,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    initial = b.setup.initial
+    coordinator_toml = b.setup.config_path
+    model = outcome.model
+    weights = np.array(model.weights, dtype=np.float64)
+    prometheus, status, loss_scale = outcome.prometheus, outcome.status, outcome.loss_scale
     # Recompute what each updater sent: same model, shard, held-out split and seed.
     num = np.zeros(initial.size)
     den = 0.0
@@ -184,6 +260,8 @@ async def test_agents_and_coordinator_complete_a_round(  # noqa: PLR0915 one end
     assert f"accuracy={correct / examples:g}" in v1 and "evaluated_version=0" in v1, v1
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 async def test_coordinator_killed_with_receipts_unsent_no_agent_journals_a_rejection(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
@@ -236,8 +314,9 @@ async def test_coordinator_killed_with_receipts_unsent_no_agent_journals_a_rejec
     steps = (("round", 1, "phase = 'update'"), ("sums", 1, "phase = 'sum2'"))
     steps += (("seeds", 2, "outcome = 'completed'"),)
     try:
-        async with contextlib.AsyncExitStack() as stack:
-            agents = [await stack.enter_async_context(running_agent(c)) for c in configs]
+        async with bench() as events, contextlib.AsyncExitStack() as stack:
+            wake = events.broker.traffic
+            agents = [await stack.enter_async_context(running_agent(c, wake=wake)) for c in configs]
             for trigger, count, done in steps:
                 killer.on(trigger, proxy.hold, count)
                 coordinator.start()
@@ -255,8 +334,7 @@ async def test_coordinator_killed_with_receipts_unsent_no_agent_journals_a_rejec
                 }
                 return {key: e for key, e in entries.items() if e is not None}
 
-            deadline = asyncio.get_running_loop().time() + 90
-            while True:
+            async def done_without_rejection() -> bool:
                 rejected = {
                     key: e.reason
                     for key, e in (await journal()).items()
@@ -264,10 +342,10 @@ async def test_coordinator_killed_with_receipts_unsent_no_agent_journals_a_rejec
                 }
                 assert not rejected, f"{rejected}\n{coordinator.log.read_text()[-3000:]}"
                 states = [await a.journal.load(1) for a in agents]
-                if all(s is not None and s.step is Step.DONE for s in states):
-                    break
-                assert asyncio.get_running_loop().time() < deadline, states
-                await asyncio.sleep(0.1)
+                return all(s is not None and s.step is Step.DONE for s in states)
+
+            # Re-checked at every journal write of any agent.
+            await events.until(done_without_rejection, "every agent done", 90)
             sent = await journal()
             await wait_for(
                 lambda: all(e.digest in killer.accepted for e in sent.values()),

@@ -473,18 +473,22 @@ async def bench() -> AsyncIterator[Bench]:
 
 
 @contextlib.asynccontextmanager
-async def harness(tmp: Path, **setup: Any) -> AsyncIterator[Harness]:
-    """A :class:`Harness` on :func:`make_setup`'s bundle (same keyword arguments);
-    pauses between and after rounds are zero unless ``pet`` sets them (a pause is real
-    time, not round logic)."""
-    pet = {"round_pause_s": 0.0, "failure_pause_s": 0.0, **setup.pop("pet", {})}
-    h = Harness(
-        setup=make_setup(tmp, UNUSED_PORT, pet=pet, **setup),
-        broker=TrafficBroker(),
-        clock=FakeClock(),
-    )
+async def harness_on(setup: Setup) -> AsyncIterator[Harness]:
+    """A :class:`Harness` on a bundle the test wrote itself (its config as it wants
+    it; the broker port in it is ignored)."""
+    h = Harness(setup=setup, broker=TrafficBroker(), clock=FakeClock())
     try:
         with _log_wakeups(h.broker.traffic):
             yield h
     finally:
         await h.close()
+
+
+@contextlib.asynccontextmanager
+async def harness(tmp: Path, **setup: Any) -> AsyncIterator[Harness]:
+    """A :class:`Harness` on :func:`make_setup`'s bundle (same keyword arguments);
+    pauses between and after rounds are zero unless ``pet`` sets them (a pause is real
+    time, not round logic)."""
+    pet = {"round_pause_s": 0.0, "failure_pause_s": 0.0, **setup.pop("pet", {})}
+    async with harness_on(make_setup(tmp, UNUSED_PORT, pet=pet, **setup)) as h:
+        yield h
