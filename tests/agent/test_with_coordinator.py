@@ -27,6 +27,7 @@ from maskfl.agent.learning import holdout_split
 from maskfl.agent.state import OutboxEntry, OutboxStatus, Step, TaskKind
 from maskfl.agent.training import LocalTrainer
 from maskfl.broker_coordinator.cli import main as cli_main
+from maskfl.broker_coordinator.service import Coordinator
 from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.masking import LOSS_CAP, update_words
 from maskfl.protocol.messages import GlobalModel, decode_message
@@ -127,6 +128,17 @@ class Outcome:
     status: dict[str, Any]
     loss_scale: int
 
+    @classmethod
+    def of(cls, model: GlobalModel, coordinator: Coordinator) -> Outcome:
+        """The model and what the (still running) coordinator says about it."""
+        assert coordinator.services is not None
+        return cls(
+            model,
+            coordinator.metrics.render().decode(),
+            coordinator.status(),
+            coordinator.services.mask.loss_scale,
+        )
+
 
 async def _all_done(agents: list[Agent]) -> bool:
     states = [await a.journal.load(1) for a in agents]
@@ -158,13 +170,7 @@ async def test_agents_and_coordinator_complete_a_round(
         retained = h.broker.retained[Topics(b.setup.fleet.fleet).model_latest("mlp")].payload
         model = decode_message(retained, max_size=len(retained)).body
         assert isinstance(model, GlobalModel) and model.version == 1
-        assert coordinator.services is not None
-        outcome = Outcome(
-            model,
-            coordinator.metrics.render().decode(),
-            coordinator.status(),
-            coordinator.services.mask.loss_scale,
-        )
+        outcome = Outcome.of(model, coordinator)
         await _check_steps(agents)
     await _check_round(tmp_path, b, outcome, groups, capsys)
 
@@ -183,13 +189,7 @@ async def test_agents_and_coordinator_complete_a_round_over_mosquitto(
             await events.until(lambda: _all_done(agents), "every agent's end of round 1", 120)
             # The new model is retained on the broker.
             model = await retained_model(mosquitto, b.setup.fleet.fleet, "mlp", version=1)
-            assert coordinator.services is not None
-            outcome = Outcome(
-                model,
-                coordinator.metrics.render().decode(),
-                coordinator.status(),
-                coordinator.services.mask.loss_scale,
-            )
+            outcome = Outcome.of(model, coordinator)
         await _check_steps(agents)
     await _check_round(tmp_path, b, outcome, 1, capsys)
 

@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 from maskfl.agent.config import load_config as load_agent_config
 from maskfl.agent.daemon import Agent
@@ -64,6 +64,8 @@ UNUSED_PORT = 9
 #: A broker address for bundles whose clients the harness connects (agent.toml needs
 #: one; no socket is opened to it).
 NOWHERE = SimpleNamespace(host="127.0.0.1", port=UNUSED_PORT)
+
+B = TypeVar("B", bound="Bench")
 
 #: What a test may wait for: a plain predicate, or a coroutine function (a journal read).
 Predicate = Callable[[], bool] | Callable[[], Awaitable[bool]]
@@ -450,38 +452,28 @@ class Harness(Bench):
         await super().close()
 
 
-@contextlib.contextmanager
-def _log_wakeups(event: asyncio.Event) -> Any:
-    handler = _Wakeup(event)
+@contextlib.asynccontextmanager
+async def _serving(b: B) -> AsyncIterator[B]:
+    """``b`` with log records waking its waiters; closed at the end."""
+    handler = _Wakeup(b.broker.traffic)
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        yield
+        yield b
     finally:
         root.removeHandler(handler)
-
-
-@contextlib.asynccontextmanager
-async def bench() -> AsyncIterator[Bench]:
-    """A :class:`Bench`: memory broker, fake clock, no coordinator."""
-    b = Bench(broker=TrafficBroker(), clock=FakeClock())
-    try:
-        with _log_wakeups(b.broker.traffic):
-            yield b
-    finally:
         await b.close()
 
 
-@contextlib.asynccontextmanager
-async def harness_on(setup: Setup) -> AsyncIterator[Harness]:
+def bench() -> contextlib.AbstractAsyncContextManager[Bench]:
+    """A :class:`Bench`: memory broker, fake clock, no coordinator."""
+    return _serving(Bench(broker=TrafficBroker(), clock=FakeClock()))
+
+
+def harness_on(setup: Setup) -> contextlib.AbstractAsyncContextManager[Harness]:
     """A :class:`Harness` on a bundle the test wrote itself (its config as it wants
     it; the broker port in it is ignored)."""
-    h = Harness(setup=setup, broker=TrafficBroker(), clock=FakeClock())
-    try:
-        with _log_wakeups(h.broker.traffic):
-            yield h
-    finally:
-        await h.close()
+    return _serving(Harness(setup=setup, broker=TrafficBroker(), clock=FakeClock()))
 
 
 @contextlib.asynccontextmanager
