@@ -215,17 +215,22 @@ async def _attack(h: Harness) -> None:  # noqa: PLR0915 one attack after another
         # Floods: garbage, and first frames of chunked messages that never complete.
         for _ in range(300):
             await hostile.t.publish(topics.update(1, "evil"), os.urandom(200), qos=0)
+        # (4,000 bytes: under the round's per-message limit, ~5.8 kB at M = 1,000, so
+        # that they reach reassembly; 10,000 were all refused as oversize at once.)
         for _ in range(100):
-            frames = split_payload(os.urandom(10_000), CHUNK_HEADER_SIZE + 2048)
+            frames = split_payload(os.urandom(4_000), CHUNK_HEADER_SIZE + 1024)
             await hostile.t.publish(topics.update(1, "evil"), frames[0], qos=1)
+        # One more piece of garbage after the floods: the coordinator takes its messages
+        # in order, so once this one is judged every frame before it was taken in.
+        await hostile.t.publish(topics.update(1, "evil"), os.urandom(200), qos=1)
         ingest = coordinator.ingest
         assert ingest is not None
         await h.until(
-            lambda: coordinator.metrics.rejected_total().get("malformed", 0) >= 1 + 300,
-            "the garbage flood judged",
+            lambda: coordinator.metrics.rejected_total().get("malformed", 0) >= 1 + 300 + 1,
+            "both floods taken in",
         )
         r = ingest.chunks
-        assert r.pending_messages <= 8 and r.reserved_bytes <= 1 << 20
+        assert 0 < r.pending_messages <= 8 and r.reserved_bytes <= 1 << 20
         assert ingest.chunks.held <= 8 * 8
         # Replay an honest update once it is accepted.
         first = updaters[0]
