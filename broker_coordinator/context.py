@@ -37,7 +37,13 @@ from maskfl.broker_coordinator.store import (
 )
 from maskfl.protocol.identity import Certificate
 from maskfl.protocol.masking import MaskConfig, update_words
-from maskfl.protocol.messages import Body, RoundParams, SignedMessage, encode_message
+from maskfl.protocol.messages import (
+    Body,
+    RoundParams,
+    SignedMessage,
+    encode_message,
+    max_masked_size,
+)
 from maskfl.protocol.phases import PhaseTimer
 from maskfl.protocol.topics import Topics
 
@@ -168,9 +174,13 @@ class Services:
         return update_words(self.config.model.length)
 
     def max_message_size(self) -> int:
-        """A bound on every valid participant message (protocol.md §9): an update with a
-        sealed seed for every summer, or a sum2 whose failed list names every update."""
-        cfg = self.config
-        seeds = cfg.pet.sum.count_max * (32 + 80)
-        failed = cfg.pet.update.count_max * 32
-        return 216 + 1024 + seeds + failed + 64 + self.vector_words * (self.mask.word_bits // 8)
+        """The per-message limit (protocol.md §9): the largest valid update, with a
+        sealed seed for every summer the round may accept, or sum2, naming every update
+        it may accept as failed (a SUM is smaller than either)."""
+        pet = self.config.pet
+        return max_masked_size(
+            self.vector_words,
+            self.mask.word_bits,
+            seeds=pet.sum.count_max,
+            failed=pet.update.count_max,
+        )

@@ -804,14 +804,19 @@ _BODIES: Final[dict[MessageType, Any]] = {
 }
 
 
-def max_masked_size(n_words: int, word_bits: int, n_entries: int) -> int:
-    """The largest valid Update or Sum2 with ``n_words`` words and ``n_entries`` seeds/digests.
+def max_masked_size(n_words: int, word_bits: int, *, seeds: int = 0, failed: int = 0) -> int:
+    """The largest valid Update with ``seeds`` sealed seeds and the largest valid Sum2
+    naming ``failed`` updates, whichever is larger, both with ``n_words`` words.
 
-    What a receiver passes as ``max_size`` to :func:`decode_message` (and what
-    a sender compares with the chunk size).
+    Both are 490 bytes at most (header, signature, certificate ≤ 254, entry count 4,
+    word bits 1, word count 8, padding ≤ 7) plus 112 per seed or 32 per failed
+    update plus the words. With a round's most summers and updates it is the
+    coordinator's per-message limit (protocol.md §9), what it passes as ``max_size``
+    to :func:`decode_message`; a sender compares it with the chunk size.
     """
     fixed = BODY_OFFSET + 2 + MAX_CERTIFICATE_SIZE + 4 + 1 + 8 + 7
-    return fixed + n_entries * (KEY_SIZE + SEALED_SEED_SIZE) + n_words * (word_bits // 8)
+    entries = max(seeds * (KEY_SIZE + SEALED_SEED_SIZE), failed * DIGEST_SIZE)
+    return fixed + entries + n_words * (word_bits // 8)
 
 
 def weights_digest(weights: Weights) -> bytes:

@@ -582,11 +582,13 @@ def test_max_masked_size_bounds_real_messages(dtype: type, summers: int) -> None
     seeds = {bytes([i]) * 32: bytes(80) for i in range(summers)}
     words = np.zeros(11, dtype)
     raw = sign(Update(DEVICE.certificate, seeds, words), DEVICE)
-    bound = max_masked_size(11, words.itemsize * 8, summers)
+    bound = max_masked_size(11, words.itemsize * 8, seeds=summers)
     assert len(raw) <= bound < len(raw) + 256
     decode_message(raw, max_size=bound)
+    failed = max_masked_size(11, words.itemsize * 8, failed=summers)
     sum2 = sign(Sum2(SUMMER.certificate, words, tuple(seeds)), SUMMER)
-    assert len(sum2) <= bound
+    assert len(sum2) <= failed < len(sum2) + 256
+    assert max_masked_size(11, words.itemsize * 8, seeds=summers, failed=summers) == bound
 
 
 def test_long_receipt_details_are_cut_not_refused() -> None:
