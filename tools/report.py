@@ -166,7 +166,7 @@ def privacy_verdict(privacy: dict[str, Any]) -> str | None:
     return "privacy: " + "; ".join(parts) if parts else None
 
 
-def plot(  # noqa: PLR0915 one figure, panel by panel
+def plot(
     rounds: list[RoundReport],
     path: Path,
     *,
@@ -185,11 +185,49 @@ def plot(  # noqa: PLR0915 one figure, panel by panel
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     ordered = sorted(rounds, key=lambda r: r.round_id)
-    nan = float("nan")
+    completed = [r for r in ordered if r.outcome is RoundOutcome.COMPLETED]
+    failed = [r for r in ordered if r.outcome is not RoundOutcome.COMPLETED]
+    # With differential privacy, a third panel: accuracy against the cumulative epsilon.
+    private = [r for r in completed if r.epsilon is not None and r.accuracy is not None]
+    ax_eps = None
+    ax_acc: Any
+    ax_part: Any
+    if private:
+        fig = plt.figure(figsize=(11, 11))
+        ax_acc = fig.add_subplot(3, 1, 1)
+        ax_part = fig.add_subplot(3, 1, 2, sharex=ax_acc)
+        ax_eps = fig.add_subplot(3, 1, 3)
+    else:
+        fig, (ax_acc, ax_part) = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
     xs = [0, *(r.round_id for r in ordered)]
+    ax_loss = _accuracy_panel(ax_acc, ordered, xs, initial)
+    ax_time = _participants_panel(ax_part, ordered, completed)
+    _legends(ax_acc, ax_loss, ax_part, ax_time, _shade_failures(failed, (ax_acc, ax_part)))
+    last = max(xs)
+    ax_part.set_xlim(-0.6, last + 0.6)
+    ax_part.set_xticks(range(0, last + 1, max(1, (last + 9) // 10)))
+    fig.suptitle(
+        f"{title}: {len(completed)} rounds completed, {len(failed)} failed "
+        f"(round 0 = the initial model)",
+        fontsize=11,
+    )
+    if privacy:
+        fig.text(0.5, 0.005, privacy, ha="center", va="bottom", fontsize=8, wrap=True)
+    if ax_eps is not None:
+        _epsilon_panel(ax_eps, private)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _accuracy_panel(
+    ax_acc: Any, ordered: list[RoundReport], xs: list[int], initial: tuple[float, float] | None
+) -> Any:
+    """Accuracy (left axis) and loss (right axis, returned) per round: the demo's
+    held-out check and the fleet's masked evaluation; round 0 is the initial model."""
+    nan = float("nan")
     held_acc = [initial[0] if initial else nan] + [
         nan if r.accuracy is None else r.accuracy for r in ordered
     ]
@@ -209,21 +247,6 @@ def plot(  # noqa: PLR0915 one figure, panel by panel
     }
     fleet_acc = [fleet.get(x, (nan, nan))[0] for x in xs]
     fleet_loss = [fleet.get(x, (nan, nan))[1] for x in xs]
-    completed = [r for r in ordered if r.outcome is RoundOutcome.COMPLETED]
-    failed = [r for r in ordered if r.outcome is not RoundOutcome.COMPLETED]
-
-    # With differential privacy, a third panel: accuracy against the cumulative epsilon.
-    private = [r for r in completed if r.epsilon is not None and r.accuracy is not None]
-    ax_eps = None
-    ax_acc: Any
-    ax_part: Any
-    if private:
-        fig = plt.figure(figsize=(11, 11))
-        ax_acc = fig.add_subplot(3, 1, 1)
-        ax_part = fig.add_subplot(3, 1, 2, sharex=ax_acc)
-        ax_eps = fig.add_subplot(3, 1, 3)
-    else:
-        fig, (ax_acc, ax_part) = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
     ax_acc.plot(xs, held_acc, "o-", color="tab:blue", label="accuracy, demo's held-out check")
     if any(not math.isnan(v) for v in fleet_acc):
         ax_acc.plot(
@@ -238,7 +261,15 @@ def plot(  # noqa: PLR0915 one figure, panel by panel
         ax_loss.plot(xs, fleet_loss, "v:", color="tab:brown", label="loss, fleet (masked)")
     ax_loss.set_ylabel("loss")
     ax_loss.set_ylim(bottom=0)
+    return ax_loss
 
+
+def _participants_panel(
+    ax_part: Any, ordered: list[RoundReport], completed: list[RoundReport]
+) -> Any:
+    """Updates and summers per round (stacked bars) and the round time (right axis,
+    returned; none for a failed round)."""
+    nan = float("nan")
     part_xs = [r.round_id for r in ordered]
     ax_part.bar(part_xs, [r.participants for r in ordered], color="tab:green", label="updates")
     ax_part.bar(
@@ -265,19 +296,30 @@ def plot(  # noqa: PLR0915 one figure, panel by panel
     ax_time.set_ylabel("round time (s)")
     times = [r.seconds for r in completed if r.seconds is not None]
     ax_time.set_ylim(0, 1.3 * max(times) if times else 1.0)
+    return ax_time
 
+
+def _shade_failures(failed: list[RoundReport], axes: tuple[Any, ...]) -> list[str]:
+    """Shade each failed round on ``axes``; the legend labels, one per distinct reason."""
     reasons: dict[str, None] = {}
     for r in failed:
         why = (r.reason or "failed").split(": ", 1)[-1]
         label = f"round {r.round_id} failed: {why[:70]}"
         reasons[label] = None
-        for ax in (ax_acc, ax_part):
+        for ax in axes:
             ax.axvspan(r.round_id - 0.5, r.round_id + 0.5, color="tab:red", alpha=0.15, lw=0)
+    return list(reasons)
+
+
+def _legends(ax_acc: Any, ax_loss: Any, ax_part: Any, ax_time: Any, reasons: list[str]) -> None:
+    """Both panels' legends beside the axes; the top one names the failed rounds."""
+    from matplotlib.patches import Patch
+
     shade = [Patch(color="tab:red", alpha=0.15, label=label) for label in reasons]
     top = ax_acc.get_lines() + ax_loss.get_lines()
     ax_acc.legend(
         [*top, *shade],
-        [str(line.get_label()) for line in top] + list(reasons),
+        [str(line.get_label()) for line in top] + reasons,
         loc="upper left",
         bbox_to_anchor=(1.08, 1.0),
         fontsize=8,
@@ -292,30 +334,20 @@ def plot(  # noqa: PLR0915 one figure, panel by panel
         fontsize=8,
         frameon=False,
     )
-    last = max(xs)
-    ax_part.set_xlim(-0.6, last + 0.6)
-    ax_part.set_xticks(range(0, last + 1, max(1, (last + 9) // 10)))
-    fig.suptitle(
-        f"{title}: {len(completed)} rounds completed, {len(failed)} failed "
-        f"(round 0 = the initial model)",
-        fontsize=11,
-    )
-    if privacy:
-        fig.text(0.5, 0.005, privacy, ha="center", va="bottom", fontsize=8, wrap=True)
-    if ax_eps is not None:
-        eps = [float(r.epsilon or 0.0) for r in private]
-        acc = [float(r.accuracy or 0.0) for r in private]
-        ax_eps.plot(eps, acc, "o-", color="tab:purple", label="accuracy, demo's held-out check")
-        for r, x, y in zip(private, eps, acc, strict=True):
-            ax_eps.annotate(str(r.round_id), (x, y), textcoords="offset points", xytext=(3, 3))
-        ax_eps.set_xlabel(f"cumulative epsilon (delta {private[-1].delta:g}); labels: round")
-        ax_eps.set_ylabel("accuracy")
-        ax_eps.set_ylim(0, 1.02)
-        ax_eps.grid(alpha=0.3)
-        ax_eps.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+
+
+def _epsilon_panel(ax_eps: Any, private: list[RoundReport]) -> None:
+    """Accuracy against the cumulative epsilon, each point labelled with its round."""
+    eps = [float(r.epsilon or 0.0) for r in private]
+    acc = [float(r.accuracy or 0.0) for r in private]
+    ax_eps.plot(eps, acc, "o-", color="tab:purple", label="accuracy, demo's held-out check")
+    for r, x, y in zip(private, eps, acc, strict=True):
+        ax_eps.annotate(str(r.round_id), (x, y), textcoords="offset points", xytext=(3, 3))
+    ax_eps.set_xlabel(f"cumulative epsilon (delta {private[-1].delta:g}); labels: round")
+    ax_eps.set_ylabel("accuracy")
+    ax_eps.set_ylim(0, 1.02)
+    ax_eps.grid(alpha=0.3)
+    ax_eps.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
 
 
 def plain_weighted_mean(
