@@ -452,9 +452,9 @@ def start_unit(root: Path, unit: Path, logs: Path, supervisor: Any) -> Any:
     return supervisor.start(DEVICE, as_user(start))
 
 
-def check(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 one check after another, each recorded
-    from maskfl.tools._supervise import Supervisor
-
+def check(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole check: build, provision, install on the aarch64 root as README says,
+    compare masks with x86, then run a fleet with the device in it; the report."""
     workdir: Path = args.workdir.resolve()
     run_dir = workdir / "run"
     if run_dir.exists():
@@ -482,6 +482,18 @@ def check(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 one chec
     root = run_dir / "root"
     prepare_device_root(workdir / "base", root, [wheel, bundle, unit_file])
 
+    report |= install_as_readme_says(root, logs)
+    report["masks"] = compare_masks(root)
+    report |= run_fleet(args, fleet, http, root, run_dir)
+    report["total_s"] = round(time.monotonic() - t0, 1)
+    report["passed"] = bool(report["masks"]["bit_identical"] and report["masks"]["match_vectors"])
+    return report
+
+
+def install_as_readme_says(root: Path, logs: Path) -> dict[str, Any]:
+    """README's device steps in the aarch64 root: how long, the systemctl calls, the
+    installed size and packages."""
+    report: dict[str, Any] = {}
     block = readme_device_block(REPO / "README.md")
     (logs / "device-install.sh").write_text(block)
     log("running README's device steps in the aarch64 root (pip installs from the index)")
@@ -509,6 +521,11 @@ def check(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 one chec
     )
     report["device_packages"] = {p["name"]: p["version"] for p in json.loads(pip_list.stdout)}
 
+    return report
+
+
+def compare_masks(root: Path) -> dict[str, Any]:
+    """The mask vectors on aarch64 and here: bit-identical, and matching the vectors."""
     log("masks on aarch64 against the vectors and x86")
     vectors = REPO / "tests" / "protocol" / "vectors" / "mask_stream.json"
     shutil.copy2(vectors, root / DEVICE_DIR.lstrip("/") / vectors.name)
@@ -532,13 +549,24 @@ def check(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 one chec
         raise CheckFailedError(f"the mask check on aarch64 failed:\n{arm.stderr[-2000:]}")
     arm_masks = json.loads(arm.stdout)
     x86_masks = mask_digests(vectors)
-    report["masks"] = {
+    return {
         "aarch64": arm_masks,
         "x86_64": x86_masks,
         "bit_identical": arm_masks == x86_masks,
         "match_vectors": all(v["matches_vector"] for v in arm_masks["vectors"]),
     }
 
+
+def run_fleet(
+    args: argparse.Namespace, fleet: Path, http: int, root: Path, run_dir: Path
+) -> dict[str, Any]:
+    """mosquitto, the coordinator and the host agents here, the device's unit in the
+    aarch64 root, until the device took part as updater and summer: the rounds seen,
+    peak RSS and the qemu version."""
+    from maskfl.tools._supervise import Supervisor
+
+    logs = run_dir / "logs"
+    report: dict[str, Any] = {}
     with Supervisor(logs) as sup:
         sup.start_broker(fleet / "broker" / "mosquitto.conf", port)
         coordinator_env = {"MASKFL__HTTP__PORT": str(http)}
@@ -578,8 +606,6 @@ def check(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 one chec
             ["qemu-aarch64-static", "--version"], capture_output=True, text=True, check=False
         )
         report["qemu"] = versions.stdout.splitlines()[0] if versions.stdout else None
-    report["total_s"] = round(time.monotonic() - t0, 1)
-    report["passed"] = bool(report["masks"]["bit_identical"] and report["masks"]["match_vectors"])
     return report
 
 
