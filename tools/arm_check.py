@@ -484,7 +484,7 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
 
     report |= install_as_readme_says(root, logs)
     report["masks"] = compare_masks(root)
-    report |= run_fleet(args, fleet, http, root, run_dir)
+    report |= run_fleet(args, fleet, (port, http), root, run_dir)
     report["total_s"] = round(time.monotonic() - t0, 1)
     report["passed"] = bool(report["masks"]["bit_identical"] and report["masks"]["match_vectors"])
     return report
@@ -558,7 +558,7 @@ def compare_masks(root: Path) -> dict[str, Any]:
 
 
 def run_fleet(
-    args: argparse.Namespace, fleet: Path, http: int, root: Path, run_dir: Path
+    args: argparse.Namespace, fleet: Path, ports: tuple[int, int], root: Path, run_dir: Path
 ) -> dict[str, Any]:
     """mosquitto, the coordinator and the host agents here, the device's unit in the
     aarch64 root, until the device took part as updater and summer: the rounds seen,
@@ -566,6 +566,7 @@ def run_fleet(
     from maskfl.tools._supervise import Supervisor
 
     logs = run_dir / "logs"
+    port, http = ports
     report: dict[str, Any] = {}
     with Supervisor(logs) as sup:
         sup.start_broker(fleet / "broker" / "mosquitto.conf", port)

@@ -32,12 +32,12 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ from maskfl.protocol.topics import Topics
 from maskfl.testing.broker import free_port
 from maskfl.testing.fleet import SimFleet, first_round_seed
 from maskfl.testing.participants import SimParticipant
+from maskfl.tools._bench_publish import baseline, cpu_seconds, publish_in_child, write_frames
 from maskfl.tools._supervise import Supervisor
 from maskfl.transport import MQTT_MAX_PACKET, MqttConfig, MqttTransport
 
@@ -159,7 +160,7 @@ async def _one(
         sup.stop_all()
 
 
-async def _measure(  # noqa: PLR0915 the measured sequence; split tracked in issue 12
+async def _measure(
     n: int,
     m: int,
     backend: str,
@@ -171,6 +172,184 @@ async def _measure(  # noqa: PLR0915 the measured sequence; split tracked in iss
     groups: int = 1,
 ) -> dict[str, Any]:
     fleet = SimFleet(fleet="bench")
+    setup = _configure(
+        fleet, work, n=n, m=m, port=port, backend=backend, storage=storage, groups=groups
+    )
+    async with _watched_round(fleet, setup, port) as watch:
+        coord = sup.start("coordinator", _coordinator_argv(work, setup.config))
+        peak_rss = [0]
+        sampler = asyncio.create_task(_sample_rss(coord.pid, peak_rss))
+        try:
+            sums = await asyncio.wait_for(watch.sum_dict, 60)
+            built = await _build_updates(fleet, setup, sums, work, m=m, groups=groups)
+            ingest = await _coordinator_ingest(
+                sup,
+                watch,
+                pid=coord.pid,
+                work=work,
+                port=port,
+                frames_file=built.frames_file,
+                n=n,
+                http_port=setup.http_port,
+            )
+            # Baseline: the same frames to a bare subscriber process, same broker.
+            base = await baseline(
+                built.frames_file, port=port, total_frames=built.total_frames, sup=sup, work=work
+            )
+            db_bytes, registry_bytes = _state_sizes(work / "coordinator" / "state")
+        finally:
+            sampler.cancel()
+    out = _summary(
+        n,
+        m,
+        built,
+        ingest,
+        base=base,
+        events=watch.events,
+        peak_rss=peak_rss[0],
+        db_bytes=db_bytes,
+        registry_bytes=registry_bytes,
+    )
+    print(json.dumps(out), file=sys.stderr)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _watched_round(fleet: SimFleet, setup: _Setup, port: int) -> AsyncIterator[_Watch]:
+    """The simulated summers running and the round watched, for the body's duration."""
+    summers = [
+        SimParticipant(i, ca_public_key=fleet.ca_public_key, host="127.0.0.1", port=port)
+        for i in setup.summer_ids
+    ]
+    watch = _Watch(Topics(fleet.fleet), port)
+    await watch.connect()
+    for s in summers:
+        await s.start()
+    watcher = asyncio.create_task(watch.observe())
+    try:
+        yield watch
+    finally:
+        watcher.cancel()
+        for s in summers:
+            await s.stop()
+        await watch.observer.disconnect()
+
+
+def _coordinator_argv(work: Path, config: Path) -> list[str]:
+    return [
+        sys.executable,
+        *_profile_args(work),
+        "-m",
+        "maskfl.broker_coordinator.cli",
+        "run",
+        "--config",
+        str(config),
+    ]
+
+
+@dataclass(frozen=True)
+class _Ingest:
+    """The coordinator's ingest of the round's updates, timed from outside and inside."""
+
+    t0: float  # the first publish
+    t_published: float  # the last PUBACK
+    ingest_s: float  # first publish to last update receipt
+    cpu_s: float  # the coordinator's CPU time meanwhile
+    inside_s: float  # first update frame to last update committed (its /status)
+
+
+async def _coordinator_ingest(
+    sup: Supervisor,
+    watch: _Watch,
+    *,
+    pid: int,
+    work: Path,
+    port: int,
+    frames_file: Path,
+    n: int,
+    http_port: int,
+) -> _Ingest:
+    """Publish the frames from a separate process (as in the baseline) until the
+    coordinator accepted all ``n`` updates, then wait for the round's model."""
+    cpu0 = cpu_seconds(pid)
+    spy = _pyspy(pid, work)
+    t0, t_published = await publish_in_child(sup, work, port, frames_file, "coordinator")
+    await _until_accepted(watch, n, sup)
+    ingest_s = max(watch.accepted) - t0
+    cpu_s = cpu_seconds(pid) - cpu0
+    _stop_pyspy(spy)
+    await asyncio.wait_for(watch.model_seen.wait(), 600)
+    inside_s = await _first_arrival_to_last_commit(http_port)
+    return _Ingest(t0, t_published, ingest_s, cpu_s, inside_s)
+
+
+def _summary(
+    n: int,
+    m: int,
+    built: _Built,
+    ingest: _Ingest,
+    *,
+    base: dict[str, Any],
+    events: dict[str, float],
+    peak_rss: int,
+    db_bytes: int,
+    registry_bytes: int,
+) -> dict[str, Any]:
+    """One run's JSON entry."""
+    mb = built.total_bytes / 1e6
+    return {
+        "n": n,
+        "m": m,
+        "update_bytes": built.update_bytes,
+        "frames_per_update": built.frames_per_update,
+        "total_mb": round(mb, 3),
+        "build_updates_s": round(built.seconds, 3),
+        "coordinator": {
+            "ingest_s": round(ingest.ingest_s, 4),
+            "publish_s": round(ingest.t_published - ingest.t0, 4),
+            "updates_per_s": round(n / ingest.ingest_s, 2),
+            "mb_per_s": round(mb / ingest.ingest_s, 2),
+            "cpu_s": round(ingest.cpu_s, 3),
+            "first_arrival_to_last_commit_s": round(ingest.inside_s, 4),
+            "consumer_mb_per_s": round(mb / ingest.inside_s, 2),
+        },
+        "baseline": base,
+        "ratio": round(base["consumer_s"] / ingest.inside_s, 3),
+        "ratio_end_to_end": round((mb / ingest.ingest_s) / base["mb_per_s"], 3),
+        "round_wall_s": round(events["model"] - events["round_params"], 3),
+        "unmask_publish_s": round(events["model"] - events["last_sum2"], 3),
+        "coordinator_peak_rss_mb": round(peak_rss / 1e6, 1),
+        "model_mb": round(4 * m / 1e6, 1),
+        "rss_over_model": round(peak_rss / (4 * m), 2),
+        "db_mb_after_round": round(db_bytes / 1e6, 2),
+        "registry_files_mb": round(registry_bytes / 1e6, 2),
+    }
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """The coordinator's config file and the round's participants."""
+
+    config: Path
+    http_port: int
+    seed1: bytes
+    summer_ids: list[Any]
+    updater_ids: list[Any]
+    n_max: int
+
+
+def _configure(
+    fleet: SimFleet,
+    work: Path,
+    *,
+    n: int,
+    m: int,
+    port: int,
+    backend: str,
+    storage: dict[str, Any],
+    groups: int,
+) -> _Setup:
+    """Write the coordinator's config for one round of ``n`` updates and max(2, g) summers."""
     n_summers = max(2, groups)
     http_port = free_port()
     # update.count_max = N may not exceed masking.n_max (the config refuses it).
@@ -210,42 +389,45 @@ async def _measure(  # noqa: PLR0915 the measured sequence; split tracked in iss
             "http": {"enabled": True, "host": "127.0.0.1", "port": http_port},
         },
     )
-    topics = Topics(fleet.fleet)
-    summers = [
-        SimParticipant(i, ca_public_key=fleet.ca_public_key, host="127.0.0.1", port=port)
-        for i in summer_ids
-    ]
-    observer = MqttTransport(
-        MqttConfig(
-            host="127.0.0.1",
-            port=port,
-            client_id="bench-observer",
-            max_incoming_payload=MQTT_MAX_PACKET,  # a global model of M = 2.5e7 is 100 MB
-            incoming_queue_size=100_000,
+    return _Setup(config, http_port, seed1, summer_ids, updater_ids, n_max)
+
+
+class _Watch:
+    """What the bench sees of the round on the broker, with arrival times: the round
+    parameters, the sum dictionary, update and sum2 receipts, the global model."""
+
+    def __init__(self, topics: Topics, port: int) -> None:
+        self.topics = topics
+        self.events: dict[str, float] = {}
+        self.accepted: list[float] = []
+        self.sum_dict: asyncio.Future[SumDict] = asyncio.get_running_loop().create_future()
+        self.model_seen = asyncio.Event()
+        self._model_frames: Reassembler[None] = Reassembler(16, 1 << 31, 600.0)
+        self.observer = MqttTransport(
+            MqttConfig(
+                host="127.0.0.1",
+                port=port,
+                client_id="bench-observer",
+                max_incoming_payload=MQTT_MAX_PACKET,  # a global model of M = 2.5e7 is 100 MB
+                incoming_queue_size=100_000,
+            )
         )
-    )
-    await observer.connect()
-    p = topics.prefix
-    await observer.subscribe(
-        [f"{p}round", f"{p}round/+/sums", f"{p}receipts/+", f"{p}model/+/latest"]
-    )
-    for s in summers:
-        await s.start()
-    events: dict[str, float] = {}
-    accepted: list[float] = []
-    sum_dict: asyncio.Future[SumDict] = asyncio.get_running_loop().create_future()
-    model_seen = asyncio.Event()
 
-    model_frames: Reassembler[None] = Reassembler(16, 1 << 31, 600.0)
+    async def connect(self) -> None:
+        await self.observer.connect()
+        p = self.topics.prefix
+        await self.observer.subscribe(
+            [f"{p}round", f"{p}round/+/sums", f"{p}receipts/+", f"{p}model/+/latest"]
+        )
 
-    async def observe() -> None:
-        async for msg in observer.messages():
+    async def observe(self) -> None:
+        async for msg in self.observer.messages():
             if not msg.payload:
                 continue
             now = time.time()  # the last frame's arrival, before decoding a large message
             payload = msg.payload
             if is_chunk(msg.payload):  # global models above the chunk size
-                whole = model_frames.feed(msg.topic, msg.payload, now)
+                whole = self._model_frames.feed(msg.topic, msg.payload, now)
                 if whole is None:
                     continue
                 payload = whole.payload
@@ -254,370 +436,132 @@ async def _measure(  # noqa: PLR0915 the measured sequence; split tracked in iss
             except MaskflError as exc:
                 print(f"maskfl-bench coordinator: observer: {msg.topic}: {exc}", file=sys.stderr)
                 continue
-            if isinstance(body, RoundParams) and body.round_id == 1:
-                events.setdefault("round_params", now)
-            elif isinstance(body, SumDict) and not sum_dict.done():
-                sum_dict.set_result(body)
-            elif isinstance(body, Receipt) and body.accepted and body.message_type is not None:
-                if body.message_type.name == "UPDATE":
-                    accepted.append(now)
-                elif body.message_type.name == "SUM2":
-                    events["last_sum2"] = now
-            elif isinstance(body, GlobalModel) and body.version >= 1:
-                events["model"] = now
-                model_seen.set()
+            self._saw(body, now)
 
-    watcher = asyncio.create_task(observe())
-    peak_rss = [0]
-    coord = sup.start(
-        "coordinator",
-        [
-            sys.executable,
-            *_profile_args(work),
-            "-m",
-            "maskfl.broker_coordinator.cli",
-            "run",
-            "--config",
-            str(config),
-        ],
+    def _saw(self, body: Any, now: float) -> None:
+        events = self.events
+        if isinstance(body, RoundParams) and body.round_id == 1:
+            events.setdefault("round_params", now)
+        elif isinstance(body, SumDict) and not self.sum_dict.done():
+            self.sum_dict.set_result(body)
+        elif isinstance(body, Receipt) and body.accepted and body.message_type is not None:
+            if body.message_type.name == "UPDATE":
+                self.accepted.append(now)
+            elif body.message_type.name == "SUM2":
+                events["last_sum2"] = now
+        elif isinstance(body, GlobalModel) and body.version >= 1:
+            events["model"] = now
+            self.model_seen.set()
+
+
+async def _sample_rss(pid: int, peak: list[int]) -> None:
+    """The process's peak resident set size into ``peak[0]``, sampled every 20 ms."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    while True:
+        with contextlib.suppress(psutil.Error):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+        await asyncio.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class _Built:
+    """The round's updates, chunked and written to ``frames_file`` for the publishers."""
+
+    frames_file: Path
+    seconds: float
+    total_bytes: int
+    total_frames: int
+    update_bytes: int
+    frames_per_update: int
+
+
+async def _build_updates(
+    fleet: SimFleet, setup: _Setup, sums: SumDict, work: Path, *, m: int, groups: int
+) -> _Built:
+    """Build every update before the clock starts (masking is the agents' cost)."""
+    seed1 = setup.seed1
+    topics = Topics(fleet.fleet)
+    opened = open_sum_dict(
+        sums,
+        fleet=fleet.fleet,
+        round_id=1,
+        ca_public_key=fleet.ca_public_key,
+        now=time.time(),
+        revocations=None,
+        groups=groups,
+        round_seed=seed1,
     )
+    cfg = MaskConfig(1.0, setup.n_max, 32)
+    rng = np.random.default_rng(0)
+    frames: list[tuple[str, list[bytes]]] = []
+    build_started = time.perf_counter()
 
-    async def sample_rss() -> None:
-        import psutil
-
-        proc = psutil.Process(coord.pid)
-        while True:
-            with contextlib.suppress(psutil.Error):
-                peak_rss[0] = max(peak_rss[0], proc.memory_info().rss)
-            await asyncio.sleep(0.02)
-
-    sampler = asyncio.create_task(sample_rss())
-    try:
-        sums = await asyncio.wait_for(sum_dict, 60)
-        # Build every update before the clock starts.
-        opened = open_sum_dict(
-            sums,
+    def build(ident: Any) -> tuple[str, list[bytes]]:
+        seeds = [new_seed() for _ in range(groups)]  # one per mask group
+        delta = rng.uniform(-0.1, 0.1, m).astype(np.float32)
+        words = mask_update(delta, 0.5, seeds, cfg)
+        sealed = {
+            s.certificate.public_key: seal_seed(
+                seeds[group_of(seed1, s.certificate.public_key, groups)], s.ephemeral_pk
+            )
+            for s in opened
+        }
+        raw = encode_message(
+            Update(ident.certificate, sealed, words),
             fleet=fleet.fleet,
             round_id=1,
-            ca_public_key=fleet.ca_public_key,
-            now=time.time(),
-            revocations=None,
-            groups=groups,
-            round_seed=seed1,
+            signing_key=ident.signing_key,
         )
-        cfg = MaskConfig(1.0, n_max, 32)
-        rng = np.random.default_rng(0)
-        frames: list[tuple[str, list[bytes]]] = []
-        build_started = time.perf_counter()
+        return topics.update(1, ident.device_id), split_payload(raw, CHUNK)
 
-        def build(ident: Any) -> tuple[str, list[bytes]]:
-            seeds = [new_seed() for _ in range(groups)]  # one per mask group
-            delta = rng.uniform(-0.1, 0.1, m).astype(np.float32)
-            words = mask_update(delta, 0.5, seeds, cfg)
-            sealed = {
-                s.certificate.public_key: seal_seed(
-                    seeds[group_of(seed1, s.certificate.public_key, groups)], s.ephemeral_pk
-                )
-                for s in opened
-            }
-            raw = encode_message(
-                Update(ident.certificate, sealed, words),
-                fleet=fleet.fleet,
-                round_id=1,
-                signing_key=ident.signing_key,
-            )
-            return topics.update(1, ident.device_id), split_payload(raw, CHUNK)
-
-        for ident in updater_ids:
-            # In a thread: at M = 2.5e7 building takes seconds per update, and a blocked
-            # loop misses the MQTT keepalives of the observer and the summers.
-            frames.append(await asyncio.to_thread(build, ident))
-        build_s = time.perf_counter() - build_started
-        total_bytes = sum(len(f) for _, fs in frames for f in fs)
-        total_frames = sum(len(fs) for _, fs in frames)
-        frames_file = work / "frames.bin"
-        _write_frames(frames_file, frames)
-        update_bytes = len(b"".join(frames[0][1])) if frames else 0
-        frames_per_update = len(frames[0][1]) if frames else 0
-        del frames
-        # Coordinator ingest; a separate publisher process, as in the baseline.
-        cpu0 = _cpu(coord.pid)
-        spy = _pyspy(coord.pid, work)
-        t0, t_published = await _publish_in_child(sup, work, port, frames_file, "coordinator")
-        deadline = time.monotonic() + 600
-        while len(accepted) < n:
-            sup.check()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(accepted)} of {n} updates accepted")
-            await asyncio.sleep(0.005)
-        print(f"maskfl-bench coordinator: {n} updates accepted", file=sys.stderr)
-        ingest_s = max(accepted) - t0
-        coord_cpu = _cpu(coord.pid) - cpu0
-        _stop_pyspy(spy)
-        await asyncio.wait_for(model_seen.wait(), 600)
-        round_s = events["model"] - events["round_params"]
-        ingest: dict[str, Any] = {}
-        for _ in range(200):
-            ingest = (await _status(http_port)).get("last_round_ingest") or {}
-            if ingest.get("round_id") == 1:
-                break
-            await asyncio.sleep(0.05)
-        inside_s = ingest["last_update_commit_at"] - ingest["first_update_at"]
-        # Baseline: the same frames to a bare subscriber process, same broker.
-        base = await _baseline(
-            frames_file, port=port, total_frames=total_frames, sup=sup, work=work
-        )
-        db_bytes = sum(
-            f.stat().st_size for f in (work / "coordinator" / "state").glob("coordinator.db*")
-        )
-        registry_bytes = sum(
-            f.stat().st_size
-            for f in (work / "coordinator" / "state").rglob("*")
-            if f.is_file() and "models" in f.parts
-        )
-    finally:
-        sampler.cancel()
-        watcher.cancel()
-        for s in summers:
-            await s.stop()
-        await observer.disconnect()
-    mb = total_bytes / 1e6
-    out = {
-        "n": n,
-        "m": m,
-        "update_bytes": update_bytes,
-        "frames_per_update": frames_per_update,
-        "total_mb": round(mb, 3),
-        "build_updates_s": round(build_s, 3),
-        "coordinator": {
-            "ingest_s": round(ingest_s, 4),
-            "publish_s": round(t_published - t0, 4),
-            "updates_per_s": round(n / ingest_s, 2),
-            "mb_per_s": round(mb / ingest_s, 2),
-            "cpu_s": round(coord_cpu, 3),
-            "first_arrival_to_last_commit_s": round(inside_s, 4),
-            "consumer_mb_per_s": round(mb / inside_s, 2),
-        },
-        "baseline": base,
-        "ratio": round(base["consumer_s"] / inside_s, 3),
-        "ratio_end_to_end": round((mb / ingest_s) / base["mb_per_s"], 3),
-        "round_wall_s": round(round_s, 3),
-        "unmask_publish_s": round(events["model"] - events["last_sum2"], 3),
-        "coordinator_peak_rss_mb": round(peak_rss[0] / 1e6, 1),
-        "model_mb": round(4 * m / 1e6, 1),
-        "rss_over_model": round(peak_rss[0] / (4 * m), 2),
-        "db_mb_after_round": round(db_bytes / 1e6, 2),
-        "registry_files_mb": round(registry_bytes / 1e6, 2),
-    }
-    print(json.dumps(out), file=sys.stderr)
-    return out
-
-
-async def _publish_all(publisher: MqttTransport, frames: list[tuple[str, list[bytes]]]) -> None:
-    """Publish every frame, keeping many PUBACKs outstanding (like many devices at once)."""
-    window = asyncio.Semaphore(64)
-    pending: set[asyncio.Task[None]] = set()
-
-    async def one(topic: str, frame: bytes) -> None:
-        try:
-            await publisher.publish(topic, frame, qos=1)
-        finally:
-            window.release()
-
-    for topic, fs in frames:
-        for frame in fs:
-            await window.acquire()
-            task = asyncio.create_task(one(topic, frame))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-    if pending:
-        await asyncio.gather(*pending)
-
-
-def _exists(path: Path | str) -> bool:
-    """A file another process writes to signal us (polled; cheap, never blocks long)."""
-    return os.path.exists(path)
-
-
-def _touch(path: Path) -> None:
-    path.write_text("")
-
-
-def _write_frames(path: Path, frames: list[tuple[str, list[bytes]]]) -> None:
-    """Length-prefixed (topic, frame) records for the publisher process."""
-    with path.open("wb") as f:
-        for topic, fs in frames:
-            t = topic.encode()
-            for frame in fs:
-                f.write(struct.pack("<HI", len(t), len(frame)))
-                f.write(t)
-                f.write(frame)
-
-
-def _read_frames(path: Path) -> list[tuple[str, bytes]]:
-    data = path.read_bytes()
-    out = []
-    pos = 0
-    while pos < len(data):
-        tlen, flen = struct.unpack_from("<HI", data, pos)
-        pos += 6
-        topic = data[pos : pos + tlen].decode()
-        pos += tlen
-        out.append((topic, data[pos : pos + flen]))
-        pos += flen
-    return out
-
-
-async def _publish_in_child(
-    sup: Supervisor, work: Path, port: int, frames_file: Path, name: str
-) -> tuple[float, float]:
-    """Publish every frame from a fresh process; returns (first publish, last PUBACK) times."""
-    result = work / f"{name}-publish.json"
-    go = work / f"{name}-publish.go"
-    child = sup.start(
-        f"publisher-{name}",
-        [
-            sys.executable,
-            "-m",
-            "maskfl.tools.bench_coordinator",
-            "--publish",
-            str(port),
-            str(frames_file),
-            "sink" if name == "baseline" else "",
-            str(result),
-        ],
+    for ident in setup.updater_ids:
+        # In a thread: at M = 2.5e7 building takes seconds per update, and a blocked
+        # loop misses the MQTT keepalives of the observer and the summers.
+        frames.append(await asyncio.to_thread(build, ident))
+    build_s = time.perf_counter() - build_started
+    frames_file = work / "frames.bin"
+    write_frames(frames_file, frames)
+    return _Built(
+        frames_file=frames_file,
+        seconds=build_s,
+        total_bytes=sum(len(f) for _, fs in frames for f in fs),
+        total_frames=sum(len(fs) for _, fs in frames),
+        update_bytes=len(b"".join(frames[0][1])) if frames else 0,
+        frames_per_update=len(frames[0][1]) if frames else 0,
     )
-    child.expected_exit = True  # it exits when done; a failure shows as a missing result
-    ready = f"{result}.ready"
-    deadline = time.monotonic() + 60
-    while not _exists(ready):
-        sup.check()
-        if time.monotonic() > deadline or child.proc.poll() is not None:
-            raise TimeoutError(f"the publisher did not start: {child.log_tail()}")
-        await asyncio.sleep(0.02)
-    _touch(go)
-    while not _exists(result):
-        sup.check()
-        if time.monotonic() > deadline + 600 or (
-            child.proc.poll() not in (None, 0) and not _exists(result)
-        ):
-            raise TimeoutError(f"the publisher did not finish: {child.log_tail()}")
-        await asyncio.sleep(0.005)
-    data = json.loads(result.read_text())
-    return float(data["t0"]), float(data["t1"])
 
 
-async def _publisher(port: int, frames_file: Path, rename: str, result: Path) -> None:
-    """The publisher process: load the frames, connect, wait for go, publish all."""
-    records = _read_frames(frames_file)
-    if rename:
-        records = [(t.replace("maskfl/v1/", "bench/sink/", 1), f) for t, f in records]
-    t = MqttTransport(
-        MqttConfig(host="127.0.0.1", port=port, client_id=f"bench-pub-{rename}", max_inflight=64)
-    )
-    await t.connect()
-    _touch(Path(f"{result}.ready"))
-    go = str(result).replace(".json", ".go")
-    while not _exists(go):  # noqa: ASYNC110 - a file from another process
-        await asyncio.sleep(0.001)
-    t0 = time.time()
-    by_topic: dict[str, list[bytes]] = {}
-    for topic, frame in records:
-        by_topic.setdefault(topic, []).append(frame)
-    await _publish_all(t, list(by_topic.items()))
-    t1 = time.time()
-    tmp = result.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"t0": t0, "t1": t1}))
-    tmp.replace(result)
-    await t.disconnect()
-
-
-async def _baseline(
-    frames_file: Path,
-    *,
-    port: int,
-    total_frames: int,
-    sup: Supervisor,
-    work: Path,
-) -> dict[str, Any]:
-    result = work / "sink.json"
-    sink = sup.start(
-        "sink",
-        [
-            sys.executable,
-            "-m",
-            "maskfl.tools.bench_coordinator",
-            "--sink",
-            str(port),
-            str(total_frames),
-            str(result),
-        ],
-    )
-    ready = work / "sink.json.ready"
-    deadline = time.monotonic() + 30
-    while not _exists(ready):
-        sup.check()
-        if time.monotonic() > deadline:
-            raise TimeoutError("the bare subscriber did not start")
-        await asyncio.sleep(0.02)
-    cpu0 = _cpu(sink.pid)
-    t0, _ = await _publish_in_child(sup, work, port, frames_file, "baseline")
+async def _until_accepted(watch: _Watch, n: int, sup: Supervisor) -> None:
+    """Until the coordinator's receipts accepted ``n`` updates (600 s at most)."""
     deadline = time.monotonic() + 600
-    while not _exists(result):
+    while len(watch.accepted) < n:
         sup.check()
         if time.monotonic() > deadline:
-            raise TimeoutError("the bare subscriber did not receive everything")
+            raise TimeoutError(f"only {len(watch.accepted)} of {n} updates accepted")
         await asyncio.sleep(0.005)
-    data = json.loads(result.read_text())
-    cpu = _cpu(sink.pid) - cpu0
-    seconds = data["last"] - t0
-    consumer = data["last"] - data["first"]
-    mb = data["bytes"] / 1e6
-    return {
-        "s": round(seconds, 4),
-        "messages_per_s": round(data["count"] / seconds, 1),
-        "mb_per_s": round(mb / seconds, 2),
-        "cpu_s": round(cpu, 3),
-        "consumer_s": round(consumer, 4),
-        "consumer_mb_per_s": round(mb / consumer, 2) if consumer > 0 else None,
-    }
+    print(f"maskfl-bench coordinator: {n} updates accepted", file=sys.stderr)
 
 
-async def _sink(port: int, expected: int, result: Path) -> None:
-    """The bare subscriber: receive ``expected`` messages, ack them, write the time."""
-    t = MqttTransport(
-        MqttConfig(
-            host="127.0.0.1",
-            port=port,
-            client_id="bench-sink",
-            max_incoming_payload=64 << 20,
-            incoming_queue_size=256,
-            manual_ack=True,
-            clean_start=False,
-            session_expiry_s=600,
-            receive_maximum=65535,
-        )
-    )
-    await t.connect()
-    await t.subscribe("bench/sink/#", qos=1)
-    _touch(Path(f"{result}.ready"))
-    count = 0
-    size = 0
-    first = 0.0
-    async for msg in t.messages():
-        if not count:
-            first = time.time()
-        count += 1
-        size += len(msg.payload)
-        t.ack(msg)
-        if count >= expected:
+async def _first_arrival_to_last_commit(http_port: int) -> float:
+    """The coordinator's own ingest time of round 1, from its /status."""
+    ingest: dict[str, Any] = {}
+    for _ in range(200):
+        ingest = (await _status(http_port)).get("last_round_ingest") or {}
+        if ingest.get("round_id") == 1:
             break
-    tmp = result.with_suffix(".tmp")
-    last = time.time()
-    tmp.write_text(json.dumps({"count": count, "bytes": size, "first": first, "last": last}))
-    tmp.replace(result)
-    await asyncio.sleep(2.0)  # stay up while the bench reads our CPU time
-    await t.disconnect()
+        await asyncio.sleep(0.05)
+    return float(ingest["last_update_commit_at"] - ingest["first_update_at"])
+
+
+def _state_sizes(state: Path) -> tuple[int, int]:
+    """Bytes of the coordinator's database files and of its model registry files."""
+    db_bytes = sum(f.stat().st_size for f in state.glob("coordinator.db*"))
+    registry_bytes = sum(
+        f.stat().st_size for f in state.rglob("*") if f.is_file() and "models" in f.parts
+    )
+    return db_bytes, registry_bytes
 
 
 async def _status(port: int) -> dict[str, Any]:
@@ -631,17 +575,6 @@ async def _status(port: int) -> dict[str, Any]:
             return data
 
     return await asyncio.to_thread(get)
-
-
-def _cpu(pid: int) -> float:
-    """User + system CPU seconds of a process so far (0 when it is gone)."""
-    try:
-        import psutil
-
-        t = psutil.Process(pid).cpu_times()
-        return float(t.user + t.system)
-    except Exception:  # psutil missing or the process gone: the figure is informative only
-        return 0.0
 
 
 def _profile_args(work: Path) -> list[str]:
@@ -687,10 +620,3 @@ def _stop_pyspy(proc: subprocess.Popen[bytes] | None) -> None:
     proc.send_signal(signal.SIGINT)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(30)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--sink":
-        asyncio.run(_sink(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])))
-    elif len(sys.argv) == 6 and sys.argv[1] == "--publish":
-        asyncio.run(_publisher(int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], Path(sys.argv[5])))

@@ -42,7 +42,6 @@ import os
 import shutil
 import signal
 import sqlite3
-import struct
 import sys
 import tempfile
 import time
@@ -71,8 +70,8 @@ from maskfl.protocol.topics import Topics
 from maskfl.testing.broker import LOG_QUIET, free_port, write_config
 from maskfl.testing.fleet import SimFleet
 from maskfl.testing.participants import Behaviour, SimParticipant
+from maskfl.tools._bench_publish import publish_all, read_frames, records
 from maskfl.tools._supervise import Child, Supervisor
-from maskfl.tools.bench_coordinator import _publish_all, _read_frames
 from maskfl.transport import MqttConfig, MqttTransport
 
 CHUNK = 256 * 1024
@@ -587,7 +586,7 @@ class Bed:
                     )
                     update_bytes = len(raw)
                     topic = topics.update(rid, ident.device_id)
-                    out.write(_records(topic, split_payload(raw, CHUNK)))
+                    out.write(records(topic, split_payload(raw, CHUNK)))
             model_topic = topics.model_latest("sim") if fetch_model else ""
             cpu0 = _cpu(self.coordinator.pid)
             t0, fetched, model_bytes = await self._publish(
@@ -663,7 +662,7 @@ class Bed:
 
 
 async def _publisher(port: int, frames_file: Path, result: Path, fetches: int, topic: str) -> None:
-    records = _read_frames(frames_file)
+    frames = read_frames(frames_file)
     t = MqttTransport(
         MqttConfig(
             host="127.0.0.1",
@@ -683,10 +682,10 @@ async def _publisher(port: int, frames_file: Path, result: Path, fetches: int, t
             model_bytes = len(msg.payload)
         await t.unsubscribe(topic)
     by_topic: dict[str, list[bytes]] = {}
-    for tp, frame in records:
+    for tp, frame in frames:
         by_topic.setdefault(tp, []).append(frame)
     t0 = time.time()
-    await _publish_all(t, list(by_topic.items()))
+    await publish_all(t, list(by_topic.items()))
     tmp = result.with_suffix(".tmp")
     tmp.write_text(
         json.dumps({"t0": t0, "t1": time.time(), "fetched": fetched, "model_bytes": model_bytes})
@@ -753,12 +752,6 @@ def _round_record(coordinator_dir: Path, rid: int) -> dict[str, Any]:
         "duration_s": (finished or time.time()) - started,
         "finished_at": finished or time.time(),
     }
-
-
-def _records(topic: str, frames: list[bytes]) -> bytes:
-    """(topic, frame) records as :func:`bench_coordinator._read_frames` reads them."""
-    t = topic.encode()
-    return b"".join(struct.pack("<HI", len(t), len(f)) + t + f for f in frames)
 
 
 def _fd_limit() -> list[int]:
