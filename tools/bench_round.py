@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,37 +40,30 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from maskfl.protocol.chunking import Reassembler, is_chunk, split_payload
 from maskfl.protocol.errors import MaskflError
 from maskfl.protocol.identity import Identity
 from maskfl.protocol.masking import MaskConfig
-from maskfl.protocol.messages import (
-    GlobalModel,
-    MessageType,
-    RoundParams,
-    Update,
-    decode_message,
-    encode_message,
-    verify_sender,
-)
-from maskfl.protocol.topics import TopicKind, Topics, parse_topic
+from maskfl.protocol.topics import TopicKind, parse_topic
 from maskfl.testing.broker import free_port
 from maskfl.testing.fleet import SimFleet, first_round_seed
 from maskfl.testing.participants import SimParticipant, start_all, stop_all
+from maskfl.tools._bench_plain import (
+    CHUNK,
+    FLEET,
+    ModelWatcher,
+    plain_aggregator,
+    plain_round,
+)
 from maskfl.tools._benchargs import count
 from maskfl.tools._demo_fleet import console_script
 from maskfl.tools._demo_watch import fetch_status
 from maskfl.tools._help import plain
-from maskfl.tools._supervise import Supervisor
-from maskfl.transport import MqttConfig, MqttTransport
+from maskfl.tools._supervise import Child, Supervisor
 
 __all__ = ["add_parser", "run", "run_one"]
 
 GRID_N = (10, 50, 100)
 GRID_M = (10_000, 100_000, 1_000_000)
-FLEET = "bench"
-_MAX_IN = 64 * 1024 * 1024
-CHUNK = 256 * 1024
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -128,7 +121,7 @@ def run_one(
                 )
             )
             if plain:
-                result["plain"] = asyncio.run(_plain_round(root, supervisor, port, n=n, m=m))
+                result["plain"] = asyncio.run(plain_round(root, supervisor, port, n=n, m=m))
                 masked_s = result["masked"]["seconds"]["total"]
                 plain_s = result["plain"]["seconds"]["total"]
                 result["masking_overhead"] = {
@@ -152,57 +145,6 @@ class _Times:
     bytes_sent: dict[str, int] = field(default_factory=dict)
 
 
-class _ModelWatcher:
-    """One subscriber to ``model/<id>/latest``: when the round's model is out.
-
-    Participants do not subscribe to models here, so the delivery of the initial
-    model (published as the coordinator starts) does not load the round, and the
-    model's fan-out to every device — the same broker cost with or without masking —
-    is left out of both rounds.
-    """
-
-    def __init__(self, port: int, fleet: str, model_id: str) -> None:
-        self.topic = Topics(fleet).model_latest(model_id)
-        self.transport = MqttTransport(
-            MqttConfig(
-                host="127.0.0.1",
-                port=port,
-                client_id=f"watch-{fleet}",
-                max_incoming_payload=_MAX_IN,
-            )
-        )
-        self.at: float | None = None
-        self.model: GlobalModel | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._reassembler: Reassembler[None] = Reassembler(4, _MAX_IN, 600.0)
-
-    async def start(self) -> None:
-        await self.transport.connect()
-        await self.transport.subscribe(self.topic, qos=1)
-        self._reader = asyncio.create_task(self._read())
-
-    async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        await self.transport.disconnect()
-
-    async def _read(self) -> None:
-        async for msg in self.transport.messages():
-            payload = msg.payload
-            if is_chunk(payload):
-                whole = self._reassembler.feed(msg.topic, payload, time.monotonic())
-                if whole is None:
-                    continue
-                payload = whole.payload
-            if not payload:
-                continue
-            at = time.perf_counter()
-            body = decode_message(payload, max_size=_MAX_IN).body
-            if isinstance(body, GlobalModel) and body.version >= 1 and self.at is None:
-                self.at, self.model = at, body
-
-
 class _TimedParticipant(SimParticipant):
     """A simulated participant that notes when things arrive and what it sends."""
 
@@ -211,7 +153,7 @@ class _TimedParticipant(SimParticipant):
         self._times = times
 
     async def start(self, *, models: bool = False) -> None:
-        """Subscribe like a device, except to models (see :class:`_ModelWatcher`)."""
+        """Subscribe like a device, except to models (see :class:`ModelWatcher`)."""
         await super().start(models=models)
 
     def arrived(self, kind: TopicKind, round_id: int) -> None:
@@ -242,7 +184,70 @@ async def _masked_round(
         seed1, p_sum=p_sum, p_update=1.0, summers=summers, updaters=n
     )
     http_port = free_port()
-    config = fleet.write_coordinator(
+    config = _masked_config(
+        fleet,
+        root,
+        port,
+        initial,
+        http_port=http_port,
+        p_sum=p_sum,
+        n=n,
+        summers=summers,
+        word_bits=word_bits,
+    )
+    times = _Times()
+    participants: list[SimParticipant] = [
+        _TimedParticipant(i, times, ca_public_key=fleet.ca_public_key, host="127.0.0.1", port=port)
+        for i in [*s_ids, *u_ids]
+    ]
+    watcher = ModelWatcher(port, FLEET, "bench")
+    await watcher.start()
+    await start_all(participants)
+    try:
+        coordinator = supervisor.start(
+            "coordinator",
+            [
+                *console_script("maskfl-coordinator", "maskfl.broker_coordinator.cli"),
+                "run",
+                "--config",
+                str(config),
+            ],
+        )
+        model_at, status_info = await _until_model(supervisor, coordinator, watcher, http_port)
+        errors = [e for p in participants for e in p.errors]
+        if errors:
+            raise MaskflError(f"participants reported errors: {errors[:3]}")
+        model = watcher.model
+        assert model is not None
+    finally:
+        await stop_all(participants)
+        await watcher.stop()
+        if "coordinator" in locals():
+            supervisor.stop(coordinator)
+    summer_ids = {i.device_id for i in s_ids}
+    return {
+        **_masked_times(times, summer_ids, model_at),
+        "model_weights_bytes": int(model.weights.nbytes),
+        "backend": status_info.get("backend"),
+        "resolution": MaskConfig(1.0, max(100, n), word_bits).resolution,  # type: ignore[arg-type]
+    }
+
+
+def _masked_config(
+    fleet: SimFleet,
+    root: Path,
+    port: int,
+    initial: npt.NDArray[np.float32],
+    *,
+    http_port: int,
+    p_sum: float,
+    n: int,
+    summers: int,
+    word_bits: int,
+) -> Path:
+    """The coordinator's config: one round whose every phase closes at its count."""
+    m = initial.size
+    return fleet.write_coordinator(
         root / "coordinator",
         port=port,
         length=m,
@@ -282,50 +287,33 @@ async def _masked_round(
             "log": {"level": "info", "format": "text"},
         },
     )
-    times = _Times()
-    participants: list[SimParticipant] = [
-        _TimedParticipant(i, times, ca_public_key=fleet.ca_public_key, host="127.0.0.1", port=port)
-        for i in [*s_ids, *u_ids]
-    ]
-    summer_ids = {i.device_id for i in s_ids}
-    watcher = _ModelWatcher(port, FLEET, "bench")
-    await watcher.start()
-    await start_all(participants)
-    try:
-        coordinator = supervisor.start(
-            "coordinator",
-            [
-                *console_script("maskfl-coordinator", "maskfl.broker_coordinator.cli"),
-                "run",
-                "--config",
-                str(config),
-            ],
-        )
-        status_info: dict[str, Any] = {}
-        deadline = time.monotonic() + 900
-        model_at: float | None = None
-        while model_at is None:
-            if coordinator.proc.poll() == 0:
-                coordinator.expected_exit = True  # max_rounds = 1: it stops after the round
-            supervisor.check()
-            if time.monotonic() > deadline:
-                raise MaskflError(f"the masked round did not finish; see {coordinator.log_path}")
-            if not status_info:
-                status_info = await fetch_status(http_port, 0.5) or {}
-            if watcher.at is not None:
-                model_at = watcher.at
-            else:
-                await asyncio.sleep(0.02)
-        errors = [e for p in participants for e in p.errors]
-        if errors:
-            raise MaskflError(f"participants reported errors: {errors[:3]}")
-        model = watcher.model
-        assert model is not None
-    finally:
-        await stop_all(participants)
-        await watcher.stop()
-        if "coordinator" in locals():
-            supervisor.stop(coordinator)
+
+
+async def _until_model(
+    supervisor: Supervisor, coordinator: Child, watcher: ModelWatcher, http_port: int
+) -> tuple[float, dict[str, Any]]:
+    """When the round's model reached the watcher (900 s at most), and the coordinator's
+    /status as first read."""
+    status_info: dict[str, Any] = {}
+    deadline = time.monotonic() + 900
+    model_at: float | None = None
+    while model_at is None:
+        if coordinator.proc.poll() == 0:
+            coordinator.expected_exit = True  # max_rounds = 1: it stops after the round
+        supervisor.check()
+        if time.monotonic() > deadline:
+            raise MaskflError(f"the masked round did not finish; see {coordinator.log_path}")
+        if not status_info:
+            status_info = await fetch_status(http_port, 0.5) or {}
+        if watcher.at is not None:
+            model_at = watcher.at
+        else:
+            await asyncio.sleep(0.02)
+    return model_at, status_info
+
+
+def _masked_times(times: _Times, summer_ids: AbstractSet[str], model_at: float) -> dict[str, Any]:
+    """Each phase's seconds, from what the participants saw, and the bytes they sent."""
     t0 = min(times.params)
     # A phase ends when the coordinator's dictionary first reaches a participant (the
     # last ones to see it may already be busy masking: one event loop runs them all).
@@ -344,248 +332,7 @@ async def _masked_round(
         },
         "bytes_per_updater": int(np.mean(updater_bytes)) if updater_bytes else 0,
         "bytes_per_summer": int(np.mean(summer_bytes)) if summer_bytes else 0,
-        "model_weights_bytes": int(model.weights.nbytes),
-        "backend": status_info.get("backend"),
-        "resolution": MaskConfig(1.0, max(100, n), word_bits).resolution,  # type: ignore[arg-type]
     }
-
-
-# -- the plain round ---------------------------------------------------------------------
-
-
-class _PlainParticipant:
-    """Sends its float32 delta in the clear, signed, in the same message format."""
-
-    def __init__(self, identity: Identity, port: int) -> None:
-        self.identity = identity
-        self.topics = Topics(identity.fleet)
-        self.transport = MqttTransport(
-            MqttConfig(
-                host="127.0.0.1",
-                port=port,
-                client_id=identity.device_id,
-                max_incoming_payload=_MAX_IN,
-                incoming_queue_size=10_000,
-            )
-        )
-        self.params_at: float | None = None
-        self.bytes_sent = 0
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self.transport.connect()
-        await self.transport.subscribe(self.topics.round, qos=1)
-        self._reader = asyncio.create_task(self._read())
-
-    async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        await self.transport.disconnect()
-
-    async def _read(self) -> None:
-        async for msg in self.transport.messages():
-            if not msg.payload:
-                continue
-            kind = parse_topic(msg.topic).kind
-            if kind is TopicKind.ROUND and self.params_at is None:
-                self.params_at = time.perf_counter()
-                params = decode_message(msg.payload, max_size=_MAX_IN).body
-                assert isinstance(params, RoundParams)
-                await self._send(params)
-
-    async def _send(self, params: RoundParams) -> None:
-        m = params.vector_length
-        rng = np.random.default_rng()
-        delta = rng.uniform(-0.5, 0.5, m).astype(np.float32)
-        words = np.empty(m + 1, dtype=np.uint32)
-        words[:m] = delta.view(np.uint32)
-        words[m] = np.float32(rng.uniform(0.2, 1.0)).view(np.uint32)
-        ident = self.identity
-        raw = encode_message(
-            Update(ident.certificate, {}, words),
-            fleet=ident.fleet,
-            round_id=int(params.round_id),
-            signing_key=ident.signing_key,
-        )
-        topic = self.topics.update(int(params.round_id), ident.device_id)
-        for frame in split_payload(raw, params.chunk_size):
-            await self.transport.publish(topic, frame, qos=1)
-        self.bytes_sent += len(raw)
-
-
-async def _plain_round(
-    root: Path, supervisor: Supervisor, port: int, *, n: int, m: int
-) -> dict[str, Any]:
-    fleet = SimFleet(fleet=FLEET + "-plain")
-    config = fleet.write_coordinator(
-        root / "plain",
-        port=port,
-        length=m,
-        overrides={"pet": {"update": {"target": n, "count_max": 100}}},
-    )
-    participants = [_PlainParticipant(fleet.identity(f"plain-{i:03d}"), port) for i in range(n)]
-    watcher = _ModelWatcher(port, fleet.fleet, "bench")
-    await watcher.start()
-    await asyncio.gather(*(p.start() for p in participants))
-    out = root / "plain" / "result.json"
-    try:
-        aggregator = supervisor.start(
-            "plain-aggregator",
-            [
-                sys.executable,
-                "-m",
-                "maskfl.tools.bench_round",
-                "plain-aggregator",
-                "--config",
-                str(config),
-                "--n",
-                str(n),
-                "--out",
-                str(out),
-            ],
-        )
-        deadline = time.monotonic() + 600
-        while watcher.at is None:
-            code = aggregator.proc.poll()
-            if code is not None:
-                aggregator.expected_exit = True
-                if code != 0:
-                    raise MaskflError(
-                        f"the plain aggregator failed ({code}): {aggregator.log_tail()}"
-                    )
-            supervisor.check()
-            if time.monotonic() > deadline:
-                raise MaskflError(f"the plain round did not finish; see {aggregator.log_path}")
-            await asyncio.sleep(0.02)
-        aggregator.expected_exit = True
-        aggregator.proc.wait(30)
-    finally:
-        await asyncio.gather(*(p.stop() for p in participants), return_exceptions=True)
-        await watcher.stop()
-    agg = json.loads(out.read_text())
-    t0 = min(p.params_at for p in participants if p.params_at is not None)
-    t_end = watcher.at
-    return {
-        "seconds": {
-            "upload": round(agg["last_update_perf"] - t0, 4),
-            "total": round(t_end - t0, 4),
-        },
-        "aggregator_seconds": agg["seconds"],
-        "bytes_per_updater": int(np.mean([p.bytes_sent for p in participants])),
-    }
-
-
-# -- the plain aggregator (its own process) ------------------------------------------------
-
-
-async def _plain_aggregator(config_path: Path, n: int, out: Path) -> None:  # noqa: PLR0915 one measured aggregator run
-    from maskfl.broker_coordinator.config import load_config
-    from maskfl.broker_coordinator.service import load_identity
-
-    config = load_config(config_path)
-    ca, key, cert = load_identity(config)
-    fleet = config.fleet.id
-    m = config.model.length
-    topics = Topics(fleet)
-    transport = MqttTransport(
-        MqttConfig(
-            host=config.broker.host,
-            port=config.broker.port,
-            client_id="plain-aggregator",
-            max_incoming_payload=_MAX_IN,
-            incoming_queue_size=10_000,
-        )
-    )
-    await transport.connect()
-    await transport.subscribe(f"{topics.prefix}round/+/update/+", qos=1)
-    params = RoundParams(
-        round_id=1,  # type: ignore[arg-type]
-        seed=bytes(32),
-        previous_seed=bytes(32),
-        p_sum=0.0,
-        p_update=1.0,
-        sum_time_max_s=1.0,
-        update_time_max_s=600.0,
-        sum2_time_max_s=1.0,
-        model_id="bench",
-        model_version=0,
-        model_digest=bytes(32),
-        mask=MaskConfig(1.0, 100, 32),
-        vector_length=m,
-        chunk_size=CHUNK,
-        certificate=cert,
-    )
-    acc = np.zeros(m, dtype=np.float64)
-    weight_sum = 0.0
-    count = 0
-    reassembler: Reassembler[None] = Reassembler(
-        4 * n + 8, 8 * (4 * m + 1_000_000) * n + (1 << 20), 600.0, max_per_key=2
-    )
-    verify_s = 0.0
-    add_s = 0.0
-    t0 = time.perf_counter()
-    await transport.publish(
-        topics.round,
-        encode_message(params, fleet=fleet, round_id=1, signing_key=key),
-        qos=1,
-        retain=True,
-    )
-    first: float | None = None
-    async for msg in transport.messages():
-        payload = msg.payload
-        if is_chunk(payload):
-            whole = reassembler.feed(msg.topic, payload, time.monotonic())
-            if whole is None:
-                continue
-            payload = whole.payload
-        first = first or time.perf_counter()
-        a = time.perf_counter()
-        signed = decode_message(payload, max_size=_MAX_IN)
-        signed.expect(fleet=fleet, round_id=1, types=(MessageType.UPDATE,))
-        verify_sender(signed, ca_public_key=ca, fleet=fleet, now=time.time(), revocations=None)
-        body = signed.body
-        assert isinstance(body, Update)
-        b = time.perf_counter()
-        words: npt.NDArray[np.uint32] = np.asarray(body.words)
-        weight = float(words[m:].view(np.float32)[0])
-        acc += weight * np.clip(words[:m].view(np.float32), -1.0, 1.0)
-        weight_sum += weight
-        count += 1
-        add_s += time.perf_counter() - b
-        verify_s += b - a
-        if count >= n:
-            break
-    last = time.perf_counter()
-    weights = (acc / weight_sum).astype(np.float32)
-    model = GlobalModel(
-        model_id="bench",
-        version=1,
-        round_id=1,  # type: ignore[arg-type]
-        previous_digest=bytes(32),
-        weights=weights,
-    )
-    await transport.publish(
-        topics.model_latest("bench"),
-        encode_message(model, fleet=fleet, round_id=1, signing_key=key),
-        qos=1,
-        retain=True,
-    )
-    done = time.perf_counter()
-    await transport.disconnect()
-    result = json.dumps(
-        {
-            "seconds": {
-                "wait_first_update": round((first or last) - t0, 4),
-                "receive_all": round(last - t0, 4),
-                "verify": round(verify_s, 4),
-                "add": round(add_s, 4),
-                "publish_model": round(done - last, 4),
-            },
-            "last_update_perf": last,  # CLOCK_MONOTONIC: comparable across processes
-        }
-    )
-    await asyncio.to_thread(out.write_text, result)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -597,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     agg.add_argument("--n", type=int, required=True)
     agg.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    asyncio.run(_plain_aggregator(args.config, args.n, args.out))
+    asyncio.run(plain_aggregator(args.config, args.n, args.out))
     return 0
 
 
