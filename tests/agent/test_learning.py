@@ -16,6 +16,7 @@ from maskfl.agent.learning import GraphPendingError, LiteRTLearner
 from maskfl.models import model_path, shipped_model
 from maskfl.protocol.crypto import digest
 from maskfl.protocol.errors import ConfigError
+from tests.support.harness import LogWatch
 
 MLP = shipped_model("mlp")
 CNN = shipped_model("cnn")
@@ -65,10 +66,10 @@ async def test_training_waits_for_the_named_graph(caplog: pytest.LogCaptureFixtu
     lrn.set_graph_digest("net", digest(genuine))
     weights = learner().local_weights("mlp")
     assert weights is not None
-    training = asyncio.create_task(lrn.train("net", weights, round_id=1))
-    while not any("waiting for it" in r.getMessage() for r in caplog.records):
-        assert not training.done()
-        await asyncio.sleep(0.01)
+    with LogWatch() as logs:
+        training = asyncio.create_task(lrn.train("net", weights, round_id=1))
+        await logs.until("waiting for it")
+    assert not training.done()
     lrn.add_graph("net", genuine)
     result = await asyncio.wait_for(training, 60)
     assert result.delta.size == MLP.num_params and result.num_samples > 0

@@ -60,17 +60,27 @@ def test_run_refuses_a_private_key_others_can_read(
     assert f"chmod 600 {key}" in err
 
 
+def _retrying(proc: subprocess.Popen[str]) -> str:
+    """Read the coordinator's log until it says the broker is unreachable (its state
+    directory, lock and database are set up by then; it retries with back-off)."""
+    assert proc.stderr is not None
+    seen = ""
+    for line in proc.stderr:  # blocks on the process's own output: no polling
+        seen += line
+        if "unreachable" in line:
+            return seen
+    raise AssertionError(f"the coordinator ended without trying the broker:\n{seen}")
+
+
 def test_stop_while_the_broker_is_unreachable_is_clean(tmp_path: Path) -> None:
     config = _bundle(tmp_path)
     proc = _cli("run", "--config", str(config))
     try:
-        # Wait until it is retrying the (closed) broker port, then stop it as systemd does.
-        deadline = time.monotonic() + 30
-        while not (config.parent / "state").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
+        # Once it is retrying the (closed) broker port, stop it as systemd does.
+        head = _retrying(proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
+        err = head + err
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -89,11 +99,9 @@ def test_models_list_and_export_of_a_missing_version(
     listed = ""
     try:
         # The initial weights become version 0 before the broker is reached.
-        deadline = time.monotonic() + 30
-        while "sim v0" not in listed and time.monotonic() < deadline:
-            time.sleep(0.1)
-            if db.exists() and main(["models", "list", "--config", str(config)]) == 0:
-                listed = capsys.readouterr().out
+        _retrying(proc)
+        assert db.exists() and main(["models", "list", "--config", str(config)]) == 0
+        listed = capsys.readouterr().out
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
@@ -173,10 +181,7 @@ def test_a_second_coordinator_on_the_same_state_dir_is_refused(tmp_path: Path) -
     config = _bundle(tmp_path)
     first = _cli("run", "--config", str(config))
     try:
-        lock = config.parent / "state" / "coordinator.lock"
-        deadline = time.monotonic() + 30
-        while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _retrying(first)  # it holds the lock by then
         second = _cli("run", "--config", str(config))
         _, err = second.communicate(timeout=60)
         assert second.returncode == 2
@@ -186,9 +191,10 @@ def test_a_second_coordinator_on_the_same_state_dir_is_refused(tmp_path: Path) -
         first.kill()  # like kill -9: the kernel drops the lock with the process
         first.communicate(timeout=30)
     third = _cli("run", "--config", str(config))
-    time.sleep(2)
+    head = _retrying(third)  # past the lock
     third.send_signal(signal.SIGTERM)
     _, err = third.communicate(timeout=30)
+    err = head + err
     assert third.returncode == 0
     assert "another coordinator" not in err
 

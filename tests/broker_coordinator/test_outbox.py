@@ -15,11 +15,14 @@ class SlowBroker:
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes]] = []
         self.puback = asyncio.Event()
+        self.attempted = asyncio.Event()
+        """Set at the first publish: the outbox is sending (and waits for the PUBACK)."""
         self.refuse: set[str] = set()
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> None:
+        self.attempted.set()
         await self.puback.wait()
         if topic in self.refuse:
             raise RefusedError(
@@ -37,7 +40,7 @@ async def test_a_flood_of_receipts_waits_for_the_broker_and_none_is_dropped() ->
     for i in range(n):
         outbox.receipt(f"receipts/dev-{i}", b"r%d" % i, then=lambda i=i: acked.append(i))  # type: ignore[misc]
     outbox.resend_stored([(b"d" * 32, "receipts/dev-stored", b"stored")])
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(broker.attempted.wait(), 10)  # sending, blocked on the PUBACK
     assert outbox.pending == n + 1
     assert acked == []  # no message is acked before the broker has its receipt
     assert outbox.take_sent() == []

@@ -18,6 +18,7 @@ from maskfl.testing.broker import Mosquitto, free_port
 from maskfl.testing.participants import SimParticipant, start_all, stop_all, wait_for
 from maskfl.transport import MqttConfig, MqttTransport
 from tests.broker_coordinator.support import make_setup, running_coordinator, trained
+from tests.support.harness import LogWatch
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
 
@@ -118,29 +119,25 @@ async def test_http_answers_while_the_broker_is_down(tmp_path: Path) -> None:
         updaters=1,
         extra={"http": {"enabled": True, "host": "127.0.0.1", "port": port}},
     )
-    async with running_coordinator(setup.config_path) as coordinator:
-
-        async def get(path: str) -> tuple[int, str]:
-            try:
-                return await asyncio.to_thread(_get, port, path)
-            except OSError:  # not listening yet
-                return 0, ""
-
-        for _ in range(200):  # the database opens, then the broker link is tried
-            if await get("/readyz") == (503, "broker link down\n"):
-                break
-            await asyncio.sleep(0.05)
-        assert await get("/readyz") == (503, "broker link down\n")
-        assert await get("/healthz") == (200, "ok\n")
-        assert (await get("/metrics"))[0] == 200
-        assert not coordinator.started.is_set()
-        broker.start()
+    with LogWatch() as logs:
         try:
-            for _ in range(400):
-                if (await get("/readyz"))[0] == 200:
-                    break
-                await asyncio.sleep(0.05)
-            assert await get("/readyz") == (200, "ready\n")
+            async with running_coordinator(setup.config_path) as coordinator:
+
+                async def get(path: str) -> tuple[int, str]:
+                    try:
+                        return await asyncio.to_thread(_get, port, path)
+                    except OSError:  # not listening
+                        return 0, ""
+
+                # The HTTP server starts, the database opens, the broker link fails.
+                await logs.until("the broker is unreachable")
+                assert await get("/readyz") == (503, "broker link down\n")
+                assert await get("/healthz") == (200, "ok\n")
+                assert (await get("/metrics"))[0] == 200
+                assert not coordinator.started.is_set()
+                broker.start()
+                await asyncio.wait_for(coordinator.started.wait(), 30)  # connected, serving
+                assert await get("/readyz") == (200, "ready\n")
         finally:
             broker.stop()
 

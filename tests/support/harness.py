@@ -193,6 +193,41 @@ class _Wakeup(logging.Handler):
                 self.loop.call_soon_threadsafe(self.event.set)
 
 
+class LogWatch(contextlib.AbstractContextManager["LogWatch"]):
+    """Log records from the moment it is entered, to await one (no broker, no
+    harness needed): ``with LogWatch() as logs: ...; await logs.until("words")``."""
+
+    def __init__(self) -> None:
+        self.records: list[logging.LogRecord] = []
+        self._event = asyncio.Event()
+        self._handler = _Wakeup(self._event)
+        self._handler.emit = self._emit  # type: ignore[method-assign]
+
+    def _emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        _Wakeup.emit(self._handler, record)
+
+    def __enter__(self) -> LogWatch:
+        logging.getLogger().addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeHandler(self._handler)
+
+    async def until(self, words: str, limit_s: float = 20) -> logging.LogRecord:
+        """The first record (since entering) whose message contains ``words``."""
+        try:
+            async with asyncio.timeout(limit_s):
+                while True:
+                    self._event.clear()
+                    for record in self.records:
+                        if words in record.getMessage():
+                            return record
+                    await self._event.wait()
+        except TimeoutError:
+            raise AssertionError(f"no log line with {words!r} after {limit_s} s") from None
+
+
 class _ClearPokes(asyncio.Event):
     """The runner's ``changed`` event; clearing it (the runner is about to wait again,
     having looked at the clock and its counts) also wakes :meth:`Harness.until`."""
