@@ -185,6 +185,7 @@ class StandIn:
         self._reader: asyncio.Task[None] | None = None
         self.previous_seed = bytes(32)
         self.gone: list[str] = []
+        self._said_gone = asyncio.Event()
 
     async def __aenter__(self) -> StandIn:
         await self.transport.connect()
@@ -211,9 +212,18 @@ class StandIn:
             self.raw[parsed.kind].append(payload)
             if not payload:  # a status "gone" (last will or goodbye)
                 self.gone.append(message.topic)
+                self._said_gone.set()
                 continue
             signed = decode_message(payload, max_size=1 << 28)
             await self.queues[parsed.kind].put((message.topic, signed))
+
+    async def wait_gone(self, device: str, wait_s: float = 20.0) -> None:
+        """Until ``device``'s status topic is emptied (its last will or goodbye)."""
+        topic = self.topics.status(device)
+        async with asyncio.timeout(wait_s):
+            while topic not in self.gone:
+                self._said_gone.clear()
+                await self._said_gone.wait()
 
     async def expect(self, kind: TopicKind, wait_s: float = 20.0) -> SignedMessage:
         """The next participant message of ``kind`` (sum, update, sum2, status)."""

@@ -61,7 +61,7 @@ def wait_until(what: str, done: Callable[[], bool], agent: AgentProcess) -> None
     while not done():
         assert agent.proc.poll() is None or done(), f"agent exited before {what}:\n{agent.text()}"
         assert time.monotonic() < deadline, f"no {what} in {WAIT_S} s:\n{agent.text()}"
-        time.sleep(0.02)
+        time.sleep(0.02)  # inherent: an agent process's log and state, read from outside
 
 
 def clean(text: str) -> None:

@@ -100,13 +100,7 @@ async def wait_for_step(db: Path, round_id: int, step: str, wait_s: float = 20.0
     while journal_step(db, round_id) != step:
         if time.monotonic() > deadline:
             raise AssertionError(f"round {round_id} never reached {step}")
-        await asyncio.sleep(0.05)
-
-
-async def wait_gone(coord: StandIn, device: str) -> None:
-    topic = coord.topics.status(device)
-    while topic not in coord.gone:  # noqa: ASYNC110 - polling a list the reader fills
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # inherent: the journal of an agent process, read from outside
 
 
 async def test_sigkill_between_sum_and_sum2_still_delivers_sum2(
@@ -126,7 +120,7 @@ async def test_sigkill_between_sum_and_sum2_still_delivers_sum2(
         finally:
             first.kill()
         # The broker publishes the will: an empty status message ("gone").
-        await asyncio.wait_for(wait_gone(coord, "dev-k"), 10)
+        await coord.wait_gone("dev-k", 10)
         # While the agent is dead the update phase ends and its seeds are published.
         seeds = [new_seed() for _ in range(4)]
         pk = sum_message.body.ephemeral_pk
@@ -169,7 +163,7 @@ async def test_sigkill_after_training_delivers_exactly_one_update(
             await wait_for_step(db, rid, kill_at, wait_s=60)
         finally:
             first.kill()
-        await asyncio.wait_for(wait_gone(coord, "dev-u"), 10)
+        await coord.wait_gone("dev-u", 10)
         assert "trained on" in first.text()
         if kill_at == "trained":
             assert coord.raw[TopicKind.UPDATE] == []

@@ -122,6 +122,7 @@ async def test_kill9_then_restart_includes_every_update_once(
             kills = [rng.uniform(0.1, 2.0)]
         elapsed = 0.0
         for at in kills:
+            # Inherent: the kill -9 lands at a random instant of the phase on purpose.
             await asyncio.sleep(at - elapsed)
             elapsed = at
             coordinator.kill9()

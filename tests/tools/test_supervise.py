@@ -36,7 +36,7 @@ def _wait_for_text(path: Path, text: str) -> None:
     deadline = time.monotonic() + 20
     while text not in (path.read_text() if path.exists() else ""):
         assert time.monotonic() < deadline, f"no {text!r} in {path}"
-        time.sleep(0.02)
+        time.sleep(0.02)  # inherent: a log file a child process writes
 
 
 def test_stop_all_kills_groups_including_grandchildren(tmp_path: Path) -> None:
@@ -49,7 +49,7 @@ def test_stop_all_kills_groups_including_grandchildren(tmp_path: Path) -> None:
     assert child.proc.returncode is not None
     deadline = time.monotonic() + 5
     while _group_members(child.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.05)  # inherent: grandchildren the kernel reaps, no event to await
     assert _group_members(child.pid) == []
 
 

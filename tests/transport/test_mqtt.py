@@ -236,7 +236,7 @@ async def test_broker_kill_mid_stream_reconnects_and_keeps_working(tmp_path: Pat
                 await pub.publish("data/q0", b"lost", qos=0)
             # A QoS 1 publish made while the broker is down waits, then completes.
             pending = asyncio.create_task(pub.publish("status/pub", b"during outage"))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # inherent: a negative check, it must NOT complete meanwhile
             assert not pending.done()
 
             broker.start()
@@ -295,7 +295,7 @@ async def test_outgoing_queue_is_bounded_while_the_link_is_down(tmp_path: Path) 
             broker.kill()
             await events.wait_for(LinkState.DISCONNECTED)
             waiting = [asyncio.create_task(t.publish("a", b"")) for _ in range(2)]
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one loop turn: both publishes are queued, nothing waits
             with pytest.raises(TransportError, match="already wait"):
                 await t.publish("a", b"third")
             broker.start()
@@ -406,7 +406,7 @@ async def test_publish_after_disconnect_and_pending_publish_on_close(tmp_path: P
     broker.kill()
     await events.wait_for(LinkState.DISCONNECTED)
     pending = asyncio.create_task(t.publish("a", b"never acked"))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # inherent: the publish must be pending (it can never complete)
     await t.disconnect()
     with pytest.raises(TransportClosedError):
         await pending

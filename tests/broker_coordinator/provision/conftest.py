@@ -50,7 +50,7 @@ class Broker:
         deadline = time.monotonic() + WAIT_S
         while self.mosquitto.log().count("Reloading config") == before:
             assert time.monotonic() < deadline, "mosquitto did not reload"
-            time.sleep(0.02)
+            time.sleep(0.02)  # inherent: mosquitto's log file, written by another process
 
     def device(self, name: str, *, bundle: Path | None = None) -> TlsClient:
         folder = bundle or self.root / "devices" / name

@@ -216,7 +216,7 @@ def test_development_listener_is_plain_and_loopback_only_when_asked(tmp_path: Pa
                 break
             except OSError:
                 assert time.monotonic() < deadline, "the development listener never opened"
-                time.sleep(0.02)
+                time.sleep(0.02)  # inherent: a port another process opens
         assert plain.connect("127.0.0.1", dev_port) == mqtt.MQTT_ERR_SUCCESS
         plain.loop_start()
         info = plain.publish(f"{P}/round", b"anything goes here", qos=1)

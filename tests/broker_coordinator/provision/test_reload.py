@@ -46,7 +46,7 @@ def _wait_reloads(broker: Broker, count: int) -> None:
     deadline = time.monotonic() + WAIT_S
     while _reloads(broker) < count:
         assert time.monotonic() < deadline, "mosquitto did not reload"
-        time.sleep(0.02)
+        time.sleep(0.02)  # inherent: mosquitto's log file, written by another process
 
 
 def _run(root: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str:

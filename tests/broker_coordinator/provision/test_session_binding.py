@@ -103,7 +103,7 @@ def wait_for_log(broker: Broker, text: str, count: int = 1) -> None:
         assert time.monotonic() < deadline, (
             f"mosquitto never logged {text!r}:\n{broker.mosquitto.log()}"
         )
-        time.sleep(0.02)
+        time.sleep(0.02)  # inherent: mosquitto's log file, written by another process
 
 
 @pytest.mark.parametrize("victim", VICTIMS)
