@@ -381,3 +381,52 @@ async def test_the_sum_phase_waits_past_time_min_for_a_group_without_a_summer(
         assert coordinator.runner is not None and coordinator.runner.rounds_failed == 0
         metrics = dict(trained(summers[0])[0].metrics)
         assert metrics["summers"] == 3 and metrics["groups"] == 2 and metrics["updates"] == 3
+
+
+@pytest.mark.parametrize("crash", [True, False], ids=["crash", "stop"])
+async def test_a_coordinator_restarted_mid_update_phase_goes_on_with_the_store(
+    tmp_path, crash: bool
+) -> None:
+    """Two of four updates are committed when the coordinator is thrown away (or
+    stopped as a service stop would); a new one on the same SQLite files resumes the
+    update phase with them, takes the other two, and publishes the mean of all four."""
+    async with harness(tmp_path, summers=2, updaters=4) as h:
+        gate = asyncio.Event()
+        held = {i.device_id: Behaviour(update_gate=gate) for i in h.setup.updaters[2:]}
+        summers, updaters = h.fleet(held)
+        await h.start(summers + updaters)
+        first = await h.start_coordinator()
+        await h.until(lambda: all(p.receipts for p in updaters[:2]), "two updates' receipts")
+        second = await h.restart_coordinator(crash=crash)
+        assert second is not first and second.runner is not None
+        assert second.runner.phase is Phase.UPDATE and second.runner.state is not None
+        assert len(second.runner.state.updates) == 2
+        gate.set()
+        await h.until(lambda: all(trained(p) for p in h.participants), "the global model")
+        model = trained(summers[0])[0]
+        assert model.version == 1 and dict(model.metrics)["updates"] == 4
+        check_mean(h, updaters, model)
+        assert all(reasons(p) == [None] * len(p.receipts) for p in h.participants)
+
+
+async def test_an_update_delivered_twice_while_it_is_handled_counts_once(tmp_path) -> None:
+    """The coordinator's link drops just after it took an update and before it could
+    acknowledge it: the broker delivers the update again while the first copy is being
+    admitted. It counts once, and every answer about it says it counted."""
+    async with harness(tmp_path, summers=2, updaters=4) as h:
+        summers, updaters = h.fleet()
+        twice = updaters[0]
+        await h.start(summers)
+        coordinator = await h.start_coordinator()
+        topic = Topics(h.setup.fleet.fleet).update(1, twice.device)
+        h.drop_link_after(coordinator.transport, topic)
+        await h.start(updaters)
+        await h.until(lambda: all(trained(p) for p in h.participants), "the global model")
+        assert coordinator.transport is not None
+        assert coordinator.transport.stats.redelivered >= 1
+        model = trained(summers[0])[0]
+        assert dict(model.metrics)["updates"] == 4
+        check_mean(h, updaters, model)
+        await h.until(lambda: len(twice.receipts) == 2, "both answers")
+        assert sorted(reasons(twice), key=str) == [None, "duplicate"]
+        assert twice.receipts[0].message_digest == twice.receipts[1].message_digest

@@ -134,9 +134,14 @@ class _WakingTransport(MemoryTransport):
     def __init__(self, broker: TrafficBroker, client_id: str, *, manual_ack: bool) -> None:
         super().__init__(broker, client_id, manual_ack=manual_ack)
         self.traffic = broker.traffic
+        self.drop_after: Callable[[str], bool] | None = None
+        """See :meth:`Bench.drop_link_after`."""
 
     async def receive(self) -> Message:
         message = await super().receive()
+        if self.drop_after is not None and self.drop_after(message.topic):
+            self.drop_after = None
+            asyncio.get_running_loop().call_soon(self.drop_link)
         self.traffic.set()
         return message
 
@@ -332,6 +337,13 @@ class Bench:
         assert isinstance(transport, MemoryTransport), transport
         transport.drop_link()
         self.wake()
+
+    def drop_link_after(self, transport: Transport | None, topic_filter: str) -> None:
+        """Lose ``transport``'s link just after its reader took the next message on
+        ``topic_filter``, before it could acknowledge it: the broker delivers that
+        message again (``dup``) while the first copy is being handled."""
+        assert isinstance(transport, _WakingTransport), transport
+        transport.drop_after = lambda topic: topic_matches(topic_filter, topic)
 
     @contextlib.asynccontextmanager
     async def agent(self, config_path: Path) -> AsyncIterator[Agent]:
