@@ -1,0 +1,665 @@
+"""The test bed of ``maskfl-bench scale``: mosquittos (a core and edge brokers bridged to
+it), the coordinator process, simulated summers, an idle fleet in processes of its own,
+and one publisher process per round for the updaters' frames; what each round cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maskfl.protocol.chunking import split_payload
+from maskfl.protocol.crypto import new_seed, seal_seed
+from maskfl.protocol.masking import MaskConfig, mask_update
+from maskfl.protocol.messages import (
+    GlobalModel,
+    RoundParams,
+    SumDict,
+    Update,
+    decode_message,
+    encode_message,
+    open_sum_dict,
+)
+from maskfl.protocol.topics import Topics
+from maskfl.testing.broker import LOG_QUIET, free_port, write_config
+from maskfl.testing.fleet import SimFleet
+from maskfl.testing.participants import Behaviour, SimParticipant
+from maskfl.tools._bench_publish import publish_all, read_frames, records
+from maskfl.tools._supervise import Child, Supervisor
+from maskfl.transport import MqttConfig, MqttTransport
+
+CHUNK = 256 * 1024
+P_SUM = 0.5
+SUMMERS = 2
+FLEET = "bench"
+
+
+def groups_of(args: argparse.Namespace) -> int:
+    """--groups: g, the mask groups of every round (1 when not given)."""
+    return int(getattr(args, "groups", 1) or 1)
+
+
+@dataclass
+class Broker:
+    child: Child
+    port: int
+
+
+@dataclass
+class Bed:
+    """Brokers, a coordinator, an idle fleet, an observer; everything stopped on exit."""
+
+    work: Path
+    sup: Supervisor
+    args: argparse.Namespace
+    fleet: SimFleet
+    brokers: list[Broker]
+    coordinator: Child
+    http_port: int
+    observer: MqttTransport
+    idle: list[tuple[Child, Path]] = field(default_factory=list)
+    idle_target: int = 0
+    params: dict[int, asyncio.Future[RoundParams]] = field(default_factory=dict)
+    sums: dict[int, asyncio.Future[SumDict]] = field(default_factory=dict)
+    rss: dict[str, int] = field(default_factory=dict)
+    background: int | None = None
+    fleet_cpu_share: float = 0.0
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        work: Path,
+        *,
+        m: int,
+        n_max: int,
+        updates: int,
+        idle: int,
+        args: argparse.Namespace,
+        models: bool = False,
+        rounds: int = 1,
+    ) -> AsyncIterator[Bed]:
+        sup = Supervisor(work / "logs")
+        try:
+            edges = -(-idle // args.per_broker) if idle > args.per_broker else 0
+            core = _broker(work, sup, "core", None)
+            brokers = [core] + [_broker(work, sup, f"edge{i}", core.port) for i in range(edges)]
+            fleet = SimFleet(fleet=FLEET)
+            http_port = free_port()
+            config = _coordinator_config(
+                fleet,
+                work,
+                core_port=core.port,
+                http_port=http_port,
+                m=m,
+                n_max=n_max,
+                updates=updates,
+                groups=groups_of(args),
+                rounds=rounds,
+            )
+            observer = await _observer(core.port)
+            bed = cls(work, sup, args, fleet, brokers, None, http_port, observer)  # type: ignore[arg-type]
+            reader = asyncio.create_task(bed._observe())
+            try:
+                bed.coordinator = sup.start(
+                    "coordinator",
+                    [
+                        sys.executable,
+                        "-m",
+                        "maskfl.broker_coordinator.cli",
+                        "run",
+                        "--config",
+                        str(config),
+                    ],
+                )
+                bed._start_idle(idle, models)
+                yield bed
+            finally:
+                bed._note_rss()
+                reader.cancel()
+                await observer.disconnect()
+        finally:
+            sup.stop_all()
+
+    # -- plumbing
+
+    def _future(self, table: dict[int, asyncio.Future[Any]], rid: int) -> asyncio.Future[Any]:
+        if rid not in table:
+            table[rid] = asyncio.get_running_loop().create_future()
+        return table[rid]
+
+    async def _observe(self) -> None:
+        async for msg in self.observer.messages():
+            if not msg.payload:
+                continue
+            signed = decode_message(msg.payload, max_size=1 << 20)
+            body, rid = signed.body, int(signed.header.round_id)
+            table: dict[int, asyncio.Future[Any]] | None = None
+            if isinstance(body, RoundParams):
+                table = self.params  # type: ignore[assignment]
+            elif isinstance(body, SumDict):
+                table = self.sums  # type: ignore[assignment]
+            if table is not None:
+                fut = self._future(table, rid)
+                if not fut.done():
+                    fut.set_result(body)
+
+    def _start_idle(self, k: int, models: bool) -> None:
+        self.idle_target = k
+        edges = self.brokers[1:] or self.brokers
+        per = self.args.per_process
+        start = 0
+        procs = max(-(-k // per), len(edges) if k else 0)
+        for i in range(procs):
+            count = k // procs + (1 if i < k % procs else 0)
+            status = self.work / f"idle{i}.json"
+            broker = edges[i % len(edges)]
+            argv = [
+                sys.executable,
+                "-m",
+                "maskfl.testing.idle_fleet",
+                "--port",
+                str(broker.port),
+                "--fleet",
+                FLEET,
+                "--first",
+                str(start),
+                "--count",
+                str(count),
+                "--interval",
+                str(self.args.interval),
+                "--keepalive",
+                str(int(max(60, 4 * self.args.interval))),
+                "--status",
+                str(status),
+            ] + (["--models"] if models else [])
+            self.idle.append((self.sup.start(f"idle{i}", argv), status))
+            start += count
+
+    def pause_fleet(self, paused: bool) -> None:
+        self.background = None  # the heartbeat background changes with it
+        for child, _ in self.idle:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
+    def fleet_counts(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for _, status in self.idle:
+            with contextlib.suppress(OSError, ValueError):
+                for key, v in json.loads(status.read_text()).items():
+                    if key != "pid":
+                        total[key] = total.get(key, 0) + int(v)
+        return total
+
+    async def wait_connected(self) -> None:
+        """Until every idle device is connected (or failed), then one heartbeat interval."""
+        if not self.idle_target:
+            return
+        deadline = time.monotonic() + 60 + self.idle_target / 200
+        while True:
+            self.sup.check()
+            c = self.fleet_counts()
+            if c.get("connected", 0) + c.get("failed", 0) + c.get("refused", 0) >= self.idle_target:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"idle fleet: {c} of {self.idle_target} after the deadline")
+            await asyncio.sleep(1)
+        await asyncio.sleep(self.args.interval + 2)  # every device has beaten once
+
+    async def idle_load(self, window: float) -> dict[str, Any]:
+        await self.wait_connected()
+        pid = self.coordinator.pid
+        others = [b.child.pid for b in self.brokers] + [c.pid for c, _ in self.idle]
+        hb0, cpu0, t0 = self.fleet_counts().get("heartbeats", 0), _cpu(pid), time.monotonic()
+        rest0 = sum(_cpu(p) for p in others)
+        await asyncio.sleep(window)
+        hb1, cpu1, t1 = self.fleet_counts().get("heartbeats", 0), _cpu(pid), time.monotonic()
+        rest1 = sum(_cpu(p) for p in others)
+        self.fleet_cpu_share = round((rest1 - rest0) / (t1 - t0), 3)
+        status = await self.get("/status")
+        rate = (hb1 - hb0) / (t1 - t0)
+        if not self.idle_target:
+            return {
+                "window_s": round(t1 - t0, 1),
+                "heartbeats_per_s": 0.0,
+                "cpu_share_of_one_core": round((cpu1 - cpu0) / (t1 - t0), 4),
+            }
+        return {
+            "window_s": round(t1 - t0, 1),
+            "heartbeats_per_s": round(rate, 1),
+            "cpu_share_of_one_core": round((cpu1 - cpu0) / (t1 - t0), 4),
+            "cpu_us_per_heartbeat": round((cpu1 - cpu0) / max(1, hb1 - hb0) * 1e6, 1),
+            "brokers_and_simulated_fleet_cpu_cores": self.fleet_cpu_share,
+            "devices_alive": status.get("devices_alive"),
+        }
+
+    async def get(self, path: str) -> dict[str, Any]:
+        def fetch() -> dict[str, Any]:
+            url = f"http://127.0.0.1:{self.http_port}{path}"
+            with urllib.request.urlopen(url, timeout=30) as r:
+                data: dict[str, Any] = json.loads(r.read())
+                return data
+
+        return await asyncio.to_thread(fetch)
+
+    def _note_rss(self) -> None:
+        for child in [self.coordinator, *(b.child for b in self.brokers)]:
+            if child is not None:
+                self.rss[child.name] = max(self.rss.get(child.name, 0), _vm(child.pid, "VmHWM"))
+
+    def peak_rss(self) -> dict[str, float]:
+        self._note_rss()
+        brokers = [v for k, v in self.rss.items() if k != "coordinator"]
+        return {
+            "coordinator": round(self.rss.get("coordinator", 0) / 1024, 1),
+            "core_broker": round(self.rss.get("core", 0) / 1024, 1),
+            "brokers_total": round(sum(brokers) / 1024, 1),
+        }
+
+    def broker_bytes_out(self) -> int:
+        return sum(_io(b.child.pid, "wchar") for b in self.brokers)
+
+    async def settle(self) -> int:
+        """The brokers' outbound byte count once a burst is over.
+
+        Heartbeats keep it growing (forwarded to the coordinator, and across bridges),
+        so "over" means: one second in which it grew by less than 1 MB more than
+        twice the heartbeat background of the quietest second seen so far.
+        """
+        last = self.broker_bytes_out()
+        for _ in range(300):
+            await asyncio.sleep(1.0)
+            now = self.broker_bytes_out()
+            grew = now - last
+            self.background = grew if self.background is None else min(self.background, grew)
+            if grew <= 2 * self.background + 1_000_000:
+                return now
+            last = now
+        return last
+
+    # -- one round
+
+    async def round(self, rid: int, n: int, m: int, *, fetch_model: bool = False) -> dict[str, Any]:
+        sent0 = await self.settle()
+        params = await asyncio.wait_for(self._future(self.params, rid), 120 + n / 50)
+        g = params.groups  # the round's, as an updater reads it
+        summer_ids, updater_ids = self.fleet.identities_for_roles(
+            params.seed, p_sum=P_SUM, p_update=1.0, summers=max(SUMMERS, g), updaters=n, groups=g
+        )
+        summers = [
+            SimParticipant(
+                i,
+                ca_public_key=self.fleet.ca_public_key,
+                host="127.0.0.1",
+                port=self.brokers[0].port,
+                behaviour=Behaviour(send_heartbeat=False),
+            )
+            for i in summer_ids
+        ]
+        try:
+            for s in summers:
+                await s.start()
+            sums = await asyncio.wait_for(self._future(self.sums, rid), 120)
+            frames_file, update_bytes = self._write_updates(rid, params, sums, updater_ids, m)
+            model_topic = Topics(FLEET).model_latest("sim") if fetch_model else ""
+            cpu0 = _cpu(self.coordinator.pid)
+            t0, fetched, model_bytes = await self._publish(
+                frames_file, n if fetch_model else 0, model_topic
+            )
+            frames_file.unlink()
+            ingest = await self._until_done(rid, n, m)
+            cpu1 = _cpu(self.coordinator.pid)
+        finally:
+            for s in summers:
+                await s.stop()
+        info = await asyncio.to_thread(_round_record, self.work / "coordinator", rid)
+        sent1 = await self.settle()
+        self._note_rss()
+        return _round_entry(
+            rid,
+            n,
+            info=info,
+            ingest=ingest,
+            background=self.background,
+            update_bytes=update_bytes,
+            first_publish=t0,
+            cpu_s=cpu1 - cpu0,
+            broker_bytes_out=sent1 - sent0,
+            fetched=fetched,
+            model_bytes=model_bytes,
+        )
+
+    def _write_updates(
+        self, rid: int, params: RoundParams, sums: SumDict, updater_ids: list[Any], m: int
+    ) -> tuple[Path, int]:
+        """Every updater's masked update, chunked, into a frames file for the publisher
+        process; the file and the size of one update."""
+        n = len(updater_ids)
+        g = params.groups
+        opened = open_sum_dict(
+            sums,
+            fleet=FLEET,
+            round_id=rid,
+            ca_public_key=self.fleet.ca_public_key,
+            now=time.time(),
+            revocations=None,
+            groups=g,
+            round_seed=params.seed,
+        )
+        cfg = MaskConfig(1.0, max(1000, n), 32)
+        rng = np.random.default_rng(rid)
+        topics = Topics(FLEET)
+        frames_file = self.work / f"frames-{rid}.bin"
+        update_bytes = 0
+        with frames_file.open("wb") as out:
+            for ident in updater_ids:
+                seeds = [new_seed() for _ in range(g)]  # one per mask group
+                delta = rng.uniform(-0.1, 0.1, m).astype(np.float32)
+                words = mask_update(delta, 0.5, seeds, cfg)
+                sealed = {
+                    s.certificate.public_key: seal_seed(
+                        seeds[params.group_of(s.certificate.public_key)], s.ephemeral_pk
+                    )
+                    for s in opened
+                }
+                raw = encode_message(
+                    Update(ident.certificate, sealed, words),
+                    fleet=FLEET,
+                    round_id=rid,
+                    signing_key=ident.signing_key,
+                )
+                update_bytes = len(raw)
+                topic = topics.update(rid, ident.device_id)
+                out.write(records(topic, split_payload(raw, CHUNK)))
+        return frames_file, update_bytes
+
+    async def _until_done(self, rid: int, n: int, m: int) -> dict[str, Any]:
+        """Until round ``rid``'s model is out and its ingest figures are on /status; those."""
+        # Generous: 60 s plus 20 MB/s of updates, on a machine shared with others.
+        deadline = time.monotonic() + 60 + n * m * 4 / 20e6
+        while True:
+            status = await self.get("/status")
+            ingest = status.get("last_round_ingest") or {}
+            if status.get("model_version", 0) >= rid and ingest.get("round_id") == rid:
+                break
+            self.sup.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"round {rid} not done by the deadline: phase {status.get('phase')}, "
+                    f"{status.get('updates')} of {n} updates in, reassembly "
+                    f"{status.get('reassembly')}"
+                )
+            await asyncio.sleep(0.05)
+        return ingest
+
+    async def _publish(
+        self, frames_file: Path, fetches: int, model_topic: str
+    ) -> tuple[float, int, int]:
+        """The updaters: one publisher process (fetches the model first if asked)."""
+        result = self.work / "publish.json"
+        result.unlink(missing_ok=True)
+        argv = [
+            sys.executable,
+            "-m",
+            "maskfl.tools._scale_bed",
+            "--publish",
+            str(self.brokers[0].port),
+            str(frames_file),
+            str(result),
+            str(fetches),
+            model_topic or "-",
+        ]
+        child = self.sup.start(f"publisher-{frames_file.stem}", argv)
+        child.expected_exit = True
+        deadline = time.monotonic() + 3600
+        while not result.exists():
+            if child.proc.poll() not in (None, 0) or time.monotonic() > deadline:
+                raise RuntimeError(f"the publisher failed: {child.log_tail()}")
+            await asyncio.sleep(0.01)
+        data = json.loads(result.read_text())
+        return float(data["t0"]), int(data["fetched"]), int(data["model_bytes"])
+
+
+async def _publisher(port: int, frames_file: Path, result: Path, fetches: int, topic: str) -> None:
+    frames = read_frames(frames_file)
+    t = MqttTransport(
+        MqttConfig(
+            host="127.0.0.1",
+            port=port,
+            client_id="bench-publisher",
+            max_inflight=64,
+            max_incoming_payload=256 << 20,
+        )
+    )
+    await t.connect()
+    fetched = model_bytes = 0
+    for _ in range(fetches):  # each updater fetches the retained model once
+        await t.subscribe(topic, qos=0)
+        msg = await t.receive()
+        if isinstance(decode_message(msg.payload, max_size=256 << 20).body, GlobalModel):
+            fetched += 1
+            model_bytes = len(msg.payload)
+        await t.unsubscribe(topic)
+    by_topic: dict[str, list[bytes]] = {}
+    for tp, frame in frames:
+        by_topic.setdefault(tp, []).append(frame)
+    t0 = time.time()
+    await publish_all(t, list(by_topic.items()))
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps({"t0": t0, "t1": time.time(), "fetched": fetched, "model_bytes": model_bytes})
+    )
+    tmp.replace(result)
+    await t.disconnect()
+
+
+def _broker(work: Path, sup: Supervisor, name: str, core_port: int | None) -> Broker:
+    lines = ["listener {port} 127.0.0.1", "allow_anonymous true", "connection_messages false"]
+    if core_port is not None:
+        p = f"maskfl/v1/{FLEET}/"
+        lines += [
+            f"connection {name}-to-core",
+            f"address 127.0.0.1:{core_port}",
+            "cleansession true",
+            f"topic {p}status/# out 0",
+            f"topic {p}round in 0",
+            f"topic {p}round/+/sums in 0",
+            f"topic {p}revocations in 0",
+            f"topic {p}model/# in 0",
+        ]
+    conf = work / f"{name}.conf"
+    port = write_config(conf, listeners=lines, log_types=LOG_QUIET)
+    return Broker(sup.start_broker(conf, port, name=name, limit_s=10), port)
+
+
+async def _observer(port: int) -> MqttTransport:
+    """Connected and subscribed to round parameters and sum dictionaries."""
+    observer = MqttTransport(
+        MqttConfig(
+            host="127.0.0.1",
+            port=port,
+            client_id="bench-observer",
+            max_incoming_payload=1 << 20,
+            incoming_queue_size=100_000,
+        )
+    )
+    await observer.connect()
+    p = Topics(FLEET).prefix
+    await observer.subscribe([f"{p}round", f"{p}round/+/sums"])
+    return observer
+
+
+def _coordinator_config(
+    fleet: SimFleet,
+    work: Path,
+    *,
+    core_port: int,
+    http_port: int,
+    m: int,
+    n_max: int,
+    updates: int,
+    groups: int,
+    rounds: int,
+) -> Path:
+    """The coordinator's config: ``rounds`` rounds of ``updates`` updates and max(2, g)
+    summers, each phase closing at its count."""
+    summers = max(SUMMERS, groups)
+    return fleet.write_coordinator(
+        work / "coordinator",
+        port=core_port,
+        length=m,
+        initial=np.zeros(m, dtype=np.float32),
+        overrides={
+            "masking": {
+                "bound": 1.0,
+                "n_max": max(1000, n_max),
+                "word_bits": 32,
+                "groups": groups,
+            },
+            "aggregation": {"backend": "numpy"},
+            "pet": {
+                "chunk_size": CHUNK,
+                "max_rounds": rounds + 1,
+                "round_pause_s": 0.5,
+                "sum": {
+                    "prob": P_SUM,  # target only bounds masking.groups here
+                    "target": max(3, summers),
+                    "count_min": summers,
+                    "count_max": summers,
+                    "time_max_s": 3600.0,
+                },
+                "update": {
+                    "prob": 1.0,
+                    "count_min": updates,
+                    "count_max": updates,
+                    "time_max_s": 3600.0,
+                },
+                "sum2": {"count_min": summers, "count_max": summers, "time_max_s": 3600.0},
+            },
+            # The privacy floor: 3 by default, 2 at the least (a round of 2 updates).
+            "privacy": {"min_updates": min(3, max(2, updates))},
+            "log": {
+                "level": os.environ.get("MASKFL_BENCH_LOG", "warning"),
+                "format": "text",
+            },
+            "http": {"enabled": True, "host": "127.0.0.1", "port": http_port},
+        },
+    )
+
+
+def _round_entry(
+    rid: int,
+    n: int,
+    *,
+    info: dict[str, Any],
+    ingest: dict[str, Any],
+    background: int | None,
+    update_bytes: int,
+    first_publish: float,
+    cpu_s: float,
+    broker_bytes_out: int,
+    fetched: int,
+    model_bytes: int,
+) -> dict[str, Any]:
+    """One round's JSON entry."""
+    inside = ingest.get("last_update_commit_at", 0) - ingest.get("first_update_at", 0)
+    return {
+        "round_id": rid,
+        "broker_background_bytes_per_s": background,
+        "outcome": info["outcome"],
+        "update_bytes": update_bytes,
+        "phases_s": {k: None if v is None else round(v, 3) for k, v in info["phases"].items()},
+        "round_s": round(info["duration_s"], 3),
+        "first_update_to_model_s": round(info["finished_at"] - first_publish, 3),
+        "ingest_s": round(inside, 3),
+        "ingest_updates_per_s": round(n / inside, 1) if inside > 0 else None,
+        "coordinator_cpu_s": round(cpu_s, 3),
+        "coordinator_cpu_ms_per_update": round(cpu_s / n * 1e3, 3),
+        "broker_bytes_out": broker_bytes_out,
+        "model_fetches": fetched,
+        "model_message_bytes": model_bytes or None,
+    }
+
+
+def _round_record(coordinator_dir: Path, rid: int) -> dict[str, Any]:
+    """Outcome, times and phase durations of round ``rid``, read from the coordinator's
+    database (read-only; its dashboard would do, but builds a row per device: at 100k
+    devices that alone costs the coordinator hundreds of MB, which is not ingest)."""
+    db = next(coordinator_dir.rglob("coordinator.db"))
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
+        started, finished, outcome = con.execute(
+            "SELECT started_at, finished_at, outcome FROM rounds WHERE round_id = ?", (rid,)
+        ).fetchone()
+        opened = con.execute(
+            "SELECT phase, opened_at FROM phase_log WHERE round_id = ? ORDER BY opened_at",
+            (rid,),
+        ).fetchall()
+    phases: dict[str, float | None] = dict.fromkeys(("sum", "update", "sum2", "unmask"))
+    for i, (phase, at) in enumerate(opened):
+        until = opened[i + 1][1] if i + 1 < len(opened) else finished
+        if phase in phases and until is not None:
+            phases[phase] = max(0.0, until - at)
+    return {
+        "outcome": outcome,
+        "phases": phases,
+        "duration_s": (finished or time.time()) - started,
+        "finished_at": finished or time.time(),
+    }
+
+
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (from /proc; 0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _vm(pid: int, key: str) -> int:
+    """A ``/proc/<pid>/status`` figure in kB (0 when the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _io(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 7 and sys.argv[1] == "--publish":
+        topic_arg = sys.argv[6]
+        asyncio.run(
+            _publisher(
+                int(sys.argv[2]),
+                Path(sys.argv[3]),
+                Path(sys.argv[4]),
+                int(sys.argv[5]),
+                "" if topic_arg == "-" else topic_arg,
+            )
+        )
