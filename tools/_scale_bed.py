@@ -126,6 +126,7 @@ class Bed:
                         str(config),
                     ],
                 )
+                await bed._until_ready()
                 bed._start_idle(idle, models)
                 yield bed
             finally:
@@ -255,6 +256,27 @@ class Bed:
                 return data
 
         return await asyncio.to_thread(fetch)
+
+    async def _until_ready(self) -> None:
+        """Until the coordinator's /readyz says 200 (its database open, its broker link up):
+        a row measures the running coordinator, not its start."""
+
+        def ready() -> bool:
+            url = f"http://127.0.0.1:{self.http_port}/readyz"
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    return bool(r.status == 200)
+            except OSError:  # not listening yet, or 503 (urllib's HTTPError)
+                return False
+
+        deadline = time.monotonic() + 120
+        while not await asyncio.to_thread(ready):
+            self.sup.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the coordinator's /readyz (port {self.http_port}) said no for 120 s"
+                )
+            await asyncio.sleep(0.1)
 
     def _note_rss(self) -> None:
         for child in [self.coordinator, *(b.child for b in self.brokers)]:
