@@ -85,7 +85,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from maskfl.protocol.errors import ConfigError
 from maskfl.protocol.settings import (
@@ -449,19 +448,6 @@ class CoordinatorConfig(ServiceSettings):
     aggregation: AggregationConfig = AggregationConfig()
     http: HttpConfig = HttpConfig()
     log: LogConfig = LogConfig()
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # load_config merges the environment into the file (protocol/settings.py:
-        # values read as TOML values, key by key) and passes the result as init kwargs.
-        return (init_settings,)
 
     @model_validator(mode="after")
     def _cross(self) -> Self:
