@@ -3,6 +3,7 @@ in one place."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import pkgutil
@@ -49,15 +50,16 @@ async def test_sqlite_errors_wrap_awaited_code_and_leave_others_alone(tmp_path: 
 
 # -- the drawn tree -------------------------------------------------------------------
 
-_PACKAGES = (
-    "protocol",
-    "transport",
-    "agent",
-    "broker_coordinator",
-    "aggregator_gpu",
-    "tools",
-    "models",
-)
+
+def _packages() -> tuple[str, ...]:
+    """The top-level folders setup.py maps onto ``maskfl.`` (so a new one is covered)."""
+    tree = ast.parse((Path(__file__).parents[2] / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "TOP_LEVEL":
+            return tuple(ast.literal_eval(node.value))
+    raise AssertionError("setup.py has no TOP_LEVEL")
+
+
 _DRAWN = re.compile(
     r"^(?P<indent>[ │├└─]*?)(?:[├└]── )?(?P<name>[A-Z]\w+)(?: \[(?P<module>[\w.]+)\])?"
 )
@@ -67,7 +69,7 @@ def _import_everything() -> set[str]:
     """Import every maskfl module; the names of those that need a missing optional
     dependency (tensorflow for models.build, cupy on a machine without it)."""
     missing = set()
-    for package in _PACKAGES:
+    for package in _packages():
         root = importlib.import_module(f"maskfl.{package}")
         for info in pkgutil.walk_packages(root.__path__, f"maskfl.{package}."):
             try:
