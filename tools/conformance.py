@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -98,8 +99,9 @@ from maskfl.tools._demo_fleet import (
     console_script,
     provision_fleet,
 )
+from maskfl.tools._demo_watch import observer_config
 from maskfl.tools._supervise import Supervisor
-from maskfl.transport import MqttConfig, MqttTransport, TlsConfig, broker_identity
+from maskfl.transport import MqttConfig, MqttTransport
 
 __all__ = ["Check", "main", "run_conformance"]
 
@@ -425,17 +427,8 @@ async def run_scenario(
 
 def _monitor_config(fleet: DemoFleet) -> MqttConfig:
     """The provisioned read-only observer's TLS identity (the ACL is widened for it)."""
-    bundle = fleet.observer_dir
-    tls = TlsConfig(
-        ca_file=bundle / "broker-ca.pem",
-        cert_file=bundle / "observer-tls.pem",
-        key_file=bundle / "observer-tls.key",
-    )
-    return MqttConfig(
-        host="127.0.0.1",
-        port=fleet.broker_port,
-        client_id=broker_identity(tls, None) or "",
-        tls=tls,
+    return dataclasses.replace(
+        observer_config(fleet.observer_dir, "127.0.0.1", fleet.broker_port),
         max_incoming_payload=_MAX_IN,
         incoming_queue_size=100_000,
     )
