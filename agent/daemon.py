@@ -49,7 +49,7 @@ from maskfl.agent.learning import Learner, LiteRTLearner
 from maskfl.agent.rounds import Outcome, RoundContext, RoundDriver, classify_receipt
 from maskfl.agent.sdnotify import Notifier
 from maskfl.agent.state import Journal, OutboxStatus
-from maskfl.protocol.chunking import Reassembler, is_chunk, split_payload
+from maskfl.protocol.chunking import is_chunk, split_payload
 from maskfl.protocol.errors import (
     ConfigError,
     CryptoError,
@@ -74,6 +74,7 @@ from maskfl.protocol.messages import (
     verify_sender,
     weights_digest,
 )
+from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.topics import ParsedTopic, TopicKind, Topics
 from maskfl.transport import (
     Backoff,

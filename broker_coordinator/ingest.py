@@ -64,7 +64,7 @@ from pathlib import Path
 from maskfl.broker_coordinator.context import Contribution, Incoming, Services
 from maskfl.broker_coordinator.fleetview import RejectionLog
 from maskfl.broker_coordinator.runner import Runner
-from maskfl.protocol.chunking import ChunkFrame, Reassembler, Released, WhenFull, is_chunk
+from maskfl.protocol.chunking import ChunkFrame, is_chunk
 from maskfl.protocol.errors import MaskflError, Reason, RemoteProtocolError
 from maskfl.protocol.messages import (
     PARTICIPANT_KINDS,
@@ -73,6 +73,7 @@ from maskfl.protocol.messages import (
     SignedMessage,
     decode_message,
 )
+from maskfl.protocol.reassembly import Reassembler, Released, WhenFull
 from maskfl.protocol.topics import ParsedTopic, TopicKind
 from maskfl.transport import Message, Transport
 

@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from maskfl.broker_coordinator.store import LOGGED_PHASES, RoundOutcome
-from maskfl.protocol.chunking import Reassembler, is_chunk
+from maskfl.protocol.chunking import is_chunk
 from maskfl.protocol.errors import CryptoError, RemoteProtocolError, StorageError, sqlite_errors
 from maskfl.protocol.identity import Certificate
 from maskfl.protocol.keys import public_key_from_pem
@@ -42,6 +42,7 @@ from maskfl.protocol.messages import (
     decode_message,
     verify_sender,
 )
+from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.topics import TopicKind, Topics
 from maskfl.transport import MqttConfig, MqttTransport, TlsConfig, broker_identity
 

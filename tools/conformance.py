@@ -58,7 +58,7 @@ from maskfl.agent.identity import load_identity
 from maskfl.broker_coordinator.config import OptimizerConfig
 from maskfl.broker_coordinator.optimizers import ServerOptimizer
 from maskfl.models import shipped_model
-from maskfl.protocol.chunking import Reassembler, is_chunk
+from maskfl.protocol.chunking import is_chunk
 from maskfl.protocol.crypto import open_seed
 from maskfl.protocol.errors import CryptoError, MaskflError, Reason, RemoteProtocolError
 from maskfl.protocol.identity import Identity
@@ -86,6 +86,7 @@ from maskfl.protocol.messages import (
     verify_sender,
     weights_digest,
 )
+from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.sortition import Task, group_of, next_round_seed, select_task, threshold
 from maskfl.protocol.sortition import ticket as compute_ticket
 from maskfl.protocol.topics import TopicKind, parse_topic
