@@ -126,9 +126,8 @@ class Reassembler(Generic[T]):
     SHA-256 does not start with its id is ``MALFORMED``; a caller that verifies
     the payload anyway (a signed message's body digest) may skip that pass.
 
-    :meth:`feed` raises only :class:`RemoteProtocolError`, for the frame it was
-    given: its tag is not kept, so the caller settles it (the other frames of a
-    ``mismatched`` message are released first).
+    :meth:`feed` raises only :class:`RemoteProtocolError`, for the frame it was given,
+    whose tag the caller settles (a ``mismatched`` message's others are released).
     """
 
     def __init__(
