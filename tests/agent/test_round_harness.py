@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from maskfl.agent.state import TaskKind
 from maskfl.agent.training import LocalTrainer
 from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.messages import GlobalModel, decode_message
+from maskfl.protocol.sortition import Task
 from maskfl.protocol.topics import Topics
 from tests.agent.fleet import write_bundle
 from tests.support.harness import UNUSED_PORT, harness
@@ -64,4 +64,4 @@ async def test_real_agents_complete_a_round_with_the_coordinator(tmp_path: Path)
         metrics = dict(model.metrics)
         assert metrics["updates"] == 3 and metrics["sum2"] == 2 and metrics["dropped"] == 0
         assert not np.allclose(model.weights, initial)  # three trained deltas moved it
-        assert [s.task for s in states if s] == [TaskKind.UPDATE] * 3 + [TaskKind.SUM] * 2
+        assert [s.task for s in states if s] == [Task.UPDATE] * 3 + [Task.SUM] * 2
