@@ -87,3 +87,28 @@ async def test_failed_reads_are_storage_errors(tmp_path: Path) -> None:
             await journal.sent_by_digest(b"d" * 32)
         with pytest.raises(StorageError, match="no such table: kv"):
             await journal.setting(SettingKey.REVOCATIONS)
+
+
+async def test_a_schema_1_journal_keeps_its_messages(tmp_path: Path) -> None:
+    """Schema 1 called the table of our messages ``outbox``; opening it renames it."""
+    db = tmp_path / "agent.sqlite3"
+    with contextlib.closing(sqlite3.connect(db)) as old:
+        old.executescript(
+            "CREATE TABLE outbox (round_id INTEGER NOT NULL, kind TEXT NOT NULL, "
+            "topic TEXT NOT NULL, digest BLOB NOT NULL, payload BLOB NOT NULL, "
+            "status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, "
+            "reason TEXT NOT NULL DEFAULT '', PRIMARY KEY (round_id, kind));"
+            "CREATE INDEX outbox_digest ON outbox (digest);"
+            "INSERT INTO outbox VALUES (4, 'update', 't/u', x'0101', x'02', 'pending', 1, '');"
+            "PRAGMA user_version=1;"
+        )
+    async with Journal.open(db) as journal:
+        entry = await journal.sent_by_digest(b"\x01\x01")
+        assert entry == SentMessage(
+            4, TopicKind.UPDATE, "t/u", b"\x01\x01", b"\x02", ReceiptStatus.PENDING, 1
+        )
+    with contextlib.closing(sqlite3.connect(db)) as again:
+        tables = {r[0] for r in again.execute("SELECT name FROM sqlite_master")}
+        assert "outbox" not in tables and "outbox_digest" not in tables
+        assert {"sent", "sent_digest"} <= tables
+        assert again.execute("PRAGMA user_version").fetchone()[0] == 2
