@@ -12,16 +12,16 @@ before the agent acts on the network, so a restart resumes from the last one::
 :meth:`DeviceRound.move`), so a move outside the table is a bug that raises
 :class:`LocalProtocolError` instead of being journaled.
 
-The table is tied to the protocol's round table (:data:`PARTICIPANT_MESSAGES`): each
-participant message kind has exactly one *sending* step (:data:`SENDS`), entered when
-the signed message is journaled and left on its receipt; a task's sending steps come in
-the order of the phases that take their messages, and a step that publishes may move
-only to itself (a copy published, ``bytes_sent`` grows) or onwards.
+The table is built from the protocol's round table (:mod:`maskfl.protocol.round`): a
+task's path (:func:`path`) is, for each message the protocol's participant view has
+that task send (``steps_for(task)``, in round order), the agent's steps that prepare
+it and its *sending* step (:data:`SENDS`: one per participant message), entered when
+the signed message is journaled. A sending step may move only to itself (a copy
+published, ``bytes_sent`` grows), onwards, or out (sat_out, failed).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -29,18 +29,18 @@ from types import MappingProxyType
 from typing import Any, Final, Self
 
 from maskfl.protocol.errors import LocalProtocolError
-from maskfl.protocol.messages import PARTICIPANT_BY_TYPE, MessageType, ParticipantKind
-from maskfl.protocol.phases import precedes
+from maskfl.protocol.messages import MessageType, ParticipantKind
+from maskfl.protocol.round import PARTICIPANT_STEPS, steps_for
 from maskfl.protocol.sortition import Task
 
 __all__ = [
     "SENDS",
     "STEP_TABLE",
-    "TASK_MESSAGES",
     "DeviceRound",
     "Event",
     "Step",
     "next_step",
+    "path",
 ]
 
 
@@ -89,49 +89,49 @@ class Event(StrEnum):
     FAIL = "rejected, or the round cannot go on"
 
 
-TASK_MESSAGES: Final[Mapping[Task, tuple[MessageType, ...]]] = MappingProxyType(
+_SENT: Final[Mapping[MessageType, tuple[Event, Step]]] = MappingProxyType(
     {
-        Task.SUM: (MessageType.SUM, MessageType.SUM2),
-        Task.UPDATE: (MessageType.UPDATE,),
-        Task.NONE: (),
+        MessageType.SUM: (Event.SUMMER, Step.SUM_SENT),
+        MessageType.UPDATE: (Event.UPDATE, Step.UPDATE_SENT),
+        MessageType.SUM2: (Event.SUM2, Step.SUM2_SENT),
     }
 )
-"""What each task publishes, in the order of the phases that take it."""
+"""Per participant message: the event that journals it and the step that sends it."""
+
+_BEFORE: Final[Mapping[MessageType, tuple[tuple[Event, Step], ...]]] = MappingProxyType(
+    {
+        MessageType.SUM: (),  # composed at once: its prompt is the round parameters
+        MessageType.UPDATE: ((Event.UPDATER, Step.WAITING_SUMS), (Event.TRAINED, Step.TRAINED)),
+        MessageType.SUM2: ((Event.SEEDS, Step.SEEDS_RECEIVED),),  # its prompt: SEED_DICT
+    }
+)
+"""Per participant message: the agent's own steps before it can be composed."""
 
 SENDS: Final[Mapping[Step, ParticipantKind]] = MappingProxyType(
-    {
-        Step.SUM_SENT: PARTICIPANT_BY_TYPE[MessageType.SUM],
-        Step.SUM2_SENT: PARTICIPANT_BY_TYPE[MessageType.SUM2],
-        Step.UPDATE_SENT: PARTICIPANT_BY_TYPE[MessageType.UPDATE],
-    }
+    {_SENT[s.kind.message_type][1]: s.kind for s in PARTICIPANT_STEPS}
 )
-"""The sending steps: one per participant message kind of the protocol's table."""
+"""The sending steps: one per participant message of the protocol's round table."""
 
-_PATHS: Final[Mapping[Task, tuple[tuple[Event, Step], ...]]] = MappingProxyType(
-    {
-        Task.SUM: (
-            (Event.SUMMER, Step.SUM_SENT),
-            (Event.SEEDS, Step.SEEDS_RECEIVED),
-            (Event.SUM2, Step.SUM2_SENT),
-            (Event.ACCEPTED, Step.DONE),
-        ),
-        Task.UPDATE: (
-            (Event.UPDATER, Step.WAITING_SUMS),
-            (Event.TRAINED, Step.TRAINED),
-            (Event.UPDATE, Step.UPDATE_SENT),
-            (Event.ACCEPTED, Step.DONE),
-        ),
-    }
-)
-"""Each task's happy path from ``new``: (event, step entered)."""
+
+def path(task: Task) -> tuple[tuple[Event, Step], ...]:
+    """A task's happy path from ``new``, as (event, step entered): for each message
+    the protocol has the task send (:func:`~maskfl.protocol.round.steps_for`, in round
+    order), the steps that prepare it and the step that sends it; the last one's
+    receipt ends the round (``done``). An earlier message is left when the next
+    one's prompt arrives (a summer's seed dictionary proves its sum counted)."""
+    out: list[tuple[Event, Step]] = []
+    for step in steps_for(task):
+        out += [*_BEFORE[step.kind.message_type], _SENT[step.kind.message_type]]
+    return (*out, (Event.ACCEPTED, Step.DONE)) if out else ()
 
 
 def _build() -> Mapping[tuple[Step, Event], Step]:
     table: dict[tuple[Step, Event], Step] = {}
-    for path in _PATHS.values():
+    for task in Task:
         step = Step.NEW
-        for event, after in path:
-            table[step, event] = after
+        for event, after in path(task):
+            if table.setdefault((step, event), after) is not after:
+                raise LocalProtocolError(f"{task}: {step} on {event.name} is ambiguous")
             step = after
     for step in Step:
         if not step.terminal:
@@ -144,23 +144,6 @@ def _build() -> Mapping[tuple[Step, Event], Step]:
 
 STEP_TABLE: Final = _build()
 """Every allowed move ``(step, event) -> next step``; anything else is a bug."""
-
-
-def _check_against_protocol() -> None:
-    """The table agrees with the protocol's: one sending step per participant message
-    kind, and each task sends its kinds in round order (the phases that take them)."""
-    if sorted(k.message_type for k in SENDS.values()) != sorted(PARTICIPANT_BY_TYPE):
-        raise LocalProtocolError("the agent's sending steps differ from the protocol's kinds")
-    for task, path in _PATHS.items():
-        sent = tuple(kind.message_type for _, step in path if (kind := SENDS.get(step)))
-        if sent != TASK_MESSAGES[task]:
-            raise LocalProtocolError(f"{task} path sends {sent}, not {TASK_MESSAGES[task]}")
-        phases = [PARTICIPANT_BY_TYPE[t].phase for t in sent]
-        if any(not precedes(a, b) for a, b in itertools.pairwise(phases)):
-            raise LocalProtocolError(f"{task} path sends out of the round's phase order")
-
-
-_check_against_protocol()
 
 
 def next_step(step: Step, event: Event) -> Step:

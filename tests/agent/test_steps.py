@@ -1,4 +1,4 @@
-"""The agent's step table: every allowed move, every refused one, and its tie to the protocol."""
+"""The agent's step table: every allowed move, every refused one, its tie to protocol.round."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from maskfl.agent.state import Journal
-from maskfl.agent.steps import SENDS, STEP_TABLE, DeviceRound, Event, Step, next_step
+from maskfl.agent.steps import SENDS, STEP_TABLE, DeviceRound, Event, Step, next_step, path
 from maskfl.protocol.errors import LocalProtocolError
-from maskfl.protocol.messages import PARTICIPANT_MESSAGES, MessageType
+from maskfl.protocol.messages import PARTICIPANT_BY_TYPE, MessageType
+from maskfl.protocol.round import PARTICIPANT_STEPS, steps_for
 from maskfl.protocol.sortition import Task
 
 S, E = Step, Event
@@ -63,18 +64,28 @@ def test_terminal_steps_have_no_way_out() -> None:
     assert not [s for s in Step if s.terminal and s not in (S.DONE, S.SAT_OUT, S.FAILED)]
 
 
-def test_each_participant_message_has_one_sending_step_in_round_order() -> None:
-    """The steps that publish are the protocol's participant kinds, and a summer's
-    sends (sum, then sum2) follow the protocol's round order."""
+def test_each_task_path_follows_the_protocols_participant_steps() -> None:
+    """The paths are built from protocol.round: a summer sends SUM then SUM2, an
+    updater UPDATE, in the round table's order; one sending step per message."""
+    assert path(Task.SUM) == (
+        (E.SUMMER, S.SUM_SENT),
+        (E.SEEDS, S.SEEDS_RECEIVED),
+        (E.SUM2, S.SUM2_SENT),
+        (E.ACCEPTED, S.DONE),
+    )
+    assert path(Task.UPDATE) == (
+        (E.UPDATER, S.WAITING_SUMS),
+        (E.TRAINED, S.TRAINED),
+        (E.UPDATE, S.UPDATE_SENT),
+        (E.ACCEPTED, S.DONE),
+    )
+    assert path(Task.NONE) == ()
+    for task in Task:
+        sent = [SENDS[step].message_type for _, step in path(task) if step in SENDS]
+        assert sent == [p.kind.message_type for p in steps_for(task)]
     assert {k.message_type for k in SENDS.values()} == {
-        k.message_type for k in PARTICIPANT_MESSAGES
+        k.kind.message_type for k in PARTICIPANT_STEPS
     }
-    assert S.SUM_SENT.sends is not None and S.SUM_SENT.sends.message_type is MessageType.SUM
-    assert S.SUM2_SENT.sends is not None and S.SUM2_SENT.sends.message_type is MessageType.SUM2
-    assert S.UPDATE_SENT.sends is not None
-    assert S.UPDATE_SENT.sends.message_type is MessageType.UPDATE
-    order = [k.message_type for k in PARTICIPANT_MESSAGES]
-    assert order.index(MessageType.SUM) < order.index(MessageType.SUM2)
     assert [s for s in Step if s.sends is None] == [
         S.NEW,
         S.SEEDS_RECEIVED,
@@ -83,6 +94,11 @@ def test_each_participant_message_has_one_sending_step_in_round_order() -> None:
         S.DONE,
         S.SAT_OUT,
         S.FAILED,
+    ]
+    assert [t for t in (s.sends for s in (S.SUM_SENT, S.SUM2_SENT, S.UPDATE_SENT)) if t] == [
+        PARTICIPANT_BY_TYPE[MessageType.SUM],
+        PARTICIPANT_BY_TYPE[MessageType.SUM2],
+        PARTICIPANT_BY_TYPE[MessageType.UPDATE],
     ]
 
 
