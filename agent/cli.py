@@ -31,7 +31,7 @@ from maskfl.agent.datasources import (
     load_dataset,
 )
 from maskfl.agent.identity import check_private_mode, generate_key_file, load_identity
-from maskfl.agent.state import Journal, state_as_dict
+from maskfl.agent.state import Journal
 from maskfl.protocol.errors import ConfigError, MaskflError
 from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.settings import env_variable_for
@@ -333,7 +333,7 @@ async def _status(path: Path | None, limit: int) -> int:
         return 0
     async with Journal.open(config.state.database) as journal:
         rounds = await journal.history(limit)
-    print(json.dumps([state_as_dict(r) for r in rounds], indent=1))
+    print(json.dumps([r.public() for r in rounds], indent=1))
     return 0
 
 

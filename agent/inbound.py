@@ -20,7 +20,6 @@ owns the state it reads (declared here) and the link.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import time
@@ -237,7 +236,7 @@ class Inbound:
             clock=self.clock,
         )
         self.driver = RoundDriver(ctx, params, params_digest)
-        self.driver.start().add_done_callback(_log_crash)
+        self.driver.start()
 
     # -- coordinator messages ------------------------------------------------------
 
@@ -394,11 +393,3 @@ class Inbound:
             self.exit_code = EXIT_REVOKED
             self.request_stop()
         return True
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if task.cancelled():
-        return
-    exc = task.exception()
-    if exc is not None:
-        log.error("round task crashed: %r", exc, exc_info=exc)

@@ -3,16 +3,11 @@
 A :class:`RoundDriver` is made for every round whose parameters the daemon accepted
 (coordinator signature and certificate checked). It draws the device's task from its
 tickets and then steps through the journal, every move by the step table of
-:mod:`maskfl.agent.steps`::
-
-    summer:  new ─▶ sum_sent ─▶ seeds_received ─▶ sum2_sent ─▶ done
-             (guards and the sum2 upload budget pass; X25519 key and Sum message
-             journaled, then published; the seed dictionary arrives; the aggregate
-             mask is journaled, then published)
-    updater: new ─▶ waiting_sums ─▶ trained ─▶ update_sent ─▶ done
-             (guards pass; training and the verified sum dictionary; the masked
-             update, sealed to every summer, is journaled, then published)
-    either:  ─▶ sat_out | failed
+:mod:`maskfl.agent.steps`. A summer journals its X25519 key and Sum message once the
+guards and the sum2 upload budget pass, then publishes; its seed dictionary arrives;
+the aggregate mask is journaled, then published. An updater trains (guards passed)
+while the sum phase runs, masks its update for the verified sum dictionary, seals a
+seed to every summer, journals, then publishes.
 
 Every step is saved *before* the agent acts on the network, so a driver built
 from the journal after a crash continues where the last one stopped: a summer
@@ -143,6 +138,7 @@ class RoundDriver:
 
     def start(self) -> asyncio.Task[None]:
         self._task = asyncio.create_task(self._run(), name=f"round {self.round_id}")
+        self._task.add_done_callback(_log_crash)
         return self._task
 
     async def abandon(self, why: str) -> None:
@@ -169,6 +165,8 @@ class RoundDriver:
             elif not self.state.step.terminal:
                 log.info("round %d: resuming as %s from the journal", rid, self.describe())
             assert self.state is not None
+            if self.state.step.terminal:
+                return
             if self.state.task is Task.SUM:
                 await self._summer()
             elif self.state.task is Task.UPDATE:
@@ -389,3 +387,11 @@ class RoundDriver:
 
 
 _ROLE = {Task.SUM: "summer", Task.UPDATE: "updater"}
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("round task crashed: %r", exc, exc_info=exc)

@@ -26,7 +26,7 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,6 @@ __all__ = [
     "ReceiptStatus",
     "SentMessage",
     "SettingKey",
-    "state_as_dict",
 ]
 
 SCHEMA_VERSION = 2
@@ -409,15 +408,3 @@ def _sent_from_row(row: Any) -> SentMessage:
         attempts=int(row[6]),
         reason=str(row[7]),
     )
-
-
-def state_as_dict(state: DeviceRound) -> dict[str, Any]:
-    """A JSON-friendly view (no private key) for ``maskfl-agent status``."""
-    data = asdict(state)
-    data.pop("ephemeral_sk")
-    for key in ("params_digest", "ephemeral_pk"):
-        if data[key] is not None:
-            data[key] = data[key].hex()
-    data["task"] = str(state.task)
-    data["step"] = str(state.step)
-    return data

@@ -23,7 +23,7 @@ published, ``bytes_sent`` grows), onwards, or out (sat_out, failed).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Final, Self
@@ -172,3 +172,14 @@ class DeviceRound:
     def move(self, event: Event, detail: str = "", **changes: Any) -> Self:
         """This round after ``event``, in the step :data:`STEP_TABLE` names."""
         return replace(self, step=next_step(self.step, event), detail=detail, **changes)
+
+    def public(self) -> dict[str, Any]:
+        """A JSON-friendly view without the private key (``maskfl-agent status``)."""
+        data = asdict(self)
+        data.pop("ephemeral_sk")
+        for key in ("params_digest", "ephemeral_pk"):
+            if data[key] is not None:
+                data[key] = data[key].hex()
+        data["task"] = str(self.task)
+        data["step"] = str(self.step)
+        return data
