@@ -6,8 +6,8 @@ coordinator. The tests walk the agent's step machine (:mod:`maskfl.agent.steps`)
 through its paths: selected as summer, updater or neither; a round dropped mid-way;
 a rejected message; a lost, a duplicate and a late receipt; a restart mid-round from
 the journal. Nothing sleeps: a test waits on broker traffic for a state it names,
-holds back chosen messages (:class:`HoldingBroker`) to put the agent where it wants
-it, and moves the fake clock to close a phase window. The same round over a real
+holds back chosen messages (the harness broker's ``hold``) to put the agent where it
+wants it, and moves the fake clock to close a phase window. The same round over a real
 mosquitto, with the model recomputed, is tests/agent/test_with_coordinator.py.
 """
 
@@ -38,7 +38,7 @@ from maskfl.protocol.topics import TopicKind, Topics
 from maskfl.transport import Message
 from tests.agent.fleet import write_bundle
 from tests.broker_coordinator.support import P_SUM
-from tests.support.harness import UNUSED_PORT, Harness, TrafficBroker, harness
+from tests.support.harness import UNUSED_PORT, Harness, Hold, TrafficBroker, harness
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,31 +48,13 @@ SUMMER_PATH = ["sum_sent", "seeds_received", "sum2_sent", "done"]
 UPDATER_PATH = ["waiting_sums", "trained", "update_sent", "done"]
 
 
-class HoldingBroker(TrafficBroker):
-    """A memory broker that holds back the messages a test chooses, until released.
-
-    A held retained message is not retained either until it is released, as if it
-    were still on its way."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hold: Callable[[str], bool] = lambda topic: False
-        self.held: list[tuple[str, bytes, int, bool]] = []
-
-    def _route(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        if self.hold(topic):
-            self.held.append((topic, payload, qos, retain))
-            self.traffic.set()
-            return
-        super()._route(topic, payload, qos, retain)
-
-    def release(self, which: Callable[[str, bytes], bool] = lambda t, p: True) -> int:
-        """Route the held messages ``which`` picks, in order; returns how many."""
-        out = [m for m in self.held if which(m[0], m[1])]
-        self.held = [m for m in self.held if m not in out]
-        for message in out:
-            super()._route(*message)
-        return len(out)
+def release_where(hold: Hold, which: Callable[[str, bytes], bool]) -> int:
+    """Deliver the held messages ``which`` picks (in order), keep holding the rest."""
+    out = [m for m in hold.held if which(m[0], m[1])]
+    hold.held = [m for m in hold.held if m not in out]
+    for message in out:
+        hold.broker.route(*message)
+    return len(out)
 
 
 @dataclass
@@ -80,7 +62,7 @@ class Fleet:
     """The harness and a factory of real agents for its identities."""
 
     h: Harness
-    broker: HoldingBroker
+    broker: TrafficBroker
     tmp: Path
     topics: Topics
     stack: contextlib.AsyncExitStack
@@ -120,6 +102,21 @@ class Fleet:
         assert isinstance(body, GlobalModel)
         return body
 
+    def handled(self, agent: Agent, which: Callable[[str], bool]) -> asyncio.Event:
+        """Set once ``agent`` has handled a message whose topic ``which`` picks (handling
+        that changes nothing is otherwise invisible)."""
+        event = asyncio.Event()
+        handle = agent.handle
+
+        async def handle_and_tell(message: Message) -> None:
+            await handle(message)
+            if which(message.topic):
+                event.set()
+                self.h.wake()
+
+        agent.handle = handle_and_tell  # type: ignore[method-assign]
+        return event
+
     def is_receipt_for(self, device: str) -> Callable[[str], bool]:
         def match(topic: str) -> bool:
             parsed = self.topics.parse(topic)
@@ -136,8 +133,7 @@ async def fleet(tmp_path: Path, **setup: Any) -> AsyncIterator[Fleet]:
         harness(tmp_path, length=INITIAL.size, initial=INITIAL, pet=pet, extra=model, **setup) as h,
         contextlib.AsyncExitStack() as stack,
     ):
-        h.broker = broker = HoldingBroker()  # before any client connects
-        yield Fleet(h, broker, tmp_path, Topics(h.setup.fleet.fleet), stack)
+        yield Fleet(h, h.broker, tmp_path, Topics(h.setup.fleet.fleet), stack)
 
 
 async def path_of(agent: Agent, round_id: int) -> list[str]:
@@ -251,26 +247,26 @@ async def test_a_lost_receipt_is_resent_and_answered_duplicate(tmp_path: Path) -
     updater's wait (done); the first, late, receipt changes nothing."""
     limits = "\n[limits]\nreceipt_timeout_s = 0.05\nupload_retries = 1\n"
     async with fleet(tmp_path, summers=2, updaters=3) as f:
-        u0, *others = await f.agents(f.h.setup.updaters, extra=limits)
+        (u0,) = await f.agents(f.h.setup.updaters[:1], extra=limits)  # only u0 hurries
+        others = await f.agents(f.h.setup.updaters[1:])
         await f.agents(f.h.setup.summers)
         to_u0 = f.is_receipt_for(u0.device)
         sum2s = {f.topics.sum2(1, s.device_id) for s in f.h.setup.summers}
+        receipts = f.broker.hold(to_u0)
         # The sum2 messages wait too, so the round is still on when the copy comes.
-        f.broker.hold = lambda topic: to_u0(topic) or topic in sum2s
+        late_sum2 = f.broker.hold(lambda topic: topic in sum2s)
         await f.h.start_coordinator()
-        await f.h.until(
-            lambda: sum(to_u0(m[0]) for m in f.broker.held) == 2, "two receipts to the updater"
-        )
-        f.broker.hold = to_u0
-        f.broker.release(lambda t, p: t in sum2s)  # those sent so far
+        await f.h.until(lambda: len(receipts.held) == 2, "two receipts to the updater")
+        assert [receipt_reason(p) for _, p, _, _ in receipts.held] == ["accepted", "duplicate"]
+        assert u0.driver is not None and u0.driver.step is Step.UPDATE_SENT
+        assert release_where(receipts, lambda t, p: receipt_reason(p) == "duplicate") == 1
+        await f.until_step(u0, 1, Step.DONE)
+        handled = f.handled(u0, to_u0)
+        assert receipts.release() == 1  # the first one, late
+        await f.h.until(handled.is_set, "the late receipt handled")
+        late_sum2.release()
         await f.h.finished()  # the round completes
         assert dict(f.model().metrics)["updates"] == 3  # the copy was not counted again
-        reasons = [receipt_reason(p) for _, p, _, _ in f.broker.held]
-        assert reasons == ["accepted", "duplicate"]
-        assert u0.driver is not None and u0.driver.step is Step.UPDATE_SENT
-        f.broker.release(lambda t, p: receipt_reason(p) == "duplicate")
-        await f.until_step(u0, 1, Step.DONE)
-        f.broker.release()
         sent = await u0.journal.sent(1, TopicKind.UPDATE)
         assert sent is not None and sent.status is ReceiptStatus.ACCEPTED
         assert (sent.reason, sent.attempts) == ("duplicate", 2)
@@ -287,26 +283,21 @@ async def test_a_receipt_after_the_device_left_the_round_is_journaled(tmp_path: 
     async with fleet(tmp_path, summers=2, updaters=3, pet={"max_rounds": 2}) as f:
         u0, *_ = await f.agents(f.h.setup.updaters, extra=limits)
         await f.agents(f.h.setup.summers)
-        f.broker.hold = f.is_receipt_for(u0.device)
+        receipts = f.broker.hold(f.is_receipt_for(u0.device))
         await f.h.start_coordinator()
         await f.h.until(lambda: u0.driver is not None and u0.driver.round_id == 2, "round 2")
         state = await u0.journal.load(1)
         assert state is not None and state.step is Step.SAT_OUT
         sent = await u0.journal.sent(1, TopicKind.UPDATE)
         assert sent is not None and sent.status is ReceiptStatus.PENDING
-        handled = asyncio.Event()
-        handle = u0.handle
-
-        async def handle_and_tell(message: Message) -> None:
-            await handle(message)
-            if f.is_receipt_for(u0.device)(message.topic):
-                handled.set()
-
-        u0.handle = handle_and_tell  # type: ignore[method-assign]
         # upload_retries = 0: one copy of round 1's update, one receipt for it
-        assert f.broker.release(lambda t, p: answers(p) == sent.digest) == 1
-        async with asyncio.timeout(20):
-            await handled.wait()
+        assert release_where(receipts, lambda t, p: answers(p) == sent.digest) == 1
+
+        async def settled() -> bool:
+            entry = await u0.journal.sent(1, TopicKind.UPDATE)
+            return entry is not None and entry.status is not ReceiptStatus.PENDING
+
+        await f.h.until(settled, "round 1's update settled in the journal")
         sent = await u0.journal.sent(1, TopicKind.UPDATE)
         assert sent is not None and sent.status is ReceiptStatus.ACCEPTED
 
@@ -319,18 +310,17 @@ async def test_a_summer_restarted_mid_round_resumes_from_its_journal(
     journaled ephemeral key and complete the round."""
     async with fleet(tmp_path, summers=2, updaters=3) as f:
         seeds = {s.device_id: f.topics.seeds(1, s.device_id) for s in f.h.setup.summers}
-        f.broker.hold = lambda topic: topic in seeds.values()
+        held_seeds = f.broker.hold(lambda topic: topic in seeds.values())
         await f.agents(f.h.setup.updaters)
         configs = [f.config(s) for s in f.h.setup.summers]
         async with contextlib.AsyncExitStack() as first:
             summers = [await first.enter_async_context(f.h.agent(c)) for c in configs]
             await f.h.start_coordinator()
-            await f.h.until(lambda: len(f.broker.held) == 2, "both seed dictionaries")
+            await f.h.until(lambda: len(held_seeds.held) == 2, "both seed dictionaries")
             for s in summers:
                 assert s.driver is not None and s.driver.step is Step.SUM_SENT
         # stopped: the journals say sum_sent; the seed dictionaries are on their way
-        f.broker.hold = lambda topic: False
-        assert f.broker.release() == 2
+        assert held_seeds.release() == 2
         caplog.set_level(logging.INFO, logger="maskfl.agent.round")
         again = await f.agents(f.h.setup.summers)
         await f.h.finished()
