@@ -425,9 +425,7 @@ class Coordinator:
                 await s.outbox.state(s.topics.revocations, s.enrollment.revocations_raw)
             if s.graph is not None:
                 await s.outbox.state(s.topics.model_graph(s.model.model_id), s.graph)
-            latest = await s.store.latest_model(s.model.model_id)
-            if latest is not None and latest.message is not None:
-                await s.outbox.state(s.topics.model_latest(s.model.model_id), latest.message)
+            await self._publish_model(s)
             await runner.republish()
         except MaskflError as exc:
             log.warning("republishing retained state failed: %s", exc)
@@ -475,8 +473,12 @@ class Coordinator:
                     await store.collect_model_files()
                     optimizer = ServerOptimizer(config.optimizer)
                     model = await self._load_model(store, weights0, optimizer)
-                    latest = await store.latest_model(model.model_id)
-                    model_metrics = {} if latest is None else dict(latest.metrics)
+                    # The initial weights are the model only before the first round; and
+                    # the latest version's metrics come from its row, not its files: a
+                    # reference to either would hold a model's worth for the process's life.
+                    del weights0
+                    versions = await store.models(model.model_id)
+                    model_metrics = dict(versions[-1].metrics) if versions else {}
                     self.metrics.model_version.set(model.version)
                     transport = await self._connect(stop)
                     self.transport = transport
@@ -573,7 +575,8 @@ class Coordinator:
                 )
             log.info("registered the initial weights of %s as version 0", model_id)
             return ModelState(model_id, 0, weights0, digest)
-        weights = np.frombuffer(latest.weights, dtype="<f4").astype(np.float32)
+        # A view of the registry's bytes (the signed message: no second copy of the model).
+        weights = np.frombuffer(latest.weights, dtype="<f4")
         if weights.size != self.config.model.length:
             raise ConfigError(
                 f"model.length is {self.config.model.length} but the registry's {model_id} "
@@ -589,19 +592,11 @@ class Coordinator:
             )
         return ModelState(model_id, latest.version, weights, latest.digest)
 
-    async def _serve(self, s: Services, transport: Transport, stop: asyncio.Event) -> None:
-        config = self.config
-        # Heartbeats bypass the ingest queue (liveness), at QoS 0: no PUBACK each, and
-        # none pile up in our broker session while we are away.
-        transport.tap(s.topics.status_prefix, s.liveness.on_status)
-        await transport.subscribe(list(s.topics.participant_filters()), qos=1)
-        await transport.subscribe(s.topics.status_filter(), qos=0)
-        if s.enrollment.revocations_raw is not None:
-            await s.outbox.state(s.topics.revocations, s.enrollment.revocations_raw)
-        if s.graph is not None:
-            await s.outbox.state(
-                s.topics.model_graph(s.model.model_id), s.graph, chunk_size=config.pet.chunk_size
-            )
+    @staticmethod
+    async def _publish_model(s: Services) -> None:
+        """The latest model, retained, as the registry has it signed. In its own frame:
+        the registry record (a model's worth) must not stay referenced by ``_serve``,
+        which runs for the life of the service."""
         latest = await s.store.latest_model(s.model.model_id)
         if latest is not None and latest.message is not None:
             await s.outbox.state(s.topics.model_latest(s.model.model_id), latest.message)
@@ -617,6 +612,21 @@ class Coordinator:
                 graph_digest=s.graph_digest,
             )
             await s.outbox.state(s.topics.model_latest(s.model.model_id), s.sign(v0, 0))
+
+    async def _serve(self, s: Services, transport: Transport, stop: asyncio.Event) -> None:
+        config = self.config
+        # Heartbeats bypass the ingest queue (liveness), at QoS 0: no PUBACK each, and
+        # none pile up in our broker session while we are away.
+        transport.tap(s.topics.status_prefix, s.liveness.on_status)
+        await transport.subscribe(list(s.topics.participant_filters()), qos=1)
+        await transport.subscribe(s.topics.status_filter(), qos=0)
+        if s.enrollment.revocations_raw is not None:
+            await s.outbox.state(s.topics.revocations, s.enrollment.revocations_raw)
+        if s.graph is not None:
+            await s.outbox.state(
+                s.topics.model_graph(s.model.model_id), s.graph, chunk_size=config.pet.chunk_size
+            )
+        await self._publish_model(s)
 
         def settle(
             item: Contribution, reason: Reason | None, detail: str, receipt: bytes | None

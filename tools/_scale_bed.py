@@ -614,6 +614,7 @@ def _round_entry(
         "broker_bytes_out": broker_bytes_out,
         "model_fetches": fetched,
         "model_message_bytes": model_bytes or None,
+        "load_average_1m": round(os.getloadavg()[0], 2),  # the machine is shared
     }
 
 

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from maskfl.protocol.chunking import is_chunk, split_payload
+from maskfl.protocol.chunking import Reassembler, is_chunk, split_payload
 from maskfl.protocol.crypto import new_seed, seal_seed
 from maskfl.protocol.errors import MaskflError
 from maskfl.protocol.masking import MaskConfig, mask_update
@@ -57,7 +58,6 @@ from maskfl.protocol.messages import (
     encode_message,
     open_sum_dict,
 )
-from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.sortition import MAX_GROUPS, group_of
 from maskfl.protocol.topics import Topics
 from maskfl.testing.broker import free_port
@@ -96,6 +96,19 @@ def add_parser(subparsers: Any) -> None:
         help="g, the round's mask groups ([masking] groups): each update seals one seed per "
         "group, with max(2, g) summers, one or more per group (default 1)",
     )
+    parser.add_argument(
+        "--update-words",
+        choices=("memory", "file"),
+        default=None,
+        help="override storage.update_words (file: no accepted update's words held in RAM)",
+    )
+    parser.add_argument(
+        "--reassembly-mb",
+        type=int,
+        default=None,
+        help="override pet.reassembly_max_bytes, in MiB (partial uploads held in RAM; "
+        "the rest waits in the spool)",
+    )
     parser.add_argument("--json", type=Path, help="write the JSON here instead of stdout")
     parser.add_argument("--keep", type=Path, help="keep logs and state in this directory")
 
@@ -111,6 +124,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     storage: dict[str, Any] = {}
     if getattr(args, "group_commit_ms", None) is not None:
         storage["group_commit_ms"] = float(args.group_commit_ms)
+    if getattr(args, "update_words", None) is not None:
+        storage["update_words"] = args.update_words
+    pet: dict[str, Any] = {}
+    if getattr(args, "reassembly_mb", None) is not None:
+        pet["reassembly_max_bytes"] = args.reassembly_mb << 20
     results = []
     for n in n_values:
         for m in m_values:
@@ -120,7 +138,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"maskfl-bench coordinator: N={n} M={m} run {r + 1}/{repeat}", file=sys.stderr
                 )
                 with _workdir(getattr(args, "keep", None), f"n{n}-m{m}") as work:
-                    runs.append(asyncio.run(_one(n, m, backend, work, storage, groups=groups)))
+                    runs.append(
+                        asyncio.run(_one(n, m, backend, work, storage, pet=pet, groups=groups))
+                    )
             runs.sort(key=lambda x: x["ratio"])
             median = runs[len(runs) // 2]
             results.append({**median, "ratios": [x["ratio"] for x in runs]})
@@ -130,6 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "backend": backend,
         "groups": groups,
         "storage": storage,
+        "pet": pet,
         "repeat": repeat,
         "note": "each entry is the run with the median ratio; 'ratios' lists every run",
         "runs": results,
@@ -149,13 +170,20 @@ def _workdir(keep: Path | None, name: str) -> Iterator[Path]:
 
 
 async def _one(
-    n: int, m: int, backend: str, work: Path, storage: dict[str, Any], *, groups: int = 1
+    n: int,
+    m: int,
+    backend: str,
+    work: Path,
+    storage: dict[str, Any],
+    *,
+    pet: dict[str, Any],
+    groups: int = 1,
 ) -> dict[str, Any]:
     sup = Supervisor(work / "logs")
     try:
         port = sup.start_plain_broker(work, limit_s=10)
         return await _measure(
-            n, m, backend, work, port=port, sup=sup, storage=storage, groups=groups
+            n, m, backend, work, port=port, sup=sup, storage=storage, pet=pet, groups=groups
         )
     finally:
         sup.stop_all()
@@ -170,11 +198,12 @@ async def _measure(
     port: int,
     sup: Supervisor,
     storage: dict[str, Any],
+    pet: dict[str, Any],
     groups: int = 1,
 ) -> dict[str, Any]:
     fleet = SimFleet(fleet="bench")
     setup = _configure(
-        fleet, work, n=n, m=m, port=port, backend=backend, storage=storage, groups=groups
+        fleet, work, n=n, m=m, port=port, backend=backend, storage=storage, pet=pet, groups=groups
     )
     async with _watched_round(fleet, setup, port) as watch:
         coord = sup.start("coordinator", _coordinator_argv(work, setup.config))
@@ -210,6 +239,7 @@ async def _measure(
         peak_rss=peak_rss[0],
         db_bytes=db_bytes,
         registry_bytes=registry_bytes,
+        unmask=_unmask_timings(work / "logs" / "coordinator.log"),
     )
     print(json.dumps(out), file=sys.stderr)
     return out
@@ -234,6 +264,28 @@ async def _watched_round(fleet: SimFleet, setup: _Setup, port: int) -> AsyncIter
         for s in summers:
             await s.stop()
         await watch.observer.disconnect()
+
+
+_UNMASK_LINE = re.compile(
+    r"completed: model v\d+ .*; unmask ([\d.]+) s \(.*\), publish ([\d.]+) s, ([\d.]+) CPU-s"
+)
+
+
+def _unmask_timings(log: Path) -> dict[str, float | None]:
+    """The coordinator's own unmask figures, from its log line: sum2 closed -> model
+    committed, then -> the broker's PUBACK of the model, and the CPU-s of both.
+    ``unmask_publish_s`` also holds the broker's delivery to a subscriber."""
+    found = _UNMASK_LINE.findall(log.read_text(errors="replace")) if log.is_file() else []
+    if not found:
+        keys = ("unmask_s", "publish_s", "unmask_publish_s", "unmask_cpu_s")
+        return {f"coordinator_{k}": None for k in keys}
+    unmask, publish, cpu = (float(x) for x in found[-1])
+    return {
+        "coordinator_unmask_s": unmask,
+        "coordinator_publish_s": publish,
+        "coordinator_unmask_publish_s": round(unmask + publish, 3),
+        "coordinator_unmask_cpu_s": cpu,
+    }
 
 
 def _coordinator_argv(work: Path, config: Path) -> list[str]:
@@ -295,6 +347,7 @@ def _summary(
     peak_rss: int,
     db_bytes: int,
     registry_bytes: int,
+    unmask: dict[str, float | None],
 ) -> dict[str, Any]:
     """One run's JSON entry."""
     mb = built.total_bytes / 1e6
@@ -319,6 +372,8 @@ def _summary(
         "ratio_end_to_end": round((mb / ingest.ingest_s) / base["mb_per_s"], 3),
         "round_wall_s": round(events["model"] - events["round_params"], 3),
         "unmask_publish_s": round(events["model"] - events["last_sum2"], 3),
+        **unmask,
+        "load_average_1m": round(os.getloadavg()[0], 2),  # the machine is shared
         "coordinator_peak_rss_mb": round(peak_rss / 1e6, 1),
         "model_mb": round(4 * m / 1e6, 1),
         "rss_over_model": round(peak_rss / (4 * m), 2),
@@ -348,6 +403,7 @@ def _configure(
     port: int,
     backend: str,
     storage: dict[str, Any],
+    pet: dict[str, Any],
     groups: int,
 ) -> _Setup:
     """Write the coordinator's config for one round of ``n`` updates and max(2, g) summers."""
@@ -370,6 +426,7 @@ def _configure(
             "aggregation": {"backend": backend},
             **({"storage": storage} if storage else {}),
             "pet": {
+                **pet,
                 "chunk_size": CHUNK,
                 "max_rounds": 2,
                 "round_pause_s": 600.0,
@@ -384,7 +441,8 @@ def _configure(
                 "update": {"prob": 1.0, "count_min": n, "count_max": n, "time_max_s": 600.0},
                 "sum2": {"count_min": n_summers, "count_max": n_summers, "time_max_s": 600.0},
             },
-            "log": {"level": os.environ.get("MASKFL_BENCH_LOG", "warning"), "format": "text"},
+            # info: the unmask line with the coordinator's own timings (a few lines a round)
+            "log": {"level": os.environ.get("MASKFL_BENCH_LOG", "info"), "format": "text"},
             # The privacy floor: 3 by default, 2 at the least (a round of 2 updaters).
             "privacy": {"min_updates": min(3, max(2, n))},
             "http": {"enabled": True, "host": "127.0.0.1", "port": http_port},

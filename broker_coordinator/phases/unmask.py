@@ -23,10 +23,11 @@ import time
 
 import numpy as np
 
-from maskfl.aggregator_gpu import DigestVote, MaskVoteTieError, plurality_of_digests
+from maskfl.aggregator_gpu import DigestVote, MaskVoteTieError, Words, plurality_of_digests
 from maskfl.broker_coordinator.config import MIN_UPDATES_FLOOR
 from maskfl.broker_coordinator.context import ModelState
 from maskfl.broker_coordinator.errors import RoundFailedError
+from maskfl.broker_coordinator.optimizers import F32
 from maskfl.broker_coordinator.phases.base import StepPhase
 from maskfl.broker_coordinator.store import ModelRecord, RoundOutcome, Sum2Record
 from maskfl.protocol.errors import AggregationError
@@ -96,13 +97,12 @@ class UnmaskPhase(StepPhase):
         if not weight_sum > 0:
             raise RoundFailedError(f"sum of weights is {weight_sum}", round_id=rid)
         fleet = self._evaluation(included)
-        # Slice by slice: decode, divide, step (scratch memory of a slice, not ~8 float64
-        # copies of the model; 2.5e7 parameters took 5.6 s whole, see step_chunked).
-        model = plain[: s.model.weights.size]
-        weights = s.optimizer.step_chunked(
-            s.model.weights,
-            lambda part: np.divide(decode_values(model[part], included, s.mask), weight_sum),
-        )
+        weights = self._next_weights(plain, included, weight_sum)
+        # The aggregate is spent: its 4·M bytes go before the model is encoded (from here
+        # a failure fails the round, which never reads it again; a restart reads the
+        # checkpoint).
+        del plain, acc
+        state.acc = None
         metrics: tuple[tuple[str, float], ...] = (
             ("updates", float(included)),
             ("dropped", float(len(dropped))),
@@ -140,6 +140,19 @@ class UnmaskPhase(StepPhase):
                 ("dp_rounds", float(ledger.rounds + 1)),
             )
         version = s.model.version + 1
+        computed = time.perf_counter()
+
+        def sign_and_file(body: GlobalModel) -> bytes:
+            raw = s.sign(body, rid)
+            s.store.files.put_message(raw)
+            return raw
+
+        # The registry's one 4·M-byte file, the signed model (it holds the weights), is
+        # written and fsynced off the event loop right after its SHA-256 pass, while a
+        # second thread hashes the weights for the registry's digest (hashlib and I/O
+        # release the GIL). add_model below finds the file there; a crash before the
+        # commit leaves a file no row names, deleted at the next start, and nothing
+        # announces the model before the commit.
         body = GlobalModel(
             model_id=s.model.model_id,
             version=version,
@@ -149,28 +162,13 @@ class UnmaskPhase(StepPhase):
             metrics=metrics,
             graph_digest=s.graph_digest,
         )
-        computed = time.perf_counter()
-        little = np.ascontiguousarray(weights, dtype="<f4").data.cast("B")
-
-        def sign_and_file() -> bytes:
-            raw = s.sign(body, rid)
-            s.store.files.put_message(raw)
-            return raw
-
-        def digest_and_file() -> bytes:
-            digest = weights_digest(weights)
-            s.store.files.put(little, ".f32", digest=digest)
-            return digest
-
-        # The registry's two 4·M-byte files (the signed model, the weights) are written
-        # and fsynced in two threads off the event loop, each right after its SHA-256
-        # pass (hashlib and I/O release the GIL), so the writes overlap instead of
-        # following each other. add_model below finds them there; a crash before the
-        # commit leaves files no row names, deleted at the next start, and nothing
-        # announces the model before the commit.
         raw, digest = await asyncio.gather(
-            asyncio.to_thread(sign_and_file), asyncio.to_thread(digest_and_file)
+            asyncio.to_thread(sign_and_file, body), asyncio.to_thread(weights_digest, weights)
         )
+        # The signed message ends with the weights (wire-format.md): keep the model as a
+        # view of it, not as a second 4·M-byte array beside it.
+        weights = np.frombuffer(raw, "<f4", weights.size, len(raw) - weights.nbytes)
+        del body
         signed = time.perf_counter()
         now = s.clock()
         record = dataclasses.replace(
@@ -187,7 +185,7 @@ class UnmaskPhase(StepPhase):
                     version=version,
                     round_id=rid,
                     digest=digest,
-                    weights=little,
+                    weights=weights.data.cast("B"),  # held by the message: not written
                     metrics=dict(metrics),
                     message=raw,
                     optimizer_state=s.optimizer.state_bytes(),
@@ -226,6 +224,16 @@ class UnmaskPhase(StepPhase):
             extra={"round_id": rid, "phase": "unmask", "model_version": version},
         )
         return Phase.IDLE
+
+    def _next_weights(self, plain: Words, included: int, weight_sum: float) -> F32:
+        """Slice by slice: decode, divide, step (scratch memory of a slice, not ~8 float64
+        copies of the model; 2.5e7 parameters took 5.6 s whole, see step_chunked)."""
+        s = self.s
+        model = plain[: s.model.weights.size]
+        return s.optimizer.step_chunked(
+            s.model.weights,
+            lambda part: np.divide(decode_values(model[part], included, s.mask), weight_sum),
+        )
 
     def _vote(self) -> tuple[list[DigestVote], set[bytes]]:
         """One agreed aggregate mask per mask group (plurality of its summers' sum2 digests),

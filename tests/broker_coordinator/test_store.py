@@ -7,6 +7,8 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
+import nacl.signing
+import numpy as np
 import pytest
 
 from maskfl.broker_coordinator.store import (
@@ -20,6 +22,8 @@ from maskfl.broker_coordinator.store import (
     UpdateRecord,
 )
 from maskfl.protocol.errors import StorageError
+from maskfl.protocol.ids import RoundId
+from maskfl.protocol.messages import GlobalModel, encode_message, weights_digest
 from maskfl.protocol.phases import Phase
 
 
@@ -65,16 +69,14 @@ async def test_state_survives_reopening(tmp_path: Path) -> None:
         await tx.put_round(_round(phase=Phase.UPDATE, checkpoint_gen=3))
         await tx.add_update(1, UpdateRecord("u1", b"d" * 32, 3, -1, 44), [(b"p" * 32, b"x" * 80)])
         await tx.record_message(b"d" * 32, 1, "update", "u1", 2.0)
-        await tx.add_model(
-            ModelRecord("m", 1, 1, b"h" * 32, b"\0" * 8, {"updates": 3.0}, b"raw", None, 2.0)
-        )
+        await tx.add_model(_model(1, b"\0" * 8))
     async with Store.open(path) as store:
         assert (await store.last_round()).checkpoint_gen == 3  # type: ignore[union-attr]
         assert [u.device_id for u in await store.updates(1)] == ["u1"]
         assert await store.seeds_for(1, b"p" * 32) == [(b"d" * 32, b"x" * 80)]
         assert await store.message_round(b"d" * 32) == (1, "update")
         latest = await store.latest_model("m")
-        assert latest is not None and latest.metrics == {"updates": 3.0}
+        assert latest is not None and latest.metrics == {"updates": 1.0}
 
 
 async def test_round_phase_and_outcome_are_enums_stored_as_their_values(tmp_path: Path) -> None:
@@ -148,15 +150,23 @@ def test_update_log_overwrites_an_uncommitted_tail(tmp_path: Path) -> None:
         log.read(1, 6, 10)
 
 
-def _model(version: int, weights: bytes, message: bytes | None = b"signed") -> ModelRecord:
+_KEY = nacl.signing.SigningKey(bytes(range(32)))
+
+
+def _model(version: int, weights: bytes, signed: bool = True) -> ModelRecord:
+    """Version ``version`` of model ``m``; ``signed``: with its signed GlobalModel message
+    (every version a round published; the initial weights have none)."""
+    w = np.frombuffer(weights, dtype="<f4")
+    body = GlobalModel("m", version, RoundId(version), bytes(32), w, (("updates", 1.0),))
+    message = encode_message(body, fleet="f", round_id=version, signing_key=_KEY)
     return ModelRecord(
         "m",
         version,
         version or None,
-        hashlib.sha256(weights).digest(),
+        weights_digest(w),
         weights,
         {"updates": float(version)},
-        message,
+        message if signed else None,
         b"opt" if version else None,
         float(version),
     )
@@ -167,10 +177,11 @@ async def test_the_registry_keeps_files_and_the_newest_versions(tmp_path: Path) 
     async with Store.open(path, keep_versions=2) as store:
         for v in range(5):
             async with store.transaction() as tx:
-                await tx.add_model(_model(v, bytes([v]) * 4000, None if v == 0 else b"msg%d" % v))
+                await tx.add_model(_model(v, bytes([v]) * 4000, signed=v > 0))
         latest = await store.latest_model("m")
         assert latest is not None and latest.version == 4 and latest.weights == bytes([4]) * 4000
-        assert latest.message == b"msg4" and latest.optimizer_state == b"opt"
+        assert latest.message == _model(4, bytes([4]) * 4000).message
+        assert latest.optimizer_state == b"opt"
         assert [(m.version, m.kept) for m in await store.models()] == [
             (0, False),
             (1, False),
@@ -181,8 +192,10 @@ async def test_the_registry_keeps_files_and_the_newest_versions(tmp_path: Path) 
         with pytest.raises(StorageError, match="keep_versions"):
             await store.model("m", 1)
         names = sorted(p.name for p in (tmp_path / "models").iterdir())
-        # two versions' weights, messages and (one shared, content-addressed) optimizer state
-        assert len(names) == 5 and all(len(n.split(".")[0]) == 64 for n in names)
+        # two versions' signed messages (each holds its weights: no second file) and
+        # (one shared, content-addressed) optimizer state
+        assert sorted(n.split(".")[1] for n in names) == ["msg", "msg", "opt"]
+        assert all(len(n.split(".")[0]) == 64 for n in names)
     # the blobs left SQLite: the database holds metadata only
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT SUM(LENGTH(metrics)) FROM models").fetchone()[0] < 200
@@ -192,14 +205,27 @@ async def test_the_registry_keeps_files_and_the_newest_versions(tmp_path: Path) 
 async def test_files_no_row_names_are_collected(tmp_path: Path) -> None:
     async with Store.open(tmp_path / "c.db", keep_versions=10) as store:
         async with store.transaction() as tx:
-            await tx.add_model(_model(0, b"\0" * 400))
+            await tx.add_model(_model(0, b"\0" * 400, signed=False))
         with pytest.raises(RuntimeError):
             async with store.transaction() as tx:  # files written, then a crash before commit
-                await tx.add_model(_model(1, b"\1" * 400, b"msg"))
+                await tx.add_model(_model(1, b"\1" * 400))
                 raise RuntimeError("killed")
-        assert len(list((tmp_path / "models").iterdir())) == 5
-        assert await store.collect_model_files() == 3  # v1's weights, message, optimizer state
+        assert len(list((tmp_path / "models").iterdir())) == 3
+        assert await store.collect_model_files() == 2  # v1's message, its optimizer state
         assert (await store.latest_model("m")).version == 0  # type: ignore[union-attr]
+
+
+async def test_a_damaged_model_message_is_an_error_naming_its_file(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "c.db") as store:
+        async with store.transaction() as tx:
+            await tx.add_model(_model(1, bytes([1]) * 400))
+        assert (await store.model("m", 1)).weights == bytes([1]) * 400  # type: ignore[union-attr]
+        (message,) = (tmp_path / "models").glob("*.msg")
+        data = bytearray(message.read_bytes())
+        data[-1] ^= 1  # one weight bit: the header's body digest no longer matches
+        message.write_bytes(bytes(data))
+        with pytest.raises(StorageError, match=message.name):
+            await store.model("m", 1)
 
 
 def _schema_1(path: Path, versions: int, size: int) -> None:

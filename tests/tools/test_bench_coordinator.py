@@ -23,6 +23,9 @@ def test_coordinator_bench_with_two_mask_groups(tmp_path: Path) -> None:
     [row] = result["runs"]
     assert (row["n"], row["m"]) == (3, 1000)
     assert row["round_wall_s"] > 0 and row["unmask_publish_s"] >= 0  # the model came out
+    # the coordinator's own figures, read from its unmask log line
+    assert 0 < row["coordinator_unmask_s"] <= row["coordinator_unmask_publish_s"]
+    assert row["coordinator_unmask_cpu_s"] > 0
 
 
 def test_coordinator_bench_refuses_groups_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
