@@ -24,9 +24,14 @@ from pathlib import Path
 
 from maskfl.agent.config import AgentConfig, load_config
 from maskfl.agent.daemon import build_mqtt_config, run_daemon
-from maskfl.agent.datasources import DataSourceError, get_datasource, load_dataset
+from maskfl.agent.datasources import (
+    Dataset,
+    DataSourceError,
+    get_datasource,
+    load_dataset,
+)
 from maskfl.agent.identity import check_private_mode, generate_key_file, load_identity
-from maskfl.agent.state import Journal, state_as_dict
+from maskfl.agent.state import Journal
 from maskfl.protocol.errors import ConfigError, MaskflError
 from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.settings import env_variable_for
@@ -225,7 +230,7 @@ def check_training(config: AgentConfig) -> dict[str, object]:
     whose TFLite runtime is missing or broken, so ``check`` does it before ``run`` does.
     Raises :class:`ConfigError` naming the field.
     """
-    from maskfl.agent.training import RUNTIME, LocalTrainer
+    from maskfl.agent.training import RUNTIME
     from maskfl.models import shipped_models
 
     dataset = load_dataset(config.data.source, config.data.options)
@@ -241,40 +246,7 @@ def check_training(config: AgentConfig) -> dict[str, object]:
         if model_file is not None
         else [(m.name, "shipped") for m in shipped_models()]
     )
-    models: list[dict[str, object]] = []
-    for name, origin in candidates:
-        try:
-            trainer = LocalTrainer.load(
-                Path(name) if origin == "model_file" else name,
-                num_threads=config.training.threads,
-            )
-        except ConfigError as exc:
-            if origin != "model_file":
-                raise
-            raise ConfigError(str(exc), field="training.model_file") from exc
-        spec = trainer.spec
-        entry: dict[str, object] = {
-            "model": spec.name,
-            "from": origin,
-            "parameters": spec.num_params,
-            "input_shape": list(spec.input_shape),
-            "classes": spec.num_classes,
-        }
-        try:
-            dataset.check_fits(spec.input_shape, spec.num_classes)
-        except DataSourceError as exc:
-            if origin == "model_file":
-                raise DataSourceError(
-                    f"{exc} (model_file {model_file})", field="training.model_file"
-                ) from exc
-            entry["fits_data"] = False
-            entry["why"] = str(exc)
-        else:
-            batch = config.training.batch_size
-            stats = trainer.train(dataset.x_train[:batch], dataset.y_train[:batch], epochs=1)
-            entry["fits_data"] = True
-            entry["one_batch_loss"] = round(stats.epoch_losses[0], 4)
-        models.append(entry)
+    models = [_check_model(config, dataset, name, origin) for name, origin in candidates]
     return {
         "data": {
             "source": config.data.source,
@@ -284,6 +256,51 @@ def check_training(config: AgentConfig) -> dict[str, object]:
         "runtime": RUNTIME,
         "models": models,
     }
+
+
+def _check_model(
+    config: AgentConfig, dataset: Dataset, name: str, origin: str
+) -> dict[str, object]:
+    """Load one candidate model and, if the data fit it, train one batch on them.
+
+    ``origin`` is ``model_file`` (the operator's file: every problem is an error naming
+    ``training.model_file``) or ``shipped`` (data that do not fit are only reported).
+    """
+    from maskfl.agent.training import LocalTrainer
+
+    model_file = config.training.model_file
+    try:
+        trainer = LocalTrainer.load(
+            Path(name) if origin == "model_file" else name,
+            num_threads=config.training.threads,
+        )
+    except ConfigError as exc:
+        if origin != "model_file":
+            raise
+        raise ConfigError(str(exc), field="training.model_file") from exc
+    spec = trainer.spec
+    entry: dict[str, object] = {
+        "model": spec.name,
+        "from": origin,
+        "parameters": spec.num_params,
+        "input_shape": list(spec.input_shape),
+        "classes": spec.num_classes,
+    }
+    try:
+        dataset.check_fits(spec.input_shape, spec.num_classes)
+    except DataSourceError as exc:
+        if origin == "model_file":
+            raise DataSourceError(
+                f"{exc} (model_file {model_file})", field="training.model_file"
+            ) from exc
+        entry["fits_data"] = False
+        entry["why"] = str(exc)
+    else:
+        batch = config.training.batch_size
+        stats = trainer.train(dataset.x_train[:batch], dataset.y_train[:batch], epochs=1)
+        entry["fits_data"] = True
+        entry["one_batch_loss"] = round(stats.epoch_losses[0], 4)
+    return entry
 
 
 def _check(path: Path | None) -> int:
@@ -316,7 +333,7 @@ async def _status(path: Path | None, limit: int) -> int:
         return 0
     async with Journal.open(config.state.database) as journal:
         rounds = await journal.history(limit)
-    print(json.dumps([state_as_dict(r) for r in rounds], indent=1))
+    print(json.dumps([r.public() for r in rounds], indent=1))
     return 0
 
 

@@ -131,7 +131,21 @@ class GraphPendingError(ConfigError):
 
 
 class Learner(Protocol):
-    """Local training as the round logic sees it. Errors: any :class:`MaskflError`."""
+    """Local training as the daemon and the round logic see it. Errors: any
+    :class:`MaskflError`. A learner without local model files or received graphs
+    answers ``local_weights`` with None and ignores the two graph calls."""
+
+    def local_weights(self, model_id: str) -> npt.NDArray[np.float32] | None:
+        """The weights the local model ``model_id`` starts with (None: no local model)."""
+        ...
+
+    def add_graph(self, model_id: str, tflite: bytes) -> None:
+        """A model graph the daemon verified against a signed graph digest."""
+        ...
+
+    def set_graph_digest(self, model_id: str, graph_digest: bytes | None) -> None:
+        """The graph digest the newest verified global model states (None: none)."""
+        ...
 
     async def train(
         self,

@@ -1,20 +1,16 @@
 """The agent's durable state: a SQLite journal of rounds, messages and received inputs.
 
-The agent *steps*: every round is a :class:`RoundState` that is written to SQLite
-(WAL, ``synchronous=FULL``) *before* the agent acts on the network, so a reboot or a
-``SIGKILL`` at any instant resumes from the last step::
-
-    summer:   sum_sent ──▶ seeds_received ──▶ sum2_sent ──▶ done
-    updater:  waiting_sums ──▶ trained ──▶ update_sent ──▶ done
-    any:      ──▶ sat_out (not selected, guards, round moved on) | failed (rejected)
+The agent *steps* (:mod:`maskfl.agent.steps`): every round is a :class:`DeviceRound`
+that is written to SQLite (WAL, ``synchronous=FULL``) *before* the agent acts on the
+network, so a reboot or a ``SIGKILL`` at any instant resumes from the last step.
 
 ``sum_sent`` is journaled together with the summer's ephemeral X25519 private key and
-the signed Sum message (in the outbox) before that message is published; likewise the
-Sum2 and Update messages. On restart a pending outbox entry is published again — the
+the signed Sum message (in ``sent``) before that message is published; likewise the
+Sum2 and Update messages. On restart a pending message is published again — the
 same bytes, since Ed25519 signatures are deterministic — and the coordinator treats
 the repeat as a duplicate of what it already has.
 
-Tables: ``rounds`` (one row per round: the state), ``outbox`` (our signed messages,
+Tables: ``rounds`` (one row per round: its step), ``sent`` (our signed messages,
 by round and kind, with their receipt), ``inbox`` (coordinator messages we acted on:
 round parameters, sum dictionary, seed dictionary — kept so a restart does not depend
 on retained messages), ``blobs`` (training results), ``events`` (the round history)
@@ -30,25 +26,29 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import aiosqlite
 
-from maskfl.protocol.errors import StorageError, sqlite_errors
+from maskfl.agent.steps import DeviceRound, Step
+from maskfl.protocol.errors import LocalProtocolError, StorageError, sqlite_errors
+from maskfl.protocol.sortition import Task
+from maskfl.protocol.topics import TopicKind
 
 __all__ = [
+    "BlobKey",
+    "InboxKey",
     "Journal",
-    "OutboxEntry",
-    "OutboxStatus",
-    "RoundState",
-    "Step",
-    "TaskKind",
+    "ReceiptStatus",
+    "SentMessage",
+    "SettingKey",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: the table of our signed messages is ``sent`` (1 called it ``outbox``)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     started_at    REAL NOT NULL,
     updated_at    REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS outbox (
+CREATE TABLE IF NOT EXISTS sent (
     round_id  INTEGER NOT NULL,
     kind      TEXT NOT NULL,
     topic     TEXT NOT NULL,
@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     reason    TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (round_id, kind)
 );
-CREATE INDEX IF NOT EXISTS outbox_digest ON outbox (digest);
+CREATE INDEX IF NOT EXISTS sent_digest ON sent (digest);
 CREATE TABLE IF NOT EXISTS inbox (
     round_id INTEGER NOT NULL,
     name     TEXT NOT NULL,
@@ -105,70 +105,49 @@ _SELECT_ROUNDS = (
     "SELECT round_id, task, step, params_digest, ephemeral_sk, ephemeral_pk, "
     "bytes_sent, detail, started_at, updated_at FROM rounds"
 )
-_SELECT_OUTBOX = (
-    "SELECT round_id, kind, topic, digest, payload, status, attempts, reason FROM outbox"
-)
+_SELECT_SENT = "SELECT round_id, kind, topic, digest, payload, status, attempts, reason FROM sent"
 
 
-class TaskKind(StrEnum):
-    """What the device does in a round (mirrors the protocol's sortition task)."""
+class ReceiptStatus(StrEnum):
+    """What the coordinator answered to a message of ours."""
 
-    SUM = "sum"
-    UPDATE = "update"
-    NONE = "none"
-
-
-class Step(StrEnum):
-    """Where a round stands for this device. Terminal steps: done, sat_out, failed."""
-
-    SUM_SENT = "sum_sent"
-    SEEDS_RECEIVED = "seeds_received"
-    SUM2_SENT = "sum2_sent"
-    WAITING_SUMS = "waiting_sums"
-    TRAINED = "trained"
-    UPDATE_SENT = "update_sent"
-    DONE = "done"
-    SAT_OUT = "sat_out"
-    FAILED = "failed"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (Step.DONE, Step.SAT_OUT, Step.FAILED)
-
-
-class OutboxStatus(StrEnum):
     PENDING = "pending"  # journaled, maybe published, no receipt yet
     ACCEPTED = "accepted"
     REJECTED = "rejected"
 
 
+class InboxKey(StrEnum):
+    """The coordinator inputs a round keeps (table ``inbox``)."""
+
+    PARAMS = "params"
+    PARAMS_DIGEST = "params_digest"
+    SEEDS = "seeds"
+
+
+class BlobKey(StrEnum):
+    """The training results a round keeps until its update is sent (table ``blobs``)."""
+
+    DELTA = "delta"
+    SAMPLES = "samples"
+    EVALUATION = "evaluation"
+
+
+class SettingKey(StrEnum):
+    """Small settings outside any round (table ``kv``)."""
+
+    REVOCATIONS = "revocations"
+
+
 @dataclass(frozen=True)
-class RoundState:
-    """The serializable per-round state of the agent (one row of ``rounds``)."""
+class SentMessage:
+    """One signed message of ours, journaled before it is published, and its receipt."""
 
     round_id: int
-    task: TaskKind
-    step: Step
-    params_digest: bytes | None = None
-    ephemeral_sk: bytes | None = None
-    ephemeral_pk: bytes | None = None
-    bytes_sent: int = 0
-    detail: str = ""
-    started_at: float = 0.0
-    updated_at: float = 0.0
-
-    def advance(self, step: Step, detail: str = "", **changes: Any) -> Self:
-        return replace(self, step=step, detail=detail, **changes)
-
-
-@dataclass(frozen=True)
-class OutboxEntry:
-    round_id: int
-    kind: str
+    kind: TopicKind
     topic: str
     digest: bytes
     payload: bytes
-    status: OutboxStatus
+    status: ReceiptStatus
     attempts: int = 0
     reason: str = ""
 
@@ -194,23 +173,27 @@ class Journal:
         db = self._db
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
-        await db.executescript(_SCHEMA)
         async with db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
-        if version == 0:
-            await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        elif version > SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
             raise StorageError(
                 f"{self.path} was written by a newer maskfl-agent (schema {version} > "
                 f"{SCHEMA_VERSION}); upgrade the agent or move the file away"
             )
+        if version == 1:
+            await db.execute("ALTER TABLE outbox RENAME TO sent")
+            await db.execute("DROP INDEX IF EXISTS outbox_digest")
+        await db.executescript(_SCHEMA)
+        await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         await db.commit()
 
     # -- rounds --------------------------------------------------------------------
 
-    async def save(self, state: RoundState, *, outbox: OutboxEntry | None = None) -> RoundState:
-        """Write ``state`` (and an outbox entry) in one transaction; returns it stamped."""
+    async def save(self, state: DeviceRound, *, sent: SentMessage | None = None) -> DeviceRound:
+        """Write ``state`` (and the message it sends) in one transaction; returns it stamped."""
+        if state.step is Step.NEW:
+            raise LocalProtocolError(f"round {state.round_id}: step new is never journaled")
         now = time.time()
         state = replace(state, started_at=state.started_at or now, updated_at=now)
         with sqlite_errors(self.path, f"journal round {state.round_id}"):
@@ -239,20 +222,20 @@ class Journal:
                 "INSERT INTO events (round_id, at, step, detail) VALUES (?, ?, ?, ?)",
                 (state.round_id, now, str(state.step), state.detail),
             )
-            if outbox is not None:
-                await self._put_outbox(outbox)
+            if sent is not None:
+                await self._put_sent(sent)
             await self._db.commit()
         return state
 
-    async def load(self, round_id: int) -> RoundState | None:
+    async def load(self, round_id: int) -> DeviceRound | None:
         row = await self._fetch_one(f"{_SELECT_ROUNDS} WHERE round_id = ?", (round_id,))
         return None if row is None else _round_from_row(row)
 
-    async def latest(self) -> RoundState | None:
+    async def latest(self) -> DeviceRound | None:
         row = await self._fetch_one(f"{_SELECT_ROUNDS} ORDER BY round_id DESC LIMIT 1")
         return None if row is None else _round_from_row(row)
 
-    async def history(self, limit: int = 100) -> list[RoundState]:
+    async def history(self, limit: int = 100) -> list[DeviceRound]:
         rows = await self._fetch_all(f"{_SELECT_ROUNDS} ORDER BY round_id DESC LIMIT ?", (limit,))
         return [_round_from_row(r) for r in rows]
 
@@ -270,8 +253,8 @@ class Journal:
             )
             await self._db.execute("DELETE FROM blobs WHERE round_id = ?", (round_id,))
             await self._db.execute(
-                "UPDATE outbox SET payload = X'' WHERE round_id = ? AND status != ?",
-                (round_id, str(OutboxStatus.PENDING)),
+                "UPDATE sent SET payload = X'' WHERE round_id = ? AND status != ?",
+                (round_id, str(ReceiptStatus.PENDING)),
             )
             await self._db.commit()
 
@@ -286,24 +269,24 @@ class Journal:
             if row is None:
                 return
             cutoff = int(row[0])
-            for table in ("inbox", "blobs", "outbox"):
+            for table in ("inbox", "blobs", "sent"):
                 await self._db.execute(f"DELETE FROM {table} WHERE round_id <= ?", (cutoff,))
             await self._db.execute(
                 "UPDATE rounds SET ephemeral_sk = NULL WHERE round_id <= ?", (cutoff,)
             )
             await self._db.commit()
 
-    # -- outbox --------------------------------------------------------------------
+    # -- sent messages --------------------------------------------------------------
 
-    async def _put_outbox(self, entry: OutboxEntry) -> None:
+    async def _put_sent(self, entry: SentMessage) -> None:
         await self._db.execute(
-            "INSERT INTO outbox (round_id, kind, topic, digest, payload, status, attempts, reason) "
+            "INSERT INTO sent (round_id, kind, topic, digest, payload, status, attempts, reason) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (round_id, kind) DO UPDATE SET "
             "topic=excluded.topic, digest=excluded.digest, payload=excluded.payload, "
             "status=excluded.status, attempts=excluded.attempts, reason=excluded.reason",
             (
                 entry.round_id,
-                entry.kind,
+                str(entry.kind),
                 entry.topic,
                 entry.digest,
                 entry.payload,
@@ -313,60 +296,60 @@ class Journal:
             ),
         )
 
-    async def outbox(self, round_id: int, kind: str) -> OutboxEntry | None:
+    async def sent(self, round_id: int, kind: TopicKind) -> SentMessage | None:
         row = await self._fetch_one(
-            f"{_SELECT_OUTBOX} WHERE round_id = ? AND kind = ?", (round_id, kind)
+            f"{_SELECT_SENT} WHERE round_id = ? AND kind = ?", (round_id, str(kind))
         )
-        return None if row is None else _outbox_from_row(row)
+        return None if row is None else _sent_from_row(row)
 
-    async def outbox_by_digest(self, digest: bytes) -> OutboxEntry | None:
-        row = await self._fetch_one(f"{_SELECT_OUTBOX} WHERE digest = ?", (digest,))
-        return None if row is None else _outbox_from_row(row)
+    async def sent_by_digest(self, digest: bytes) -> SentMessage | None:
+        row = await self._fetch_one(f"{_SELECT_SENT} WHERE digest = ?", (digest,))
+        return None if row is None else _sent_from_row(row)
 
-    async def mark_attempt(self, round_id: int, kind: str) -> None:
+    async def mark_attempt(self, round_id: int, kind: TopicKind) -> None:
         await self._exec(
-            "UPDATE outbox SET attempts = attempts + 1 WHERE round_id = ? AND kind = ?",
-            (round_id, kind),
+            "UPDATE sent SET attempts = attempts + 1 WHERE round_id = ? AND kind = ?",
+            (round_id, str(kind)),
         )
 
     async def mark_receipt(
-        self, round_id: int, kind: str, status: OutboxStatus, reason: str = ""
+        self, round_id: int, kind: TopicKind, status: ReceiptStatus, reason: str = ""
     ) -> None:
         await self._exec(
-            "UPDATE outbox SET status = ?, reason = ? WHERE round_id = ? AND kind = ?",
-            (str(status), reason, round_id, kind),
+            "UPDATE sent SET status = ?, reason = ? WHERE round_id = ? AND kind = ?",
+            (str(status), reason, round_id, str(kind)),
         )
 
     # -- inbox, blobs, kv ----------------------------------------------------------
 
-    async def put_inbox(self, round_id: int, name: str, payload: bytes) -> None:
-        await self._exec(
-            "INSERT OR REPLACE INTO inbox (round_id, name, payload) VALUES (?, ?, ?)",
-            (round_id, name, payload),
-        )
+    async def put_inbox(self, round_id: int, key: InboxKey, payload: bytes) -> None:
+        await self._put_blob("inbox", round_id, key, payload)
 
-    async def inbox(self, round_id: int, name: str) -> bytes | None:
-        return await self._get_blob("inbox", round_id, name)
+    async def inbox(self, round_id: int, key: InboxKey) -> bytes | None:
+        return await self._get_blob("inbox", round_id, key)
 
-    async def put_blob(self, round_id: int, name: str, payload: bytes) -> None:
-        await self._exec(
-            "INSERT OR REPLACE INTO blobs (round_id, name, payload) VALUES (?, ?, ?)",
-            (round_id, name, payload),
-        )
+    async def put_blob(self, round_id: int, key: BlobKey, payload: bytes) -> None:
+        await self._put_blob("blobs", round_id, key, payload)
 
-    async def blob(self, round_id: int, name: str) -> bytes | None:
-        return await self._get_blob("blobs", round_id, name)
+    async def blob(self, round_id: int, key: BlobKey) -> bytes | None:
+        return await self._get_blob("blobs", round_id, key)
 
-    async def set_kv(self, key: str, value: bytes) -> None:
-        await self._exec("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+    async def set_setting(self, key: SettingKey, value: bytes) -> None:
+        await self._exec("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (str(key), value))
 
-    async def get_kv(self, key: str) -> bytes | None:
-        row = await self._fetch_one("SELECT value FROM kv WHERE key = ?", (key,))
+    async def setting(self, key: SettingKey) -> bytes | None:
+        row = await self._fetch_one("SELECT value FROM kv WHERE key = ?", (str(key),))
         return None if row is None else bytes(row[0])
+
+    async def _put_blob(self, table: str, round_id: int, name: str, payload: bytes) -> None:
+        await self._exec(
+            f"INSERT OR REPLACE INTO {table} (round_id, name, payload) VALUES (?, ?, ?)",
+            (round_id, str(name), payload),
+        )
 
     async def _get_blob(self, table: str, round_id: int, name: str) -> bytes | None:
         row = await self._fetch_one(
-            f"SELECT payload FROM {table} WHERE round_id = ? AND name = ?", (round_id, name)
+            f"SELECT payload FROM {table} WHERE round_id = ? AND name = ?", (round_id, str(name))
         )
         return None if row is None else bytes(row[0])
 
@@ -399,10 +382,10 @@ def _prepare_file(path: Path) -> None:
         raise StorageError(f"cannot create the agent database {path}: {exc}") from exc
 
 
-def _round_from_row(row: Any) -> RoundState:
-    return RoundState(
+def _round_from_row(row: Any) -> DeviceRound:
+    return DeviceRound(
         round_id=int(row[0]),
-        task=TaskKind(row[1]),
+        task=Task(row[1]),
         step=Step(row[2]),
         params_digest=None if row[3] is None else bytes(row[3]),
         ephemeral_sk=None if row[4] is None else bytes(row[4]),
@@ -414,26 +397,14 @@ def _round_from_row(row: Any) -> RoundState:
     )
 
 
-def _outbox_from_row(row: Any) -> OutboxEntry:
-    return OutboxEntry(
+def _sent_from_row(row: Any) -> SentMessage:
+    return SentMessage(
         round_id=int(row[0]),
-        kind=str(row[1]),
+        kind=TopicKind(row[1]),
         topic=str(row[2]),
         digest=bytes(row[3]),
         payload=bytes(row[4]),
-        status=OutboxStatus(row[5]),
+        status=ReceiptStatus(row[5]),
         attempts=int(row[6]),
         reason=str(row[7]),
     )
-
-
-def state_as_dict(state: RoundState) -> dict[str, Any]:
-    """A JSON-friendly view (no private key) for ``maskfl-agent status``."""
-    data = asdict(state)
-    data.pop("ephemeral_sk")
-    for key in ("params_digest", "ephemeral_pk"):
-        if data[key] is not None:
-            data[key] = data[key].hex()
-    data["task"] = str(state.task)
-    data["step"] = str(state.step)
-    return data

@@ -64,17 +64,17 @@ from pathlib import Path
 from maskfl.broker_coordinator.context import Contribution, Incoming, Services
 from maskfl.broker_coordinator.fleetview import RejectionLog
 from maskfl.broker_coordinator.runner import Runner
-from maskfl.protocol.chunking import ChunkFrame, Reassembler, Released, WhenFull, is_chunk
+from maskfl.protocol.chunking import ChunkFrame, is_chunk
 from maskfl.protocol.errors import MaskflError, Reason, RemoteProtocolError
 from maskfl.protocol.messages import (
     PARTICIPANT_KINDS,
     MessageType,
     Receipt,
     SignedMessage,
-    decode_message,
 )
+from maskfl.protocol.reassembly import Reassembler, Released, WhenFull
 from maskfl.protocol.topics import ParsedTopic, TopicKind
-from maskfl.transport import Message, Transport
+from maskfl.transport import Message, Transport, decode_off_loop
 
 log = logging.getLogger("maskfl.coordinator.ingest")
 
@@ -86,14 +86,6 @@ redelivery of it is still answered ``duplicate`` (see _already_accepted)."""
 _ADMITTED_MAX_BYTES = 256 << 20
 """Payload bytes admitted and waiting for their group commit, at most (one message
 always passes): part of the coordinator's fixed memory, see :meth:`Ingest._room_for`."""
-_THREAD_DECODE = 16 << 20
-"""Messages from this size on are decoded in a worker thread, smaller ones on the loop.
-
-A hop to a thread and back costs more than it saves below tens of megabytes
-(maskfl-bench coordinator, 2 vCPUs: 400 KB updates took a third longer through a
-thread, 4 MB ones as long with more CPU, 40 KB ones twice the CPU), and the
-ingest task waits for the result either way; hashing a message this large
-blocks the loop for ~10 ms, so beyond it the thread keeps the loop reading."""
 
 
 def _light(message: Message) -> Message:
@@ -189,7 +181,7 @@ class Ingest:
                 m.heartbeats.labels(result=result).inc(fresh)
                 self._heartbeats_exported[result] = total
 
-    async def handle(self, message: Message) -> None:  # noqa: PLR0912 bound, parse, tap status, decode off-loop, answer: in order
+    async def handle(self, message: Message) -> None:
         s = self.s
         s.metrics.bytes_in.inc(len(message.payload))
         try:
@@ -230,13 +222,7 @@ class Ingest:
             payload, deliveries = whole.payload, list(whole.tags)
         await self._room_for(len(payload))
         try:
-            if len(payload) >= _THREAD_DECODE:
-                # Hashing tens of megabytes releases the GIL: let the loop read meanwhile.
-                signed = await asyncio.to_thread(
-                    decode_message, payload, max_size=s.max_message_size()
-                )
-            else:
-                signed = decode_message(payload, max_size=s.max_message_size())
+            signed = await decode_off_loop(payload, max_size=s.max_message_size())
         except RemoteProtocolError as exc:
             self._reject(device, hashlib.sha256(payload).digest(), None, exc, deliveries)
             return

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from maskfl.protocol.chunking import Reassembler, is_chunk, split_payload
+from maskfl.protocol.chunking import is_chunk, split_payload
 from maskfl.protocol.errors import MaskflError
 from maskfl.protocol.identity import Certificate, Identity
 from maskfl.protocol.masking import MaskConfig
@@ -31,6 +31,7 @@ from maskfl.protocol.messages import (
     encode_message,
     verify_sender,
 )
+from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.topics import TopicKind, Topics, parse_topic
 from maskfl.testing.fleet import SimFleet
 from maskfl.tools._supervise import Child, Supervisor

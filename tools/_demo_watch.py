@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -29,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from maskfl.broker_coordinator.store import LOGGED_PHASES, RoundOutcome
-from maskfl.protocol.chunking import Reassembler, is_chunk
+from maskfl.protocol.chunking import is_chunk
 from maskfl.protocol.errors import CryptoError, RemoteProtocolError, StorageError, sqlite_errors
 from maskfl.protocol.identity import Certificate
 from maskfl.protocol.keys import public_key_from_pem
@@ -41,6 +42,7 @@ from maskfl.protocol.messages import (
     decode_message,
     verify_sender,
 )
+from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.topics import TopicKind, Topics
 from maskfl.transport import MqttConfig, MqttTransport, TlsConfig, broker_identity
 
@@ -94,16 +96,8 @@ class Observer:
         self.fleet = fleet
         self.model_id = model_id
         self.ca_public_key = public_key_from_pem((bundle / "ca.pub").read_bytes())
-        tls = TlsConfig(
-            ca_file=bundle / "broker-ca.pem",
-            cert_file=bundle / "observer-tls.pem",
-            key_file=bundle / "observer-tls.key",
-        )
-        self.config = MqttConfig(
-            host=host,
-            port=port,
-            client_id=broker_identity(tls, None) or "",
-            tls=tls,
+        self.config = dataclasses.replace(
+            observer_config(bundle, host, port),
             max_incoming_payload=MAX_MESSAGE,
             reconnect_min_s=0.2,
             reconnect_max_s=2.0,
@@ -236,6 +230,18 @@ async def fetch_status(port: int, limit_s: float = 2.0) -> dict[str, Any] | None
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
+
+
+def observer_config(bundle: Path, host: str, port: int) -> MqttConfig:
+    """The MQTT settings of a provisioned read-only observer (``maskfl-provision
+    add-observer``): its TLS identity from ``bundle``, the client id its certificate
+    names (set queue and payload sizes on the result)."""
+    tls = TlsConfig(
+        ca_file=bundle / "broker-ca.pem",
+        cert_file=bundle / "observer-tls.pem",
+        key_file=bundle / "observer-tls.key",
+    )
+    return MqttConfig(host=host, port=port, client_id=broker_identity(tls, None) or "", tls=tls)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from maskfl.protocol.chunking import Reassembler, is_chunk, split_payload
+from maskfl.protocol.chunking import is_chunk, split_payload
 from maskfl.protocol.crypto import new_seed, seal_seed
 from maskfl.protocol.errors import MaskflError
 from maskfl.protocol.masking import MaskConfig, mask_update
@@ -58,6 +58,7 @@ from maskfl.protocol.messages import (
     encode_message,
     open_sum_dict,
 )
+from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.sortition import MAX_GROUPS, group_of
 from maskfl.protocol.topics import Topics
 from maskfl.testing.broker import free_port

@@ -28,12 +28,7 @@ from typing import Any, cast
 import numpy as np
 from nacl.signing import SigningKey
 
-from maskfl.protocol.chunking import (
-    DEFAULT_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
-    Reassembler,
-    split_payload,
-)
+from maskfl.protocol.chunking import DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE, split_payload
 from maskfl.protocol.identity import issue_certificate
 from maskfl.protocol.ids import Role
 from maskfl.protocol.masking import Words
@@ -43,6 +38,7 @@ from maskfl.protocol.messages import (
     decode_message,
     encode_message,
 )
+from maskfl.protocol.reassembly import Reassembler
 
 DEFAULT_SIZES = (100_000, 1_000_000)
 TARGET_VERIFY_GBPS = 1.0

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -57,7 +58,7 @@ from maskfl.agent.identity import load_identity
 from maskfl.broker_coordinator.config import OptimizerConfig
 from maskfl.broker_coordinator.optimizers import ServerOptimizer
 from maskfl.models import shipped_model
-from maskfl.protocol.chunking import Reassembler, is_chunk
+from maskfl.protocol.chunking import is_chunk
 from maskfl.protocol.crypto import open_seed
 from maskfl.protocol.errors import CryptoError, MaskflError, Reason, RemoteProtocolError
 from maskfl.protocol.identity import Identity
@@ -85,6 +86,7 @@ from maskfl.protocol.messages import (
     verify_sender,
     weights_digest,
 )
+from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.sortition import Task, group_of, next_round_seed, select_task, threshold
 from maskfl.protocol.sortition import ticket as compute_ticket
 from maskfl.protocol.topics import TopicKind, parse_topic
@@ -98,8 +100,9 @@ from maskfl.tools._demo_fleet import (
     console_script,
     provision_fleet,
 )
+from maskfl.tools._demo_watch import observer_config
 from maskfl.tools._supervise import Supervisor
-from maskfl.transport import MqttConfig, MqttTransport, TlsConfig, broker_identity
+from maskfl.transport import MqttConfig, MqttTransport
 
 __all__ = ["Check", "main", "run_conformance"]
 
@@ -425,17 +428,8 @@ async def run_scenario(
 
 def _monitor_config(fleet: DemoFleet) -> MqttConfig:
     """The provisioned read-only observer's TLS identity (the ACL is widened for it)."""
-    bundle = fleet.observer_dir
-    tls = TlsConfig(
-        ca_file=bundle / "broker-ca.pem",
-        cert_file=bundle / "observer-tls.pem",
-        key_file=bundle / "observer-tls.key",
-    )
-    return MqttConfig(
-        host="127.0.0.1",
-        port=fleet.broker_port,
-        client_id=broker_identity(tls, None) or "",
-        tls=tls,
+    return dataclasses.replace(
+        observer_config(fleet.observer_dir, "127.0.0.1", fleet.broker_port),
         max_incoming_payload=_MAX_IN,
         incoming_queue_size=100_000,
     )

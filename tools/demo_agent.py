@@ -65,25 +65,16 @@ class RecordingLearner:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    # The daemon asks a learner for these optional methods with getattr (see
-    # maskfl.agent.daemon); forward each one so the wrapper changes nothing but the log.
+    # The rest of the Learner protocol, forwarded: the wrapper changes nothing but the log.
 
     def add_graph(self, model_id: str, tflite: bytes) -> None:
-        add = getattr(self.inner, "add_graph", None)
-        if add is not None:
-            add(model_id, tflite)
+        self.inner.add_graph(model_id, tflite)
 
     def set_graph_digest(self, model_id: str, graph_digest: bytes | None) -> None:
-        set_digest = getattr(self.inner, "set_graph_digest", None)
-        if set_digest is not None:
-            set_digest(model_id, graph_digest)
+        self.inner.set_graph_digest(model_id, graph_digest)
 
     def local_weights(self, model_id: str) -> npt.NDArray[np.float32] | None:
-        local = getattr(self.inner, "local_weights", None)
-        if local is None:
-            return None
-        weights: npt.NDArray[np.float32] | None = local(model_id)
-        return weights
+        return self.inner.local_weights(model_id)
 
     async def train(
         self,
@@ -113,6 +104,18 @@ class SharedTrainerLearner:
         self.trainer = trainer
         self.split = split
         self.training = training
+
+    # One shared interpreter of a shipped model: no local files, no received graphs.
+
+    def local_weights(self, model_id: str) -> npt.NDArray[np.float32] | None:
+        del model_id
+        return None
+
+    def add_graph(self, model_id: str, tflite: bytes) -> None:
+        del model_id, tflite
+
+    def set_graph_digest(self, model_id: str, graph_digest: bytes | None) -> None:
+        del model_id, graph_digest
 
     async def train(
         self,

@@ -24,7 +24,8 @@ coordinator around their first connect): :class:`Backoff` (exponential, equal
 jitter), :func:`diagnose` (a failure's likely :class:`Cause` and advice) and
 :class:`LinkReport` (one log line per change of cause, not per attempt).
 :func:`broker_identity` is the name the broker knows a client by, which maskfl
-clients use as their client id.
+clients use as their client id. :func:`decode_off_loop` decodes a received message
+in a worker thread once it is :data:`OFF_LOOP_BYTES` or more (one threshold for all).
 
 Errors: everything the link does wrong is a ``TransportError``:
 :class:`RefusedError` (a failing MQTT 5 reason code, ``.reason_code``),
@@ -53,6 +54,7 @@ from ._errors import (
 from ._logging import LOG_FORMATS, LogFormat, resolve_log_format, setup_logging
 from ._memory import MemoryBroker, MemoryTransport
 from ._mqtt import MqttTransport, publish_packet_size
+from ._offloop import OFF_LOOP_BYTES, decode_off_loop, off_loop
 from ._passwd import (
     mosquitto_passwd_line,
     mosquitto_password_hash,
@@ -74,6 +76,7 @@ from ._types import (
 __all__ = [
     "LOG_FORMATS",
     "MQTT_MAX_PACKET",
+    "OFF_LOOP_BYTES",
     "Backoff",
     "BrokerSettings",
     "Cause",
@@ -103,9 +106,11 @@ __all__ = [
     "certificate_common_name",
     "check_filter",
     "check_topic",
+    "decode_off_loop",
     "diagnose",
     "mosquitto_passwd_line",
     "mosquitto_password_hash",
+    "off_loop",
     "probe_broker",
     "publish_packet_size",
     "resolve_log_format",

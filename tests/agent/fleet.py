@@ -21,7 +21,7 @@ from typing import Any
 import nacl.signing
 import numpy as np
 
-from maskfl.protocol.chunking import Reassembler, is_chunk, split_payload
+from maskfl.protocol.chunking import is_chunk, split_payload
 from maskfl.protocol.crypto import EphemeralKeyPair
 from maskfl.protocol.identity import Certificate, Identity, issue_certificate
 from maskfl.protocol.ids import Role
@@ -40,6 +40,7 @@ from maskfl.protocol.messages import (
     encode_message,
     weights_digest,
 )
+from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.sortition import next_round_seed
 from maskfl.protocol.topics import TopicKind, Topics, parse_topic
 from maskfl.testing.broker import Mosquitto

@@ -26,7 +26,8 @@ from maskfl.agent.daemon import Agent
 from maskfl.agent.datasources import load_dataset
 from maskfl.agent.identity import load_identity
 from maskfl.agent.learning import holdout_split
-from maskfl.agent.state import OutboxStatus, Step, TaskKind
+from maskfl.agent.state import ReceiptStatus
+from maskfl.agent.steps import Step
 from maskfl.agent.training import LocalTrainer
 from maskfl.models import shipped_model
 from maskfl.protocol.crypto import digest, new_seed, open_seed, seal_seed
@@ -41,6 +42,7 @@ from maskfl.protocol.masking import (
     update_words,
 )
 from maskfl.protocol.messages import HEADER_SIZE, Heartbeat, Sum, Sum2, Update, encode_message
+from maskfl.protocol.sortition import Task
 from maskfl.protocol.topics import TopicKind
 from maskfl.testing.broker import Mosquitto
 from tests.agent.fleet import Fleet, StandIn, summer_entry
@@ -128,7 +130,7 @@ async def test_summer_round(fleet: Fleet) -> None:
         await coord.receipt("dev-s", sum2)
         await wait_step(b, agent, 1, Step.DONE)
         state = await agent.journal.load(1)
-        assert state is not None and state.task is TaskKind.SUM
+        assert state is not None and state.task is Task.SUM
         assert state.ephemeral_sk is None  # erased once the duty is done
         # Signed heartbeats on status/<device>.
         beat = await coord.expect(TopicKind.STATUS)
@@ -219,17 +221,17 @@ async def test_a_late_duplicate_receipt_is_journaled_as_accepted(
         update = await coord.expect(TopicKind.UPDATE)
         await coord.start_round(3, p_sum=0.0, p_update=0.0, weights=mlp_weights())
         await wait_step(b, agent, 2, Step.SAT_OUT)  # round 2 is left, its update unanswered
-        entry = await agent.journal.outbox(2, "update")
-        assert entry is not None and entry.status is OutboxStatus.PENDING
+        entry = await agent.journal.sent(2, TopicKind.UPDATE)
+        assert entry is not None and entry.status is ReceiptStatus.PENDING
         await coord.receipt("dev-l", update, accepted=False, reason=Reason.DUPLICATE)
 
         async def answered() -> bool:
-            entry = await agent.journal.outbox(2, "update")
-            return entry is not None and entry.status is not OutboxStatus.PENDING
+            entry = await agent.journal.sent(2, TopicKind.UPDATE)
+            return entry is not None and entry.status is not ReceiptStatus.PENDING
 
         await b.until(answered, "the journaled answer")
-        entry = await agent.journal.outbox(2, "update")
-        assert entry is not None and entry.status is OutboxStatus.ACCEPTED, entry
+        entry = await agent.journal.sent(2, TopicKind.UPDATE)
+        assert entry is not None and entry.status is ReceiptStatus.ACCEPTED, entry
 
 
 async def test_guards_make_an_updater_sit_out(fleet: Fleet) -> None:
@@ -269,12 +271,12 @@ async def test_guards_and_the_sum2_budget_make_a_summer_sit_out(
         await wait_step(b, first, 1, Step.SAT_OUT)
         await wait_step(b, second, 1, Step.SAT_OUT)
         state = await first.journal.load(1)
-        assert state is not None and state.task is TaskKind.SUM
+        assert state is not None and state.task is Task.SUM
         assert "on battery" in state.detail and "outside the time windows" in state.detail
         state = await second.journal.load(1)
-        assert state is not None and state.task is TaskKind.SUM
+        assert state is not None and state.task is Task.SUM
         assert "sum and sum2" in state.detail and "max_upload_bytes 4096" in state.detail
-        assert (await first.journal.outbox(1, "sum")) is None
+        assert (await first.journal.sent(1, TopicKind.SUM)) is None
         assert coord.raw[TopicKind.SUM] == []
 
 

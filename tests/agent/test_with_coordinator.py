@@ -24,14 +24,16 @@ import pytest
 from maskfl.agent.daemon import Agent
 from maskfl.agent.datasources import load_dataset
 from maskfl.agent.learning import holdout_split
-from maskfl.agent.state import OutboxEntry, OutboxStatus, Step, TaskKind
+from maskfl.agent.state import ReceiptStatus, SentMessage
+from maskfl.agent.steps import Step
 from maskfl.agent.training import LocalTrainer
 from maskfl.broker_coordinator.cli import main as cli_main
 from maskfl.broker_coordinator.service import Coordinator
 from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.masking import LOSS_CAP, update_words
 from maskfl.protocol.messages import GlobalModel, decode_message
-from maskfl.protocol.topics import Topics
+from maskfl.protocol.sortition import Task
+from maskfl.protocol.topics import TopicKind, Topics
 from maskfl.testing.broker import Mosquitto
 from maskfl.testing.fleet import SimFleet, first_round_seed
 from maskfl.testing.participants import wait_for
@@ -147,7 +149,7 @@ async def _all_done(agents: list[Agent]) -> bool:
 
 async def _check_steps(agents: list[Agent]) -> None:
     states = [await a.journal.load(1) for a in agents]
-    assert [s.task for s in states if s] == [TaskKind.UPDATE] * 3 + [TaskKind.SUM] * 2
+    assert [s.task for s in states if s] == [Task.UPDATE] * 3 + [Task.SUM] * 2
     assert all(s is not None and s.step is Step.DONE for s in states), states
     # No agent downloaded the new model: none trains again (the updaters started from
     # their shipped weights, v0).
@@ -326,11 +328,11 @@ async def test_coordinator_killed_with_receipts_unsent_no_agent_journals_a_rejec
                 await proxy.release()
             coordinator.start()
 
-            async def journal() -> dict[tuple[str, str], OutboxEntry]:
+            async def journal() -> dict[tuple[str, str], SentMessage]:
                 entries = {
-                    (a.device, kind): await a.journal.outbox(1, kind)
+                    (a.device, kind): await a.journal.sent(1, kind)
                     for a in agents
-                    for kind in ("sum", "update", "sum2")
+                    for kind in (TopicKind.SUM, TopicKind.UPDATE, TopicKind.SUM2)
                 }
                 return {key: e for key, e in entries.items() if e is not None}
 
@@ -338,7 +340,7 @@ async def test_coordinator_killed_with_receipts_unsent_no_agent_journals_a_rejec
                 rejected = {
                     key: e.reason
                     for key, e in (await journal()).items()
-                    if e.status is OutboxStatus.REJECTED
+                    if e.status is ReceiptStatus.REJECTED
                 }
                 assert not rejected, f"{rejected}\n{coordinator.log.read_text()[-3000:]}"
                 states = [await a.journal.load(1) for a in agents]
@@ -360,7 +362,8 @@ async def test_coordinator_killed_with_receipts_unsent_no_agent_journals_a_rejec
     assert proxy.dropped > 0
     assert len(sent) == 3 + 2 * 2
     for key, entry in final.items():
-        assert entry.status is not OutboxStatus.REJECTED, (key, entry.reason)
-        if entry.kind != "sum":  # a summer learns its sum counted from its seed dictionary
-            assert entry.status is OutboxStatus.ACCEPTED, (key, entry.status, entry.reason)
+        assert entry.status is not ReceiptStatus.REJECTED, (key, entry.reason)
+        # a summer learns its sum counted from its seed dictionary
+        if entry.kind is not TopicKind.SUM:
+            assert entry.status is ReceiptStatus.ACCEPTED, (key, entry.status, entry.reason)
             assert entry.reason in ("", "duplicate"), (key, entry.reason)

@@ -11,15 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maskfl.broker_coordinator.ingest import FileSpool, _light
-from maskfl.protocol.chunking import (
-    CHUNK_HEADER_SIZE,
-    Reassembler,
-    Released,
-    WhenFull,
-    Whole,
-    split_payload,
-)
+from maskfl.protocol.chunking import CHUNK_HEADER_SIZE, split_payload
 from maskfl.protocol.errors import Reason, RemoteProtocolError
+from maskfl.protocol.reassembly import Reassembler, Released, WhenFull, Whole
 from maskfl.transport import Message
 
 

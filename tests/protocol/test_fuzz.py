@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from maskfl.protocol.chunking import ChunkFrame, Reassembler, split_payload
+from maskfl.protocol.chunking import ChunkFrame, split_payload
 from maskfl.protocol.errors import RemoteProtocolError
 from maskfl.protocol.identity import Certificate, RevocationList
 from maskfl.protocol.messages import (
@@ -30,6 +30,7 @@ from maskfl.protocol.messages import (
     MessageType,
     decode_message,
 )
+from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.topics import parse_topic
 from tests.protocol.wire_samples import DEVICE, FLEET, ROUND, bodies, revocations, sign
 

@@ -20,7 +20,7 @@ import pytest
 
 from maskfl.broker_coordinator.config import OptimizerConfig
 from maskfl.broker_coordinator.optimizers import ServerOptimizer
-from maskfl.protocol.chunking import Reassembler, split_payload
+from maskfl.protocol.chunking import split_payload
 from maskfl.protocol.crypto import open_seed
 from maskfl.protocol.dp import aggregate_noise_bound, updater_variance
 from maskfl.protocol.errors import CryptoError, RemoteProtocolError
@@ -38,6 +38,7 @@ from maskfl.protocol.masking import (
     update_words,
 )
 from maskfl.protocol.messages import decode_message, verify_sender, weights_digest
+from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.sortition import (
     group_of,
     next_round_seed,

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskfl.protocol.chunking import Reassembler
 from maskfl.protocol.identity import Certificate, RevocationList
 from maskfl.protocol.messages import Update, decode_message, verify_sender
+from maskfl.protocol.reassembly import Reassembler
 from tests.protocol.wire_samples import (
     CA_PUBLIC,
     COORDINATOR,

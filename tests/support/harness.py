@@ -42,10 +42,12 @@ from typing import Any, TypeVar
 from maskfl.agent.config import load_config as load_agent_config
 from maskfl.agent.daemon import Agent
 from maskfl.agent.identity import load_identity
-from maskfl.agent.state import Journal, OutboxEntry, OutboxStatus, RoundState
+from maskfl.agent.state import Journal, ReceiptStatus, SentMessage
+from maskfl.agent.steps import DeviceRound
 from maskfl.broker_coordinator.config import load_config
 from maskfl.broker_coordinator.service import Coordinator
 from maskfl.protocol.identity import Identity
+from maskfl.protocol.topics import TopicKind
 from maskfl.testing.participants import Behaviour, SimParticipant
 from maskfl.transport import (
     MemoryBroker,
@@ -251,14 +253,14 @@ class WatchedJournal(Journal):
 
     wake: asyncio.Event | None = None
 
-    async def save(self, state: RoundState, *, outbox: OutboxEntry | None = None) -> RoundState:
-        saved = await super().save(state, outbox=outbox)
+    async def save(self, state: DeviceRound, *, sent: SentMessage | None = None) -> DeviceRound:
+        saved = await super().save(state, sent=sent)
         if self.wake is not None:
             self.wake.set()
         return saved
 
     async def mark_receipt(
-        self, round_id: int, kind: str, status: OutboxStatus, reason: str = ""
+        self, round_id: int, kind: TopicKind, status: ReceiptStatus, reason: str = ""
     ) -> None:
         await super().mark_receipt(round_id, kind, status, reason)
         if self.wake is not None:
