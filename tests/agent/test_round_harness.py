@@ -334,3 +334,30 @@ async def test_a_summer_restarted_mid_round_resumes_from_its_journal(
             assert await path_of(s, 1) == SUMMER_PATH
             sent = await s.journal.sent(1, TopicKind.SUM)
             assert sent is not None and sent.attempts >= 1
+
+
+async def test_updaters_restarted_after_training_resume_from_their_journal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sum dictionary is held: the updaters train and journal their result, then
+    stop at trained; the new processes mask the journaled result (no second training)
+    once the dictionary comes, and the round completes."""
+    async with fleet(tmp_path, summers=2, updaters=3) as f:
+        held_sums = f.broker.hold(f.topics.sums(1))
+        await f.agents(f.h.setup.summers)
+        configs = [f.config(u) for u in f.h.setup.updaters]
+        async with contextlib.AsyncExitStack() as first:
+            updaters = [await first.enter_async_context(f.h.agent(c)) for c in configs]
+            await f.h.start_coordinator()
+            for u in updaters:
+                await f.until_step(u, 1, Step.TRAINED)
+            assert len(held_sums.held) == 1
+        caplog.set_level(logging.INFO, logger="maskfl.agent.round")
+        assert held_sums.release() == 1
+        again = await f.agents(f.h.setup.updaters)
+        await f.h.finished()
+        assert caplog.messages.count("round 1: resuming as update:trained from the journal") == 3
+        assert not [m for m in caplog.messages if "trained on" in m]  # not trained again
+        assert dict(f.model().metrics)["updates"] == 3
+        for u in again:
+            assert await path_of(u, 1) == UPDATER_PATH
