@@ -183,7 +183,7 @@ on the status page)."""
 class RoundOutcome(StrEnum):
     """How a round ended: ``rounds.outcome`` holds the value, NULL while the round runs.
 
-    (Not the agent's :class:`maskfl.agent.rounds.Outcome`, which is a receipt's verdict.)
+    (Not the agent's :class:`maskfl.agent.delivery.Outcome`, which is a receipt's verdict.)
     """
 
     COMPLETED = "completed"

@@ -31,8 +31,8 @@ the classes, so a new one is drawn here or the test fails)::
     ├── AggregationError               the aggregate cannot be formed (shape, word size, backend)
     │   ├── BackendUnavailableError [aggregator_gpu._base]  no CuPy, no device, kernel failed
     │   └── MaskVoteTieError [aggregator_gpu._base]         different masks share the top vote
-    ├── RoundFailedError [agent.rounds]                this device cannot complete its task
-    ├── SatOutError [agent.rounds]                     this device sits this round out
+    ├── TaskFailedError [agent.duties]                 this device cannot complete its task
+    ├── SatOutError [agent.duties]                     this device sits this round out
     ├── RoundFailedError [broker_coordinator.errors]   the coordinator's round cannot go on
     ├── ChildExitedError [tools._supervise]            a child process a tool needs exited
     └── CheckFailedError [tools.arm_check]             a check of maskfl-arm-check failed
