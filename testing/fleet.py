@@ -1,7 +1,8 @@
 """A fleet CA for tests, benchmarks and the conformance bench: identities and bundles.
 
 :class:`SimFleet` holds the fleet CA key, issues certificates, writes a coordinator
-bundle (keys, certificate, initial weights, ``coordinator.toml``) and can pick
+bundle (keys, certificate, initial weights, ``coordinator.toml``) and agent bundles
+(:meth:`SimFleet.write_agents`, :func:`write_agent_bundle`) and can pick
 identities whose sortition ticket gives a wanted role in a given round, so a test
 can have exactly 3 summers and 6 updaters in round 1. The identities are what
 :class:`maskfl.testing.participants.SimParticipant` speaks with.
@@ -25,7 +26,7 @@ from maskfl.protocol.keys import public_key_to_pem, signing_key_to_pem
 from maskfl.protocol.messages import weights_digest
 from maskfl.protocol.sortition import Task, group_of, next_round_seed, select_task
 
-__all__ = ["SimFleet", "first_round_seed"]
+__all__ = ["SimFleet", "first_round_seed", "write_agent_bundle"]
 
 F32 = npt.NDArray[np.float32]
 
@@ -111,6 +112,38 @@ class SimFleet:
         tmp.write_bytes(rl.to_bytes())
         tmp.replace(path)
 
+    def write_ca(self, path: Path) -> Path:
+        """The fleet CA's public key (PEM) at ``path``, as agents and the coordinator read it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(public_key_to_pem(self.ca_key.verify_key))
+        return path
+
+    def write_agents(
+        self,
+        directory: Path,
+        identities: list[Identity],
+        *,
+        port: int,
+        host: str = "127.0.0.1",
+        shards: int = 4,
+    ) -> list[Path]:
+        """``directory/ca.pub`` and an agent bundle ``directory/<subject>`` for each identity
+        (the k-th trains on digits shard k of ``shards``); their agent.toml paths in order."""
+        ca_file = self.write_ca(directory / "ca.pub")
+        return [
+            write_agent_bundle(
+                directory / ident.certificate.subject,
+                ident,
+                fleet=self.fleet,
+                ca_public_key_file=ca_file,
+                host=host,
+                port=port,
+                shard=k,
+                shards=shards,
+            )
+            for k, ident in enumerate(identities)
+        ]
+
     def write_coordinator(
         self,
         directory: Path,
@@ -176,3 +209,56 @@ class SimFleet:
 def first_round_seed(initial_seed: bytes, initial: F32) -> bytes:
     """The seed of round 1 for a coordinator with this initial seed and these weights."""
     return next_round_seed(initial_seed, weights_digest(initial.astype(np.float32)), 1)
+
+
+def write_agent_bundle(
+    bundle: Path,
+    identity: Identity,
+    *,
+    fleet: str,
+    ca_public_key_file: Path,
+    port: int,
+    host: str = "127.0.0.1",
+    extra: str = "",
+    state_dir: Path | None = None,
+    shard: int = 0,
+    shards: int = 4,
+) -> Path:
+    """An agent bundle in ``bundle`` (key 0600, certificate, agent.toml naming the broker at
+    ``host``:``port``, fast reconnects and heartbeats, digits shard ``shard`` of
+    ``shards``; ``extra``: more TOML appended) for ``identity``; returns agent.toml."""
+    bundle.mkdir(parents=True, exist_ok=True)
+    key = bundle / "device.key"
+    key.write_bytes(signing_key_to_pem(identity.signing_key))
+    key.chmod(0o600)
+    (bundle / "device.cert").write_bytes(identity.certificate.to_bytes())
+    state = state_dir or bundle / "state"
+    config = bundle / "agent.toml"
+    config.write_text(
+        f"""
+[device]
+id = "{identity.certificate.subject}"
+fleet = "{fleet}"
+key_file = "device.key"
+certificate_file = "device.cert"
+ca_public_key_file = "{ca_public_key_file}"
+
+[broker]
+host = "{host}"
+port = {port}
+reconnect_min_s = 0.2
+reconnect_max_s = 2.0
+
+[state]
+dir = "{state}"
+
+[heartbeat]
+interval_s = 1.0
+
+[data]
+source = "digits"
+options = {{ shard = {shard}, shards = {shards} }}
+{extra}
+"""
+    )
+    return config

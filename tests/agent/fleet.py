@@ -25,7 +25,7 @@ from maskfl.protocol.chunking import is_chunk, split_payload
 from maskfl.protocol.crypto import EphemeralKeyPair
 from maskfl.protocol.identity import Certificate, Identity, issue_certificate
 from maskfl.protocol.ids import Role
-from maskfl.protocol.keys import public_key_to_pem, signing_key_to_pem
+from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.masking import MaskConfig
 from maskfl.protocol.messages import (
     GlobalModel,
@@ -44,6 +44,7 @@ from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.sortition import next_round_seed
 from maskfl.protocol.topics import TopicKind, Topics, parse_topic
 from maskfl.testing.broker import Mosquitto
+from maskfl.testing.fleet import write_agent_bundle
 from maskfl.transport import MqttConfig, MqttTransport, Transport
 
 FLEET = "testfleet"
@@ -95,63 +96,16 @@ class Fleet:
         self, device_id: str, broker: Mosquitto, *, extra: str = "", state_dir: Path | None = None
     ) -> Path:
         """Write a bundle for a new key of ``device_id``; returns the path of its agent.toml."""
-        return write_bundle(
+        return write_agent_bundle(
             self.root / device_id,
             self.identity(device_id),
             fleet=self.name,
             ca_public_key_file=self.root / "ca.pub",
-            broker=broker,
+            host=broker.host,
+            port=broker.port,
             extra=extra,
             state_dir=state_dir,
         )
-
-
-def write_bundle(
-    bundle: Path,
-    identity: Identity,
-    *,
-    fleet: str,
-    ca_public_key_file: Path,
-    broker: Mosquitto,
-    extra: str = "",
-    state_dir: Path | None = None,
-    shard: int = 0,
-    shards: int = 4,
-) -> Path:
-    """An agent bundle (key 0600, certificate, agent.toml) for ``identity``."""
-    bundle.mkdir(parents=True, exist_ok=True)
-    write_private(bundle / "device.key", signing_key_to_pem(identity.signing_key))
-    (bundle / "device.cert").write_bytes(identity.certificate.to_bytes())
-    state = state_dir or bundle / "state"
-    config = bundle / "agent.toml"
-    config.write_text(
-        f"""
-[device]
-id = "{identity.certificate.subject}"
-fleet = "{fleet}"
-key_file = "device.key"
-certificate_file = "device.cert"
-ca_public_key_file = "{ca_public_key_file}"
-
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.2
-reconnect_max_s = 2.0
-
-[state]
-dir = "{state}"
-
-[heartbeat]
-interval_s = 1.0
-
-[data]
-source = "digits"
-options = {{ shard = {shard}, shards = {shards} }}
-{extra}
-"""
-    )
-    return config
 
 
 @dataclass

@@ -19,7 +19,6 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -31,12 +30,11 @@ from maskfl.agent.state import ReceiptStatus
 from maskfl.agent.steps import Step
 from maskfl.agent.training import LocalTrainer
 from maskfl.protocol.identity import Identity
-from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.messages import GlobalModel, Receipt, decode_message, weights_digest
 from maskfl.protocol.sortition import Task, next_round_seed, select_task
 from maskfl.protocol.topics import TopicKind, Topics
+from maskfl.testing.fleet import write_agent_bundle
 from maskfl.transport import Message
-from tests.agent.fleet import write_bundle
 from tests.broker_coordinator.support import P_SUM
 from tests.support.harness import UNUSED_PORT, Harness, Hold, TrafficBroker, harness
 
@@ -69,15 +67,12 @@ class Fleet:
 
     def config(self, identity: Identity, extra: str = "") -> Path:
         fleet = self.h.setup.fleet
-        ca_file = self.tmp / "ca.pub"
-        ca_file.write_bytes(public_key_to_pem(fleet.ca_key.verify_key))
-        nowhere = SimpleNamespace(host="127.0.0.1", port=UNUSED_PORT)
-        return write_bundle(
+        return write_agent_bundle(
             self.tmp / identity.certificate.subject,
             identity,
             fleet=fleet.fleet,
-            ca_public_key_file=ca_file,
-            broker=nowhere,  # type: ignore[arg-type]
+            ca_public_key_file=fleet.write_ca(self.tmp / "ca.pub"),
+            port=UNUSED_PORT,
             shard=abs(hash(identity.device_id)) % 4,
             extra=extra,
         )

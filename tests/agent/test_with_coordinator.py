@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +28,6 @@ from maskfl.agent.steps import Step
 from maskfl.agent.training import LocalTrainer
 from maskfl.broker_coordinator.cli import main as cli_main
 from maskfl.broker_coordinator.service import Coordinator
-from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.masking import LOSS_CAP, update_words
 from maskfl.protocol.messages import GlobalModel, decode_message
 from maskfl.protocol.sortition import Task
@@ -39,9 +37,8 @@ from maskfl.testing.fleet import SimFleet, first_round_seed
 from maskfl.testing.participants import wait_for
 from maskfl.tools.report import randomness
 from maskfl.transport import MqttConfig, MqttTransport
-from tests.agent.fleet import write_bundle
 from tests.agent.test_daemon import running_agent
-from tests.broker_coordinator.crashing import Killer, Proc, round_row
+from tests.broker_coordinator.crashing import Killer, Proc, kill_with_output_held
 from tests.broker_coordinator.support import Setup, running_coordinator
 from tests.support.harness import NOWHERE, bench, harness_on
 from tests.support.proxy import HoldingProxy
@@ -106,20 +103,9 @@ def _bundles(tmp_path: Path, broker: Address, groups: int) -> Bundles:
             "masking": {"groups": groups},
         },
     )
-    ca_file = tmp_path / "ca.pub"
-    ca_file.write_bytes(public_key_to_pem(fleet.ca_key.verify_key))
-    configs = [
-        write_bundle(
-            tmp_path / ident.certificate.subject,
-            ident,
-            fleet=fleet.fleet,
-            ca_public_key_file=ca_file,
-            broker=broker,  # type: ignore[arg-type]
-            shard=k,
-            shards=SHARDS,
-        )
-        for k, ident in enumerate([*updaters, *summers])
-    ]
+    configs = fleet.write_agents(
+        tmp_path, [*updaters, *summers], host=broker.host, port=broker.port, shards=SHARDS
+    )
     return Bundles(Setup(fleet, coordinator_toml, summers, updaters, initial), configs)
 
 
@@ -296,36 +282,16 @@ async def test_coordinator_killed_with_receipts_unsent_no_agent_journals_a_rejec
             },
         },
     )
-    db = coordinator_toml.parent / "state" / "coordinator.db"
-    ca_file = tmp_path / "ca.pub"
-    ca_file.write_bytes(public_key_to_pem(fleet.ca_key.verify_key))
-    configs = [
-        write_bundle(
-            tmp_path / ident.certificate.subject,
-            ident,
-            fleet=fleet.fleet,
-            ca_public_key_file=ca_file,
-            broker=mosquitto,
-            shard=k,
-            shards=SHARDS,
-        )
-        for k, ident in enumerate([*updaters, *summers])
-    ]
+    configs = fleet.write_agents(
+        tmp_path, [*updaters, *summers], host=mosquitto.host, port=mosquitto.port, shards=SHARDS
+    )
     coordinator = Proc(coordinator_toml, tmp_path / "coordinator.log")
     killer = Killer(mosquitto.host, mosquitto.port, fleet.fleet)
-    steps = (("round", 1, "phase = 'update'"), ("sums", 1, "phase = 'sum2'"))
-    steps += (("seeds", 2, "outcome = 'completed'"),)
     try:
         async with bench() as events, contextlib.AsyncExitStack() as stack:
             wake = events.broker.traffic
             agents = [await stack.enter_async_context(running_agent(c, wake=wake)) for c in configs]
-            for trigger, count, done in steps:
-                killer.on(trigger, proxy.hold, count)
-                coordinator.start()
-                await wait_for(killer.fired.is_set, 60, trigger)
-                await wait_for(functools.partial(round_row, db, done), 90, done)
-                coordinator.kill9()
-                await proxy.release()
+            await kill_with_output_held(coordinator, killer, proxy, summers=2, what="agents")
             coordinator.start()
 
             async def journal() -> dict[tuple[str, str], SentMessage]:

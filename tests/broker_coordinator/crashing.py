@@ -4,12 +4,14 @@
 a file. :class:`Killer` watches the broker and acts (SIGKILL, or holding the
 coordinator's outbound bytes through :class:`~tests.support.proxy.HoldingProxy`)
 the instant a chosen output arrives. :func:`round_row` reads the coordinator's
-database from outside, to wait until a phase is committed.
+database from outside, to wait until a phase is committed; :func:`kill_with_output_held`
+kills the coordinator at each phase boundary of round 1 with its output held back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sqlite3
@@ -25,6 +27,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from maskfl.protocol.messages import GlobalModel, Receipt, decode_message
 from maskfl.protocol.topics import TopicKind, parse_topic
+from maskfl.testing.participants import wait_for
+from tests.support.proxy import HoldingProxy
 
 
 class Proc:
@@ -160,3 +164,26 @@ def round_row(db: Path, where: str) -> bool:
         except sqlite3.OperationalError:
             return False
     return bool(rows)
+
+
+async def kill_with_output_held(
+    coordinator: Proc, killer: Killer, proxy: HoldingProxy, *, summers: int, what: str
+) -> None:
+    """Round 1, phase by phase: start the coordinator (which reaches the broker through
+    ``proxy``), drop everything it sends from the moment the phase's input is out (round
+    parameters, sum dictionary, all ``summers`` seed dictionaries), and SIGKILL it once
+    its database shows the phase closed (for sum2: the round completed). It is left
+    dead; the caller starts it once more."""
+    db = coordinator.config.parent / "state" / "coordinator.db"
+    steps = (
+        ("round", 1, "phase = 'update'"),
+        ("sums", 1, "phase = 'sum2'"),
+        ("seeds", summers, "outcome = 'completed'"),
+    )
+    for trigger, count, done in steps:
+        killer.on(trigger, proxy.hold, count)
+        coordinator.start()
+        await wait_for(killer.fired.is_set, 60, f"{what}: {trigger}")
+        await wait_for(functools.partial(round_row, db, done), 90, f"{what}: {done}")
+        coordinator.kill9()
+        await proxy.release()

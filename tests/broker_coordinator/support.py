@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +15,9 @@ from maskfl.broker_coordinator.config import load_config
 from maskfl.broker_coordinator.service import Coordinator
 from maskfl.protocol.identity import Identity
 from maskfl.protocol.messages import GlobalModel
+from maskfl.testing.broker import Mosquitto
 from maskfl.testing.fleet import SimFleet, first_round_seed
-from maskfl.testing.participants import SimParticipant
+from maskfl.testing.participants import Behaviour, SimParticipant
 
 M = 1000
 P_SUM = 0.5
@@ -46,6 +47,27 @@ class Setup:
     summers: list[Identity]
     updaters: list[Identity]
     initial: np.ndarray
+
+    def participants(
+        self,
+        broker: Mosquitto,
+        *,
+        summer: Callable[[int], Behaviour] = lambda _k: Behaviour(),
+        updater: Callable[[int], Behaviour] = lambda k: Behaviour(delta=fixed_delta(k)),
+    ) -> list[SimParticipant]:
+        """The summers, then the updaters, on ``broker``: the k-th of each behaves as
+        ``summer(k)`` / ``updater(k)`` (default: updater k sends ``fixed_delta(k)``)."""
+        return [
+            SimParticipant(
+                identity,
+                ca_public_key=self.fleet.ca_public_key,
+                host=broker.host,
+                port=broker.port,
+                behaviour=behave(k),
+            )
+            for identities, behave in ((self.summers, summer), (self.updaters, updater))
+            for k, identity in enumerate(identities)
+        ]
 
 
 def make_setup(

@@ -18,7 +18,6 @@ import pytest
 from maskfl.testing.broker import Mosquitto
 from maskfl.testing.participants import (
     Behaviour,
-    SimParticipant,
     expected_mean,
     start_all,
     stop_all,
@@ -34,21 +33,11 @@ async def test_round_completes_across_a_broker_restart(tmp_path: Path, persisten
     broker = Mosquitto(tmp_path / "broker", persistence=persistence).start()
     try:
         setup = make_setup(tmp_path, broker.port, summers=3, updaters=5)
-        ca = setup.fleet.ca_public_key
         first_delay = 0.3 if persistence else 3.0
-        parts = [
-            SimParticipant(i, ca_public_key=ca, host=broker.host, port=broker.port)
-            for i in setup.summers
-        ] + [
-            SimParticipant(
-                i,
-                ca_public_key=ca,
-                host=broker.host,
-                port=broker.port,
-                behaviour=Behaviour(delta=fixed_delta(k), update_delay_s=first_delay + 0.4 * k),
-            )
-            for k, i in enumerate(setup.updaters)
-        ]
+        parts = setup.participants(
+            broker,
+            updater=lambda k: Behaviour(delta=fixed_delta(k), update_delay_s=first_delay + 0.4 * k),
+        )
         await start_all(parts)
         try:
             async with running_coordinator(setup.config_path) as coordinator:

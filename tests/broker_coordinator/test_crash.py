@@ -12,8 +12,10 @@ update was lost or added twice.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +32,8 @@ from maskfl.testing.participants import (
     stop_all,
     wait_for,
 )
-from tests.broker_coordinator.crashing import Killer, Proc, round_row
-from tests.broker_coordinator.support import fixed_delta, make_setup, trained
+from tests.broker_coordinator.crashing import Killer, Proc, kill_with_output_held
+from tests.broker_coordinator.support import Setup, fixed_delta, make_setup, trained
 from tests.support.proxy import HoldingProxy
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -53,6 +55,42 @@ def all_answered(summers: list[SimParticipant], updaters: list[SimParticipant]) 
         any(r.accepted and r.message_digest == p.sent[1].digest for r in p.receipts)
         for p in updaters
     )
+
+
+@dataclass
+class CrashBed:
+    """Round 1 of a fleet's simulated participants (summers first), the coordinator as a
+    process that is started and killed, and a :class:`Killer` on the broker."""
+
+    parts: list[SimParticipant]
+    summers: int
+    coordinator: Proc
+    killer: Killer
+
+    async def resume(self) -> None:
+        """Start the coordinator once more: the round must publish its model and every
+        message it used get its ``accepted`` receipt."""
+        self.coordinator.start()
+        await wait_for(lambda: all(trained(p) for p in self.parts), 60, "the global model")
+        summers, updaters = self.parts[: self.summers], self.parts[self.summers :]
+        await wait_for(lambda: all_answered(summers, updaters), 30, "every accepted receipt")
+
+
+@contextlib.asynccontextmanager
+async def crash_bed(
+    tmp_path: Path, mosquitto: Mosquitto, setup: Setup, fleet: str
+) -> AsyncIterator[CrashBed]:
+    """The participants of ``setup`` started on ``mosquitto``; everything stopped after."""
+    parts = setup.participants(mosquitto)
+    coordinator = Proc(setup.config_path, tmp_path / f"{fleet}.log")
+    killer = Killer(mosquitto.host, mosquitto.port, fleet)
+    try:
+        await start_all(parts)
+        yield CrashBed(parts, len(setup.summers), coordinator, killer)
+    finally:
+        killer.close()
+        coordinator.stop()
+        await stop_all(parts)
 
 
 def assert_no_rejection(parts: list[SimParticipant], log: Path) -> None:
@@ -88,27 +126,12 @@ async def test_kill9_then_restart_includes_every_update_once(
         pet={"max_rounds": 2, "round_pause_s": 60.0, "chunk_size": 16384},
         extra={"storage": {"dir": "state", "group_commit_max": 2, "group_commit_ms": 5.0}},
     )
-    ca = setup.fleet.ca_public_key
     sum2_delay = 1.0 if phase == "sum2" else 0.0
-    parts = [
-        SimParticipant(
-            i,
-            ca_public_key=ca,
-            host=mosquitto.host,
-            port=mosquitto.port,
-            behaviour=Behaviour(sum2_delay_s=sum2_delay * k),
-        )
-        for k, i in enumerate(setup.summers)
-    ] + [
-        SimParticipant(
-            i,
-            ca_public_key=ca,
-            host=mosquitto.host,
-            port=mosquitto.port,
-            behaviour=Behaviour(delta=fixed_delta(k), update_delay_s=0.25 * k),
-        )
-        for k, i in enumerate(setup.updaters)
-    ]
+    parts = setup.participants(
+        mosquitto,
+        summer=lambda k: Behaviour(sum2_delay_s=sum2_delay * k),
+        updater=lambda k: Behaviour(delta=fixed_delta(k), update_delay_s=0.25 * k),
+    )
     summers, updaters = parts[:SUMMERS], parts[SUMMERS:]
     coordinator = Proc(setup.config_path, tmp_path / "coordinator.log")
     await start_all(parts)
@@ -193,50 +216,24 @@ async def _round_with_receipts_held(tmp_path: Path, mosquitto: Mosquitto, fleet:
         pet={"max_rounds": 2, "round_pause_s": 60.0},
         extra={"broker": {"client_id": f"coordinator-{fleet}"}, "storage": {"dir": "state"}},
     )
-    db = setup.config_path.parent / "state" / "coordinator.db"
-    parts = [
-        SimParticipant(
-            i,
-            ca_public_key=setup.fleet.ca_public_key,
-            host=mosquitto.host,
-            port=mosquitto.port,
-            behaviour=Behaviour(delta=fixed_delta(n)),
-        )
-        for n, i in enumerate(setup.summers + setup.updaters)
-    ]
-    coordinator = Proc(setup.config_path, tmp_path / f"{fleet}.log")
-    killer = Killer(mosquitto.host, mosquitto.port, fleet)
-    await start_all(parts)
-    steps = (("round", 1, "phase = 'update'"), ("sums", 1, "phase = 'sum2'"))
-    steps += (("seeds", summers, "outcome = 'completed'"),)
     try:
-        for trigger, count, done in steps:
-            killer.on(trigger, proxy.hold, count)
-            coordinator.start()
-            await wait_for(killer.fired.is_set, 60, f"{fleet}: {trigger}")
-            await wait_for(functools.partial(round_row, db, done), 60, f"{fleet}: {done}")
-            coordinator.kill9()
-            await proxy.release()
-        coordinator.start()
-        await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")
-        await wait_for(
-            lambda: all_answered(parts[:summers], parts[summers:]), 30, "every accepted receipt"
-        )
-        # The restarted coordinator answers the broker's redeliveries, too.
-        await wait_for(
-            lambda: sum(len(p.receipts) for p in parts) >= 2 * (2 * summers + updaters),
-            30,
-            "an answer to every redelivery",
-        )
+        async with crash_bed(tmp_path, mosquitto, setup, fleet) as bed:
+            await kill_with_output_held(
+                bed.coordinator, bed.killer, proxy, summers=summers, what=fleet
+            )
+            await bed.resume()
+            # The restarted coordinator answers the broker's redeliveries, too.
+            await wait_for(
+                lambda: sum(len(p.receipts) for p in bed.parts) >= 2 * (2 * summers + updaters),
+                30,
+                "an answer to every redelivery",
+            )
     finally:
-        killer.close()
-        coordinator.stop()
-        await stop_all(parts)
         await proxy.stop()
     assert proxy.dropped > 0
-    model = trained(parts[0])[0]
+    model = trained(bed.parts[0])[0]
     assert dict(model.metrics)["updates"] == updaters
-    assert_no_rejection(parts, coordinator.log)
+    assert_no_rejection(bed.parts, bed.coordinator.log)
 
 
 async def _round_with_kills(
@@ -261,20 +258,8 @@ async def _round_with_kills(
             "storage": {"dir": "state", "group_commit_ms": commit_ms},
         },
     )
-    parts = [
-        SimParticipant(
-            i,
-            ca_public_key=setup.fleet.ca_public_key,
-            host=mosquitto.host,
-            port=mosquitto.port,
-            behaviour=Behaviour(delta=fixed_delta(n)),
-        )
-        for n, i in enumerate(setup.summers + setup.updaters)
-    ]
-    coordinator = Proc(setup.config_path, tmp_path / f"{fleet}.log")
-    killer = Killer(mosquitto.host, mosquitto.port, fleet)
-    await start_all(parts)
-    try:
+    async with crash_bed(tmp_path, mosquitto, setup, fleet) as bed:
+        coordinator, killer, parts = bed.coordinator, bed.killer, bed.parts
         for trigger in triggers:
             coordinator.start()
             assert coordinator.proc is not None
@@ -282,20 +267,12 @@ async def _round_with_kills(
             fired = await asyncio.to_thread(killer.fired.wait, 60)
             assert fired, f"{fleet}: no {trigger}\n{coordinator.log.read_text()[-3000:]}"
             await asyncio.to_thread(coordinator.proc.wait, 10)
-        coordinator.start()  # resumes after the last kill
-        await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")
-        await wait_for(
-            lambda: all_answered(parts[:summers], parts[summers:]), 30, "every accepted receipt"
-        )
+        await bed.resume()  # after the last kill
         # The finished round's retained dictionaries are cleared, kill or not.
         dictionaries = [t for t in killer.last if "/sums" in t or "/seeds/" in t]
         await wait_for(
             lambda: all(not killer.last[t] for t in dictionaries), 30, "cleared dictionaries"
         )
-    finally:
-        killer.close()
-        coordinator.stop()
-        await stop_all(parts)
     assert killer.kills == list(triggers)
     assert len(dictionaries) == 1 + summers
     log = coordinator.log.read_text()

@@ -20,33 +20,13 @@ import pytest
 
 from maskfl.broker_coordinator.config import OptimizerConfig
 from maskfl.broker_coordinator.optimizers import ServerOptimizer
+from maskfl.protocol import masking, sortition
 from maskfl.protocol.chunking import split_payload
 from maskfl.protocol.crypto import open_seed
 from maskfl.protocol.dp import aggregate_noise_bound, updater_variance
 from maskfl.protocol.errors import CryptoError, RemoteProtocolError
-from maskfl.protocol.masking import (
-    EvalCounts,
-    MaskConfig,
-    aggregate_mask,
-    decode_aggregate,
-    decode_evaluation,
-    encode_update,
-    error_bound,
-    mask_stream,
-    mask_update,
-    unmask,
-    update_words,
-)
 from maskfl.protocol.messages import decode_message, verify_sender, weights_digest
 from maskfl.protocol.reassembly import Reassembler
-from maskfl.protocol.sortition import (
-    group_of,
-    next_round_seed,
-    probabilities_for_targets,
-    select_task,
-    threshold,
-    ticket,
-)
 from tests.protocol import spec_vectors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,8 +44,8 @@ def f(entry: dict[str, Any]) -> float:
     return value
 
 
-def cfg(spec: list[Any]) -> MaskConfig:
-    return MaskConfig(float(spec[0]), int(spec[1]), int(spec[2]))  # type: ignore[arg-type]
+def cfg(spec: list[Any]) -> masking.MaskConfig:
+    return masking.MaskConfig(float(spec[0]), int(spec[1]), int(spec[2]))  # type: ignore[arg-type]
 
 
 def ints(words: list[str]) -> list[int]:
@@ -90,7 +70,7 @@ def test_seed_chain() -> None:
     for case in data["chain"]:
         if previous is not None:
             assert case["previous_seed"] == previous
-        seed = next_round_seed(
+        seed = sortition.next_round_seed(
             bytes.fromhex(case["previous_seed"]),
             bytes.fromhex(case["model_digest"]),
             case["round_id"],
@@ -108,12 +88,12 @@ def test_sortition_tickets() -> None:
         ).digest()
         assert raw.hex() == case["digest"]
         assert int.from_bytes(raw, "little") == int(case["ticket"])
-        assert ticket(seed, case["task"], pk) == int(case["ticket"])
+        assert sortition.ticket(seed, case["task"], pk) == int(case["ticket"])
     for case in data["thresholds"]:
-        assert threshold(f(case["p"])) == int(case["threshold"])
+        assert sortition.threshold(f(case["p"])) == int(case["threshold"])
     tasks = set()
     for case in data["select_task"]:
-        task = select_task(
+        task = sortition.select_task(
             bytes.fromhex(case["seed"]),
             bytes.fromhex(case["public_key"]),
             f(case["p_sum"]),
@@ -128,14 +108,14 @@ def test_sortition_tickets() -> None:
         raw = hashlib.blake2b(seed + pk, digest_size=8, person=b"maskfl/group/v1").digest()
         assert raw.hex() == case["digest"]
         assert int.from_bytes(raw, "little") % case["groups"] == case["group"]
-        assert group_of(seed, pk, case["groups"]) == case["group"]
+        assert sortition.group_of(seed, pk, case["groups"]) == case["group"]
         seen.add(case["group"])
     assert len(seen) >= 3, "the vectors must show several groups"
 
 
 def test_probabilities() -> None:
     for case in load("probabilities.json")["cases"]:
-        p_sum, p_update = probabilities_for_targets(
+        p_sum, p_update = sortition.probabilities_for_targets(
             case["alive"], case["target_summers"], case["target_updaters"], case["min_updaters"]
         )
         assert (p_sum, p_update) == (f(case["p_sum"]), f(case["p_update"])), case
@@ -143,7 +123,7 @@ def test_probabilities() -> None:
 
 def test_mask_config_constants() -> None:
     for c in load("masking.json")["configs"]:
-        mask = MaskConfig(c["bound"], c["n_max"], c["word_bits"])
+        mask = masking.MaskConfig(c["bound"], c["n_max"], c["word_bits"])
         assert (str(mask.scale), str(mask.offset), str(mask.weight_scale)) == (
             c["scale"],
             c["offset"],
@@ -160,8 +140,8 @@ def test_encoding_and_the_weight_word() -> None:
         delta = np.frombuffer(bytes.fromhex(case["delta_f32_le_hex"]), dtype="<f4")
         weight = f(case["weight"])
         examples, correct, loss = case["evaluation"]
-        ev = EvalCounts(examples, correct, f(loss))
-        words = encode_update(delta, weight, mask, evaluation=ev)
+        ev = masking.EvalCounts(examples, correct, f(loss))
+        words = masking.encode_update(delta, weight, mask, evaluation=ev)
         assert words.tolist() == ints(case["words"]), case["config"]
         # The weight word, from its definition: round half to even of a·S_w, plus S_w.
         m = delta.size
@@ -198,8 +178,8 @@ def test_mask_stream_known_answers() -> None:
     data = load("mask_stream.json")
     for case in data["cases"]:
         seed = bytes.fromhex(case["seed_hex"])
-        assert mask_stream(seed, 8, 64).tolist() == case["first_8_words_u64"]
-        assert mask_stream(seed, 8, 32).tolist() == case["first_8_words_u32"]
+        assert masking.mask_stream(seed, 8, 64).tolist() == case["first_8_words_u64"]
+        assert masking.mask_stream(seed, 8, 32).tolist() == case["first_8_words_u32"]
 
 
 def test_masked_updates_and_aggregate_masks() -> None:
@@ -208,14 +188,14 @@ def test_masked_updates_and_aggregate_masks() -> None:
         mask = cfg(case["config"])
         seed = bytes.fromhex(case["seed"])
         delta = np.array(case["delta_f32"], dtype=np.float32)
-        n_words = update_words(delta.size)
-        assert mask_stream(seed, n_words, mask.word_bits).tolist() == ints(case["mask"])
+        n_words = masking.update_words(delta.size)
+        assert masking.mask_stream(seed, n_words, mask.word_bits).tolist() == ints(case["mask"])
         examples, correct, loss = case["evaluation"]
-        ev = EvalCounts(examples, correct, f(loss))
-        masked = mask_update(delta, f(case["weight"]), seed, mask, evaluation=ev)
+        ev = masking.EvalCounts(examples, correct, f(loss))
+        masked = masking.mask_update(delta, f(case["weight"]), seed, mask, evaluation=ev)
         assert masked.tolist() == ints(case["masked_words"])
         modulus = 1 << mask.word_bits
-        plain = encode_update(delta, f(case["weight"]), mask, evaluation=ev).tolist()
+        plain = masking.encode_update(delta, f(case["weight"]), mask, evaluation=ev).tolist()
         assert [(p + m) % modulus for p, m in zip(plain, ints(case["mask"]), strict=True)] == ints(
             case["masked_words"]
         )
@@ -223,17 +203,17 @@ def test_masked_updates_and_aggregate_masks() -> None:
     mask = cfg(case["config"])
     seeds = [bytes.fromhex(s) for s in case["seeds"]]
     delta = np.array(case["delta_f32"], dtype=np.float32)
-    ev = EvalCounts(case["evaluation"][0], case["evaluation"][1], f(case["evaluation"][2]))
-    masked = mask_update(delta, f(case["weight"]), seeds, mask, evaluation=ev)
+    ev = masking.EvalCounts(case["evaluation"][0], case["evaluation"][1], f(case["evaluation"][2]))
+    masked = masking.mask_update(delta, f(case["weight"]), seeds, mask, evaluation=ev)
     assert masked.tolist() == ints(case["masked_words"])
-    total = encode_update(delta, f(case["weight"]), mask, evaluation=ev).astype(object)
+    total = masking.encode_update(delta, f(case["weight"]), mask, evaluation=ev).astype(object)
     for seed, stream in zip(seeds, case["masks"], strict=True):
-        assert mask_stream(seed, delta.size + 4, mask.word_bits).tolist() == ints(stream)
+        assert masking.mask_stream(seed, delta.size + 4, mask.word_bits).tolist() == ints(stream)
         total = (total + np.array(ints(stream), dtype=object)) % (1 << mask.word_bits)
     assert total.tolist() == ints(case["masked_words"])
     for case in data["aggregate_mask"]:
         seeds = [bytes.fromhex(s) for s in case["seeds"]]
-        got = aggregate_mask(seeds, case["n_words"], case["word_bits"])
+        got = masking.aggregate_mask(seeds, case["n_words"], case["word_bits"])
         assert got.tolist() == ints(case["aggregate_mask"])
 
 
@@ -242,10 +222,10 @@ def test_decoding_and_error_bound() -> None:
     for case in data["decode"]:
         mask = cfg(case["config"])
         words = np.array(ints(case["sum_of_words"]), dtype=mask.dtype)
-        values, weight_sum = decode_aggregate(words, case["n"], mask)
+        values, weight_sum = masking.decode_aggregate(words, case["n"], mask)
         assert [float(v) for v in values] == [f(v) for v in case["weighted_sum"]]
         assert weight_sum == f(case["weight_sum"])
-        assert error_bound(case["n"], weight_sum, mask) == f(case["error_bound"])
+        assert masking.error_bound(case["n"], weight_sum, mask) == f(case["error_bound"])
         # The bound holds against exact arithmetic on the clipped, weighted deltas.
         exact_num = sum(
             a * np.clip(np.array(d, dtype=np.float64), -mask.bound, mask.bound)
@@ -254,16 +234,16 @@ def test_decoding_and_error_bound() -> None:
         exact = exact_num / sum(case["weights"])
         mean = np.array([f(v) for v in case["mean"]])
         assert np.all(np.abs(mean - exact) <= f(case["error_bound"]))
-        fleet = decode_evaluation(words, case["n"], mask)
+        fleet = masking.decode_evaluation(words, case["n"], mask)
         assert [fleet.examples, fleet.correct] == case["fleet_evaluation"][:2]
         assert fleet.loss_sum == f(case["fleet_evaluation"][2])
         assert fleet.examples == sum(e[0] for e in case["evaluations"])
     for case in data["error_bound"]:
-        got = error_bound(case["n"], f(case["weight_sum"]), cfg(case["config"]))
+        got = masking.error_bound(case["n"], f(case["weight_sum"]), cfg(case["config"]))
         assert got == f(case["error_bound"])
     assert {c["word_bits"] for c in data["word_size_auto"]} == {32, 64}  # both outcomes
     for case in data["word_size_auto"]:
-        chosen = MaskConfig.for_tolerance(case["bound"], case["n_max"], case["tolerance"])
+        chosen = masking.MaskConfig.for_tolerance(case["bound"], case["n_max"], case["tolerance"])
         assert chosen.word_bits == case["word_bits"]
 
 
@@ -276,19 +256,19 @@ def test_dp_noise_bound_variance_and_noisy_encoding() -> None:
         )
         assert noise == f(c["noise_bound"])
         bound, n_max, bits = c["config"]
-        cfg = MaskConfig(bound, n_max, bits, noise)
+        cfg = masking.MaskConfig(bound, n_max, bits, noise)
         assert (str(cfg.scale), str(cfg.offset)) == (c["scale"], c["offset"])
-        assert cfg.scale < MaskConfig(bound, n_max, bits).scale  # the tail takes room
+        assert cfg.scale < masking.MaskConfig(bound, n_max, bits).scale  # the tail takes room
         v = updater_variance(c["noise_multiplier"], c["clip_norm"], cfg.scale, c["min_updates"])
         assert str(v) == c["noise_variance"]
-        auto = MaskConfig.for_tolerance(bound, n_max, 1e-6, noise).word_bits
+        auto = masking.MaskConfig.for_tolerance(bound, n_max, 1e-6, noise).word_bits
         assert auto == c["word_bits_auto_1e-6"]
         delta = np.array([f(x) for x in c["delta"]], dtype=np.float32)
         shares = np.array(c["shares"], dtype=np.int64)
-        words = encode_update(delta, 1.0, cfg, noise=shares)
+        words = masking.encode_update(delta, 1.0, cfg, noise=shares)
         assert [str(int(w)) for w in words] == c["words"]
         # The shares are exactly what separates the noisy words from the plain ones.
-        plain = encode_update(delta, 1.0, cfg)
+        plain = masking.encode_update(delta, 1.0, cfg)
         diff = (words.astype(object) - plain.astype(object)) % cfg.modulus
         assert [int(d) % cfg.modulus for d in diff[: shares.size]] == [
             int(x) % cfg.modulus for x in shares
@@ -360,8 +340,8 @@ def test_optimizer_steps() -> None:
 def test_worked_example_in_the_spec() -> None:
     """Every number of the worked example appears in docs/protocol.md as computed."""
     data = load("worked_example.json")
-    mask = MaskConfig(1.0, 4, 32)
-    total = np.zeros(update_words(2), dtype=np.uint32)
+    mask = masking.MaskConfig(1.0, 4, 32)
+    total = np.zeros(masking.update_words(2), dtype=np.uint32)
     for d, a, s, e, enc, masked in zip(
         data["deltas_f32"],
         data["weights"],
@@ -371,17 +351,21 @@ def test_worked_example_in_the_spec() -> None:
         data["masked"],
         strict=True,
     ):
-        ev = EvalCounts(*e)
-        words = encode_update(np.array(d, dtype=np.float32), a, mask, evaluation=ev)
+        ev = masking.EvalCounts(*e)
+        words = masking.encode_update(np.array(d, dtype=np.float32), a, mask, evaluation=ev)
         assert words.tolist() == ints(enc)
-        mw = mask_update(np.array(d, dtype=np.float32), a, bytes.fromhex(s), mask, evaluation=ev)
+        mw = masking.mask_update(
+            np.array(d, dtype=np.float32), a, bytes.fromhex(s), mask, evaluation=ev
+        )
         assert mw.tolist() == ints(masked)
         total += mw
     assert total.tolist() == ints(data["masked_sum"])
-    agg = aggregate_mask([bytes.fromhex(s) for s in data["seeds"]], update_words(2), 32)
-    plain = unmask(total, agg)
+    agg = masking.aggregate_mask(
+        [bytes.fromhex(s) for s in data["seeds"]], masking.update_words(2), 32
+    )
+    plain = masking.unmask(total, agg)
     assert plain.tolist() == ints(data["unmasked_sum"])
-    fleet = decode_evaluation(plain, 3, mask)
+    fleet = masking.decode_evaluation(plain, 3, mask)
     assert fleet.accuracy == data["fleet_evaluation"]["accuracy"]
     text = SPEC.read_text(encoding="utf-8")
     numbers = set(re.findall(r"-?\d[\d.e+-]*", text))
