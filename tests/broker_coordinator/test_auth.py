@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,21 +16,12 @@ from tests.broker_coordinator.support import make_setup, running_coordinator
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
 
-async def _round_starts(config: Path) -> None:
-    async with running_coordinator(config) as coordinator:
-        await wait_for(
-            lambda: coordinator.runner is not None and coordinator.runner.state is not None,
-            20,
-            "the first round",
-        )
-        assert coordinator.ready() == (True, "ready")
-
-
-async def test_mutual_tls(tmp_path: Path) -> None:
-    pki = TestPki(tmp_path / "pki")
-    client = pki.client_cert("maskfl-coordinator")
-    lines = pki.mosquitto_tls_listener(pki.server_cert(), require_certificate=True)
-    with Mosquitto(tmp_path / "broker", config=lines) as broker:
+async def _round_starts(
+    tmp_path: Path, pki: TestPki, listener: list[str], broker_keys: dict[str, Any]
+) -> None:
+    """A broker with ``listener``; a coordinator configured with TLS against ``pki``'s CA
+    and ``broker_keys`` must connect, subscribe and open round 1."""
+    with Mosquitto(tmp_path / "broker", config=listener) as broker:
         setup = make_setup(
             tmp_path,
             broker.port,
@@ -41,12 +33,25 @@ async def test_mutual_tls(tmp_path: Path) -> None:
                     "port": broker.port,
                     "tls": True,
                     "ca_file": str(pki.ca.cert),
-                    "cert_file": str(client.cert),
-                    "key_file": str(client.key),
+                    **broker_keys,
                 }
             },
         )
-        await _round_starts(setup.config_path)
+        async with running_coordinator(setup.config_path) as coordinator:
+            await wait_for(
+                lambda: coordinator.runner is not None and coordinator.runner.state is not None,
+                20,
+                "the first round",
+            )
+            assert coordinator.ready() == (True, "ready")
+
+
+async def test_mutual_tls(tmp_path: Path) -> None:
+    pki = TestPki(tmp_path / "pki")
+    client = pki.client_cert("maskfl-coordinator")
+    lines = pki.mosquitto_tls_listener(pki.server_cert(), require_certificate=True)
+    keys = {"cert_file": str(client.cert), "key_file": str(client.key)}
+    await _round_starts(tmp_path, pki, lines, keys)
 
 
 async def test_tls_with_username_and_password(tmp_path: Path) -> None:
@@ -60,21 +65,5 @@ async def test_tls_with_username_and_password(tmp_path: Path) -> None:
     ]
     secret = tmp_path / "broker.password"
     secret.write_text("s3cret\n")
-    with Mosquitto(tmp_path / "broker", config=lines) as broker:
-        setup = make_setup(
-            tmp_path,
-            broker.port,
-            summers=1,
-            updaters=1,
-            extra={
-                "broker": {
-                    "host": "127.0.0.1",
-                    "port": broker.port,
-                    "tls": True,
-                    "ca_file": str(pki.ca.cert),
-                    "username": "coordinator",
-                    "password_file": str(secret),
-                }
-            },
-        )
-        await _round_starts(setup.config_path)
+    keys = {"username": "coordinator", "password_file": str(secret)}
+    await _round_starts(tmp_path, pki, lines, keys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import ssl
@@ -180,20 +181,29 @@ async def test_manual_ack_redelivers_only_unacked_messages(mosquitto: Mosquitto)
             assert (await recv(coord)).topic == "up/end"
 
 
+@contextlib.asynccontextmanager
+async def coordinator_and_device(
+    broker: Mosquitto,
+) -> AsyncIterator[tuple[MqttTransport, MqttTransport]]:
+    """A coordinator-like client (persistent session, manual acks) subscribed to ``up/#``
+    and a device, both connected to ``broker``."""
+    coordinator = config(
+        broker, client_id="coord", clean_start=False, session_expiry_s=300, manual_ack=True
+    )
+    async with (
+        MqttTransport(coordinator) as coord,
+        MqttTransport(config(broker, client_id="dev")) as dev,
+    ):
+        await coord.subscribe("up/#")
+        yield coord, dev
+
+
 async def test_broker_restart_with_persistence_redelivers_and_ignores_stale_acks(
     tmp_path: Path,
 ) -> None:
-    broker = Mosquitto(tmp_path / "broker", persistence=True).start()
-    try:
-        coordinator = config(
-            broker, client_id="coord", clean_start=False, session_expiry_s=300, manual_ack=True
-        )
-        async with (
-            MqttTransport(coordinator) as coord,
-            MqttTransport(config(broker, client_id="dev")) as dev,
-        ):
+    with Mosquitto(tmp_path / "broker", persistence=True) as broker:
+        async with coordinator_and_device(broker) as (coord, dev):
             events = Events(coord)
-            await coord.subscribe("up/#")
             await dev.publish("up/1", b"one")
             stale = await recv(coord)
             broker.restart()  # graceful: the session and its inflight message are saved
@@ -205,14 +215,9 @@ async def test_broker_restart_with_persistence_redelivers_and_ignores_stale_acks
             assert fresh.link == stale.link + 1
             coord.ack(stale)  # from the old link: ignored, must not ack another message
             coord.ack(fresh)
-        async with (
-            MqttTransport(coordinator) as coord,
-            MqttTransport(config(broker, client_id="dev")) as dev,
-        ):
+        async with coordinator_and_device(broker) as (coord, dev):
             await dev.publish("up/end", b"")
             assert (await recv(coord)).topic == "up/end"  # b"one" was acked: not redelivered
-    finally:
-        broker.stop()
 
 
 async def test_broker_kill_mid_stream_reconnects_and_keeps_working(tmp_path: Path) -> None:
@@ -257,17 +262,9 @@ async def test_broker_kill_mid_stream_reconnects_and_keeps_working(tmp_path: Pat
 async def test_publish_during_an_outage_reaches_a_persistent_session(tmp_path: Path) -> None:
     """At least once, end to end: the device's publish waits out the outage, the
     broker restarts with the coordinator's session, the coordinator gets it."""
-    broker = Mosquitto(tmp_path / "broker", persistence=True).start()
-    try:
-        coordinator = config(
-            broker, client_id="coord", clean_start=False, session_expiry_s=300, manual_ack=True
-        )
-        async with (
-            MqttTransport(coordinator) as coord,
-            MqttTransport(config(broker, client_id="dev")) as dev,
-        ):
+    with Mosquitto(tmp_path / "broker", persistence=True) as broker:
+        async with coordinator_and_device(broker) as (coord, dev):
             dev_events, coord_events = Events(dev), Events(coord)
-            await coord.subscribe("up/#")
             broker.stop()  # graceful: mosquitto saves the session
             await dev_events.wait_for(LinkState.DISCONNECTED)
             pending = asyncio.create_task(dev.publish("up/late", b"sent while down"))
@@ -279,8 +276,6 @@ async def test_publish_during_an_outage_reaches_a_persistent_session(tmp_path: P
             assert (got.topic, got.payload) == ("up/late", b"sent while down")
             coord.ack(got)
             assert coord_events.seen[-1].session_present
-    finally:
-        broker.stop()
 
 
 async def test_outgoing_queue_is_bounded_while_the_link_is_down(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import shutil
 import signal
 import threading
 import time
@@ -232,8 +231,8 @@ def start_fleet_broker(
     provision(root, *args)
     for device in devices:
         provision(root, "add-device", device)
-    broker = Mosquitto(workdir / "mosquitto", port=port)
-    shutil.copyfile(root / "broker" / "mosquitto.conf", broker.conf_path)
+    conf = root / "broker" / "mosquitto.conf"
+    broker = Mosquitto.from_config(conf, port, log_path=workdir / "mosquitto" / "mosquitto.log")
     broker.start()
     return Broker(root=root, mosquitto=broker)
 
