@@ -20,7 +20,12 @@ import numpy.typing as npt
 import tomli_w
 from nacl.signing import SigningKey
 
-from maskfl.protocol.identity import Identity, issue_certificate, issue_revocation_list
+from maskfl.protocol.identity import (
+    Certificate,
+    Identity,
+    issue_certificate,
+    issue_revocation_list,
+)
 from maskfl.protocol.ids import Role
 from maskfl.protocol.keys import public_key_to_pem, signing_key_to_pem
 from maskfl.protocol.messages import weights_digest
@@ -47,25 +52,40 @@ class SimFleet:
     def identity(
         self,
         device: str,
-        *,
         role: Role = Role.DEVICE,
+        *,
         key: SigningKey | None = None,
         not_after: int | None = None,
     ) -> Identity:
+        """A new key (or ``key``) for ``device`` and its certificate."""
         key = key or SigningKey.generate()
+        return Identity(key, self.certificate(device, role, key, not_after=not_after))
+
+    def certificate(
+        self,
+        subject: str,
+        role: Role,
+        key: SigningKey,
+        *,
+        ca: SigningKey | None = None,
+        fleet: str | None = None,
+        not_after: int | None = None,
+    ) -> Certificate:
+        """A certificate for ``key``, valid from an hour ago for a year (or until
+        ``not_after``), issued by this fleet's CA for this fleet, or by ``ca`` (a forger's)
+        and for ``fleet``."""
         self.serial += 1
         now = int(time.time())
-        cert = issue_certificate(
-            self.ca_key,
-            fleet=self.fleet,
+        return issue_certificate(
+            ca or self.ca_key,
+            fleet=fleet or self.fleet,
             serial=self.serial,
-            subject=device,
+            subject=subject,
             role=role,
             public_key=bytes(key.verify_key),
             not_before=now - 3600,
             not_after=not_after if not_after is not None else now + 365 * 86400,
         )
-        return Identity(key, cert)
 
     def identities_for_roles(
         self,

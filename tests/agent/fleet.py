@@ -14,7 +14,7 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,8 @@ import numpy as np
 
 from maskfl.protocol.chunking import is_chunk, split_payload
 from maskfl.protocol.crypto import EphemeralKeyPair
-from maskfl.protocol.identity import Certificate, Identity, issue_certificate
+from maskfl.protocol.identity import Certificate, Identity
 from maskfl.protocol.ids import Role
-from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.masking import MaskConfig
 from maskfl.protocol.messages import (
     GlobalModel,
@@ -44,7 +43,7 @@ from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.sortition import next_round_seed
 from maskfl.protocol.topics import TopicKind, Topics, parse_topic
 from maskfl.testing.broker import Mosquitto
-from maskfl.testing.fleet import write_agent_bundle
+from maskfl.testing.fleet import SimFleet, write_agent_bundle
 from maskfl.transport import MqttConfig, MqttTransport, Transport
 
 FLEET = "testfleet"
@@ -55,42 +54,24 @@ def write_private(path: Path, data: bytes) -> None:
     path.chmod(0o600)
 
 
-@dataclass
-class Fleet:
-    root: Path
-    name: str = FLEET
-    ca: nacl.signing.SigningKey = field(default_factory=nacl.signing.SigningKey.generate)
-    serial: int = 0
+class Fleet(SimFleet):
+    """A :class:`SimFleet` with a folder: its CA's public key in ``root/ca.pub`` and the
+    device bundles beside it."""
 
-    def __post_init__(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "ca.pub").write_bytes(public_key_to_pem(self.ca.verify_key))
+    def __init__(
+        self, root: Path, name: str = FLEET, ca: nacl.signing.SigningKey | None = None
+    ) -> None:
+        super().__init__(name, ca or nacl.signing.SigningKey.generate())
+        self.root = root
+        self.write_ca(root / "ca.pub")
 
-    def certificate(
-        self,
-        subject: str,
-        role: Role,
-        key: nacl.signing.SigningKey,
-        *,
-        ca: nacl.signing.SigningKey | None = None,
-        fleet: str | None = None,
-    ) -> Certificate:
-        self.serial += 1
-        now = int(time.time())
-        return issue_certificate(
-            ca or self.ca,
-            fleet=fleet or self.name,
-            serial=self.serial,
-            subject=subject,
-            role=role,
-            public_key=bytes(key.verify_key),
-            not_before=now - 3600,
-            not_after=now + 86400,
-        )
+    @property
+    def name(self) -> str:
+        return self.fleet
 
-    def identity(self, subject: str, role: Role = Role.DEVICE) -> Identity:
-        key = nacl.signing.SigningKey.generate()
-        return Identity(key, self.certificate(subject, role, key))
+    @property
+    def ca(self) -> nacl.signing.SigningKey:
+        return self.ca_key
 
     def device(
         self, device_id: str, broker: Mosquitto, *, extra: str = "", state_dir: Path | None = None
