@@ -253,7 +253,7 @@ class StoredUpdate:
     data: bytes
 
 
-def _query_ro(
+def query_read_only(
     path: Path, *queries: tuple[str, tuple[Any, ...]], timeout_s: float = 1.0
 ) -> list[list[Any]]:
     """The rows of each query, read through a read-only connection to another process's
@@ -275,33 +275,46 @@ class RoundRow:
     outcome: RoundOutcome | None
     detail: str | None
     phases: dict[str, float]
+    """Seconds in each timed phase it reached (store.LOGGED_PHASES), by name."""
+    started_at: float
+    finished_at: float | None
 
 
-def coordinator_round(state_dir: Path, round_id: int) -> RoundRow | None:
+def coordinator_round(state_dir: Path, round_id: int, *, timeout_s: float = 5.0) -> RoundRow | None:
     """Read one round's row and its phase log from the coordinator's database (read-only;
-    blocking). Phase durations run from a phase's opening to the next one's, the last to
-    the round's end. None if the round is not there (yet)."""
+    blocking; the demo, maskfl-bench scale). Phase durations run from a phase's opening
+    to the next one's, the last to the round's end. None if the round is not there (yet)."""
     db = state_dir / "coordinator.db"
     if not db.exists():
         return None
-    rows, opened = _query_ro(
+    rows, opened = query_read_only(
         db,
-        ("SELECT outcome, detail, finished_at FROM rounds WHERE round_id = ?", (round_id,)),
+        (
+            "SELECT outcome, detail, started_at, finished_at FROM rounds WHERE round_id = ?",
+            (round_id,),
+        ),
         (
             "SELECT phase, opened_at FROM phase_log WHERE round_id = ? ORDER BY opened_at",
             (round_id,),
         ),
-        timeout_s=5.0,
+        timeout_s=timeout_s,
     )
     if not rows:
         return None
-    outcome, detail, finished = rows[0]
+    outcome, detail, started, finished = rows[0]
     phases: dict[str, float] = {}
     for i, (phase, at) in enumerate(opened):
         until = opened[i + 1][1] if i + 1 < len(opened) else finished
         if until is not None and phase in LOGGED_PHASES:
             phases[str(phase)] = max(0.0, float(until) - float(at))
-    return RoundRow(round_id, None if outcome is None else RoundOutcome(outcome), detail, phases)
+    return RoundRow(
+        round_id,
+        None if outcome is None else RoundOutcome(outcome),
+        detail,
+        phases,
+        float(started),
+        None if finished is None else float(finished),
+    )
 
 
 class StoreSampler:
@@ -346,7 +359,7 @@ class StoreSampler:
     def _poll(self) -> None:
         if not self.db.exists():
             return
-        (rows,) = _query_ro(
+        (rows,) = query_read_only(
             self.db,
             (
                 "SELECT round_id, device_id, log_offset, log_length FROM updates "
@@ -375,7 +388,7 @@ def journal_rounds(state_dir: Path) -> dict[int, dict[str, Any]]:
     if not db.exists():
         return {}
     try:
-        (rows,) = _query_ro(db, ("SELECT round_id, task, step, bytes_sent FROM rounds", ()))
+        (rows,) = query_read_only(db, ("SELECT round_id, task, step, bytes_sent FROM rounds", ()))
     except StorageError:
         return {}
     return {int(r): {"task": str(t), "step": str(s), "bytes_sent": int(b)} for r, t, s, b in rows}

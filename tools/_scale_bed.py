@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import sqlite3
 import sys
 import time
 import urllib.request
@@ -22,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from maskfl.broker_coordinator.store import LOGGED_PHASES
 from maskfl.protocol.chunking import split_payload
 from maskfl.protocol.crypto import new_seed, seal_seed
+from maskfl.protocol.errors import StorageError
 from maskfl.protocol.masking import MaskConfig, mask_update
 from maskfl.protocol.messages import (
     GlobalModel,
@@ -39,6 +40,7 @@ from maskfl.testing.broker import LOG_QUIET, free_port, write_config
 from maskfl.testing.fleet import SimFleet
 from maskfl.testing.participants import Behaviour, SimParticipant
 from maskfl.tools._bench_publish import publish_all, read_frames, records
+from maskfl.tools._demo_watch import coordinator_round
 from maskfl.tools._supervise import Child, Supervisor
 from maskfl.transport import MqttConfig, MqttTransport
 
@@ -623,24 +625,15 @@ def _round_record(coordinator_dir: Path, rid: int) -> dict[str, Any]:
     database (read-only; its dashboard would do, but builds a row per device: at 100k
     devices that alone costs the coordinator hundreds of MB, which is not ingest)."""
     db = next(coordinator_dir.rglob("coordinator.db"))
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
-        started, finished, outcome = con.execute(
-            "SELECT started_at, finished_at, outcome FROM rounds WHERE round_id = ?", (rid,)
-        ).fetchone()
-        opened = con.execute(
-            "SELECT phase, opened_at FROM phase_log WHERE round_id = ? ORDER BY opened_at",
-            (rid,),
-        ).fetchall()
-    phases: dict[str, float | None] = dict.fromkeys(("sum", "update", "sum2", "unmask"))
-    for i, (phase, at) in enumerate(opened):
-        until = opened[i + 1][1] if i + 1 < len(opened) else finished
-        if phase in phases and until is not None:
-            phases[phase] = max(0.0, until - at)
+    row = coordinator_round(db.parent, rid, timeout_s=30.0)
+    if row is None:
+        raise StorageError(f"round {rid} is not in {db}")
+    finished = row.finished_at or time.time()
     return {
-        "outcome": outcome,
-        "phases": phases,
-        "duration_s": (finished or time.time()) - started,
-        "finished_at": finished or time.time(),
+        "outcome": row.outcome,
+        "phases": {p.value: row.phases.get(p.value) for p in LOGGED_PHASES},
+        "duration_s": finished - row.started_at,
+        "finished_at": finished,
     }
 
 

@@ -46,7 +46,6 @@ import os
 import re
 import shlex
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -59,6 +58,7 @@ import numpy as np
 from maskfl.broker_coordinator.store import RoundOutcome
 from maskfl.protocol.errors import MaskflError
 from maskfl.protocol.masking import MaskConfig, mask_stream, mask_update
+from maskfl.tools._demo_watch import query_read_only
 
 __all__ = ["main", "mask_digests"]
 
@@ -406,10 +406,9 @@ def accepted_from(state: Path, device: str) -> dict[int, set[str]]:
     db = state / "coordinator.db"
     if not db.exists():
         return {}
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-        rows = con.execute(
-            "SELECT round_id, type FROM messages WHERE device_id = ?", (device,)
-        ).fetchall()
+    (rows,) = query_read_only(
+        db, ("SELECT round_id, type FROM messages WHERE device_id = ?", (device,)), timeout_s=5.0
+    )
     found: dict[int, set[str]] = {}
     for round_id, kind in rows:
         found.setdefault(int(round_id), set()).add(str(kind))

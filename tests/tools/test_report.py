@@ -173,6 +173,7 @@ async def test_round_rows_from_the_coordinator_database(tmp_path: Path) -> None:
     got = coordinator_round(tmp_path, 1)
     assert got is not None and got.outcome is RoundOutcome.FAILED and got.detail == "sum2: 0 of 1"
     assert rep.phase_times(got.phases) == {"sum": 1.5, "update": 2.5, "sum2": 30.0, "unmask": None}
+    assert (got.started_at, got.finished_at) == (100.0, 134.0)
     assert coordinator_round(tmp_path, 2) is None
 
 
