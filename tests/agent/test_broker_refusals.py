@@ -25,7 +25,11 @@ from pathlib import Path
 import pytest
 
 from tests.agent.test_process import AgentProcess
-from tests.broker_coordinator.provision.conftest import Broker, provision, start_fleet_broker
+from tests.broker_coordinator.provision.conftest import (
+    Broker,
+    provision,
+    running_fleet_broker,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -34,11 +38,8 @@ WAIT_S = 30.0
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Broker]:
-    broker = start_fleet_broker(tmp_path / "fleet", tmp_path, ["dev-a"])
-    try:
+    with running_fleet_broker(tmp_path, ["dev-a"]) as broker:
         yield broker
-    finally:
-        broker.mosquitto.stop()
 
 
 def run_agent(broker: Broker, device: str, workdir: Path, **env: str) -> AgentProcess:

@@ -24,18 +24,15 @@ from maskfl.protocol.messages import Heartbeat, MessageType, decode_message, ver
 from maskfl.protocol.topics import Topics
 from maskfl.transport import MqttConfig, MqttTransport, TlsConfig, broker_identity
 from tests.agent.test_daemon import running_agent
-from tests.broker_coordinator.provision.conftest import Broker, start_fleet_broker
+from tests.broker_coordinator.provision.conftest import Broker, running_fleet_broker
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
 @pytest.fixture
 def fleet_broker(tmp_path: Path) -> Iterator[Broker]:
-    broker = start_fleet_broker(tmp_path / "fleet", tmp_path, ["dev-a"])
-    try:
+    with running_fleet_broker(tmp_path, ["dev-a"]) as broker:
         yield broker
-    finally:
-        broker.mosquitto.stop()
 
 
 async def test_agent_from_a_provisioned_bundle(

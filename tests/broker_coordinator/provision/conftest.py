@@ -238,8 +238,10 @@ def start_fleet_broker(
 
 
 @contextlib.contextmanager
-def _running(workdir: Path) -> Iterator[Broker]:
-    broker = start_fleet_broker(workdir / "fleet", workdir, ["dev-a", "dev-b", "dev-c"])
+def running_fleet_broker(workdir: Path, devices: list[str]) -> Iterator[Broker]:
+    """:func:`start_fleet_broker` in ``workdir/fleet``; its clients closed and the broker
+    stopped afterwards."""
+    broker = start_fleet_broker(workdir / "fleet", workdir, devices)
     try:
         yield broker
     finally:
@@ -252,14 +254,16 @@ def _running(workdir: Path) -> Iterator[Broker]:
 @pytest.fixture
 def fleet_broker(tmp_path: Path) -> Iterator[Broker]:
     """A fresh fleet (devices dev-a, dev-b, dev-c) behind its own TLS-only mosquitto."""
-    with _running(tmp_path) as broker:
+    with running_fleet_broker(tmp_path, ["dev-a", "dev-b", "dev-c"]) as broker:
         yield broker
 
 
 @pytest.fixture(scope="module")
 def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """Like fleet_broker, shared by the tests of a module that change nothing."""
-    with _running(tmp_path_factory.mktemp("shared")) as broker:
+    with running_fleet_broker(
+        tmp_path_factory.mktemp("shared"), ["dev-a", "dev-b", "dev-c"]
+    ) as broker:
         yield broker
 
 

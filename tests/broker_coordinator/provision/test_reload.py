@@ -19,7 +19,7 @@ from tests.broker_coordinator.provision.conftest import (
     WAIT_S,
     Broker,
     provision,
-    start_fleet_broker,
+    running_fleet_broker,
 )
 
 pytestmark = pytest.mark.broker
@@ -29,13 +29,8 @@ P = "maskfl/v1/demo"
 
 @pytest.fixture
 def fleet_broker(tmp_path: Path) -> Iterator[Broker]:
-    broker = start_fleet_broker(tmp_path / "fleet", tmp_path, ["dev-a"])
-    try:
+    with running_fleet_broker(tmp_path, ["dev-a"]) as broker:
         yield broker
-    finally:
-        for client in broker.clients:
-            client.close()
-        broker.mosquitto.stop()
 
 
 def _reloads(broker: Broker) -> int:

@@ -33,7 +33,7 @@ from tests.broker_coordinator.provision.conftest import (
     WAIT_S,
     Broker,
     TlsClient,
-    start_fleet_broker,
+    running_fleet_broker,
 )
 
 pytestmark = pytest.mark.broker
@@ -44,15 +44,10 @@ VICTIMS = ["dev-002", "coordinator"]
 
 @pytest.fixture
 def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Broker]:
-    broker = start_fleet_broker(tmp_path / "fleet", tmp_path, ["dev-001", "dev-002"])
-    monkeypatch.setenv("MASKFL__BROKER__HOST", "localhost")
-    monkeypatch.setenv("MASKFL__BROKER__PORT", str(broker.port))
-    try:
+    with running_fleet_broker(tmp_path, ["dev-001", "dev-002"]) as broker:
+        monkeypatch.setenv("MASKFL__BROKER__HOST", "localhost")
+        monkeypatch.setenv("MASKFL__BROKER__PORT", str(broker.port))
         yield broker
-    finally:
-        for client in broker.clients:
-            client.close()
-        broker.mosquitto.stop()
 
 
 def victim_config(broker: Broker, victim: str) -> MqttConfig:
