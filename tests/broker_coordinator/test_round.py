@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from maskfl.broker_coordinator.store import Store
+from maskfl.protocol.chunking import ChunkFrame
 from maskfl.protocol.phases import Phase
 from maskfl.protocol.sortition import Task
 from maskfl.protocol.topics import Topics
@@ -430,3 +431,32 @@ async def test_an_update_delivered_twice_while_it_is_handled_counts_once(tmp_pat
         await h.until(lambda: len(twice.receipts) == 2, "both answers")
         assert sorted(reasons(twice), key=str) == [None, "duplicate"]
         assert twice.receipts[0].message_digest == twice.receipts[1].message_digest
+
+
+async def test_an_update_whose_chunks_arrive_in_reverse_order_counts(tmp_path) -> None:
+    """Chunk frames may arrive in any order (a broker promises order per client and
+    topic only over one session): one updater's frames are held back and delivered
+    last frame first, after the other updates; the coordinator reassembles the update
+    and counts it like any other."""
+    pet = {"chunk_size": 16384}
+    async with harness(tmp_path, summers=2, updaters=3, length=50_000, pet=pet) as h:
+        summers, updaters = h.fleet()
+        late = updaters[0]
+        frames = h.broker.hold(Topics(h.setup.fleet.fleet).update(1, late.device))
+
+        def whole() -> bool:
+            return (
+                bool(frames.held) and len(frames.held) == ChunkFrame.parse(frames.held[0][1]).count
+            )
+
+        await h.start(summers + updaters)
+        await h.start_coordinator()
+        await h.until(lambda: all(p.receipts for p in updaters[1:]), "two updates' receipts")
+        await h.until(whole, "every frame of the held update")
+        assert len(frames.held) > 2
+        frames.release(reverse=True)
+        await h.until(lambda: all(trained(p) for p in h.participants), "the global model")
+        assert reasons(late) == [None]
+        model = trained(summers[0])[0]
+        assert dict(model.metrics)["updates"] == 3
+        check_mean(h, updaters, model)
