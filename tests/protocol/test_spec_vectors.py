@@ -395,9 +395,10 @@ def test_section_references_exist() -> None:
     wire = (ROOT / "docs" / "wire-format.md").read_text(encoding="utf-8")
     ours, theirs = _sections(spec), _sections(wire)
     assert {"4.2", "7.3", "10.2"} <= ours and {"4.4", "5"} <= theirs
-    tool = (ROOT / "tools" / "conformance.py").read_text(encoding="utf-8")
+    tools = [(f.name, f.read_text(encoding="utf-8")) for f in ROOT.glob("tools/*conformance*.py")]
+    assert {"conformance.py", "_conformance_rules.py"} <= {name for name, _ in tools}
     missing = []
-    for name, text in (("protocol.md", spec), ("conformance.py", tool)):
+    for name, text in (("protocol.md", spec), *tools):
         # "wire-format §4.4" and "wire-format §4, §1" cite wire-format.md; the rest protocol.md
         for match in re.finditer(r"(wire-format )?§(\d+(?:\.\d+)?)", text):
             wire_ref = match.group(1) is not None

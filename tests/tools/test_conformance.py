@@ -15,6 +15,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from maskfl.protocol.sortition import Task, group_of, next_round_seed, select_task
+from maskfl.tools import _conformance_rules as rules
 from maskfl.tools import conformance
 from maskfl.tools._demo_fleet import console_script
 
@@ -37,8 +38,8 @@ def test_the_seed_gives_the_roles_and_defeats_the_usual_ticket_mistakes(role: st
     helper_tasks = [select_task(seed, pk, p_sum, p_update) for pk in helpers]
     assert helper_tasks.count(Task.SUM) == (0 if role == "summer" else 1)
     assert helper_tasks.count(Task.NONE) == 0  # p_update = 1: every other helper updates
-    for variant in conformance.WRONG_TICKETS.values():
-        assert conformance._task_with(variant, seed, me) is not wanted
+    for variant in rules.WRONG_TICKETS.values():
+        assert rules.task_with(variant, seed, me) is not wanted
 
 
 def test_the_groups_seed_puts_one_helper_summer_in_each_group() -> None:
