@@ -140,37 +140,7 @@ def provision_fleet(
     provision = console_script("maskfl-provision", "maskfl.broker_coordinator.provision.cli")
     base = [*provision, "--dir", str(fleet_dir)]
     state = root / "coordinator-state"
-    _run(
-        [
-            *base,
-            "init",
-            "--fleet",
-            FLEET,
-            "--host",
-            "localhost",
-            "--ip",
-            "127.0.0.1",
-            "--coordinator-host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--broker-config-dir",
-            str(fleet_dir / "broker"),
-            "--broker-data-dir",
-            str(root / "broker-data"),
-            "--broker-user",
-            getpass.getuser(),
-            "--model-id",
-            settings.model,
-            "--model-length",
-            str(settings.num_params),
-            "--coordinator-state-dir",
-            str(state),
-        ],
-        logs / "provision.log",
-    )
+    _run([*base, "init", *_init_options(root, settings, port, state)], logs / "provision.log")
     _run([*base, "add-device", "dev", "--count", str(settings.devices)], logs / "provision.log")
     _run([*base, "add-observer", OBSERVER], logs / "provision.log")
     (root / "broker-data").mkdir(exist_ok=True)
@@ -193,6 +163,38 @@ def provision_fleet(
     for index, device in enumerate(devices):
         _write_agent(fleet, device, index, settings)
     return fleet
+
+
+def _init_options(root: Path, settings: FleetSettings, port: int, state: Path) -> list[str]:
+    """``maskfl-provision init`` for a broker and coordinator on loopback, files under
+    ``root``, the broker running as this user, the demo's model as a model of its own."""
+    fleet_dir = root / "fleet"
+    return [
+        "--fleet",
+        FLEET,
+        "--host",
+        "localhost",
+        "--ip",
+        "127.0.0.1",
+        "--coordinator-host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--broker-config-dir",
+        str(fleet_dir / "broker"),
+        "--broker-data-dir",
+        str(root / "broker-data"),
+        "--broker-user",
+        getpass.getuser(),
+        "--model-id",
+        settings.model,
+        "--model-length",
+        str(settings.num_params),
+        "--coordinator-state-dir",
+        str(state),
+    ]
 
 
 def _edit_toml(path: Path, changes: dict[str, dict[str, Any]]) -> None:

@@ -168,19 +168,7 @@ class Demo:
             epochs=o.epochs,
             alpha=o.alpha,
         )
-        data = await asyncio.to_thread(
-            load_dataset,
-            "digits",
-            {
-                "shard": 0,
-                "shards": settings.shards,
-                "partition": settings.partition,
-                "alpha": settings.alpha,
-                "seed": settings.data_seed,
-                "min_samples": settings.min_samples,
-            },
-        )
-        x_test, y_test = data.x_test, data.y_test
+        x_test, y_test = await asyncio.to_thread(_held_out, settings)
         start_eval = trainer.evaluate(x_test, y_test)
         pet = demo_pet(o.devices)
         self._report_args = (settings, pet, start_eval.accuracy, start_eval.loss)
@@ -189,6 +177,20 @@ class Demo:
             f"maskfl demo: {o.devices} devices ({mode}), {o.rounds} rounds, model {o.model} "
             f"({spec.num_params} parameters), work directory {self.root}"
         )
+        fleet = await self._provision(settings, pet, initial)
+        try:
+            await self._start_processes(fleet)
+            await self._watch_rounds(fleet, trainer, x_test, y_test, initial)
+        finally:
+            await self._shutdown()
+        return self._report(settings, pet, start_eval.accuracy, start_eval.loss)
+
+    async def _provision(
+        self, settings: FleetSettings, pet: dict[str, Any], initial: npt.NDArray[np.float32]
+    ) -> DemoFleet:
+        """The fleet's CA, broker TLS and ACL, coordinator and device bundles (with DP
+        when asked)."""
+        o = self.o
         t = time.monotonic()
         privacy: dict[str, Any] = {}
         if o.dp:
@@ -217,12 +219,7 @@ class Demo:
             f"  provisioned fleet {fleet.fleet!r}: CA, broker TLS + ACL, coordinator, "
             f"{o.devices} device bundles ({self.timeline['provision_s']:.1f} s)"
         )
-        try:
-            await self._start_processes(fleet)
-            await self._watch_rounds(fleet, trainer, x_test, y_test, initial)
-        finally:
-            await self._shutdown()
-        return self._report(settings, pet, start_eval.accuracy, start_eval.loss)
+        return fleet
 
     def partial_report(self) -> rep.Report | None:
         """The report of the rounds seen so far (after an interruption), if any."""
@@ -242,22 +239,7 @@ class Demo:
             f"  mosquitto pid {broker.pid} on 127.0.0.1:{fleet.broker_port} "
             "(mutual TLS, per-device ACL)"
         )
-        if o.in_process:
-            _log_to_file(self.logs / "agents-in-process.log")
-            self.inproc = InProcessFleet([fleet.agent_toml(d) for d in fleet.device_ids], o.model)
-            await self.inproc.start()
-        else:
-            for device in fleet.device_ids:
-                self.supervisor.start(
-                    f"agent-{device}",
-                    [
-                        sys.executable,
-                        "-m",
-                        "maskfl.tools.demo_agent",
-                        "--config",
-                        str(fleet.agent_toml(device)),
-                    ],
-                )
+        await self._start_agents(fleet)
         connected = await self._wait_agents(fleet, 60.0 + 0.5 * o.devices)
         self.timeline["agents_s"] = time.monotonic() - t
         self.say(
@@ -273,6 +255,33 @@ class Demo:
         )
         await observer.start()
         self.observer = observer
+        await self._start_coordinator(fleet)
+        self.sampler = StoreSampler(fleet.coordinator_state)
+        self.sampler.start()
+
+    async def _start_agents(self, fleet: DemoFleet) -> None:
+        """One process per device, or every agent in this process (--in-process)."""
+        if self.o.in_process:
+            _log_to_file(self.logs / "agents-in-process.log")
+            self.inproc = InProcessFleet(
+                [fleet.agent_toml(d) for d in fleet.device_ids], self.o.model
+            )
+            await self.inproc.start()
+            return
+        for device in fleet.device_ids:
+            self.supervisor.start(
+                f"agent-{device}",
+                [
+                    sys.executable,
+                    "-m",
+                    "maskfl.tools.demo_agent",
+                    "--config",
+                    str(fleet.agent_toml(device)),
+                ],
+            )
+
+    async def _start_coordinator(self, fleet: DemoFleet) -> None:
+        """The coordinator process, until its /status says ready (60 s at most)."""
         coordinator = self.supervisor.start(
             "coordinator",
             [
@@ -299,8 +308,6 @@ class Demo:
             f"/status, backend {status.get('backend', '?')}, "
             f"{status.get('word_bits', '?')}-bit words)"
         )
-        self.sampler = StoreSampler(fleet.coordinator_state)
-        self.sampler.start()
 
     async def _wait_agents(self, fleet: DemoFleet, limit_s: float) -> int:
         """Wait until every agent holds its broker connection (so round 1 finds them)."""
@@ -439,23 +446,8 @@ class Demo:
         # row is committed, so it is complete here).
         row = await asyncio.to_thread(coordinator_round, fleet.coordinator_state, rid)
         phases = rep.phase_times(row.phases if row is not None else None)
-        journals = {d: journal_rounds(fleet.agent_state(d)) for d in fleet.device_ids}
-        sent = {d: j[rid] for d, j in journals.items() if rid in j}
-        updater_bytes = [
-            v["bytes_sent"] for v in sent.values() if v["task"] == "update" and v["bytes_sent"]
-        ]
-        summer_bytes = [
-            v["bytes_sent"] for v in sent.values() if v["task"] == "sum" and v["bytes_sent"]
-        ]
+        sent, updater_bytes, summer_bytes = self._bytes_sent(fleet, rid)
         participant_bytes = updater_bytes + summer_bytes
-        self.bytes_rows.append(
-            {
-                "round_id": rid,
-                "updater_bytes_mean": float(np.mean(updater_bytes)) if updater_bytes else 0.0,
-                "summer_bytes_mean": float(np.mean(summer_bytes)) if summer_bytes else 0.0,
-                "all_devices_mean": float(sum(participant_bytes)) / max(1, len(fleet.device_ids)),
-            }
-        )
         record = rep.RoundReport(
             round_id=rid,
             model_version=model.version,
@@ -483,7 +475,38 @@ class Demo:
         check = self._check_round(
             fleet, rid=rid, previous=previous, current=weights, metrics=metrics, sent=sent
         )
-        phase_text = _phase_text(phases)
+        self._say_completed(record, check, updater_bytes)
+        return weights
+
+    def _bytes_sent(
+        self, fleet: DemoFleet, rid: int
+    ) -> tuple[dict[str, dict[str, Any]], list[int], list[int]]:
+        """What each device's journal says it sent in round ``rid``, and the bytes its
+        updaters and summers sent (a row of the report's bytes table)."""
+        journals = {d: journal_rounds(fleet.agent_state(d)) for d in fleet.device_ids}
+        sent = {d: j[rid] for d, j in journals.items() if rid in j}
+        updater_bytes = [
+            v["bytes_sent"] for v in sent.values() if v["task"] == "update" and v["bytes_sent"]
+        ]
+        summer_bytes = [
+            v["bytes_sent"] for v in sent.values() if v["task"] == "sum" and v["bytes_sent"]
+        ]
+        participant_bytes = updater_bytes + summer_bytes
+        self.bytes_rows.append(
+            {
+                "round_id": rid,
+                "updater_bytes_mean": float(np.mean(updater_bytes)) if updater_bytes else 0.0,
+                "summer_bytes_mean": float(np.mean(summer_bytes)) if summer_bytes else 0.0,
+                "all_devices_mean": float(sum(participant_bytes)) / max(1, len(fleet.device_ids)),
+            }
+        )
+        return sent, updater_bytes, summer_bytes
+
+    def _say_completed(
+        self, record: rep.RoundReport, check: rep.AggregateCheck | None, updater_bytes: list[int]
+    ) -> None:
+        """The console line of a completed round."""
+        phase_text = _phase_text(record.phases)
         fleet_text = ""
         if record.fleet_accuracy is not None:
             fleet_text = (
@@ -497,13 +520,12 @@ class Demo:
             same = "=" if check.within else "!="
             agg = f" | aggregate {same} plain mean (max diff {check.max_abs_difference:.1e})"
         self.say(
-            f"round {rid:3d} | {phase_text} | {record.summers} summers, "
+            f"round {record.round_id:3d} | {phase_text} | {record.summers} summers, "
             f"{record.participants} updates"
-            f" | accuracy {ev.accuracy:.3f} loss {ev.loss:.3f}{fleet_text}"
+            f" | accuracy {record.accuracy:.3f} loss {record.loss:.3f}{fleet_text}"
             f" | {record.seconds:.1f} s"
-            f" | {_kb(np.mean(updater_bytes) if updater_bytes else 0)} per updater{agg}"
+            f" | {_kb(float(np.mean(updater_bytes)) if updater_bytes else 0.0)} per updater{agg}"
         )
-        return weights
 
     def _check_round(
         self,
@@ -608,27 +630,7 @@ class Demo:
     ) -> rep.Report:
         o = self.o
         total = time.monotonic() - self.started
-        config = {
-            "title": f"maskfl demo: {o.devices} devices, {o.model}",
-            "devices": o.devices,
-            "rounds": o.rounds,
-            "model": o.model,
-            "in_process": o.in_process,
-            "epochs": settings.epochs,
-            "batch_size": settings.batch_size,
-            "partition": f"{settings.partition}(alpha={settings.alpha})",
-            "pet": pet,
-            "mask": None
-            if self.mask is None
-            else {
-                "word_bits": self.mask.word_bits,
-                "bound": self.mask.bound,
-                "n_max": self.mask.n_max,
-                "resolution": self.mask.resolution,
-            },
-            "workdir": str(self.root),
-            "cpus": os.cpu_count(),
-        }
+        config = self._config(settings, pet)
         records = sorted(self.records, key=lambda r: r.round_id)
         done = [r for r in records if r.outcome is RoundOutcome.COMPLETED]
         report = rep.Report(config=config, rounds=records)
@@ -667,6 +669,47 @@ class Demo:
             "total_seconds": round(total, 1),
         }
         return report
+
+    def _config(self, settings: FleetSettings, pet: dict[str, Any]) -> dict[str, Any]:
+        """The report's ``config``: what this run was."""
+        o = self.o
+        return {
+            "title": f"maskfl demo: {o.devices} devices, {o.model}",
+            "devices": o.devices,
+            "rounds": o.rounds,
+            "model": o.model,
+            "in_process": o.in_process,
+            "epochs": settings.epochs,
+            "batch_size": settings.batch_size,
+            "partition": f"{settings.partition}(alpha={settings.alpha})",
+            "pet": pet,
+            "mask": None
+            if self.mask is None
+            else {
+                "word_bits": self.mask.word_bits,
+                "bound": self.mask.bound,
+                "n_max": self.mask.n_max,
+                "resolution": self.mask.resolution,
+            },
+            "workdir": str(self.root),
+            "cpus": os.cpu_count(),
+        }
+
+
+def _held_out(settings: FleetSettings) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+    """The digits test split the demo checks each round's model on."""
+    data = load_dataset(
+        "digits",
+        {
+            "shard": 0,
+            "shards": settings.shards,
+            "partition": settings.partition,
+            "alpha": settings.alpha,
+            "seed": settings.data_seed,
+            "min_samples": settings.min_samples,
+        },
+    )
+    return data.x_test, data.y_test
 
 
 def _phase_text(phases: dict[str, float | None]) -> str:
