@@ -78,7 +78,6 @@ import logging
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +99,7 @@ from ._errors import (
     RefusedError,
     TransportClosedError,
 )
+from ._inbox import Inbox
 from ._link import LinkBase
 from ._retry import TLS_HANDSHAKE_RESET, Backoff, Cause, Diagnosis, LinkReport, diagnose
 from ._types import LinkEvent, LinkState, Message
@@ -194,10 +194,9 @@ class MqttTransport(LinkBase):
         self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self._subscriptions: dict[str, int] = {}
 
-        self._queue: deque[Message] = deque()
-        self._queue_ready = asyncio.Event()
-        self._paused = False
-        self._unacked: set[int] = set()
+        self._inbox = Inbox(
+            config, self._stats, pause=self._stop_reading, resume=self._start_reading
+        )
 
     # ------------------------------------------------------------------ public
 
@@ -272,9 +271,8 @@ class MqttTransport(LinkBase):
                     self._force_close()
         closed = TransportClosedError(f"MQTT transport to {self._config.address} closed")
         self._fail_pending(closed, qos0_only=False)
-        self._queue.clear()
+        self._inbox.close()
         self._connected.set()  # wake wait_connected(), which re-checks the state
-        self._queue_ready.set()
         log.info("mqtt %s: closed", self._config.address)
         self._notify(LinkEvent(LinkState.CLOSED, "disconnect() called"))
 
@@ -398,16 +396,7 @@ class MqttTransport(LinkBase):
 
     async def receive(self) -> Message:
         """The next received message; waits for one. :class:`TransportClosedError` once closed."""
-        while not self._queue:
-            if self._state is LinkState.CLOSED:
-                raise TransportClosedError(f"MQTT transport to {self._config.address} closed")
-            self._queue_ready.clear()
-            await self._queue_ready.wait()
-        message = self._queue.popleft()
-        if self._paused and len(self._queue) < self._config.incoming_queue_size:
-            self._paused = False
-            self._start_reading()
-        return message
+        return await self._inbox.take(self._is_closed)
 
     def ack(self, message: Message) -> None:
         """Acknowledge a QoS 1 message received with ``manual_ack``.
@@ -416,13 +405,8 @@ class MqttTransport(LinkBase):
         manual ack, for QoS 0, for a second ack, and for a message delivered on
         an earlier connection (the broker redelivers those).
         """
-        if not self._config.manual_ack or message.qos == 0:
-            return
-        if message.link != self._link or message.mid not in self._unacked:
-            log.debug("mqtt ack of mid %d ignored: from an earlier link or acked", message.mid)
-            return
-        self._unacked.discard(message.mid)
-        self._client.ack(message.mid, message.qos)
+        if self._inbox.release(message, self._link):
+            self._client.ack(message.mid, message.qos)
 
     # -------------------------------------------------------- connection logic
 
@@ -432,7 +416,7 @@ class MqttTransport(LinkBase):
         self._connack = self._future()
         sock = await self._open_socket()
         self._socket_closed.clear()
-        self._paused = False
+        self._inbox.paused = False
         self._start_reading()
         if self._client.want_write():
             self._add_writer(sock)
@@ -598,7 +582,7 @@ class MqttTransport(LinkBase):
             self._connack.set_exception(
                 TransportError(f"{cfg.address} closed the connection before CONNACK: {reason}")
             )
-        self._unacked.clear()
+        self._inbox.unacked.clear()
         self._fail_pending(NotConnectedError(f"link to {cfg.address} lost: {reason}"), True)
         if self._state is LinkState.CONNECTED:
             self._state = LinkState.DISCONNECTED
@@ -689,7 +673,7 @@ class MqttTransport(LinkBase):
     def _drain_pending(self) -> None:
         sock = self._client.socket()
         if (
-            not self._paused
+            not self._inbox.paused
             and self._idle.is_set()
             and isinstance(sock, ssl.SSLSocket)
             and sock.pending() > 0
@@ -782,15 +766,13 @@ class MqttTransport(LinkBase):
         # CONNACK in the same read: they belong to the new link.
         self._link += 1
         self._refused = None
-        self._unacked.clear()
         # MQTT 5: never more unacknowledged QoS 1 publishes than the broker's
         # Receive Maximum. paho 2.2 ignores that property and its setter refuses
         # while connected, so set the field here, before paho resends its queue
         # (which it does right after this callback).
         broker_max = int(getattr(props, "ReceiveMaximum", 65_535))
         client._max_inflight_messages = min(self._config.max_inflight, broker_max)
-        if flags.session_present and self._config.manual_ack:
-            self._queue = deque(m for m in self._queue if m.qos == 0)
+        self._inbox.new_link(flags.session_present)
         self._connack.set_result((flags.session_present, props))
 
     def _cb_disconnect(
@@ -842,54 +824,7 @@ class MqttTransport(LinkBase):
             future.set_result(list(codes))
 
     def _cb_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        cfg = self._config
-        manual = cfg.manual_ack and msg.qos > 0
-        try:
-            topic = msg.topic
-        except UnicodeDecodeError:
-            self._stats.dropped_malformed += 1
-            log.warning("mqtt %s: dropped a message with a non-UTF-8 topic", cfg.address)
-            if manual:
-                client.ack(msg.mid, msg.qos)
-            return
-        payload = msg.payload
-        if len(payload) > cfg.max_incoming_payload:
-            self._stats.dropped_oversize += 1
-            log.warning(
-                "mqtt %s: dropped a %d-byte message on %r (limit %d bytes)",
-                cfg.address,
-                len(payload),
-                topic,
-                cfg.max_incoming_payload,
-            )
-            if manual:
-                client.ack(msg.mid, msg.qos)
-            return
-        message = Message(
-            topic,
-            payload if isinstance(payload, bytes) else bytes(payload),
-            qos=msg.qos,
-            retain=bool(msg.retain),
-            dup=bool(msg.dup),
-            mid=msg.mid,
-            link=self._link,
-        )
-        self._stats.received += 1
-        if self._taps and self._tapped(message):
-            if manual:
-                client.ack(msg.mid, msg.qos)
-            return
-        if manual:
-            self._unacked.add(msg.mid)
-        if message.dup:
-            self._stats.redelivered += 1
-        self._queue.append(message)
-        self._queue_ready.set()
-        if not self._paused and len(self._queue) >= cfg.incoming_queue_size:
-            self._paused = True
-            self._stats.backpressure_pauses += 1
-            log.info("mqtt %s: incoming queue full; pausing reads", cfg.address)
-            self._stop_reading()
+        self._inbox.deliver(client, msg, self._link, self._tapped)
 
     def _cb_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         def close() -> None:
