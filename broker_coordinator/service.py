@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from nacl.signing import SigningKey
 
-from maskfl.aggregator_gpu import select_backend
+from maskfl.aggregator_gpu import Backend, select_backend
 from maskfl.broker_coordinator.committer import Committer
 from maskfl.broker_coordinator.config import CoordinatorConfig, check_files
 from maskfl.broker_coordinator.context import Contribution, ModelState, RoundState, Services
@@ -434,36 +434,13 @@ class Coordinator:
         stop = stop or asyncio.Event()
         config = self.config
         ca, key, cert = load_identity(config)
-        mask, dp = mask_and_dp(config)
-        backend = select_backend(config.aggregation.backend)
-        log.info(
-            "masking: %d-bit words, bound %g, n_max %d, resolution %.3g; aggregation: %s",
-            mask.word_bits,
-            mask.bound,
-            mask.n_max,
-            mask.resolution,
-            backend.description,
-        )
-        log.info("differential privacy: %s", "off" if dp is None else dp.describe())
+        mask, dp, backend = _aggregation(config)
         weights0 = initial_weights(config)
         graph = model_graph(config)
         state_dir = config.storage.dir
         state_dir.mkdir(parents=True, exist_ok=True)
-        enrollment = Enrollment(
-            fleet=config.fleet.id,
-            ca_public_key=ca,
-            revocations_file=config.fleet.revocations_file,
-            cache_size=config.fleet.max_devices,
-        )
-        enrollment.reload_if_changed()
-        if config.http.enabled:
-            # Before the database and the broker: /healthz answers as soon as the process
-            # runs (a container health check must not fail because the broker is down),
-            # /readyz answers 503 with the reason until the broker link is up.
-            self.http = OpsServer(
-                self.metrics, ready=self.ready, status=self.status, dashboard=self.dashboard
-            )
-            await self.http.start(config.http.host, config.http.port)
+        enrollment = _enrollment(config, ca)
+        await self._start_http()
         try:
             async with Store.open(
                 state_dir / DB_NAME, keep_versions=config.registry.keep_versions
@@ -473,16 +450,12 @@ class Coordinator:
                     await store.collect_model_files()
                     optimizer = ServerOptimizer(config.optimizer)
                     model = await self._load_model(store, weights0, optimizer)
-                    # The initial weights are the model only before the first round; and
-                    # the latest version's metrics come from its row, not its files: a
-                    # reference to either would hold a model's worth for the process's life.
+                    # The initial weights are the model only before the first round: a
+                    # reference would hold a model's worth for the process's life.
                     del weights0
-                    versions = await store.models(model.model_id)
-                    model_metrics = dict(versions[-1].metrics) if versions else {}
+                    model_metrics = await _latest_metrics(store, model)
                     self.metrics.model_version.set(model.version)
-                    transport = await self._connect(stop)
-                    self.transport = transport
-                    outbox = Outbox(transport, self.metrics)
+                    self.transport = transport = await self._connect(stop)
                     services = Services(
                         config=config,
                         store=store,
@@ -496,7 +469,7 @@ class Coordinator:
                         metrics=self.metrics,
                         mask=mask,
                         optimizer=optimizer,
-                        outbox=outbox,
+                        outbox=Outbox(transport, self.metrics),
                         model=model,
                         graph=graph,
                         graph_digest=hashlib.sha256(graph).digest() if graph else bytes(32),
@@ -508,13 +481,25 @@ class Coordinator:
                     try:
                         await self._serve(services, transport, stop)
                     finally:
-                        await outbox.close()
+                        await services.outbox.close()
                         await transport.disconnect()
                 finally:
                     self._store_open = False
         finally:
             if self.http is not None:
                 await self.http.stop()
+
+    async def _start_http(self) -> None:
+        """The ops server, when enabled. Before the database and the broker: /healthz
+        answers as soon as the process runs (a container health check must not fail
+        because the broker is down), /readyz answers 503 with the reason until the
+        broker link is up."""
+        http = self.config.http
+        if http.enabled:
+            self.http = OpsServer(
+                self.metrics, ready=self.ready, status=self.status, dashboard=self.dashboard
+            )
+            await self.http.start(http.host, http.port)
 
     @staticmethod
     def _privacy(s: Services) -> dict[str, Any]:
@@ -707,6 +692,41 @@ class Coordinator:
                 if s.enrollment.reload_if_changed() and s.enrollment.revocations_raw is not None:
                     await s.outbox.state(s.topics.revocations, s.enrollment.revocations_raw)
             await asyncio.sleep(_TICK_S)
+
+
+def _enrollment(config: CoordinatorConfig, ca: bytes) -> Enrollment:
+    """The fleet's enrollment check, its revocation list read."""
+    enrollment = Enrollment(
+        fleet=config.fleet.id,
+        ca_public_key=ca,
+        revocations_file=config.fleet.revocations_file,
+        cache_size=config.fleet.max_devices,
+    )
+    enrollment.reload_if_changed()
+    return enrollment
+
+
+async def _latest_metrics(store: Store, model: ModelState) -> dict[str, float]:
+    """The latest version's metrics, from its row (not its files: a reference to them
+    would hold a model's worth for the process's life)."""
+    versions = await store.models(model.model_id)
+    return dict(versions[-1].metrics) if versions else {}
+
+
+def _aggregation(config: CoordinatorConfig) -> tuple[MaskConfig, DpPlan | None, Backend]:
+    """The masking, the differential-privacy plan and the aggregation backend, logged."""
+    mask, dp = mask_and_dp(config)
+    backend = select_backend(config.aggregation.backend)
+    log.info(
+        "masking: %d-bit words, bound %g, n_max %d, resolution %.3g; aggregation: %s",
+        mask.word_bits,
+        mask.bound,
+        mask.n_max,
+        mask.resolution,
+        backend.description,
+    )
+    log.info("differential privacy: %s", "off" if dp is None else dp.describe())
+    return mask, dp, backend
 
 
 def state_db(config: CoordinatorConfig) -> Path:
