@@ -10,6 +10,7 @@ can have exactly 3 summers and 6 updaters in round 1. The identities are what
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,10 @@ from maskfl.protocol.keys import public_key_to_pem, signing_key_to_pem
 from maskfl.protocol.messages import weights_digest
 from maskfl.protocol.sortition import Task, group_of, next_round_seed, select_task
 
-__all__ = ["SimFleet", "first_round_seed", "write_agent_bundle"]
+__all__ = ["SimFleet", "coordinator_command", "first_round_seed", "write_agent_bundle"]
 
 F32 = npt.NDArray[np.float32]
+_COORDINATOR_CLI = "maskfl.broker_coordinator.cli"
 
 
 @dataclass
@@ -282,3 +284,9 @@ options = {{ shard = {shard}, shards = {shards} }}
 """
     )
     return config
+
+
+def coordinator_command(config: Path, *args: str) -> list[str]:
+    """The command that runs the coordinator of the bundle ``config`` as its own process
+    (``maskfl-coordinator run`` with this interpreter), ``args`` appended."""
+    return [sys.executable, "-m", _COORDINATOR_CLI, "run", "--config", str(config), *args]

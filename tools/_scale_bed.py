@@ -37,7 +37,7 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.topics import Topics
 from maskfl.testing.broker import LOG_QUIET, free_port, write_config
-from maskfl.testing.fleet import SimFleet
+from maskfl.testing.fleet import SimFleet, coordinator_command
 from maskfl.testing.participants import Behaviour, SimParticipant
 from maskfl.tools._bench_publish import publish_all, read_frames, records
 from maskfl.tools._demo_watch import coordinator_round
@@ -117,17 +117,7 @@ class Bed:
             bed = cls(work, sup, args, fleet, brokers, None, http_port, observer)  # type: ignore[arg-type]
             reader = asyncio.create_task(bed._observe())
             try:
-                bed.coordinator = sup.start(
-                    "coordinator",
-                    [
-                        sys.executable,
-                        "-m",
-                        "maskfl.broker_coordinator.cli",
-                        "run",
-                        "--config",
-                        str(config),
-                    ],
-                )
+                bed.coordinator = sup.start("coordinator", coordinator_command(config))
                 await bed._until_ready()
                 bed._start_idle(idle, models)
                 yield bed

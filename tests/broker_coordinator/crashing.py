@@ -16,7 +16,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from maskfl.protocol.messages import GlobalModel, Receipt, decode_message
 from maskfl.protocol.topics import TopicKind, parse_topic
+from maskfl.testing.fleet import coordinator_command
 from maskfl.testing.participants import wait_for
 from tests.support.proxy import HoldingProxy
 
@@ -42,14 +42,7 @@ class Proc:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "maskfl.broker_coordinator.cli",
-                    "run",
-                    "--config",
-                    str(self.config),
-                ],
+                coordinator_command(self.config),
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -36,7 +35,7 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.topics import Topics
 from maskfl.testing.broker import Mosquitto, free_port
-from maskfl.testing.fleet import SimFleet, first_round_seed
+from maskfl.testing.fleet import SimFleet, coordinator_command, first_round_seed
 from maskfl.testing.participants import SimParticipant, start_all, stop_all
 from maskfl.transport import MqttConfig, MqttTransport
 
@@ -134,14 +133,7 @@ async def test_300_concurrent_4mb_uploads_all_count(tmp_path: Path) -> None:  # 
         watcher = asyncio.create_task(observe())
         log = (tmp_path / "coordinator.log").open("wb")
         coord = await asyncio.create_subprocess_exec(
-            *[
-                sys.executable,
-                "-m",
-                "maskfl.broker_coordinator.cli",
-                "run",
-                "--config",
-                str(config),
-            ],
+            *coordinator_command(config),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

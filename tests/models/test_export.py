@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from maskfl.broker_coordinator.cli import main as coordinator
 from maskfl.models import graph_with_weights, model_path, shipped_model
 from maskfl.protocol.errors import ConfigError
 from maskfl.testing.broker import free_port
+from maskfl.testing.fleet import coordinator_command
 from tests.broker_coordinator.provision.conftest import provision
 
 interpreter = pytest.importorskip("ai_edge_litert.interpreter")
@@ -72,7 +72,7 @@ def test_models_export_tflite_from_the_registry(
     config = fleet / "coordinator" / "coordinator.toml"
     env_port = {"MASKFL__HTTP__PORT": "0"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "maskfl.broker_coordinator.cli", "run", "--config", str(config)],
+        coordinator_command(config),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

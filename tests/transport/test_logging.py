@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from maskfl.testing.fleet import coordinator_command
 from maskfl.transport import resolve_log_format, setup_logging
 from tests.broker_coordinator.test_cli import _bundle
 
@@ -56,15 +57,7 @@ def _coordinator_stderr(config: Path, *args: str) -> str:
     env = {**os.environ, "MASKFL__LOG__FORMAT": "auto"}  # the default (the bundle says json)
     env.pop("JOURNAL_STREAM", None)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "maskfl.broker_coordinator.cli",
-            "run",
-            "--config",
-            str(config),
-            *list(args),
-        ],
+        coordinator_command(config, *args),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
