@@ -7,17 +7,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from maskfl.tools import arm_check
+from maskfl.tools import _arm_root, arm_check
 
 REPO = Path(__file__).resolve().parents[2]
 VECTORS = REPO / "tests" / "protocol" / "vectors" / "mask_stream.json"
 
 
 def test_it_runs_readmes_device_block_and_the_units_commands() -> None:
-    block = arm_check.readme_device_block(REPO / "README.md")
+    block = _arm_root.readme_device_block(REPO / "README.md")
     assert "pip install './maskfl-0.1.0-py3-none-any.whl[agent]'" in block
     assert block.rstrip().endswith("sudo systemctl enable --now maskfl-agent")
-    unit = arm_check.unit_settings(REPO / "deploy" / "systemd" / "maskfl-agent.service")
+    unit = _arm_root.unit_settings(REPO / "deploy" / "systemd" / "maskfl-agent.service")
     assert unit["User"] == ["maskfl"]
     assert unit["ExecStart"][0].startswith("/opt/maskfl/venv/bin/maskfl-agent run --config ")
     assert unit["ExecStartPre"][0].startswith("/opt/maskfl/venv/bin/maskfl-agent check ")
