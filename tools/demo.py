@@ -37,7 +37,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,10 +50,10 @@ from maskfl.agent.training import Evaluation, LocalTrainer
 from maskfl.broker_coordinator.store import RoundOutcome
 from maskfl.models import shipped_model
 from maskfl.protocol.errors import ConfigError, MaskflError
-from maskfl.protocol.masking import MaskConfig, encode_update
 from maskfl.protocol.messages import GlobalModel, RoundParams
 from maskfl.protocol.version import version_text
 from maskfl.tools import report as rep
+from maskfl.tools._demo_findings import Findings
 from maskfl.tools._demo_fleet import (
     DEMO_MIN_DEVICES,
     DEMO_MIN_UPDATES,
@@ -71,8 +71,6 @@ from maskfl.tools._demo_watch import (
     SumsEvent,
     coordinator_round,
     fetch_status,
-    journal_rounds,
-    plain_update,
 )
 from maskfl.tools._supervise import Supervisor
 from maskfl.tools.demo_agent import InProcessFleet
@@ -122,15 +120,9 @@ class Demo:
         self.inproc: InProcessFleet | None = None
         self.observer: Observer | None = None
         self.sampler: StoreSampler | None = None
-        self.records: list[rep.RoundReport] = []
-        self.failed_rounds: list[int] = []
-        self.checks: list[rep.AggregateCheck] = []
-        self.unchecked: dict[int, str] = {}
+        self.seen = Findings()
         self.rounds: dict[int, _Round] = {}
-        self.bytes_rows: list[dict[str, Any]] = []
         self.started = time.monotonic()
-        self.mask: MaskConfig | None = None
-        self.timeline: dict[str, float] = {}
         self._report_args: tuple[FleetSettings, dict[str, Any], float, float] | None = None
 
     def say(self, text: str) -> None:
@@ -214,16 +206,16 @@ class Demo:
             initial=initial,
         )
         self.fleet = fleet
-        self.timeline["provision_s"] = time.monotonic() - t
+        self.seen.timeline["provision_s"] = time.monotonic() - t
         self.say(
             f"  provisioned fleet {fleet.fleet!r}: CA, broker TLS + ACL, coordinator, "
-            f"{o.devices} device bundles ({self.timeline['provision_s']:.1f} s)"
+            f"{o.devices} device bundles ({self.seen.timeline['provision_s']:.1f} s)"
         )
         return fleet
 
     def partial_report(self) -> rep.Report | None:
         """The report of the rounds seen so far (after an interruption), if any."""
-        if self._report_args is None or not self.records:
+        if self._report_args is None or not self.seen.records:
             return None
         report = self._report(*self._report_args)
         report.summary["interrupted"] = True
@@ -241,10 +233,10 @@ class Demo:
         )
         await self._start_agents(fleet)
         connected = await self._wait_agents(fleet, 60.0 + 0.5 * o.devices)
-        self.timeline["agents_s"] = time.monotonic() - t
+        self.seen.timeline["agents_s"] = time.monotonic() - t
         self.say(
             f"  {connected}/{o.devices} agents connected "
-            f"({self.timeline['agents_s']:.1f} s; logs in {self.logs})"
+            f"({self.seen.timeline['agents_s']:.1f} s; logs in {self.logs})"
         )
         observer = Observer(
             fleet.observer_dir,
@@ -385,14 +377,14 @@ class Demo:
         for rid, seen in list(self.rounds.items()):
             if (
                 rid < event.round_id
-                and rid not in self.failed_rounds
-                and not any(rec.round_id == rid for rec in self.records)
+                and rid not in self.seen.failed_rounds
+                and not any(rec.round_id == rid for rec in self.seen.records)
             ):
-                self.failed_rounds.append(rid)
+                self.seen.failed_rounds.append(rid)
                 row = await asyncio.to_thread(coordinator_round, fleet.coordinator_state, rid)
                 reason = (row.detail if row is not None else None) or "see coordinator.log"
                 phases = rep.phase_times(row.phases if row is not None else None)
-                self.records.append(
+                self.seen.records.append(
                     rep.RoundReport(
                         round_id=rid,
                         outcome=RoundOutcome.FAILED,
@@ -409,7 +401,7 @@ class Demo:
                 )
                 self.say(f"round {rid:3d} | {_phase_text(phases)} | failed: {reason}")
         self.rounds[event.round_id] = _Round(event.round_id, event.at, event.params)
-        self.mask = event.params.mask
+        self.seen.mask = event.params.mask
 
     async def _poll_status(self, fleet: DemoFleet) -> None:
         status = await fetch_status(fleet.http_port, 0.5)
@@ -446,7 +438,7 @@ class Demo:
         # row is committed, so it is complete here).
         row = await asyncio.to_thread(coordinator_round, fleet.coordinator_state, rid)
         phases = rep.phase_times(row.phases if row is not None else None)
-        sent, updater_bytes, summer_bytes = self._bytes_sent(fleet, rid)
+        sent, updater_bytes, summer_bytes = self.seen.bytes_sent(fleet, rid)
         participant_bytes = updater_bytes + summer_bytes
         record = rep.RoundReport(
             round_id=rid,
@@ -469,38 +461,20 @@ class Demo:
             epsilon_round=metrics.get("epsilon_round"),
             delta=metrics.get("delta"),
         )
-        self.records.append(record)
+        self.seen.records.append(record)
         if self.sampler is not None:
             await self.sampler.refresh()
-        check = self._check_round(
-            fleet, rid=rid, previous=previous, current=weights, metrics=metrics, sent=sent
+        check = self.seen.check_round(
+            fleet,
+            self.sampler,
+            rid=rid,
+            previous=previous,
+            current=weights,
+            metrics=metrics,
+            sent=sent,
         )
         self._say_completed(record, check, updater_bytes)
         return weights
-
-    def _bytes_sent(
-        self, fleet: DemoFleet, rid: int
-    ) -> tuple[dict[str, dict[str, Any]], list[int], list[int]]:
-        """What each device's journal says it sent in round ``rid``, and the bytes its
-        updaters and summers sent (a row of the report's bytes table)."""
-        journals = {d: journal_rounds(fleet.agent_state(d)) for d in fleet.device_ids}
-        sent = {d: j[rid] for d, j in journals.items() if rid in j}
-        updater_bytes = [
-            v["bytes_sent"] for v in sent.values() if v["task"] == "update" and v["bytes_sent"]
-        ]
-        summer_bytes = [
-            v["bytes_sent"] for v in sent.values() if v["task"] == "sum" and v["bytes_sent"]
-        ]
-        participant_bytes = updater_bytes + summer_bytes
-        self.bytes_rows.append(
-            {
-                "round_id": rid,
-                "updater_bytes_mean": float(np.mean(updater_bytes)) if updater_bytes else 0.0,
-                "summer_bytes_mean": float(np.mean(summer_bytes)) if summer_bytes else 0.0,
-                "all_devices_mean": float(sum(participant_bytes)) / max(1, len(fleet.device_ids)),
-            }
-        )
-        return sent, updater_bytes, summer_bytes
 
     def _say_completed(
         self, record: rep.RoundReport, check: rep.AggregateCheck | None, updater_bytes: list[int]
@@ -527,55 +501,6 @@ class Demo:
             f" | {_kb(float(np.mean(updater_bytes)) if updater_bytes else 0.0)} per updater{agg}"
         )
 
-    def _check_round(
-        self,
-        fleet: DemoFleet,
-        *,
-        rid: int,
-        previous: npt.NDArray[np.float32],
-        current: npt.NDArray[np.float32],
-        metrics: dict[str, float],
-        sent: dict[str, dict[str, Any]],
-    ) -> rep.AggregateCheck | None:
-        """Unmasked aggregate vs the plain weighted mean of the included deltas."""
-        if "epsilon" in metrics:
-            self.unchecked[rid] = "DP noise: the aggregate is the plain mean plus noise"
-            return None
-        if self.mask is None or int(metrics.get("dropped", 0)) != 0:
-            self.unchecked[rid] = "updates were dropped from the aggregate"
-            return None
-        included: set[str] = set()
-        if self.sampler is not None:
-            included = set(self.sampler.accepted.get(rid, set()))
-        if not included:
-            included = {d for d, v in sent.items() if v["task"] == "update" and v["step"] == "done"}
-        plain = [plain_update(fleet.plain_log(d), rid) for d in sorted(included)]
-        if not plain or any(p is None for p in plain):
-            self.unchecked[rid] = "a plain update is missing from the agents' logs"
-            return None
-        updates = [p for p in plain if p is not None]
-        if len(updates) != int(metrics.get("updates", -1)):
-            self.unchecked[rid] = (
-                f"{len(updates)} logged updates, the model says {metrics.get('updates')}"
-            )
-            return None
-        expected, ws = rep.plain_weighted_mean(
-            updates, sample_cap=1000, bound=float(self.mask.bound)
-        )
-        check = rep.check_aggregate(
-            rid,
-            previous,
-            current,
-            expected,
-            updates=len(updates),
-            lr=1.0,
-            error_bound=float(metrics.get("error_bound", 0.0)),
-            weight_sum_plain=ws,
-            weight_sum_decoded=float(metrics.get("weight_sum", 0.0)),
-        )
-        self.checks.append(check)
-        return check
-
     # -- shutdown and report ----------------------------------------------------------
 
     async def _shutdown(self) -> None:
@@ -589,86 +514,19 @@ class Demo:
             with contextlib.suppress(Exception):
                 await self.inproc.stop()
         await asyncio.to_thread(self.supervisor.stop_all)
-        self.timeline["shutdown_s"] = time.monotonic() - t
-
-    def _privacy(self) -> dict[str, Any]:
-        fleet, sampler, mask = self.fleet, self.sampler, self.mask
-        out: dict[str, Any] = {
-            "aggregate_checks": [asdict(c) for c in self.checks],
-            "aggregate_matches_plain_mean": bool(self.checks)
-            and all(c.within for c in self.checks),
-            "aggregate_unchecked": {str(r): why for r, why in sorted(self.unchecked.items())},
-        }
-        if fleet is None or sampler is None or mask is None:
-            return out
-        for rid in sorted(sampler.samples):
-            sample = sampler.samples[rid]
-            plain = plain_update(fleet.plain_log(sample.device_id), rid)
-            if plain is None:
-                continue
-            delta, samples = plain
-            weight = min(samples, 1000) / 1000
-            encoded = encode_update(delta, weight, mask)
-            stored = rep.randomness(sample.data)
-            out["stored_update"] = {
-                "round_id": rid,
-                "device": sample.device_id,
-                "bytes": len(sample.data),
-                "words": len(sample.data) // (mask.word_bits // 8),
-                "word_bits": mask.word_bits,
-                "source": "coordinator update log (what the coordinator stored)",
-                "masked": asdict(stored),
-                "same_update_encoded_unmasked": asdict(rep.randomness(encoded)),
-                "same_update_plain_float32": asdict(rep.randomness(delta)),
-                "looks_random": stored.entropy_bits_per_byte > 7.9 and stored.p_value > 1e-3,
-            }
-            break
-        return out
+        self.seen.timeline["shutdown_s"] = time.monotonic() - t
 
     def _report(
         self, settings: FleetSettings, pet: dict[str, Any], acc0: float, loss0: float
     ) -> rep.Report:
-        o = self.o
-        total = time.monotonic() - self.started
-        config = self._config(settings, pet)
-        records = sorted(self.records, key=lambda r: r.round_id)
-        done = [r for r in records if r.outcome is RoundOutcome.COMPLETED]
-        report = rep.Report(config=config, rounds=records)
-        report.privacy = self._privacy()
-        seconds = [r.seconds for r in done if r.seconds is not None]
-        fleet = [r for r in done if r.fleet_accuracy is not None]
-        upd = [b["updater_bytes_mean"] for b in self.bytes_rows if b["updater_bytes_mean"]]
-        report.summary = {
-            "rounds_completed": len(done),
-            "rounds_failed": len(self.failed_rounds),
-            "failed_rounds": sorted(self.failed_rounds),
-            "initial_accuracy": acc0,
-            "initial_loss": loss0,
-            "final_accuracy": done[-1].accuracy if done else None,
-            "best_accuracy": max((r.accuracy for r in done if r.accuracy), default=None),
-            "fleet_evaluation": [
-                {
-                    "model_version": r.evaluated_version,
-                    "fleet_accuracy": r.fleet_accuracy,
-                    "fleet_loss": r.fleet_loss,
-                    "examples": r.fleet_examples,
-                }
-                for r in fleet
-            ],
-            "round_seconds_mean": float(np.mean(seconds)) if seconds else None,
-            "round_seconds_max": float(np.max(seconds)) if seconds else None,
-            "bytes_per_updater_per_round": float(np.mean(upd)) if upd else None,
-            "bytes_per_device_per_round": float(
-                np.mean([b["all_devices_mean"] for b in self.bytes_rows])
-            )
-            if self.bytes_rows
-            else None,
-            "bytes": self.bytes_rows,
-            "model_float32_bytes": 4 * int(shipped_model(o.model).num_params),
-            "timeline": {k: round(v, 2) for k, v in self.timeline.items()},
-            "total_seconds": round(total, 1),
-        }
-        return report
+        return self.seen.report(
+            self._config(settings, pet),
+            fleet=self.fleet,
+            sampler=self.sampler,
+            initial=(acc0, loss0),
+            model_float32_bytes=4 * int(shipped_model(self.o.model).num_params),
+            total_seconds=time.monotonic() - self.started,
+        )
 
     def _config(self, settings: FleetSettings, pet: dict[str, Any]) -> dict[str, Any]:
         """The report's ``config``: what this run was."""
@@ -684,12 +542,12 @@ class Demo:
             "partition": f"{settings.partition}(alpha={settings.alpha})",
             "pet": pet,
             "mask": None
-            if self.mask is None
+            if self.seen.mask is None
             else {
-                "word_bits": self.mask.word_bits,
-                "bound": self.mask.bound,
-                "n_max": self.mask.n_max,
-                "resolution": self.mask.resolution,
+                "word_bits": self.seen.mask.word_bits,
+                "bound": self.seen.mask.bound,
+                "n_max": self.seen.mask.n_max,
+                "resolution": self.seen.mask.resolution,
             },
             "workdir": str(self.root),
             "cpus": os.cpu_count(),
