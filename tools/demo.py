@@ -451,15 +451,7 @@ class Demo:
             bytes_per_device=float(np.mean(participant_bytes)) if participant_bytes else 0.0,
             phases=phases,
             outcome=RoundOutcome.COMPLETED,
-            fleet_accuracy=metrics.get("accuracy"),
-            fleet_loss=metrics.get("loss"),
-            fleet_examples=None if "examples" not in metrics else int(metrics["examples"]),
-            evaluated_version=None
-            if "evaluated_version" not in metrics
-            else int(metrics["evaluated_version"]),
-            epsilon=metrics.get("epsilon"),
-            epsilon_round=metrics.get("epsilon_round"),
-            delta=metrics.get("delta"),
+            **_published_metrics(metrics),
         )
         self.seen.records.append(record)
         if self.sampler is not None:
@@ -552,6 +544,22 @@ class Demo:
             "workdir": str(self.root),
             "cpus": os.cpu_count(),
         }
+
+
+def _published_metrics(metrics: dict[str, float]) -> dict[str, Any]:
+    """The record's fields from the model's metrics: the fleet's evaluation of the version
+    the round started from, and the privacy spent (None where the round had none)."""
+    return {
+        "fleet_accuracy": metrics.get("accuracy"),
+        "fleet_loss": metrics.get("loss"),
+        "fleet_examples": None if "examples" not in metrics else int(metrics["examples"]),
+        "evaluated_version": None
+        if "evaluated_version" not in metrics
+        else int(metrics["evaluated_version"]),
+        "epsilon": metrics.get("epsilon"),
+        "epsilon_round": metrics.get("epsilon_round"),
+        "delta": metrics.get("delta"),
+    }
 
 
 def _held_out(settings: FleetSettings) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
