@@ -53,8 +53,9 @@ from ._errors import (
 )
 from ._logging import LOG_FORMATS, LogFormat, resolve_log_format, setup_logging
 from ._memory import MemoryBroker, MemoryTransport
-from ._mqtt import MqttTransport, publish_packet_size
+from ._mqtt import MqttTransport
 from ._offloop import OFF_LOOP_BYTES, decode_off_loop, off_loop
+from ._paho import publish_packet_size
 from ._passwd import (
     mosquitto_passwd_line,
     mosquitto_password_hash,

@@ -24,7 +24,7 @@ from maskfl.protocol.errors import LocalProtocolError
 from ._config import MQTT_MAX_PACKET
 from ._errors import NotConnectedError, PayloadTooLargeError, TransportClosedError
 from ._link import LinkBase
-from ._mqtt import publish_packet_size
+from ._paho import publish_packet_size
 from ._topics import split_shared, topic_matches
 from ._types import LinkEvent, LinkState, Message
 

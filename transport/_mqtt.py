@@ -83,7 +83,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -91,7 +91,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from maskfl.protocol.errors import LocalProtocolError, TransportError
 
-from ._blocking import reconnect, tls_context, tls_probe
+from ._blocking import reconnect, tls_probe
 from ._config import MQTT_MAX_PACKET, MqttConfig
 from ._errors import (
     NotConnectedError,
@@ -101,6 +101,7 @@ from ._errors import (
 )
 from ._inbox import Inbox
 from ._link import LinkBase
+from ._paho import LARGE_PUBLISH, make_client, publish_packet_size, zero_copy_writes
 from ._retry import TLS_HANDSHAKE_RESET, Backoff, Cause, Diagnosis, LinkReport, diagnose
 from ._types import LinkEvent, LinkState, Message
 
@@ -111,41 +112,6 @@ log = logging.getLogger("maskfl.transport")
 _PACKET_OVERHEAD = 65_535 + 1024
 _MISC_INTERVAL_S = 1.0
 _DISCONNECT_TIMEOUT_S = 5.0
-
-
-_LARGE_PUBLISH = 1 << 20
-"""Publishes from this size on are sent from a memoryview (see ``_zero_copy_writes``)."""
-
-
-class _SocketErrorsAsDebug(logging.Filter):
-    """paho logs a broken socket at ERROR; the transport reports the lost link once, with
-    its likely cause, so these lines are DEBUG (kept only when DEBUG is on)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and str(record.msg).startswith(
-            ("failed to receive on socket", "failed to send")
-        ):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return _paho_log.isEnabledFor(logging.DEBUG)
-        return True
-
-
-_paho_log = logging.getLogger("maskfl.transport.paho")
-_paho_log.addFilter(_SocketErrorsAsDebug())
-
-
-def publish_packet_size(topic: str, payload_len: int, qos: int) -> int:
-    """Bytes of the PUBLISH packet paho sends for this message (no properties).
-
-    This is what the broker compares with its maximum packet size: fixed
-    header byte, remaining-length varint, topic, packet id (QoS > 0), the
-    empty property length byte, payload.
-    """
-    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + 1 + payload_len
-    varint = 1
-    while remaining >= 128**varint and varint < 4:
-        varint += 1
-    return 1 + varint + remaining
 
 
 @dataclass(slots=True)
@@ -315,8 +281,8 @@ class MqttTransport(LinkBase):
         if qos == 0 and self._state is not LinkState.CONNECTED:
             raise NotConnectedError(f"QoS 0 publish to {topic!r}: {self._config.address} is down")
         info = self._client.publish(topic, bytes(payload), qos=qos, retain=retain)
-        if len(payload) >= _LARGE_PUBLISH:
-            self._zero_copy_writes()
+        if len(payload) >= LARGE_PUBLISH:
+            zero_copy_writes(self._client)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             raise TransportError(
                 f"publish to {topic!r}: {self._config.max_queued_publishes} publishes already "
@@ -338,20 +304,6 @@ class MqttTransport(LinkBase):
         finally:
             if self._publishes.get(info.mid) is pending:
                 del self._publishes[info.mid]
-
-    def _zero_copy_writes(self) -> None:
-        """Let paho send queued packets from a memoryview.
-
-        paho (2.1) writes a packet with ``sock.send(packet[pos:])`` on a ``bytearray``,
-        which copies everything not yet sent at every partial write: quadratic in the
-        packet size (a 100 MB global model took 0.8 s and 0.6 CPU-s to publish). A
-        memoryview slices without copying; paho only slices and sends it.
-        """
-        queue: Iterable[dict[str, Any]] = getattr(self._client, "_out_packet", ())
-        for queued in queue:  # a paho without this private queue: nothing to do
-            packet = queued.get("packet")
-            if isinstance(packet, bytearray):
-                queued["packet"] = memoryview(packet)
 
     async def subscribe(self, filters: str | Iterable[str], *, qos: int = 1) -> list[int]:
         """Subscribe and return the granted QoS per filter.
@@ -711,26 +663,7 @@ class MqttTransport(LinkBase):
     # ----------------------------------------------------------- paho callbacks
 
     def _make_client(self, cfg: MqttConfig) -> paho.Client:
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=cfg.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
-            manual_ack=cfg.manual_ack,
-        )
-        # An exception escaping one of our callbacks would leave paho's packet
-        # reader half-reset; let paho log it (ERROR, on this logger) and go on.
-        client.suppress_exceptions = True
-        client.enable_logger(_paho_log)
-        client.connect_timeout = cfg.connect_timeout_s  # TCP connect and TLS handshake
-        client.max_inflight_messages_set(cfg.max_inflight)
-        client.max_queued_messages_set(cfg.max_queued_publishes)
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
-        if cfg.will is not None:
-            client.will_set(cfg.will.topic, cfg.will.payload, cfg.will.qos, cfg.will.retain)
-        if cfg.tls is not None:
-            client.tls_set_context(tls_context(cfg))
-            client.tls_insecure_set(cfg.tls.insecure)
+        client = make_client(cfg)
         client.on_connect = self._cb_connect
         client.on_disconnect = self._cb_disconnect
         client.on_publish = self._cb_publish
