@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from maskfl.tools._bench_probe import cpu_seconds
 from maskfl.tools._supervise import Supervisor
 from maskfl.transport import MqttConfig, MqttTransport
 
@@ -229,17 +230,6 @@ async def _sink(port: int, expected: int, result: Path) -> None:
     tmp.replace(result)
     await asyncio.sleep(2.0)  # stay up while the bench reads our CPU time
     await t.disconnect()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (0 when it is gone)."""
-    try:
-        import psutil
-
-        t = psutil.Process(pid).cpu_times()
-        return float(t.user + t.system)
-    except Exception:  # psutil missing or the process gone: the figure is informative only
-        return 0.0
 
 
 if __name__ == "__main__":

@@ -32,44 +32,34 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from maskfl.protocol.chunking import is_chunk, split_payload
-from maskfl.protocol.crypto import new_seed, seal_seed
-from maskfl.protocol.errors import MaskflError
-from maskfl.protocol.masking import MaskConfig, mask_update
-from maskfl.protocol.messages import (
-    GlobalModel,
-    Receipt,
-    RoundParams,
-    SumDict,
-    Update,
-    decode_message,
-    encode_message,
-    open_sum_dict,
+from maskfl.protocol.sortition import MAX_GROUPS
+from maskfl.testing.fleet import SimFleet
+from maskfl.tools._bench_ingest_round import (
+    CHUNK,
+    Built,
+    Watch,
+    build_updates,
+    configure,
+    until_accepted,
+    watched_round,
 )
-from maskfl.protocol.reassembly import Reassembler
-from maskfl.protocol.sortition import MAX_GROUPS, group_of
-from maskfl.protocol.topics import Topics
-from maskfl.testing.broker import free_port
-from maskfl.testing.fleet import SimFleet, first_round_seed
-from maskfl.testing.participants import SimParticipant
-from maskfl.tools._bench_publish import baseline, cpu_seconds, publish_in_child, write_frames
+from maskfl.tools._bench_probe import (
+    coordinator_status,
+    cpu_seconds,
+    profile_args,
+    pyspy,
+    sample_rss,
+    stop_pyspy,
+)
+from maskfl.tools._bench_publish import baseline, publish_in_child
 from maskfl.tools._supervise import Supervisor
-from maskfl.transport import MQTT_MAX_PACKET, MqttConfig, MqttTransport
-
-CHUNK = 256 * 1024
-P_SUM = 0.5
 
 
 def add_parser(subparsers: Any) -> None:
@@ -203,16 +193,16 @@ async def _measure(
     groups: int = 1,
 ) -> dict[str, Any]:
     fleet = SimFleet(fleet="bench")
-    setup = _configure(
+    setup = configure(
         fleet, work, n=n, m=m, port=port, backend=backend, storage=storage, pet=pet, groups=groups
     )
-    async with _watched_round(fleet, setup, port) as watch:
+    async with watched_round(fleet, setup, port) as watch:
         coord = sup.start("coordinator", _coordinator_argv(work, setup.config))
         peak_rss = [0]
-        sampler = asyncio.create_task(_sample_rss(coord.pid, peak_rss))
+        sampler = asyncio.create_task(sample_rss(coord.pid, peak_rss))
         try:
             sums = await asyncio.wait_for(watch.sum_dict, 60)
-            built = await _build_updates(fleet, setup, sums, work, m=m, groups=groups)
+            built = await build_updates(fleet, setup, sums, work, m=m, groups=groups)
             ingest = await _coordinator_ingest(
                 sup,
                 watch,
@@ -246,27 +236,6 @@ async def _measure(
     return out
 
 
-@contextlib.asynccontextmanager
-async def _watched_round(fleet: SimFleet, setup: _Setup, port: int) -> AsyncIterator[_Watch]:
-    """The simulated summers running and the round watched, for the body's duration."""
-    summers = [
-        SimParticipant(i, ca_public_key=fleet.ca_public_key, host="127.0.0.1", port=port)
-        for i in setup.summer_ids
-    ]
-    watch = _Watch(Topics(fleet.fleet), port)
-    await watch.connect()
-    for s in summers:
-        await s.start()
-    watcher = asyncio.create_task(watch.observe())
-    try:
-        yield watch
-    finally:
-        watcher.cancel()
-        for s in summers:
-            await s.stop()
-        await watch.observer.disconnect()
-
-
 _UNMASK_LINE = re.compile(
     r"completed: model v\d+ .*; unmask ([\d.]+) s \(.*\), publish ([\d.]+) s, ([\d.]+) CPU-s"
 )
@@ -292,7 +261,7 @@ def _unmask_timings(log: Path) -> dict[str, float | None]:
 def _coordinator_argv(work: Path, config: Path) -> list[str]:
     return [
         sys.executable,
-        *_profile_args(work),
+        *profile_args(work),
         "-m",
         "maskfl.broker_coordinator.cli",
         "run",
@@ -314,7 +283,7 @@ class _Ingest:
 
 async def _coordinator_ingest(
     sup: Supervisor,
-    watch: _Watch,
+    watch: Watch,
     *,
     pid: int,
     work: Path,
@@ -326,12 +295,12 @@ async def _coordinator_ingest(
     """Publish the frames from a separate process (as in the baseline) until the
     coordinator accepted all ``n`` updates, then wait for the round's model."""
     cpu0 = cpu_seconds(pid)
-    spy = _pyspy(pid, work)
+    spy = pyspy(pid, work)
     t0, t_published = await publish_in_child(sup, work, port, frames_file, "coordinator")
-    await _until_accepted(watch, n, sup)
+    await until_accepted(watch, n, sup)
     ingest_s = max(watch.accepted) - t0
     cpu_s = cpu_seconds(pid) - cpu0
-    _stop_pyspy(spy)
+    stop_pyspy(spy)
     await asyncio.wait_for(watch.model_seen.wait(), 600)
     inside_s = await _first_arrival_to_last_commit(http_port)
     return _Ingest(t0, t_published, ingest_s, cpu_s, inside_s)
@@ -340,7 +309,7 @@ async def _coordinator_ingest(
 def _summary(
     n: int,
     m: int,
-    built: _Built,
+    built: Built,
     ingest: _Ingest,
     *,
     base: dict[str, Any],
@@ -383,232 +352,11 @@ def _summary(
     }
 
 
-@dataclass(frozen=True)
-class _Setup:
-    """The coordinator's config file and the round's participants."""
-
-    config: Path
-    http_port: int
-    seed1: bytes
-    summer_ids: list[Any]
-    updater_ids: list[Any]
-    n_max: int
-
-
-def _configure(
-    fleet: SimFleet,
-    work: Path,
-    *,
-    n: int,
-    m: int,
-    port: int,
-    backend: str,
-    storage: dict[str, Any],
-    pet: dict[str, Any],
-    groups: int,
-) -> _Setup:
-    """Write the coordinator's config for one round of ``n`` updates and max(2, g) summers."""
-    n_summers = max(2, groups)
-    http_port = free_port()
-    # update.count_max = N may not exceed masking.n_max (the config refuses it).
-    n_max = max(1000, n)
-    initial = np.zeros(m, dtype=np.float32)
-    seed1 = first_round_seed(bytes(32), initial)
-    summer_ids, updater_ids = fleet.identities_for_roles(
-        seed1, p_sum=P_SUM, p_update=1.0, summers=n_summers, updaters=n, groups=groups
-    )
-    config = fleet.write_coordinator(
-        work / "coordinator",
-        port=port,
-        length=m,
-        initial=initial,
-        overrides={
-            "masking": {"bound": 1.0, "n_max": n_max, "word_bits": 32, "groups": groups},
-            "aggregation": {"backend": backend},
-            **({"storage": storage} if storage else {}),
-            "pet": {
-                **pet,
-                "chunk_size": CHUNK,
-                "max_rounds": 2,
-                "round_pause_s": 600.0,
-                # target only bounds groups here (prob sets p_sum)
-                "sum": {
-                    "prob": P_SUM,
-                    "target": max(3, n_summers),
-                    "count_min": n_summers,
-                    "count_max": n_summers,
-                    "time_max_s": 120.0,
-                },
-                "update": {"prob": 1.0, "count_min": n, "count_max": n, "time_max_s": 600.0},
-                "sum2": {"count_min": n_summers, "count_max": n_summers, "time_max_s": 600.0},
-            },
-            # info: the unmask line with the coordinator's own timings (a few lines a round)
-            "log": {"level": os.environ.get("MASKFL_BENCH_LOG", "info"), "format": "text"},
-            # The privacy floor: 3 by default, 2 at the least (a round of 2 updaters).
-            "privacy": {"min_updates": min(3, max(2, n))},
-            "http": {"enabled": True, "host": "127.0.0.1", "port": http_port},
-        },
-    )
-    return _Setup(config, http_port, seed1, summer_ids, updater_ids, n_max)
-
-
-class _Watch:
-    """What the bench sees of the round on the broker, with arrival times: the round
-    parameters, the sum dictionary, update and sum2 receipts, the global model."""
-
-    def __init__(self, topics: Topics, port: int) -> None:
-        self.topics = topics
-        self.events: dict[str, float] = {}
-        self.accepted: list[float] = []
-        self.sum_dict: asyncio.Future[SumDict] = asyncio.get_running_loop().create_future()
-        self.model_seen = asyncio.Event()
-        self._model_frames: Reassembler[None] = Reassembler(16, 1 << 31, 600.0)
-        self.observer = MqttTransport(
-            MqttConfig(
-                host="127.0.0.1",
-                port=port,
-                client_id="bench-observer",
-                max_incoming_payload=MQTT_MAX_PACKET,  # a global model of M = 2.5e7 is 100 MB
-                incoming_queue_size=100_000,
-            )
-        )
-
-    async def connect(self) -> None:
-        await self.observer.connect()
-        p = self.topics.prefix
-        await self.observer.subscribe(
-            [f"{p}round", f"{p}round/+/sums", f"{p}receipts/+", f"{p}model/+/latest"]
-        )
-
-    async def observe(self) -> None:
-        async for msg in self.observer.messages():
-            if not msg.payload:
-                continue
-            now = time.time()  # the last frame's arrival, before decoding a large message
-            payload = msg.payload
-            if is_chunk(msg.payload):  # global models above the chunk size
-                whole = self._model_frames.feed(msg.topic, msg.payload, now)
-                if whole is None:
-                    continue
-                payload = whole.payload
-            try:
-                body = decode_message(payload, max_size=1 << 31).body
-            except MaskflError as exc:
-                print(f"maskfl-bench coordinator: observer: {msg.topic}: {exc}", file=sys.stderr)
-                continue
-            self._saw(body, now)
-
-    def _saw(self, body: Any, now: float) -> None:
-        events = self.events
-        if isinstance(body, RoundParams) and body.round_id == 1:
-            events.setdefault("round_params", now)
-        elif isinstance(body, SumDict) and not self.sum_dict.done():
-            self.sum_dict.set_result(body)
-        elif isinstance(body, Receipt) and body.accepted and body.message_type is not None:
-            if body.message_type.name == "UPDATE":
-                self.accepted.append(now)
-            elif body.message_type.name == "SUM2":
-                events["last_sum2"] = now
-        elif isinstance(body, GlobalModel) and body.version >= 1:
-            events["model"] = now
-            self.model_seen.set()
-
-
-async def _sample_rss(pid: int, peak: list[int]) -> None:
-    """The process's peak resident set size into ``peak[0]``, sampled every 20 ms."""
-    import psutil
-
-    proc = psutil.Process(pid)
-    while True:
-        with contextlib.suppress(psutil.Error):
-            peak[0] = max(peak[0], proc.memory_info().rss)
-        await asyncio.sleep(0.02)
-
-
-@dataclass(frozen=True)
-class _Built:
-    """The round's updates, chunked and written to ``frames_file`` for the publishers."""
-
-    frames_file: Path
-    seconds: float
-    total_bytes: int
-    total_frames: int
-    update_bytes: int
-    frames_per_update: int
-
-
-async def _build_updates(
-    fleet: SimFleet, setup: _Setup, sums: SumDict, work: Path, *, m: int, groups: int
-) -> _Built:
-    """Build every update before the clock starts (masking is the agents' cost)."""
-    seed1 = setup.seed1
-    topics = Topics(fleet.fleet)
-    opened = open_sum_dict(
-        sums,
-        fleet=fleet.fleet,
-        round_id=1,
-        ca_public_key=fleet.ca_public_key,
-        now=time.time(),
-        revocations=None,
-        groups=groups,
-        round_seed=seed1,
-    )
-    cfg = MaskConfig(1.0, setup.n_max, 32)
-    rng = np.random.default_rng(0)
-    frames: list[tuple[str, list[bytes]]] = []
-    build_started = time.perf_counter()
-
-    def build(ident: Any) -> tuple[str, list[bytes]]:
-        seeds = [new_seed() for _ in range(groups)]  # one per mask group
-        delta = rng.uniform(-0.1, 0.1, m).astype(np.float32)
-        words = mask_update(delta, 0.5, seeds, cfg)
-        sealed = {
-            s.certificate.public_key: seal_seed(
-                seeds[group_of(seed1, s.certificate.public_key, groups)], s.ephemeral_pk
-            )
-            for s in opened
-        }
-        raw = encode_message(
-            Update(ident.certificate, sealed, words),
-            fleet=fleet.fleet,
-            round_id=1,
-            signing_key=ident.signing_key,
-        )
-        return topics.update(1, ident.device_id), split_payload(raw, CHUNK)
-
-    for ident in setup.updater_ids:
-        # In a thread: at M = 2.5e7 building takes seconds per update, and a blocked
-        # loop misses the MQTT keepalives of the observer and the summers.
-        frames.append(await asyncio.to_thread(build, ident))
-    build_s = time.perf_counter() - build_started
-    frames_file = work / "frames.bin"
-    write_frames(frames_file, frames)
-    return _Built(
-        frames_file=frames_file,
-        seconds=build_s,
-        total_bytes=sum(len(f) for _, fs in frames for f in fs),
-        total_frames=sum(len(fs) for _, fs in frames),
-        update_bytes=len(b"".join(frames[0][1])) if frames else 0,
-        frames_per_update=len(frames[0][1]) if frames else 0,
-    )
-
-
-async def _until_accepted(watch: _Watch, n: int, sup: Supervisor) -> None:
-    """Until the coordinator's receipts accepted ``n`` updates (600 s at most)."""
-    deadline = time.monotonic() + 600
-    while len(watch.accepted) < n:
-        sup.check()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(watch.accepted)} of {n} updates accepted")
-        await asyncio.sleep(0.005)
-    print(f"maskfl-bench coordinator: {n} updates accepted", file=sys.stderr)
-
-
 async def _first_arrival_to_last_commit(http_port: int) -> float:
     """The coordinator's own ingest time of round 1, from its /status."""
     ingest: dict[str, Any] = {}
     for _ in range(200):
-        ingest = (await _status(http_port)).get("last_round_ingest") or {}
+        ingest = (await coordinator_status(http_port)).get("last_round_ingest") or {}
         if ingest.get("round_id") == 1:
             break
         await asyncio.sleep(0.05)
@@ -622,61 +370,3 @@ def _state_sizes(state: Path) -> tuple[int, int]:
         f.stat().st_size for f in state.rglob("*") if f.is_file() and "models" in f.parts
     )
     return db_bytes, registry_bytes
-
-
-async def _status(port: int) -> dict[str, Any]:
-    """The coordinator's /status document."""
-
-    def get() -> dict[str, Any]:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as r:
-            data: dict[str, Any] = json.loads(r.read())
-            return data
-
-    return await asyncio.to_thread(get)
-
-
-def _profile_args(work: Path) -> list[str]:
-    """``MASKFL_BENCH_PROFILE=1`` runs the coordinator under cProfile (output in the workdir)."""
-    if os.environ.get("MASKFL_BENCH_PROFILE"):
-        return ["-m", "cProfile", "-o", str(work / "coordinator.prof")]
-    return []
-
-
-def _pyspy(pid: int, work: Path) -> subprocess.Popen[bytes] | None:
-    """``MASKFL_BENCH_PYSPY=<py-spy binary>`` samples the coordinator during ingest only
-    (``--native``, raw folded stacks in ``<workdir>/coordinator.pyspy``; use with --keep;
-    ``MASKFL_BENCH_PYSPY_RATE`` samples per second, default 200)."""
-    binary = os.environ.get("MASKFL_BENCH_PYSPY")
-    if not binary:
-        return None
-    out = work / "coordinator.pyspy"
-    proc = subprocess.Popen(
-        [
-            binary,
-            "record",
-            "--pid",
-            str(pid),
-            "--rate",
-            os.environ.get("MASKFL_BENCH_PYSPY_RATE", "200"),
-            "--native",
-            "--threads",
-            "--format",
-            "raw",
-            "--output",
-            str(out),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(work / "pyspy.log").open("wb"),
-    )
-    time.sleep(1.0)  # let it attach before the clock starts
-    return proc
-
-
-def _stop_pyspy(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None:
-        return
-    proc.send_signal(signal.SIGINT)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(30)
