@@ -21,13 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from maskfl.broker_coordinator.store import LOGGED_PHASES
 from maskfl.protocol.chunking import split_payload
 from maskfl.protocol.crypto import new_seed, seal_seed
-from maskfl.protocol.errors import StorageError
 from maskfl.protocol.masking import MaskConfig, mask_update
 from maskfl.protocol.messages import (
-    GlobalModel,
     RoundParams,
     SumDict,
     Update,
@@ -36,29 +33,32 @@ from maskfl.protocol.messages import (
     open_sum_dict,
 )
 from maskfl.protocol.topics import Topics
-from maskfl.testing.broker import LOG_QUIET, free_port, write_config
+from maskfl.testing.broker import free_port
 from maskfl.testing.fleet import SimFleet, coordinator_command
 from maskfl.testing.participants import Behaviour, SimParticipant
-from maskfl.tools._bench_publish import publish_all, read_frames, records
-from maskfl.tools._demo_watch import coordinator_round
+from maskfl.tools._bench_publish import records
+from maskfl.tools._scale_procs import (
+    CHUNK,
+    FLEET,
+    P_SUM,
+    SUMMERS,
+    Broker,
+    coordinator_config,
+    proc_cpu,
+    proc_io,
+    proc_vm,
+    round_entry,
+    round_observer,
+    round_record,
+    start_broker,
+)
 from maskfl.tools._supervise import Child, Supervisor
-from maskfl.transport import MqttConfig, MqttTransport
-
-CHUNK = 256 * 1024
-P_SUM = 0.5
-SUMMERS = 2
-FLEET = "bench"
+from maskfl.transport import MqttTransport
 
 
 def groups_of(args: argparse.Namespace) -> int:
     """--groups: g, the mask groups of every round (1 when not given)."""
     return int(getattr(args, "groups", 1) or 1)
-
-
-@dataclass
-class Broker:
-    child: Child
-    port: int
 
 
 @dataclass
@@ -98,11 +98,13 @@ class Bed:
         sup = Supervisor(work / "logs")
         try:
             edges = -(-idle // args.per_broker) if idle > args.per_broker else 0
-            core = _broker(work, sup, "core", None)
-            brokers = [core] + [_broker(work, sup, f"edge{i}", core.port) for i in range(edges)]
+            core = start_broker(work, sup, "core", None)
+            brokers = [core] + [
+                start_broker(work, sup, f"edge{i}", core.port) for i in range(edges)
+            ]
             fleet = SimFleet(fleet=FLEET)
             http_port = free_port()
-            config = _coordinator_config(
+            config = coordinator_config(
                 fleet,
                 work,
                 core_port=core.port,
@@ -113,7 +115,7 @@ class Bed:
                 groups=groups_of(args),
                 rounds=rounds,
             )
-            observer = await _observer(core.port)
+            observer = await round_observer(core.port)
             bed = cls(work, sup, args, fleet, brokers, None, http_port, observer)  # type: ignore[arg-type]
             reader = asyncio.create_task(bed._observe())
             try:
@@ -217,11 +219,11 @@ class Bed:
         await self.wait_connected()
         pid = self.coordinator.pid
         others = [b.child.pid for b in self.brokers] + [c.pid for c, _ in self.idle]
-        hb0, cpu0, t0 = self.fleet_counts().get("heartbeats", 0), _cpu(pid), time.monotonic()
-        rest0 = sum(_cpu(p) for p in others)
+        hb0, cpu0, t0 = self.fleet_counts().get("heartbeats", 0), proc_cpu(pid), time.monotonic()
+        rest0 = sum(proc_cpu(p) for p in others)
         await asyncio.sleep(window)
-        hb1, cpu1, t1 = self.fleet_counts().get("heartbeats", 0), _cpu(pid), time.monotonic()
-        rest1 = sum(_cpu(p) for p in others)
+        hb1, cpu1, t1 = self.fleet_counts().get("heartbeats", 0), proc_cpu(pid), time.monotonic()
+        rest1 = sum(proc_cpu(p) for p in others)
         self.fleet_cpu_share = round((rest1 - rest0) / (t1 - t0), 3)
         status = await self.get("/status")
         rate = (hb1 - hb0) / (t1 - t0)
@@ -273,7 +275,7 @@ class Bed:
     def _note_rss(self) -> None:
         for child in [self.coordinator, *(b.child for b in self.brokers)]:
             if child is not None:
-                self.rss[child.name] = max(self.rss.get(child.name, 0), _vm(child.pid, "VmHWM"))
+                self.rss[child.name] = max(self.rss.get(child.name, 0), proc_vm(child.pid, "VmHWM"))
 
     def peak_rss(self) -> dict[str, float]:
         self._note_rss()
@@ -285,7 +287,7 @@ class Bed:
         }
 
     def broker_bytes_out(self) -> int:
-        return sum(_io(b.child.pid, "wchar") for b in self.brokers)
+        return sum(proc_io(b.child.pid, "wchar") for b in self.brokers)
 
     async def settle(self) -> int:
         """The brokers' outbound byte count once a burst is over.
@@ -330,20 +332,20 @@ class Bed:
             sums = await asyncio.wait_for(self._future(self.sums, rid), 120)
             frames_file, update_bytes = self._write_updates(rid, params, sums, updater_ids, m)
             model_topic = Topics(FLEET).model_latest("sim") if fetch_model else ""
-            cpu0 = _cpu(self.coordinator.pid)
+            cpu0 = proc_cpu(self.coordinator.pid)
             t0, fetched, model_bytes = await self._publish(
                 frames_file, n if fetch_model else 0, model_topic
             )
             frames_file.unlink()
             ingest = await self._until_done(rid, n, m)
-            cpu1 = _cpu(self.coordinator.pid)
+            cpu1 = proc_cpu(self.coordinator.pid)
         finally:
             for s in summers:
                 await s.stop()
-        info = await asyncio.to_thread(_round_record, self.work / "coordinator", rid)
+        info = await asyncio.to_thread(round_record, self.work / "coordinator", rid)
         sent1 = await self.settle()
         self._note_rss()
-        return _round_entry(
+        return round_entry(
             rid,
             n,
             info=info,
@@ -429,7 +431,7 @@ class Bed:
         argv = [
             sys.executable,
             "-m",
-            "maskfl.tools._scale_bed",
+            "maskfl.tools._scale_procs",
             "--publish",
             str(self.brokers[0].port),
             str(frames_file),
@@ -446,226 +448,3 @@ class Bed:
             await asyncio.sleep(0.01)
         data = json.loads(result.read_text())
         return float(data["t0"]), int(data["fetched"]), int(data["model_bytes"])
-
-
-async def _publisher(port: int, frames_file: Path, result: Path, fetches: int, topic: str) -> None:
-    frames = read_frames(frames_file)
-    t = MqttTransport(
-        MqttConfig(
-            host="127.0.0.1",
-            port=port,
-            client_id="bench-publisher",
-            max_inflight=64,
-            max_incoming_payload=256 << 20,
-        )
-    )
-    await t.connect()
-    fetched = model_bytes = 0
-    for _ in range(fetches):  # each updater fetches the retained model once
-        await t.subscribe(topic, qos=0)
-        msg = await t.receive()
-        if isinstance(decode_message(msg.payload, max_size=256 << 20).body, GlobalModel):
-            fetched += 1
-            model_bytes = len(msg.payload)
-        await t.unsubscribe(topic)
-    by_topic: dict[str, list[bytes]] = {}
-    for tp, frame in frames:
-        by_topic.setdefault(tp, []).append(frame)
-    t0 = time.time()
-    await publish_all(t, list(by_topic.items()))
-    tmp = result.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps({"t0": t0, "t1": time.time(), "fetched": fetched, "model_bytes": model_bytes})
-    )
-    tmp.replace(result)
-    await t.disconnect()
-
-
-def _broker(work: Path, sup: Supervisor, name: str, core_port: int | None) -> Broker:
-    lines = ["listener {port} 127.0.0.1", "allow_anonymous true", "connection_messages false"]
-    if core_port is not None:
-        p = f"maskfl/v1/{FLEET}/"
-        lines += [
-            f"connection {name}-to-core",
-            f"address 127.0.0.1:{core_port}",
-            "cleansession true",
-            f"topic {p}status/# out 0",
-            f"topic {p}round in 0",
-            f"topic {p}round/+/sums in 0",
-            f"topic {p}revocations in 0",
-            f"topic {p}model/# in 0",
-        ]
-    conf = work / f"{name}.conf"
-    port = write_config(conf, listeners=lines, log_types=LOG_QUIET)
-    return Broker(sup.start_broker(conf, port, name=name, limit_s=10), port)
-
-
-async def _observer(port: int) -> MqttTransport:
-    """Connected and subscribed to round parameters and sum dictionaries."""
-    observer = MqttTransport(
-        MqttConfig(
-            host="127.0.0.1",
-            port=port,
-            client_id="bench-observer",
-            max_incoming_payload=1 << 20,
-            incoming_queue_size=100_000,
-        )
-    )
-    await observer.connect()
-    p = Topics(FLEET).prefix
-    await observer.subscribe([f"{p}round", f"{p}round/+/sums"])
-    return observer
-
-
-def _coordinator_config(
-    fleet: SimFleet,
-    work: Path,
-    *,
-    core_port: int,
-    http_port: int,
-    m: int,
-    n_max: int,
-    updates: int,
-    groups: int,
-    rounds: int,
-) -> Path:
-    """The coordinator's config: ``rounds`` rounds of ``updates`` updates and max(2, g)
-    summers, each phase closing at its count."""
-    summers = max(SUMMERS, groups)
-    return fleet.write_coordinator(
-        work / "coordinator",
-        port=core_port,
-        length=m,
-        initial=np.zeros(m, dtype=np.float32),
-        overrides={
-            "masking": {
-                "bound": 1.0,
-                "n_max": max(1000, n_max),
-                "word_bits": 32,
-                "groups": groups,
-            },
-            "aggregation": {"backend": "numpy"},
-            "pet": {
-                "chunk_size": CHUNK,
-                "max_rounds": rounds + 1,
-                "round_pause_s": 0.5,
-                "sum": {
-                    "prob": P_SUM,  # target only bounds masking.groups here
-                    "target": max(3, summers),
-                    "count_min": summers,
-                    "count_max": summers,
-                    "time_max_s": 3600.0,
-                },
-                "update": {
-                    "prob": 1.0,
-                    "count_min": updates,
-                    "count_max": updates,
-                    "time_max_s": 3600.0,
-                },
-                "sum2": {"count_min": summers, "count_max": summers, "time_max_s": 3600.0},
-            },
-            # The privacy floor: 3 by default, 2 at the least (a round of 2 updates).
-            "privacy": {"min_updates": min(3, max(2, updates))},
-            "log": {
-                "level": os.environ.get("MASKFL_BENCH_LOG", "warning"),
-                "format": "text",
-            },
-            "http": {"enabled": True, "host": "127.0.0.1", "port": http_port},
-        },
-    )
-
-
-def _round_entry(
-    rid: int,
-    n: int,
-    *,
-    info: dict[str, Any],
-    ingest: dict[str, Any],
-    background: int | None,
-    update_bytes: int,
-    first_publish: float,
-    cpu_s: float,
-    broker_bytes_out: int,
-    fetched: int,
-    model_bytes: int,
-) -> dict[str, Any]:
-    """One round's JSON entry."""
-    inside = ingest.get("last_update_commit_at", 0) - ingest.get("first_update_at", 0)
-    return {
-        "round_id": rid,
-        "broker_background_bytes_per_s": background,
-        "outcome": info["outcome"],
-        "update_bytes": update_bytes,
-        "phases_s": {k: None if v is None else round(v, 3) for k, v in info["phases"].items()},
-        "round_s": round(info["duration_s"], 3),
-        "first_update_to_model_s": round(info["finished_at"] - first_publish, 3),
-        "ingest_s": round(inside, 3),
-        "ingest_updates_per_s": round(n / inside, 1) if inside > 0 else None,
-        "coordinator_cpu_s": round(cpu_s, 3),
-        "coordinator_cpu_ms_per_update": round(cpu_s / n * 1e3, 3),
-        "broker_bytes_out": broker_bytes_out,
-        "model_fetches": fetched,
-        "model_message_bytes": model_bytes or None,
-        "load_average_1m": round(os.getloadavg()[0], 2),  # the machine is shared
-    }
-
-
-def _round_record(coordinator_dir: Path, rid: int) -> dict[str, Any]:
-    """Outcome, times and phase durations of round ``rid``, read from the coordinator's
-    database (read-only; its dashboard would do, but builds a row per device: at 100k
-    devices that alone costs the coordinator hundreds of MB, which is not ingest)."""
-    db = next(coordinator_dir.rglob("coordinator.db"))
-    row = coordinator_round(db.parent, rid, timeout_s=30.0)
-    if row is None:
-        raise StorageError(f"round {rid} is not in {db}")
-    finished = row.finished_at or time.time()
-    return {
-        "outcome": row.outcome,
-        "phases": {p.value: row.phases.get(p.value) for p in LOGGED_PHASES},
-        "duration_s": finished - row.started_at,
-        "finished_at": finished,
-    }
-
-
-def _cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (from /proc; 0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _vm(pid: int, key: str) -> int:
-    """A ``/proc/<pid>/status`` figure in kB (0 when the process is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _io(pid: int, key: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 7 and sys.argv[1] == "--publish":
-        topic_arg = sys.argv[6]
-        asyncio.run(
-            _publisher(
-                int(sys.argv[2]),
-                Path(sys.argv[3]),
-                Path(sys.argv[4]),
-                int(sys.argv[5]),
-                "" if topic_arg == "-" else topic_arg,
-            )
-        )

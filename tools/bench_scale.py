@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from maskfl.protocol.sortition import MAX_GROUPS
-from maskfl.tools._scale_bed import CHUNK, SUMMERS, Bed, groups_of
+from maskfl.tools._scale_bed import Bed, groups_of
+from maskfl.tools._scale_procs import CHUNK, SUMMERS
 
 PARTS = ("rounds", "idle", "fanout", "fleet")
 
