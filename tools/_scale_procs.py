@@ -232,18 +232,18 @@ def proc_cpu(pid: int) -> float:
 
 def proc_vm(pid: int, key: str) -> int:
     """A ``/proc/<pid>/status`` figure in kB (0 when the process is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _proc_field(pid, "status", key)
 
 
 def proc_io(pid: int, key: str) -> int:
+    """A ``/proc/<pid>/io`` counter (0 when the process is gone)."""
+    return _proc_field(pid, "io", key)
+
+
+def _proc_field(pid: int, name: str, key: str) -> int:
+    """The number after ``key:`` in ``/proc/<pid>/<name>``; 0 when the process is gone."""
     try:
-        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     except OSError:
