@@ -14,9 +14,14 @@ from maskfl.broker_coordinator.provision._broker import (
     render_acl,
     render_mosquitto_conf,
 )
-from maskfl.broker_coordinator.provision._fleet import AddOutcome, Fleet, numbered_device_ids
+from maskfl.broker_coordinator.provision._fleet import AddOutcome, Fleet
 from maskfl.broker_coordinator.provision._issue import Keys
-from maskfl.broker_coordinator.provision._registry import Layout, Registry, Status
+from maskfl.broker_coordinator.provision._registry import (
+    Layout,
+    Registry,
+    Status,
+    numbered_device_ids,
+)
 from maskfl.broker_coordinator.provision._settings import (
     BrokerSettings,
     CoordinatorSettings,

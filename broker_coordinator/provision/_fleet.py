@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import shutil
 from collections.abc import Iterator
 from enum import StrEnum
@@ -64,6 +63,7 @@ from maskfl.broker_coordinator.provision._registry import (
     Registry,
     Revoked,
     Status,
+    lock_fleet,
     unix_time,
 )
 from maskfl.broker_coordinator.provision._settings import FleetSettings, check_id
@@ -77,45 +77,13 @@ from maskfl.protocol.keys import (
     signing_key_to_pem,
 )
 
-__all__ = ["AddOutcome", "Fleet", "numbered_device_id", "numbered_device_ids"]
+__all__ = ["AddOutcome", "Fleet"]
 
 
 class AddOutcome(StrEnum):
     CREATED = "created"
     UNCHANGED = "unchanged"
     REISSUED = "reissued"
-
-
-def numbered_device_ids(base: str, count: int) -> list[str]:
-    """The ids ``add-device BASE --count COUNT`` enrolls: ``BASE-001`` ... ``BASE-COUNT``.
-
-    At least three digits, more only where the number needs them (``dev-999``,
-    ``dev-1000``), so an id never changes when a fleet grows. Everything that
-    names numbered devices (the demo, benchmarks) calls this one function.
-    """
-    return [numbered_device_id(base, i) for i in range(1, count + 1)]
-
-
-def numbered_device_id(base: str, number: int) -> str:
-    """The ``number``-th numbered id: ``BASE-001``, ..., ``BASE-999``, ``BASE-1000``."""
-    return f"{base}-{number:03d}"
-
-
-@contextlib.contextmanager
-def _locked(layout: Layout) -> Iterator[None]:
-    """One provisioning command at a time per fleet directory."""
-    try:
-        handle = layout.lock.open("a")
-    except OSError as exc:
-        raise ProvisionError(f"cannot lock {layout.lock}: {exc.strerror or exc}") from exc
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise ProvisionError(
-                f"another maskfl-provision is working on {layout.root}; retry when it is done"
-            ) from exc
-        yield
 
 
 class Fleet:
@@ -155,7 +123,7 @@ class Fleet:
                 shutil.rmtree(stale, ignore_errors=True)
             layout.registry.unlink(missing_ok=True)
         make_dir(root)
-        with _locked(layout):
+        with lock_fleet(layout):
             make_dir(layout.ca_dir, mode=PRIVATE_DIR)
             fleet_ca = nacl.signing.SigningKey.generate()
             tls_ca = _tls.new_ca(settings.name, now=now, days=settings.validity.ca_days)
@@ -231,56 +199,10 @@ class Fleet:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        with _locked(self.layout):
+        with lock_fleet(self.layout):
             yield
 
     # -- devices ----------------------------------------------------------------
-
-    def device_ids(self, base: str, count: int | None, *, force: bool = False) -> list[str]:
-        """The ids ``add-device BASE [--count N]`` works on.
-
-        Without ``count``: ``base`` itself. With ``count`` (1 included): the first
-        ``count`` of ``BASE-001``, ``BASE-002`` ... that are not revoked, so a fleet
-        grows past a revoked device (``pi-004`` revoked: ``--count 6`` is pi-001 ..
-        pi-003 and pi-005 .. pi-007) instead of stopping at it. ``force`` takes the
-        first ``count`` ids as they are (it re-enrolls revoked ones).
-        """
-        if count is None:
-            ids = [base]
-        elif count < 1:
-            raise ProvisionError("--count must be at least 1")
-        elif force:
-            ids = numbered_device_ids(base, count)
-        else:
-            ids = []
-            number = 0
-            while len(ids) < count:
-                number += 1
-                device = numbered_device_id(base, number)
-                member = self.registry.devices.get(device)
-                if member is None or member.status is not Status.REVOKED:
-                    ids.append(device)
-        for device in ids:
-            check_id(device, "device id")
-            if device == COORDINATOR_USER:
-                raise ProvisionError(f"{device!r} is reserved for the coordinator; pick another id")
-            if device in self.registry.observers:
-                raise ProvisionError(f"{device!r} is an observer's name; pick another id")
-        return ids
-
-    def revoked_numbered(self, base: str, ids: list[str]) -> list[str]:
-        """The revoked ``BASE-NNN`` ids that :meth:`device_ids` stepped over for ``ids``."""
-        if not ids:
-            return []
-        last = ids[-1]
-        return [
-            device
-            for device, member in sorted(self.registry.devices.items())
-            if member.status is Status.REVOKED
-            and device.startswith(f"{base}-")
-            and device[len(base) + 1 :].isdigit()
-            and (len(device), device) < (len(last), last)
-        ]
 
     def add_device(
         self,
@@ -296,7 +218,7 @@ class Fleet:
 
         ``force`` re-issues an active device (like rotate) and re-enrolls a revoked one.
         """
-        self.device_ids(device, None)
+        self.registry.device_ids(device, None)
         member = self.registry.devices.get(device)
         if member is not None and not force:
             if member.status is Status.REVOKED:

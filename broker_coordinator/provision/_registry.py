@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from maskfl.broker_coordinator.provision import _bundle as b
+from maskfl.broker_coordinator.provision._broker import COORDINATOR_USER
+from maskfl.broker_coordinator.provision._settings import check_id
 from maskfl.broker_coordinator.provision.errors import ProvisionError
 
 REGISTRY_VERSION = 1
@@ -122,6 +127,52 @@ class Registry:
 
     def active_observers(self) -> list[str]:
         return sorted(o for o, m in self.observers.items() if m.status is Status.ACTIVE)
+
+    def device_ids(self, base: str, count: int | None, *, force: bool = False) -> list[str]:
+        """The ids ``add-device BASE [--count N]`` works on.
+
+        Without ``count``: ``base`` itself. With ``count`` (1 included): the first
+        ``count`` of ``BASE-001``, ``BASE-002`` ... that are not revoked, so a fleet
+        grows past a revoked device (``pi-004`` revoked: ``--count 6`` is pi-001 ..
+        pi-003 and pi-005 .. pi-007) instead of stopping at it. ``force`` takes the
+        first ``count`` ids as they are (it re-enrolls revoked ones).
+        """
+        if count is None:
+            ids = [base]
+        elif count < 1:
+            raise ProvisionError("--count must be at least 1")
+        elif force:
+            ids = numbered_device_ids(base, count)
+        else:
+            ids = []
+            number = 0
+            while len(ids) < count:
+                number += 1
+                device = numbered_device_id(base, number)
+                member = self.devices.get(device)
+                if member is None or member.status is not Status.REVOKED:
+                    ids.append(device)
+        for device in ids:
+            check_id(device, "device id")
+            if device == COORDINATOR_USER:
+                raise ProvisionError(f"{device!r} is reserved for the coordinator; pick another id")
+            if device in self.observers:
+                raise ProvisionError(f"{device!r} is an observer's name; pick another id")
+        return ids
+
+    def revoked_numbered(self, base: str, ids: list[str]) -> list[str]:
+        """The revoked ``BASE-NNN`` ids that :meth:`device_ids` stepped over for ``ids``."""
+        if not ids:
+            return []
+        last = ids[-1]
+        return [
+            device
+            for device, member in sorted(self.devices.items())
+            if member.status is Status.REVOKED
+            and device.startswith(f"{base}-")
+            and device[len(base) + 1 :].isdigit()
+            and (len(device), device) < (len(last), last)
+        ]
 
     def to_json(self) -> str:
         return (
@@ -238,3 +289,35 @@ class Layout:
 
 def unix_time(now: dt.datetime) -> int:
     return int(now.timestamp())
+
+
+def numbered_device_ids(base: str, count: int) -> list[str]:
+    """The ids ``add-device BASE --count COUNT`` enrolls: ``BASE-001`` ... ``BASE-COUNT``.
+
+    At least three digits, more only where the number needs them (``dev-999``,
+    ``dev-1000``), so an id never changes when a fleet grows. Everything that
+    names numbered devices (the demo, benchmarks) calls this one function.
+    """
+    return [numbered_device_id(base, i) for i in range(1, count + 1)]
+
+
+def numbered_device_id(base: str, number: int) -> str:
+    """The ``number``-th numbered id: ``BASE-001``, ..., ``BASE-999``, ``BASE-1000``."""
+    return f"{base}-{number:03d}"
+
+
+@contextlib.contextmanager
+def lock_fleet(layout: Layout) -> Iterator[None]:
+    """One provisioning command at a time per fleet directory."""
+    try:
+        handle = layout.lock.open("a")
+    except OSError as exc:
+        raise ProvisionError(f"cannot lock {layout.lock}: {exc.strerror or exc}") from exc
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise ProvisionError(
+                f"another maskfl-provision is working on {layout.root}; retry when it is done"
+            ) from exc
+        yield

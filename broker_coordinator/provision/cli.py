@@ -159,11 +159,11 @@ def _cmd_init(args: argparse.Namespace, root: Path) -> None:
 
 def _cmd_add(args: argparse.Namespace, root: Path) -> None:
     fleet = Fleet.open(root)
-    ids = fleet.device_ids(args.id, args.count, force=args.force)
+    ids = fleet.registry.device_ids(args.id, args.count, force=args.force)
     if args.count is not None and (args.public_key or args.tls_csr):
         raise ProvisionError("--public-key and --tls-csr enroll one device; drop --count")
     if args.count is not None and not args.force:
-        for device in fleet.revoked_numbered(args.id, ids):
+        for device in fleet.registry.revoked_numbered(args.id, ids):
             print(f"{device}: revoked, skipped (numbering continues after it)")
     public_key = _read_optional(args.public_key, "--public-key")
     csr = _read_optional(args.tls_csr, "--tls-csr")
