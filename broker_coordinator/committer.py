@@ -98,33 +98,39 @@ class Committer:
         await self._idle.wait()
 
     async def _run(self) -> None:
-        cfg = self._s.config.storage
         while True:
-            phase, first = await self._queue.get()
-            batch = [first]
-            deadline = time.monotonic() + cfg.group_commit_ms / 1000.0
-            while len(batch) < cfg.group_commit_max:
-                if self._queue.empty():
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        # asyncio.timeout, not wait_for: no extra task per awaited message.
-                        async with asyncio.timeout(remaining):
-                            nxt = await self._queue.get()
-                    except TimeoutError:
-                        break
-                else:
-                    nxt = self._queue.get_nowait()
-                if nxt[0] is not phase:
-                    # Never mix phases in one batch: commit this one first.
-                    await self._commit(phase, batch)
-                    phase, batch = nxt[0], [nxt[1]]
-                    continue
-                batch.append(nxt[1])
-            await self._commit(phase, batch)
+            await self._commit_next()
             if self._queue.empty():
                 self._idle.set()
+
+    async def _commit_next(self) -> None:
+        """Collect one group commit's batch and commit it. Its own frame: the batch (each
+        message's whole payload, a model's size for a large update) is freed when this
+        returns, not kept referenced by the loop until the next message arrives."""
+        cfg = self._s.config.storage
+        phase, first = await self._queue.get()
+        batch = [first]
+        deadline = time.monotonic() + cfg.group_commit_ms / 1000.0
+        while len(batch) < cfg.group_commit_max:
+            if self._queue.empty():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    # asyncio.timeout, not wait_for: no extra task per awaited message.
+                    async with asyncio.timeout(remaining):
+                        nxt = await self._queue.get()
+                except TimeoutError:
+                    break
+            else:
+                nxt = self._queue.get_nowait()
+            if nxt[0] is not phase:
+                # Never mix phases in one batch: commit this one first.
+                await self._commit(phase, batch)
+                phase, batch = nxt[0], [nxt[1]]
+                continue
+            batch.append(nxt[1])
+        await self._commit(phase, batch)
 
     def _accepted_receipt(self, item: Contribution) -> tuple[bytes, str, bytes]:
         message = item.incoming.message

@@ -213,6 +213,10 @@ class Ingest:
                         Reason.OVERSIZE,
                         f"chunked message of {frame.total} bytes, at most {s.max_message_size()}",
                     )
+                # Room first: this frame may complete its message, whose whole payload
+                # would otherwise wait for room in memory, outside every bound (at
+                # M = 1e8 one more model's worth at the peak). Its frames wait unacked.
+                await self._room_for(frame.total)
                 whole = self.chunks.feed(message.topic, payload, now, _light(message))
             except RemoteProtocolError as exc:
                 self._reject(device, hashlib.sha256(payload).digest(), None, exc, deliveries)

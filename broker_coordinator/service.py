@@ -450,8 +450,10 @@ class Coordinator:
                     await store.collect_model_files()
                     optimizer = ServerOptimizer(config.optimizer)
                     model = await self._load_model(store, weights0, optimizer)
-                    # The initial weights are the model only before the first round: a
-                    # reference would hold a model's worth for the process's life.
+                    # Only services.model may hold the model (it moves on each round): a
+                    # local here (the initial weights, the first ModelState) or the latest
+                    # registry record (its metrics come from the row, not the files) would
+                    # hold a model's worth for the process's life.
                     del weights0
                     model_metrics = await _latest_metrics(store, model)
                     self.metrics.model_version.set(model.version)
@@ -478,6 +480,7 @@ class Coordinator:
                         accountant=self._accountant(dp, model_metrics),
                     )
                     self.services = services
+                    del model
                     try:
                         await self._serve(services, transport, stop)
                     finally:
@@ -551,7 +554,7 @@ class Coordinator:
                         version=0,
                         round_id=None,
                         digest=digest,
-                        weights=weights0.astype("<f4").tobytes(),
+                        weights=np.ascontiguousarray(weights0, "<f4").data.cast("B"),
                         metrics={},
                         message=None,
                         optimizer_state=None,
@@ -582,12 +585,14 @@ class Coordinator:
         """The latest model, retained, as the registry has it signed. In its own frame:
         the registry record (a model's worth) must not stay referenced by ``_serve``,
         which runs for the life of the service."""
-        latest = await s.store.latest_model(s.model.model_id)
-        if latest is not None and latest.message is not None:
-            await s.outbox.state(s.topics.model_latest(s.model.model_id), latest.message)
-        elif latest is not None and latest.version == 0:
+        if s.model.version > 0:
+            latest = await s.store.latest_model(s.model.model_id)
+            if latest is not None and latest.message is not None:
+                await s.outbox.state(s.topics.model_latest(s.model.model_id), latest.message)
+        else:
             # The initial weights have no round, so nothing signed them yet; agents train
-            # only on a verified model, so publish version 0 signed (round id 0).
+            # only on a verified model, so publish version 0 signed (round id 0), from the
+            # weights in memory (reading the registry's copy would be a second model's worth).
             v0 = GlobalModel(
                 model_id=s.model.model_id,
                 version=0,

@@ -1096,13 +1096,20 @@ class CheckpointFiles:
             return
         _write_durably(final, final.with_name(final.name + ".tmp"), [data], "sum2 mask")
 
-    def read_mask(self, round_id: int, digest: bytes) -> bytes:
+    def read_mask(self, round_id: int, digest: bytes, out: memoryview) -> None:
+        """The mask into ``out``, which it must fill exactly (the caller owns the 4·M
+        bytes: returned from a worker thread they would stay referenced by the executor
+        until its next job)."""
+        path = self.mask_path(round_id, digest)
+        out = out.cast("B")
         try:
-            return self.mask_path(round_id, digest).read_bytes()
+            with path.open("rb") as f:
+                got = f.readinto(out)
+                extra = f.read(1)
         except OSError as exc:
-            raise StorageError(
-                f"sum2 mask {self.mask_path(round_id, digest)} unreadable: {exc}"
-            ) from exc
+            raise StorageError(f"sum2 mask {path} unreadable: {exc}") from exc
+        if got != out.nbytes or extra:
+            raise StorageError(f"sum2 mask {path} is not {out.nbytes} bytes long")
 
     def prune_masks(self, keep_round: int | None = None) -> None:
         """Delete the sum2 masks of every round but ``keep_round``."""

@@ -55,13 +55,18 @@ class UnmaskPhase(StepPhase):
         rid = state.round_id
         winners, failed = self._vote()
         dropped = [u for u in state.updates.values() if u.digest in failed]
-        mask = await asyncio.to_thread(s.checkpoints.read_mask, rid, winners[0].digest)
+        # Masks are read into this buffer, ours: a 4·M-byte result returned from a worker
+        # thread stays referenced by the executor until its next job (at M = 1e8 that
+        # kept a 400 MB mask alive through the step).
+        mask = np.empty(s.vector_words, dtype=s.mask.dtype)
+        await asyncio.to_thread(s.checkpoints.read_mask, rid, winners[0].digest, mask.data)
         several = dropped or len(winners) > 1
         combined = s.backend.accumulator(s.vector_words, s.mask.word_bits) if several else None
         if combined is not None:
             combined.add(mask)
             for vote in winners[1:]:
-                combined.add(await asyncio.to_thread(s.checkpoints.read_mask, rid, vote.digest))
+                await asyncio.to_thread(s.checkpoints.read_mask, rid, vote.digest, mask.data)
+                combined.add(mask)
         for u in dropped:
             assert combined is not None
             words = state.words.get(u.digest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 
 import nacl.signing
 import numpy as np
@@ -22,6 +23,17 @@ async def test_below_the_threshold_runs_on_the_loop_from_it_in_a_thread() -> Non
     here = threading.get_ident()
     assert await off_loop(OFF_LOOP_BYTES - 1, _where, b"") == here
     assert await off_loop(OFF_LOOP_BYTES, _where, b"") != here
+
+
+class _Result:
+    """A stand-in for a decoded message (bytes cannot be weakly referenced)."""
+
+
+async def test_a_result_from_the_thread_is_not_kept_alive_after_the_await() -> None:
+    # A thread's return value stays referenced until the executor's next job; a
+    # decoded 400 MB update must not outlive its caller's use of it.
+    gone = weakref.ref(await off_loop(OFF_LOOP_BYTES, _Result))
+    assert gone() is None
 
 
 @pytest.mark.parametrize("n_weights", [1000, OFF_LOOP_BYTES // 4 + 1000])
