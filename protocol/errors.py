@@ -35,7 +35,7 @@ the classes, so a new one is drawn here or the test fails)::
     ├── SatOutError [agent.duties]                     this device sits this round out
     ├── RoundFailedError [broker_coordinator.errors]   the coordinator's round cannot go on
     ├── ChildExitedError [tools._supervise]            a child process a tool needs exited
-    └── CheckFailedError [tools.arm_check]             a check of maskfl-arm-check failed
+    └── CheckFailedError [tools._arm_root]             a check of maskfl-arm-check failed
 
 A :class:`RemoteProtocolError` carries a machine-readable :class:`Reason`; the
 coordinator puts that reason into the receipt it sends back and counts it.
