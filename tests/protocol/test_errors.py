@@ -133,3 +133,11 @@ def test_every_maskfl_exception_is_in_the_one_tree() -> None:
             if sub.__module__.startswith("maskfl.") and not issubclass(sub, errors.MaskflError):
                 outside.append(f"{sub.__module__}.{sub.__qualname__}")
     assert outside == []
+
+
+def test_no_two_errors_share_a_name() -> None:
+    """One name, one meaning: catching ``RoundFailedError`` must not depend on which
+    module it was imported from (the agent's and the coordinator's once did)."""
+    _import_everything()
+    names = [child.rsplit(".", 1)[1] for _, child in _real_tree()]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
