@@ -2,8 +2,8 @@
 
 The ingest path admits a message (all checks done, nothing written) and hands a
 :class:`Contribution` to :meth:`Committer.submit`. The committer task takes up
-to ``group_commit_max`` of them, or whatever arrived within
-``group_commit_ms`` of the first, and asks the phase that admitted them to
+to ``group_commit_max`` of them, or whatever arrived within ``group_commit_ms``
+of the first (on the coordinator's clock), and asks the phase that admitted them to
 make them durable:
 
 1. ``phase.prepare(batch)``: the work outside SQLite (for updates: add the
@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from maskfl.broker_coordinator.context import Contribution, Services
+from maskfl.broker_coordinator.context import POLL_S, Contribution, Services
 from maskfl.broker_coordinator.store import Transaction
 from maskfl.protocol.errors import MaskflError, Reason, StorageError
 from maskfl.protocol.messages import Receipt
@@ -107,21 +107,26 @@ class Committer:
         """Collect one group commit's batch and commit it. Its own frame: the batch (each
         message's whole payload, a model's size for a large update) is freed when this
         returns, not kept referenced by the loop until the next message arrives."""
-        cfg = self._s.config.storage
+        cfg, clock = self._s.config.storage, self._s.clock
+        window = cfg.group_commit_ms / 1000.0
         phase, first = await self._queue.get()
         batch = [first]
-        deadline = time.monotonic() + cfg.group_commit_ms / 1000.0
+        deadline = clock() + window
         while len(batch) < cfg.group_commit_max:
             if self._queue.empty():
-                remaining = deadline - time.monotonic()
+                # On the coordinator's clock (a test's fake clock holds the batch open
+                # until it is advanced); a clock set back never stretches it past one
+                # window from now.
+                deadline = min(deadline, clock() + window)
+                remaining = deadline - clock()
                 if remaining <= 0:
                     break
                 try:
                     # asyncio.timeout, not wait_for: no extra task per awaited message.
-                    async with asyncio.timeout(remaining):
+                    async with asyncio.timeout(min(remaining, POLL_S)):
                         nxt = await self._queue.get()
                 except TimeoutError:
-                    break
+                    continue  # read the clock again
             else:
                 nxt = self._queue.get_nowait()
             if nxt[0] is not phase:

@@ -1,9 +1,10 @@
 """What the phases share: the services of the process and the state of the current round.
 
 :class:`Services` is built once per process (store, files, signing identity,
-aggregation backend, outbox, metrics, clock). :class:`RoundState` is the one
-round in progress; it is rebuilt from the database on restart, so nothing in it
-is the only copy of anything that was acknowledged.
+aggregation backend, outbox, metrics, clock). :class:`OpenRound` is the one
+round in progress (from idle's start to its outcome); it is rebuilt from the
+database on restart, so nothing in it is the only copy of anything that was
+acknowledged.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -44,8 +45,8 @@ from maskfl.protocol.messages import (
     encode_message,
     max_masked_size,
 )
-from maskfl.protocol.phases import PhaseTimer
-from maskfl.protocol.topics import Topics
+from maskfl.protocol.phases import Window
+from maskfl.protocol.topics import TopicKind, Topics
 
 if TYPE_CHECKING:
     from maskfl.broker_coordinator.outbox import Outbox
@@ -53,13 +54,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("maskfl.coordinator")
 
+POLL_S: Final = 1.0
+"""The longest a wait on the clock goes without reading it again."""
+
 
 @dataclass(slots=True)
 class Incoming:
     """A decoded, signature-checked participant message and the MQTT deliveries carrying it.
 
     ``deliveries`` are acked only once the message's effect is durable (or it
-    was rejected); for a chunked message they are all its frames.
+    was rejected); for a chunked message they are all its frames. ``topic`` and
+    ``topic_round`` are what the topic it came on says (the header must agree).
     """
 
     message: SignedMessage
@@ -67,6 +72,8 @@ class Incoming:
     deliveries: list[Message]
     size: int
     received_at: float
+    topic: TopicKind
+    topic_round: int
 
 
 @dataclass(slots=True)
@@ -96,8 +103,10 @@ class ModelState:
 
 
 @dataclass
-class RoundState:
-    """The round in progress; rebuilt from the store on restart."""
+class OpenRound:
+    """The round in progress, from idle's start to its outcome; rebuilt from the store
+    on restart. ``window`` is the open message phase's; ``closing`` is set while that
+    phase closes (or the round fails), when nothing more is admitted."""
 
     record: RoundRecord
     params: RoundParams
@@ -113,7 +122,7 @@ class RoundState:
     words_bytes: int = 0
     first_update_at: float | None = None
     last_update_commit_at: float | None = None
-    timer: PhaseTimer | None = None
+    window: Window | None = None
     closing: bool = False
 
     @property
@@ -147,6 +156,8 @@ class Services:
     clock: Callable[[], float] = time.time
     liveness: Liveness = field(init=False)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set on every commit and every :meth:`wake`: the runner looks at its window again."""
+    _sleepers: set[asyncio.Future[None]] = field(default_factory=set, init=False, repr=False)
 
     @property
     def fleet(self) -> str:
@@ -164,6 +175,40 @@ class Services:
             max_devices=self.config.fleet.max_devices,
             clock=self.clock,
         )
+
+    def wake(self) -> None:
+        """The clock moved (a test's fake clock) or something changed: every waiter on
+        the clock (:meth:`sleep_until`, the runner's window) looks at it again now."""
+        self.changed.set()
+        for sleeper in self._sleepers:
+            if not sleeper.done():
+                sleeper.set_result(None)
+
+    async def sleep_until(self, deadline: float) -> None:
+        """Wait until :attr:`clock` reads ``deadline``: on the injected clock, so a test
+        moves it with its fake clock. Looks again at every :meth:`wake` and at least
+        every :data:`POLL_S` seconds."""
+        loop = asyncio.get_running_loop()
+        while (left := deadline - self.clock()) > 0:
+            sleeper: asyncio.Future[None] = loop.create_future()
+            self._sleepers.add(sleeper)
+            try:
+                async with asyncio.timeout(min(left, POLL_S)):
+                    await sleeper
+            except TimeoutError:
+                pass
+            finally:
+                self._sleepers.discard(sleeper)
+
+    @property
+    def sleeping(self) -> int:
+        """How many waits on the clock are armed now (a test's view of a pause)."""
+        return sum(not sleeper.done() for sleeper in self._sleepers)
+
+    async def sleep(self, seconds: float) -> None:
+        """:meth:`sleep_until` ``seconds`` from now (0 returns at once)."""
+        if seconds > 0:
+            await self.sleep_until(self.clock() + seconds)
 
     def alive_count(self) -> int:
         return self.liveness.count(self.clock())

@@ -61,6 +61,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from maskfl.broker_coordinator.admission import Refusal
 from maskfl.broker_coordinator.context import Contribution, Incoming, Services
 from maskfl.broker_coordinator.fleetview import RejectionLog
 from maskfl.broker_coordinator.runner import Runner
@@ -78,11 +79,6 @@ from maskfl.transport import Message, Transport, decode_off_loop
 
 log = logging.getLogger("maskfl.coordinator.ingest")
 
-_LATE = frozenset({Reason.WRONG_ROUND, Reason.PHASE_CLOSED, Reason.WRONG_PHASE})
-"""Reasons that a redelivery of an already accepted message would get (see _already_accepted)."""
-_LAPSED = frozenset({Reason.REVOKED, Reason.EXPIRED})
-"""Certificate reasons that may have come about after a message was accepted: a
-redelivery of it is still answered ``duplicate`` (see _already_accepted)."""
 _ADMITTED_MAX_BYTES = 256 << 20
 """Payload bytes admitted and waiting for their group commit, at most (one message
 always passes): part of the coordinator's fixed memory, see :meth:`Ingest._room_for`."""
@@ -257,48 +253,24 @@ class Ingest:
         size: int,
         now: float,
     ) -> None:
-        s = self.s
-        header = signed.header
-        signed.expect(fleet=s.fleet)
-        if header.message_type.topic_kind != parsed.kind:
-            raise RemoteProtocolError(
-                Reason.MALFORMED, f"{header.message_type.name} message on a {parsed.kind} topic"
-            )
-        if header.round_id != parsed.round_id:
-            # The signed header says where it belongs: an earlier round's message
-            # replayed on this round's topic is for another round.
-            raise RemoteProtocolError(
-                Reason.WRONG_ROUND,
-                f"message for round {header.round_id} on a topic of round {parsed.round_id}",
-            )
-        state = self.runner.state
-        if state is not None and signed.digest in state.accepted_digests:
-            raise RemoteProtocolError(
-                Reason.DUPLICATE, "this message was already accepted (it counts once)"
-            )
-        try:
-            cert = s.enrollment.verify(signed, now)
-        except RemoteProtocolError as exc:
-            if exc.reason in _LAPSED:  # since it counted: still a duplicate, not a rejection
-                await self._already_accepted(signed)
-            raise
-        if cert.subject != device:
-            raise RemoteProtocolError(
-                Reason.UNENROLLED,
-                f"certificate is enrolled as {cert.subject!r}, the topic names {device!r}",
-            )
-        s.liveness.seen(device, now)
+        """Offer the message to the runner (every rule: :mod:`.admission`); raise the
+        refusal, after asking the store whether a late or lapsed message counted."""
+        assert parsed.round_id is not None  # a participant topic names its round
+        incoming = Incoming(signed, device, deliveries, size, now, parsed.kind, parsed.round_id)
         self.admitted_bytes += size
         try:
-            await self.runner.offer(Incoming(signed, device, deliveries, size, now))
-        except RemoteProtocolError as exc:
-            self._release(size)
-            if exc.reason in _LATE:
-                await self._already_accepted(signed)
-            raise
+            result = await self.runner.offer(incoming)
         except BaseException:
             self._release(size)
             raise
+        if isinstance(result, Refusal):
+            self._release(size)
+            if result.authenticated:
+                self.s.liveness.seen(device, now)
+            if result.late:
+                await self._already_accepted(signed)
+            raise RemoteProtocolError(result.reason, result.detail)
+        self.s.liveness.seen(device, now)
 
     async def _already_accepted(self, signed: SignedMessage) -> None:
         """DUPLICATE for a redelivery of a message accepted in an earlier phase or round.

@@ -1,25 +1,32 @@
-"""The one loop that drives the phases with messages and the clock.
+"""The one loop that drives the round: phases decide, the table moves, the runner acts.
 
 ::
 
     resume (from the database) ─> idle ─> sum ─> update ─> sum2 ─> unmask ─> idle ...
-                                    any MaskflError in a phase ─> failure ─> idle
+                   any error or a window that ran out ─> failure ─> idle
 
-Message phases are driven here: the runner builds the phase's
-:class:`~maskfl.protocol.phases.PhaseTimer` (opened at the wall-clock time
-stored in the round row, so a restart keeps the deadlines), waits for commits
-or the timer's next deadline, and on ``CLOSE`` stops admitting, drains the
-group commit, lets the phase prepare its outputs (the sum dictionary) and
-commits them *together with* the move to the next phase, in one transaction;
-only then does the next phase publish them (:meth:`MessagePhase.enter`), and
-after a restart it publishes them again. So nothing of a phase leaves the
-coordinator before the database is in that phase: a kill right after the sum
-dictionary or a seed dictionary reaches the broker resumes in update or sum2,
-and the messages it prompted are admitted, never turned away as
-``wrong_phase``. On ``FAIL`` the round goes to ``failure``. Admission
-(:meth:`Runner.offer`) and closing take one lock, so a message is never
-admitted into a phase that is closing, and the next phase is in force before
-any message for it is seen.
+Each phase ends with a :class:`~maskfl.broker_coordinator.phases.base.Transition`
+(an event of the round table, :mod:`maskfl.protocol.round`); the runner looks the
+move up, commits it to the store, makes the next phase current and then performs
+what the move produces (:mod:`.retained`: publish the round's retained messages,
+clear them when the round ended). No phase names its successor, and only the
+runner enters ``failure``: it records the outcome ``failed`` once, clears the
+round's dictionaries, and the failure phase pauses.
+
+Message phases are driven here: the phase's window (opened at the wall-clock
+time stored in the round row, so a restart keeps the deadlines) decides, the
+runner waits for commits or the window's next deadline, and on ``closed`` stops
+admitting, drains the group commit, lets the phase prepare its outputs (the sum
+dictionary) and commits them *together with* the move to the next phase, in one
+transaction; only then are they published, and after a restart they are
+published again. So nothing of a phase leaves the coordinator before the
+database is in that phase: a kill right after the sum dictionary or a seed
+dictionary reaches the broker resumes in update or sum2, and the messages it
+prompted are admitted, never turned away as ``wrong_phase``. Admission
+(:meth:`Runner.offer`, the rules in :mod:`.admission`) and closing take one lock,
+so a message is never admitted into a phase that is closing, and the next phase
+is in force before any message for it is seen. Every wait (the window, the
+pauses of idle and failure) is on the injected clock.
 """
 
 from __future__ import annotations
@@ -28,37 +35,35 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from typing import Final
 
 from maskfl.aggregator_gpu import Snapshot
+from maskfl.broker_coordinator import retained as outputs
+from maskfl.broker_coordinator.admission import Admission, Refusal, RoundView, admit
 from maskfl.broker_coordinator.committer import Committer
-from maskfl.broker_coordinator.context import Incoming, RoundState, Services
-from maskfl.broker_coordinator.errors import RoundFailedError, shortfall_reason
+from maskfl.broker_coordinator.context import POLL_S, Contribution, Incoming, OpenRound, Services
+from maskfl.broker_coordinator.errors import RoundFailedError
 from maskfl.broker_coordinator.phases import PHASE_CLASSES
-from maskfl.broker_coordinator.phases.base import MessagePhase, StepPhase
-from maskfl.broker_coordinator.phases.failure import FailurePhase
-from maskfl.broker_coordinator.phases.idle import IdlePhase
-from maskfl.broker_coordinator.phases.unmask import UnmaskPhase
-from maskfl.broker_coordinator.phases.update import publish_seed_dicts
-from maskfl.broker_coordinator.store import RoundOutcome, RoundRecord
-from maskfl.protocol.errors import MaskflError, Reason, RemoteProtocolError
-from maskfl.protocol.messages import MESSAGE_PHASES, RoundParams, decode_message
-from maskfl.protocol.phases import Phase, PhaseTimer, Verdict, precedes
-from maskfl.protocol.round import check_transition
+from maskfl.broker_coordinator.phases.base import MessagePhase, StepPhase, Transition
+from maskfl.broker_coordinator.store import RoundRecord
+from maskfl.protocol.errors import MaskflError
+from maskfl.protocol.messages import MESSAGE_PHASES, MessageType, RoundParams, decode_message
+from maskfl.protocol.phases import Phase
+from maskfl.protocol.round import ROUND_DICTS, Event, Move, RoundOutcome, move, retained
 
 log = logging.getLogger("maskfl.coordinator.runner")
 
-_MAX_WAIT_S: Final = 1.0
-
 
 class Runner:
-    """Owns the round: the current phase object and the round state."""
+    """Owns the round: the current phase object and the open round."""
 
     def __init__(self, services: Services, committer: Committer) -> None:
         self.s = services
         self.committer = committer
+        self.admission = Admission(
+            services.fleet, services.enrollment, services.mask, services.vector_words
+        )
         self.phase = Phase.IDLE
-        self.state: RoundState | None = None
+        self.state: OpenRound | None = None
         self.current: MessagePhase | StepPhase | None = None
         self.lock = asyncio.Lock()
         self.rounds_completed = 0
@@ -73,12 +78,12 @@ class Runner:
 
     # -- state ---------------------------------------------------------------
 
-    async def load_state(self, record: RoundRecord) -> RoundState:
+    async def load_state(self, record: RoundRecord) -> OpenRound:
         """Rebuild the round in progress from the database and its checkpoint."""
         s = self.s
         params = decode_message(record.params, max_size=1 << 20).body
         assert isinstance(params, RoundParams)
-        state = RoundState(record=record, params=params)
+        state = OpenRound(record=record, params=params)
         rid = record.round_id
         for summer in await s.store.summers(rid):
             state.summers[summer.device_id] = summer
@@ -104,60 +109,33 @@ class Runner:
             state.acc = s.backend.accumulator(s.vector_words, s.mask.word_bits)
         await asyncio.to_thread(s.checkpoints.prune, rid, record.checkpoint_gen or None)
         await asyncio.to_thread(s.update_log.prune, rid)
-        s.metrics.round_id.set(rid)
-        s.metrics.participants.labels(role="summers").set(len(state.summers))
-        s.metrics.participants.labels(role="updaters").set(len(state.updates))
-        s.metrics.participants.labels(role="sum2").set(len(state.sum2))
+        self._gauges(state)
         return state
 
-    def _count(self, phase: Phase) -> int:
-        assert self.state is not None
-        match phase:
-            case Phase.SUM:
-                return len(self.state.summers)
-            case Phase.UPDATE:
-                return len(self.state.updates)
-            case Phase.SUM2:
-                return len(self.state.sum2)
-            case _:
-                return 0
+    def _gauges(self, state: OpenRound) -> None:
+        m = self.s.metrics
+        m.round_id.set(state.round_id)
+        m.participants.labels(role="summers").set(len(state.summers))
+        m.participants.labels(role="updaters").set(len(state.updates))
+        m.participants.labels(role="sum2").set(len(state.sum2))
+
+    def view(self) -> RoundView:
+        """Where the round stands, for :func:`~.admission.admit`."""
+        return RoundView(self.phase, self.state, self.finished_round)
 
     # -- admission (called by ingest) ----------------------------------------
 
-    async def offer(self, incoming: Incoming) -> None:
-        """Admit one message into the current phase and submit it for commit.
-
-        Raises :class:`RemoteProtocolError` with the receipt's reason.
-        """
-        header = incoming.message.header
+    async def offer(self, incoming: Incoming) -> Contribution | Refusal:
+        """Admit one message into the current phase and submit it for commit, or say
+        why not (:func:`~.admission.admit`: every rule is there)."""
         async with self.lock:
-            state = self.state
-            if state is None and header.round_id == self.finished_round:
-                raise RemoteProtocolError(Reason.PHASE_CLOSED, f"round {header.round_id} is over")
-            if state is None or header.round_id != state.round_id:
-                current = "none" if state is None else str(state.round_id)
-                raise RemoteProtocolError(
-                    Reason.WRONG_ROUND,
-                    f"message for round {header.round_id}, current round is {current}",
-                )
-            wanted = header.message_type.phase
-            if wanted is None:
-                raise RemoteProtocolError(
-                    Reason.MALFORMED, f"{header.message_type.name} is not a participant message"
-                )
-            phase = self.current
-            if not isinstance(phase, MessagePhase) or phase.phase != wanted or state.closing:
-                if precedes(wanted, self.phase) or (wanted == self.phase and state.closing):
-                    raise RemoteProtocolError(
-                        Reason.PHASE_CLOSED, f"the {wanted} phase of round {state.round_id} closed"
-                    )
-                raise RemoteProtocolError(
-                    Reason.WRONG_PHASE,
-                    f"{header.message_type.name} not accepted in the {self.phase} phase",
-                )
-            item = await phase.admit(incoming)
-            state.pending.add(incoming.device)
-            self.committer.submit(phase, item)
+            result = admit(self.admission, self.view(), incoming, incoming.received_at)
+            if isinstance(result, Contribution):
+                phase, state = self.current, self.state
+                assert isinstance(phase, MessagePhase) and state is not None
+                state.pending.add(incoming.device)
+                self.committer.submit(phase, result)
+            return result
 
     # -- the loop -------------------------------------------------------------
 
@@ -172,159 +150,139 @@ class Runner:
         self.current = None
         if last is not None and last.outcome is None:
             try:
-                self.state = await self.load_state(last)
-                self.phase = last.phase
+                state = await self.load_state(last)
+                self.state = state
+                async with self.lock:
+                    self._enter(last.phase)
                 self._resumed = True
-                if self.phase in MESSAGE_PHASES:
-                    async with self.lock:
-                        self._open()
                 log.info(
                     "resuming round %d in phase %s",
                     last.round_id,
                     last.phase,
                     extra={"round_id": last.round_id, "phase": last.phase},
                 )
-                await s.outbox.state(s.topics.round, last.params)
+                await outputs.publish(s, state, retained(self.phase))
             except MaskflError as exc:
                 log.error("cannot resume round %d: %s", last.round_id, exc)
                 self.state = None
-                self.phase = Phase.FAILURE
-                await self._fail_record(last, f"resume failed: {exc}")
+                await self._fail(f"resume failed: {exc}", record=last)
         elif last is not None:
             # The last round is over. A kill may have come between its final commit
             # and the clearing of its retained dictionaries: clear them (again).
             self.finished_round = last.round_id
-            await self._clear_finished(last.round_id)
+            await self._clear(last.round_id, None, ROUND_DICTS)
+        if self.phase is Phase.IDLE:
+            async with self.lock:
+                self._enter(Phase.IDLE)
         self._ready = True
-
-    async def _clear_finished(self, round_id: int) -> None:
-        s = self.s
-        try:
-            await s.outbox.clear(s.topics.sums(round_id))
-            for summer in await s.store.summers(round_id):
-                await s.outbox.clear(s.topics.seeds(round_id, summer.device_id))
-        except MaskflError as exc:
-            log.warning("could not clear retained round topics: %s", exc)
 
     async def run(self) -> None:
         """Resume (unless :meth:`resume` ran) and drive rounds until shutdown."""
-        s = self.s
         if not self._ready:
             await self.resume()
         self._ready = False
-        resumed = self._resumed
         while self.phase is not Phase.SHUTDOWN:
-            s.metrics.set_phase(self.phase)
+            self.s.metrics.set_phase(self.phase)
+            failed: Transition | None = None
             try:
-                nxt = await self._step(resumed)
+                transition = await self._run_phase()
+                if transition is not None and transition.event is Event.FAILED:
+                    failed = transition
+                elif transition is not None:
+                    state = transition.round or self.state  # the round the move is about
+                    await self._produce(await self._commit(transition), state)
             except MaskflError as exc:
-                nxt = Phase.FAILURE
                 # A round that could not go on says why in words; anything else names its type.
                 reason = str(exc)
                 if not isinstance(exc, RoundFailedError):
                     reason = f"{type(exc).__name__}: {exc}"
-                self.last_failure = (self.state.round_id if self.state else None, reason)
-                await self._leave_message_phase()
-                if self.state is None:
-                    # Failed in idle after the round row was written: close that row.
-                    last = await s.store.last_round()
-                    if last is not None and last.outcome is None:
-                        await self._fail_record(last, reason)
-                self.current = FailurePhase(s, self.state, reason)
-                self.phase = Phase.FAILURE
-                self.rounds_failed += 1
-                s.metrics.rounds.labels(outcome=RoundOutcome.FAILED).inc()
-                s.metrics.set_phase(Phase.FAILURE)
-                await self._clear_round_topics()
-                nxt = await self.current.run()
-                self.finished_round = None if self.state is None else self.state.round_id
-                self.state = None
-            resumed = False
-            if nxt is not self.phase:
-                await self._transition(nxt)
+                failed = Transition(Event.FAILED, reason)
+            if failed is not None:
+                await self._fail(failed.reason)
 
-    async def _fail_record(self, record: RoundRecord, reason: str) -> None:
-        async with self.s.store.transaction() as tx:
-            await tx.put_round(
-                dataclasses.replace(
-                    record,
-                    phase=Phase.FAILURE,
-                    outcome=RoundOutcome.FAILED,
-                    detail=reason[:500],
-                    finished_at=self.s.clock(),
-                )
-            )
+    async def _run_phase(self) -> Transition | None:
+        """Run the current phase to its end: its transition, or None when it already
+        made its move (a message phase commits it under the lock)."""
+        current = self.current
+        if isinstance(current, MessagePhase):
+            return await self._message_phase(current)
+        assert isinstance(current, StepPhase)
+        return await current.run()
 
-    async def _step(self, resumed: bool) -> Phase:
+    def _enter(self, phase: Phase) -> None:
+        """Make ``phase`` current (call with the lock): its phase object and, for a
+        message phase, its window, so that no message for it is turned away."""
+        s, state = self.s, self.state
+        self.phase = phase
+        s.metrics.set_phase(phase)
+        cls = PHASE_CLASSES.get(phase)
+        self.current = None if cls is None else cls(s, state)  # type: ignore[arg-type]
+        if state is None:
+            return
+        state.window = None
+        if isinstance(self.current, MessagePhase):
+            state.window = self.current.open(state.record.phase_opened_at, self.current.count())
+            state.closing = False
+
+    async def _commit(self, transition: Transition, *, locked: bool = False) -> Move:
+        """Look ``transition`` up in the table, commit the move and enter its target.
+
+        A round that goes on writes its row in the new phase (with the closing
+        phase's outputs, e.g. the sum dictionary, in the same transaction: both or
+        neither survive a kill); idle's new round is written here, its first row;
+        unmask committed the outcome with the model itself."""
         s = self.s
-        match self.phase:
-            case Phase.IDLE:
-                idle = IdlePhase(s, None)
-                self.current = idle
-                return await idle.run()
-            case Phase.FAILURE:
-                self.current = FailurePhase(s, self.state, "resumed in failure")
-                self.state = None
-                return await self.current.run()
-            case Phase.UNMASK:
-                unmask = UnmaskPhase(s, self.state)
-                self.current = unmask
-                nxt = await unmask.run()
-                self.rounds_completed += 1
-                s.metrics.rounds.labels(outcome=RoundOutcome.COMPLETED).inc()
-                await self._clear_round_topics()
-                self.finished_round = None if self.state is None else self.state.round_id
-                if self.state is not None:
-                    self.last_ingest = {
-                        "round_id": self.state.round_id,
-                        "updates": len(self.state.updates),
-                        "first_update_at": self.state.first_update_at,
-                        "last_update_commit_at": self.state.last_update_commit_at,
-                    }
-                self.state = None
-                return nxt
-            case _:
-                return await self._message_phase(resumed)
+        step = move(self.phase, transition.event)
+        state = transition.round or self.state
+        if state is not None and step.target in MESSAGE_PHASES | {Phase.UNMASK}:
+            record = dataclasses.replace(state.record, phase=step.target, phase_opened_at=s.clock())
+            async with s.store.transaction() as tx:
+                await tx.put_round(record)
+            state.record = record
+            if transition.round is not None:
+                self.state = transition.round
+                self._gauges(transition.round)
+        if step.outcome is RoundOutcome.COMPLETED and state is not None:
+            self._completed(state)
+        if locked:
+            self._enter(step.target)
+        else:
+            async with self.lock:
+                self._enter(step.target)
+        return step
 
-    def _open(self) -> MessagePhase:
-        """Make the phase object and timer of ``self.phase`` current (call with the lock)."""
+    async def _produce(self, step: Move, state: OpenRound | None) -> None:
+        """What a committed move produces: publish the open round's retained messages,
+        or clear those of a round that ended."""
+        if state is None:
+            return
+        if step.clears:
+            await self._clear(state.round_id, list(state.summers), step.clears)
+        elif step.publishes:
+            await outputs.publish(self.s, state, step.publishes)
+
+    def _completed(self, state: OpenRound) -> None:
+        self.rounds_completed += 1
+        self.s.metrics.rounds.labels(outcome=RoundOutcome.COMPLETED).inc()
+        self.finished_round = state.round_id
+        self.last_ingest = {
+            "round_id": state.round_id,
+            "updates": len(state.updates),
+            "first_update_at": state.first_update_at,
+            "last_update_commit_at": state.last_update_commit_at,
+        }
+        self.state = None
+
+    async def _message_phase(self, phase: MessagePhase) -> Transition | None:
         s, state = self.s, self.state
         assert state is not None
-        cls = PHASE_CLASSES[self.phase]
-        assert issubclass(cls, MessagePhase)
-        phase = cls(s, state)
-        timer = PhaseTimer(phase.window(), state.record.phase_opened_at)
-        count = min(self._count(self.phase), timer.window.count_max)
-        if count:
-            timer.accepted(count)
-        state.timer = timer
-        state.closing = False
-        self.current = phase
-        return phase
-
-    async def _message_phase(self, resumed: bool) -> Phase:
-        s, state = self.s, self.state
-        assert state is not None
-        async with self.lock:
-            current = self.current
-            if isinstance(current, MessagePhase) and current.phase == self.phase:
-                phase = current
-            else:
-                phase = self._open()
-        timer = state.timer
-        assert timer is not None
-        await phase.enter(resumed)
         while True:
             if self.committer.error is not None:
                 err, self.committer.error = self.committer.error, None
                 raise err
-            verdict = self._verdict(phase, timer)
-            if verdict is Verdict.OPEN:
+            if phase.run(state, s.clock()) is None:
                 s.changed.clear()
-                wake = (
-                    timer.wake_at() if phase.ready() else timer.opened_at + timer.window.time_max_s
-                )
-                wait = max(0.0, min(wake - s.clock(), _MAX_WAIT_S))
+                wait = max(0.0, min(phase.wake_at(state) - s.clock(), POLL_S))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(s.changed.wait(), wait)
                 continue
@@ -333,43 +291,66 @@ class Runner:
                 await self.committer.drain()
                 if self.committer.error is not None:
                     continue
-                verdict = self._verdict(phase, timer)
-                if verdict is Verdict.OPEN:
+                transition = phase.run(state, s.clock())
+                if transition is None:
                     state.closing = False
                     continue
-                if verdict is Verdict.FAIL:
-                    raise RoundFailedError(
-                        shortfall_reason(
-                            str(self.phase),
-                            timer.count,
-                            timer.window.count_min,
-                            timer.window.time_max_s,
-                        ),
-                        round_id=state.round_id,
-                        phase=self.phase,
-                    )
+                if transition.event is Event.FAILED:
+                    return transition  # still closing: nothing more is admitted
+                assert state.window is not None
                 log.info(
                     "round %d: %s phase closes with %d messages",
                     state.round_id,
                     self.phase,
-                    timer.count,
+                    state.window.count,
                     extra={"round_id": state.round_id, "phase": str(self.phase)},
                 )
-                nxt = await phase.close()  # outputs into state.record, nothing published
-                await self._transition(nxt, locked=True)  # committed with the new phase
-                return nxt
+                await phase.close()  # outputs into state.record, nothing published
+                step = await self._commit(transition, locked=True)  # with the new phase
+            await self._produce(step, state)
+            return None
 
-    def _verdict(self, phase: MessagePhase, timer: PhaseTimer) -> Verdict:
-        now = self.s.clock()
-        verdict = timer.decide(now)
-        if verdict is Verdict.OPEN and phase.complete() and timer.count >= timer.window.count_min:
-            return Verdict.CLOSE
-        if verdict is Verdict.CLOSE and not timer.full and not phase.ready():
-            # Enough messages, but not the right ones yet (sum2: a mask group without
-            # an answer): keep waiting until time_max, then close and let the phase
-            # that needs them say what is missing.
-            return Verdict.CLOSE if timer.elapsed(now) >= timer.window.time_max_s else Verdict.OPEN
-        return verdict
+    # -- failure --------------------------------------------------------------
+
+    async def _fail(self, reason: str, *, record: RoundRecord | None = None) -> None:
+        """The table's ``failed`` move, from wherever the round is: stop admitting,
+        record the outcome once, clear the round's retained messages, enter failure."""
+        s = self.s
+        step = move(self.phase, Event.FAILED)
+        state = self.state
+        if state is not None:
+            record = state.record
+        round_id = None if record is None else record.round_id
+        self.last_failure = (round_id, reason)
+        await self._leave_message_phase()
+        if record is not None:
+            assert step.outcome is not None
+            failed = dataclasses.replace(
+                record,
+                phase=step.target,
+                outcome=step.outcome,
+                detail=reason[:500],
+                finished_at=s.clock(),
+            )
+            async with s.store.transaction() as tx:
+                await tx.put_round(failed)
+                await tx.forget_round_bulk(failed.round_id)
+            log.warning(
+                "round %d failed: %s",
+                failed.round_id,
+                reason,
+                extra={"round_id": failed.round_id, "phase": "failure"},
+            )
+        else:
+            log.warning("round failed before it started: %s", reason)
+        self.rounds_failed += 1
+        s.metrics.rounds.labels(outcome=RoundOutcome.FAILED).inc()
+        self.state = None
+        self.finished_round = round_id
+        async with self.lock:
+            self._enter(step.target)
+        if round_id is not None:
+            await self._clear(round_id, None if state is None else list(state.summers), step.clears)
 
     async def _leave_message_phase(self) -> None:
         """Before failing: stop admitting, let pending commits finish."""
@@ -380,56 +361,22 @@ class Runner:
         await self.committer.drain()
         self.committer.error = None
 
-    async def _transition(self, nxt: Phase, *, locked: bool = False) -> None:
-        """Record ``self.phase -> nxt``; a message phase is opened at once (under the
-        lock, when the caller holds it) so that no message for it is turned away."""
-        check_transition(self.phase, nxt)
-        s = self.s
-        starting = nxt is Phase.SUM and self.state is None
-        if starting:
-            last = await s.store.last_round()
-            assert last is not None
-            self.state = await self.load_state(last)
-        elif self.state is not None and nxt in MESSAGE_PHASES | {Phase.UNMASK}:
-            # The closing phase's outputs (state.record.sum_dict) go in this same
-            # transaction as the new phase: both or neither survive a kill.
-            record = dataclasses.replace(self.state.record, phase=nxt, phase_opened_at=s.clock())
-            async with s.store.transaction() as tx:
-                await tx.put_round(record)
-            self.state.record = record
-        self.phase = nxt
-        s.metrics.set_phase(nxt)
-        if nxt in MESSAGE_PHASES:
-            if locked:
-                self._open()
-            else:
-                async with self.lock:
-                    self._open()
-        else:
-            self.current = None
-        if starting and self.state is not None:
-            # Publish the round only now that its sum phase admits messages.
-            await s.outbox.state(s.topics.round, self.state.record.params)
+    # -- retained outputs -----------------------------------------------------
+
+    async def _clear(
+        self, round_id: int, summers: list[str] | None, kinds: tuple[MessageType, ...]
+    ) -> None:
+        """Clear a finished round's retained dictionaries (its summers from the store
+        when the round is not in memory)."""
+        if summers is None:
+            try:
+                summers = [r.device_id for r in await self.s.store.summers(round_id)]
+            except MaskflError as exc:
+                log.warning("could not clear retained round topics: %s", exc)
+                return
+        await outputs.clear(self.s, round_id, summers, kinds)
 
     async def republish(self) -> None:
-        """Publish the current round's retained state again (after the broker lost it)."""
-        state, s = self.state, self.s
-        if state is None:
-            return
-        await s.outbox.state(s.topics.round, state.record.params)
-        if state.record.sum_dict is not None:
-            await s.outbox.state(s.topics.sums(state.round_id), state.record.sum_dict)
-        if self.phase in (Phase.SUM2, Phase.UNMASK):
-            await publish_seed_dicts(self.s, state)
-
-    async def _clear_round_topics(self) -> None:
-        """Remove the finished round's retained sum and seed dictionaries."""
-        state, s = self.state, self.s
-        if state is None:
-            return
-        try:
-            await s.outbox.clear(s.topics.sums(state.round_id))
-            for summer in state.summers.values():
-                await s.outbox.clear(s.topics.seeds(state.round_id, summer.device_id))
-        except MaskflError as exc:
-            log.warning("could not clear retained round topics: %s", exc)
+        """Publish the open round's retained state again (after the broker lost it)."""
+        if self.state is not None:
+            await outputs.publish(self.s, self.state, retained(self.phase))

@@ -32,7 +32,7 @@ from nacl.signing import SigningKey
 from maskfl.aggregator_gpu import Backend, select_backend
 from maskfl.broker_coordinator.committer import Committer
 from maskfl.broker_coordinator.config import CoordinatorConfig, check_files
-from maskfl.broker_coordinator.context import Contribution, ModelState, RoundState, Services
+from maskfl.broker_coordinator.context import Contribution, ModelState, OpenRound, Services
 from maskfl.broker_coordinator.enrollment import Enrollment
 from maskfl.broker_coordinator.fleetview import Timeline, device_table, model_history, round_history
 from maskfl.broker_coordinator.http import OpsServer
@@ -332,16 +332,16 @@ class Coordinator:
         out["round_id"] = state.round_id
         out["round_started_at"] = state.record.started_at
         out["phase_opened_at"] = state.record.phase_opened_at
-        timer = state.timer
-        if runner.phase in MESSAGE_PHASES and timer is not None:
-            w = timer.window
+        window = state.window
+        if runner.phase in MESSAGE_PHASES and window is not None:
+            w = window.limits
             out.update(
-                messages=timer.count,
+                messages=window.count,
                 count_min=w.count_min,
                 count_max=w.count_max,
                 time_min_s=w.time_min_s,
                 time_max_s=w.time_max_s,
-                deadline=timer.opened_at + w.time_max_s,
+                deadline=window.opened_at + w.time_max_s,
             )
         return out
 
@@ -738,7 +738,7 @@ def state_db(config: CoordinatorConfig) -> Path:
     return config.storage.dir / DB_NAME
 
 
-def _summer_groups(state: RoundState) -> list[dict[str, Any]]:
+def _summer_groups(state: OpenRound) -> list[dict[str, Any]]:
     """The round's summers so far with their mask group (public: anyone can compute
     ``group_of`` from the round seed and the summer's key), sorted by group then device."""
     rows = [

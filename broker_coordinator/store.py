@@ -58,7 +58,6 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +66,7 @@ import aiosqlite
 from maskfl.protocol.errors import MaskflError, StorageError, sqlite_errors
 from maskfl.protocol.messages import HEADER_SIZE, GlobalModel, Header, decode_message
 from maskfl.protocol.phases import Phase
+from maskfl.protocol.round import RoundOutcome as RoundOutcome  # noqa: PLC0414 re-exported: the round table's enum, stored as its value
 
 log = logging.getLogger("maskfl.coordinator.store")
 
@@ -178,16 +178,6 @@ CREATE TABLE IF NOT EXISTS device_rejections (
 LOGGED_PHASES = (Phase.SUM, Phase.UPDATE, Phase.SUM2, Phase.UNMASK)
 """Phases whose opening time ``phase_log`` keeps, in round order (for phase durations
 on the status page)."""
-
-
-class RoundOutcome(StrEnum):
-    """How a round ended: ``rounds.outcome`` holds the value, NULL while the round runs.
-
-    (Not the agent's :class:`maskfl.agent.delivery.Outcome`, which is a receipt's verdict.)
-    """
-
-    COMPLETED = "completed"
-    FAILED = "failed"
 
 
 @dataclass(frozen=True, slots=True)

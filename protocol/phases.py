@@ -9,7 +9,7 @@ Which event moves a phase where, and what the move produces, is the round table
 (:mod:`maskfl.protocol.round`); this module names the phases, their order
 (:func:`precedes`) and the window. ``sum``, ``update`` and ``sum2`` are driven
 by messages: each has a :class:`PhaseWindow` ``(count_min, count_max,
-time_min_s, time_max_s)`` and a :class:`PhaseTimer` that decides when it ends:
+time_min_s, time_max_s)`` and a :class:`Window` that decides when it ends:
 
 * ``CLOSE`` as soon as ``count_max`` messages were accepted;
 * ``CLOSE`` once ``time_min_s`` has passed and ``count_min`` were accepted;
@@ -35,9 +35,9 @@ from maskfl.protocol.errors import ConfigError, LocalProtocolError
 
 __all__ = [
     "Phase",
-    "PhaseTimer",
     "PhaseWindow",
     "Verdict",
+    "Window",
     "precedes",
 ]
 
@@ -120,43 +120,52 @@ class PhaseWindow:
             )
 
 
-class PhaseTimer:
-    """Counts accepted messages of one phase and decides, given the time, whether it ends.
+class Window:
+    """One message phase's window: the timer, the capacity and the completion rule.
 
+    Counts accepted messages and decides, given the time, whether the phase ends.
     Pure: it never reads a clock. ``opened_at`` and every ``now`` are seconds on
-    one monotonic clock chosen by the caller; a ``now`` before ``opened_at``
-    counts as no time elapsed.
+    one clock chosen by the caller; a ``now`` before ``opened_at`` counts as no
+    time elapsed. What only the phase knows comes in as arguments: how many
+    admitted messages are still pending their commit (capacity), whether the
+    phase has what it needs to close (``ready``: every mask group has a summer or
+    an answer) and whether nothing more can usefully arrive (``complete``).
     """
 
-    __slots__ = ("_count", "opened_at", "window")
+    __slots__ = ("_count", "limits", "opened_at")
 
-    def __init__(self, window: PhaseWindow, opened_at: float) -> None:
-        self.window = window
+    def __init__(self, limits: PhaseWindow, opened_at: float) -> None:
+        self.limits = limits
         self.opened_at = float(opened_at)
         self._count = 0
 
     @property
     def count(self) -> int:
-        """Messages accepted so far."""
+        """Messages accepted (committed) so far."""
         return self._count
 
     @property
     def full(self) -> bool:
         """Whether ``count_max`` is reached: further messages must be refused."""
-        return self._count >= self.window.count_max
+        return self._count >= self.limits.count_max
+
+    def has_room(self, pending: int) -> bool:
+        """Whether one more message fits beside the count and ``pending`` admitted ones
+        not yet committed (else it is refused ``phase_closed``)."""
+        return self._count + pending < self.limits.count_max
 
     def accepted(self, n: int = 1) -> int:
         """Record ``n`` accepted messages and return the new count.
 
         ``n = 0`` (an empty batch) changes nothing. Raises
         :class:`LocalProtocolError`, leaving the count unchanged, if that would pass
-        ``count_max`` (check :attr:`full` before accepting) or ``n < 0``.
+        ``count_max`` (check :meth:`has_room` before admitting) or ``n < 0``.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise LocalProtocolError(f"accepted() needs an integer n >= 0, got {n!r}")
-        if self._count + n > self.window.count_max:
+        if self._count + n > self.limits.count_max:
             raise LocalProtocolError(
-                f"accepting {n} more would pass count_max ({self.window.count_max})"
+                f"accepting {n} more would pass count_max ({self.limits.count_max})"
             )
         self._count += n
         return self._count
@@ -165,31 +174,36 @@ class PhaseTimer:
         """Seconds since the phase opened (never negative)."""
         return max(0.0, now - self.opened_at)
 
-    def decide(self, now: float) -> Verdict:
-        """``CLOSE`` at ``count_max``, or at ``time_min`` with ``count_min``; ``FAIL`` at
-        ``time_max`` below ``count_min``; ``OPEN`` otherwise."""
+    def decide(self, now: float, *, ready: bool = True, complete: bool = False) -> Verdict:
+        """``CLOSE`` at ``count_max``, or at ``time_min`` with ``count_min``, or at once
+        with ``count_min`` when ``complete``; ``FAIL`` at ``time_max`` below
+        ``count_min``; ``OPEN`` otherwise. While not ``ready`` (below ``count_max``)
+        it waits past ``time_min`` until ``time_max`` and then closes, so that the
+        phase that needs the missing messages says what is missing (sum: a mask
+        group without a summer; sum2: a group without an answer)."""
+        limits = self.limits
         if self.full:
             return Verdict.CLOSE
         elapsed = self.elapsed(now)
-        enough = self._count >= self.window.count_min
-        if enough and elapsed >= self.window.time_min_s:
-            return Verdict.CLOSE
-        if elapsed >= self.window.time_max_s:
+        enough = self._count >= limits.count_min
+        if enough and elapsed >= limits.time_min_s:
+            return Verdict.CLOSE if ready or elapsed >= limits.time_max_s else Verdict.OPEN
+        if elapsed >= limits.time_max_s:
             return Verdict.FAIL
+        if enough and complete:
+            return Verdict.CLOSE
         return Verdict.OPEN
 
-    def wake_at(self) -> float:
+    def wake_at(self, *, ready: bool = True) -> float:
         """The clock value at which :meth:`decide` changes if no message arrives.
 
-        ``opened_at + time_min_s`` once ``count_min`` is reached, else
-        ``opened_at + time_max_s``: the caller sleeps until then (or until the
+        ``opened_at + time_min_s`` once ``count_min`` is reached (and ``ready``),
+        else ``opened_at + time_max_s``: the caller sleeps until then (or until the
         next message) and asks again.
         """
-        if self._count >= self.window.count_min:
-            return self.opened_at + self.window.time_min_s
-        return self.opened_at + self.window.time_max_s
+        if self._count >= self.limits.count_min and ready:
+            return self.opened_at + self.limits.time_min_s
+        return self.opened_at + self.limits.time_max_s
 
     def __repr__(self) -> str:
-        return (
-            f"PhaseTimer(window={self.window!r}, opened_at={self.opened_at}, count={self._count})"
-        )
+        return f"Window(limits={self.limits!r}, opened_at={self.opened_at}, count={self._count})"

@@ -54,12 +54,13 @@ from maskfl.protocol.sortition import Task
 
 __all__ = [
     "PARTICIPANT_STEPS",
+    "ROUND_DICTS",
     "TABLE",
     "TRANSITIONS",
     "Event",
     "Move",
-    "Outcome",
     "ParticipantStep",
+    "RoundOutcome",
     "check_transition",
     "move",
     "retained",
@@ -82,8 +83,10 @@ class Event(StrEnum):
     """The round cannot go on (a window ran out, a check failed, an error)."""
 
 
-class Outcome(StrEnum):
-    """How a round ended (the round row's ``outcome``)."""
+class RoundOutcome(StrEnum):
+    """How a round ended: the round row's ``outcome`` holds the value, NULL while the
+    round runs. (Not the agent's :class:`maskfl.agent.rounds.Outcome`, which is a
+    receipt's verdict.)"""
 
     COMPLETED = "completed"
     FAILED = "failed"
@@ -101,13 +104,13 @@ class Move:
     target: Phase
     publishes: tuple[MessageType, ...] = ()
     clears: tuple[MessageType, ...] = ()
-    outcome: Outcome | None = None
+    outcome: RoundOutcome | None = None
 
 
-_ROUND_DICTS: Final = (MessageType.SUM_DICT, MessageType.SEED_DICT)
+ROUND_DICTS: Final = (MessageType.SUM_DICT, MessageType.SEED_DICT)
 """What a round publishes for its own participants and clears when it ends."""
 
-_FAIL: Final = Move(Phase.FAILURE, clears=_ROUND_DICTS, outcome=Outcome.FAILED)
+_FAIL: Final = Move(Phase.FAILURE, clears=ROUND_DICTS, outcome=RoundOutcome.FAILED)
 _STOP: Final = Move(Phase.SHUTDOWN)
 
 TABLE: Final[Mapping[tuple[Phase, Event], Move]] = MappingProxyType(
@@ -119,8 +122,8 @@ TABLE: Final[Mapping[tuple[Phase, Event], Move]] = MappingProxyType(
         (Phase.UNMASK, Event.DONE): Move(
             Phase.IDLE,
             publishes=(MessageType.GLOBAL_MODEL,),
-            clears=_ROUND_DICTS,
-            outcome=Outcome.COMPLETED,
+            clears=ROUND_DICTS,
+            outcome=RoundOutcome.COMPLETED,
         ),
         (Phase.FAILURE, Event.DONE): Move(Phase.IDLE),
     }

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from maskfl.broker_coordinator.store import LOGGED_PHASES, RoundOutcome
+from maskfl.broker_coordinator.store import LOGGED_PHASES
 from maskfl.protocol.chunking import is_chunk
 from maskfl.protocol.errors import CryptoError, RemoteProtocolError, StorageError, sqlite_errors
 from maskfl.protocol.identity import Certificate
@@ -43,6 +43,7 @@ from maskfl.protocol.messages import (
     verify_sender,
 )
 from maskfl.protocol.reassembly import Reassembler
+from maskfl.protocol.round import RoundOutcome
 from maskfl.protocol.topics import TopicKind, Topics
 from maskfl.transport import MqttConfig, MqttTransport, TlsConfig, broker_identity
 

@@ -47,10 +47,10 @@ import numpy.typing as npt
 
 from maskfl.agent.datasources import load_dataset
 from maskfl.agent.training import Evaluation, LocalTrainer
-from maskfl.broker_coordinator.store import RoundOutcome
 from maskfl.models import shipped_model
 from maskfl.protocol.errors import ConfigError, MaskflError
 from maskfl.protocol.messages import GlobalModel, RoundParams
+from maskfl.protocol.round import RoundOutcome
 from maskfl.protocol.version import version_text
 from maskfl.tools import report as rep
 from maskfl.tools._demo_findings import Findings

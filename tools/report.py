@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from maskfl.broker_coordinator.store import LOGGED_PHASES, RoundOutcome
+from maskfl.broker_coordinator.store import LOGGED_PHASES
+from maskfl.protocol.round import RoundOutcome
 from maskfl.tools._report_plot import plot
 
 PHASES = tuple(p.value for p in LOGGED_PHASES)

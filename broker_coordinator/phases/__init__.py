@@ -1,20 +1,20 @@
 """One class per phase of the round (one module each); the runner drives them.
 
-=========  ==========================  ==================================  =========
-phase      accepts                     publishes (after its row commits)   next
-=========  ==========================  ==================================  =========
-idle       nothing                     nothing (writes the round row)      sum
-sum        SUM from summers            round parameters (retained)         update
-update     UPDATE from updaters        sum dictionary (retained)           sum2
-sum2       SUM2 from summers           one seed dictionary per summer      unmask
-unmask     nothing                     the global model (retained)         idle
-failure    nothing                     (clears the round's dictionaries)   idle
-=========  ==========================  ==================================  =========
+=========  ==========================  ==========================================
+phase      admits                      ends with (the table: protocol/round.py)
+=========  ==========================  ==========================================
+idle       nothing                     ``started`` and the new round, or ``stopped``
+sum        SUM from summers            ``closed`` (the sum dictionary prepared)
+update     UPDATE from updaters        ``closed``
+sum2       SUM2 from summers           ``closed``
+unmask     nothing                     ``done`` (model stored and published)
+failure    nothing                     ``done`` (after the pause)
+=========  ==========================  ==========================================
 
-Every phase publishes what its participants need only once the database is
-in that phase (the sum dictionary is committed with the move to update, the
-seed dictionaries are the committed seeds rows), and publishes it again when
-a restart resumes it.
+Any phase may end ``failed``; the runner then enters failure. What each move
+publishes (round parameters, the sum dictionary, the seed dictionaries) is
+published by the runner only once the database is in the new phase, and again
+when a restart resumes it (:mod:`..retained`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ PHASE_CLASSES: Final[dict[Phase, type[MessagePhase] | type[StepPhase]]] = {
     Phase.UPDATE: UpdatePhase,
     Phase.SUM2: Sum2Phase,
     Phase.UNMASK: UnmaskPhase,
+    Phase.FAILURE: FailurePhase,
 }
 
 __all__ = [

@@ -1,8 +1,13 @@
-"""idle: start a round. Derive the seed, pick probabilities, persist; the runner publishes.
+"""idle: pause, then plan the next round (or stop) and hand it to the runner.
 
-Accepts no messages. The round row is written (phase ``sum``) *before* the
-parameters are published, so a restart republishes exactly the same signed
-bytes instead of inventing a second round with the same id.
+Accepts no messages. Idle decides and signs: the round's seed (chained from the
+last one), the sortition probabilities, the signed parameters and the round row;
+it returns them as the new :class:`OpenRound` with the ``started`` event, and the
+runner commits the row with the move to ``sum`` *before* the parameters are
+published, so a restart republishes exactly the same signed bytes instead of
+inventing a second round with the same id. ``stopped`` when ``max_rounds`` is
+reached or the privacy budget is spent. The pause between rounds
+(``pet.round_pause_s``) runs on the coordinator's clock.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from maskfl.broker_coordinator.phases.base import StepPhase
+from maskfl.broker_coordinator.context import OpenRound
+from maskfl.broker_coordinator.phases.base import StepPhase, Transition
 from maskfl.broker_coordinator.store import RoundRecord
 from maskfl.protocol.ids import RoundId
 from maskfl.protocol.messages import RoundParams
 from maskfl.protocol.phases import Phase
+from maskfl.protocol.round import Event
 from maskfl.protocol.sortition import next_round_seed, probabilities_for_targets
 
 log = logging.getLogger("maskfl.coordinator.idle")
@@ -35,40 +42,67 @@ class IdlePhase(StepPhase):
             p_update = pet.update.prob
         return p_sum, p_update
 
-    async def run(self) -> Phase:
+    async def run(self) -> Transition:
         s = self.s
-        pet = s.config.pet
         last = await s.store.last_round()
-        if last is not None and pet.round_pause_s > 0:
-            await asyncio.sleep(pet.round_pause_s)
+        if last is not None:
+            await s.sleep(s.config.pet.round_pause_s)
         round_id = 1 if last is None else last.round_id + 1
-        if pet.max_rounds and round_id > pet.max_rounds:
-            log.info("max_rounds = %d reached; shutting down", pet.max_rounds)
-            return Phase.SHUTDOWN
-        dp, acc = s.dp, s.accountant
-        if (
-            dp is not None
-            and acc is not None
-            and dp.budget is not None
-            and acc.would_exceed(dp.rho, dp.budget)
-        ):
-            log.warning(
-                "privacy budget spent: epsilon %.4g of privacy.budget %g at delta %g after "
-                "%d rounds, and one more round would cost %.4g more; training stops "
-                "(raise privacy.budget or start a new model.id to go on)",
-                acc.epsilon(),
-                dp.budget,
-                dp.delta,
-                acc.rounds,
-                acc.epsilon(acc.rho + dp.rho, acc.rounds + 1) - acc.epsilon(),
-            )
-            return Phase.SHUTDOWN
+        stop = self.stop_reason(round_id)
+        if stop is not None:
+            return Transition(Event.STOPPED, stop)
         if last is not None:
             previous_seed = last.seed
-        elif pet.initial_seed:
-            previous_seed = bytes.fromhex(pet.initial_seed)
+        elif s.config.pet.initial_seed:
+            previous_seed = bytes.fromhex(s.config.pet.initial_seed)
         else:
             previous_seed = bytes(32)
+        state = self.plan(round_id, previous_seed)
+        await asyncio.to_thread(s.checkpoints.prune)
+        await asyncio.to_thread(s.update_log.prune)
+        params = state.params
+        log.info(
+            "round %d started: p_sum=%.4f p_update=%.4f groups=%d alive=%d model v%d",
+            round_id,
+            params.p_sum,
+            params.p_update,
+            params.groups,
+            s.alive_count(),
+            s.model.version,
+            extra={"round_id": round_id, "phase": "sum"},
+        )
+        return Transition(Event.STARTED, round=state)
+
+    def stop_reason(self, round_id: int) -> str | None:
+        """Why no round ``round_id`` starts (logged), or None."""
+        s, pet = self.s, self.s.config.pet
+        if pet.max_rounds and round_id > pet.max_rounds:
+            log.info("max_rounds = %d reached; shutting down", pet.max_rounds)
+            return f"max_rounds = {pet.max_rounds} reached"
+        dp, acc = s.dp, s.accountant
+        if (
+            dp is None
+            or acc is None
+            or dp.budget is None
+            or not acc.would_exceed(dp.rho, dp.budget)
+        ):
+            return None
+        log.warning(
+            "privacy budget spent: epsilon %.4g of privacy.budget %g at delta %g after "
+            "%d rounds, and one more round would cost %.4g more; training stops "
+            "(raise privacy.budget or start a new model.id to go on)",
+            acc.epsilon(),
+            dp.budget,
+            dp.delta,
+            acc.rounds,
+            acc.epsilon(acc.rho + dp.rho, acc.rounds + 1) - acc.epsilon(),
+        )
+        return "privacy budget spent"
+
+    def plan(self, round_id: int, previous_seed: bytes) -> OpenRound:
+        """Round ``round_id``: its signed parameters and its row (phase ``sum``), not
+        yet written, and an empty aggregate."""
+        s, pet = self.s, self.s.config.pet
         seed = next_round_seed(previous_seed, s.model.digest, round_id)
         p_sum, p_update = self.probabilities()
         params = RoundParams(
@@ -91,7 +125,6 @@ class IdlePhase(StepPhase):
             clip_norm=0.0 if s.dp is None else s.dp.clip_norm,
             noise_variance=0 if s.dp is None else s.dp.variance,
         )
-        raw = s.sign(params, round_id)
         now = s.clock()
         record = RoundRecord(
             round_id=round_id,
@@ -100,25 +133,9 @@ class IdlePhase(StepPhase):
             previous_seed=previous_seed,
             p_sum=p_sum,
             p_update=p_update,
-            params=raw,
+            params=s.sign(params, round_id),
             started_at=now,
             phase_opened_at=now,
         )
-        async with s.store.transaction() as tx:
-            await tx.put_round(record)
-        await asyncio.to_thread(s.checkpoints.prune)
-        await asyncio.to_thread(s.update_log.prune)
-        # The runner publishes the parameters once the sum phase admits messages
-        # (Runner._transition): published here, the first sums could arrive while no
-        # round is current yet and be turned away as wrong_round.
-        log.info(
-            "round %d started: p_sum=%.4f p_update=%.4f groups=%d alive=%d model v%d",
-            round_id,
-            p_sum,
-            p_update,
-            params.groups,
-            s.alive_count(),
-            s.model.version,
-            extra={"round_id": round_id, "phase": "sum"},
-        )
-        return Phase.SUM
+        acc = s.backend.accumulator(s.vector_words, s.mask.word_bits)
+        return OpenRound(record=record, params=params, acc=acc)

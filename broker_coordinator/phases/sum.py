@@ -1,72 +1,30 @@
 """sum: summers announce their ephemeral keys; at the end, the signed sum dictionary.
 
-Accepts ``SUM`` from devices whose ticket makes them summers this round, one
-per device. Closing builds the :class:`~maskfl.protocol.messages.SumDict`
+Admits ``SUM`` from devices whose ticket makes them summers this round, one
+per device (:mod:`..admission`). Closing builds the :class:`~maskfl.protocol.messages.SumDict`
 (every summer's own signed Sum message, so updaters verify each entry); the
 runner stores it in the round row in the transaction that moves the round to
-``update``, and only then does the update phase publish it, retained on
-``round/<id>/sums``.
+``update``, and only then does does the runner publish it, retained on ``round/<id>/sums``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from maskfl.broker_coordinator.context import Contribution, Incoming
+from maskfl.broker_coordinator.context import Contribution
 from maskfl.broker_coordinator.errors import RoundFailedError
 from maskfl.broker_coordinator.phases.base import MessagePhase
 from maskfl.broker_coordinator.store import SummerRecord, Transaction
-from maskfl.protocol.errors import Reason, RemoteProtocolError
-from maskfl.protocol.messages import Sum, SumDict
+from maskfl.protocol.messages import SumDict
 from maskfl.protocol.phases import Phase, PhaseWindow
-from maskfl.protocol.sortition import Task, select_task
-
-
-def check_once(phase: MessagePhase, device: str, done: bool) -> None:
-    """DUPLICATE for a second message of a device; PHASE_CLOSED once the phase is full."""
-    state = phase.state
-    if done or device in state.pending:
-        raise RemoteProtocolError(
-            Reason.DUPLICATE, f"{device} already sent its {phase.phase} message this round"
-        )
-    assert state.timer is not None
-    if state.timer.count + len(state.pending) >= state.timer.window.count_max:
-        raise RemoteProtocolError(
-            Reason.PHASE_CLOSED, f"{phase.phase} phase is full ({state.timer.window.count_max})"
-        )
-
-
-def check_task(phase: MessagePhase, public_key: bytes, wanted: Task) -> None:
-    params = phase.state.params
-    task = select_task(params.seed, public_key, params.p_sum, params.p_update)
-    if task is not wanted:
-        raise RemoteProtocolError(
-            Reason.NOT_ELIGIBLE, f"this key's ticket makes it {task}, not {wanted}, this round"
-        )
 
 
 class SumPhase(MessagePhase):
     phase = Phase.SUM
 
-    def window(self) -> PhaseWindow:
+    def limits(self) -> PhaseWindow:
         c = self.s.config.pet.sum
         return PhaseWindow(c.count_min, c.count_max, c.time_min_s, c.time_max_s)
-
-    async def admit(self, incoming: Incoming) -> Contribution:
-        body = incoming.message.body
-        assert isinstance(body, Sum)
-        check_once(self, incoming.device, incoming.device in self.state.summers)
-        check_task(self, incoming.message.header.sender, Task.SUM)
-        record = SummerRecord(
-            device_id=incoming.device,
-            public_key=incoming.message.header.sender,
-            ephemeral_pk=body.ephemeral_pk,
-            digest=incoming.message.digest,
-            message=incoming.message.raw,
-        )
-        return Contribution(
-            incoming, record, public_key=body.certificate.public_key, serial=body.certificate.serial
-        )
 
     async def write(self, tx: Transaction, batch: list[Contribution]) -> None:
         rid = self.state.round_id
@@ -88,9 +46,12 @@ class SumPhase(MessagePhase):
             state.summer_devices[item.record.public_key] = item.incoming.device
             state.accepted_digests.add(item.record.digest)
             state.pending.discard(item.incoming.device)
-        assert state.timer is not None
-        state.timer.accepted(len(batch))
+        assert state.window is not None
+        state.window.accepted(len(batch))
         self.s.metrics.participants.labels(role="summers").set(len(state.summers))
+
+    def count(self) -> int:
+        return len(self.state.summers)
 
     def ready(self) -> bool:
         """Every mask group has a summer: until then the phase waits past time_min (a
@@ -101,7 +62,7 @@ class SumPhase(MessagePhase):
         drawn = {params.group_of(r.public_key) for r in state.summers.values()}
         return len(drawn) == params.groups
 
-    async def close(self) -> Phase:
+    async def close(self) -> None:
         s, state = self.s, self.state
         summers = sorted(state.summers.values(), key=lambda r: r.device_id)
         groups = tuple(state.params.group_of(r.public_key) for r in summers)
@@ -119,7 +80,6 @@ class SumPhase(MessagePhase):
                 round_id=state.round_id,
             )
         raw = s.sign(SumDict(tuple(r.message for r in summers), groups), state.round_id)
-        # Not published here: the runner commits it with the phase change, then the
-        # update phase publishes it on entry (UpdatePhase.enter).
+        # Not published here: the runner commits it with the phase change, then
+        # publishes it (the table's sum -> update move produces SUM_DICT).
         state.record = dataclasses.replace(state.record, sum_dict=raw)
-        return Phase.UPDATE

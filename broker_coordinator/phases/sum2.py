@@ -1,8 +1,8 @@
 """sum2: summers return the sum of the masks they could open.
 
-Accepts ``SUM2`` from the round's accepted summers, once each, with M + 1 words
+Admits ``SUM2`` from the round's accepted summers, once each, with M + 4 words
 and a list of update digests whose seed did not open (each must name an
-accepted update). The window's ``count_max`` is narrowed to the number of
+accepted update; :mod:`..admission`). The window's ``count_max`` is narrowed to the number of
 summers, so the phase closes as soon as every summer has answered. With mask
 groups it does not close at ``time_min`` before every group has answered (it
 waits until ``time_max``).
@@ -13,58 +13,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-import numpy as np
-
 from maskfl.aggregator_gpu import mask_digest
-from maskfl.broker_coordinator.context import Contribution, Incoming
+from maskfl.broker_coordinator.context import Contribution
 from maskfl.broker_coordinator.phases.base import MessagePhase
-from maskfl.broker_coordinator.phases.sum import check_once
-from maskfl.broker_coordinator.phases.update import publish_seed_dicts
 from maskfl.broker_coordinator.store import Sum2Record, Transaction
-from maskfl.protocol.errors import Reason, RemoteProtocolError
-from maskfl.protocol.messages import Sum2
 from maskfl.protocol.phases import Phase, PhaseWindow
 
 
 class Sum2Phase(MessagePhase):
     phase = Phase.SUM2
 
-    def window(self) -> PhaseWindow:
+    def limits(self) -> PhaseWindow:
         c = self.s.config.pet.sum2
         summers = len(self.state.summers)
         return PhaseWindow(
             c.count_min, max(c.count_min, min(c.count_max, summers)), c.time_min_s, c.time_max_s
         )
-
-    async def enter(self, resumed: bool) -> None:
-        # Committed with the move to this phase (the seeds table): publish them
-        # (again, when resumed: a kill may have come before the broker had all).
-        await publish_seed_dicts(self.s, self.state)
-
-    async def admit(self, incoming: Incoming) -> Contribution:
-        body = incoming.message.body
-        assert isinstance(body, Sum2)
-        state, s = self.state, self.s
-        summer = state.summers.get(incoming.device)
-        if summer is None or summer.public_key != incoming.message.header.sender:
-            raise RemoteProtocolError(
-                Reason.UNKNOWN_SUMMER, f"{incoming.device} is not an accepted summer this round"
-            )
-        check_once(self, incoming.device, incoming.device in state.sum2)
-        words = body.words
-        if words.dtype != np.dtype(s.mask.dtype) or words.shape != (s.vector_words,):
-            raise RemoteProtocolError(
-                Reason.WRONG_LENGTH,
-                f"aggregate mask has {words.size} words of {words.dtype.itemsize * 8} bits, "
-                f"expected {s.vector_words} of {s.mask.word_bits}",
-            )
-        unknown = [d for d in body.failed if d not in state.update_digests]
-        if unknown:
-            raise RemoteProtocolError(
-                Reason.MALFORMED, f"{len(unknown)} failed digests name no accepted update"
-            )
-        record = Sum2Record(incoming.device, incoming.message.digest, b"", tuple(body.failed))
-        return Contribution(incoming, record, words=words)
 
     async def prepare(self, batch: list[Contribution]) -> None:
         """Each mask to a file named by its digest, before the batch's commit: the
@@ -105,9 +69,12 @@ class Sum2Phase(MessagePhase):
             state.sum2[item.incoming.device] = item.record
             state.accepted_digests.add(item.record.digest)
             state.pending.discard(item.incoming.device)
-        assert state.timer is not None
-        state.timer.accepted(len(batch))
+        assert state.window is not None
+        state.window.accepted(len(batch))
         self.s.metrics.participants.labels(role="sum2").set(len(state.sum2))
+
+    def count(self) -> int:
+        return len(self.state.sum2)
 
     def complete(self) -> bool:
         return len(self.state.sum2) >= len(self.state.summers)
@@ -119,6 +86,3 @@ class Sum2Phase(MessagePhase):
             return True
         answered = {params.group_of(state.summers[d].public_key) for d in state.sum2}
         return len(answered) == params.groups
-
-    async def close(self) -> Phase:
-        return Phase.UNMASK

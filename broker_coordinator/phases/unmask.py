@@ -28,8 +28,8 @@ from maskfl.broker_coordinator.config import MIN_UPDATES_FLOOR
 from maskfl.broker_coordinator.context import ModelState
 from maskfl.broker_coordinator.errors import RoundFailedError
 from maskfl.broker_coordinator.optimizers import F32
-from maskfl.broker_coordinator.phases.base import StepPhase
-from maskfl.broker_coordinator.store import ModelRecord, RoundOutcome, Sum2Record
+from maskfl.broker_coordinator.phases.base import StepPhase, Transition
+from maskfl.broker_coordinator.store import ModelRecord, Sum2Record
 from maskfl.protocol.errors import AggregationError
 from maskfl.protocol.ids import RoundId
 from maskfl.protocol.masking import (
@@ -41,6 +41,7 @@ from maskfl.protocol.masking import (
 )
 from maskfl.protocol.messages import GlobalModel, weights_digest
 from maskfl.protocol.phases import Phase
+from maskfl.protocol.round import Event, move
 
 log = logging.getLogger("maskfl.coordinator.unmask")
 
@@ -48,7 +49,7 @@ log = logging.getLogger("maskfl.coordinator.unmask")
 class UnmaskPhase(StepPhase):
     phase = Phase.UNMASK
 
-    async def run(self) -> Phase:  # noqa: PLR0915 the unmask sequence; split tracked in issue 12
+    async def run(self) -> Transition:  # noqa: PLR0915 the unmask sequence; split tracked in issue 12
         s, state = self.s, self.state
         assert state is not None and state.acc is not None
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -176,10 +177,12 @@ class UnmaskPhase(StepPhase):
         del body
         signed = time.perf_counter()
         now = s.clock()
+        done = move(Phase.UNMASK, Event.DONE)  # the model and the outcome in one commit
+        assert done.outcome is not None
         record = dataclasses.replace(
             state.record,
-            phase=Phase.IDLE,
-            outcome=RoundOutcome.COMPLETED,
+            phase=done.target,
+            outcome=done.outcome,
             finished_at=now,
             model_version=version,
         )
@@ -228,7 +231,7 @@ class UnmaskPhase(StepPhase):
             time.process_time() - cpu_started,
             extra={"round_id": rid, "phase": "unmask", "model_version": version},
         )
-        return Phase.IDLE
+        return Transition(Event.DONE)
 
     def _next_weights(self, plain: Words, included: int, weight_sum: float) -> F32:
         """Slice by slice: decode, divide, step (scratch memory of a slice, not ~8 float64

@@ -323,3 +323,84 @@ async def test_a_sum2_failing_every_update_is_within_the_limit(tmp_path) -> None
         summer = summers[0]
         await h.until(lambda: len(summer.receipts) == 2, "the SUM2's receipt", limit_s=60)
         assert reasons(summer) == [None, None]
+
+
+async def armed(h: Harness) -> None:
+    """Return once the coordinator waits on its clock (a pause): nothing else can move
+    it then, so the test's next advance is what ends the pause."""
+    assert h.coordinator is not None and h.coordinator.services is not None
+    services = h.coordinator.services
+    await h.spin_until(lambda: services.sleeping > 0, "waiting on the clock")
+
+
+async def test_the_pause_between_rounds_runs_on_the_coordinators_clock(tmp_path) -> None:
+    pet = {"round_pause_s": 30.0, "max_rounds": 2}
+    async with harness(tmp_path, summers=3, updaters=3, pet=pet) as h:
+        summers, updaters = h.fleet()
+        await h.start(summers + updaters)
+        coordinator = await h.start_coordinator()
+        runner = coordinator.runner
+        assert runner is not None
+        await h.until(lambda: all(trained(p) for p in h.participants), "round 1's model")
+        await armed(h)
+        assert runner.phase is Phase.IDLE and runner.state is None
+        h.advance(29.0)
+        await armed(h)  # woken, read the clock, waits again: 1 s to go
+        assert runner.phase is Phase.IDLE and runner.state is None
+        h.advance(1.0)
+        await h.until(lambda: runner.state is not None, "round 2")
+        assert round_params(h).round_id == 2
+
+
+async def test_the_pause_after_a_failed_round_runs_on_the_coordinators_clock(tmp_path) -> None:
+    pet = {"sum": {"time_max_s": 30.0}, "failure_pause_s": 60.0, "max_rounds": 2}
+    async with harness(tmp_path, summers=1, updaters=3, pet=pet) as h:
+        _, updaters = h.fleet()
+        await h.start(updaters)  # the summer is offline: round 1 fails
+        coordinator = await h.start_coordinator()
+        runner = coordinator.runner
+        assert runner is not None
+        await h.until(lambda: phase(h) is Phase.SUM, "the sum phase")
+        h.advance(30.0)
+        await armed(h)
+        assert runner.phase is Phase.FAILURE and runner.rounds_failed == 1
+        h.advance(59.0)
+        await armed(h)
+        assert runner.phase is Phase.FAILURE and runner.state is None
+        h.advance(1.0)
+        await h.until(lambda: runner.state is not None, "round 2")
+        assert round_params(h).round_id == 2 and phase(h) is Phase.SUM
+
+
+async def test_the_group_commit_window_runs_on_the_coordinators_clock(tmp_path) -> None:
+    """Two sums wait in one open batch (a 10 s window) until the clock passes it: no
+    receipt before, both after, in one commit."""
+    storage = {"group_commit_ms": 10_000.0}
+    async with harness(tmp_path, summers=2, updaters=3, extra={"storage": storage}) as h:
+        summers, _ = h.fleet()
+        coordinator = await h.start_coordinator()
+        runner, services = coordinator.runner, coordinator.services
+        assert runner is not None and services is not None
+        await h.start(summers)
+        await h.settle(
+            lambda: (
+                runner.state is not None
+                and len(runner.state.pending) == 2
+                and not runner.committer.pending
+            ),
+            "both sums admitted and held by the committer",
+        )
+        assert runner.state is not None
+        before = commits(coordinator)
+        assert not any(p.receipts for p in summers) and len(runner.state.summers) == 0
+        h.advance(10.0)
+        await h.until(lambda: all(p.receipts for p in summers), "both sums' receipts", 5)
+        assert [reasons(p) for p in summers] == [[None], [None]]
+        assert commits(coordinator) == before + 1
+
+
+def commits(coordinator: Coordinator) -> float:
+    """Group commits so far (the batch-size histogram's count)."""
+    assert coordinator.services is not None
+    (family,) = coordinator.services.metrics.batch_size.collect()
+    return next(s.value for s in family.samples if s.name.endswith("_count"))

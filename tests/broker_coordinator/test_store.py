@@ -14,7 +14,6 @@ import pytest
 from maskfl.broker_coordinator.store import (
     CheckpointFiles,
     ModelRecord,
-    RoundOutcome,
     RoundRecord,
     Store,
     SummerRecord,
@@ -25,6 +24,7 @@ from maskfl.protocol.errors import StorageError
 from maskfl.protocol.ids import RoundId
 from maskfl.protocol.messages import GlobalModel, encode_message, weights_digest
 from maskfl.protocol.phases import Phase
+from maskfl.protocol.round import RoundOutcome
 
 
 def _round(rid: int = 1, **kw: object) -> RoundRecord:

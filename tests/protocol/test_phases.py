@@ -1,4 +1,4 @@
-"""The phase order and the count/time window: every branch of PhaseTimer.decide."""
+"""The phase order and the count/time window: every branch of Window.decide."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from maskfl.protocol.errors import ConfigError, LocalProtocolError
 from maskfl.protocol.messages import PARTICIPANT_MESSAGES, MessageType
-from maskfl.protocol.phases import Phase, PhaseTimer, PhaseWindow, Verdict, precedes
+from maskfl.protocol.phases import Phase, PhaseWindow, Verdict, Window, precedes
 
 # --- the table ---------------------------------------------------------------------------
 
@@ -85,8 +85,8 @@ WINDOW = PhaseWindow(count_min=3, count_max=5, time_min_s=10.0, time_max_s=60.0)
 T0 = 1000.0
 
 
-def _timer(count: int) -> PhaseTimer:
-    timer = PhaseTimer(WINDOW, opened_at=T0)
+def _timer(count: int) -> Window:
+    timer = Window(WINDOW, opened_at=T0)
     if count:
         timer.accepted(count)
     return timer
@@ -135,8 +135,8 @@ def test_a_clock_before_opening_counts_as_no_time() -> None:
 
 def test_zero_length_window_decides_at_once() -> None:
     window = PhaseWindow(1, 2, 0, 0)
-    assert PhaseTimer(window, 0.0).decide(0.0) is Verdict.FAIL
-    timer = PhaseTimer(window, 0.0)
+    assert Window(window, 0.0).decide(0.0) is Verdict.FAIL
+    timer = Window(window, 0.0)
     timer.accepted()
     assert timer.decide(0.0) is Verdict.CLOSE
 
@@ -186,7 +186,7 @@ windows = st.builds(
 def test_verdicts_are_final_over_time(
     window: PhaseWindow, count: int, t1: float, t2: float
 ) -> None:
-    timer = PhaseTimer(window, 0.0)
+    timer = Window(window, 0.0)
     n = min(count, window.count_max)
     if n:
         timer.accepted(n)
@@ -199,3 +199,30 @@ def test_verdicts_are_final_over_time(
     assert (second is Verdict.CLOSE) <= (n >= window.count_min)
     # By time_max the phase has always ended.
     assert timer.decide(window.time_max_s) is not Verdict.OPEN
+
+
+# --- capacity and completion ------------------------------------------------------------
+
+
+def test_room_counts_the_pending_messages_beside_the_committed_ones() -> None:
+    assert _timer(0).has_room(4)
+    assert not _timer(0).has_room(5)
+    assert _timer(3).has_room(1)
+    assert not _timer(3).has_room(2)
+    assert not _timer(5).has_room(0)
+
+
+def test_a_phase_that_is_not_ready_waits_past_time_min_until_time_max() -> None:
+    timer = _timer(3)
+    assert timer.decide(T0 + 10.0, ready=False) is Verdict.OPEN
+    assert timer.wake_at(ready=False) == T0 + 60.0
+    assert timer.decide(T0 + 59.999, ready=False) is Verdict.OPEN
+    assert timer.decide(T0 + 60.0, ready=False) is Verdict.CLOSE  # the phase names what is missing
+    assert _timer(5).decide(T0, ready=False) is Verdict.CLOSE  # full: nothing more can come
+    assert _timer(2).decide(T0 + 60.0, ready=False) is Verdict.FAIL
+
+
+def test_a_complete_phase_closes_before_time_min_once_count_min_is_in() -> None:
+    assert _timer(3).decide(T0 + 1.0, complete=True) is Verdict.CLOSE
+    assert _timer(2).decide(T0 + 1.0, complete=True) is Verdict.OPEN
+    assert _timer(2).decide(T0 + 60.0, complete=True) is Verdict.FAIL

@@ -12,7 +12,7 @@ from maskfl.protocol.round import (
     TABLE,
     TRANSITIONS,
     Event,
-    Outcome,
+    RoundOutcome,
     check_transition,
     move,
     retained,
@@ -40,16 +40,16 @@ def test_what_each_move_produces() -> None:
     done = move(Phase.UNMASK, Event.DONE)
     assert done.publishes == (MessageType.GLOBAL_MODEL,)
     assert done.clears == (MessageType.SUM_DICT, MessageType.SEED_DICT)
-    assert done.outcome is Outcome.COMPLETED
+    assert done.outcome is RoundOutcome.COMPLETED
     only_outcomes = {m.outcome for m in TABLE.values()} - {None}
-    assert only_outcomes == {Outcome.COMPLETED, Outcome.FAILED}
+    assert only_outcomes == {RoundOutcome.COMPLETED, RoundOutcome.FAILED}
 
 
 @pytest.mark.parametrize("phase", WORKING)
 def test_every_working_phase_fails_into_failure_which_records_and_clears(phase: Phase) -> None:
     failed = move(phase, Event.FAILED)
     assert failed.target is Phase.FAILURE
-    assert failed.outcome is Outcome.FAILED
+    assert failed.outcome is RoundOutcome.FAILED
     assert failed.clears == (MessageType.SUM_DICT, MessageType.SEED_DICT)
 
 

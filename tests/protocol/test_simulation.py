@@ -32,7 +32,7 @@ from maskfl.protocol.masking import (
     unmask,
     update_words,
 )
-from maskfl.protocol.phases import Phase, PhaseTimer, PhaseWindow, Verdict
+from maskfl.protocol.phases import Phase, PhaseWindow, Verdict, Window
 from maskfl.protocol.round import Event, move
 from maskfl.protocol.sortition import Task, next_round_seed, select_task
 
@@ -90,7 +90,7 @@ def _run_round(bits: WordBits, rng_seed: int) -> None:  # noqa: PLR0915 a whole 
     # sum: each summer publishes a fresh ephemeral key; the phase closes at count_max.
     phase = move(phase, Event.STARTED).target
     assert phase is Phase.SUM
-    timer = PhaseTimer(PhaseWindow(2, SUMMERS, 1.0, 30.0), clock.now)
+    timer = Window(PhaseWindow(2, SUMMERS, 1.0, 30.0), clock.now)
     ephemeral: dict[bytes, EphemeralKeyPair] = {}
     for pk in summer_keys:
         assert select_task(round_seed, pk, P_SUM, P_UPDATE) is Task.SUM  # coordinator's check
@@ -102,7 +102,7 @@ def _run_round(bits: WordBits, rng_seed: int) -> None:  # noqa: PLR0915 a whole 
     # update: mask, seal the seed to every summer; the coordinator adds the words.
     phase = move(phase, Event.CLOSED).target
     assert phase is Phase.UPDATE
-    timer = PhaseTimer(PhaseWindow(3, UPDATERS, 5.0, 60.0), clock.now)
+    timer = Window(PhaseWindow(3, UPDATERS, 5.0, 60.0), clock.now)
     aggregate: Words = np.zeros(update_words(M), dtype=cfg.dtype)
     seed_dict: dict[bytes, list[bytes]] = {pk: [] for pk in sum_dict}
     updaters = []
@@ -123,7 +123,7 @@ def _run_round(bits: WordBits, rng_seed: int) -> None:  # noqa: PLR0915 a whole 
     # sum2: the third summer has dropped out; the other two send their aggregate masks.
     phase = move(phase, Event.CLOSED).target
     assert phase is Phase.SUM2
-    timer = PhaseTimer(PhaseWindow(1, SUMMERS, 2.0, 60.0), clock.now)
+    timer = Window(PhaseWindow(1, SUMMERS, 2.0, 60.0), clock.now)
     votes: Counter[bytes] = Counter()
     masks: dict[bytes, Words] = {}
     for pk in summer_keys[:2]:

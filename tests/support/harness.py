@@ -421,6 +421,17 @@ class Harness(Bench):
         services = coordinator.services
         await self.until(lambda: not services.changed.is_set(), what)
 
+    async def spin_until(self, predicate: Callable[[], bool], what: str, limit_s: float = 10) -> None:
+        """Yield to the event loop until ``predicate()``: for states of the coordinator that
+        signal nothing (a batch held open, a pause armed on the clock), so :meth:`until`
+        has nothing to wake on. No timed sleep: each turn lets every ready task run."""
+        try:
+            async with asyncio.timeout(limit_s):
+                while not predicate():  # noqa: ASYNC110 nothing to await: see the docstring
+                    await asyncio.sleep(0)
+        except TimeoutError:
+            raise AssertionError(f"not {what} after {limit_s} s") from None
+
     async def finished(self, limit_s: float = 30.0) -> None:
         """Wait for the coordinator to end by itself (``max_rounds`` reached)."""
         assert self._task is not None
@@ -459,7 +470,7 @@ class Harness(Bench):
         self.clock.advance(seconds)
         coordinator = self.coordinator
         if coordinator is not None and coordinator.services is not None:
-            coordinator.services.changed.set()
+            coordinator.services.wake()  # the runner's window and every pause look again
         self.wake()
 
     # -- participants --------------------------------------------------------------
@@ -527,9 +538,13 @@ def harness_on(setup: Setup) -> contextlib.AbstractAsyncContextManager[Harness]:
 
 @contextlib.asynccontextmanager
 async def harness(tmp: Path, **setup: Any) -> AsyncIterator[Harness]:
-    """A :class:`Harness` on :func:`make_setup`'s bundle (same keyword arguments);
-    pauses between and after rounds are zero unless ``pet`` sets them (a pause is real
-    time, not round logic)."""
+    """A :class:`Harness` on :func:`make_setup`'s bundle (same keyword arguments).
+
+    Every wait of the coordinator is on the fake clock: the pauses between and after
+    rounds and the group-commit window are zero unless the test sets them, and then
+    end when the test advances the clock past them."""
     pet = {"round_pause_s": 0.0, "failure_pause_s": 0.0, **setup.pop("pet", {})}
-    async with harness_on(make_setup(tmp, UNUSED_PORT, pet=pet, **setup)) as h:
+    extra = setup.pop("extra", None) or {}
+    extra = {**extra, "storage": {"group_commit_ms": 0.0, **extra.get("storage", {})}}
+    async with harness_on(make_setup(tmp, UNUSED_PORT, pet=pet, extra=extra, **setup)) as h:
         yield h

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maskfl.broker_coordinator.store import RoundOutcome
 from maskfl.protocol.masking import MaskConfig, encode_update, mask_stream
 from maskfl.protocol.phases import Phase
+from maskfl.protocol.round import RoundOutcome
 from maskfl.tools import report as rep
 
 
