@@ -187,9 +187,14 @@ class Services:
     async def sleep_until(self, deadline: float) -> None:
         """Wait until :attr:`clock` reads ``deadline``: on the injected clock, so a test
         moves it with its fake clock. Looks again at every :meth:`wake` and at least
-        every :data:`POLL_S` seconds."""
+        every :data:`POLL_S` seconds; clears :attr:`changed` each time it looks (as the
+        runner's window does), so a test sees when the pause has taken a clock move in."""
         loop = asyncio.get_running_loop()
-        while (left := deadline - self.clock()) > 0:
+        while True:
+            self.changed.clear()  # looked at the clock (and at whatever changed) just now
+            left = deadline - self.clock()
+            if left <= 0:
+                return
             sleeper: asyncio.Future[None] = loop.create_future()
             self._sleepers.add(sleeper)
             try:

@@ -283,8 +283,11 @@ class Runner:
             if phase.run(state, s.clock()) is None:
                 s.changed.clear()
                 wait = max(0.0, min(phase.wake_at(state) - s.clock(), POLL_S))
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
+                # that lands as the event is set (the service's stop then hangs).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(s.changed.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await s.changed.wait()
                 continue
             async with self.lock:
                 state.closing = True

@@ -33,7 +33,7 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.phases import Phase, PhaseWindow, Window
 from maskfl.protocol.topics import TopicKind
-from maskfl.tools.fleet_sim import SimFleet
+from maskfl.testing.fleet import SimFleet
 
 FLEET = "simfleet"
 M = 6

@@ -330,7 +330,7 @@ async def armed(h: Harness) -> None:
     it then, so the test's next advance is what ends the pause."""
     assert h.coordinator is not None and h.coordinator.services is not None
     services = h.coordinator.services
-    await h.spin_until(lambda: services.sleeping > 0, "waiting on the clock")
+    await h.until(lambda: services.sleeping > 0 and not services.changed.is_set(), "a pause")
 
 
 async def test_the_pause_between_rounds_runs_on_the_coordinators_clock(tmp_path) -> None:
@@ -382,7 +382,7 @@ async def test_the_group_commit_window_runs_on_the_coordinators_clock(tmp_path) 
         runner, services = coordinator.runner, coordinator.services
         assert runner is not None and services is not None
         await h.start(summers)
-        await h.settle(
+        await h.spin_until(
             lambda: (
                 runner.state is not None
                 and len(runner.state.pending) == 2

@@ -421,7 +421,9 @@ class Harness(Bench):
         services = coordinator.services
         await self.until(lambda: not services.changed.is_set(), what)
 
-    async def spin_until(self, predicate: Callable[[], bool], what: str, limit_s: float = 10) -> None:
+    async def spin_until(
+        self, predicate: Callable[[], bool], what: str, limit_s: float = 10
+    ) -> None:
         """Yield to the event loop until ``predicate()``: for states of the coordinator that
         signal nothing (a batch held open, a pause armed on the clock), so :meth:`until`
         has nothing to wake on. No timed sleep: each turn lets every ready task run."""
