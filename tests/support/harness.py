@@ -33,6 +33,7 @@ import inspect
 import logging
 import threading
 import time
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,11 +393,14 @@ class Harness(Bench):
         """A fresh :class:`Coordinator` on the bundle's config and store; returns once
         it serves (the round in the store resumed, its retained state published)."""
         assert self._task is None or self._task.done(), "a coordinator is running"
-        coordinator = Coordinator(
-            load_config(self.setup.config_path),
-            transport_factory=self._transport,
-            clock=self.clock,
-        )
+        config = load_config(self.setup.config_path)
+        written = tomllib.loads(self.setup.config_path.read_text())
+        if "group_commit_ms" not in written.get("storage", {}):
+            # The window runs on the fake clock: unless the test sets one (and advances
+            # past it), each batch is what is queued when the committer looks.
+            storage = config.storage.model_copy(update={"group_commit_ms": 0.0})
+            config = config.model_copy(update={"storage": storage})
+        coordinator = Coordinator(config, transport_factory=self._transport, clock=self.clock)
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(coordinator.run(self._stop), name="coordinator")
         self.coordinator = coordinator
@@ -543,10 +547,9 @@ async def harness(tmp: Path, **setup: Any) -> AsyncIterator[Harness]:
     """A :class:`Harness` on :func:`make_setup`'s bundle (same keyword arguments).
 
     Every wait of the coordinator is on the fake clock: the pauses between and after
-    rounds and the group-commit window are zero unless the test sets them, and then
-    end when the test advances the clock past them."""
+    rounds and the group-commit window (:meth:`Harness.start_coordinator`) are zero
+    unless the test sets them, and then end when the test advances the clock past
+    them."""
     pet = {"round_pause_s": 0.0, "failure_pause_s": 0.0, **setup.pop("pet", {})}
-    extra = setup.pop("extra", None) or {}
-    extra = {**extra, "storage": {"group_commit_ms": 0.0, **extra.get("storage", {})}}
-    async with harness_on(make_setup(tmp, UNUSED_PORT, pet=pet, extra=extra, **setup)) as h:
+    async with harness_on(make_setup(tmp, UNUSED_PORT, pet=pet, **setup)) as h:
         yield h
