@@ -43,13 +43,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-import numpy as np
-
 from maskfl.broker_coordinator.context import Contribution, Incoming, OpenRound
 from maskfl.broker_coordinator.enrollment import Enrollment
 from maskfl.broker_coordinator.store import Sum2Record, SummerRecord, UpdateRecord
 from maskfl.protocol.errors import Reason, RemoteProtocolError
-from maskfl.protocol.masking import MaskConfig
 from maskfl.protocol.messages import Sum, Sum2, Update
 from maskfl.protocol.phases import Phase, precedes
 from maskfl.protocol.sortition import Task, select_task
@@ -68,9 +65,6 @@ class Admission:
 
     fleet: str
     enrollment: Enrollment
-    mask: MaskConfig
-    vector_words: int
-    """M + 4: the words of an update or an aggregate mask."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,9 +158,9 @@ def _check_round(params: Admission, view: RoundView, message: Incoming) -> Contr
         case Phase.SUM:
             return _sum(state, message)
         case Phase.UPDATE:
-            return _update(params, state, message)
+            return _update(state, message)
         case _:
-            return _sum2(params, state, message)
+            return _sum2(state, message)
 
 
 def _once(state: OpenRound, phase: Phase, device: str, done: bool) -> None:
@@ -192,15 +186,6 @@ def _task(state: OpenRound, public_key: bytes, wanted: Task) -> None:
         )
 
 
-def _words(params: Admission, words: np.ndarray, what: str) -> None:
-    if words.dtype != np.dtype(params.mask.dtype) or words.shape != (params.vector_words,):
-        raise RemoteProtocolError(
-            Reason.WRONG_LENGTH,
-            f"{what} has {words.size} words of {words.dtype.itemsize * 8} bits, expected "
-            f"{params.vector_words} of {params.mask.word_bits}",
-        )
-
-
 def _sum(state: OpenRound, incoming: Incoming) -> Contribution:
     body = incoming.message.body
     assert isinstance(body, Sum)
@@ -218,12 +203,12 @@ def _sum(state: OpenRound, incoming: Incoming) -> Contribution:
     )
 
 
-def _update(params: Admission, state: OpenRound, incoming: Incoming) -> Contribution:
+def _update(state: OpenRound, incoming: Incoming) -> Contribution:
     body = incoming.message.body
     assert isinstance(body, Update)
     _once(state, Phase.UPDATE, incoming.device, incoming.device in state.updates)
     _task(state, incoming.message.header.sender, Task.UPDATE)
-    _words(params, body.words, "update")
+    state.params.check_words(body.words, "update")
     expected = set(state.summer_devices)
     given = set(body.sealed_seeds)
     if given - expected:
@@ -247,7 +232,7 @@ def _update(params: Admission, state: OpenRound, incoming: Incoming) -> Contribu
     )
 
 
-def _sum2(params: Admission, state: OpenRound, incoming: Incoming) -> Contribution:
+def _sum2(state: OpenRound, incoming: Incoming) -> Contribution:
     body = incoming.message.body
     assert isinstance(body, Sum2)
     summer = state.summers.get(incoming.device)
@@ -256,7 +241,7 @@ def _sum2(params: Admission, state: OpenRound, incoming: Incoming) -> Contributi
             Reason.UNKNOWN_SUMMER, f"{incoming.device} is not an accepted summer this round"
         )
     _once(state, Phase.SUM2, incoming.device, incoming.device in state.sum2)
-    _words(params, body.words, "aggregate mask")
+    state.params.check_words(body.words, "aggregate mask")
     unknown = [d for d in body.failed if d not in state.update_digests]
     if unknown:
         raise RemoteProtocolError(

@@ -59,9 +59,7 @@ class Runner:
     def __init__(self, services: Services, committer: Committer) -> None:
         self.s = services
         self.committer = committer
-        self.admission = Admission(
-            services.fleet, services.enrollment, services.mask, services.vector_words
-        )
+        self.admission = Admission(services.fleet, services.enrollment)
         self.phase = Phase.IDLE
         self.state: OpenRound | None = None
         self.current: MessagePhase | StepPhase | None = None

@@ -387,17 +387,19 @@ class RoundParams:
         """
         return self.seed == next_round_seed(self.previous_seed, self.model_digest, self.round_id)
 
-    def check_words(self, words: Words) -> None:
+    def check_words(self, words: Words, what: str = "the message") -> None:
         """Raise ``WRONG_LENGTH`` unless ``words`` are M + 4 words of this round's word size.
 
-        For the words of an Update or Sum2 that passed :func:`decode_message`.
+        For the words of an Update or Sum2 that passed :func:`decode_message` (the
+        coordinator's admission calls it); ``what`` names them in the error.
         """
         bits = words.dtype.itemsize * 8
         expected = update_words(self.vector_length)
-        if bits != self.mask.word_bits or words.size != expected:
+        if words.dtype != np.dtype(self.mask.dtype) or words.shape != (expected,):
             raise RemoteProtocolError(
                 Reason.WRONG_LENGTH,
-                f"{words.size} words of {bits} bits, expected {expected} of {self.mask.word_bits}",
+                f"{what} has {words.size} words of {bits} bits, expected {expected} of "
+                f"{self.mask.word_bits}",
                 round_id=self.round_id,
             )
 

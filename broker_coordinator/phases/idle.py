@@ -21,7 +21,7 @@ from maskfl.broker_coordinator.store import RoundRecord
 from maskfl.protocol.ids import RoundId
 from maskfl.protocol.messages import RoundParams
 from maskfl.protocol.phases import Phase
-from maskfl.protocol.round import Event
+from maskfl.protocol.round import Event, move
 from maskfl.protocol.sortition import next_round_seed, probabilities_for_targets
 
 log = logging.getLogger("maskfl.coordinator.idle")
@@ -69,7 +69,7 @@ class IdlePhase(StepPhase):
             params.groups,
             s.alive_count(),
             s.model.version,
-            extra={"round_id": round_id, "phase": "sum"},
+            extra={"round_id": round_id, "phase": str(move(Phase.IDLE, Event.STARTED).target)},
         )
         return Transition(Event.STARTED, round=state)
 
@@ -100,8 +100,9 @@ class IdlePhase(StepPhase):
         return "privacy budget spent"
 
     def plan(self, round_id: int, previous_seed: bytes) -> OpenRound:
-        """Round ``round_id``: its signed parameters and its row (phase ``sum``), not
-        yet written, and an empty aggregate."""
+        """Round ``round_id``: its signed parameters and its row, not yet written (the
+        runner writes it in the phase the table's ``started`` move enters), and an
+        empty aggregate."""
         s, pet = self.s, self.s.config.pet
         seed = next_round_seed(previous_seed, s.model.digest, round_id)
         p_sum, p_update = self.probabilities()
@@ -128,7 +129,7 @@ class IdlePhase(StepPhase):
         now = s.clock()
         record = RoundRecord(
             round_id=round_id,
-            phase=Phase.SUM,
+            phase=Phase.IDLE,  # the runner's commit sets the move's target
             seed=seed,
             previous_seed=previous_seed,
             p_sum=p_sum,

@@ -131,9 +131,9 @@ def world() -> World:
         chunk_size=1 << 20,
         certificate=coordinator.certificate,
     )
-    record = RoundRecord(ROUND, "sum", SEED, bytes(32), 0.5, 1.0, b"", NOW, NOW)
+    record = RoundRecord(ROUND, Phase.SUM, SEED, bytes(32), 0.5, 1.0, b"", NOW, NOW)
     enrollment = Enrollment(fleet=FLEET, ca_public_key=fleet.ca_public_key, revocations_file=None)
-    admission = Admission(FLEET, enrollment, MASK, update_words(M))
+    admission = Admission(FLEET, enrollment)
     return World(fleet, admission, summers, updaters, OpenRound(record, params))
 
 
