@@ -46,7 +46,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from maskfl.broker_coordinator.metrics import Metrics
-from maskfl.protocol.chunking import iter_frames
+from maskfl.protocol.chunking import DEFAULT_CHUNK_SIZE, iter_frames
 from maskfl.protocol.errors import MaskflError
 from maskfl.transport import PayloadTooLargeError, RefusedError, Transport, TransportClosedError
 
@@ -61,14 +61,18 @@ class Outbox:
     name kept to spare a migration).
     """
 
-    def __init__(self, transport: Transport, metrics: Metrics) -> None:
+    def __init__(
+        self, transport: Transport, metrics: Metrics, chunk_size: int = DEFAULT_CHUNK_SIZE
+    ) -> None:
         self._transport = transport
         self._metrics = metrics
+        self._chunk_size = chunk_size
+        """``pet.chunk_size``: the frames of a retained message the broker refuses whole."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._sent: list[bytes] = []
         """Digests whose stored receipt the broker has: their outbox rows can go."""
 
-    async def state(self, topic: str, payload: bytes, *, chunk_size: int = 256 * 1024) -> None:
+    async def state(self, topic: str, payload: bytes) -> None:
         """Publish retained, QoS 1, and wait for the broker's PUBACK (see the module doc)."""
         try:
             await self._transport.publish(topic, payload, qos=1, retain=True)
@@ -79,9 +83,9 @@ class Outbox:
                 topic,
                 len(payload),
                 exc,
-                chunk_size,
+                self._chunk_size,
             )
-            for frame in iter_frames(payload, chunk_size):
+            for frame in iter_frames(payload, self._chunk_size):
                 await self._transport.publish(topic, frame, qos=1)
 
     async def clear(self, topic: str) -> None:

@@ -421,11 +421,7 @@ class Coordinator:
         if s is None or runner is None:
             return
         try:
-            if s.enrollment.revocations_raw is not None:
-                await s.outbox.state(s.topics.revocations, s.enrollment.revocations_raw)
-            if s.graph is not None:
-                await s.outbox.state(s.topics.model_graph(s.model.model_id), s.graph)
-            await self._publish_model(s)
+            await self._publish_fleet_state(s)
             await runner.republish()
         except MaskflError as exc:
             log.warning("republishing retained state failed: %s", exc)
@@ -471,7 +467,7 @@ class Coordinator:
                         metrics=self.metrics,
                         mask=mask,
                         optimizer=optimizer,
-                        outbox=Outbox(transport, self.metrics),
+                        outbox=Outbox(transport, self.metrics, config.pet.chunk_size),
                         model=model,
                         graph=graph,
                         graph_digest=hashlib.sha256(graph).digest() if graph else bytes(32),
@@ -580,6 +576,16 @@ class Coordinator:
             )
         return ModelState(model_id, latest.version, weights, latest.digest)
 
+    @classmethod
+    async def _publish_fleet_state(cls, s: Services) -> None:
+        """What is retained for the fleet beside the round: the revocation list, the
+        model's graph and its latest version (at start and after the broker lost it)."""
+        if s.enrollment.revocations_raw is not None:
+            await s.outbox.state(s.topics.revocations, s.enrollment.revocations_raw)
+        if s.graph is not None:
+            await s.outbox.state(s.topics.model_graph(s.model.model_id), s.graph)
+        await cls._publish_model(s)
+
     @staticmethod
     async def _publish_model(s: Services) -> None:
         """The latest model, retained, as the registry has it signed. In its own frame:
@@ -604,19 +610,12 @@ class Coordinator:
             await s.outbox.state(s.topics.model_latest(s.model.model_id), s.sign(v0, 0))
 
     async def _serve(self, s: Services, transport: Transport, stop: asyncio.Event) -> None:
-        config = self.config
         # Heartbeats bypass the ingest queue (liveness), at QoS 0: no PUBACK each, and
         # none pile up in our broker session while we are away.
         transport.tap(s.topics.status_prefix, s.liveness.on_status)
         await transport.subscribe(list(s.topics.participant_filters()), qos=1)
         await transport.subscribe(s.topics.status_filter(), qos=0)
-        if s.enrollment.revocations_raw is not None:
-            await s.outbox.state(s.topics.revocations, s.enrollment.revocations_raw)
-        if s.graph is not None:
-            await s.outbox.state(
-                s.topics.model_graph(s.model.model_id), s.graph, chunk_size=config.pet.chunk_size
-            )
-        await self._publish_model(s)
+        await self._publish_fleet_state(s)
 
         def settle(
             item: Contribution, reason: Reason | None, detail: str, receipt: bytes | None

@@ -210,9 +210,7 @@ class UnmaskPhase(StepPhase):
         s.model = ModelState(s.model.model_id, version, weights, digest)
         s.metrics.model_version.set(version)
         s.metrics.unmask_seconds.observe(stored - started)
-        await s.outbox.state(
-            s.topics.model_latest(s.model.model_id), raw, chunk_size=s.config.pet.chunk_size
-        )
+        await s.outbox.state(s.topics.model_latest(s.model.model_id), raw)
         published = time.perf_counter()
         log.info(
             "round %d completed: model v%d from %d updates (%d dropped), weight sum %.3f; "

@@ -6,7 +6,8 @@ import asyncio
 
 from maskfl.broker_coordinator.metrics import Metrics
 from maskfl.broker_coordinator.outbox import Outbox
-from maskfl.transport import RefusedError
+from maskfl.protocol.chunking import split_payload
+from maskfl.transport import PayloadTooLargeError, RefusedError
 
 
 class SlowBroker:
@@ -65,3 +66,32 @@ async def test_a_refused_receipt_is_counted_and_its_message_acked() -> None:
     assert acked == ["dev-1"]
     failed = metrics.registry.get_sample_value("maskfl_coordinator_receipts_failed_total")
     assert failed == 1
+
+
+class SmallPacketBroker:
+    """A transport whose broker takes no packet above ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.published: list[tuple[str, bytes, bool]] = []
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        if len(payload) > self.limit:
+            raise PayloadTooLargeError("too large", size=len(payload), limit=self.limit)
+        self.published.append((topic, payload, retain))
+
+
+async def test_a_retained_message_too_large_for_the_broker_goes_in_frames_of_pet_chunk_size() -> (
+    None
+):
+    """Every retained publish (graph, model, round messages) falls back to frames of the
+    configured ``pet.chunk_size``, not of a size written at one call site."""
+    broker = SmallPacketBroker(limit=10_000)
+    outbox = Outbox(broker, Metrics(), chunk_size=8192)  # type: ignore[arg-type]
+    payload = bytes(range(256)) * 80  # 20,480 bytes
+    await outbox.state("model/m/latest", payload)
+    assert [p for _, p, _ in broker.published] == split_payload(payload, 8192)
+    assert len(broker.published) == 3
+    assert not any(retain for _, _, retain in broker.published)
