@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -59,21 +58,17 @@ from maskfl.tools._demo_fleet import (
     DEMO_MIN_UPDATES,
     DemoFleet,
     FleetSettings,
-    console_script,
     demo_pet,
     provision_fleet,
 )
+from maskfl.tools._demo_processes import DemoProcesses
 from maskfl.tools._demo_watch import (
     ModelEvent,
-    Observer,
     RoundEvent,
-    StoreSampler,
     SumsEvent,
     coordinator_round,
     fetch_status,
 )
-from maskfl.tools._supervise import Supervisor
-from maskfl.tools.demo_agent import InProcessFleet
 
 __all__ = ["DemoOptions", "build_parser", "main", "run_demo"]
 
@@ -115,12 +110,16 @@ class Demo:
         self.o = options
         self.root = options.workdir.resolve()
         self.logs = self.root / "logs"
-        self.supervisor = Supervisor(self.logs)
         self.fleet: DemoFleet | None = None
-        self.inproc: InProcessFleet | None = None
-        self.observer: Observer | None = None
-        self.sampler: StoreSampler | None = None
         self.seen = Findings()
+        self.procs = DemoProcesses(
+            self.logs,
+            devices=options.devices,
+            model=options.model,
+            in_process=options.in_process,
+            say=self.say,
+            timeline=self.seen.timeline,
+        )
         self.rounds: dict[int, _Round] = {}
         self.started = time.monotonic()
         self._report_args: tuple[FleetSettings, dict[str, Any], float, float] | None = None
@@ -171,10 +170,10 @@ class Demo:
         )
         fleet = await self._provision(settings, pet, initial)
         try:
-            await self._start_processes(fleet)
+            await self.procs.start(fleet)
             await self._watch_rounds(fleet, trainer, x_test, y_test, initial)
         finally:
-            await self._shutdown()
+            await self.procs.stop()
         return self._report(settings, pet, start_eval.accuracy, start_eval.loss)
 
     async def _provision(
@@ -221,102 +220,6 @@ class Demo:
         report.summary["interrupted"] = True
         return report
 
-    async def _start_processes(self, fleet: DemoFleet) -> None:
-        o = self.o
-        t = time.monotonic()
-        broker = await asyncio.to_thread(
-            self.supervisor.start_broker, fleet.broker_conf, fleet.broker_port
-        )
-        self.say(
-            f"  mosquitto pid {broker.pid} on 127.0.0.1:{fleet.broker_port} "
-            "(mutual TLS, per-device ACL)"
-        )
-        await self._start_agents(fleet)
-        connected = await self._wait_agents(fleet, 60.0 + 0.5 * o.devices)
-        self.seen.timeline["agents_s"] = time.monotonic() - t
-        self.say(
-            f"  {connected}/{o.devices} agents connected "
-            f"({self.seen.timeline['agents_s']:.1f} s; logs in {self.logs})"
-        )
-        observer = Observer(
-            fleet.observer_dir,
-            fleet=fleet.fleet,
-            model_id=o.model,
-            host="127.0.0.1",
-            port=fleet.broker_port,
-        )
-        await observer.start()
-        self.observer = observer
-        await self._start_coordinator(fleet)
-        self.sampler = StoreSampler(fleet.coordinator_state)
-        self.sampler.start()
-
-    async def _start_agents(self, fleet: DemoFleet) -> None:
-        """One process per device, or every agent in this process (--in-process)."""
-        if self.o.in_process:
-            _log_to_file(self.logs / "agents-in-process.log")
-            self.inproc = InProcessFleet(
-                [fleet.agent_toml(d) for d in fleet.device_ids], self.o.model
-            )
-            await self.inproc.start()
-            return
-        for device in fleet.device_ids:
-            self.supervisor.start(
-                f"agent-{device}",
-                [
-                    sys.executable,
-                    "-m",
-                    "maskfl.tools.demo_agent",
-                    "--config",
-                    str(fleet.agent_toml(device)),
-                ],
-            )
-
-    async def _start_coordinator(self, fleet: DemoFleet) -> None:
-        """The coordinator process, until its /status says ready (60 s at most)."""
-        coordinator = self.supervisor.start(
-            "coordinator",
-            [
-                *console_script("maskfl-coordinator", "maskfl.broker_coordinator.cli"),
-                "run",
-                "--config",
-                str(fleet.coordinator_toml),
-            ],
-        )
-        deadline = time.monotonic() + 60.0
-        while True:
-            self.supervisor.check()
-            status = await fetch_status(fleet.http_port, 1.0)
-            if status is not None and status.get("ready"):
-                break
-            if time.monotonic() > deadline:
-                raise MaskflError(
-                    f"the coordinator did not become ready within 60 s; see "
-                    f"{self.logs}/coordinator.log"
-                )
-            await asyncio.sleep(0.2)
-        self.say(
-            f"  coordinator pid {coordinator.pid} ready (status http://127.0.0.1:{fleet.http_port}"
-            f"/status, backend {status.get('backend', '?')}, "
-            f"{status.get('word_bits', '?')}-bit words)"
-        )
-
-    async def _wait_agents(self, fleet: DemoFleet, limit_s: float) -> int:
-        """Wait until every agent holds its broker connection (so round 1 finds them)."""
-        deadline = time.monotonic() + limit_s
-        log = self.logs / "mosquitto.log"
-        while True:
-            self.supervisor.check()
-            if self.inproc is not None:
-                self.inproc.check()
-                count = self.inproc.connected()
-            else:
-                text = log.read_text(errors="replace") if log.exists() else ""
-                count = sum(1 for d in fleet.device_ids if f" as {d} " in text)
-            if count >= len(fleet.device_ids) or time.monotonic() > deadline:
-                return count
-            await asyncio.sleep(0.2)
-
     # -- the rounds -----------------------------------------------------------------
 
     async def _watch_rounds(
@@ -328,7 +231,7 @@ class Demo:
         initial: npt.NDArray[np.float32],
     ) -> None:
         o = self.o
-        assert self.observer is not None
+        assert self.procs.observer is not None
         previous = initial
         deadline = time.monotonic() + o.timeout_s
         last_progress = time.monotonic()
@@ -343,15 +246,12 @@ class Demo:
                 )
             if now - last_progress > 180.0:
                 raise MaskflError(f"no progress for 180 s; see the logs in {self.logs}")
-            self.supervisor.check()
-            self.observer.check()
-            if self.inproc is not None:
-                self.inproc.check()
+            self.procs.check()
             if now >= next_status:
                 next_status = now + 0.25
                 await self._poll_status(fleet)
             try:
-                event = await asyncio.wait_for(self.observer.events.get(), 0.25)
+                event = await asyncio.wait_for(self.procs.observer.events.get(), 0.25)
             except TimeoutError:
                 continue
             last_progress = time.monotonic()
@@ -454,11 +354,11 @@ class Demo:
             **_published_metrics(metrics),
         )
         self.seen.records.append(record)
-        if self.sampler is not None:
-            await self.sampler.refresh()
+        if self.procs.sampler is not None:
+            await self.procs.sampler.refresh()
         check = self.seen.check_round(
             fleet,
-            self.sampler,
+            self.procs.sampler,
             rid=rid,
             previous=previous,
             current=weights,
@@ -495,26 +395,13 @@ class Demo:
 
     # -- shutdown and report ----------------------------------------------------------
 
-    async def _shutdown(self) -> None:
-        t = time.monotonic()
-        if self.sampler is not None:
-            await self.sampler.stop()
-        if self.observer is not None:
-            with contextlib.suppress(Exception):
-                await self.observer.stop()
-        if self.inproc is not None:
-            with contextlib.suppress(Exception):
-                await self.inproc.stop()
-        await asyncio.to_thread(self.supervisor.stop_all)
-        self.seen.timeline["shutdown_s"] = time.monotonic() - t
-
     def _report(
         self, settings: FleetSettings, pet: dict[str, Any], acc0: float, loss0: float
     ) -> rep.Report:
         return self.seen.report(
             self._config(settings, pet),
             fleet=self.fleet,
-            sampler=self.sampler,
+            sampler=self.procs.sampler,
             initial=(acc0, loss0),
             model_float32_bytes=4 * int(shipped_model(self.o.model).num_params),
             total_seconds=time.monotonic() - self.started,
@@ -581,17 +468,6 @@ def _held_out(settings: FleetSettings) -> tuple[npt.NDArray[np.float32], npt.NDA
 def _phase_text(phases: dict[str, float | None]) -> str:
     """The console's phase column: every phase, always in the same shape."""
     return " ".join(f"{k} {'-' if v is None else f'{v:.1f}s':>5}" for k, v in phases.items())
-
-
-def _log_to_file(path: Path) -> None:
-    """In-process agents log like agent processes do, but to one file, not the console."""
-    handler = logging.FileHandler(path)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
-    )
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
 
 
 def _kb(n: float) -> str:
