@@ -139,9 +139,14 @@ class Mosquitto:
         return (find_mosquitto(), "-c", str(self.conf_path))
 
     def start(self, timeout: float = 10.0) -> Mosquitto:
-        """Start mosquitto in its own session and return once it listens; a broker that
-        exits or does not listen within ``timeout`` is stopped and named in a
-        :class:`ConfigError` with the end of its log."""
+        """:meth:`launch` it and :meth:`wait_listening`."""
+        self.launch()
+        self.wait_listening(timeout)
+        return self
+
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Start mosquitto in its own session, output appended to the log; returns at once
+        (a supervisor owns the process from here, before the wait)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -151,6 +156,14 @@ class Mosquitto:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        return self.proc
+
+    def wait_listening(self, timeout: float) -> None:
+        """Return once the launched broker listens; one that exits or does not listen
+        within ``timeout`` is stopped and named in a :class:`ConfigError` with the end of
+        its log."""
+        if self.proc is None:
+            raise ConfigError(f"mosquitto -c {self.conf_path} was not started")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = self.proc.poll()
@@ -164,7 +177,7 @@ class Mosquitto:
                 contextlib.suppress(OSError),
                 socket.create_connection((self.host, self.port), 0.2),
             ):
-                return self
+                return
             time.sleep(0.02)
         self.kill()
         raise ConfigError(

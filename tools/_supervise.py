@@ -113,14 +113,14 @@ class Supervisor:
     ) -> Child:
         """Start mosquitto with ``conf`` (:class:`maskfl.testing.broker.Mosquitto`, output
         appended to ``log_dir/<name>.log``), return once it listens on 127.0.0.1:``port``
-        and supervise it like any other child."""
+        and supervise it like any other child: from the moment it is started, so that a
+        stop while it comes up (Ctrl-C) stops it too."""
         if self._closed:
             raise ChildExitedError(f"cannot start {name}: the supervisor is shutting down")
         broker = Mosquitto.from_config(conf, port, log_path=self.log_dir / f"{name}.log")
-        broker.start(limit_s)
-        if broker.proc is None:  # start() returns with the process running, or raises
-            raise ChildExitedError(f"{name} is not running")
-        return self._adopt(Child(name, broker.command(), broker.log_path, broker.proc))
+        child = self._adopt(Child(name, broker.command(), broker.log_path, broker.launch()))
+        broker.wait_listening(limit_s)
+        return child
 
     def start_plain_broker(self, work: Path, *, limit_s: float = 15.0) -> int:
         """An anonymous plain-TCP mosquitto on a free 127.0.0.1 port (config in ``work``),

@@ -10,6 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from maskfl.protocol.errors import ConfigError
+from maskfl.testing.broker import free_port, write_config
 from maskfl.tools._supervise import ChildExitedError, Supervisor
 
 # A child that starts a grandchild and ignores SIGTERM: only SIGKILL of the group ends both.
@@ -62,3 +64,23 @@ def test_check_names_the_child_that_died(tmp_path: Path) -> None:
         assert "bye" in str(info.value)
         sup.stop(child)
         sup.check()  # an expected exit is not an error
+
+
+@pytest.mark.broker
+def test_a_broker_is_supervised_from_its_start_and_stopped_when_it_never_listens(
+    tmp_path: Path,
+) -> None:
+    """start_broker owns mosquitto before it waits for the port (a Ctrl-C meanwhile stops
+    it); a broker that never listens there is stopped and named with its log."""
+    conf = tmp_path / "mosquitto.conf"
+    write_config(conf)  # listens on some free port, not on the one waited for
+    with Supervisor(tmp_path / "logs") as sup:
+        with pytest.raises(ConfigError, match=r"did not listen on 127\.0\.0\.1:\d+ within 1 s"):
+            sup.start_broker(conf, free_port(), limit_s=1.0)
+        assert [c.name for c in sup.children] == ["mosquitto"]
+        assert not sup.children[0].alive()
+    with Supervisor(tmp_path / "logs2") as sup:
+        port = write_config(conf)
+        broker = sup.start_broker(conf, port)
+        assert broker.alive() and broker.log_path == tmp_path / "logs2" / "mosquitto.log"
+    assert not broker.alive()
