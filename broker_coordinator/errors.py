@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from maskfl.protocol.errors import MaskflError
+from maskfl.protocol.phases import Phase
 
 
 class RoundFailedError(MaskflError):
     """The round must be abandoned: a phase timed out below count_min, masks tied, ..."""
 
-    def __init__(self, message: str, *, round_id: int | None = None, phase: str | None = None):
+    def __init__(self, message: str, *, round_id: int | None = None, phase: Phase | None = None):
         super().__init__(message)
         self.round_id = round_id
         self.phase = phase
 
 
-def shortfall_reason(phase: str, got: int, need: int, time_max_s: float) -> str:
+def shortfall_reason(phase: Phase, got: int, need: int, time_max_s: float) -> str:
     """Why a message phase failed, in the operator's words (log, status, demo output).
 
     ``got`` messages were accepted of the ``need`` (count_min) the phase asks for
@@ -22,18 +23,18 @@ def shortfall_reason(phase: str, got: int, need: int, time_max_s: float) -> str:
     """
     numbers = f"{phase} phase: {got} of at least {need} messages in {time_max_s:g} s"
     match phase, got:
-        case "sum", 0:
+        case Phase.SUM, 0:
             words = "no device drew the summer task this round"
-        case "sum", _:
+        case Phase.SUM, _:
             words = f"only {got} of the {need} required summers answered"
-        case "update", 0:
+        case Phase.UPDATE, 0:
             words = (
                 "no update arrived (no device drew the update task, or none finished "
                 "training in time)"
             )
-        case "update", _:
+        case Phase.UPDATE, _:
             words = f"only {got} of the {need} required updates arrived"
-        case "sum2", _:
+        case Phase.SUM2, _:
             words = f"only {got} of the {need} required summers sent their aggregated masks"
         case _:
             words = f"only {got} of the {need} required {phase} messages arrived"

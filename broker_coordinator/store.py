@@ -348,7 +348,7 @@ class Transaction:
     # -- participants ---------------------------------------------------------
 
     async def record_message(
-        self, digest: bytes, round_id: int, kind: str, device_id: str, now: float
+        self, digest: bytes, round_id: int, kind: Phase, device_id: str, now: float
     ) -> None:
         await self.execute(
             "INSERT OR IGNORE INTO messages (digest, round_id, type, device_id, received_at) "

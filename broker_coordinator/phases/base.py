@@ -77,9 +77,7 @@ class MessagePhase(ABC):
         if verdict is Verdict.CLOSE:
             return Transition(Event.CLOSED)
         limits = window.limits
-        reason = shortfall_reason(
-            str(self.phase), window.count, limits.count_min, limits.time_max_s
-        )
+        reason = shortfall_reason(self.phase, window.count, limits.count_min, limits.time_max_s)
         return Transition(Event.FAILED, reason)
 
     def wake_at(self, state: OpenRound) -> float:

@@ -32,7 +32,7 @@ class SumPhase(MessagePhase):
             assert isinstance(item.record, SummerRecord)
             await tx.add_summer(rid, item.record)
             await tx.record_message(
-                item.record.digest, rid, "sum", item.incoming.device, item.incoming.received_at
+                item.record.digest, rid, self.phase, item.incoming.device, item.incoming.received_at
             )
             await tx.touch_device(
                 item.incoming.device, item.public_key, item.serial, item.incoming.received_at

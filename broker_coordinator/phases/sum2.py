@@ -59,7 +59,7 @@ class Sum2Phase(MessagePhase):
             assert isinstance(item.record, Sum2Record)
             await tx.add_sum2(rid, item.record)
             await tx.record_message(
-                item.record.digest, rid, "sum2", item.incoming.device, item.incoming.received_at
+                item.record.digest, rid, self.phase, item.incoming.device, item.incoming.received_at
             )
 
     def committed(self, batch: list[Contribution]) -> None:

@@ -96,7 +96,7 @@ class UpdatePhase(MessagePhase):
             assert isinstance(item.record, UpdateRecord)
             await tx.add_update(rid, item.record, item.seeds)
             await tx.record_message(
-                item.record.digest, rid, "update", item.incoming.device, item.incoming.received_at
+                item.record.digest, rid, self.phase, item.incoming.device, item.incoming.received_at
             )
             await tx.touch_device(
                 item.incoming.device, item.public_key, item.serial, item.incoming.received_at

@@ -300,14 +300,14 @@ async def test_an_aggregate_below_the_privacy_floor_is_never_unmasked(
 def test_shortfall_reasons() -> None:
     from maskfl.broker_coordinator.errors import shortfall_reason
 
-    assert shortfall_reason("sum", 0, 1, 15.0) == (
+    assert shortfall_reason(Phase.SUM, 0, 1, 15.0) == (
         "no device drew the summer task this round (sum phase: 0 of at least 1 messages in 15 s)"
     )
-    assert shortfall_reason("update", 1, 3, 14.2).startswith(
+    assert shortfall_reason(Phase.UPDATE, 1, 3, 14.2).startswith(
         "only 1 of the 3 required updates arrived (update phase: 1 of at least 3"
     )
-    assert shortfall_reason("update", 0, 3, 5.0).startswith("no update arrived")
-    assert shortfall_reason("sum2", 0, 2, 30.0).startswith(
+    assert shortfall_reason(Phase.UPDATE, 0, 3, 5.0).startswith("no update arrived")
+    assert shortfall_reason(Phase.SUM2, 0, 2, 30.0).startswith(
         "only 0 of the 2 required summers sent their aggregated masks"
     )
 

@@ -68,7 +68,7 @@ async def test_state_survives_reopening(tmp_path: Path) -> None:
     async with Store.open(path) as store, store.transaction() as tx:
         await tx.put_round(_round(phase=Phase.UPDATE, checkpoint_gen=3))
         await tx.add_update(1, UpdateRecord("u1", b"d" * 32, 3, -1, 44), [(b"p" * 32, b"x" * 80)])
-        await tx.record_message(b"d" * 32, 1, "update", "u1", 2.0)
+        await tx.record_message(b"d" * 32, 1, Phase.UPDATE, "u1", 2.0)
         await tx.add_model(_model(1, b"\0" * 8))
     async with Store.open(path) as store:
         assert (await store.last_round()).checkpoint_gen == 3  # type: ignore[union-attr]
