@@ -19,6 +19,11 @@ which checks topic, size, signature and certificate before anything acts on it.
 Nothing a peer sends ends the process; the only bare ``except Exception`` is the
 supervisor's, around each message, which logs the bug and keeps serving. The broker
 settings are :mod:`maskfl.agent.link`'s, the global models :mod:`maskfl.agent.global_models`'.
+
+The timers that shape a round (heartbeat interval, receipt timeout, guard time
+windows, the age of a partly reassembled message) run on the injected
+:class:`~maskfl.transport.Clock`, so the round harness moves them with its fake
+clock; reconnect back-off and acknowledgement waits are the link's, on real time.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 from maskfl.agent.config import AgentConfig
 from maskfl.agent.global_models import GlobalModels
@@ -49,8 +55,10 @@ from maskfl.protocol.messages import GlobalModel, Heartbeat, encode_message
 from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.topics import Topics
 from maskfl.transport import (
+    SYSTEM_CLOCK,
     Backoff,
     Cause,
+    Clock,
     Diagnosis,
     LinkEvent,
     LinkReport,
@@ -78,7 +86,7 @@ class Agent(Inbound):
         notifier: Notifier | None = None,
         learner: Learner | None = None,
         transport_factory: TransportFactory | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -90,7 +98,7 @@ class Agent(Inbound):
         self.device = config.device.id
         self.fleet = config.device.fleet
         self.topics = Topics(self.fleet)
-        self.guards = Guards(config.guards)
+        self.guards = Guards(config.guards, now=lambda: datetime.fromtimestamp(clock()))
         self.revocations: RevocationList | None = identity.revocations
         self.coordinator: RoundCoordinator | None = None
         self.driver: RoundDriver | None = None
@@ -304,7 +312,7 @@ class Agent(Inbound):
         while True:
             state = self._state_text()
             self.notifier.status(f"connected, {state}")
-            try:
+            try:  # the broker's acknowledgement is the link's: real time
                 async with asyncio.timeout(interval):
                     await transport.publish(topic, self._heartbeat_bytes(state), qos=1)
             except TimeoutError:
@@ -313,7 +321,7 @@ class Agent(Inbound):
                 # The broker accepted a message of ours: the link, the certificate and
                 # the ACL work, so the next failure may retry quickly again.
                 self._on_healthy()
-            await asyncio.sleep(interval)
+            await self.clock.sleep(interval)
 
     # -- publishing (used by the rounds) ---------------------------------------------
 

@@ -2,7 +2,8 @@
 
 A message of ours is journaled (:class:`~maskfl.agent.state.SentMessage`) before it
 is published. :class:`Delivery` publishes it and waits for the coordinator's receipt;
-without one within ``limits.receipt_timeout_s`` the *same bytes* are published again
+without one within ``limits.receipt_timeout_s`` (on the agent's clock, so a test moves
+it) the *same bytes* are published again
 (at most ``limits.upload_retries`` times, within the round's upload budget), then it
 waits for the receipt for as long as the round lasts. :func:`classify_receipt` says
 what a receipt means: ``duplicate`` is an acceptance (a redelivery counted before), and
@@ -22,6 +23,7 @@ from maskfl.agent.state import Journal, ReceiptStatus, SentMessage
 from maskfl.protocol.errors import Reason
 from maskfl.protocol.messages import Receipt
 from maskfl.protocol.topics import TopicKind
+from maskfl.transport import Clock, wait_for
 
 __all__ = ["Delivery", "Outcome", "classify_receipt", "receipt_text"]
 
@@ -71,7 +73,8 @@ class Delivery:
     """The sending side of one round: receipts as they come, and the resend loop.
 
     ``publish`` puts bytes on the wire; ``bytes_sent`` is the round's upload so far
-    and ``published(size)`` journals one more copy of ``size`` bytes.
+    and ``published(size)`` journals one more copy of ``size`` bytes. The receipt
+    timeout runs on ``clock``.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class Delivery:
         config: AgentConfig,
         journal: Journal,
         guards: Guards,
+        clock: Clock,
         publish: Callable[[str, bytes], Awaitable[None]],
         bytes_sent: Callable[[], int],
         published: Callable[[int], Awaitable[None]],
@@ -89,6 +93,7 @@ class Delivery:
         self._limits = config.limits
         self._journal = journal
         self._guards = guards
+        self._clock = clock
         self._publish = publish
         self._bytes_sent = bytes_sent
         self._published = published
@@ -157,7 +162,7 @@ class Delivery:
             return await future
         timeout = self._limits.receipt_timeout_s
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            return await wait_for(self._clock, asyncio.shield(future), timeout)
         except TimeoutError:
             log.warning("round %d: no receipt for %s after %.0f s", self.round_id, kind, timeout)
             return None

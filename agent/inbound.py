@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -53,7 +52,7 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.topics import ParsedTopic, TopicKind, Topics
-from maskfl.transport import Message, decode_off_loop, off_loop
+from maskfl.transport import Clock, Message, decode_off_loop, off_loop
 
 __all__ = ["EXIT_REVOKED", "Inbound", "RoundCoordinator"]
 
@@ -99,7 +98,7 @@ class Inbound:
     journal: Journal
     notifier: Notifier
     learner: Learner
-    clock: Callable[[], float]
+    clock: Clock
     device: str
     fleet: str
     topics: Topics
@@ -128,7 +127,7 @@ class Inbound:
                 log.debug("empty message on %s (retained message cleared)", message.topic)
                 return
             if is_chunk(payload):
-                whole = self._reassembler.feed(message.topic, payload, time.monotonic())
+                whole = self._reassembler.feed(message.topic, payload, self.clock())
                 if whole is None:
                     return
                 payload = whole.payload

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +60,7 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.sortition import Task, select_task
 from maskfl.protocol.topics import TopicKind, Topics
+from maskfl.transport import SYSTEM_CLOCK, Clock
 
 __all__ = ["RoundContext", "RoundDriver"]
 
@@ -81,7 +81,8 @@ class RoundContext:
     """Publish a (possibly chunked) message at QoS 1: (topic, payload, chunk_size)."""
     model: Callable[[str, int, bytes], Awaitable[GlobalModel]]
     """Wait for the verified global model (model id, version, digest)."""
-    clock: Callable[[], float] = time.time
+    clock: Clock = SYSTEM_CLOCK
+    """Wall-clock time, and the receipt timeout's wait."""
 
 
 class RoundDriver:
@@ -100,6 +101,7 @@ class RoundDriver:
             config=ctx.config,
             journal=ctx.journal,
             guards=ctx.guards,
+            clock=ctx.clock,
             publish=lambda topic, payload: ctx.publish(topic, payload, params.chunk_size),
             bytes_sent=lambda: 0 if self.state is None else self.state.bytes_sent,
             published=self._published,

@@ -27,6 +27,10 @@ jitter), :func:`diagnose` (a failure's likely :class:`Cause` and advice) and
 clients use as their client id. :func:`decode_off_loop` decodes a received message
 in a worker thread once it is :data:`OFF_LOOP_BYTES` or more (one threshold for all).
 
+Time: the agent reads and waits on an injected :class:`Clock` (:data:`SYSTEM_CLOCK`
+in production, a fake one in the round harness); :func:`wait_for` bounds a wait on it.
+Reconnect back-off and acknowledgement waits are the link's and stay on real time.
+
 Errors: everything the link does wrong is a ``TransportError``:
 :class:`RefusedError` (a failing MQTT 5 reason code, ``.reason_code``),
 :class:`PayloadTooLargeError`, :class:`NotConnectedError` (QoS 0 while down),
@@ -37,6 +41,7 @@ bugs: ``LocalProtocolError``. Bad settings: ``ConfigError`` naming the field.
 from __future__ import annotations
 
 from ._blocking import probe_broker
+from ._clock import SYSTEM_CLOCK, Clock, SystemClock, wait_for
 from ._config import (
     MQTT_MAX_PACKET,
     LastWill,
@@ -78,9 +83,11 @@ __all__ = [
     "LOG_FORMATS",
     "MQTT_MAX_PACKET",
     "OFF_LOOP_BYTES",
+    "SYSTEM_CLOCK",
     "Backoff",
     "BrokerSettings",
     "Cause",
+    "Clock",
     "Diagnosis",
     "LastWill",
     "LinkEvent",
@@ -98,6 +105,7 @@ __all__ = [
     "RefusedError",
     "Section",
     "ServiceSettings",
+    "SystemClock",
     "TlsConfig",
     "Transport",
     "TransportClosedError",
@@ -118,4 +126,5 @@ __all__ = [
     "setup_logging",
     "topic_matches",
     "verify_mosquitto_password",
+    "wait_for",
 ]

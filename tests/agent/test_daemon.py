@@ -102,15 +102,20 @@ async def stand_in(b: Bench, fleet: Fleet) -> AsyncIterator[StandIn]:
         yield coord
 
 
+#: A receipt timeout that ends before nothing else the agent waits for (heartbeats: 30 s).
+RECEIPT_TIMEOUT = "[limits]\nreceipt_timeout_s = 45\n"
+
+
 async def test_summer_round(fleet: Fleet) -> None:
-    config = fleet.device("dev-s", NOWHERE, extra="[limits]\nreceipt_timeout_s = 1.0\n")
+    config = fleet.device("dev-s", NOWHERE, extra=RECEIPT_TIMEOUT)
     weights = small_weights()
     async with bench() as b, stand_in(b, fleet) as coord, b.agent(config) as agent:
         setup = await coord.start_round(1, p_sum=1.0, p_update=0.0, weights=weights)
         first = await coord.expect(TopicKind.SUM)
         assert isinstance(first.body, Sum)
         assert first.body.certificate.subject == "dev-s"
-        # No receipt: the agent publishes the very same bytes again.
+        # No receipt within the timeout: the agent publishes the very same bytes again.
+        await b.fire_timer(45, "the receipt timeout")
         again = await coord.expect(TopicKind.SUM)
         assert again.raw == first.raw
         await coord.receipt("dev-s", again)
@@ -192,18 +197,36 @@ async def test_updater_round_with_litert(fleet: Fleet) -> None:
 
 
 async def test_rejected_update_is_not_retried(fleet: Fleet) -> None:
-    config_path = fleet.device("dev-r", NOWHERE, extra="[limits]\nreceipt_timeout_s = 0.5\n")
+    """A rejection of the first copy is final: the round fails for the device, and
+    the receipt timeout running out afterwards brings no second copy."""
+    config_path = fleet.device("dev-r", NOWHERE, extra=RECEIPT_TIMEOUT)
     async with bench() as b, stand_in(b, fleet) as coord, b.agent(config_path) as agent:
         await coord.start_round(2, p_sum=0.0, p_update=1.0, weights=mlp_weights())
         summers = [summer_entry(fleet, "summer-0", 2)]
         await coord.publish_sums(2, [summers[0][3]])
         update = await coord.expect(TopicKind.UPDATE)
+        resend_at = b.clock() + 45
+        await b.until(lambda: resend_at in b.clock.sleeps, "receipt wait on the clock")
+        receipts = coord.topics.receipts("dev-r")
+        handled = b.handled(agent, lambda topic: topic == receipts)
         await coord.receipt("dev-r", update, accepted=False, reason=Reason.PHASE_CLOSED)
-        await wait_step(b, agent, 2, Step.FAILED)
+        await b.until(handled.is_set, "the rejection handled")
+        b.advance(45)  # an agent still waiting for a receipt would publish again now
+
+        async def failed_or_resent() -> bool:
+            state = await agent.journal.load(2)
+            entry = await agent.journal.sent(2, TopicKind.UPDATE)
+            assert state is not None and entry is not None
+            return state.step is Step.FAILED or entry.attempts > 1
+
+        await b.until(failed_or_resent, "the round failed (or the update sent again)")
         state = await agent.journal.load(2)
-        assert state is not None and "phase_closed" in state.detail
-        with pytest.raises(asyncio.TimeoutError):
-            await coord.expect(TopicKind.UPDATE, wait_s=1.5)
+        entry = await agent.journal.sent(2, TopicKind.UPDATE)
+        assert state is not None and state.step is Step.FAILED, state
+        assert "phase_closed" in state.detail
+        assert entry is not None and (entry.status, entry.attempts) == (ReceiptStatus.REJECTED, 1)
+        assert agent.driver is not None and agent.driver.finished.is_set()  # nothing left to send
+        assert coord.queues[TopicKind.UPDATE].empty()
 
 
 async def test_a_late_duplicate_receipt_is_journaled_as_accepted(

@@ -7,13 +7,13 @@ through its paths: selected as summer, updater or neither; a round dropped mid-w
 a rejected message; a lost, a duplicate and a late receipt; a restart mid-round from
 the journal. Nothing sleeps: a test waits on broker traffic for a state it names,
 holds back chosen messages (the harness broker's ``hold``) to put the agent where it
-wants it, and moves the fake clock to close a phase window. The same round over a real
+wants it, and moves the fake clock to close a phase window or to run out an agent's
+receipt timeout (the agents' timers are on the same clock). The same round over a real
 mosquitto, with the model recomputed, is tests/agent/test_with_coordinator.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -34,7 +34,6 @@ from maskfl.protocol.messages import GlobalModel, Receipt, decode_message, weigh
 from maskfl.protocol.sortition import Task, next_round_seed, select_task
 from maskfl.protocol.topics import TopicKind, Topics
 from maskfl.testing.fleet import write_agent_bundle
-from maskfl.transport import Message
 from tests.broker_coordinator.support import P_SUM
 from tests.support.harness import UNUSED_PORT, Harness, Hold, TrafficBroker, harness
 
@@ -96,21 +95,6 @@ class Fleet:
         body = decode_message(retained, max_size=len(retained)).body
         assert isinstance(body, GlobalModel)
         return body
-
-    def handled(self, agent: Agent, which: Callable[[str], bool]) -> asyncio.Event:
-        """Set once ``agent`` has handled a message whose topic ``which`` picks (handling
-        that changes nothing is otherwise invisible)."""
-        event = asyncio.Event()
-        handle = agent.handle
-
-        async def handle_and_tell(message: Message) -> None:
-            await handle(message)
-            if which(message.topic):
-                event.set()
-                self.h.wake()
-
-        agent.handle = handle_and_tell  # type: ignore[method-assign]
-        return event
 
     def is_receipt_for(self, device: str) -> Callable[[str], bool]:
         def match(topic: str) -> bool:
@@ -236,13 +220,15 @@ async def test_a_sum_after_the_sum_phase_closed_is_rejected(tmp_path: Path) -> N
 
 
 async def test_a_lost_receipt_is_resent_and_answered_duplicate(tmp_path: Path) -> None:
-    """The receipts to one updater are held: it publishes the same bytes again after
-    receipt_timeout_s (real time: the agent's own timer), the coordinator answers the
-    copy ``duplicate`` and counts the update once. The duplicate receipt ends the
-    updater's wait (done); the first, late, receipt changes nothing."""
-    limits = "\n[limits]\nreceipt_timeout_s = 0.05\nupload_retries = 1\n"
+    """The receipts to one updater are held: once receipt_timeout_s has passed on the
+    clock it publishes the same bytes again, the coordinator answers the copy
+    ``duplicate`` and counts the update once. The duplicate receipt ends the updater's
+    wait (done); the first, late, receipt changes nothing."""
+    # u0's timeout ends before the others' (60 s), the heartbeats (30 s) and the sum2
+    # window (30 s), so moving the clock by it fires u0's resend and nothing else.
+    limits = "\n[limits]\nreceipt_timeout_s = 10\nupload_retries = 1\n"
     async with fleet(tmp_path, summers=2, updaters=3) as f:
-        (u0,) = await f.agents(f.h.setup.updaters[:1], extra=limits)  # only u0 hurries
+        (u0,) = await f.agents(f.h.setup.updaters[:1], extra=limits)
         others = await f.agents(f.h.setup.updaters[1:])
         await f.agents(f.h.setup.summers)
         to_u0 = f.is_receipt_for(u0.device)
@@ -251,12 +237,14 @@ async def test_a_lost_receipt_is_resent_and_answered_duplicate(tmp_path: Path) -
         # The sum2 messages wait too, so the round is still on when the copy comes.
         late_sum2 = f.broker.hold(lambda topic: topic in sum2s)
         await f.h.start_coordinator()
+        await f.h.until(lambda: len(receipts.held) == 1, "the receipt to the updater")
+        await f.h.fire_timer(10, "u0's receipt timeout")
         await f.h.until(lambda: len(receipts.held) == 2, "two receipts to the updater")
         assert [receipt_reason(p) for _, p, _, _ in receipts.held] == ["accepted", "duplicate"]
         assert u0.driver is not None and u0.driver.step is Step.UPDATE_SENT
         assert release_where(receipts, lambda t, p: receipt_reason(p) == "duplicate") == 1
         await f.until_step(u0, 1, Step.DONE)
-        handled = f.handled(u0, to_u0)
+        handled = f.h.handled(u0, to_u0)
         assert receipts.release() == 1  # the first one, late
         await f.h.until(handled.is_set, "the late receipt handled")
         late_sum2.release()

@@ -19,6 +19,8 @@ away mid-phase and start a new one on the same SQLite files
 (:meth:`Harness.restart_coordinator`), and run real agents whose journal writes
 wake :meth:`Harness.until` like broker traffic does (:meth:`Harness.agent`). Log
 records wake it too, so a test can await "the agent logged that it ignored this".
+The agents' timers (receipt timeout, heartbeats) are sleeps on the fake clock: a
+test awaits the sleep it wants to end (:attr:`FakeClock.sleeps`), then advances.
 
 What this does not cover is the network: sessions across a broker restart, ACLs,
 TLS, chunked delivery over a real socket, a killed process. Those stay tested
@@ -75,26 +77,56 @@ Predicate = Callable[[], bool] | Callable[[], Awaitable[bool]]
 
 
 class FakeClock:
-    """Wall-clock seconds that move only when the test says so (:meth:`advance`).
+    """Wall-clock seconds that move only when the test says so (:meth:`advance`): a
+    :class:`~maskfl.transport.Clock` whose sleeps end when the time passes their end.
 
     Starts at the real time of its creation (certificates are valid then), as an
-    integer, so that every deadline a test computes is exact.
+    integer, so that every deadline a test computes is exact. Arming a sleep and
+    moving the time tell the listeners (:meth:`on_change`: the harness wakes its
+    waiters), so a test can await "the agent waits on the clock until t"
+    (:attr:`sleeps`) before it moves the time past t.
     """
 
     def __init__(self, start: float | None = None) -> None:
         self.now = float(int(time.time()) if start is None else start)
         self._listeners: list[Callable[[], None]] = []
+        self._sleeps: list[tuple[float, asyncio.Future[None]]] = []
 
     def __call__(self) -> float:
         return self.now
 
-    def on_advance(self, listener: Callable[[], None]) -> None:
+    @property
+    def sleeps(self) -> list[float]:
+        """When the sleeps armed now end, soonest first."""
+        return sorted(end for end, future in self._sleeps if not future.done())
+
+    async def sleep(self, seconds: float) -> None:
+        """Return once :meth:`advance` has moved the time ``seconds`` on (0: at once)."""
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        entry = (self.now + seconds, asyncio.get_running_loop().create_future())
+        self._sleeps.append(entry)
+        self._changed()
+        try:
+            await entry[1]
+        finally:
+            self._sleeps.remove(entry)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
     def advance(self, seconds: float) -> None:
+        """Move the time on; every sleep it passes the end of ends (soonest first)."""
         if seconds < 0:
             raise ValueError(f"time does not go back ({seconds} s)")
         self.now += seconds
+        for end, future in sorted(self._sleeps, key=lambda entry: entry[0]):
+            if end <= self.now and not future.done():
+                future.set_result(None)
+        self._changed()
+
+    def _changed(self) -> None:
         for listener in list(self._listeners):
             listener()
 
@@ -291,6 +323,17 @@ class Bench:
         """Make :meth:`until` re-check its predicate now."""
         self.broker.traffic.set()
 
+    def advance(self, seconds: float) -> None:
+        """Move the clock on (its sleeps that end by then end)."""
+        self.clock.advance(seconds)
+
+    async def fire_timer(self, seconds: float, what: str) -> None:
+        """Wait until something sleeps on the clock until ``seconds`` from now (an
+        agent's receipt timeout, say), then move the time that far: it fires."""
+        end = self.clock() + seconds
+        await self.until(lambda: end in self.clock.sleeps, f"wait on the clock for {what}")
+        self.advance(seconds)
+
     async def until(self, predicate: Predicate, what: str, limit_s: float = 20) -> None:
         """Wait until ``predicate()`` (a coroutine function's result is awaited) is
         true, re-checking on every broker message, journal write, log record and clock
@@ -347,6 +390,21 @@ class Bench:
         message again (``dup``) while the first copy is being handled."""
         assert isinstance(transport, _WakingTransport), transport
         transport.drop_after = lambda topic: topic_matches(topic_filter, topic)
+
+    def handled(self, agent: Agent, which: Callable[[str], bool]) -> asyncio.Event:
+        """Set once ``agent`` has handled a message whose topic ``which`` picks
+        (handling that changes nothing is otherwise invisible)."""
+        event = asyncio.Event()
+        handle = agent.handle
+
+        async def handle_and_tell(message: Message) -> None:
+            await handle(message)
+            if which(message.topic):
+                event.set()
+                self.wake()
+
+        agent.handle = handle_and_tell  # type: ignore[method-assign]
+        return event
 
     @contextlib.asynccontextmanager
     async def agent(self, config_path: Path) -> AsyncIterator[Agent]:
@@ -522,6 +580,7 @@ class Harness(Bench):
 async def _serving(b: B) -> AsyncIterator[B]:
     """``b`` with log records waking its waiters; closed at the end."""
     handler = _Wakeup(b.broker.traffic)
+    b.clock.on_change(b.wake)
     root = logging.getLogger()
     root.addHandler(handler)
     try:
