@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from maskfl.broker_coordinator.store import RoundOutcome
+from maskfl.protocol.round import RoundOutcome
 from maskfl.tools._arm_root import DEVICE, CheckFailedError, log, peak_rss_mb, run, start_unit
 from maskfl.tools._demo_watch import query_read_only
 

@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from maskfl.broker_coordinator.store import RoundOutcome
+from maskfl.agent.steps import Step
 from maskfl.protocol.masking import MaskConfig, encode_update
+from maskfl.protocol.round import RoundOutcome
+from maskfl.protocol.sortition import Task
 from maskfl.tools import report as rep
 from maskfl.tools._demo_fleet import DemoFleet
 from maskfl.tools._demo_watch import StoreSampler, journal_rounds, plain_update
@@ -37,10 +39,10 @@ class Findings:
         journals = {d: journal_rounds(fleet.agent_state(d)) for d in fleet.device_ids}
         sent = {d: j[rid] for d, j in journals.items() if rid in j}
         updater_bytes = [
-            v["bytes_sent"] for v in sent.values() if v["task"] == "update" and v["bytes_sent"]
+            v["bytes_sent"] for v in sent.values() if v["task"] is Task.UPDATE and v["bytes_sent"]
         ]
         summer_bytes = [
-            v["bytes_sent"] for v in sent.values() if v["task"] == "sum" and v["bytes_sent"]
+            v["bytes_sent"] for v in sent.values() if v["task"] is Task.SUM and v["bytes_sent"]
         ]
         participant_bytes = updater_bytes + summer_bytes
         self.bytes_rows.append(
@@ -75,7 +77,9 @@ class Findings:
         if sampler is not None:
             included = set(sampler.accepted.get(rid, set()))
         if not included:
-            included = {d for d, v in sent.items() if v["task"] == "update" and v["step"] == "done"}
+            included = {
+                d for d, v in sent.items() if v["task"] is Task.UPDATE and v["step"] is Step.DONE
+            }
         plain = [plain_update(fleet.plain_log(d), rid) for d in sorted(included)]
         if not plain or any(p is None for p in plain):
             self.unchecked[rid] = "a plain update is missing from the agents' logs"

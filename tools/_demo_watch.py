@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from maskfl.agent.steps import Step
 from maskfl.broker_coordinator.store import LOGGED_PHASES
 from maskfl.protocol.chunking import is_chunk
 from maskfl.protocol.errors import CryptoError, RemoteProtocolError, StorageError, sqlite_errors
@@ -44,6 +45,7 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.reassembly import Reassembler
 from maskfl.protocol.round import RoundOutcome
+from maskfl.protocol.sortition import Task
 from maskfl.protocol.topics import TopicKind, Topics
 from maskfl.transport import MqttConfig, MqttTransport, TlsConfig, broker_identity
 
@@ -384,7 +386,8 @@ class StoreSampler:
 
 
 def journal_rounds(state_dir: Path) -> dict[int, dict[str, Any]]:
-    """An agent's journal: ``{round_id: {task, step, bytes_sent}}`` (recent rounds)."""
+    """An agent's journal: ``{round_id: {task, step, bytes_sent}}`` (recent rounds), its
+    task a :class:`Task` and its step a :class:`Step`."""
     db = state_dir / "agent.sqlite3"
     if not db.exists():
         return {}
@@ -392,7 +395,7 @@ def journal_rounds(state_dir: Path) -> dict[int, dict[str, Any]]:
         (rows,) = query_read_only(db, ("SELECT round_id, task, step, bytes_sent FROM rounds", ()))
     except StorageError:
         return {}
-    return {int(r): {"task": str(t), "step": str(s), "bytes_sent": int(b)} for r, t, s, b in rows}
+    return {int(r): {"task": Task(t), "step": Step(s), "bytes_sent": int(b)} for r, t, s, b in rows}
 
 
 def plain_update(log_dir: Path, round_id: int) -> tuple[npt.NDArray[np.float32], int] | None:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from maskfl.broker_coordinator.store import RoundOutcome
+from maskfl.protocol.round import RoundOutcome
 
 if TYPE_CHECKING:
     from maskfl.tools.report import RoundReport
