@@ -68,7 +68,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from maskfl.protocol.errors import ConfigError
 from maskfl.protocol.settings import describe_errors, env_overrides, merge
-from maskfl.transport import BrokerSettings, ServiceSettings
+from maskfl.transport import BrokerSettings, LogFormat, ServiceSettings
 from maskfl.transport import Section as _Section
 
 __all__ = [
@@ -229,7 +229,7 @@ class LimitsSection(_Section):
 
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["auto", "text", "json"] = "auto"
+    format: LogFormat = "auto"
     """``auto``: text on a terminal or under journald, JSON otherwise (maskfl.transport's
     logging convention, shared with the coordinator); ``run --log-format`` overrides it."""
 

@@ -95,7 +95,7 @@ from maskfl.protocol.settings import (
     merge,
 )
 from maskfl.protocol.sortition import MAX_GROUPS, default_groups
-from maskfl.transport import BrokerSettings, ServiceSettings, TlsConfig
+from maskfl.transport import BrokerSettings, LogFormat, ServiceSettings, TlsConfig
 from maskfl.transport import Section as _Section
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -427,7 +427,7 @@ class HttpConfig(_Section):
 
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "text", "json"] = "auto"
+    format: LogFormat = "auto"
     """``auto``: text on a terminal or under journald, JSON otherwise (maskfl.transport's
     logging convention, shared with the agent); ``run --log-format`` overrides it."""
 
