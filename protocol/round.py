@@ -85,7 +85,7 @@ class Event(StrEnum):
 
 class RoundOutcome(StrEnum):
     """How a round ended: the round row's ``outcome`` holds the value, NULL while the
-    round runs. (Not the agent's :class:`maskfl.agent.rounds.Outcome`, which is a
+    round runs. (Not the agent's :class:`maskfl.agent.delivery.Outcome`, which is a
     receipt's verdict.)"""
 
     COMPLETED = "completed"
