@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from maskfl.protocol.errors import ConfigError, LocalProtocolError
 from maskfl.protocol.messages import PARTICIPANT_MESSAGES, MessageType
 from maskfl.protocol.phases import Phase, PhaseWindow, Verdict, Window, precedes
+from maskfl.protocol.round import TABLE, Event, move
 
 # --- the table ---------------------------------------------------------------------------
 
@@ -22,6 +24,21 @@ def test_precedes_is_the_round_order() -> None:
     for i, earlier in enumerate(order):
         for later in order:
             assert precedes(earlier, later) == (i < order.index(later))
+
+
+def test_the_round_tables_happy_path_is_the_order_precedes_knows() -> None:
+    """The phase order is stated once (protocol.phases: precedes) and walked by the round
+    table (protocol.round): a phase or move added to one and not the other fails."""
+    path, at = [Phase.IDLE], Phase.IDLE
+    step = move(at, Event.STARTED)
+    while step.target is not Phase.IDLE:
+        assert step.target not in path, f"the table loops back to {step.target}"
+        at = step.target
+        path.append(at)
+        step = TABLE.get((at, Event.CLOSED)) or move(at, Event.DONE)
+    assert set(path) == set(Phase) - {Phase.FAILURE, Phase.SHUTDOWN}
+    assert all(precedes(a, b) for a, b in itertools.pairwise(path))
+    assert all(precedes(p, Phase.FAILURE) for p in path)
 
 
 def test_participant_kinds_are_one_table() -> None:
