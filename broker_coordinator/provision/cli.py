@@ -59,20 +59,36 @@ def _unlock(fleet: Fleet, args: argparse.Namespace) -> Keys:
     asked for on the terminal when the keys are protected and neither gives one."""
     passphrase = _passphrase(args)
     if passphrase is None and fleet.ca_encrypted() and sys.stdin.isatty():
-        passphrase = getpass.getpass("CA key passphrase: ").encode() or None
+        typed = _ask("CA key passphrase: ", "signing with the protected CA key")
+        passphrase = typed.encode() or None
     return fleet.unlock(passphrase)
+
+
+def _ask(prompt: str, option: str) -> str:
+    """A passphrase typed on the terminal; a ProvisionError naming ``option`` and the ways
+    around it where there is no terminal (stdin redirected, as under cron or a pipe) or
+    nothing was typed (end of input)."""
+    try:
+        if sys.stdin.isatty():
+            return getpass.getpass(prompt)
+    except EOFError:
+        pass
+    raise ProvisionError(
+        f"{option} needs a terminal to type the passphrase on, and stdin is none (or at its "
+        f"end); give it with --passphrase-file FILE or the {PASSPHRASE_ENV} environment variable"
+    )
 
 
 def _new_passphrase(args: argparse.Namespace) -> bytes | None:
     """init's passphrase: --passphrase-file, the environment, or --ask-passphrase."""
     passphrase = _passphrase(args)
     if passphrase is None and args.ask_passphrase:
-        first = getpass.getpass("new CA key passphrase: ")
+        first = _ask("new CA key passphrase: ", "--ask-passphrase")
         if not first:
             raise ProvisionError(
                 "an empty passphrase protects nothing; give one or omit --ask-passphrase"
             )
-        if getpass.getpass("again: ") != first:
+        if _ask("again: ", "--ask-passphrase") != first:
             raise ProvisionError("the two passphrases differ; nothing was created")
         passphrase = first.encode()
     return passphrase

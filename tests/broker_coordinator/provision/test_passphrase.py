@@ -8,6 +8,9 @@ one line and exit 2, and changes nothing.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,13 +80,14 @@ def test_ca_keys_are_encrypted_and_every_signing_command_needs_the_passphrase(
     assert devices["pi-002"].status is Status.REVOKED
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_a_terminal_is_asked(
     protected: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
     asked: list[str] = []
 
     def getpass(prompt: str) -> str:
@@ -100,6 +104,7 @@ def test_init_asks_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv(PASSPHRASE_ENV, raising=False)
+    monkeypatch.setattr("sys.stdin", Terminal(""))
     answers = iter(["s3cret", "s3cret-typo"])
     monkeypatch.setattr("getpass.getpass", lambda _prompt: next(answers))
     root = tmp_path / "fleet"
@@ -111,3 +116,28 @@ def test_init_asks_twice(
     assert "CA keys passphrase-protected" in capsys.readouterr().out
     monkeypatch.setenv(PASSPHRASE_ENV, "s3cret")
     assert run(root, "add-device", "pi-001") == 0
+
+
+def test_ask_passphrase_without_a_terminal_is_one_line(tmp_path: Path) -> None:
+    """init --ask-passphrase under cron or a pipe: no controlling terminal (its own
+    session) and stdin at its end; getpass then meets EOF. One line naming the flag and
+    the ways around it, exit 2, no fleet."""
+    root = tmp_path / "fleet"
+    env = {k: v for k, v in os.environ.items() if k != PASSPHRASE_ENV}
+    cli = [sys.executable, "-m", "maskfl.broker_coordinator.provision.cli", "--dir", str(root)]
+    done = subprocess.run(
+        [*cli, "init", "--fleet", "demo", "--ask-passphrase"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        start_new_session=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr  # no traceback, no getpass warning
+    last = done.stderr.strip()
+    assert last.startswith("maskfl-provision: error: --ask-passphrase needs a terminal"), last
+    assert "--passphrase-file" in last and PASSPHRASE_ENV in last
+    assert not (root / "ca").exists()
