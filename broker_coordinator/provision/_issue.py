@@ -194,10 +194,14 @@ class Issuer:
         make_dir(self.layout.observers_dir, mode=PRIVATE_DIR)
         make_dir(directory, mode=PRIVATE_DIR)
         # The key first, the certificate naming it after (as for the coordinator).
+        # With --tls-csr the key stays with the observer: a key left from before would no
+        # longer match the certificate (a device's bundle is replaced whole, likewise).
         if issued.tls_key is not None:
             b.write_file(
                 directory, b.OBSERVER_TLS_KEY, _tls.key_to_pem(issued.tls_key), private=True
             )
+        else:
+            (directory / b.OBSERVER_TLS_KEY).unlink(missing_ok=True)
         b.write_file(
             directory, b.OBSERVER_TLS_CERT, _tls.cert_to_pem(issued.tls_cert), private=False
         )

@@ -12,6 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from maskfl.broker_coordinator.provision.cli import main
 from maskfl.protocol.topics import Topics
@@ -180,3 +183,28 @@ def test_the_readmes_mosquitto_sub_line_works_as_written(fleet_broker: Broker) -
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{P}/round the round\n"
+
+
+def test_rotating_an_observer_with_its_own_tls_key_removes_the_old_key(tmp_path: Path) -> None:
+    """rotate NAME --tls-csr: the certificate is for the CSR's key, kept by the observer,
+    so the folder keeps no key of its own (the old one no longer matches), as a device's
+    bundle keeps no device-tls.key."""
+    root = tmp_path / "fleet"
+    provision(root, "init", "--fleet", "demo")
+    provision(root, "add-observer", "dash")
+    folder = root / "observers" / "dash"
+    assert (folder / "observer-tls.key").is_file()
+    own = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "dash")])
+    )
+    csr_path = tmp_path / "dash.csr"
+    csr_path.write_bytes(csr.sign(own, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    provision(root, "rotate", "dash", "--tls-csr", str(csr_path))
+    cert = x509.load_pem_x509_certificate((folder / "observer-tls.pem").read_bytes())
+    assert cert.public_key() == own.public_key()
+    assert not (folder / "observer-tls.key").exists()
+    provision(root, "rotate", "dash")  # without a CSR: a new key is issued again
+    cert = x509.load_pem_x509_certificate((folder / "observer-tls.pem").read_bytes())
+    key = serialization.load_pem_private_key((folder / "observer-tls.key").read_bytes(), None)
+    assert cert.public_key() == key.public_key()
