@@ -212,11 +212,29 @@ class Observer:
 
 async def fetch_status(port: int, limit_s: float = 2.0) -> dict[str, Any] | None:
     """The coordinator's ``GET /status`` as a dict, or None if it does not answer."""
+    body = await _get(port, "/status", limit_s)
+    if body is None:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+async def fetch_ready(port: int, limit_s: float = 2.0) -> bool:
+    """Whether the coordinator's ``GET /readyz`` says 200 (its database open, its broker
+    link up, its round services built: what /status reports is then all there)."""
+    return await _get(port, "/readyz", limit_s) is not None
+
+
+async def _get(port: int, path: str, limit_s: float) -> bytes | None:
+    """The body of the coordinator's 200 answer to ``GET path``, or None."""
     try:
         async with asyncio.timeout(limit_s):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
-                writer.write(b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
                 await writer.drain()
                 raw = await reader.read()
             finally:
@@ -226,13 +244,7 @@ async def fetch_status(port: int, limit_s: float = 2.0) -> dict[str, Any] | None
     except (OSError, TimeoutError):
         return None
     head, _, body = raw.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        return None
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
+    return body if head.startswith(b"HTTP/1.1 200") else None
 
 
 def observer_config(bundle: Path, host: str, port: int) -> MqttConfig:

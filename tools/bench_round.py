@@ -56,7 +56,7 @@ from maskfl.tools._bench_plain import (
 )
 from maskfl.tools._benchargs import count
 from maskfl.tools._demo_fleet import console_script
-from maskfl.tools._demo_watch import fetch_status
+from maskfl.tools._demo_watch import fetch_ready, fetch_status
 from maskfl.tools._help import plain
 from maskfl.tools._supervise import Child, Supervisor
 
@@ -303,8 +303,10 @@ async def _until_model(
         supervisor.check()
         if time.monotonic() > deadline:
             raise MaskflError(f"the masked round did not finish; see {coordinator.log_path}")
-        if not status_info:
-            status_info = await fetch_status(http_port, 0.5) or {}
+        # /status answers {"ready": false} alone until the coordinator is ready: read it
+        # once /readyz says 200, when it names the backend.
+        if not status_info and await fetch_ready(http_port, 1.0):
+            status_info = await fetch_status(http_port, 5.0) or {}
         if watcher.at is not None:
             model_at = watcher.at
         else:

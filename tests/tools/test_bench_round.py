@@ -22,6 +22,9 @@ def test_small_round_reports_phases_bytes_and_the_plain_baseline() -> None:
     assert 4 * 1001 < masked["bytes_per_updater"] < 4 * 1001 + 2 * 112 + 1024
     assert masked["bytes_per_summer"] > 4 * 1001  # sum + sum2 (the aggregate mask)
     assert masked["model_weights_bytes"] == 4 * 1000
+    # The coordinator's unmasking backend, from /status once it is ready (was null: read
+    # before the coordinator had built its round services).
+    assert isinstance(masked["backend"], str) and masked["backend"], masked["backend"]
     # The plain update is the same message without the sealed seeds (word alignment: +-8).
     extra = masked["bytes_per_updater"] - plain["bytes_per_updater"]
     assert abs(extra - 2 * 112) <= 8
