@@ -61,7 +61,6 @@ __all__ = [
     "Move",
     "ParticipantStep",
     "RoundOutcome",
-    "check_transition",
     "move",
     "retained",
     "steps_for",
@@ -145,14 +144,6 @@ TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = MappingProxyType(
     {p: frozenset(m.target for (q, _), m in TABLE.items() if q is p) for p in Phase}
 )
 """The allowed moves ``from -> {to, ...}``, derived from :data:`TABLE`."""
-
-
-def check_transition(current: Phase, target: Phase) -> Phase:
-    """Return ``target`` if some event moves ``current`` there, else raise
-    :class:`LocalProtocolError` (for code that states a target, e.g. a resumed row)."""
-    if target not in TRANSITIONS[current]:
-        raise LocalProtocolError(f"no transition from {current} to {target}", phase=current)
-    return target
 
 
 def retained(phase: Phase) -> tuple[MessageType, ...]:
