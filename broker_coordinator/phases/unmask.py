@@ -20,16 +20,23 @@ import asyncio
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from maskfl.aggregator_gpu import DigestVote, MaskVoteTieError, Words, plurality_of_digests
+from maskfl.aggregator_gpu import (
+    DigestVote,
+    MaskVoteTieError,
+    Words,
+    WordsLike,
+    plurality_of_digests,
+)
 from maskfl.broker_coordinator.config import MIN_UPDATES_FLOOR
 from maskfl.broker_coordinator.context import ModelState
 from maskfl.broker_coordinator.errors import RoundFailedError
 from maskfl.broker_coordinator.optimizers import F32
 from maskfl.broker_coordinator.phases.base import StepPhase, Transition
-from maskfl.broker_coordinator.store import ModelRecord, Sum2Record
+from maskfl.broker_coordinator.store import ModelRecord, Sum2Record, UpdateRecord
 from maskfl.protocol.errors import AggregationError
 from maskfl.protocol.ids import RoundId
 from maskfl.protocol.masking import (
@@ -46,30 +53,66 @@ from maskfl.protocol.round import Event, move
 log = logging.getLogger("maskfl.coordinator.unmask")
 
 
+@dataclass(frozen=True, slots=True)
+class _Started:
+    wall: float
+    cpu: float
+
+
+@dataclass(slots=True)
+class _Model:
+    """The stepped model and what the round's log line says of it. :meth:`_store` takes
+    the weights out (the signed message then holds the only copy)."""
+
+    weights: F32
+    metrics: tuple[tuple[str, float], ...]
+    included: int
+    dropped: int
+    weight_sum: float
+
+
 class UnmaskPhase(StepPhase):
     phase = Phase.UNMASK
 
-    async def run(self) -> Transition:  # noqa: PLR0915 the unmask sequence; split tracked in issue 12
-        s, state = self.s, self.state
+    async def run(self) -> Transition:
+        """Vote on the masks, unmask, step the model, store it with the round's
+        outcome, publish it: ``done``. A round that cannot be unmasked raises
+        :class:`RoundFailedError` (the runner fails it)."""
+        state = self.state
         assert state is not None and state.acc is not None
-        started, cpu_started = time.perf_counter(), time.process_time()
-        rid = state.round_id
+        started = _Started(time.perf_counter(), time.process_time())
         winners, failed = self._vote()
         dropped = [u for u in state.updates.values() if u.digest in failed]
+        mask = await self._mask(winners, dropped)
+        included = self._floor(state.acc.count - len(dropped), len(dropped))
+        weights, weight_sum, fleet = self._step(mask, included)
+        del mask
+        metrics = self._metrics(included, len(dropped), winners, weight_sum, fleet)
+        result = _Model(weights, metrics, included, len(dropped), weight_sum)
+        del weights
+        await self._store_and_publish(result, started)
+        return Transition(Event.DONE)
+
+    async def _mask(self, winners: list[DigestVote], dropped: list[UpdateRecord]) -> WordsLike:
+        """The words to subtract from the aggregate: the winning mask of each group,
+        plus the masked words of the updates whose seeds did not open (the aggregate
+        holds them, the masks do not)."""
+        s, state = self.s, self.state
+        assert state is not None
+        rid = state.round_id
         # Masks are read into this buffer, ours: a 4·M-byte result returned from a worker
         # thread stays referenced by the executor until its next job (at M = 1e8 that
         # kept a 400 MB mask alive through the step).
         mask = np.empty(s.vector_words, dtype=s.mask.dtype)
         await asyncio.to_thread(s.checkpoints.read_mask, rid, winners[0].digest, mask.data)
-        several = dropped or len(winners) > 1
-        combined = s.backend.accumulator(s.vector_words, s.mask.word_bits) if several else None
-        if combined is not None:
+        if not dropped and len(winners) == 1:
+            return mask
+        combined = s.backend.accumulator(s.vector_words, s.mask.word_bits)
+        combined.add(mask)
+        for vote in winners[1:]:
+            await asyncio.to_thread(s.checkpoints.read_mask, rid, vote.digest, mask.data)
             combined.add(mask)
-            for vote in winners[1:]:
-                await asyncio.to_thread(s.checkpoints.read_mask, rid, vote.digest, mask.data)
-                combined.add(mask)
         for u in dropped:
-            assert combined is not None
             words = state.words.get(u.digest)
             if words is not None:
                 combined.add(words)
@@ -82,26 +125,34 @@ class UnmaskPhase(StepPhase):
                     '"memory"); the round cannot be unmasked',
                     round_id=rid,
                 )
-        acc = state.acc
-        included = acc.count - len(dropped)
-        floor = max(MIN_UPDATES_FLOOR, s.config.privacy.min_updates)
+        return combined.total()
+
+    def _floor(self, included: int, dropped: int) -> int:
+        """``included`` if it reaches the privacy floor, else the round fails."""
+        floor = max(MIN_UPDATES_FLOOR, self.s.config.privacy.min_updates)
         if included < floor:
             # The privacy floor, checked where it matters: whatever the phases let
             # through or the summers claim they could not open, an aggregate of fewer
             # updates is never unmasked, and this round publishes nothing.
             raise RoundFailedError(
-                f"only {included} of the round's updates can be unmasked ({len(dropped)} "
+                f"only {included} of the round's updates can be unmasked ({dropped} "
                 f"dropped), below the privacy floor privacy.min_updates = {floor}: "
                 "the aggregate stays masked and no model is published",
-                round_id=rid,
+                round_id=None if self.state is None else self.state.round_id,
             )
-        votes = sum(vote.votes for vote in winners)
-        acc.subtract_mask(mask if combined is None else combined.total())
-        del mask, combined
+        return included
+
+    def _step(self, mask: WordsLike, included: int) -> tuple[F32, float, FleetEvaluation | None]:
+        """Unmask the aggregate, decode the mean delta, step the model: the new weights,
+        the unmasked sum of weights and the fleet evaluation. The aggregate is spent."""
+        s, state = self.s, self.state
+        assert state is not None and state.acc is not None
+        acc = state.acc
+        acc.subtract_mask(mask)
         plain = acc.plain()
         weight_sum = decode_weight_sum(plain, included, s.mask)
         if not weight_sum > 0:
-            raise RoundFailedError(f"sum of weights is {weight_sum}", round_id=rid)
+            raise RoundFailedError(f"sum of weights is {weight_sum}", round_id=state.round_id)
         fleet = self._evaluation(included)
         weights = self._next_weights(plain, included, weight_sum)
         # The aggregate is spent: its 4·M bytes go before the model is encoded (from here
@@ -109,12 +160,26 @@ class UnmaskPhase(StepPhase):
         # checkpoint).
         del plain, acc
         state.acc = None
+        return weights, weight_sum, fleet
+
+    def _metrics(
+        self,
+        included: int,
+        dropped: int,
+        winners: list[DigestVote],
+        weight_sum: float,
+        fleet: FleetEvaluation | None,
+    ) -> tuple[tuple[str, float], ...]:
+        """The GLOBAL_MODEL's metrics (protocol.md §8.2): counts, the error bound, the
+        fleet evaluation and the privacy spent, when there are."""
+        s, state = self.s, self.state
+        assert state is not None
         metrics: tuple[tuple[str, float], ...] = (
             ("updates", float(included)),
-            ("dropped", float(len(dropped))),
+            ("dropped", float(dropped)),
             ("summers", float(len(state.summers))),
             ("sum2", float(len(state.sum2))),
-            ("mask_votes", float(votes)),
+            ("mask_votes", float(sum(vote.votes for vote in winners))),
             ("weight_sum", float(weight_sum)),
             ("error_bound", float(error_bound(included, weight_sum, s.mask))),
             ("resolution", float(s.mask.resolution)),
@@ -145,8 +210,58 @@ class UnmaskPhase(StepPhase):
                 ("dp_rho_round", dp.rho),
                 ("dp_rounds", float(ledger.rounds + 1)),
             )
+        return metrics
+
+    async def _store_and_publish(self, result: _Model, started: _Started) -> None:
+        """The next GLOBAL_MODEL: stored with the round's outcome (:meth:`_store`), then
+        published retained (nothing announces it before the commit), and logged."""
+        s, state = self.s, self.state
+        assert state is not None
+        rid = state.round_id
         version = s.model.version + 1
         computed = time.perf_counter()
+        raw, digest, weights, signed = await self._store(result, version)
+        stored = time.perf_counter()
+        s.model = ModelState(s.model.model_id, version, weights, digest)
+        s.metrics.model_version.set(version)
+        s.metrics.unmask_seconds.observe(stored - started.wall)
+        await s.outbox.state(s.topics.model_latest(s.model.model_id), raw)
+        published = time.perf_counter()
+        log.info(
+            "round %d completed: model v%d from %d updates (%d dropped), weight sum %.3f; "
+            "unmask %.3f s (vote, decode, step %.3f, sign and files %.3f, commit %.3f), "
+            "publish %.3f s, %.3f CPU-s in all",
+            rid,
+            version,
+            result.included,
+            result.dropped,
+            result.weight_sum,
+            stored - started.wall,
+            computed - started.wall,
+            signed - computed,
+            stored - signed,
+            published - stored,
+            time.process_time() - started.cpu,
+            extra={"round_id": rid, "phase": "unmask", "model_version": version},
+        )
+
+    async def _store(self, result: _Model, version: int) -> tuple[bytes, bytes, F32, float]:
+        """Sign the model and write its registry file, then commit it with the round's
+        outcome (one transaction): the signed bytes, the weights' digest, the weights as
+        a view of the signed bytes, and when the file was done (perf_counter)."""
+        s, state = self.s, self.state
+        assert state is not None
+        rid, metrics, size = state.round_id, result.metrics, result.weights.size
+        body = GlobalModel(
+            model_id=s.model.model_id,
+            version=version,
+            round_id=RoundId(rid),
+            previous_digest=s.model.digest,
+            weights=result.weights,
+            metrics=metrics,
+            graph_digest=s.graph_digest,
+        )
+        result.weights = np.empty(0, np.float32)  # the body holds them, nothing else
 
         def sign_and_file(body: GlobalModel) -> bytes:
             raw = s.sign(body, rid)
@@ -159,23 +274,30 @@ class UnmaskPhase(StepPhase):
         # release the GIL). add_model below finds the file there; a crash before the
         # commit leaves a file no row names, deleted at the next start, and nothing
         # announces the model before the commit.
-        body = GlobalModel(
-            model_id=s.model.model_id,
-            version=version,
-            round_id=RoundId(rid),
-            previous_digest=s.model.digest,
-            weights=weights,
-            metrics=metrics,
-            graph_digest=s.graph_digest,
-        )
         raw, digest = await asyncio.gather(
-            asyncio.to_thread(sign_and_file, body), asyncio.to_thread(weights_digest, weights)
+            asyncio.to_thread(sign_and_file, body), asyncio.to_thread(weights_digest, body.weights)
         )
         # The signed message ends with the weights (wire-format.md): keep the model as a
         # view of it, not as a second 4·M-byte array beside it.
-        weights = np.frombuffer(raw, "<f4", weights.size, len(raw) - weights.nbytes)
         del body
+        weights = np.frombuffer(raw, "<f4", size, len(raw) - 4 * size)
         signed = time.perf_counter()
+        await self._commit(raw, digest, weights, version, metrics)
+        return raw, digest, weights, signed
+
+    async def _commit(
+        self,
+        raw: bytes,
+        digest: bytes,
+        weights: F32,
+        version: int,
+        metrics: tuple[tuple[str, float], ...],
+    ) -> None:
+        """The model and the round's outcome in one transaction; the privacy spent and
+        the round's masks forgotten only after it."""
+        s, state = self.s, self.state
+        assert state is not None
+        rid = state.round_id
         now = s.clock()
         done = move(Phase.UNMASK, Event.DONE)  # the model and the outcome in one commit
         assert done.outcome is not None
@@ -205,31 +327,7 @@ class UnmaskPhase(StepPhase):
         if s.dp is not None and s.accountant is not None:
             s.accountant.spend(s.dp.rho)  # after the commit: the store is the record
         s.checkpoints.prune_masks()  # the round's sum2 masks, now that it is over
-        stored = time.perf_counter()
         state.record = record
-        s.model = ModelState(s.model.model_id, version, weights, digest)
-        s.metrics.model_version.set(version)
-        s.metrics.unmask_seconds.observe(stored - started)
-        await s.outbox.state(s.topics.model_latest(s.model.model_id), raw)
-        published = time.perf_counter()
-        log.info(
-            "round %d completed: model v%d from %d updates (%d dropped), weight sum %.3f; "
-            "unmask %.3f s (vote, decode, step %.3f, sign and files %.3f, commit %.3f), "
-            "publish %.3f s, %.3f CPU-s in all",
-            rid,
-            version,
-            included,
-            len(dropped),
-            weight_sum,
-            stored - started,
-            computed - started,
-            signed - computed,
-            stored - signed,
-            published - stored,
-            time.process_time() - cpu_started,
-            extra={"round_id": rid, "phase": "unmask", "model_version": version},
-        )
-        return Transition(Event.DONE)
 
     def _next_weights(self, plain: Words, included: int, weight_sum: float) -> F32:
         """Slice by slice: decode, divide, step (scratch memory of a slice, not ~8 float64
