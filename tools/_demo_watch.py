@@ -91,6 +91,16 @@ class ModelEvent:
 Event = RoundEvent | SumsEvent | ModelEvent
 
 
+async def next_event(events: asyncio.Queue[Event], limit_s: float) -> Event | None:
+    """The next event, or None after ``limit_s``. A cancel (Ctrl-C) is never lost to an
+    event arriving at the same moment: :func:`asyncio.wait_for` on Python 3.11 returns
+    the event then and drops the cancel, so the demo ran on after a Ctrl-C."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(limit_s):
+            return await events.get()
+    return None
+
+
 class Observer:
     """Watches round parameters, sum dictionaries and global models on the broker."""
 

@@ -68,6 +68,7 @@ from maskfl.tools._demo_watch import (
     SumsEvent,
     coordinator_round,
     fetch_status,
+    next_event,
 )
 
 __all__ = ["DemoOptions", "build_parser", "main", "run_demo"]
@@ -250,9 +251,8 @@ class Demo:
             if now >= next_status:
                 next_status = now + 0.25
                 await self._poll_status(fleet)
-            try:
-                event = await asyncio.wait_for(self.procs.observer.events.get(), 0.25)
-            except TimeoutError:
+            event = await next_event(self.procs.observer.events, 0.25)
+            if event is None:
                 continue
             last_progress = time.monotonic()
             match event:

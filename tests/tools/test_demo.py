@@ -6,6 +6,7 @@ check, and leave no process behind; so must a demo interrupted with Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,14 +21,17 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 
-def _survivors(marker: Path) -> list[str]:
+def _processes(marker: Path) -> list[psutil.Process]:
     """Processes whose command line mentions ``marker`` (the demo's work directory)."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info.get("cmdline") or [])
-        if str(marker) in cmdline and proc.pid != os.getpid():
-            found.append(f"{proc.pid}: {cmdline}")
-    return found
+    return [
+        proc
+        for proc in psutil.process_iter(["pid", "cmdline"])
+        if str(marker) in " ".join(proc.info.get("cmdline") or []) and proc.pid != os.getpid()
+    ]
+
+
+def _survivors(marker: Path) -> list[str]:
+    return [f"{p.pid}: {' '.join(p.info.get('cmdline') or [])}" for p in _processes(marker)]
 
 
 def _demo(workdir: Path, *args: str) -> list[str]:
@@ -94,29 +98,34 @@ def test_short_demo_reports_and_cleans_up(tmp_path: Path) -> None:
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    proc = subprocess.Popen(
+    # The with block closes the pipe whatever happens: a failure here must not leave it
+    # to the garbage collector, where it fails the next test (PytestUnraisableExceptionWarning).
+    with subprocess.Popen(
         _demo(workdir, "--rounds", "50"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 120
-        seen = ""
-        while "coordinator pid" not in seen and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen += line
-        assert "coordinator pid" in seen, seen
-        assert len(_survivors(workdir)) >= 7  # mosquitto, coordinator, 5 agents
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 120
+            seen = ""
+            while "coordinator pid" not in seen and time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                seen += line
+            assert "coordinator pid" in seen, seen
+            assert len(_survivors(workdir)) >= 7  # mosquitto, coordinator, 5 agents
+            proc.send_signal(signal.SIGINT)
+            rest, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                for child in _processes(workdir):  # the demo's, orphaned by its SIGKILL
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
     assert proc.returncode == 130, seen + rest
     assert "interrupted" in rest
     assert _survivors(workdir) == []
