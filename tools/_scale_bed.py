@@ -200,6 +200,10 @@ class Bed:
                         total[key] = total.get(key, 0) + int(v)
         return total
 
+    def _heartbeats(self) -> int:
+        """Heartbeats the idle fleet has sent so far (0 without one)."""
+        return self.fleet_counts().get("heartbeats", 0)
+
     async def wait_connected(self) -> None:
         """Until every idle device is connected (or failed), then one heartbeat interval."""
         if not self.idle_target:
@@ -332,13 +336,15 @@ class Bed:
             sums = await asyncio.wait_for(self._future(self.sums, rid), 120)
             frames_file, update_bytes = self._write_updates(rid, params, sums, updater_ids, m)
             model_topic = Topics(FLEET).model_latest("sim") if fetch_model else ""
-            cpu0 = proc_cpu(self.coordinator.pid)
+            # CPU over the round, with its window and the fleet's heartbeats in it (to
+            # tell the heartbeats' own share from the round's work).
+            hb0, cpu0, w0 = self._heartbeats(), proc_cpu(self.coordinator.pid), time.monotonic()
             t0, fetched, model_bytes = await self._publish(
                 frames_file, n if fetch_model else 0, model_topic
             )
             frames_file.unlink()
             ingest = await self._until_done(rid, n, m)
-            cpu1 = proc_cpu(self.coordinator.pid)
+            hb1, cpu1, w1 = self._heartbeats(), proc_cpu(self.coordinator.pid), time.monotonic()
         finally:
             for s in summers:
                 await s.stop()
@@ -354,6 +360,7 @@ class Bed:
             update_bytes=update_bytes,
             first_publish=t0,
             cpu_s=cpu1 - cpu0,
+            cpu_window=(w1 - w0, hb1 - hb0),
             broker_bytes_out=sent1 - sent0,
             fetched=fetched,
             model_bytes=model_bytes,

@@ -182,8 +182,10 @@ def round_entry(
     broker_bytes_out: int,
     fetched: int,
     model_bytes: int,
+    cpu_window: tuple[float, int] = (0.0, 0),
 ) -> dict[str, Any]:
-    """One round's JSON entry."""
+    """One round's JSON entry. ``cpu_window``: the seconds ``cpu_s`` was measured over and
+    the idle fleet's heartbeats sent meanwhile."""
     inside = ingest.get("last_update_commit_at", 0) - ingest.get("first_update_at", 0)
     return {
         "round_id": rid,
@@ -197,6 +199,8 @@ def round_entry(
         "ingest_updates_per_s": round(n / inside, 1) if inside > 0 else None,
         "coordinator_cpu_s": round(cpu_s, 3),
         "coordinator_cpu_ms_per_update": round(cpu_s / n * 1e3, 3),
+        "coordinator_cpu_window_s": round(cpu_window[0], 3),
+        "heartbeats_in_cpu_window": cpu_window[1],
         "broker_bytes_out": broker_bytes_out,
         "model_fetches": fetched,
         "model_message_bytes": model_bytes or None,

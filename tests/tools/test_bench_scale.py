@@ -56,6 +56,9 @@ def test_scale_smoke(tmp_path: Path) -> None:
     fleet = result["fleet"]
     assert [r["outcome"] for r in fleet["rounds"]] == ["completed", "completed"]
     assert [r["heartbeats_paused"] for r in fleet["rounds"]] == [False, True]
+    # each round's CPU window, and the fleet's heartbeats in it (none while paused)
+    assert all(r["coordinator_cpu_window_s"] > 0 for r in fleet["rounds"])
+    assert fleet["rounds"][1]["heartbeats_in_cpu_window"] == 0
     assert fleet["coordinator_idle"]["devices_alive"] == 150
 
 
