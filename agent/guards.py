@@ -117,7 +117,10 @@ class Guards:
             except OSError as exc:
                 return f"cannot run {cfg.on_battery_command[0]} ({exc.strerror}); assuming battery"
             try:
-                code = await asyncio.wait_for(proc.wait(), cfg.command_timeout_s)
+                # Not asyncio.wait_for: on Python 3.11 it drops a cancel (the agent
+                # stopping) that comes in the same loop iteration as the exit.
+                async with asyncio.timeout(cfg.command_timeout_s):
+                    code = await proc.wait()
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

@@ -201,7 +201,8 @@ async def _measure(
         peak_rss = [0]
         sampler = asyncio.create_task(sample_rss(coord.pid, peak_rss))
         try:
-            sums = await asyncio.wait_for(watch.sum_dict, 60)
+            async with asyncio.timeout(60):  # not wait_for: it can drop a Ctrl-C on 3.11
+                sums = await watch.sum_dict
             built = await build_updates(fleet, setup, sums, work, m=m, groups=groups)
             ingest = await _coordinator_ingest(
                 sup,
@@ -301,7 +302,8 @@ async def _coordinator_ingest(
     ingest_s = max(watch.accepted) - t0
     cpu_s = cpu_seconds(pid) - cpu0
     stop_pyspy(spy)
-    await asyncio.wait_for(watch.model_seen.wait(), 600)
+    async with asyncio.timeout(600):
+        await watch.model_seen.wait()
     inside_s = await _first_arrival_to_last_commit(http_port)
     return _Ingest(t0, t_published, ingest_s, cpu_s, inside_s)
 

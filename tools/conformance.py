@@ -162,7 +162,8 @@ async def _wait_outcome(monitor: Monitor, limit_s: float) -> RoundSeen:
                 return "failed"
         monitor.changed.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(monitor.changed.wait(), 1.0)
+            async with asyncio.timeout(1.0):  # not wait_for: it can drop a Ctrl-C on 3.11
+                await monitor.changed.wait()
     return "timeout"
 
 

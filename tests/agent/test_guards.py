@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from datetime import datetime
 from pathlib import Path
+
+import pytest
 
 from maskfl.agent.config import GuardsSection, TimeWindow
 from maskfl.agent.guards import Guards
@@ -81,3 +84,32 @@ def test_upload_budget() -> None:
     assert g.upload_allowed(600).allowed
     assert not g.upload_allowed(600, already_sent=500).allowed
     assert guards(GuardsSection()).upload_allowed(10**12).allowed
+
+
+async def test_a_cancel_is_not_lost_to_the_battery_command_exiting_at_that_moment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stopping the agent cancels its round; if the on-battery command exits in the same
+    loop iteration, the cancel must still win (asyncio.wait_for on Python 3.11 returned
+    the exit status and dropped it, and the agent ran on). No real process can exit at
+    a chosen iteration, so the command is one whose exit the test decides."""
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[int] = loop.create_future()
+    waiting = asyncio.Event()
+
+    class Command:
+        async def wait(self) -> int:
+            waiting.set()
+            return await exited
+
+    async def start(*_argv: object, **_options: object) -> Command:
+        return Command()
+
+    monkeypatch.setattr("asyncio.create_subprocess_exec", start)
+    cfg = GuardsSection(on_battery_command=("on-battery",), command_timeout_s=30)
+    checking = asyncio.create_task(guards(cfg).on_battery())
+    await waiting.wait()
+    exited.set_result(0)
+    checking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await checking
