@@ -38,10 +38,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from maskfl.broker_coordinator.context import POLL_S, Contribution, Services
+from maskfl.broker_coordinator.context import Contribution, Services
 from maskfl.broker_coordinator.store import Transaction
 from maskfl.protocol.errors import MaskflError, Reason, StorageError
 from maskfl.protocol.messages import Receipt
+from maskfl.transport import wait_for
 
 if TYPE_CHECKING:
     from maskfl.transport import Message
@@ -117,16 +118,13 @@ class Committer:
                 # On the coordinator's clock (a test's fake clock holds the batch open
                 # until it is advanced); a clock set back never stretches it past one
                 # window from now.
-                deadline = min(deadline, clock() + window)
-                remaining = deadline - clock()
+                remaining = min(deadline - clock(), window)
                 if remaining <= 0:
                     break
                 try:
-                    # asyncio.timeout, not wait_for: no extra task per awaited message.
-                    async with asyncio.timeout(min(remaining, POLL_S)):
-                        nxt = await self._queue.get()
+                    nxt = await wait_for(clock, self._queue.get(), remaining)
                 except TimeoutError:
-                    continue  # read the clock again
+                    break
             else:
                 nxt = self._queue.get_nowait()
             if nxt[0] is not phase:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -47,15 +45,13 @@ from maskfl.protocol.messages import (
 )
 from maskfl.protocol.phases import Window
 from maskfl.protocol.topics import TopicKind, Topics
+from maskfl.transport import SYSTEM_CLOCK
 
 if TYPE_CHECKING:
     from maskfl.broker_coordinator.outbox import Outbox
-    from maskfl.transport import Message
+    from maskfl.transport import Clock, Message
 
 log = logging.getLogger("maskfl.coordinator")
-
-POLL_S: Final = 1.0
-"""The longest a wait on the clock goes without reading it again."""
 
 
 @dataclass(slots=True)
@@ -153,11 +149,12 @@ class Services:
     dp: DpPlan | None = None
     """The differential-privacy plan; None with ``privacy.dp = "off"``."""
     accountant: Accountant | None = None
-    clock: Callable[[], float] = time.time
+    clock: Clock = SYSTEM_CLOCK
+    """Read for every deadline and record, and waited on (the pauses, the group commit,
+    the runner's window): a test's fake clock moves them all."""
     liveness: Liveness = field(init=False)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set on every commit and every :meth:`wake`: the runner looks at its window again."""
-    _sleepers: set[asyncio.Future[None]] = field(default_factory=set, init=False, repr=False)
+    """Set on every commit: the runner looks at its window again."""
 
     @property
     def fleet(self) -> str:
@@ -175,45 +172,6 @@ class Services:
             max_devices=self.config.fleet.max_devices,
             clock=self.clock,
         )
-
-    def wake(self) -> None:
-        """The clock moved (a test's fake clock) or something changed: every waiter on
-        the clock (:meth:`sleep_until`, the runner's window) looks at it again now."""
-        self.changed.set()
-        for sleeper in self._sleepers:
-            if not sleeper.done():
-                sleeper.set_result(None)
-
-    async def sleep_until(self, deadline: float) -> None:
-        """Wait until :attr:`clock` reads ``deadline``: on the injected clock, so a test
-        moves it with its fake clock. Looks again at every :meth:`wake` and at least
-        every :data:`POLL_S` seconds; clears :attr:`changed` each time it looks (as the
-        runner's window does), so a test sees when the pause has taken a clock move in."""
-        loop = asyncio.get_running_loop()
-        while True:
-            self.changed.clear()  # looked at the clock (and at whatever changed) just now
-            left = deadline - self.clock()
-            if left <= 0:
-                return
-            sleeper: asyncio.Future[None] = loop.create_future()
-            self._sleepers.add(sleeper)
-            try:
-                async with asyncio.timeout(min(left, POLL_S)):
-                    await sleeper
-            except TimeoutError:
-                pass
-            finally:
-                self._sleepers.discard(sleeper)
-
-    @property
-    def sleeping(self) -> int:
-        """How many waits on the clock are armed now (a test's view of a pause)."""
-        return sum(not sleeper.done() for sleeper in self._sleepers)
-
-    async def sleep(self, seconds: float) -> None:
-        """:meth:`sleep_until` ``seconds`` from now (0 returns at once)."""
-        if seconds > 0:
-            await self.sleep_until(self.clock() + seconds)
 
     def alive_count(self) -> int:
         return self.liveness.count(self.clock())

@@ -40,7 +40,7 @@ from maskfl.aggregator_gpu import Snapshot
 from maskfl.broker_coordinator import retained as outputs
 from maskfl.broker_coordinator.admission import Admission, Refusal, RoundView, admit
 from maskfl.broker_coordinator.committer import Committer
-from maskfl.broker_coordinator.context import POLL_S, Contribution, Incoming, OpenRound, Services
+from maskfl.broker_coordinator.context import Contribution, Incoming, OpenRound, Services
 from maskfl.broker_coordinator.errors import RoundFailedError
 from maskfl.broker_coordinator.phases import PHASE_CLASSES
 from maskfl.broker_coordinator.phases.base import MessagePhase, StepPhase, Transition
@@ -49,6 +49,7 @@ from maskfl.protocol.errors import MaskflError
 from maskfl.protocol.messages import MESSAGE_PHASES, MessageType, RoundParams, decode_message
 from maskfl.protocol.phases import Phase
 from maskfl.protocol.round import ROUND_DICTS, Event, Move, RoundOutcome, move, retained
+from maskfl.transport import wait_for
 
 log = logging.getLogger("maskfl.coordinator.runner")
 
@@ -280,12 +281,11 @@ class Runner:
                 raise err
             if phase.run(state, s.clock()) is None:
                 s.changed.clear()
-                wait = max(0.0, min(phase.wake_at(state) - s.clock(), POLL_S))
-                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
-                # that lands as the event is set (the service's stop then hangs).
+                # transport.wait_for, not asyncio's: on the injected clock, and 3.11's
+                # asyncio.wait_for can swallow a cancel that lands as the event is set
+                # (the service's stop then hangs).
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await s.changed.wait()
+                    await wait_for(s.clock, s.changed.wait(), phase.wake_at(state) - s.clock())
                 continue
             async with self.lock:
                 state.closing = True

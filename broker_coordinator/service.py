@@ -56,7 +56,9 @@ from maskfl.protocol.masking import MaskConfig
 from maskfl.protocol.messages import MESSAGE_PHASES, GlobalModel, weights_digest
 from maskfl.protocol.topics import Topics
 from maskfl.transport import (
+    SYSTEM_CLOCK,
     Backoff,
+    Clock,
     LinkEvent,
     LinkReport,
     LinkState,
@@ -245,7 +247,8 @@ class Coordinator:
     Its I/O is injected, as the agent's is: ``transport_factory`` makes the broker link
     from the ``[broker]`` settings (default :class:`MqttTransport`; a test passes a
     :class:`~maskfl.transport.MemoryBroker`'s clients) and ``clock`` is the wall clock
-    the round reads (phase windows, liveness, records; default :func:`time.time`).
+    the round reads and waits on (phase windows, pauses, the group commit, liveness,
+    records; default :data:`~maskfl.transport.SYSTEM_CLOCK`).
     """
 
     def __init__(
@@ -253,7 +256,7 @@ class Coordinator:
         config: CoordinatorConfig,
         *,
         transport_factory: TransportFactory | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
         self._factory: TransportFactory = transport_factory or MqttTransport

@@ -27,8 +27,9 @@ jitter), :func:`diagnose` (a failure's likely :class:`Cause` and advice) and
 clients use as their client id. :func:`decode_off_loop` decodes a received message
 in a worker thread once it is :data:`OFF_LOOP_BYTES` or more (one threshold for all).
 
-Time: the agent reads and waits on an injected :class:`Clock` (:data:`SYSTEM_CLOCK`
-in production, a fake one in the round harness); :func:`wait_for` bounds a wait on it.
+Time: the agent and the coordinator read and wait on an injected :class:`Clock`
+(:data:`SYSTEM_CLOCK` in production, a fake one in the round harness); :func:`wait_for`
+bounds a wait on it.
 Reconnect back-off and acknowledgement waits are the link's and stay on real time.
 
 Errors: everything the link does wrong is a ``TransportError``:

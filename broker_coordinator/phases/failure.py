@@ -17,5 +17,5 @@ class FailurePhase(StepPhase):
     phase = Phase.FAILURE
 
     async def run(self) -> Transition:
-        await self.s.sleep(self.s.config.pet.failure_pause_s)
+        await self.s.clock.sleep(self.s.config.pet.failure_pause_s)
         return Transition(Event.DONE)

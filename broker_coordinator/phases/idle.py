@@ -46,7 +46,7 @@ class IdlePhase(StepPhase):
         s = self.s
         last = await s.store.last_round()
         if last is not None:
-            await s.sleep(s.config.pet.round_pause_s)
+            await s.clock.sleep(s.config.pet.round_pause_s)
         round_id = 1 if last is None else last.round_id + 1
         stop = self.stop_reason(round_id)
         if stop is not None:

@@ -325,12 +325,13 @@ async def test_a_sum2_failing_every_update_is_within_the_limit(tmp_path) -> None
         assert reasons(summer) == [None, None]
 
 
-async def armed(h: Harness) -> None:
-    """Return once the coordinator waits on its clock (a pause): nothing else can move
-    it then, so the test's next advance is what ends the pause."""
-    assert h.coordinator is not None and h.coordinator.services is not None
-    services = h.coordinator.services
-    await h.until(lambda: services.sleeping > 0 and not services.changed.is_set(), "a pause")
+async def armed(h: Harness, seconds: float) -> float:
+    """Return once the coordinator waits on its clock until ``seconds`` from now (a
+    pause): nothing else can move it then, so the test's next advance is what ends
+    the pause. Returns when the pause ends."""
+    end = h.clock() + seconds
+    await h.until(lambda: end in h.clock.sleeps, f"a {seconds} s pause")
+    return end
 
 
 async def test_the_pause_between_rounds_runs_on_the_coordinators_clock(tmp_path) -> None:
@@ -342,10 +343,10 @@ async def test_the_pause_between_rounds_runs_on_the_coordinators_clock(tmp_path)
         runner = coordinator.runner
         assert runner is not None
         await h.until(lambda: all(trained(p) for p in h.participants), "round 1's model")
-        await armed(h)
+        end = await armed(h, 30.0)
         assert runner.phase is Phase.IDLE and runner.state is None
         h.advance(29.0)
-        await armed(h)  # woken, read the clock, waits again: 1 s to go
+        assert h.clock.sleeps == [end]  # 1 s to go: the pause still waits
         assert runner.phase is Phase.IDLE and runner.state is None
         h.advance(1.0)
         await h.until(lambda: runner.state is not None, "round 2")
@@ -362,10 +363,10 @@ async def test_the_pause_after_a_failed_round_runs_on_the_coordinators_clock(tmp
         assert runner is not None
         await h.until(lambda: phase(h) is Phase.SUM, "the sum phase")
         h.advance(30.0)
-        await armed(h)
+        end = await armed(h, 60.0)
         assert runner.phase is Phase.FAILURE and runner.rounds_failed == 1
         h.advance(59.0)
-        await armed(h)
+        assert h.clock.sleeps == [end]  # 1 s to go: the pause still waits
         assert runner.phase is Phase.FAILURE and runner.state is None
         h.advance(1.0)
         await h.until(lambda: runner.state is not None, "round 2")
@@ -392,6 +393,8 @@ async def test_the_group_commit_window_runs_on_the_coordinators_clock(tmp_path) 
         )
         assert runner.state is not None
         before = commits(coordinator)
+        assert not any(p.receipts for p in summers) and len(runner.state.summers) == 0
+        await h.fire_timer(10.0, "the batch's window")
         assert not any(p.receipts for p in summers) and len(runner.state.summers) == 0
         h.advance(10.0)
         await h.until(lambda: all(p.receipts for p in summers), "both sums' receipts", 5)

@@ -19,8 +19,9 @@ away mid-phase and start a new one on the same SQLite files
 (:meth:`Harness.restart_coordinator`), and run real agents whose journal writes
 wake :meth:`Harness.until` like broker traffic does (:meth:`Harness.agent`). Log
 records wake it too, so a test can await "the agent logged that it ignored this".
-The agents' timers (receipt timeout, heartbeats) are sleeps on the fake clock: a
-test awaits the sleep it wants to end (:attr:`FakeClock.sleeps`), then advances.
+The agents' and the coordinator's timers (receipt timeout, heartbeats, the pauses,
+the group commit, a phase window) are sleeps on the fake clock: a test awaits the
+sleep it wants to end (:attr:`FakeClock.sleeps`), then advances.
 
 What this does not cover is the network: sessions across a broker restart, ACLs,
 TLS, chunked delivery over a real socket, a killed process. Those stay tested
@@ -530,11 +531,13 @@ class Harness(Bench):
         return await self.start_coordinator()
 
     def advance(self, seconds: float) -> None:
-        """Move the clock; the runner re-reads it at once (not at its next poll)."""
+        """Move the clock (its sleeps that end by then end); the runner looks at its
+        window again even if the move ends none of its sleeps, so :meth:`settle` can
+        tell when it has taken the new time in."""
         self.clock.advance(seconds)
         coordinator = self.coordinator
         if coordinator is not None and coordinator.services is not None:
-            coordinator.services.wake()  # the runner's window and every pause look again
+            coordinator.services.changed.set()
         self.wake()
 
     # -- participants --------------------------------------------------------------
