@@ -96,12 +96,24 @@ def test_short_demo_reports_and_cleans_up(tmp_path: Path) -> None:
     assert any("model graph for 'mlp' verified" in text for text in agent_logs)
 
 
+# The demo as a terminal starts it: with the default SIGINT. A job started in the background
+# (a CI script run with ``&``) ignores SIGINT, its children inherit that, Python then
+# installs no Ctrl-C handler and the test's SIGINT would never arrive. The wrapper resets it
+# and execs the demo in the same process.
+_WITH_DEFAULT_SIGINT = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     # The with block closes the pipe whatever happens: a failure here must not leave it
     # to the garbage collector, where it fails the next test (PytestUnraisableExceptionWarning).
     with subprocess.Popen(
-        _demo(workdir, "--rounds", "50"),
+        [*_WITH_DEFAULT_SIGINT, *_demo(workdir, "--rounds", "50")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
