@@ -42,7 +42,31 @@ MAX_IN = 64 * 1024 * 1024
 CHUNK = 256 * 1024
 
 
-class ModelWatcher:
+class _Subscriber:
+    """A client that reads one subscription in a task of its own until stopped."""
+
+    transport: MqttTransport
+    subscription: str
+
+    def __init__(self) -> None:
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.transport.connect()
+        await self.transport.subscribe(self.subscription, qos=1)
+        self._reader = asyncio.create_task(self._read())
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self.transport.disconnect()
+
+    async def _read(self) -> None:
+        raise NotImplementedError
+
+
+class ModelWatcher(_Subscriber):
     """One subscriber to ``model/<id>/latest``: when the round's model is out.
 
     Participants do not subscribe to models here, so the delivery of the initial
@@ -52,7 +76,8 @@ class ModelWatcher:
     """
 
     def __init__(self, port: int, fleet: str, model_id: str) -> None:
-        self.topic = Topics(fleet).model_latest(model_id)
+        super().__init__()
+        self.subscription = Topics(fleet).model_latest(model_id)
         self.transport = MqttTransport(
             MqttConfig(
                 host="127.0.0.1",
@@ -63,19 +88,7 @@ class ModelWatcher:
         )
         self.at: float | None = None
         self.model: GlobalModel | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._reassembler: Reassembler[None] = Reassembler(4, MAX_IN, 600.0)
-
-    async def start(self) -> None:
-        await self.transport.connect()
-        await self.transport.subscribe(self.topic, qos=1)
-        self._reader = asyncio.create_task(self._read())
-
-    async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        await self.transport.disconnect()
 
     async def _read(self) -> None:
         async for msg in self.transport.messages():
@@ -93,12 +106,14 @@ class ModelWatcher:
                 self.at, self.model = at, body
 
 
-class _PlainParticipant:
+class _PlainParticipant(_Subscriber):
     """Sends its float32 delta in the clear, signed, in the same message format."""
 
     def __init__(self, identity: Identity, port: int) -> None:
+        super().__init__()
         self.identity = identity
         self.topics = Topics(identity.fleet)
+        self.subscription = self.topics.round
         self.transport = MqttTransport(
             MqttConfig(
                 host="127.0.0.1",
@@ -110,18 +125,6 @@ class _PlainParticipant:
         )
         self.params_at: float | None = None
         self.bytes_sent = 0
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self.transport.connect()
-        await self.transport.subscribe(self.topics.round, qos=1)
-        self._reader = asyncio.create_task(self._read())
-
-    async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        await self.transport.disconnect()
 
     async def _read(self) -> None:
         async for msg in self.transport.messages():
