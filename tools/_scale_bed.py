@@ -315,7 +315,8 @@ class Bed:
 
     async def round(self, rid: int, n: int, m: int, *, fetch_model: bool = False) -> dict[str, Any]:
         sent0 = await self.settle()
-        params = await asyncio.wait_for(self._future(self.params, rid), 120 + n / 50)
+        async with asyncio.timeout(120 + n / 50):
+            params = await self._future(self.params, rid)
         g = params.groups  # the round's, as an updater reads it
         summer_ids, updater_ids = self.fleet.identities_for_roles(
             params.seed, p_sum=P_SUM, p_update=1.0, summers=max(SUMMERS, g), updaters=n, groups=g
@@ -333,7 +334,8 @@ class Bed:
         try:
             for s in summers:
                 await s.start()
-            sums = await asyncio.wait_for(self._future(self.sums, rid), 120)
+            async with asyncio.timeout(120):
+                sums = await self._future(self.sums, rid)
             frames_file, update_bytes = self._write_updates(rid, params, sums, updater_ids, m)
             model_topic = Topics(FLEET).model_latest("sim") if fetch_model else ""
             # CPU over the round, with its window and the fleet's heartbeats in it (to

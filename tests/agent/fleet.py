@@ -163,7 +163,8 @@ class StandIn:
 
     async def expect(self, kind: TopicKind, wait_s: float = 20.0) -> SignedMessage:
         """The next participant message of ``kind`` (sum, update, sum2, status)."""
-        _, signed = await asyncio.wait_for(self.queues[kind].get(), wait_s)
+        async with asyncio.timeout(wait_s):
+            _, signed = await self.queues[kind].get()
         return signed
 
     def sign(self, body: Any, round_id: int) -> bytes:

@@ -77,7 +77,8 @@ async def running_agent(
             yield agent
         finally:
             agent.request_stop()
-            await asyncio.wait_for(task, 15)
+            async with asyncio.timeout(15):
+                await task
 
 
 async def wait_step(b: Bench, agent: Agent, round_id: int, step: Step) -> None:

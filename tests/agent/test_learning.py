@@ -71,5 +71,6 @@ async def test_training_waits_for_the_named_graph(caplog: pytest.LogCaptureFixtu
         await logs.until("waiting for it")
     assert not training.done()
     lrn.add_graph("net", genuine)
-    result = await asyncio.wait_for(training, 60)
+    async with asyncio.timeout(60):
+        result = await training
     assert result.delta.size == MLP.num_params and result.num_samples > 0

@@ -138,4 +138,5 @@ async def running_coordinator(config_path: Path) -> AsyncIterator[Coordinator]:
         yield coordinator
     finally:
         stop.set()
-        await asyncio.wait_for(task, 30)
+        async with asyncio.timeout(30):
+            await task

@@ -138,8 +138,10 @@ async def test_300_concurrent_4mb_uploads_all_count(tmp_path: Path) -> None:  # 
             stderr=subprocess.STDOUT,
         )
         try:
+            async with asyncio.timeout(60):
+                sum_dict = await sums
             opened = open_sum_dict(
-                await asyncio.wait_for(sums, 60),
+                sum_dict,
                 fleet=fleet.fleet,
                 round_id=1,
                 ca_public_key=fleet.ca_public_key,
@@ -177,12 +179,14 @@ async def test_300_concurrent_4mb_uploads_all_count(tmp_path: Path) -> None:  # 
                     tasks.append(asyncio.create_task(one(topic, frames[index])))
             await asyncio.gather(*tasks)
             del uploads, tasks
-            got = await asyncio.wait_for(model, 240)
+            async with asyncio.timeout(240):
+                got = await model
             assert got.version == 1
             status = _status(http_port)
         finally:
             coord.terminate()
-            await asyncio.wait_for(coord.wait(), 30)
+            async with asyncio.timeout(30):
+                await coord.wait()
             log.close()
             watcher.cancel()
             await stop_all(summers)

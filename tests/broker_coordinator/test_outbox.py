@@ -41,7 +41,8 @@ async def test_a_flood_of_receipts_waits_for_the_broker_and_none_is_dropped() ->
     for i in range(n):
         outbox.receipt(f"receipts/dev-{i}", b"r%d" % i, then=lambda i=i: acked.append(i))  # type: ignore[misc]
     outbox.resend_stored([(b"d" * 32, "receipts/dev-stored", b"stored")])
-    await asyncio.wait_for(broker.attempted.wait(), 10)  # sending, blocked on the PUBACK
+    async with asyncio.timeout(10):
+        await broker.attempted.wait()  # sending, blocked on the PUBACK
     assert outbox.pending == n + 1
     assert acked == []  # no message is acked before the broker has its receipt
     assert outbox.take_sent() == []

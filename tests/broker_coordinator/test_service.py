@@ -57,7 +57,8 @@ async def test_http_endpoints_and_cli(  # noqa: PLR0915 every endpoint and CLI c
     try:
         async with running_coordinator(setup.config_path) as coordinator:
             await wait_for(lambda: all(trained(p) for p in parts), 60, "the global model")
-            await asyncio.wait_for(coordinator.started.wait(), 10)
+            async with asyncio.timeout(10):
+                await coordinator.started.wait()
             runner = coordinator.runner
             assert runner is not None
             await wait_for(lambda: runner.rounds_completed == 1, 10, "the round's end")
@@ -70,7 +71,8 @@ async def test_http_endpoints_and_cli(  # noqa: PLR0915 every endpoint and CLI c
                 MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="graph")
             ) as watcher:
                 await watcher.subscribe(Topics(setup.fleet.fleet).model_graph("sim"))
-                retained = await asyncio.wait_for(watcher.receive(), 10)
+                async with asyncio.timeout(10):
+                    retained = await watcher.receive()
             assert retained.retain and retained.payload == graph
     finally:
         await stop_all(parts)
@@ -136,7 +138,8 @@ async def test_http_answers_while_the_broker_is_down(tmp_path: Path) -> None:
                 assert (await get("/metrics"))[0] == 200
                 assert not coordinator.started.is_set()
                 broker.start()
-                await asyncio.wait_for(coordinator.started.wait(), 30)  # connected, serving
+                async with asyncio.timeout(30):
+                    await coordinator.started.wait()  # connected, serving
                 assert await get("/readyz") == (200, "ready\n")
         finally:
             broker.stop()
@@ -162,7 +165,8 @@ async def test_revocation_list_is_reloaded_and_republished(
     watcher = MqttTransport(MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="w"))
     try:
         async with running_coordinator(setup.config_path) as coordinator:
-            await asyncio.wait_for(coordinator.started.wait(), 10)
+            async with asyncio.timeout(10):
+                await coordinator.started.wait()
             setup.fleet.revocations(
                 setup.config_path.parent / "revoked.bin", [revoked.certificate.serial], 1
             )
@@ -173,7 +177,8 @@ async def test_revocation_list_is_reloaded_and_republished(
             await wait_for(lambda: all(trained(p) for p in parts[:2] + parts[3:]), 60, "model")
             await watcher.connect()
             await watcher.subscribe(Topics(setup.fleet.fleet).revocations)
-            retained = await asyncio.wait_for(watcher.receive(), 10)
+            async with asyncio.timeout(10):
+                retained = await watcher.receive()
         rl = RevocationList.from_bytes(retained.payload)
         assert rl.serials == (revoked.certificate.serial,)
         victim = parts[2]
