@@ -1,4 +1,10 @@
-"""Mask expansion on the GPU, for the fleet simulator (the coordinator never expands masks).
+"""Mask expansion on the GPU: the protocol's ``aggregate_mask`` and ``mask_stream`` on CuPy.
+
+Nothing in the tree calls it yet: the coordinator never expands masks, and the
+agent and the fleet simulator's participants expand theirs with
+``maskfl.protocol.masking`` on the CPU. It is exported for a participant or
+simulator on a GPU host, and the GPU parity tests (``tests/aggregator_gpu/test_parity.py``,
+``pytest -m gpu``) check it word for word against libsodium and the protocol.
 
 One CUDA thread computes one 64-byte ChaCha20 block for every seed and keeps
 the running sum in registers, so the aggregate mask of many seeds costs no

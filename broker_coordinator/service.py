@@ -91,10 +91,6 @@ PAGE_DEVICES = 500
 _RESTART_PAUSE_S = 2.0
 
 
-def mask_config(config: CoordinatorConfig) -> MaskConfig:
-    return mask_and_dp(config)[0]
-
-
 def mask_and_dp(config: CoordinatorConfig) -> tuple[MaskConfig, DpPlan | None]:
     """The round's mask config and, with ``privacy.dp = "distributed"``, its DP plan:
     the aggregate noise bound widens the encoding (``word_bits = "auto"`` picks 64
