@@ -86,6 +86,14 @@ class FakeClock:
     moving the time tell the listeners (:meth:`on_change`: the harness wakes its
     waiters), so a test can await "the agent waits on the clock until t"
     (:attr:`sleeps`) before it moves the time past t.
+
+    A sleep's end is ``now + seconds`` when the sleep first runs, not when the code
+    that will sleep is called, and :func:`maskfl.transport.wait_for` arms its timer
+    lazily: a task of ``clock.sleep`` that runs on a later loop iteration. Time moved
+    before then is not counted (the sleep ends that much later and the test hangs
+    until its limit), so a test that expects a window or timeout to expire awaits the
+    armed sleep first (:meth:`Bench.fire_timer`, or :meth:`Bench.until` on
+    :attr:`sleeps`) and only then advances.
     """
 
     def __init__(self, start: float | None = None) -> None:
