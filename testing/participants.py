@@ -341,7 +341,14 @@ def expected_mean(sent: list[Sent], bound: float) -> npt.NDArray[np.float64]:
 
 
 async def wait_for(predicate: Callable[[], bool], limit_s: float, what: str) -> None:
-    """Poll ``predicate`` until true; TimeoutError naming ``what``."""
+    """Poll ``predicate`` every 50 ms of real time until true; TimeoutError naming ``what``.
+
+    It polls because no one event covers what callers wait on: besides these
+    participants' state, the in-process coordinator's runner and enrollment, a
+    killer thread's ``threading.Event``, and the database of a coordinator running
+    in another process (crash tests). Round logic on a fake clock waits on events
+    instead (``tests/support/harness.py``, ``Bench.until``).
+    """
     deadline = time.monotonic() + limit_s
     while not predicate():
         if time.monotonic() > deadline:
