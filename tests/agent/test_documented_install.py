@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from maskfl.testing.broker import free_port
+from tests.support.systemd import unit_directives
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,19 +41,10 @@ def block_after(doc: Path, marker: str) -> str:
     return found.group(1)
 
 
-def unit(path: Path) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
-        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            found.setdefault(key.strip(), []).append(value.strip())
-    return found
-
-
 def test_readme_device_steps_fit_the_unit_and_operations_guide() -> None:
     readme = block_after(REPO / "README.md", "<!-- device-install -->")
     steps = [line.split("  #")[0].strip() for line in readme.splitlines() if line.strip()]
-    service = unit(REPO / "deploy" / "systemd" / "maskfl-agent.service")
+    service = unit_directives(REPO / "deploy" / "systemd" / "maskfl-agent.service")
     user = service["User"][0]
     run = shlex_split(service["ExecStart"][0])
     venv = str(Path(run[0]).parents[1])

@@ -12,21 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.systemd import unit_directives
+
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 UNITS = DEPLOY / "systemd"
 
 
-def directives(path: Path) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
-        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            found.setdefault(key.strip(), []).append(value.strip())
-    return found
-
-
 def test_agent_unit_is_a_hardened_notify_service() -> None:
-    d = directives(UNITS / "maskfl-agent.service")
+    d = unit_directives(UNITS / "maskfl-agent.service")
     assert d["Type"] == ["notify"]
     assert int(d["WatchdogSec"][0]) > 0
     assert d["StateDirectory"] == ["maskfl-agent"]
@@ -46,7 +39,7 @@ def test_agent_unit_is_a_hardened_notify_service() -> None:
 
 
 def test_coordinator_unit_is_hardened() -> None:
-    d = directives(UNITS / "maskfl-coordinator.service")
+    d = unit_directives(UNITS / "maskfl-coordinator.service")
     assert d["StateDirectory"] == ["maskfl-coordinator"]
     assert d["NoNewPrivileges"] == ["yes"] and d["ProtectSystem"] == ["strict"]
     assert d["PrivateTmp"] == ["yes"]
