@@ -30,13 +30,13 @@ from maskfl.agent.datasources import (
     get_datasource,
     load_dataset,
 )
-from maskfl.agent.identity import check_private_mode, generate_key_file, load_identity
+from maskfl.agent.identity import generate_key_file, load_identity
 from maskfl.agent.state import Journal
 from maskfl.protocol.errors import ConfigError, MaskflError
 from maskfl.protocol.keys import public_key_to_pem
 from maskfl.protocol.settings import env_variable_for
 from maskfl.protocol.version import version_text
-from maskfl.transport import LOG_FORMATS, LogFormat, setup_logging
+from maskfl.transport import LOG_FORMATS, LogFormat, check_private_mode, setup_logging
 
 __all__ = ["main"]
 

@@ -10,7 +10,6 @@ so a wrong bundle fails with one clear line instead of a rejected message later.
 from __future__ import annotations
 
 import os
-import stat
 import time
 from pathlib import Path
 from typing import Final
@@ -28,6 +27,7 @@ from maskfl.protocol.identity import (
 )
 from maskfl.protocol.ids import Role
 from maskfl.protocol.keys import signing_key_to_pem
+from maskfl.transport import check_private_mode
 
 __all__ = ["DeviceIdentity", "generate_key_file", "load_identity", "write_private_file"]
 
@@ -53,20 +53,6 @@ def _read(path: Path, what: str, field: str) -> bytes:
         raise ConfigError(
             f"{field}: cannot read {what} {path}: {exc.strerror}", field=field
         ) from exc
-
-
-def check_private_mode(path: Path, field: str) -> None:
-    """Refuse a private key file readable by group or others."""
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except OSError as exc:
-        raise ConfigError(f"{field}: cannot stat {path}: {exc.strerror}", field=field) from exc
-    if mode & 0o077:
-        raise ConfigError(
-            f"{field}: {path} has mode {mode:04o}; private keys must be 0600 "
-            f"(run: chmod 600 {path})",
-            field=field,
-        )
 
 
 def load_identity(device: DeviceSection, *, now: float | None = None) -> DeviceIdentity:

@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import socket
-import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -50,7 +49,7 @@ from maskfl.protocol.errors import ConfigError, MaskflError, StorageError
 from maskfl.protocol.identity import RevocationList
 from maskfl.protocol.keys import public_key_from_pem
 from maskfl.protocol.version import version_text
-from maskfl.transport import LOG_FORMATS, probe_broker, setup_logging
+from maskfl.transport import LOG_FORMATS, check_private_mode, probe_broker, setup_logging
 
 if TYPE_CHECKING:
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -205,18 +204,8 @@ def check_private_files(config: CoordinatorConfig) -> None:
         ("broker.key_file", config.broker.key_file),
     ]
     for field, path in files:
-        if path is None:
-            continue
-        try:
-            mode = stat.S_IMODE(Path(path).stat().st_mode)
-        except OSError as exc:
-            raise ConfigError(f"{field}: cannot stat {path}: {exc.strerror}", field=field) from exc
-        if mode & 0o077:
-            raise ConfigError(
-                f"{field}: {path} has mode {mode:04o}; private keys must be 0600 "
-                f"(run: chmod 600 {path})",
-                field=field,
-            )
+        if path is not None:
+            check_private_mode(Path(path), field)
 
 
 def check_revocations(config: CoordinatorConfig) -> None:

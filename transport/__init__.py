@@ -68,7 +68,7 @@ from ._passwd import (
     verify_mosquitto_password,
 )
 from ._retry import Backoff, Cause, Diagnosis, LinkReport, diagnose
-from ._settings import BrokerSettings, Section, ServiceSettings
+from ._settings import BrokerSettings, Section, ServiceSettings, check_private_mode
 from ._topics import check_filter, check_topic, topic_matches
 from ._types import (
     LinkEvent,
@@ -115,6 +115,7 @@ __all__ = [
     "broker_identity",
     "certificate_common_name",
     "check_filter",
+    "check_private_mode",
     "check_topic",
     "decode_off_loop",
     "diagnose",

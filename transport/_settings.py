@@ -11,6 +11,7 @@ session settings); the keys both have are declared, checked and converted here.
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Annotated, Self
 
@@ -22,7 +23,23 @@ from maskfl.protocol.settings import ENV_PREFIX
 
 from ._config import MqttConfig, TlsConfig
 
-__all__ = ["BrokerSettings", "Section", "ServiceSettings"]
+__all__ = ["BrokerSettings", "Section", "ServiceSettings", "check_private_mode"]
+
+
+def check_private_mode(path: Path, field: str) -> None:
+    """Refuse a private key file that group or others can read (both services check
+    their key files so at start-up): :class:`ConfigError` naming ``field``, the mode
+    and the ``chmod`` that fixes it, or that the file cannot be stat'ed."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot stat {path}: {exc.strerror}", field=field) from exc
+    if mode & 0o077:
+        raise ConfigError(
+            f"{field}: {path} has mode {mode:04o}; private keys must be 0600 "
+            f"(run: chmod 600 {path})",
+            field=field,
+        )
 
 
 class Section(BaseModel):
