@@ -277,3 +277,40 @@ async def _attack(h: Harness) -> None:  # noqa: PLR0915 one attack after another
     metrics = dict(model.metrics)
     assert metrics["updates"] == 5
     check_mean(h, updaters, model)
+
+
+async def test_a_flood_of_unfinished_uploads_is_refused_and_admitted_ones_stay(
+    tmp_path: Path,
+) -> None:
+    """The coordinator's own reassembler (as ``Ingest`` configures it) refuses a new
+    chunked message that finds no room and keeps the ones it admitted: evicting them
+    instead is the livelock of issue 13 (each new upload pushes out an older one and
+    none completes). The partials here never complete, from ten devices, against
+    room for four and no spool."""
+    async with harness(
+        tmp_path,
+        summers=3,
+        updaters=5,
+        pet={"reassembly_max_messages": 4, "reassembly_spool_max_bytes": 0},
+    ) as h:
+        topics = Topics(h.setup.fleet.fleet)
+        hostile = Hostile(await h.client("hostile"), h.setup.fleet.fleet)
+        await hostile.start()
+        try:
+            coordinator = await h.start_coordinator()
+            for i in range(10):
+                frames = split_payload(os.urandom(4_000), CHUNK_HEADER_SIZE + 1024)
+                await hostile.t.publish(topics.update(1, f"evil-{i}"), frames[0], qos=1)
+            # in order: once this one is judged, every frame before it was taken in
+            await hostile.t.publish(topics.update(1, "evil-0"), os.urandom(200), qos=1)
+            await h.until(
+                lambda: coordinator.metrics.rejected_total().get("malformed", 0) >= 1,
+                "the flood taken in",
+            )
+            ingest = coordinator.ingest
+            assert ingest is not None
+            chunks = ingest.chunks
+            assert chunks.pending_messages == 4 and chunks.evicted == 0
+            assert chunks.status()["refused"] == 6
+        finally:
+            hostile.stop()
