@@ -52,8 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=version_text("maskfl-bench"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_name in SUBCOMMANDS.values():
-        importlib.import_module(f"maskfl.tools.{module_name}").add_parser(sub)
+    for name, module_name in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(f"maskfl.tools.{module_name}")
+        except ModuleNotFoundError as exc:
+            if (exc.name or "maskfl").startswith("maskfl"):
+                raise
+            # e.g. maskfl without extras (make gpu-check): `aggregate` needs nothing more,
+            # `transport` needs paho-mqtt; list it, and refuse it in main()
+            missing = sub.add_parser(name, help=f"(not installed: needs {exc.name})")
+            missing.set_defaults(missing=exc.name)
+            continue
+        module.add_parser(sub)
     everything = sub.add_parser(
         "all", help="run every benchmark but scale with its defaults (make bench-scale)"
     )
@@ -80,7 +90,17 @@ def run_all() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "missing", None):
+        print(
+            f"maskfl-bench {args.command}: needs the Python module {args.missing}, which is "
+            "not installed; install maskfl[coordinator,agent] (or maskfl[dev])",
+            file=sys.stderr,
+        )
+        return 2
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "all":
         results = run_all()
     else:

@@ -3,8 +3,14 @@
 #
 #   tools/gpu_check.sh [OUT.json]          (make gpu-check GPU_CHECK_JSON=OUT.json)
 #
-# 1. a venv (build/gpu-venv, --system-site-packages so a CuPy already on the machine
-#    counts) with maskfl[dev,gpu] (cupy-cuda12x);
+# 1. a venv (build/gpu-venv, --system-site-packages) with maskfl and what the GPU tests
+#    and the benchmark import: maskfl's own dependencies (numpy, PyNaCl, cryptography),
+#    pytest with the plugins pyproject.toml configures (pytest-asyncio, pytest-timeout),
+#    hypothesis, and CuPy. A CuPy that the machine's Python already imports is used as it
+#    is, whatever its CUDA major (GPU images ship cupy-cuda13x); only where none imports
+#    is cupy-cuda12x (the `gpu` extra) installed. Where PYTHON is itself a venv (a GPU
+#    image's python3 often is), its packages are visible in build/gpu-venv too (a .pth
+#    file: --system-site-packages alone would see only the base interpreter's);
 # 2. the GPU parity tests: pytest -m gpu (CuPy against numpy, bit for bit). On a GPU
 #    machine a skipped GPU test is a failure: it means CuPy could not use the device;
 # 3. maskfl-bench aggregate for numpy and cupy at N in {100, 1000} x M in {1e5, 1e6, 1e7}
@@ -13,14 +19,17 @@
 #
 # Without an NVIDIA GPU it says so in one line and exits 0.
 #
-# Offline machines: put wheels in ./wheelhouse (or GPU_WHEELHOUSE=DIR), made on a machine
-# with the same Python minor version and the package index at hand:
-#     pip wheel -w wheelhouse '.[dev,gpu]'
-# (pip download plus maskfl's own wheel, which pip download cannot fetch). The install
-# then uses only the wheelhouse (--no-index). It is large: cupy-cuda12x 14.2 alone is a
-# 137 MB wheel. A CuPy already installed for the machine's Python is used as it is
-# (the venv sees the system's site-packages). CuPy compiles its kernels with NVRTC from
-# the CUDA toolkit of the machine (or the nvidia-* wheels of cupy-cuda12x[ctk]).
+# Offline machines: put wheels in ./wheelhouse (or GPU_WHEELHOUSE=DIR); the install then
+# uses only them (--no-index) plus what the machine's Python already has. Made where the
+# package index is at hand, for the GPU machine's Python (here 3.12, x86-64):
+#     pip wheel --no-deps -w wheelhouse .
+#     pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#         --platform manylinux_2_28_x86_64 -d wheelhouse \
+#         pynacl cryptography 'pytest-asyncio>=0.23' 'pytest-timeout>=2.3'
+# (pip download adds what these need: cffi, pycparser, pytest and its own; maskfl's numpy
+# and hypothesis are taken from the machine's Python, add them where it has none).
+# Without a CuPy on the machine, add cupy-cuda12x (a 137 MB wheel) and CUDA 12's NVRTC
+# (cupy-cuda12x[ctk]'s nvidia-* wheels) or a CUDA 12 toolkit: CuPy compiles its kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,17 +52,27 @@ rm -rf "$WORK" && mkdir -p "$WORK/bench"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$WORK/gpu.txt"
 say "GPU: $(head -1 "$WORK/gpu.txt")"
 
-say "venv $VENV and maskfl[dev,gpu]"
+say "venv $VENV with maskfl, pytest and CuPy"
 test -x "$VENV/bin/python" || "$PYTHON" -m venv --system-site-packages "$VENV"
+# PYTHON's own site-packages where it is a venv (then --system-site-packages reaches past it)
+"$PYTHON" -c 'import sys, sysconfig; p = sysconfig.get_paths()
+if sys.prefix != sys.base_prefix: print(p["purelib"]); print(p["platlib"])' \
+    > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/gpu-check-parent.pth"
+if "$VENV/bin/python" -c 'import cupy' > /dev/null 2>&1; then
+    CUPY=()
+    say "CuPy $("$VENV/bin/python" -c 'import cupy; print(cupy.__version__)') is there already"
+else
+    CUPY=('cupy-cuda12x>=13')
+fi
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+TARGET=.
 if [ -d "$WHEELHOUSE" ]; then
     say "installing from the wheelhouse $WHEELHOUSE only"
     PIP+=(--no-index --find-links "$WHEELHOUSE")
-    if ls "$WHEELHOUSE"/maskfl-*.whl >/dev/null 2>&1; then TARGET='maskfl[dev,gpu]'; else TARGET='.[dev,gpu]'; fi
-else
-    TARGET='.[dev,gpu]'
+    if ls "$WHEELHOUSE"/maskfl-*.whl >/dev/null 2>&1; then TARGET=maskfl; else PIP+=(--no-build-isolation); fi
 fi
-if ! timeout "$(limit 240)" "${PIP[@]}" "$TARGET" > "$WORK/install.log" 2>&1; then
+if ! timeout "$(limit 240)" "${PIP[@]}" "$TARGET" 'pytest>=8' 'pytest-asyncio>=0.23' \
+    'pytest-timeout>=2.3' 'hypothesis>=6.100' "${CUPY[@]+"${CUPY[@]}"}" > "$WORK/install.log" 2>&1; then
     say "install failed (see $WORK/install.log); last lines:"
     tail -5 "$WORK/install.log"
     exit 1
@@ -88,7 +107,8 @@ suite = ET.parse(work / "pytest.xml").getroot()
 suite = suite if suite.tag == "testsuite" else suite[0]
 tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
 versions = {}
-for name in ("maskfl", "cupy-cuda12x", "numpy"):
+cupy_dists = metadata.packages_distributions().get("cupy", ["cupy"])
+for name in ("maskfl", *cupy_dists, "numpy"):
     try:
         versions[name] = metadata.version(name)
     except metadata.PackageNotFoundError:
