@@ -107,24 +107,27 @@ def _completed(i: int, version: int) -> rep.RoundReport:
     )
 
 
+def _failed(i: int) -> rep.RoundReport:
+    """A round whose update phase timed out with no update."""
+    return rep.RoundReport(
+        round_id=i,
+        outcome=RoundOutcome.FAILED,
+        model_version=None,
+        participants=0,
+        summers=1,
+        accuracy=None,
+        loss=None,
+        seconds=None,
+        bytes_per_device=0.0,
+        phases=rep.phase_times({"sum": 20.0}),
+        reason="RoundFailedError: update phase: 0 of at least 2 messages by time_max",
+    )
+
+
 def test_report_writes_json_and_png(tmp_path: Path) -> None:
     report = rep.Report(config={"title": "t"})
     report.rounds += [_completed(1, 1), _completed(3, 2), _completed(4, 3)]
-    report.rounds.append(
-        rep.RoundReport(
-            round_id=2,
-            outcome=RoundOutcome.FAILED,
-            model_version=None,
-            participants=0,
-            summers=1,
-            accuracy=None,
-            loss=None,
-            seconds=None,
-            bytes_per_device=0.0,
-            phases=rep.phase_times({"sum": 20.0}),
-            reason="RoundFailedError: update phase: 0 of at least 2 messages by time_max",
-        )
-    )
+    report.rounds.append(_failed(2))
     report.summary = {"failed_rounds": [2], "initial_accuracy": 0.1, "initial_loss": 2.3}
     report.privacy = {
         "stored_update": {
@@ -192,19 +195,7 @@ def test_the_plot_shades_a_failed_round_and_keeps_legends_off_the_data(
 
     figures: list[Any] = []
     monkeypatch.setattr(plt, "close", figures.append)
-    failed = rep.RoundReport(
-        round_id=2,
-        outcome=RoundOutcome.FAILED,
-        model_version=None,
-        participants=0,
-        summers=1,
-        accuracy=None,
-        loss=None,
-        seconds=None,
-        bytes_per_device=0.0,
-        reason="RoundFailedError: update phase: 0 of at least 2 messages by time_max",
-    )
-    rounds = [_completed(1, 1), failed, _completed(3, 2), _completed(4, 3)]
+    rounds = [_completed(1, 1), _failed(2), _completed(3, 2), _completed(4, 3)]
     verdict = "privacy: a stored masked update looks uniform"
     rep.plot(rounds, tmp_path / "r.png", title="demo", initial=(0.1, 2.3), privacy=verdict)
     (fig,) = figures
