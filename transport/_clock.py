@@ -6,7 +6,8 @@ measured on them (``await clock.sleep(seconds)``). Production uses
 (tests/support/harness.py) ends a sleep only when the test moves its time past it,
 so a timer that shapes round behaviour (a receipt timeout, the heartbeat interval)
 fires when the test says, never because a machine was slow. :func:`wait_for` is
-:func:`asyncio.wait_for` on such a clock.
+:func:`asyncio.wait_for`'s contract on such a clock, without the cancel that Python
+3.11's drops (``asyncio.wait_for`` itself is banned by ruff, TID251).
 
 Link timers (reconnect back-off, waiting for the broker's acknowledgement) stay on
 real time: they are the network's, and are tested against a real broker.
