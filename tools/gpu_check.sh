@@ -53,7 +53,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 say "GPU: $(head -1 "$WORK/gpu.txt")"
 
 say "venv $VENV with maskfl, pytest and CuPy"
-test -x "$VENV/bin/python" || "$PYTHON" -m venv --system-site-packages "$VENV"
+# (an interpreter without ensurepip, as some images have: a venv without pip, whose
+# python then runs PYTHON's pip through the .pth below)
+test -x "$VENV/bin/python" || "$PYTHON" -m venv --system-site-packages "$VENV" > "$WORK/venv.log" 2>&1 \
+    || "$PYTHON" -m venv --system-site-packages --without-pip --clear "$VENV"
 # PYTHON's own site-packages where it is a venv (then --system-site-packages reaches past it)
 "$PYTHON" -c 'import sys, sysconfig; p = sysconfig.get_paths()
 if sys.prefix != sys.base_prefix: print(p["purelib"]); print(p["platlib"])' \
