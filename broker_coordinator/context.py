@@ -38,6 +38,7 @@ from maskfl.protocol.identity import Certificate
 from maskfl.protocol.masking import MaskConfig, update_words
 from maskfl.protocol.messages import (
     Body,
+    GlobalModelBuffer,
     RoundParams,
     SignedMessage,
     encode_message,
@@ -164,6 +165,10 @@ class Services:
         return encode_message(
             body, fleet=self.fleet, round_id=round_id, signing_key=self.signing_key
         )
+
+    def sign_model(self, model: GlobalModelBuffer, round_id: int) -> bytearray:
+        """:meth:`sign` for a model built in its message's buffer (the same bytes)."""
+        return model.sign(fleet=self.fleet, round_id=round_id, signing_key=self.signing_key)
 
     def __post_init__(self) -> None:
         self.liveness = Liveness(

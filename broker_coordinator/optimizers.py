@@ -43,19 +43,28 @@ class ServerOptimizer:
         return self.step_chunked(weights, lambda part: np.asarray(mean_delta[part], np.float64))
 
     def step_chunked(
-        self, weights: F32, mean_delta: Callable[[slice], F64], chunk: int = STEP_CHUNK
+        self,
+        weights: F32,
+        mean_delta: Callable[[slice], F64],
+        chunk: int = STEP_CHUNK,
+        *,
+        out: F32 | None = None,
     ) -> F32:
         """:meth:`step` with the mean delta computed slice by slice (``mean_delta(part)``):
         scratch memory of one slice instead of several float64 copies of the model (at
         M = 2.5e7 the whole-array form took 3.6 s and ~1 GB of temporaries; every rule
-        is element-wise, so the result is the same bit for bit)."""
+        is element-wise, so the result is the same bit for bit). The new weights go
+        into ``out`` when given (any float32 array of the model's size, such as the
+        weights of a :class:`~maskfl.protocol.messages.GlobalModelBuffer`)."""
         c = self.config
         size = weights.size
         if c.kind is not OptimizerKind.FEDAVG:
             for name in ("v",) if c.kind is OptimizerKind.FEDAVGM else ("m", "v"):
                 if self.state.get(name) is None or self.state[name].shape != (size,):
                     self.state[name] = np.zeros(size, dtype=np.float64)
-        out = np.empty(size, dtype=np.float32)
+        if out is None:
+            out = np.empty(size, dtype=np.float32)
+        assert out.shape == (size,), f"out has shape {out.shape}, the model {size} weights"
         for start in range(0, size, chunk):
             part = slice(start, min(size, start + chunk))
             delta = mean_delta(part)

@@ -72,7 +72,7 @@ class Outbox:
         self._sent: list[bytes] = []
         """Digests whose stored receipt the broker has: their outbox rows can go."""
 
-    async def state(self, topic: str, payload: bytes) -> None:
+    async def state(self, topic: str, payload: bytes | bytearray) -> None:
         """Publish retained, QoS 1, and wait for the broker's PUBACK (see the module doc)."""
         try:
             await self._transport.publish(topic, payload, qos=1, retain=True)
@@ -85,7 +85,7 @@ class Outbox:
                 exc,
                 self._chunk_size,
             )
-            for frame in iter_frames(payload, self._chunk_size):
+            for frame in iter_frames(bytes(payload), self._chunk_size):
                 await self._transport.publish(topic, frame, qos=1)
 
     async def clear(self, topic: str) -> None:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from types import MappingProxyType
@@ -91,6 +91,7 @@ __all__ = [
     "SIGNATURE_SIZE",
     "Body",
     "GlobalModel",
+    "GlobalModelBuffer",
     "Header",
     "Heartbeat",
     "MessageType",
@@ -722,6 +723,14 @@ class GlobalModel:
         return weights_digest(self.weights)
 
     def _write(self, w: Writer) -> None:
+        weights = self.weights
+        if weights.ndim != 1 or weights.dtype != np.float32:
+            raise LocalProtocolError("global model weights must be a 1-D float32 array")
+        self._write_head(w, weights.size)
+        w.raw(memoryview(np.ascontiguousarray(weights, dtype="<f4").data).cast("B"))
+
+    def _write_head(self, w: Writer, size: int) -> None:
+        """Everything before the weights (of ``size`` floats), padding included."""
         w.ident(self.model_id, "model id")
         w.u64(self.version)
         w.u64(self.round_id)
@@ -736,12 +745,8 @@ class GlobalModel:
         for name, value in self.metrics:
             w.text(name, "metric name", max_len=64)
             w.f64(float(value))
-        weights = self.weights
-        if weights.ndim != 1 or weights.dtype != np.float32:
-            raise LocalProtocolError("global model weights must be a 1-D float32 array")
-        w.u64(weights.size)
+        w.u64(size)
         w.align(8, BODY_OFFSET)
-        w.raw(memoryview(np.ascontiguousarray(weights, dtype="<f4").data).cast("B"))
 
     @classmethod
     def _read(cls, r: Reader, header: Header) -> GlobalModel:
@@ -888,27 +893,101 @@ def encode_message(
 
     A body that carries a certificate must carry the signer's own.
     """
-    check_id(fleet, "fleet")
-    if not 0 <= round_id <= U64_MAX:
-        raise LocalProtocolError(f"round id {round_id} is not a u64")
     sender = bytes(signing_key.verify_key)
     cert = getattr(body, "certificate", None)
     if isinstance(cert, Certificate) and cert.public_key != sender:
         raise LocalProtocolError("the body's certificate is not the signing key's")
-    w = Writer()
-    try:
-        body._write(w)
-    except (OverflowError, struct.error, TypeError, AttributeError) as exc:
-        raise LocalProtocolError(f"cannot encode {type(body).__name__}: {exc}") from exc
+    w = _body_writer(body._write, body)
     parts = w.parts()
     hasher = hashlib.sha256()
     for part in parts:
         hasher.update(part)
+    return b"".join(
+        [
+            *_signed_header(
+                body,
+                fleet=fleet,
+                round_id=round_id,
+                signing_key=signing_key,
+                size=w.size,
+                body_hash=hasher,
+            ),
+            *parts,
+        ]
+    )
+
+
+def _body_writer(write: Callable[[Writer], None], body: Body) -> Writer:
+    w = Writer()
+    try:
+        write(w)
+    except (OverflowError, struct.error, TypeError, AttributeError) as exc:
+        raise LocalProtocolError(f"cannot encode {type(body).__name__}: {exc}") from exc
+    return w
+
+
+def _signed_header(
+    body: Body,
+    *,
+    fleet: str,
+    round_id: int,
+    signing_key: nacl.signing.SigningKey,
+    size: int,
+    body_hash: Any,
+) -> tuple[bytes, bytes]:
+    """The header of ``body`` (``size`` bytes, hashed into ``body_hash``) and its signature."""
+    check_id(fleet, "fleet")
+    if not 0 <= round_id <= U64_MAX:
+        raise LocalProtocolError(f"round id {round_id} is not a u64")
+    sender = bytes(signing_key.verify_key)
     header = Header(
-        body.TYPE, FleetId(fleet), RoundId(round_id), sender, w.size, hasher.digest()
+        body.TYPE, FleetId(fleet), RoundId(round_id), sender, size, body_hash.digest()
     ).to_bytes()
-    signature = signing_key.sign(MESSAGE_DOMAIN + header).signature
-    return b"".join([header, signature, *parts])
+    return header, signing_key.sign(MESSAGE_DOMAIN + header).signature
+
+
+class GlobalModelBuffer:
+    """A signed GLOBAL_MODEL built in one buffer around its weights: fill
+    :attr:`weights` in place, then :meth:`sign`. The bytes are those of
+    :func:`encode_message` for the same body, without a 4·M-byte weights array
+    beside them and a join of both into a third (at M = 2.5e7 each is 100 MB of
+    fresh memory, see docs/operations.md).
+
+    ``head`` is the body's every field but ``weights`` (ignored); ``size`` the
+    number of weights.
+    """
+
+    def __init__(self, head: GlobalModel, size: int) -> None:
+        self._head = head
+        self._fields = _body_writer(lambda w: head._write_head(w, size), head)
+        offset = BODY_OFFSET + self._fields.size
+        self.buffer = bytearray(offset + 4 * size)
+        """The message: header and body fields are written by :meth:`sign`."""
+        self.weights: Weights = np.frombuffer(self.buffer, "<f4", size, offset)
+        """The weights, little-endian float32, a view of :attr:`buffer`'s last 4·size bytes."""
+
+    def sign(self, *, fleet: str, round_id: int, signing_key: nacl.signing.SigningKey) -> bytearray:
+        """Write the body's fields, the header and the signature around the weights (now
+        read-only); returns :attr:`buffer`, the complete message."""
+        self.weights.flags.writeable = False
+        buffer, pos = self.buffer, BODY_OFFSET
+        for part in self._fields.parts():
+            n = len(part) if isinstance(part, bytes) else part.nbytes
+            buffer[pos : pos + n] = part
+            pos += n
+        with memoryview(buffer) as view:
+            body_hash = hashlib.sha256(view[BODY_OFFSET:])
+        header, signature = _signed_header(
+            self._head,
+            fleet=fleet,
+            round_id=round_id,
+            signing_key=signing_key,
+            size=len(buffer) - BODY_OFFSET,
+            body_hash=body_hash,
+        )
+        buffer[:HEADER_SIZE] = header
+        buffer[HEADER_SIZE:BODY_OFFSET] = signature
+        return buffer
 
 
 def decode_message(data: bytes | bytearray | memoryview, *, max_size: int) -> SignedMessage:

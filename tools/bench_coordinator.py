@@ -242,20 +242,45 @@ _UNMASK_LINE = re.compile(
 )
 
 
-def _unmask_timings(log: Path) -> dict[str, float | None]:
+def _unmask_timings(log: Path) -> dict[str, Any]:
     """The coordinator's own unmask figures, from its log line: sum2 closed -> model
     committed, then -> the broker's PUBACK of the model, and the CPU-s of both.
     ``unmask_publish_s`` also holds the broker's delivery to a subscriber."""
     found = _UNMASK_LINE.findall(log.read_text(errors="replace")) if log.is_file() else []
     if not found:
         keys = ("unmask_s", "publish_s", "unmask_publish_s", "unmask_cpu_s")
-        return {f"coordinator_{k}": None for k in keys}
+        return {**{f"coordinator_{k}": None for k in keys}, "coordinator_unmask_steps": {}}
     unmask, publish, cpu = (float(x) for x in found[-1])
     return {
         "coordinator_unmask_s": unmask,
         "coordinator_publish_s": publish,
         "coordinator_unmask_publish_s": round(unmask + publish, 3),
         "coordinator_unmask_cpu_s": cpu,
+        "coordinator_unmask_steps": _unmask_steps(log),
+    }
+
+
+_STEPS_LINE = re.compile(
+    r"unmask steps \(wall s, user\+system CPU-s, minor/major page faults\): (.*)"
+)
+_STEP = re.compile(r"(\w+) ([\d.]+) ([\d.]+)\+([\d.]+) (\d+)/(\d+)")
+
+
+def _unmask_steps(log: Path) -> dict[str, dict[str, float]]:
+    """The coordinator's per-step breakdown of its last unmask (its log line), in order:
+    wall seconds, user and system CPU-s (every thread), minor and major page faults."""
+    lines = _STEPS_LINE.findall(log.read_text(errors="replace"))
+    if not lines:
+        return {}
+    return {
+        name: {
+            "wall_s": float(wall),
+            "user_s": float(user),
+            "system_s": float(system),
+            "minor_faults": int(minor),
+            "major_faults": int(major),
+        }
+        for name, wall, user, system, minor, major in _STEP.findall(lines[-1])
     }
 
 
@@ -319,7 +344,7 @@ def _summary(
     peak_rss: int,
     db_bytes: int,
     registry_bytes: int,
-    unmask: dict[str, float | None],
+    unmask: dict[str, Any],
 ) -> dict[str, Any]:
     """One run's JSON entry."""
     mb = built.total_bytes / 1e6

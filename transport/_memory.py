@@ -153,7 +153,7 @@ class MemoryTransport(LinkBase):
             await self._connected.wait()
 
     async def publish(
-        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+        self, topic: str, payload: bytes | bytearray, *, qos: int = 1, retain: bool = False
     ) -> None:
         self._check_open()
         self._check_publish(topic, qos)

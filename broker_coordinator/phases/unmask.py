@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import resource
 import time
 from dataclasses import dataclass
 
@@ -27,7 +28,6 @@ import numpy as np
 from maskfl.aggregator_gpu import (
     DigestVote,
     MaskVoteTieError,
-    Words,
     WordsLike,
     plurality_of_digests,
 )
@@ -46,7 +46,7 @@ from maskfl.protocol.masking import (
     decode_weight_sum,
     error_bound,
 )
-from maskfl.protocol.messages import GlobalModel, weights_digest
+from maskfl.protocol.messages import GlobalModel, GlobalModelBuffer, weights_digest
 from maskfl.protocol.phases import Phase
 from maskfl.protocol.round import Event, move
 
@@ -54,21 +54,69 @@ log = logging.getLogger("maskfl.coordinator.unmask")
 
 
 @dataclass(frozen=True, slots=True)
-class _Started:
+class _Usage:
+    """The process's totals at one instant: wall clock, CPU (user, system, all threads)
+    and page faults (minor: a page mapped or zero-filled; major: read from disk)."""
+
     wall: float
-    cpu: float
+    user: float
+    system: float
+    minor_faults: int
+    major_faults: int
+
+    @classmethod
+    def now(cls) -> _Usage:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(time.perf_counter(), r.ru_utime, r.ru_stime, r.ru_minflt, r.ru_majflt)
+
+    def since(self, earlier: _Usage) -> _Usage:
+        return _Usage(
+            self.wall - earlier.wall,
+            self.user - earlier.user,
+            self.system - earlier.system,
+            self.minor_faults - earlier.minor_faults,
+            self.major_faults - earlier.major_faults,
+        )
 
 
-@dataclass(slots=True)
-class _Model:
-    """The stepped model and what the round's log line says of it. :meth:`_store` takes
-    the weights out (the signed message then holds the only copy)."""
+class _Steps:
+    """What each step of the unmask path cost, in order (:class:`_Usage` differences),
+    for the round's breakdown log line, which ``maskfl-bench coordinator`` reads."""
 
-    weights: F32
+    def __init__(self) -> None:
+        self.started = self._last = _Usage.now()
+        self.steps: list[tuple[str, _Usage]] = []
+
+    def mark(self, name: str) -> float:
+        """End step ``name`` now; returns the wall clock (perf_counter)."""
+        now = _Usage.now()
+        self.steps.append((name, now.since(self._last)))
+        self._last = now
+        return now.wall
+
+    def total(self) -> _Usage:
+        """From the start to the end of the last step."""
+        return self._last.since(self.started)
+
+    def describe(self) -> str:
+        return ", ".join(
+            f"{name} {u.wall:.3f} {u.user:.3f}+{u.system:.3f} {u.minor_faults}/{u.major_faults}"
+            for name, u in self.steps
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What the round's log line says of the new model."""
+
+    version: int
     metrics: tuple[tuple[str, float], ...]
     included: int
     dropped: int
     weight_sum: float
+
+
+_NO_WEIGHTS: F32 = np.empty(0, np.float32)
 
 
 class UnmaskPhase(StepPhase):
@@ -80,17 +128,20 @@ class UnmaskPhase(StepPhase):
         :class:`RoundFailedError` (the runner fails it)."""
         state = self.state
         assert state is not None and state.acc is not None
-        started = _Started(time.perf_counter(), time.process_time())
+        steps = _Steps()
         winners, failed = self._vote()
         dropped = [u for u in state.updates.values() if u.digest in failed]
         mask = await self._mask(winners, dropped)
+        steps.mark("mask")
         included = self._floor(state.acc.count - len(dropped), len(dropped))
-        weights, weight_sum, fleet = self._step(mask, included)
+        weight_sum, fleet = self._unmask(mask, included)
         del mask
+        steps.mark("subtract")
         metrics = self._metrics(included, len(dropped), winners, weight_sum, fleet)
-        result = _Model(weights, metrics, included, len(dropped), weight_sum)
-        del weights
-        await self._store_and_publish(result, started)
+        outcome = _Outcome(self.s.model.version + 1, metrics, included, len(dropped), weight_sum)
+        model = self._step(outcome)
+        steps.mark("decode_step")
+        await self._store_and_publish(model, outcome, steps)
         return Transition(Event.DONE)
 
     async def _mask(self, winners: list[DigestVote], dropped: list[UpdateRecord]) -> WordsLike:
@@ -100,18 +151,19 @@ class UnmaskPhase(StepPhase):
         s, state = self.s, self.state
         assert state is not None
         rid = state.round_id
-        # Masks are read into this buffer, ours: a 4·M-byte result returned from a worker
-        # thread stays referenced by the executor until its next job (at M = 1e8 that
-        # kept a 400 MB mask alive through the step).
-        mask = np.empty(s.vector_words, dtype=s.mask.dtype)
-        await asyncio.to_thread(s.checkpoints.read_mask, rid, winners[0].digest, mask.data)
-        if not dropped and len(winners) == 1:
-            return mask
+        dtype = np.dtype(s.mask.dtype)
+        size = s.vector_words * dtype.itemsize
+        # Mapped from the mask files, which the page cache holds: no 4·M-byte read into
+        # fresh memory (see CheckpointFiles.map_mask).
+        masks = [
+            np.frombuffer(s.checkpoints.map_mask(rid, vote.digest, size), dtype) for vote in winners
+        ]
+        if not dropped and len(masks) == 1:
+            return masks[0]
         combined = s.backend.accumulator(s.vector_words, s.mask.word_bits)
-        combined.add(mask)
-        for vote in winners[1:]:
-            await asyncio.to_thread(s.checkpoints.read_mask, rid, vote.digest, mask.data)
+        for mask in masks:
             combined.add(mask)
+        del masks, mask
         for u in dropped:
             words = state.words.get(u.digest)
             if words is not None:
@@ -142,25 +194,50 @@ class UnmaskPhase(StepPhase):
             )
         return included
 
-    def _step(self, mask: WordsLike, included: int) -> tuple[F32, float, FleetEvaluation | None]:
-        """Unmask the aggregate, decode the mean delta, step the model: the new weights,
-        the unmasked sum of weights and the fleet evaluation. The aggregate is spent."""
+    def _unmask(self, mask: WordsLike, included: int) -> tuple[float, FleetEvaluation | None]:
+        """Subtract the mask from the aggregate: the unmasked sum of weights and the
+        fleet evaluation."""
         s, state = self.s, self.state
         assert state is not None and state.acc is not None
-        acc = state.acc
-        acc.subtract_mask(mask)
-        plain = acc.plain()
-        weight_sum = decode_weight_sum(plain, included, s.mask)
+        state.acc.subtract_mask(mask)
+        weight_sum = decode_weight_sum(state.acc.plain(), included, s.mask)
         if not weight_sum > 0:
             raise RoundFailedError(f"sum of weights is {weight_sum}", round_id=state.round_id)
-        fleet = self._evaluation(included)
-        weights = self._next_weights(plain, included, weight_sum)
-        # The aggregate is spent: its 4·M bytes go before the model is encoded (from here
-        # a failure fails the round, which never reads it again; a restart reads the
-        # checkpoint).
-        del plain, acc
+        return weight_sum, self._evaluation(included)
+
+    def _step(self, outcome: _Outcome) -> GlobalModelBuffer:
+        """The next GLOBAL_MODEL, unsigned: the mean delta decoded and the model stepped
+        slice by slice straight into the message's buffer (scratch memory of a slice,
+        not ~8 float64 copies of the model: 2.5e7 parameters took 5.6 s whole, see
+        step_chunked; and no second 4·M-byte weights array to copy into the message).
+        The aggregate is spent."""
+        s, state = self.s, self.state
+        assert state is not None and state.acc is not None
+        previous = s.model.weights
+        model = GlobalModelBuffer(
+            GlobalModel(
+                model_id=s.model.model_id,
+                version=outcome.version,
+                round_id=RoundId(state.round_id),
+                previous_digest=s.model.digest,
+                weights=_NO_WEIGHTS,
+                metrics=outcome.metrics,
+                graph_digest=s.graph_digest,
+            ),
+            previous.size,
+        )
+        plain = state.acc.plain()[: previous.size]
+        n, weight_sum = outcome.included, outcome.weight_sum
+        s.optimizer.step_chunked(
+            previous,
+            lambda part: np.divide(decode_values(plain[part], n, s.mask), weight_sum),
+            out=model.weights,
+        )
+        # The aggregate is spent: its 4·M bytes go (when this returns, with ``plain``)
+        # before the model is signed (from here a failure fails the round, which never
+        # reads it again; a restart reads the checkpoint).
         state.acc = None
-        return weights, weight_sum, fleet
+        return model
 
     def _metrics(
         self,
@@ -212,92 +289,84 @@ class UnmaskPhase(StepPhase):
             )
         return metrics
 
-    async def _store_and_publish(self, result: _Model, started: _Started) -> None:
-        """The next GLOBAL_MODEL: stored with the round's outcome (:meth:`_store`), then
-        published retained (nothing announces it before the commit), and logged."""
+    async def _store_and_publish(
+        self, model: GlobalModelBuffer, outcome: _Outcome, steps: _Steps
+    ) -> None:
+        """The next GLOBAL_MODEL: signed and stored with the round's outcome
+        (:meth:`_store`), then published retained (nothing announces it before the
+        commit), and logged."""
         s, state = self.s, self.state
         assert state is not None
-        rid = state.round_id
-        version = s.model.version + 1
-        computed = time.perf_counter()
-        raw, digest, weights, signed = await self._store(result, version)
-        stored = time.perf_counter()
-        s.model = ModelState(s.model.model_id, version, weights, digest)
+        rid, version = state.round_id, outcome.version
+        started, computed = steps.started.wall, steps.mark("metrics")
+        raw, digest, signed = await self._store(model, outcome, steps)
+        stored = steps.mark("commit")
+        s.model = ModelState(s.model.model_id, version, model.weights, digest)
+        del model
         s.metrics.model_version.set(version)
-        s.metrics.unmask_seconds.observe(stored - started.wall)
+        s.metrics.unmask_seconds.observe(stored - started)
         await s.outbox.state(s.topics.model_latest(s.model.model_id), raw)
-        published = time.perf_counter()
+        published = steps.mark("publish")
+        total = steps.total()
         log.info(
             "round %d completed: model v%d from %d updates (%d dropped), weight sum %.3f; "
             "unmask %.3f s (vote, decode, step %.3f, sign and files %.3f, commit %.3f), "
             "publish %.3f s, %.3f CPU-s in all",
             rid,
             version,
-            result.included,
-            result.dropped,
-            result.weight_sum,
-            stored - started.wall,
-            computed - started.wall,
+            outcome.included,
+            outcome.dropped,
+            outcome.weight_sum,
+            stored - started,
+            computed - started,
             signed - computed,
             stored - signed,
             published - stored,
-            time.process_time() - started.cpu,
+            total.user + total.system,
             extra={"round_id": rid, "phase": "unmask", "model_version": version},
         )
+        log.info(
+            "round %d unmask steps (wall s, user+system CPU-s, minor/major page faults): %s",
+            rid,
+            steps.describe(),
+            extra={"round_id": rid, "phase": "unmask"},
+        )
 
-    async def _store(self, result: _Model, version: int) -> tuple[bytes, bytes, F32, float]:
+    async def _store(
+        self, model: GlobalModelBuffer, outcome: _Outcome, steps: _Steps
+    ) -> tuple[bytearray, bytes, float]:
         """Sign the model and write its registry file, then commit it with the round's
-        outcome (one transaction): the signed bytes, the weights' digest, the weights as
-        a view of the signed bytes, and when the file was done (perf_counter)."""
+        outcome (one transaction): the signed message, the weights' digest, and when the
+        file was done (perf_counter)."""
         s, state = self.s, self.state
         assert state is not None
-        rid, metrics, size = state.round_id, result.metrics, result.weights.size
-        body = GlobalModel(
-            model_id=s.model.model_id,
-            version=version,
-            round_id=RoundId(rid),
-            previous_digest=s.model.digest,
-            weights=result.weights,
-            metrics=metrics,
-            graph_digest=s.graph_digest,
-        )
-        result.weights = np.empty(0, np.float32)  # the body holds them, nothing else
+        rid = state.round_id
 
-        def sign_and_file(body: GlobalModel) -> bytes:
-            raw = s.sign(body, rid)
+        def sign_and_file() -> bytearray:
+            raw = s.sign_model(model, rid)
             s.store.files.put_message(raw)
             return raw
 
         # The registry's one 4·M-byte file, the signed model (it holds the weights), is
         # written and fsynced off the event loop right after its SHA-256 pass, while a
         # second thread hashes the weights for the registry's digest (hashlib and I/O
-        # release the GIL). add_model below finds the file there; a crash before the
-        # commit leaves a file no row names, deleted at the next start, and nothing
-        # announces the model before the commit.
+        # release the GIL; two digests of different bytes, so two passes). add_model
+        # below finds the file there; a crash before the commit leaves a file no row
+        # names, deleted at the next start, and nothing announces the model before the
+        # commit.
         raw, digest = await asyncio.gather(
-            asyncio.to_thread(sign_and_file, body), asyncio.to_thread(weights_digest, body.weights)
+            asyncio.to_thread(sign_and_file), asyncio.to_thread(weights_digest, model.weights)
         )
-        # The signed message ends with the weights (wire-format.md): keep the model as a
-        # view of it, not as a second 4·M-byte array beside it.
-        del body
-        weights = np.frombuffer(raw, "<f4", size, len(raw) - 4 * size)
-        signed = time.perf_counter()
-        await self._commit(raw, digest, weights, version, metrics)
-        return raw, digest, weights, signed
+        signed = steps.mark("sign_file")
+        await self._commit(raw, digest, model.weights, outcome)
+        return raw, digest, signed
 
-    async def _commit(
-        self,
-        raw: bytes,
-        digest: bytes,
-        weights: F32,
-        version: int,
-        metrics: tuple[tuple[str, float], ...],
-    ) -> None:
+    async def _commit(self, raw: bytearray, digest: bytes, weights: F32, outcome: _Outcome) -> None:
         """The model and the round's outcome in one transaction; the privacy spent and
         the round's masks forgotten only after it."""
         s, state = self.s, self.state
         assert state is not None
-        rid = state.round_id
+        rid, version = state.round_id, outcome.version
         now = s.clock()
         done = move(Phase.UNMASK, Event.DONE)  # the model and the outcome in one commit
         assert done.outcome is not None
@@ -316,7 +385,7 @@ class UnmaskPhase(StepPhase):
                     round_id=rid,
                     digest=digest,
                     weights=weights.data.cast("B"),  # held by the message: not written
-                    metrics=dict(metrics),
+                    metrics=dict(outcome.metrics),
                     message=raw,
                     optimizer_state=s.optimizer.state_bytes(),
                     created_at=now,
@@ -328,16 +397,6 @@ class UnmaskPhase(StepPhase):
             s.accountant.spend(s.dp.rho)  # after the commit: the store is the record
         s.checkpoints.prune_masks()  # the round's sum2 masks, now that it is over
         state.record = record
-
-    def _next_weights(self, plain: Words, included: int, weight_sum: float) -> F32:
-        """Slice by slice: decode, divide, step (scratch memory of a slice, not ~8 float64
-        copies of the model; 2.5e7 parameters took 5.6 s whole, see step_chunked)."""
-        s = self.s
-        model = plain[: s.model.weights.size]
-        return s.optimizer.step_chunked(
-            s.model.weights,
-            lambda part: np.divide(decode_values(model[part], included, s.mask), weight_sum),
-        )
 
     def _vote(self) -> tuple[list[DigestVote], set[bytes]]:
         """One agreed aggregate mask per mask group (plurality of its summers' sum2 digests),

@@ -80,3 +80,23 @@ def test_stepping_in_slices_is_bit_identical_to_whole_arrays() -> None:
             w = opt.step_chunked(w, lambda part, d=d: d[part], chunk=97)
             ref = _whole_array_step(kind, ref_state, ref, d, cfg)
             assert w.tobytes() == ref.tobytes(), kind
+
+
+def test_stepping_into_a_given_array_gives_the_same_weights() -> None:
+    """``out=`` (the unmask phase steps into the next message's buffer) changes where the
+    weights go, not what they are; the old weights stay as they were."""
+    rng = np.random.default_rng(8)
+    for kind in OptimizerKind:
+        cfg = OptimizerConfig(kind=kind, lr=0.7, momentum=0.9, beta1=0.9, beta2=0.99, tau=1e-3)
+        fresh, into = ServerOptimizer(cfg), ServerOptimizer(cfg)
+        w = rng.standard_normal(1000).astype(np.float32)
+        before = w.copy()
+        for _ in range(3):
+            d = rng.standard_normal(1000) * 0.01
+            want = fresh.step_chunked(w, lambda part, d=d: d[part], chunk=97)
+            buffer = bytearray(8 + 4000)
+            out = np.frombuffer(buffer, "<f4", 1000, 8)
+            got = into.step_chunked(w, lambda part, d=d: d[part], chunk=97, out=out)
+            assert got is out and out.tobytes() == want.tobytes(), kind
+            assert w.tobytes() == before.tobytes()
+            w = before = want

@@ -22,7 +22,7 @@ from maskfl.protocol.errors import (
     RemoteProtocolError,
 )
 from maskfl.protocol.identity import Identity
-from maskfl.protocol.ids import Role
+from maskfl.protocol.ids import Role, RoundId
 from maskfl.protocol.masking import MaskConfig
 from maskfl.protocol.messages import (
     BODY_OFFSET,
@@ -30,6 +30,7 @@ from maskfl.protocol.messages import (
     MAX_SUM_SIZE,
     Body,
     GlobalModel,
+    GlobalModelBuffer,
     Heartbeat,
     MessageType,
     Receipt,
@@ -254,6 +255,54 @@ def test_global_model_round_trip(
     assert isinstance(decoded, GlobalModel)
     assert decoded.weights.flags.aligned
     assert decoded.digest == weights_digest(weights)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    model_id=ids,
+    numbers=st.tuples(u64, rounds),
+    digests=st.tuples(b32, b32),
+    weights=hnp.arrays(np.float32, st.integers(0, 200)),
+    metrics=st.dictionaries(
+        st.text(min_size=1, max_size=16), st.floats(allow_nan=True), max_size=5
+    ),
+)
+def test_a_global_model_built_in_its_buffer_is_the_encoded_message(
+    model_id: str,
+    numbers: tuple[int, int],
+    digests: tuple[bytes, bytes],
+    weights: np.ndarray[Any, Any],
+    metrics: dict[str, float],
+) -> None:
+    """GlobalModelBuffer (the coordinator's unmask) and encode_message give the same bytes
+    (the ids and metrics vary the padding before the weights)."""
+    (version, round_id), (previous, graph) = numbers, digests
+    fields = (model_id, version, RoundId(round_id), previous)
+    body = GlobalModel(*fields, weights, tuple(metrics.items()), graph)
+    want = encode_message(body, fleet=FLEET, round_id=round_id, signing_key=COORDINATOR.signing_key)
+    head = GlobalModel(*fields, np.ones(3, np.float32), tuple(metrics.items()), graph)
+    model = GlobalModelBuffer(head, weights.size)  # the head's own weights are ignored
+    model.weights[:] = weights
+    got = model.sign(fleet=FLEET, round_id=round_id, signing_key=COORDINATOR.signing_key)
+    assert got is model.buffer and bytes(got) == want
+    assert model.weights.ctypes.data == np.frombuffer(got, np.uint8).ctypes.data + (
+        len(got) - weights.nbytes
+    )  # a view of the message, not a copy
+    assert not model.weights.flags.writeable
+    assert weights_digest(model.weights) == weights_digest(weights)
+
+
+def test_a_global_model_buffer_checks_what_encode_message_checks() -> None:
+    head = GlobalModel("m", 1, ROUND, bytes(32), np.zeros(0, np.float32))
+    key = COORDINATOR.signing_key
+    with pytest.raises(LocalProtocolError):
+        GlobalModelBuffer(dataclasses.replace(head, model_id="bad id"), 4)
+    with pytest.raises(LocalProtocolError):
+        GlobalModelBuffer(dataclasses.replace(head, metrics=(("a", 1), ("a", 2))), 4)
+    with pytest.raises(LocalProtocolError):
+        GlobalModelBuffer(head, 4).sign(fleet="no/slash", round_id=1, signing_key=key)
+    with pytest.raises(LocalProtocolError):
+        GlobalModelBuffer(head, 4).sign(fleet=FLEET, round_id=-1, signing_key=key)
 
 
 @settings(max_examples=30, deadline=None)

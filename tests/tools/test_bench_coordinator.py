@@ -26,6 +26,23 @@ def test_coordinator_bench_with_two_mask_groups(tmp_path: Path) -> None:
     # the coordinator's own figures, read from its unmask log line
     assert 0 < row["coordinator_unmask_s"] <= row["coordinator_unmask_publish_s"]
     assert row["coordinator_unmask_cpu_s"] > 0
+    # and its per-step breakdown, in order, from its steps log line
+    steps = row["coordinator_unmask_steps"]
+    assert list(steps) == [
+        "mask",
+        "subtract",
+        "decode_step",
+        "metrics",
+        "sign_file",
+        "commit",
+        "publish",
+    ]
+    assert all(
+        set(v) == {"wall_s", "user_s", "system_s", "minor_faults", "major_faults"}
+        for v in steps.values()
+    )
+    total = sum(v["wall_s"] for v in steps.values())  # the steps cover the whole path
+    assert total == pytest.approx(row["coordinator_unmask_publish_s"], abs=0.01)
 
 
 def test_coordinator_bench_refuses_groups_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
