@@ -34,7 +34,7 @@ from maskfl.aggregator_gpu import (
 from maskfl.broker_coordinator.config import MIN_UPDATES_FLOOR
 from maskfl.broker_coordinator.context import ModelState
 from maskfl.broker_coordinator.errors import RoundFailedError
-from maskfl.broker_coordinator.optimizers import F32
+from maskfl.broker_coordinator.optimizers import F32, F64
 from maskfl.broker_coordinator.phases.base import StepPhase, Transition
 from maskfl.broker_coordinator.store import ModelRecord, Sum2Record, UpdateRecord
 from maskfl.protocol.errors import AggregationError
@@ -228,11 +228,12 @@ class UnmaskPhase(StepPhase):
         )
         plain = state.acc.plain()[: previous.size]
         n, weight_sum = outcome.included, outcome.weight_sum
-        s.optimizer.step_chunked(
-            previous,
-            lambda part: np.divide(decode_values(plain[part], n, s.mask), weight_sum),
-            out=model.weights,
-        )
+
+        def mean_delta(part: slice) -> F64:
+            values = decode_values(plain[part], n, s.mask)
+            return np.divide(values, weight_sum, out=values)
+
+        s.optimizer.step_chunked(previous, mean_delta, out=model.weights)
         # The aggregate is spent: its 4·M bytes go (when this returns, with ``plain``)
         # before the model is signed (from here a failure fails the round, which never
         # reads it again; a restart reads the checkpoint).
