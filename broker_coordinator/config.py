@@ -100,6 +100,10 @@ from maskfl.transport import Section as _Section
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
+_DELIVERY_SLACK = 65536
+"""What one delivery may carry beyond ``pet.chunk_size``: the coordinator's largest
+incoming payload is ``chunk_size`` plus this (:attr:`CoordinatorConfig.max_delivery_bytes`)."""
+
 __all__ = [
     "ENV_PREFIX",
     "AggregationConfig",
@@ -184,9 +188,10 @@ class StorageConfig(_Section):
     added, checkpointed and committed together; their MQTT acks follow the commit.
     Every accepted update's masked words are kept for the round, to drop an update
     whose seed a summer cannot open. ``update_words = "memory"`` keeps them in RAM
-    (the received message, no copy) up to ``update_memory_max_bytes`` and writes
-    the rest to the update log; ``"file"`` writes all of them to the log (a second
-    full write of the data: about 40 % of the ingest CPU at 4 MB updates). Words
+    (the received message, no copy) while they take at most half of
+    ``pet.message_memory_max_bytes`` and writes the rest to the update log;
+    ``"file"`` writes all of them to the log (a second full write of the data:
+    about 40 % of the ingest CPU at 4 MB updates). Words
     held only in memory are gone after a restart: if a summer then reports such
     an update as unopenable, that round fails instead of dropping it (the
     aggregate itself is always in the checkpoint). ``update_log_fsync`` also
@@ -197,8 +202,17 @@ class StorageConfig(_Section):
     group_commit_max: Annotated[int, Field(ge=1, le=10000)] = 128
     group_commit_ms: Annotated[float, Field(ge=0, le=10000)] = 2.0
     update_words: Literal["memory", "file"] = "memory"
-    update_memory_max_bytes: Annotated[int, Field(ge=0)] = 256 << 20
     update_log_fsync: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gone(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "update_memory_max_bytes" in data:
+            raise ValueError(
+                "update_memory_max_bytes is gone: the words kept in memory now share "
+                "pet.message_memory_max_bytes (at most half of it); remove the key"
+            )
+        return data
 
 
 class ModelConfig(_Section):
@@ -312,12 +326,18 @@ class PetConfig(_Section):
     counts as alive for the sortition targets. ``round_pause_s``: wait between rounds;
     ``failure_pause_s``: wait after a failed round. ``max_rounds``: stop after that
     many rounds (0: run forever). ``initial_seed``: hex of the seed before round 1
-    (zeros by default). ``reassembly_*``: bounds of partial chunked messages (their
-    frames are held unacked; see ``broker.receive_maximum``): up to
-    ``reassembly_max_bytes`` in memory, then up to ``reassembly_spool_max_bytes`` in
-    ``<storage.dir>/spool`` (default: as much as the broker window leaves, about
-    16 GiB at the default chunk size; 0 turns the spool off); a message that finds
-    no room is refused (its sender resends it), never one already admitted dropped.
+    (zeros by default). ``message_memory_max_bytes``: the one bound on received
+    messages held in memory, all together: deliveries in the transport's queue,
+    partial chunked messages, whole messages until their group commit, and
+    updates' words kept for the round (``storage.update_words``, at most half);
+    a partial message that does not fit waits in ``<storage.dir>/spool``, up to
+    ``reassembly_spool_max_bytes`` (default: as much as the broker window leaves,
+    about 16 GiB at the default chunk size; 0 turns the spool off), and one
+    message read back from there may pass it (a message larger than the bound
+    passes alone). ``reassembly_*``: the other bounds of partial chunked messages
+    (their frames are held unacked; see ``broker.receive_maximum``); a message
+    that finds no room is refused (its sender resends it), never one already
+    admitted dropped.
     """
 
     sum: SumPhaseConfig = SumPhaseConfig()
@@ -329,13 +349,31 @@ class PetConfig(_Section):
     failure_pause_s: Annotated[float, Field(ge=0)] = 5.0
     max_rounds: Annotated[int, Field(ge=0)] = 0
     initial_seed: Annotated[str, Field(pattern=r"^([0-9a-fA-F]{64})?$")] = ""
-    reassembly_max_bytes: Annotated[int, Field(ge=1 << 20)] = 512 * 1024 * 1024
+    message_memory_max_bytes: Annotated[int, Field(ge=1 << 20)] = 256 << 20
     reassembly_max_messages: Annotated[int, Field(ge=1)] = 4096
     reassembly_max_age_s: Annotated[float, Field(gt=0)] = 120.0
     reassembly_spool_max_bytes: Annotated[int | None, Field(ge=0)] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "reassembly_max_bytes" in data:
+            raise ValueError(
+                "reassembly_max_bytes is now message_memory_max_bytes, one bound for every "
+                "received message held in memory (partial ones, those waiting for their "
+                "commit, updates' words kept); rename the key"
+            )
+        return data
+
     @model_validator(mode="after")
     def _cross(self) -> Self:
+        least = 8 * (self.chunk_size + _DELIVERY_SLACK)  # the transport's queue takes 4
+        if self.message_memory_max_bytes < least:
+            raise ValueError(
+                f"pet.message_memory_max_bytes ({self.message_memory_max_bytes}) holds fewer "
+                f"than 8 deliveries of pet.chunk_size ({self.chunk_size}) plus 64 KiB; raise "
+                f"it to at least {least} or lower pet.chunk_size"
+            )
         if self.sum2.count_min > self.sum.count_max:
             raise ValueError(
                 f"pet.sum2.count_min ({self.sum2.count_min}) exceeds pet.sum.count_max "
@@ -509,16 +547,43 @@ class CoordinatorConfig(ServiceSettings):
         return self.broker.receive_maximum - self.storage.group_commit_max - 16
 
     @property
+    def max_delivery_bytes(self) -> int:
+        """The largest payload the coordinator takes in one delivery."""
+        return self.pet.chunk_size + _DELIVERY_SLACK
+
+    @property
+    def transport_queue_size(self) -> int:
+        """Deliveries the coordinator's transport queues for its ingest (it stops reading
+        the socket beyond): an eighth of ``pet.message_memory_max_bytes``, 4 to 256 of
+        them (102 at the defaults: 32 MiB)."""
+        return max(4, min(256, self.pet.message_memory_max_bytes // 8 // self.max_delivery_bytes))
+
+    @property
+    def message_bytes(self) -> int:
+        """``pet.message_memory_max_bytes`` less the transport's queue: the bound on
+        partial messages in memory, whole ones until their commit and updates' words
+        kept, together (:mod:`.ingest`)."""
+        queue = self.transport_queue_size * self.max_delivery_bytes
+        return self.pet.message_memory_max_bytes - queue
+
+    @property
+    def words_memory_bytes(self) -> int:
+        """The most updates' words kept in memory (``storage.update_words = "memory"``):
+        half of :attr:`message_bytes`, so uploads always keep the other half."""
+        return self.message_bytes // 2 if self.storage.update_words == "memory" else 0
+
+    @property
     def reassembly_bytes(self) -> int:
-        """The bytes partial chunked messages may hold in memory: ``pet.reassembly_max_bytes``,
-        and no more than :attr:`reassembly_frames` frames of ``pet.chunk_size``.
+        """The bytes partial chunked messages may hold in memory: :attr:`message_bytes`
+        (less what whole messages and kept words hold, counted as they come), and no
+        more than :attr:`reassembly_frames` frames of ``pet.chunk_size``.
 
         Every held frame is an unacknowledged delivery, and the broker sends no more
         than ``broker.receive_maximum`` of those: past that bound the coordinator would
-        wait for frames the broker will not send (``pet.chunk_size = 8192`` with the
-        default 512 MiB would need 65,680 of them, above MQTT's 65,535).
+        wait for frames the broker will not send (``pet.chunk_size = 8192`` with
+        512 MiB would need 65,680 of them, above MQTT's 65,535).
         """
-        return min(self.pet.reassembly_max_bytes, self.reassembly_frames * self.pet.chunk_size)
+        return min(self.message_bytes, self.reassembly_frames * self.pet.chunk_size)
 
     def reassembly_spool_bytes(self) -> int:
         """``pet.reassembly_spool_max_bytes``, or what the broker window leaves when unset.

@@ -24,8 +24,8 @@ all incomplete, no message could ever complete. Two facts rule it out:
   default 65535), which mosquitto 2 honours for v5 clients instead of its
   ``max_inflight_messages`` (20; that one applies to v3 clients only; checked
   against mosquitto 2.0.11). Other brokers must honour Receive Maximum too;
-- partial messages are bounded by the reassembler (``pet.reassembly_max_bytes``
-  in memory plus ``pet.reassembly_spool_max_bytes`` on disk, and
+- partial messages are bounded by the reassembler (the message memory, below,
+  plus ``pet.reassembly_spool_max_bytes`` on disk, and
   ``reassembly_max_messages``): a message that does not fit is refused at its
   first frame and its frames are acked as they come (the sender learns from the
   missing receipt and resends). So at most ``(memory + spool) / chunk_size``
@@ -35,6 +35,28 @@ all incomplete, no message could ever complete. Two facts rule it out:
   messages are never dropped for newer ones (:attr:`WhenFull.REFUSE` of the
   protocol's :class:`Reassembler`), so the
   held frames always belong to uploads that can complete.
+
+Message memory
+--------------
+A received message's bytes are counted once, from its first frame until they
+are let go, against one bound, ``pet.message_memory_max_bytes``
+(:attr:`Ingest.held`, ``/status`` ``message_memory``): the transport's queue
+has its own share (``CoordinatorConfig.transport_queue_size`` deliveries); the
+rest (``CoordinatorConfig.message_bytes``) holds, together,
+
+- partial messages in memory: each reserves its total at its first frame, and
+  only while the total fits (else it goes to the spool); frames are copied into
+  the payload as they come, so a message never takes its size twice;
+- whole messages, from the frame that completes them (or their one delivery)
+  until their receipt is sent: the partial's reservation carries over;
+- updates' words kept for the round (``storage.update_words = "memory"``, at
+  most half; see the update phase), until the unmask no longer needs them.
+
+The one excess: a frame that completes a *spooled* message reads it back, and
+waits for room first; but only whole messages waiting for their commit free room
+while the ingest waits (partials need the frames behind it), so when none is
+left it goes on: one message beyond the bound at most, and a message larger
+than the bound passes alone this way.
 
 Rejections and receipts
 -----------------------
@@ -73,15 +95,11 @@ from maskfl.protocol.messages import (
     Receipt,
     SignedMessage,
 )
-from maskfl.protocol.reassembly import Reassembler, Released, WhenFull
+from maskfl.protocol.reassembly import Reassembler, Released, WhenFull, Whole
 from maskfl.protocol.topics import ParsedTopic, TopicKind
 from maskfl.transport import Message, Transport, decode_off_loop
 
 log = logging.getLogger("maskfl.coordinator.ingest")
-
-_ADMITTED_MAX_BYTES = 256 << 20
-"""Payload bytes admitted and waiting for their group commit, at most (one message
-always passes): part of the coordinator's fixed memory, see :meth:`Ingest._room_for`."""
 
 
 def _light(message: Message) -> Message:
@@ -136,10 +154,14 @@ class Ingest:
             spool_max_bytes=services.config.reassembly_spool_bytes(),
             check_id=False,
             on_release=self._released,
+            held_elsewhere=lambda: self.admitted_bytes + self._words_bytes(),
         )
         self.unacked = 0
         self.admitted_bytes = 0
-        """Payload bytes of messages handed to the runner and not yet settled."""
+        """Payload bytes of whole messages, from reassembly (or their one delivery)
+        until they are settled (their receipt sent)."""
+        self.held_peak = 0
+        """The most :attr:`held` seen, after each message or frame taken in."""
         self._room = asyncio.Event()
         self.rejections = RejectionLog()
         """Rejections per device until housekeeping writes them to the store."""
@@ -147,6 +169,31 @@ class Ingest:
 
     def _ack(self, message: Message) -> None:
         self.transport.ack(message)
+
+    def _words_bytes(self) -> int:
+        state = self.runner.state
+        return 0 if state is None else state.words_bytes
+
+    @property
+    def held(self) -> int:
+        """Message memory in use (see the module docstring): partial messages in memory,
+        whole ones not yet settled, and the round's updates' words kept."""
+        return self.chunks.reserved_bytes + self.admitted_bytes + self._words_bytes()
+
+    def memory_status(self) -> dict[str, int]:
+        """``/status`` ``message_memory``: the bound (less the transport's queue), what
+        is held now and by whom, and the most held since the start."""
+        return {
+            "bound": self.s.config.message_bytes,
+            "held": self.held,
+            "peak": self.held_peak,
+            "partial": self.chunks.reserved_bytes,
+            "whole": self.admitted_bytes,
+            "words": self._words_bytes(),
+        }
+
+    def _took_in(self) -> None:
+        self.held_peak = max(self.held_peak, self.held)
 
     def _released(self, released: Released[Message]) -> None:
         """Frames the reassembler let go (logged and counted there): ack them, export."""
@@ -168,6 +215,7 @@ class Ingest:
         m.reassembly_pending.set(r.pending_messages)
         m.reassembly_bytes.set(r.reserved_bytes)
         m.reassembly_spooled_bytes.set(r.spooled_bytes)
+        m.message_memory.set(self.held)
         m.unacked.set(self.chunks.held + self.runner.committer.pending)
         m.devices_alive.set(self.s.alive_count())
         counts = self.s.liveness.counts
@@ -202,34 +250,27 @@ class Ingest:
         if parsed.kind is TopicKind.UPDATE and state is not None and state.first_update_at is None:
             state.first_update_at = now
         if is_chunk(payload):
-            try:
-                frame = ChunkFrame.parse(payload)
-                if frame.total > s.max_message_size():
-                    raise RemoteProtocolError(
-                        Reason.OVERSIZE,
-                        f"chunked message of {frame.total} bytes, at most {s.max_message_size()}",
-                    )
-                # Room first: this frame may complete its message, whose whole payload
-                # would otherwise wait for room in memory, outside every bound (at
-                # M = 1e8 one more model's worth at the peak). Its frames wait unacked.
-                await self._room_for(frame.total)
-                whole = self.chunks.feed(message.topic, payload, now, _light(message))
-            except RemoteProtocolError as exc:
-                self._reject(device, hashlib.sha256(payload).digest(), None, exc, deliveries)
-                return
+            whole = await self._reassemble(message, device, now)
             if whole is None:
                 return
             payload, deliveries = whole.payload, list(whole.tags)
-        await self._room_for(len(payload))
+        else:
+            await self._room_for(len(payload))
+        # Counted from here until settled (a partial's reservation, released by the
+        # reassembler as it returned the payload, carries over in the same step).
+        size = len(payload)
+        self.admitted_bytes += size
+        self._took_in()
         try:
             signed = await decode_off_loop(payload, max_size=s.max_message_size())
         except RemoteProtocolError as exc:
+            self._release(size)
             self._reject(device, hashlib.sha256(payload).digest(), None, exc, deliveries)
             return
         kind = signed.header.message_type
         try:
             await self._admit(
-                signed, parsed, device=device, deliveries=deliveries, size=len(payload), now=now
+                signed, parsed, device=device, deliveries=deliveries, size=size, now=now
             )
         except RemoteProtocolError as exc:
             self._reject(device, signed.digest, kind, exc, deliveries)
@@ -243,6 +284,30 @@ class Ingest:
                 deliveries,
             )
 
+    async def _reassemble(self, message: Message, device: str, now: float) -> Whole[Message] | None:
+        """Feed one chunk frame: its message when this frame completed it, else None (a
+        frame that cannot be used is rejected here)."""
+        payload = message.payload
+        limit = self.s.max_message_size()
+        try:
+            frame = ChunkFrame.parse(payload)
+            if frame.total > limit:
+                raise RemoteProtocolError(
+                    Reason.OVERSIZE, f"chunked message of {frame.total} bytes, at most {limit}"
+                )
+            # A frame that completes a spooled message reads its whole payload back
+            # into memory: room first (its frames wait unacked).
+            spooled = self.chunks.completes_spooled(message.topic, frame)
+            if spooled:
+                await self._room_for(spooled)
+            return self.chunks.feed(message.topic, payload, now, _light(message))
+        except RemoteProtocolError as exc:
+            digest = hashlib.sha256(payload).digest()
+            self._reject(device, digest, None, exc, [_light(message)])
+            return None
+        finally:
+            self._took_in()
+
     async def _admit(
         self,
         signed: SignedMessage,
@@ -254,10 +319,10 @@ class Ingest:
         now: float,
     ) -> None:
         """Offer the message to the runner (every rule: :mod:`.admission`); raise the
-        refusal, after asking the store whether a late or lapsed message counted."""
+        refusal, after asking the store whether a late or lapsed message counted. Its
+        ``size`` bytes are let go here when it is refused, else when it is settled."""
         assert parsed.round_id is not None  # a participant topic names its round
         incoming = Incoming(signed, device, deliveries, size, now, parsed.kind, parsed.round_id)
-        self.admitted_bytes += size
         try:
             result = await self.runner.offer(incoming)
         except BaseException:
@@ -288,14 +353,14 @@ class Ingest:
             )
 
     async def _room_for(self, size: int) -> None:
-        """Wait until admitted messages not yet committed leave room for ``size`` bytes.
+        """Wait until the message memory has room for ``size`` more bytes, or no whole
+        message is left to free any (see the module docstring: then one goes beyond).
 
-        Each holds its whole payload until its group commit; without a bound, a burst
-        of large updates piles up in memory (ten 100 MB updates at M = 2.5e7 did).
-        Meanwhile the transport's queue fills and it stops reading the socket, so the
-        broker holds the rest. One message is always let through.
+        Only settling messages free room while the ingest waits here (partials need
+        the frames behind this one). Meanwhile the transport's queue fills and it stops
+        reading the socket, so the broker holds the rest.
         """
-        while self.admitted_bytes and self.admitted_bytes + size > _ADMITTED_MAX_BYTES:
+        while self.admitted_bytes and self.held + size > self.s.config.message_bytes:
             self._room.clear()
             await self._room.wait()
 

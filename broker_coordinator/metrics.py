@@ -81,6 +81,12 @@ class Metrics:
         self.reassembly_bytes = Gauge(
             _PREFIX + "reassembly_bytes", "bytes reserved by partial chunked messages", registry=r
         )
+        self.message_memory = Gauge(
+            _PREFIX + "message_memory_bytes",
+            "received message bytes held in memory: partial, whole until settled, words kept "
+            "(bound: pet.message_memory_max_bytes less the transport queue)",
+            registry=r,
+        )
         self.reassembly_spooled_bytes = Gauge(
             _PREFIX + "reassembly_spooled_bytes",
             "bytes reserved by partial chunked messages in the spool directory",

@@ -213,8 +213,8 @@ def mqtt_config(config: CoordinatorConfig) -> MqttConfig:
         receive_maximum=b.receive_maximum,
         max_inflight=100,
         max_queued_publishes=100_000,
-        incoming_queue_size=256,
-        max_incoming_payload=config.pet.chunk_size + 65536,
+        incoming_queue_size=config.transport_queue_size,  # part of the message memory
+        max_incoming_payload=config.max_delivery_bytes,
     )
 
 
@@ -304,6 +304,7 @@ class Coordinator:
                 else {"round_id": runner.last_failure[0], "reason": runner.last_failure[1]},
                 last_round_ingest=runner.last_ingest,
                 reassembly=self.ingest.chunks.status() if self.ingest else {},
+                message_memory=self.ingest.memory_status() if self.ingest else {},
                 rejected=self.metrics.rejected_total(),
                 backend=s.backend.description,
                 word_bits=s.mask.word_bits,

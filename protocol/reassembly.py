@@ -6,6 +6,7 @@ Frames are parsed by :class:`maskfl.protocol.chunking.ChunkFrame`.
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
 import logging
 from collections.abc import Callable, Hashable
@@ -90,6 +91,41 @@ class Released(Generic[T]):
     counted: bool = True
 
 
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_bytes_data = ctypes.pythonapi.PyBytes_AsString
+_bytes_data.restype = ctypes.c_void_p
+_bytes_data.argtypes = (ctypes.py_object,)
+
+
+class _Payload:
+    """A message's payload filled frame by frame: a ``bytes`` object of its total size,
+    created empty by ``PyBytes_FromStringAndSize(NULL, size)``, the one case where the
+    C API lets its contents be written; nothing else sees it until every byte is in.
+
+    Each frame is copied in as it comes and can be freed at once, so a message in
+    memory takes its size once: holding the frames and joining them at the end took
+    twice its size while it was joined (a model's worth more at the peak).
+    """
+
+    __slots__ = ("_view", "data")
+
+    def __init__(self, size: int) -> None:
+        self.data: bytes = _new_bytes(None, size)
+        address = _bytes_data(self.data)
+        assert address is not None
+        self._view = memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._view[offset : offset + len(data)] = data
+
+    def done(self) -> bytes:
+        """The payload (every byte written), no longer writable."""
+        self._view.release()
+        return self.data
+
+
 @dataclass(slots=True)
 class _Partial(Generic[T]):
     total: int
@@ -97,8 +133,8 @@ class _Partial(Generic[T]):
     count: int
     started_at: float
     spool: str | None = None
-    """Its name in the spool; None while its frames stay in memory."""
-    parts: dict[int, bytes | memoryview] = field(default_factory=dict)
+    """Its name in the spool; None while it is in memory, in ``payload``."""
+    payload: _Payload | None = None
     have: set[int] = field(default_factory=set)
     tags: list[T] = field(default_factory=list)
 
@@ -112,8 +148,9 @@ class Reassembler(Generic[T]):
     - ``max_messages`` partial messages at once, ``max_per_key`` of them per key
       (more from one key: its oldest is dropped as ``superseded``),
     - ``max_bytes`` reserved in memory (each partial reserves its declared total
-      at its first frame), then ``spool_max_bytes`` in the ``spool`` when one is
-      given; a total above both is ``OVERSIZE``,
+      at its first frame; ``held_elsewhere()``, the bytes its caller holds beside
+      them, counts against it too), then ``spool_max_bytes`` in the ``spool`` when
+      one is given; a total above both is ``OVERSIZE``,
     - ``max_age_s`` from the first frame; older partials are dropped as ``expired``.
 
     A new message that does not fit is refused or makes room, as ``when_full``
@@ -121,8 +158,9 @@ class Reassembler(Generic[T]):
     :attr:`dropped`, logged, and handed to ``on_release`` with its tags (the
     caller's handles of the frames, e.g. deliveries to acknowledge), so nothing
     is dropped silently. A duplicate frame (MQTT redelivery) keeps the first
-    copy's data and adds its tag. Frame data stays a view of ``data`` when that
-    is ``bytes`` (one copy, at the join). With ``check_id`` a payload whose
+    copy's data and adds its tag. A message in memory is its payload, filled as
+    frames come (one copy of each frame, which is not kept): it never takes its
+    size twice. With ``check_id`` a payload whose
     SHA-256 does not start with its id is ``MALFORMED``; a caller that verifies
     the payload anyway (a signed message's body digest) may skip that pass.
 
@@ -142,6 +180,7 @@ class Reassembler(Generic[T]):
         spool_max_bytes: int = 0,
         check_id: bool = True,
         on_release: Callable[[Released[T]], None] | None = None,
+        held_elsewhere: Callable[[], int] | None = None,
     ) -> None:
         if max_messages < 1 or max_bytes < 1 or max_age_s <= 0 or max_per_key < 1:
             raise LocalProtocolError("reassembler bounds must be positive")
@@ -154,6 +193,7 @@ class Reassembler(Generic[T]):
         self.spool_max_bytes = spool_max_bytes if spool is not None else 0
         self.check_id = check_id
         self._on_release = on_release
+        self._held_elsewhere = held_elsewhere
         self._partials: dict[tuple[Hashable, bytes], _Partial[T]] = {}
         self._refused: dict[tuple[Hashable, bytes], float] = {}
         self._reserved = 0
@@ -243,7 +283,8 @@ class Reassembler(Generic[T]):
         """``"memory"`` or ``"spool"`` when a new message of ``total`` bytes fits there."""
         if len(self._partials) >= self.max_messages:
             return None
-        if self._reserved + total <= self.max_bytes:
+        elsewhere = 0 if self._held_elsewhere is None else self._held_elsewhere()
+        if self._reserved + elsewhere + total <= self.max_bytes:
             return "memory"
         if self.spool is not None and self._spooled + total <= self.spool_max_bytes:
             return "spool"
@@ -284,6 +325,7 @@ class Reassembler(Generic[T]):
         partial: _Partial[T] = _Partial(frame.total, frame.part_size, frame.count, now)
         if where == "memory":
             self._reserved += frame.total
+            partial.payload = _Payload(frame.total)
         else:
             partial.spool = f"{next(self._names):016x}"
             self._spooled += frame.total
@@ -296,16 +338,12 @@ class Reassembler(Generic[T]):
         slot: tuple[Hashable, bytes],
         partial: _Partial[T],
         frame: ChunkFrame,
-        data: bytes | memoryview,
     ) -> bool:
         """Keep one frame's data; False when the spool failed (the partial is dropped)."""
-        if partial.spool is None:
-            # a view keeps an immutable frame alive instead of copying its data
-            partial.parts[frame.index] = (
-                frame.data if isinstance(data, bytes) else bytes(frame.data)
-            )
+        if partial.payload is not None:
+            partial.payload.write(frame.index * partial.part_size, frame.data)
             return True
-        assert self.spool is not None
+        assert self.spool is not None and partial.spool is not None
         try:
             self.spool.write(partial.spool, frame.index * partial.part_size, frame.data)
         except OSError as exc:
@@ -315,9 +353,9 @@ class Reassembler(Generic[T]):
         return True
 
     def _payload(self, slot: tuple[Hashable, bytes], partial: _Partial[T]) -> bytes | None:
-        if partial.spool is None:
-            return b"".join([partial.parts[i] for i in range(partial.count)])
-        assert self.spool is not None
+        if partial.payload is not None:
+            return partial.payload.done()
+        assert self.spool is not None and partial.spool is not None
         try:
             payload = self.spool.read(partial.spool)
             if len(payload) != partial.total:
@@ -327,6 +365,20 @@ class Reassembler(Generic[T]):
             self._drop(slot, DropCause.SPOOL_FAILED)
             return None
         return payload
+
+    def completes_spooled(self, key: Hashable, frame: ChunkFrame) -> int:
+        """The bytes that feeding ``frame`` will read back from the spool into memory:
+        its message's total when it is the last missing frame of a spooled message,
+        else 0 (a caller that bounds its memory makes room first)."""
+        partial = self._partials.get((key, frame.message_id))
+        if (
+            partial is None
+            or partial.spool is None
+            or frame.index in partial.have
+            or len(partial.have) != partial.count - 1
+        ):
+            return 0
+        return partial.total
 
     def feed(
         self, key: Hashable, data: bytes | memoryview, now: float, tag: T | None = None
@@ -369,7 +421,7 @@ class Reassembler(Generic[T]):
         if tag is not None:
             partial.tags.append(tag)
         if frame.index not in partial.have:
-            if not self._keep(slot, partial, frame, data):
+            if not self._keep(slot, partial, frame):
                 return None
             partial.have.add(frame.index)
         if len(partial.have) < partial.count:

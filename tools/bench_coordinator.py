@@ -15,6 +15,14 @@ agents' cost, not the coordinator's). Then:
 - **round**: wall time from the round parameters to the published global model
   (sum, update, sum2 with the summers expanding N masks of M words, unmask).
 
+Memory: ``coordinator_peak_rss_mb`` (sampled every 20 ms) and ``coordinator_vmhwm_mb``
+(the kernel's high-water mark, read once the model is out) against the formula
+operators are given (docs/operations.md): peak RSS <= base + ``pet.message_memory_max_bytes``
++ 4 x the model (float32). ``rss_base_mb`` is measured the same way in one extra round
+at M = 1e4 (same N) whenever an M above 1e5 is asked for; ``rss_model_multiple`` is
+(VmHWM - base - that bound) / model, the k the formula allows 4 of, and
+``message_memory_peak_mb`` what the ingest held of the bound at most (``/status``).
+
 ``ratio`` compares the consumers alone: the bare subscriber's time from its first
 to its last frame, over the coordinator's time from its first update frame to
 its last update committed (from its ``/status``), so the publisher's own speed
@@ -39,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maskfl.broker_coordinator.config import load_config
 from maskfl.protocol.sortition import MAX_GROUPS
 from maskfl.testing.fleet import SimFleet
 from maskfl.tools._bench_ingest_round import (
@@ -94,11 +103,11 @@ def add_parser(subparsers: Any) -> None:
         help="override storage.update_words (file: no accepted update's words held in RAM)",
     )
     parser.add_argument(
-        "--reassembly-mb",
+        "--message-memory-mb",
         type=int,
         default=None,
-        help="override pet.reassembly_max_bytes, in MiB (partial uploads held in RAM; "
-        "the rest waits in the spool)",
+        help="override pet.message_memory_max_bytes, in MiB (received messages held in RAM: "
+        "the transport queue, partial uploads, messages until committed, words kept)",
     )
     parser.add_argument("--json", type=Path, help="write the JSON here instead of stdout")
     parser.add_argument("--keep", type=Path, help="keep logs and state in this directory")
@@ -118,10 +127,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "update_words", None) is not None:
         storage["update_words"] = args.update_words
     pet: dict[str, Any] = {}
-    if getattr(args, "reassembly_mb", None) is not None:
-        pet["reassembly_max_bytes"] = args.reassembly_mb << 20
+    if getattr(args, "message_memory_mb", None) is not None:
+        pet["message_memory_max_bytes"] = args.message_memory_mb << 20
     results = []
     for n in n_values:
+        base = _rss_base(n, backend, storage, pet, groups) if max(m_values) > 100_000 else None
         for m in m_values:
             runs = []
             for r in range(repeat):
@@ -134,7 +144,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
             runs.sort(key=lambda x: x["ratio"])
             median = runs[len(runs) // 2]
-            results.append({**median, "ratios": [x["ratio"] for x in runs]})
+            results.append(
+                {**median, **_against_formula(median, base), "ratios": [x["ratio"] for x in runs]}
+            )
     return {
         "chunk_size": CHUNK,
         "word_bits": 32,
@@ -145,6 +157,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "repeat": repeat,
         "note": "each entry is the run with the median ratio; 'ratios' lists every run",
         "runs": results,
+    }
+
+
+_BASE_M = 10_000
+
+
+def _rss_base(
+    n: int, backend: str, storage: dict[str, Any], pet: dict[str, Any], groups: int
+) -> float:
+    """The coordinator's peak RSS (VmHWM, MB) in one round at M = 1e4: the base of the
+    memory formula, measured as the big rounds are."""
+    print(f"maskfl-bench coordinator: N={n} M={_BASE_M} (the RSS base)", file=sys.stderr)
+    with _workdir(None, "base") as work:
+        out = asyncio.run(_one(n, _BASE_M, backend, work, storage, pet=pet, groups=groups))
+    return float(out["coordinator_vmhwm_mb"])
+
+
+def _against_formula(run: dict[str, Any], base: float | None) -> dict[str, Any]:
+    """The run's peak RSS against base + message memory bound + 4 x model (MB)."""
+    if base is None:
+        return {"rss_base_mb": None}
+    peak, bound, model = (
+        run["coordinator_vmhwm_mb"],
+        run["message_memory_bound_mb"],
+        run["model_mb"],
+    )
+    formula = base + bound + 4 * model
+    return {
+        "rss_base_mb": base,
+        "rss_base_m": _BASE_M,
+        "rss_model_multiple": round((peak - base - bound) / model, 2),
+        "rss_formula_mb": round(formula, 1),
+        "rss_within_formula": peak <= formula,
     }
 
 
@@ -219,6 +264,8 @@ async def _measure(
                 built.frames_file, port=port, total_frames=built.total_frames, sup=sup, work=work
             )
             db_bytes, registry_bytes = _state_sizes(work / "coordinator" / "state")
+            vmhwm = _vmhwm(coord.pid)
+            memory = (await coordinator_status(setup.http_port)).get("message_memory") or {}
         finally:
             sampler.cancel()
     out = _summary(
@@ -233,8 +280,28 @@ async def _measure(
         registry_bytes=registry_bytes,
         unmask=_unmask_timings(work / "logs" / "coordinator.log"),
     )
+    out.update(_memory_fields(setup.config, vmhwm, memory))
     print(json.dumps(out), file=sys.stderr)
     return out
+
+
+def _vmhwm(pid: int) -> int:
+    """The process's peak resident set size (VmHWM, bytes): the kernel's own high-water
+    mark, which no sampling interval can miss."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _memory_fields(config: Path, vmhwm: int, memory: dict[str, Any]) -> dict[str, Any]:
+    """VmHWM, the configured message memory bound and the most of it the ingest held."""
+    bound = load_config(config).pet.message_memory_max_bytes
+    return {
+        "coordinator_vmhwm_mb": round(vmhwm / 1e6, 1),
+        "message_memory_bound_mb": round(bound / 1e6, 1),
+        "message_memory_peak_mb": round(memory.get("peak", 0) / 1e6, 3),
+    }
 
 
 _UNMASK_LINE = re.compile(

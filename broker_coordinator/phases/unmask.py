@@ -22,12 +22,14 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from maskfl.aggregator_gpu import (
     DigestVote,
     MaskVoteTieError,
+    Words,
     WordsLike,
     plurality_of_digests,
 )
@@ -37,7 +39,7 @@ from maskfl.broker_coordinator.errors import RoundFailedError
 from maskfl.broker_coordinator.optimizers import F32, F64
 from maskfl.broker_coordinator.phases.base import StepPhase, Transition
 from maskfl.broker_coordinator.store import ModelRecord, Sum2Record, UpdateRecord
-from maskfl.protocol.errors import AggregationError
+from maskfl.protocol.errors import AggregationError, StorageError
 from maskfl.protocol.ids import RoundId
 from maskfl.protocol.masking import (
     FleetEvaluation,
@@ -147,29 +149,40 @@ class UnmaskPhase(StepPhase):
     async def _mask(self, winners: list[DigestVote], dropped: list[UpdateRecord]) -> WordsLike:
         """The words to subtract from the aggregate: the winning mask of each group,
         plus the masked words of the updates whose seeds did not open (the aggregate
-        holds them, the masks do not)."""
+        holds them, the masks do not), added up in one buffer (words wrap modulo
+        2^word_bits, as in the aggregate). The updates' words kept in memory are let go
+        here: once the vote named the dropped updates, nothing reads them again."""
         s, state = self.s, self.state
         assert state is not None
         rid = state.round_id
+        needed = {u.digest for u in dropped}
+        kept = {d: w for d, w in state.words.items() if d in needed}
+        self._release_words()
         dtype = np.dtype(s.mask.dtype)
         size = s.vector_words * dtype.itemsize
         # Mapped from the mask files, which the page cache holds: no 4·M-byte read into
         # fresh memory (see CheckpointFiles.map_mask).
-        masks = [
-            np.frombuffer(s.checkpoints.map_mask(rid, vote.digest, size), dtype) for vote in winners
-        ]
-        if not dropped and len(masks) == 1:
-            return masks[0]
-        combined = s.backend.accumulator(s.vector_words, s.mask.word_bits)
-        for mask in masks:
-            combined.add(mask)
-        del masks, mask
+        first = np.frombuffer(s.checkpoints.map_mask(rid, winners[0].digest, size), dtype)
+        if not dropped and len(winners) == 1:
+            return first
+        mask = first.copy()  # the one buffer the others are added into
+        del first
+        for vote in winners[1:]:
+            other = np.frombuffer(s.checkpoints.map_mask(rid, vote.digest, size), dtype)
+            np.add(mask, other, out=mask)
+            del other
         for u in dropped:
-            words = state.words.get(u.digest)
+            words = kept.pop(u.digest, None)
             if words is not None:
-                combined.add(words)
+                np.add(mask, words, out=mask)
             elif u.log_offset >= 0:
-                combined.add(s.update_log.read(rid, u.log_offset, u.log_length))
+                if u.log_length != mask.nbytes:
+                    raise StorageError(
+                        f"update from {u.device_id}: {u.log_length} bytes in the update log, "
+                        f"not {mask.nbytes}"
+                    )
+                path = s.update_log.path(rid)
+                await asyncio.to_thread(_add_from_file, mask, path, u.log_offset, "update log")
             else:
                 raise RoundFailedError(
                     f"update from {u.device_id} must be dropped (its seed did not open) but its "
@@ -177,7 +190,16 @@ class UnmaskPhase(StepPhase):
                     '"memory"); the round cannot be unmasked',
                     round_id=rid,
                 )
-        return combined.total()
+            del words
+        return mask
+
+    def _release_words(self) -> None:
+        """Forget the updates' words kept in memory (their messages' bytes go with them,
+        and the message memory has that much more room)."""
+        state = self.state
+        assert state is not None
+        state.words = {}
+        state.words_bytes = 0
 
     def _floor(self, included: int, dropped: int) -> int:
         """``included`` if it reaches the privacy floor, else the round fails."""
@@ -467,3 +489,24 @@ class UnmaskPhase(StepPhase):
             log.warning("round %d: fleet evaluation not published: %s", state.round_id, exc)
             return None
         return fleet if fleet.examples else None
+
+
+_SLICE_BYTES = 16 << 20
+
+
+def _add_from_file(out: Words, path: Path, offset: int, what: str) -> None:
+    """Add the ``out.size`` words stored at ``offset`` in ``path`` into ``out``, 16 MiB
+    at a time (in a worker thread: no model-sized buffer besides ``out``)."""
+    step = max(1, _SLICE_BYTES // out.itemsize)
+    part = np.empty(min(step, out.size), dtype=out.dtype)
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            for start in range(0, out.size, step):
+                n = min(step, out.size - start)
+                view = part[:n]
+                if f.readinto(view.data.cast("B")) != view.nbytes:
+                    raise StorageError(f"{what} {path} is shorter than the round says")
+                np.add(out[start : start + n], view, out=out[start : start + n])
+    except OSError as exc:
+        raise StorageError(f"{what} {path} unreadable: {exc}") from exc

@@ -53,14 +53,15 @@ class UpdatePhase(MessagePhase):
         gen = state.record.checkpoint_gen + 1
         start = state.record.update_log_size
         vectors = [item.words for item in batch if item.words is not None]
-        # Which words stay in memory (a view of the received message: no copy)
-        # and which go to the update log.
+        # Which words stay in memory (a view of the received message, no copy: its
+        # bytes stay counted in the message memory, see ingest) and which go to the
+        # update log.
         in_memory: list[bool] = []
         budget = state.words_bytes
         for words in vectors:
             keep = (
                 storage.update_words == "memory"
-                and budget + words.nbytes <= storage.update_memory_max_bytes
+                and budget + words.nbytes <= s.config.words_memory_bytes
             )
             budget += words.nbytes if keep else 0
             in_memory.append(keep)

@@ -113,21 +113,44 @@ def test_cli_prints_one_line_and_exits_2(
 
 
 def test_a_small_chunk_size_alone_fits_the_broker_window(tmp_path: Path) -> None:
-    """MASKFL__PET__CHUNK_SIZE=8192 alone asked for broker.receive_maximum >= 65,680
-    (beyond MQTT's 65,535): the in-memory reassembly bound is capped at the frames the
-    window leaves instead, and the spool takes what remains of it."""
-    config = load_config(_write(tmp_path, MINIMAL), env={"MASKFL__PET__CHUNK_SIZE": "8192"})
+    """MASKFL__PET__CHUNK_SIZE=8192 with 1 GiB of message memory asked for
+    broker.receive_maximum >= 65,680 (beyond MQTT's 65,535): the in-memory reassembly
+    bound is capped at the frames the window leaves instead, and the spool takes what
+    remains of it."""
+    env = {"MASKFL__PET__CHUNK_SIZE": "8192", "MASKFL__PET__MESSAGE_MEMORY_MAX_BYTES": str(1 << 30)}
+    config = load_config(_write(tmp_path, MINIMAL), env=env)
     assert config.pet.chunk_size == 8192
-    assert config.pet.reassembly_max_bytes == 512 * 1024 * 1024  # the documented default
     frames = config.broker.receive_maximum - config.storage.group_commit_max - 16
     assert config.reassembly_frames == frames == 65391
-    assert config.reassembly_bytes == frames * 8192 < config.pet.reassembly_max_bytes
+    assert config.reassembly_bytes == frames * 8192 < config.message_bytes
     assert config.reassembly_spool_bytes() == 0
-    # The default chunk size leaves the memory bound as written, and the spool the rest.
+    # The defaults leave the memory bound as written (less the transport's queue),
+    # and the spool the rest of the window.
     default = load_config(_write(tmp_path, MINIMAL), env={})
-    assert default.reassembly_bytes == default.pet.reassembly_max_bytes
-    in_memory = default.reassembly_bytes // default.pet.chunk_size
+    assert default.pet.message_memory_max_bytes == 256 << 20  # the documented default
+    assert default.transport_queue_size == 102  # an eighth of it: 102 x (256 + 64) KiB
+    queue = 102 * (256 + 64) * 1024
+    assert default.reassembly_bytes == default.message_bytes == (256 << 20) - queue
+    assert default.words_memory_bytes == default.message_bytes // 2
+    in_memory = -(-default.reassembly_bytes // default.pet.chunk_size)
     assert default.reassembly_spool_bytes() == (frames - in_memory) * default.pet.chunk_size
+
+
+def test_the_memory_keys_that_are_gone_name_their_replacement(tmp_path: Path) -> None:
+    """The three memory bounds became one: the old keys stop the coordinator with one
+    line that names the new key."""
+    with pytest.raises(
+        ConfigError, match=r"pet: reassembly_max_bytes is now message_memory_max_bytes.*rename"
+    ):
+        load_config(_write(tmp_path, MINIMAL + "[pet]\nreassembly_max_bytes = 1048576\n"))
+    env = {"MASKFL__STORAGE__UPDATE_MEMORY_MAX_BYTES": "1"}
+    with pytest.raises(ConfigError, match=r"storage: update_memory_max_bytes is gone.*remove"):
+        load_config(_write(tmp_path, MINIMAL), env=env)
+    small = {"MASKFL__PET__MESSAGE_MEMORY_MAX_BYTES": str(1 << 20)}
+    with pytest.raises(
+        ConfigError, match=r"fewer than 8 deliveries .* raise it to at least 2621440"
+    ):
+        load_config(_write(tmp_path, MINIMAL), env=small)
 
 
 def test_a_spool_the_window_cannot_hold_is_refused(tmp_path: Path) -> None:

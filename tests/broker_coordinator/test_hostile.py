@@ -126,7 +126,7 @@ async def test_hostile_client_cannot_disturb_the_round(tmp_path: Path) -> None:
         updaters=5,
         pet={
             "update": {"time_min_s": 3.0},
-            "reassembly_max_bytes": 1 << 20,
+            "message_memory_max_bytes": 4 << 20,
             "reassembly_max_messages": 8,
             "max_rounds": 2,
             "round_pause_s": 30.0,
@@ -230,7 +230,7 @@ async def _attack(h: Harness) -> None:  # noqa: PLR0915 one attack after another
             "both floods taken in",
         )
         r = ingest.chunks
-        assert 0 < r.pending_messages <= 8 and r.reserved_bytes <= 1 << 20
+        assert 0 < r.pending_messages <= 8 and r.reserved_bytes <= 4 << 20
         assert ingest.chunks.held <= 8 * 8
         # Replay an honest update once it is accepted.
         first = updaters[0]

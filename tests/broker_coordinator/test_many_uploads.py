@@ -1,8 +1,9 @@
 """Many large uploads at once reach the coordinator and all count (issue 13, break 1).
 
 300 updaters at M = 1e6 (4 MB updates, 16 chunk frames each) upload at the same
-time against the default ``pet.reassembly_max_bytes`` (512 MiB, room for 127 in
-memory), through a real mosquitto to a coordinator process. The frames arrive in the
+time against the default ``pet.message_memory_max_bytes`` (256 MiB, room for about 55
+in memory, fewer as accepted updates' words are kept), through a real mosquitto to a
+coordinator process. The frames arrive in the
 worst order: the first frame of every update, then every second frame, and so on.
 The old reassembler dropped the oldest partial for each new one and accepted 0 of
 200 updates; now the uploads beyond memory go to the spool and every one counts.
@@ -68,7 +69,7 @@ async def test_300_concurrent_4mb_uploads_all_count(tmp_path: Path) -> None:  # 
             initial=initial,
             overrides={
                 "masking": {"bound": 1.0, "n_max": 1000, "word_bits": 32},
-                "pet": {  # reassembly_* left at their defaults
+                "pet": {  # message memory and reassembly_* left at their defaults
                     "chunk_size": CHUNK,
                     "max_rounds": 2,
                     "round_pause_s": 600.0,
@@ -162,6 +163,7 @@ async def test_300_concurrent_4mb_uploads_all_count(tmp_path: Path) -> None:  # 
                     signing_key=ident.signing_key,
                 )
                 uploads.append((topics.update(1, ident.device_id), split_payload(raw, CHUNK)))
+                update_size = len(raw)
             count = len(uploads[0][1])
             assert count >= 16 and all(len(f) == count for _, f in uploads)
             window = asyncio.Semaphore(64)
@@ -198,3 +200,5 @@ async def test_300_concurrent_4mb_uploads_all_count(tmp_path: Path) -> None:  # 
     reassembly = status["reassembly"]
     assert reassembly["evicted"] == 0 and reassembly["refused"] == 0, reassembly
     assert reassembly["spooled_peak"] > 0  # the uploads did not fit in memory
+    memory = status["message_memory"]  # and memory held at most one update beyond the bound
+    assert 0 < memory["peak"] <= memory["bound"] + update_size, memory

@@ -43,6 +43,12 @@ def test_coordinator_bench_with_two_mask_groups(tmp_path: Path) -> None:
     )
     total = sum(v["wall_s"] for v in steps.values())  # the steps cover the whole path
     assert total == pytest.approx(row["coordinator_unmask_publish_s"], abs=0.01)
+    # memory: the kernel's high-water mark, the default message memory bound and the most
+    # of it the ingest held (3 updates of ~4 kB); no base round at this M
+    assert row["coordinator_vmhwm_mb"] >= row["coordinator_peak_rss_mb"] > 0
+    assert row["message_memory_bound_mb"] == round((256 << 20) / 1e6, 1)
+    assert 0 < row["message_memory_peak_mb"] < 1
+    assert row["rss_base_mb"] is None
 
 
 def test_coordinator_bench_refuses_groups_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
