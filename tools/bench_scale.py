@@ -14,9 +14,12 @@ Four parts (``--parts``), each on fresh brokers and a fresh coordinator process
 - **idle**: K connected devices (``--idle``) that heartbeat every ``--interval``
   seconds (raw MQTT clients, :mod:`maskfl.testing.idle_fleet`, spread over
   processes). Reports the coordinator's CPU share over ``--window`` seconds once
-  every device has beaten at least once, its alive count and peak RSS, and a
-  round of ``--round-n`` updaters run under that load, next to the same round on
-  an idle-free bed (the goal: the same time). One mosquitto holds at most
+  every device has beaten at least once, its alive count and peak RSS, then
+  ``--idle-rounds`` rounds of ``--round-n`` updaters with the fleet's heartbeats
+  on and as many with them paused (its processes stopped, connections kept),
+  alternating on the same coordinator and brokers: the goal is the same round
+  with and without them (``with_and_without``: medians). The first row (K = 0)
+  is the same rounds on a bed without a fleet. One mosquitto holds at most
   ``--per-broker`` clients (its file-descriptor limit); larger fleets connect to
   edge brokers bridged to the core broker the coordinator uses, as a real
   deployment of that size would.
@@ -30,6 +33,10 @@ Four parts (``--parts``), each on fresh brokers and a fresh coordinator process
   identities chosen by each round's sortition seed; every second round runs with
   the fleet's heartbeats paused (its processes stopped, connections kept), so the
   rounds compare with and without heartbeats on the same coordinator and brokers.
+
+The coordinator runs on a CPU of its own (``--coordinator-cpu``, default 0; -1 not
+to pin), the rest of the bed on the other CPUs, so that the simulated fleet's
+processes do not take the coordinator's CPU (see :mod:`._scale_bed`).
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import statistics
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -46,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from maskfl.protocol.sortition import MAX_GROUPS
-from maskfl.tools._scale_bed import Bed, groups_of
+from maskfl.tools._scale_bed import Bed, groups_of, pinning
 from maskfl.tools._scale_procs import CHUNK, SUMMERS
 
 PARTS = ("rounds", "idle", "fanout", "fleet")
@@ -65,6 +74,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--interval", type=float, default=30.0, help="heartbeat interval, s")
     p.add_argument("--window", type=float, default=60.0, help="CPU measurement window, s")
     p.add_argument("--round-n", type=int, default=1000, help="updaters of the idle-load round")
+    p.add_argument(
+        "--idle-rounds",
+        type=int,
+        default=2,
+        help="rounds with the idle fleet's heartbeats on, and as many paused, per idle row",
+    )
     p.add_argument("--fanout-devices", type=int, default=10000)
     p.add_argument("--fanout-n", type=int, default=100)
     p.add_argument("--fanout-m", type=float, default=1e4)
@@ -79,6 +94,13 @@ def add_parser(subparsers: Any) -> None:
         default=1,
         help="g, the mask groups ([masking] groups) of every round: updates seal one seed per "
         f"group, with max({SUMMERS}, g) summers, one or more per group (default 1)",
+    )
+    p.add_argument(
+        "--coordinator-cpu",
+        type=int,
+        default=0,
+        help="the CPU the coordinator runs on alone, the rest of the bed on the others "
+        "(-1: no pinning; ignored with fewer than 2 CPUs)",
     )
     p.add_argument("--json", type=Path, help="write the JSON here instead of stdout")
     p.add_argument("--keep", type=Path, help="keep logs and state in this directory")
@@ -95,6 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "backend": "numpy",
         "chunk_size": CHUNK,
         "fd_limit": _fd_limit(),
+        "cpus": pinning(getattr(args, "coordinator_cpu", -1), os.sched_getaffinity(0)),
     }
     if "rounds" in parts:
         rows = [(n, int(args.n_m)) for n in args.n] + [(args.m_n, int(m)) for m in args.m]
@@ -148,18 +171,72 @@ async def _round_row(work: Path, args: argparse.Namespace, n: int, m: int) -> di
 
 async def _idle_row(work: Path, args: argparse.Namespace, k: int) -> dict[str, Any]:
     n, m = args.round_n, int(args.n_m)
-    async with Bed.open(work, m=m, n_max=n, updates=n, idle=k, args=args) as bed:
+    count = args.idle_rounds * (2 if k else 1)
+    async with Bed.open(work, m=m, n_max=n, updates=n, idle=k, args=args, rounds=count) as bed:
         load = await bed.idle_load(args.window)
-        r = await bed.round(1, n, m)
+        done = await _alternate(bed, count, n, m, paused_every_second=k > 0)
         return {
             "devices": k,
             "interval_s": args.interval,
             "brokers": len(bed.brokers),
+            "cpus": bed.cpus,
             "fleet": bed.fleet_counts(),
             "coordinator_idle": load,
-            "round": {"n": n, "m": m, **r},
+            "n": n,
+            "m": m,
+            "rounds": done,
+            "with_and_without": _with_and_without(done, load, fleet=k > 0),
             "peak_rss_mb": bed.peak_rss(),
         }
+
+
+async def _alternate(
+    bed: Bed, count: int, n: int, m: int, *, paused_every_second: bool
+) -> list[dict[str, Any]]:
+    """``count`` rounds; with ``paused_every_second``, rounds 2, 4, ... run with the
+    fleet's heartbeats paused (its processes stopped, connections kept): the same
+    coordinator, brokers and machine load with and without them, back to back."""
+    done = []
+    for r in range(1, count + 1):
+        paused = paused_every_second and r % 2 == 0
+        bed.pause_fleet(paused)
+        try:
+            done.append({"heartbeats_paused": paused, **await bed.round(r, n, m)})
+        finally:
+            bed.pause_fleet(False)
+    return done
+
+
+_COMPARED = ("first_update_to_model_s", "ingest_s", "coordinator_cpu_s", "round_s")
+
+
+def _with_and_without(
+    rounds: list[dict[str, Any]], load: dict[str, Any], *, fleet: bool
+) -> dict[str, Any]:
+    """Medians of the rounds with the heartbeats on and paused (``no_fleet`` on a bed
+    without one); for those on, the CPU
+    also net of the heartbeats' own cost (their rate x the round's CPU window x the
+    idle cost of one), which shows whether they add work beyond themselves."""
+    per_heartbeat_s = (load.get("cpu_us_per_heartbeat") or 0.0) / 1e6
+    rate = load.get("heartbeats_per_s") or 0.0
+    out: dict[str, Any] = {}
+    on = "heartbeats_on" if fleet else "no_fleet"
+    for paused, key in ((False, on), (True, "heartbeats_paused")):
+        rows = [r for r in rounds if r["heartbeats_paused"] is paused and "error" not in r]
+        if not rows:
+            continue
+        med = {f: round(statistics.median(r[f] for r in rows), 3) for f in _COMPARED}
+        if not paused and rate:
+            own = [rate * r["coordinator_cpu_window_s"] * per_heartbeat_s for r in rows]
+            med["heartbeats_own_cpu_s"] = round(statistics.median(own), 3)
+            med["coordinator_cpu_net_of_heartbeats_s"] = round(
+                statistics.median(
+                    r["coordinator_cpu_s"] - o for r, o in zip(rows, own, strict=True)
+                ),
+                3,
+            )
+        out[key] = {"rounds": len(rows), **med}
+    return out
 
 
 async def _fanout_row(work: Path, args: argparse.Namespace, models: bool) -> dict[str, Any]:
@@ -190,22 +267,13 @@ async def _fleet_row(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     rounds = args.fleet_rounds
     async with Bed.open(work, m=m, n_max=n, updates=n, idle=k, args=args, rounds=rounds) as bed:
         load = await bed.idle_load(args.window) if k else None
-        done = []
-        for r in range(1, rounds + 1):
-            # Every second round with the fleet's heartbeats paused (its processes
-            # stopped, connections kept): the same coordinator, brokers and machine
-            # load with and without them, back to back.
-            paused = r % 2 == 0 and k > 0
-            bed.pause_fleet(paused)
-            try:
-                done.append({"heartbeats_paused": paused, **await bed.round(r, n, m)})
-            finally:
-                bed.pause_fleet(False)
+        done = await _alternate(bed, rounds, n, m, paused_every_second=k > 0)
         return {
             "devices": k,
             "updaters_per_round": n,
             "m": m,
             "brokers": len(bed.brokers),
+            "cpus": bed.cpus,
             "fleet": bed.fleet_counts(),
             "coordinator_idle": load,
             "rounds": done,

@@ -24,7 +24,7 @@ def test_scale_smoke(tmp_path: Path) -> None:
     argv = [
         "scale", "--json", str(out),
         "--n", "4", "--n-m", "2000", "--m", "3000", "--m-n", "2",
-        "--idle", "120", "--interval", "1", "--window", "2", "--round-n", "3",
+        "--idle", "120", "--interval", "1", "--window", "2", "--round-n", "3", "--idle-rounds", "1",
         "--fanout-devices", "120", "--fanout-n", "2", "--fanout-m", "20000",
         "--fleet-devices", "150", "--fleet-updaters", "3", "--fleet-rounds", "2",
         "--per-broker", "100", "--per-process", "80",
@@ -46,7 +46,17 @@ def test_scale_smoke(tmp_path: Path) -> None:
     assert loaded["fleet"]["connected"] == 120
     assert loaded["coordinator_idle"]["devices_alive"] == 120  # heard through the bridges
     assert loaded["coordinator_idle"]["heartbeats_per_s"] > 0
-    assert loaded["round"]["outcome"] == "completed"
+    # the round with the fleet's heartbeats on, then paused, on the same bed
+    assert [r["heartbeats_paused"] for r in loaded["rounds"]] == [False, True]
+    assert [r["outcome"] for r in base["rounds"] + loaded["rounds"]] == ["completed"] * 3
+    assert set(loaded["with_and_without"]) == {"heartbeats_on", "heartbeats_paused"}
+    assert loaded["with_and_without"]["heartbeats_on"]["heartbeats_own_cpu_s"] > 0
+    assert set(base["with_and_without"]) == {"no_fleet"}
+    # the coordinator alone on its CPU, the rest of the bed on the others
+    cpus = result["cpus"]
+    if cpus is not None:
+        assert loaded["cpus"] == cpus and cpus["coordinator"] == [0]
+        assert 0 not in cpus["bed"]
     before, after = result["fanout"]["before"], result["fanout"]["after"]
     assert before["devices_subscribe_to_models"] and not after["devices_subscribe_to_models"]
     assert after["round_2"]["model_fetches"] == 2  # the two updaters of round 2
