@@ -154,6 +154,8 @@ class Bed:
                 finally:
                     if cpus is not None:
                         os.sched_setaffinity(0, cpus["bed"])
+                if cpus is not None:  # what the coordinator got, as the kernel says
+                    cpus["coordinator"] = sorted(os.sched_getaffinity(bed.coordinator.pid))
                 await bed._until_ready()
                 bed._start_idle(idle, models)
                 yield bed
