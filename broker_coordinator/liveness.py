@@ -27,6 +27,14 @@ the alive window from the front (they are in the order last heard), so it costs
 the number of expired devices, not the fleet. At most ``max_devices`` are
 tracked: a heartbeat from one more device is counted as ``fleet_full`` and
 logged (once per minute), never evicting a live device.
+
+What remains is reading them: they arrive on the socket the round messages arrive
+on, and paho's parsing of one (a quarter of it the MQTT 5 properties) costs about
+42 µs, 14 % of a core for 100k devices at 30 s, during rounds as at any other time
+(``maskfl-bench scale --parts idle``: a 1,000-updater round takes about 14 % longer
+than with no fleet, and costs no more CPU beyond the heartbeats' own). Reading them
+off a second, low-priority connection would need a broker identity of its own (the
+broker binds the client id to the certificate's name).
 """
 
 from __future__ import annotations
