@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from maskfl.broker_coordinator.store import (
+    WRITE_SLICE,
     CheckpointFiles,
+    ModelFiles,
     ModelRecord,
     RoundRecord,
     Store,
@@ -137,6 +139,19 @@ def test_checkpoint_files_are_replaced_atomically(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["round-1.gen-2.agg"]
     with pytest.raises(StorageError):
         files.read(1, 1)
+
+
+def test_large_files_are_written_whole_in_slices(tmp_path: Path) -> None:
+    """Parts larger than a write slice, of any item size, are written byte for byte."""
+    words = np.arange(WRITE_SLICE // 2 + 3, dtype=np.uint32)  # 2 MiB + 12 bytes
+    head, tail = b"h" * 13, bytes(range(256)) * (WRITE_SLICE // 256) + b"t"
+    files = CheckpointFiles(tmp_path / "ck")
+    files.write(1, 1, [head, memoryview(words), tail])
+    assert files.read(1, 1) == head + words.tobytes() + tail
+    models = ModelFiles(tmp_path / "models")
+    name = models.put(memoryview(words), ".f32")
+    assert (tmp_path / "models" / name).read_bytes() == words.tobytes()
+    assert name == hashlib.sha256(words.tobytes()).hexdigest() + ".f32"
 
 
 def test_update_log_overwrites_an_uncommitted_tail(tmp_path: Path) -> None:
