@@ -4,12 +4,13 @@ message let go released with its tags and counted by cause."""
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maskfl.protocol.chunking import split_payload
+from maskfl.protocol.chunking import ChunkFrame, split_payload
 from maskfl.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 from maskfl.protocol.reassembly import DropCause, Reassembler, Released, WhenFull
 from tests.protocol.test_chunking import big_reassembler, feed_all, reject
@@ -200,3 +201,50 @@ def test_a_mismatched_payload_releases_the_other_frames_tags() -> None:
     assert err.value.reason is Reason.MALFORMED
     others = tuple(range(len(frames) - 1))
     assert [(x.cause, x.tags) for x in released] == [(DropCause.MISMATCHED, others)]
+
+
+def test_a_message_in_memory_keeps_no_frame_it_was_fed() -> None:
+    """Each frame is copied into the message's payload as it comes and not kept: a
+    message in memory takes its size once. Kept frames joined at the end took twice
+    its size meanwhile (a model's worth more at the coordinator's peak)."""
+    payload = bytes(range(256)) * 40
+    frames = split_payload(payload, 1024)
+    before = [sys.getrefcount(f) for f in frames]
+    r = big_reassembler()
+    for frame in frames[:-1]:
+        assert r.feed("t", frame, 0.0) is None
+    del frame
+    assert [sys.getrefcount(f) for f in frames] == before  # no reference to any frame
+    assert r.reserved_bytes == len(payload)
+    whole = r.feed("t", frames[-1], 0.0)
+    assert whole is not None and whole.payload == payload and type(whole.payload) is bytes
+    assert [sys.getrefcount(f) for f in frames] == before
+
+
+def test_memory_held_elsewhere_counts_against_the_bound() -> None:
+    """``held_elsewhere`` (the coordinator's whole messages and kept words) takes room
+    from new partials: they go to the spool instead; a frame that completes a spooled
+    message says so first (the caller makes room for the read-back)."""
+    held = [0]
+    r: Reassembler[None] = Reassembler(
+        10,
+        500,
+        60.0,
+        when_full=WhenFull.REFUSE,
+        spool=_DictSpool(),
+        spool_max_bytes=1000,
+        held_elsewhere=lambda: held[0],
+    )
+    a, b = (split_payload(bytes([i]) * 200, 84) for i in range(2))
+    assert r.feed("a", a[0], 0.0) is None
+    assert r.reserved_bytes == 200  # 200 + 0 + 200 <= 500: memory
+    held[0] = 200
+    assert r.feed("b", b[0], 0.0) is None
+    assert r.reserved_bytes == 200 and r.spooled_bytes == 200  # 200 + 200 + 200 > 500
+    for frame in b[1:-1]:
+        assert r.completes_spooled("b", ChunkFrame.parse(frame)) == 0
+        assert r.feed("b", frame, 0.0) is None
+    assert r.completes_spooled("b", ChunkFrame.parse(b[-1])) == 200
+    assert r.completes_spooled("a", ChunkFrame.parse(a[-1])) == 0  # in memory: nothing to read
+    whole = r.feed("b", b[-1], 0.0)
+    assert whole is not None and whole.payload == bytes([1]) * 200
