@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -162,15 +163,14 @@ class UnmaskPhase(StepPhase):
         size = s.vector_words * dtype.itemsize
         # Mapped from the mask files, which the page cache holds: no 4·M-byte read into
         # fresh memory (see CheckpointFiles.map_mask).
-        first = np.frombuffer(s.checkpoints.map_mask(rid, winners[0].digest, size), dtype)
         if not dropped and len(winners) == 1:
-            return first
-        mask = first.copy()  # the one buffer the others are added into
-        del first
-        for vote in winners[1:]:
-            other = np.frombuffer(s.checkpoints.map_mask(rid, vote.digest, size), dtype)
-            np.add(mask, other, out=mask)
-            del other
+            return np.frombuffer(s.checkpoints.map_mask(rid, winners[0].digest, size), dtype)
+        # Else one buffer, and the masks added into it from their files in slices: a
+        # mapped mask counts in the RSS as it is read, as much as a buffer would.
+        mask = np.zeros(s.vector_words, dtype)
+        for vote in winners:
+            path = s.checkpoints.mask_path(rid, vote.digest)
+            await asyncio.to_thread(_add_from_file, mask, path, 0, "sum2 mask", whole=True)
         for u in dropped:
             words = kept.pop(u.digest, None)
             if words is not None:
@@ -494,13 +494,16 @@ class UnmaskPhase(StepPhase):
 _SLICE_BYTES = 16 << 20
 
 
-def _add_from_file(out: Words, path: Path, offset: int, what: str) -> None:
+def _add_from_file(out: Words, path: Path, offset: int, what: str, *, whole: bool = False) -> None:
     """Add the ``out.size`` words stored at ``offset`` in ``path`` into ``out``, 16 MiB
-    at a time (in a worker thread: no model-sized buffer besides ``out``)."""
+    at a time (in a worker thread: no model-sized buffer besides ``out``). ``whole``:
+    the file must hold exactly those words."""
     step = max(1, _SLICE_BYTES // out.itemsize)
     part = np.empty(min(step, out.size), dtype=out.dtype)
     try:
         with path.open("rb") as f:
+            if whole and os.fstat(f.fileno()).st_size != out.nbytes:
+                raise StorageError(f"{what} {path} is not {out.nbytes} bytes long")
             f.seek(offset)
             for start in range(0, out.size, step):
                 n = min(step, out.size - start)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from maskfl.broker_coordinator.phases.unmask import _add_from_file
+from maskfl.protocol.errors import StorageError
 from maskfl.protocol.phases import Phase
 from maskfl.protocol.topics import Topics
 from tests.broker_coordinator.support import trained
@@ -105,9 +106,10 @@ async def test_kept_words_are_let_go_at_the_unmask(tmp_path: Path) -> None:
 def test_stored_words_are_added_in_slices(
     tmp_path: Path, offset: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The unmask adds another group's mask or a dropped update's words from disk into
-    the mask a slice at a time (no second model-sized buffer), wrapping modulo 2^w as
-    the aggregate does."""
+    """The unmask adds the groups' masks and dropped updates' words from disk into one
+    mask buffer a slice at a time (no second model-sized buffer, mapped or not),
+    wrapping modulo 2^w as the aggregate does; a mask file of the wrong size or a short
+    update log is a storage error."""
     monkeypatch.setattr("maskfl.broker_coordinator.phases.unmask._SLICE_BYTES", 40)
     rng = np.random.default_rng(3)
     out = rng.integers(0, 2**32, 103, dtype=np.uint32)
@@ -117,3 +119,7 @@ def test_stored_words_are_added_in_slices(
     expected = out + stored  # uint32 wraps
     _add_from_file(out, path, offset, "test words")
     np.testing.assert_array_equal(out, expected)
+    with pytest.raises(StorageError, match="is not 412 bytes long"):  # a mask file: exact
+        _add_from_file(out, path, 0, "sum2 mask", whole=True)
+    with pytest.raises(StorageError, match="shorter than the round says"):
+        _add_from_file(out, path, len(stored.tobytes()), "update log")
