@@ -22,6 +22,8 @@ operators are given (docs/operations.md): peak RSS <= base + ``pet.message_memor
 at M = 1e4 (same N) whenever an M above 1e5 is asked for; ``rss_model_multiple`` is
 (VmHWM - base - that bound) / model, the k the formula allows 4 of, and
 ``message_memory_peak_mb`` what the ingest held of the bound at most (``/status``).
+``rss_over_model`` (kept for comparison with older runs) is the whole peak over the
+model, base and bound included: not the formula's multiple.
 
 ``ratio`` compares the consumers alone: the bare subscriber's time from its first
 to its last frame, over the coordinator's time from its first update frame to
