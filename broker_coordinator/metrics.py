@@ -52,6 +52,12 @@ class Metrics:
         self.devices_alive = Gauge(
             _PREFIX + "devices_alive", "devices heard from within the alive window", registry=r
         )
+        self.liveness_listening = Gauge(
+            _PREFIX + "liveness_listening",
+            "1 while the coordinator reads heartbeats, 0 while it is unsubscribed from the "
+            "status topics (a round's update and sum2 phases)",
+            registry=r,
+        )
         self._work_instruments(r)
         self._model_instruments(r)
 

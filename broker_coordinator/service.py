@@ -37,6 +37,7 @@ from maskfl.broker_coordinator.enrollment import Enrollment
 from maskfl.broker_coordinator.fleetview import Timeline, device_table, model_history, round_history
 from maskfl.broker_coordinator.http import OpsServer
 from maskfl.broker_coordinator.ingest import Ingest
+from maskfl.broker_coordinator.liveness import StatusSubscription
 from maskfl.broker_coordinator.metrics import Metrics
 from maskfl.broker_coordinator.optimizers import ServerOptimizer
 from maskfl.broker_coordinator.outbox import Outbox
@@ -297,6 +298,7 @@ class Coordinator:
                 model_version=s.model.version,
                 model_evaluation=self.metrics.evaluation,
                 devices_alive=s.alive_count(),
+                liveness_listening=s.liveness.listening,
                 rounds_completed=runner.rounds_completed,
                 rounds_failed=runner.rounds_failed,
                 last_failure=None
@@ -369,7 +371,7 @@ class Coordinator:
                     s.store,
                     revocations=s.enrollment.revocations,
                     alive=s.liveness.last_heard,
-                    alive_since=now - self.config.pet.alive_window_s,
+                    alive_since=s.liveness.horizon(now),
                     limit=PAGE_DEVICES,
                 ),
                 "devices_total": await s.store.device_count(),
@@ -611,10 +613,11 @@ class Coordinator:
 
     async def _serve(self, s: Services, transport: Transport, stop: asyncio.Event) -> None:
         # Heartbeats bypass the ingest queue (liveness), at QoS 0: no PUBACK each, and
-        # none pile up in our broker session while we are away.
+        # none pile up in our broker session while we are away. The runner subscribes to
+        # them in the phases that read them (runner.NO_HEARTBEATS_IN).
         transport.tap(s.topics.status_prefix, s.liveness.on_status)
+        status = StatusSubscription(transport, s.topics.status_filter(), s.liveness, s.metrics)
         await transport.subscribe(list(s.topics.participant_filters()), qos=1)
-        await transport.subscribe(s.topics.status_filter(), qos=0)
         await self._publish_fleet_state(s)
 
         def settle(
@@ -623,11 +626,12 @@ class Coordinator:
             ingest.settle(item, reason, detail, receipt)
 
         committer = Committer(s, settle, transport.ack)
-        runner = Runner(s, committer)
+        runner = Runner(s, committer, status)
         ingest = Ingest(s, runner, transport)
         self.runner, self.ingest = runner, ingest
         committer.start()
         await runner.resume()
+        await status.settled()  # subscribed (or not) as the resumed phase wants
         # Accepted messages' receipts that the last run stored but never got to the broker.
         s.outbox.resend_stored(await s.store.stored_receipts())
         tasks = {
@@ -644,6 +648,7 @@ class Coordinator:
         finally:
             for task in running:
                 task.cancel()
+            status.close()
             await asyncio.gather(*running, return_exceptions=True)
             # Not asyncio.wait_for: on Python 3.11 it drops a cancel that comes in the
             # same loop iteration as the drain's end.

@@ -173,13 +173,15 @@ class MemoryTransport(LinkBase):
         self.broker._route(topic, payload, qos, retain)
         await asyncio.sleep(0)  # a real publish yields to the loop, so must this
 
-    async def subscribe(self, filters: str | Iterable[str], *, qos: int = 1) -> list[int]:
+    async def subscribe(
+        self, filters: str | Iterable[str], *, qos: int = 1, retained: bool = True
+    ) -> list[int]:
         self._check_open()
         wanted = self._check_subscribe(filters, qos)
         for topic_filter in wanted:
             self.subscriptions[topic_filter] = qos
-            if split_shared(topic_filter)[0] is not None:
-                continue  # no retained messages for shared subscriptions (MQTT 5 §4.8.2)
+            if not retained or split_shared(topic_filter)[0] is not None:
+                continue  # retain handling 2, or a shared subscription (MQTT 5 §4.8.2)
             for topic, message in list(self.broker.retained.items()):
                 if topic_matches(topic_filter, topic):
                     self._deliver(topic, message.payload, min(qos, message.qos), True, False)

@@ -158,7 +158,7 @@ class MqttTransport(LinkBase):
 
         self._publishes: dict[int, _PendingPublish] = {}
         self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
-        self._subscriptions: dict[str, int] = {}
+        self._subscriptions: dict[str, SubscribeOptions] = {}
 
         self._inbox = Inbox(
             config, self._stats, pause=self._stop_reading, resume=self._start_reading
@@ -308,22 +308,32 @@ class MqttTransport(LinkBase):
             if self._publishes.get(info.mid) is pending:
                 del self._publishes[info.mid]
 
-    async def subscribe(self, filters: str | Iterable[str], *, qos: int = 1) -> list[int]:
+    async def subscribe(
+        self, filters: str | Iterable[str], *, qos: int = 1, retained: bool = True
+    ) -> list[int]:
         """Subscribe and return the granted QoS per filter.
 
         The filters are remembered and sent again after a reconnect that finds
         no session. If the link drops before the SUBACK, the SUBSCRIBE is sent
         again on the next connection. Raises :class:`RefusedError` if the
-        broker refuses a filter (that filter is then forgotten).
+        broker refuses a filter (that filter is then forgotten). ``retained``
+        False: the broker sends none of the filters' retained messages (MQTT 5
+        retain handling 2, "do not send"), only what is published from now on.
         """
         self._check_open()
         wanted = self._check_subscribe(filters, qos)
+        options = SubscribeOptions(
+            qos=qos,
+            retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
+            if retained
+            else SubscribeOptions.RETAIN_DO_NOT_SEND,
+        )
         for topic_filter in wanted:
-            self._subscriptions[topic_filter] = qos
+            self._subscriptions[topic_filter] = options
         while True:
             await self.wait_connected()
             try:
-                codes = await self._send_subscribe({f: qos for f in wanted})
+                codes = await self._send_subscribe(dict.fromkeys(wanted, options))
             except NotConnectedError:
                 continue
             refused = [(f, c) for f, c in zip(wanted, codes, strict=False) if c.is_failure]
@@ -517,10 +527,10 @@ class MqttTransport(LinkBase):
             if self._idle.is_set() and self._client.socket() is not None:
                 self._client.loop_misc()
 
-    async def _send_subscribe(self, filters: dict[str, int]) -> list[ReasonCode]:
+    async def _send_subscribe(self, filters: dict[str, SubscribeOptions]) -> list[ReasonCode]:
         """Send one SUBSCRIBE and await its SUBACK; NotConnectedError if the link drops."""
         assert self._loop is not None
-        rc, mid = self._client.subscribe([(f, SubscribeOptions(qos=q)) for f, q in filters.items()])
+        rc, mid = self._client.subscribe(list(filters.items()))
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise NotConnectedError(f"subscribe: {self._config.address} is down")
         future: asyncio.Future[list[ReasonCode]] = self._future()

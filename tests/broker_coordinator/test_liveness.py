@@ -91,3 +91,24 @@ def test_round_messages_count_as_signs_of_life_too() -> None:
     live, clock = make()
     assert live.seen("dev-9", clock())
     assert live.count(clock()) == 1
+
+
+def test_the_window_does_not_run_while_paused() -> None:
+    """Two pauses inside one window: a device expires after window_s of listening time."""
+    live, clock = make(window_s=60)
+    beat(live, "a")
+    clock.now += 20  # listened 20
+    live.pause(clock())
+    clock.now += 500
+    assert live.count(clock()) == 1  # paused: the window stands still
+    assert live.resume(clock()) == 500
+    clock.now += 30  # listened 50
+    live.pause(clock())
+    clock.now += 100
+    live.resume(clock())
+    beat(live, "b")
+    clock.now += 9.5  # listened 59.5
+    assert live.count(clock()) == 2
+    clock.now += 1  # listened 60.5 since a; b was heard 10.5 s ago
+    assert live.count(clock()) == 1 and "a" not in live and "b" in live
+    assert live.horizon(clock()) == clock() - 60 - 100 - 500  # the pauses added

@@ -130,6 +130,25 @@ async def test_retained_messages(pair: tuple[MqttTransport, MqttTransport]) -> N
     ]
 
 
+async def test_a_subscription_without_retained_messages_gets_only_live_ones(
+    pair: tuple[MqttTransport, MqttTransport],
+) -> None:
+    """retained=False (MQTT 5 retain handling 2): no retained copy on subscribing, nor on
+    subscribing again after an unsubscribe (the coordinator's status topics each round)."""
+    pub, sub = pair
+    await pub.publish("status/a", b"kept", retain=True)
+    for live in (b"live1", b"live2"):
+        await sub.subscribe(["status/+", "end"], qos=0, retained=False)
+        await pub.publish("status/b", live)
+        await pub.publish("end", b"")
+        got = await recv_until(sub, "end")
+        assert [(m.topic, m.payload, m.retain) for m in got] == [
+            ("status/b", live, False),
+            ("end", b"", False),
+        ]
+        await sub.unsubscribe(["status/+", "end"])
+
+
 async def test_large_publishes_arrive_intact(mosquitto: Mosquitto) -> None:
     """Payloads from 1 MiB on are written from a memoryview (paho copied the unsent rest of
     the packet at every partial write): every byte must still arrive, in order."""
