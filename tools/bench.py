@@ -1,6 +1,8 @@
 """``maskfl-bench``: performance measured as JSON, never asserted in tests.
 
-Every subcommand prints its JSON on stdout, or writes it to ``--json FILE``.
+Every subcommand prints its JSON on stdout, or writes it to ``--json FILE``. One that
+also exposes ``format_table(results) -> str`` (``scale``) prints its figures as a table
+at the end: on stdout when the JSON goes to a file, else on stderr.
 Subcommands live in ``tools/bench_<name>.py``; each exposes ``add_parser`` and
 ``run(args) -> dict``. ``all`` runs every subcommand with its defaults except
 ``scale`` (its own target, ``make bench-scale``).
@@ -101,11 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    table = None
     if args.command == "all":
         results = run_all()
     else:
         module = importlib.import_module(f"maskfl.tools.{SUBCOMMANDS[args.command]}")
         results = module.run(args)
+        table = getattr(module, "format_table", None)
     document = {"benchmark": args.command, "machine": machine(), "results": results}
     text = json.dumps(document, indent=2, sort_keys=False)
     if getattr(args, "json", None):
@@ -113,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"maskfl-bench: wrote {args.json}", file=sys.stderr)
     else:
         print(text)
+    if table is not None:
+        print(table(results), file=sys.stdout if getattr(args, "json", None) else sys.stderr)
     return 0
 
 

@@ -304,3 +304,135 @@ def _fd_limit() -> list[int]:
     import resource
 
     return list(resource.getrlimit(resource.RLIMIT_NOFILE))
+
+
+# -- the table ----------------------------------------------------------------------
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The figures of ``run``'s result as the README's tables (Markdown, aligned): the
+    round rows, the idle fleet and its rounds with and without heartbeats, the fan-out
+    and the fleet's rounds. A failed row is listed below its table with its error."""
+    out: list[str] = []
+    rounds = result.get("rounds") or []
+    out += _table(
+        "Rounds",
+        ["N", "M", "sum", "update", "sum2", "unmask", "first update → model",
+         "coordinator ingest", "CPU per update", "peak RSS coordinator / broker",
+         "broker bytes out", "load 1m"],
+        [[f"{r['n']:,}", _m(r["m"]), *(_s(r["phases_s"].get(p), 2) for p in _PHASES),
+          f"{r['first_update_to_model_s']:.2f} s", _ingest(r),
+          _ms(r["coordinator_cpu_ms_per_update"]), _rss(r["peak_rss_mb"]),
+          _bytes(r["broker_bytes_out"]), f"{r['load_average_1m']:.1f}"]
+         for r in rounds if "error" not in r],
+        rounds,
+    )  # fmt: skip
+    idle = result.get("idle") or []
+    ok = [r for r in idle if "error" not in r]
+    out += _table(
+        "Idle fleet",
+        ["devices", "heartbeats/s", "coordinator CPU (share of a core)", "per heartbeat, net",
+         "devices alive", "coordinator peak RSS"],
+        [[f"{r['devices']:,}", f"{c['heartbeats_per_s']:,.0f}",
+          _pct(c["cpu_share_of_one_core"]), _us(c.get("cpu_us_per_heartbeat_net")),
+          f"{c.get('devices_alive', 0):,}", f"{r['peak_rss_mb']['coordinator']:,.0f} MB"]
+         for r in ok for c in [r["coordinator_idle"]]],
+        idle,
+    )  # fmt: skip
+    out += _table(
+        "Rounds with and without the idle fleet's heartbeats (medians)",
+        ["devices", "heartbeats", "rounds", "first update → model", "coordinator ingest",
+         "coordinator CPU per round (net of heartbeats)"],
+        [[f"{r['devices']:,}", _HEARTBEATS[key], str(w["rounds"]),
+          f"{w['first_update_to_model_s']:.2f} s", f"{w['ingest_s']:.2f} s", _cpu(w)]
+         for r in ok for key, w in r["with_and_without"].items()],
+        [],
+    )  # fmt: skip
+    fanout = result.get("fanout") or {}
+    out += _table(
+        "Model fan-out (broker bytes out over round 2)",
+        ["devices", "subscribed to", "N", "M", "broker bytes out"],
+        [[f"{r['devices']:,}", "every model" if r["devices_subscribe_to_models"] else
+          "models on demand", f"{r['n']:,}", _m(r["m"]), _bytes(r["broker_bytes_out_round_2"])]
+         for r in fanout.values() if "error" not in r],
+        list(fanout.values()),
+    )  # fmt: skip
+    fleet = result.get("fleet")
+    if fleet is not None:
+        out += _table(
+            f"Fleet: {fleet.get('devices', 0):,} devices, "
+            f"{fleet.get('updaters_per_round', 0):,} updaters per round",
+            ["round", "heartbeats", "outcome", "sum", "update", "sum2", "unmask",
+             "first update → model", "coordinator ingest", "coordinator CPU", "broker bytes out"],
+            [[str(r["round_id"]), "paused" if r["heartbeats_paused"] else "on", r["outcome"],
+              *(_s(r["phases_s"].get(p), 2) for p in _PHASES),
+              f"{r['first_update_to_model_s']:.2f} s", f"{r['ingest_s']:.2f} s",
+              f"{r['coordinator_cpu_s']:.2f} s", _bytes(r["broker_bytes_out"])]
+             for r in fleet.get("rounds", []) if "error" not in r],
+            [fleet, *fleet.get("rounds", [])],
+        )  # fmt: skip
+    return "\n".join(out)
+
+
+_PHASES = ("sum", "update", "sum2", "unmask")
+_HEARTBEATS = {"no_fleet": "—", "heartbeats_on": "on", "heartbeats_paused": "paused"}
+
+
+def _table(
+    title: str, head: list[str], rows: list[list[str]], raw: list[dict[str, Any]]
+) -> list[str]:
+    """Lines of one aligned Markdown table, then the errors of ``raw``'s failed rows."""
+    failed = [f"failed: {r.get('name', '?')}: {r['error']}" for r in raw if "error" in r]
+    if not rows and not failed:
+        return []
+    widths = [max(len(c) for c in col) for col in zip(head, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return [title, "", line(head), rule, *map(line, rows), *failed, ""]
+
+
+def _m(m: float) -> str:
+    """1e4, 2.5e7: M as the README writes it."""
+    exp = len(str(int(m))) - 1
+    return f"{m / 10**exp:g}e{exp}"
+
+
+def _s(v: float | None, digits: int) -> str:
+    return "—" if v is None else f"{v:.{digits + (v < 0.1)}f}"
+
+
+def _ms(v: float) -> str:
+    return f"{v:.2f} ms" if v < 10 else f"{v:,.0f} ms"
+
+
+def _pct(share: float) -> str:
+    return f"{share * 100:.2f} %" if share < 0.01 else f"{share * 100:.1f} %"
+
+
+def _us(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f} µs"
+
+
+def _ingest(r: dict[str, Any]) -> str:
+    rate = r.get("ingest_updates_per_s")
+    return f"{r['ingest_s']:.2f} s" + ("" if rate is None else f" ({rate:,.0f}/s)")
+
+
+def _rss(peak: dict[str, float]) -> str:
+    return f"{peak['coordinator']:,.0f} / {peak['core_broker']:,.0f} MB"
+
+
+def _cpu(w: dict[str, Any]) -> str:
+    net = w.get("coordinator_cpu_net_of_heartbeats_s")
+    return f"{w['coordinator_cpu_s']:.2f} s" + ("" if net is None else f" ({net:.2f})")
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            v = n / size
+            return f"{v:.2g} {unit}" if v < 10 else f"{v:,.0f} {unit}"
+    return f"{n} B"

@@ -3,22 +3,24 @@
 No time is asserted (benchmarks measure, tests do not): the rows must complete,
 name their phases, count the idle fleet the coordinator saw, and show that devices
 which fetch the model on demand make the broker send less than devices subscribed
-to every model.
+to every model. The table it prints on stdout shows each row's figures in their columns.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from maskfl.tools.bench import main
+from maskfl.tools.bench_scale import format_table
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(300)]
 
 
-def test_scale_smoke(tmp_path: Path) -> None:
+def test_scale_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "scale.json"
     # fmt: off
     argv = [
@@ -70,6 +72,92 @@ def test_scale_smoke(tmp_path: Path) -> None:
     assert all(r["coordinator_cpu_window_s"] > 0 for r in fleet["rounds"])
     assert fleet["rounds"][1]["heartbeats_in_cpu_window"] == 0
     assert fleet["coordinator_idle"]["devices_alive"] == 150
+    _check_table(capsys.readouterr().out, result)
+
+
+def _tables(text: str) -> dict[str, list[dict[str, str]]]:
+    """The printed tables by title: each row as {column: cell}; failed rows as {"failed": line}."""
+    tables: dict[str, list[dict[str, str]]] = {}
+    head: list[str] = []
+    rows: list[dict[str, str]] = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not head:
+                head = cells
+            elif not set(line) <= set("|-:"):
+                rows.append(dict(zip(head, cells, strict=True)))
+        elif line.startswith("failed: "):
+            rows.append({"failed": line})
+        elif line:
+            rows = tables.setdefault(line, [])
+            head = []
+    return tables
+
+
+def _num(cell: str) -> float:
+    """The cell's first number, with its unit's factor (kB, MB, GB): '1.3 MB' -> 1.3e6."""
+    value, *unit = cell.replace(",", "").split()
+    return float(value) * {"kB": 1e3, "MB": 1e6, "GB": 1e9}.get(unit[0] if unit else "", 1)
+
+
+def _check_table(printed: str, result: dict[str, Any]) -> None:
+    tables = _tables(printed)
+    rounds = tables["Rounds"]
+    assert [(_num(c["N"]), float(c["M"])) for c in rounds] == [(4, 2000), (2, 3000)]
+    for cells, row in zip(rounds, result["rounds"], strict=True):
+        for phase, seconds in row["phases_s"].items():
+            assert _num(cells[phase]) == pytest.approx(seconds, abs=0.005)
+        assert _num(cells["first update → model"]) == pytest.approx(
+            row["first_update_to_model_s"], abs=0.005
+        )
+        assert _num(cells["coordinator ingest"]) == pytest.approx(row["ingest_s"], abs=0.005)
+        assert f"({row['ingest_updates_per_s']:,.0f}/s)" in cells["coordinator ingest"]
+        assert _num(cells["CPU per update"]) == pytest.approx(
+            row["coordinator_cpu_ms_per_update"], abs=0.5
+        )
+        coordinator, broker = (
+            cells["peak RSS coordinator / broker"].removesuffix(" MB").split(" / ")
+        )
+        assert _num(coordinator) == pytest.approx(row["peak_rss_mb"]["coordinator"], abs=0.5)
+        assert _num(broker) == pytest.approx(row["peak_rss_mb"]["core_broker"], abs=0.5)
+        assert _num(cells["broker bytes out"]) == pytest.approx(row["broker_bytes_out"], rel=0.05)
+    idle = tables["Idle fleet"]
+    assert [_num(c["devices"]) for c in idle] == [0, 120]
+    assert [_num(c["devices alive"]) for c in idle] == [0, 120]
+    loaded = result["idle"][1]["coordinator_idle"]
+    assert _num(idle[1]["heartbeats/s"]) == pytest.approx(loaded["heartbeats_per_s"], abs=0.5)
+    assert _num(idle[1]["coordinator CPU (share of a core)"]) == pytest.approx(
+        loaded["cpu_share_of_one_core"] * 100, abs=0.05
+    )
+    assert _num(idle[1]["per heartbeat, net"]) == pytest.approx(
+        loaded["cpu_us_per_heartbeat_net"], abs=0.05
+    )
+    both = tables["Rounds with and without the idle fleet's heartbeats (medians)"]
+    assert [(_num(c["devices"]), c["heartbeats"]) for c in both] == [
+        (0, "—"), (120, "on"), (120, "paused")
+    ]  # fmt: skip
+    medians = [*result["idle"][0]["with_and_without"].values(),
+               *result["idle"][1]["with_and_without"].values()]  # fmt: skip
+    for cells, med in zip(both, medians, strict=True):
+        assert _num(cells["first update → model"]) == pytest.approx(
+            med["first_update_to_model_s"], abs=0.005
+        )
+    before, after = tables["Model fan-out (broker bytes out over round 2)"]
+    assert (before["subscribed to"], after["subscribed to"]) == ("every model", "models on demand")
+    assert _num(after["broker bytes out"]) == pytest.approx(
+        result["fanout"]["after"]["broker_bytes_out_round_2"], rel=0.05
+    )
+    fleet = tables["Fleet: 150 devices, 3 updaters per round"]
+    assert [(c["round"], c["heartbeats"], c["outcome"]) for c in fleet] == [
+        ("1", "on", "completed"), ("2", "paused", "completed")
+    ]  # fmt: skip
+    # A failed row is said below its table, and the rows that completed are still shown.
+    failed = {"name": "round-n9-m9", "error": "TimeoutError: round 1"}
+    partial = _tables(format_table({"rounds": [result["rounds"][1], failed]}))
+    assert partial == {
+        "Rounds": [rounds[1], {"failed": "failed: round-n9-m9: TimeoutError: round 1"}]
+    }
 
 
 def test_scale_rounds_with_two_mask_groups(tmp_path: Path) -> None:
