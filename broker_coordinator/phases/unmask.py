@@ -365,22 +365,19 @@ class UnmaskPhase(StepPhase):
         assert state is not None
         rid = state.round_id
 
-        def sign_and_file() -> bytearray:
-            raw = s.sign_model(model, rid)
-            s.store.files.put_message(raw)
-            return raw
-
-        # The registry's one 4·M-byte file, the signed model (it holds the weights), is
-        # written and fsynced off the event loop right after its SHA-256 pass, while a
-        # second thread hashes the weights for the registry's digest (hashlib and I/O
-        # release the GIL; two digests of different bytes, so two passes). add_model
-        # below finds the file there; a crash before the commit leaves a file no row
-        # names, deleted at the next start, and nothing announces the model before the
-        # commit.
+        # The two SHA-256 passes (the message body's, in the signature, and the weights'
+        # for the registry: digests of different bytes) run in two threads (hashlib
+        # releases the GIL), then the registry's one 4·M-byte file, the signed model (it
+        # holds the weights), is written and fsynced off the event loop. add_model below
+        # finds the file there; a crash before the commit leaves a file no row names,
+        # deleted at the next start, and nothing announces the model before the commit.
         raw, digest = await asyncio.gather(
-            asyncio.to_thread(sign_and_file), asyncio.to_thread(weights_digest, model.weights)
+            asyncio.to_thread(s.sign_model, model, rid),
+            asyncio.to_thread(weights_digest, model.weights),
         )
-        signed = steps.mark("sign_file")
+        steps.mark("sign")
+        await asyncio.to_thread(s.store.files.put_message, raw)
+        signed = steps.mark("file")
         await self._commit(raw, digest, model.weights, outcome)
         return raw, digest, signed
 

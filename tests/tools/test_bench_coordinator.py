@@ -33,7 +33,8 @@ def test_coordinator_bench_with_two_mask_groups(tmp_path: Path) -> None:
         "subtract",
         "decode_step",
         "metrics",
-        "sign_file",
+        "sign",
+        "file",
         "commit",
         "publish",
     ]
