@@ -32,11 +32,12 @@ Not read while a round's heavy phases run
 -----------------------------------------
 Heartbeats arrive on the socket the round messages arrive on, and paho's parsing
 of one (a quarter of it the MQTT 5 properties) costs about 42 µs: 14 % of a core
-for 100k devices at 30 s, which a 1,000-updater round took longer with them
-(``maskfl-bench scale --parts idle``). Liveness is read only when a round starts
-(sortition) and for the status page, so the coordinator does not receive them in
-the update and sum2 phases (:data:`~maskfl.broker_coordinator.runner.NO_HEARTBEATS_IN`):
-the runner tells :class:`StatusSubscription` on every phase change, which
+for 100k devices at 30 s, and a 1,000-updater round took about that much longer
+while the coordinator read them (``maskfl-bench scale --parts idle``). Liveness is
+read only when a round starts (sortition) and for the status page, so the
+coordinator does not receive them in the update and sum2 phases
+(:data:`~maskfl.broker_coordinator.runner.NO_HEARTBEATS_IN`): the runner tells
+:class:`StatusSubscription` on every phase change, which
 unsubscribes from ``status/+`` and subscribes again (retain handling "do not send":
 a device may retain on its own status topic, and each round's re-subscription must
 not pull one message per such device). Heartbeats published meanwhile are never

@@ -377,6 +377,7 @@ class Bed:
             model_topic = Topics(FLEET).model_latest("sim") if fetch_model else ""
             # CPU over the round, with its window and the fleet's heartbeats in it (to
             # tell the heartbeats' own share from the round's work).
+            rx0 = await self._received()
             hb0, cpu0, w0 = self._heartbeats(), proc_cpu(self.coordinator.pid), time.monotonic()
             t0, fetched, model_bytes = await self._publish(
                 frames_file, n if fetch_model else 0, model_topic
@@ -384,13 +385,14 @@ class Bed:
             frames_file.unlink()
             ingest = await self._until_done(rid, n, m)
             hb1, cpu1, w1 = self._heartbeats(), proc_cpu(self.coordinator.pid), time.monotonic()
+            rx1 = await self._received()
         finally:
             for s in summers:
                 await s.stop()
         info = await asyncio.to_thread(round_record, self.work / "coordinator", rid)
         sent1 = await self.settle()
         self._note_rss()
-        return round_entry(
+        entry = round_entry(
             rid,
             n,
             info=info,
@@ -404,6 +406,13 @@ class Bed:
             fetched=fetched,
             model_bytes=model_bytes,
         )
+        # What the coordinator's MQTT link took in over the window: the round's messages
+        # and whatever heartbeats it still read (none in update and sum2).
+        entry["coordinator_mqtt_received_in_cpu_window"] = rx1 - rx0
+        return entry
+
+    async def _received(self) -> int:
+        return int((await self.get("/status")).get("mqtt", {}).get("received", 0))
 
     def _write_updates(
         self, rid: int, params: RoundParams, sums: SumDict, updater_ids: list[Any], m: int

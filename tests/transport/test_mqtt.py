@@ -147,6 +147,10 @@ async def test_a_subscription_without_retained_messages_gets_only_live_ones(
             ("end", b"", False),
         ]
         await sub.unsubscribe(["status/+", "end"])
+    await sub.subscribe("mark", qos=0)
+    await pub.publish("status/b", b"after the unsubscribe")
+    await pub.publish("mark", b"")
+    assert [m.topic for m in await recv_until(sub, "mark")] == ["mark"]
 
 
 async def test_large_publishes_arrive_intact(mosquitto: Mosquitto) -> None:
