@@ -77,7 +77,9 @@ function renderHeader(d) {
   text("summer-groups", Object.keys(byGroup).length === 0 ? "" : "summers by mask group: " +
     Object.entries(byGroup).map(([g, ds]) => `${g}: ${ds.join(", ")}`).join("; "));
   text("model", st.model_version === undefined ? "–" : `${st.model_id} v${st.model_version}`);
-  text("alive", st.devices_alive ?? "–");
+  // Heartbeats are not read in a round's update and sum2 phases (the count holds still).
+  text("alive", st.devices_alive === undefined ? "–" :
+    st.devices_alive + (st.liveness_listening === false ? " (heartbeats paused this phase)" : ""));
   const ev = st.model_evaluation;
   text("fleet-acc", ev ? `${(100 * ev.accuracy).toFixed(1)} % (v${ev.evaluated_version}, ${ev.examples} examples)` : "–");
   text("completed", st.rounds_completed ?? 0);
