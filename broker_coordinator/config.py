@@ -323,8 +323,10 @@ class PetConfig(_Section):
 
     ``chunk_size``: the largest MQTT payload; bigger messages travel as chunk
     frames. ``alive_window_s``: a device heard from (heartbeat or message) within it
-    counts as alive for the sortition targets. ``round_pause_s``: wait between rounds;
-    ``failure_pause_s``: wait after a failed round. ``max_rounds``: stop after that
+    counts as alive for the sortition targets; the window counts only the time the
+    coordinator listens to heartbeats (not in a round's update and sum2 phases, see
+    :mod:`.liveness`), so a long update phase expires nobody. ``round_pause_s``: wait
+    between rounds; ``failure_pause_s``: wait after a failed round. ``max_rounds``: stop after that
     many rounds (0: run forever). ``initial_seed``: hex of the seed before round 1
     (zeros by default). ``message_memory_max_bytes``: the one bound on received
     messages held in memory, all together: deliveries in the transport's queue,

@@ -232,7 +232,10 @@ class Runner:
         s, state = self.s, self.state
         self.phase = phase
         s.metrics.set_phase(phase)
-        where = f"round {state.round_id} in {phase}" if state is not None else str(phase)
+        rid = None if state is None else state.round_id
+        if phase is Phase.FAILURE:
+            rid = self.finished_round  # the round that failed (its state already cleared)
+        where = str(phase) if rid is None else f"round {rid} in {phase}"
         self.status.want(phase not in NO_HEARTBEATS_IN, where)
         cls = PHASE_CLASSES.get(phase)
         self.current = None if cls is None else cls(s, state)  # type: ignore[arg-type]

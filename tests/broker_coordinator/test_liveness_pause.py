@@ -99,6 +99,8 @@ async def test_heartbeats_reach_liveness_in_sum_and_idle_not_in_update_and_sum2(
         lines = [r.getMessage() for r in caplog.records if r.name.endswith("liveness")]
         assert sum("heartbeats not read" in m for m in lines) == 1, lines
         assert sum("reading heartbeats again" in m for m in lines) == 1, lines
+        # The round that failed is named on the line of the resume after it.
+        assert any("reading heartbeats again (round 1 in failure)" in m for m in lines), lines
 
 
 async def test_a_device_heard_before_a_pause_longer_than_the_window_stays_alive(
