@@ -51,6 +51,8 @@ from maskfl.tools._scale_procs import (
     SUMMERS,
     Broker,
     coordinator_config,
+    cpu_busy,
+    cpu_jiffies,
     proc_cpu,
     proc_io,
     proc_vm,
@@ -378,6 +380,7 @@ class Bed:
             # CPU over the round, with its window and the fleet's heartbeats in it (to
             # tell the heartbeats' own share from the round's work).
             rx0 = await self._received()
+            jif0, brk0 = cpu_jiffies(), self._brokers_cpu()
             hb0, cpu0, w0 = self._heartbeats(), proc_cpu(self.coordinator.pid), time.monotonic()
             t0, fetched, model_bytes = await self._publish(
                 frames_file, n if fetch_model else 0, model_topic
@@ -385,6 +388,7 @@ class Bed:
             frames_file.unlink()
             ingest = await self._until_done(rid, n, m)
             hb1, cpu1, w1 = self._heartbeats(), proc_cpu(self.coordinator.pid), time.monotonic()
+            jif1, brk1 = cpu_jiffies(), self._brokers_cpu()
             rx1 = await self._received()
         finally:
             for s in summers:
@@ -409,7 +413,15 @@ class Bed:
         # What the coordinator's MQTT link took in over the window: the round's messages
         # and whatever heartbeats it still read (none in update and sum2).
         entry["coordinator_mqtt_received_in_cpu_window"] = rx1 - rx0
+        # Where the rest of the machine's time went over the same window: each CPU's
+        # busy fraction (/proc/stat) and the CPU-s of the mosquittos this bed started.
+        entry["cpu_busy_in_cpu_window"] = cpu_busy(jif0, jif1)
+        entry["brokers_cpu_s_in_cpu_window"] = round(brk1 - brk0, 3)
         return entry
+
+    def _brokers_cpu(self) -> float:
+        """User + system CPU-s of every mosquitto of the bed so far."""
+        return sum(proc_cpu(b.child.pid) for b in self.brokers)
 
     async def _received(self) -> int:
         return int((await self.get("/status")).get("mqtt", {}).get("received", 0))

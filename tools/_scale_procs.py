@@ -234,6 +234,31 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_jiffies() -> dict[str, tuple[int, int]]:
+    """Each CPU's busy and total jiffies from ``/proc/stat`` (by CPU number, as a string):
+    busy is user + nice + system + irq + softirq + steal; total adds idle and iowait."""
+    out: dict[str, tuple[int, int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *rest = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, rest[:8])
+        busy = user + nice + system + irq + softirq + steal
+        out[name[3:]] = (busy, busy + idle + iowait)
+    return out
+
+
+def cpu_busy(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+) -> dict[str, float]:
+    """The busy fraction of each CPU between two ``cpu_jiffies`` readings."""
+    return {
+        cpu: round((after[cpu][0] - b[0]) / max(1, after[cpu][1] - b[1]), 3)
+        for cpu, b in before.items()
+        if cpu in after
+    }
+
+
 def proc_vm(pid: int, key: str) -> int:
     """A ``/proc/<pid>/status`` figure in kB (0 when the process is gone)."""
     return _proc_field(pid, "status", key)

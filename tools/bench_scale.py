@@ -230,6 +230,13 @@ def _with_and_without(
         # Round 1's sum phase also holds the bed's start (the fleet connecting, the window).
         later = [r["round_s"] for r in rows if r["round_id"] > 1]
         med["round_s"] = round(statistics.median(later), 3) if later else None
+        med["brokers_cpu_s"] = round(
+            statistics.median(r["brokers_cpu_s_in_cpu_window"] for r in rows), 3
+        )
+        med["cpu_busy"] = {
+            cpu: round(statistics.median(r["cpu_busy_in_cpu_window"][cpu] for r in rows), 3)
+            for cpu in rows[0]["cpu_busy_in_cpu_window"]
+        }
         if not paused and rate:
             own = [rate * r["coordinator_cpu_window_s"] * per_heartbeat_s for r in rows]
             med["heartbeats_own_cpu_s"] = round(statistics.median(own), 3)
@@ -342,9 +349,11 @@ def format_table(result: dict[str, Any]) -> str:
     out += _table(
         "Rounds with and without the idle fleet's heartbeats (medians)",
         ["devices", "heartbeats", "rounds", "first update → model", "coordinator ingest",
-         "coordinator CPU per round (net of heartbeats)"],
+         "coordinator CPU per round (net of heartbeats)", "brokers CPU per round",
+         "busy per CPU"],
         [[f"{r['devices']:,}", _HEARTBEATS[key], str(w["rounds"]),
-          f"{w['first_update_to_model_s']:.2f} s", f"{w['ingest_s']:.2f} s", _cpu(w)]
+          f"{w['first_update_to_model_s']:.2f} s", f"{w['ingest_s']:.2f} s", _cpu(w),
+          f"{w['brokers_cpu_s']:.2f} s", _busy(w["cpu_busy"])]
          for r in ok for key, w in r["with_and_without"].items()],
         [],
     )  # fmt: skip
@@ -428,6 +437,11 @@ def _rss(peak: dict[str, float]) -> str:
 def _cpu(w: dict[str, Any]) -> str:
     net = w.get("coordinator_cpu_net_of_heartbeats_s")
     return f"{w['coordinator_cpu_s']:.2f} s" + ("" if net is None else f" ({net:.2f})")
+
+
+def _busy(busy: dict[str, float]) -> str:
+    """'0: 47 %, 1: 99 %': each CPU's busy share over the rounds' CPU windows."""
+    return ", ".join(f"{cpu}: {share * 100:.0f} %" for cpu, share in busy.items())
 
 
 def _bytes(n: int) -> str:

@@ -71,6 +71,13 @@ def test_scale_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     # each round's CPU window, and the fleet's heartbeats in it (none while paused)
     assert all(r["coordinator_cpu_window_s"] > 0 for r in fleet["rounds"])
     assert fleet["rounds"][1]["heartbeats_in_cpu_window"] == 0
+    # and where the machine's time went over it: each CPU's busy share, the brokers' CPU
+    windows = loaded["rounds"] + fleet["rounds"]
+    for r in windows:
+        busy = r["cpu_busy_in_cpu_window"]
+        assert busy and all(0 <= b <= 1 for b in busy.values()), busy
+    # they carried the rounds' updates (one round alone may fall under a clock tick)
+    assert sum(r["brokers_cpu_s_in_cpu_window"] for r in windows) > 0
     assert fleet["coordinator_idle"]["devices_alive"] == 150
     _check_table(capsys.readouterr().out, result)
 
@@ -143,6 +150,13 @@ def _check_table(printed: str, result: dict[str, Any]) -> None:
         assert _num(cells["first update → model"]) == pytest.approx(
             med["first_update_to_model_s"], abs=0.005
         )
+        assert _num(cells["brokers CPU per round"]) == pytest.approx(
+            med["brokers_cpu_s"], abs=0.005
+        )
+        shares = dict(c.split(": ") for c in cells["busy per CPU"].split(", "))
+        assert shares.keys() == med["cpu_busy"].keys()
+        for cpu, share in med["cpu_busy"].items():
+            assert _num(shares[cpu]) == pytest.approx(share * 100, abs=0.5)
     before, after = tables["Model fan-out (broker bytes out over round 2)"]
     assert (before["subscribed to"], after["subscribed to"]) == ("every model", "models on demand")
     assert _num(after["broker bytes out"]) == pytest.approx(
