@@ -185,7 +185,7 @@ async def _idle_row(work: Path, args: argparse.Namespace, k: int) -> dict[str, A
             "n": n,
             "m": m,
             "rounds": done,
-            "with_and_without": _with_and_without(done, load, fleet=k > 0),
+            "with_and_without": _with_and_without(done, fleet=k > 0),
             "peak_rss_mb": bed.peak_rss(),
         }
 
@@ -210,16 +210,12 @@ async def _alternate(
 _COMPARED = ("first_update_to_model_s", "ingest_s", "coordinator_cpu_s")
 
 
-def _with_and_without(
-    rounds: list[dict[str, Any]], load: dict[str, Any], *, fleet: bool
-) -> dict[str, Any]:
+def _with_and_without(rounds: list[dict[str, Any]], *, fleet: bool) -> dict[str, Any]:
     """Medians of the rounds with the heartbeats on and paused (``no_fleet`` on a bed
-    without one); for those on, the CPU
-    also net of the heartbeats' own cost (their rate x the round's CPU window x the
-    idle cost of one), which shows whether they add work beyond themselves. ``round_s``
-    leaves out round 1, whose sum phase also holds the bed's start."""
-    per_heartbeat_s = (load.get("cpu_us_per_heartbeat") or 0.0) / 1e6
-    rate = load.get("heartbeats_per_s") or 0.0
+    without one). The coordinator's CPU is compared as measured: it reads no heartbeat
+    in the update and sum2 phases, so the idle cost per heartbeat times the window is
+    no longer what they cost a round. ``round_s`` leaves out round 1, whose sum phase
+    also holds the bed's start."""
     out: dict[str, Any] = {}
     on = "heartbeats_on" if fleet else "no_fleet"
     for paused, key in ((False, on), (True, "heartbeats_paused")):
@@ -237,15 +233,6 @@ def _with_and_without(
             cpu: round(statistics.median(r["cpu_busy_in_cpu_window"][cpu] for r in rows), 3)
             for cpu in rows[0]["cpu_busy_in_cpu_window"]
         }
-        if not paused and rate:
-            own = [rate * r["coordinator_cpu_window_s"] * per_heartbeat_s for r in rows]
-            med["heartbeats_own_cpu_s"] = round(statistics.median(own), 3)
-            med["coordinator_cpu_net_of_heartbeats_s"] = round(
-                statistics.median(
-                    r["coordinator_cpu_s"] - o for r, o in zip(rows, own, strict=True)
-                ),
-                3,
-            )
         out[key] = {"rounds": len(rows), **med}
     return out
 
@@ -349,7 +336,7 @@ def format_table(result: dict[str, Any]) -> str:
     out += _table(
         "Rounds with and without the idle fleet's heartbeats (medians)",
         ["devices", "heartbeats", "rounds", "first update → model", "coordinator ingest",
-         "coordinator CPU per round (net of heartbeats)", "brokers CPU per round",
+         "coordinator CPU per round", "brokers CPU per round",
          "busy per CPU"],
         [[f"{r['devices']:,}", _HEARTBEATS[key], str(w["rounds"]),
           f"{w['first_update_to_model_s']:.2f} s", f"{w['ingest_s']:.2f} s", _cpu(w),
@@ -435,8 +422,7 @@ def _rss(peak: dict[str, float]) -> str:
 
 
 def _cpu(w: dict[str, Any]) -> str:
-    net = w.get("coordinator_cpu_net_of_heartbeats_s")
-    return f"{w['coordinator_cpu_s']:.2f} s" + ("" if net is None else f" ({net:.2f})")
+    return f"{w['coordinator_cpu_s']:.2f} s"
 
 
 def _busy(busy: dict[str, float]) -> str:

@@ -52,7 +52,7 @@ def test_scale_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert [r["heartbeats_paused"] for r in loaded["rounds"]] == [False, True]
     assert [r["outcome"] for r in base["rounds"] + loaded["rounds"]] == ["completed"] * 3
     assert set(loaded["with_and_without"]) == {"heartbeats_on", "heartbeats_paused"}
-    assert loaded["with_and_without"]["heartbeats_on"]["heartbeats_own_cpu_s"] > 0
+    assert loaded["with_and_without"]["heartbeats_on"]["coordinator_cpu_s"] > 0
     assert set(base["with_and_without"]) == {"no_fleet"}
     # the coordinator alone on its CPU, the rest of the bed on the others
     cpus = result["cpus"]
