@@ -50,15 +50,22 @@ from maskfl.tools._scale_procs import (
     P_SUM,
     SUMMERS,
     Broker,
+    affinity,
+    all_proc_cpu,
     coordinator_config,
     cpu_busy,
+    cpu_busy_split,
     cpu_jiffies,
+    cpu_times,
+    others_cpu,
     proc_cpu,
     proc_io,
     proc_vm,
     round_entry,
     round_observer,
     round_record,
+    softirqs,
+    softirqs_delta,
     start_broker,
 )
 from maskfl.tools._supervise import Child, Supervisor
@@ -83,6 +90,13 @@ def pinning(cpu: int, available: set[int]) -> dict[str, list[int]] | None:
     return {"coordinator": [cpu], "bed": sorted(available - {cpu})}
 
 
+def _pin_threads(cpus: Any) -> None:
+    """Every thread of this process onto ``cpus``."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that has just exited
+            os.sched_setaffinity(int(tid), cpus)
+
+
 @dataclass
 class Bed:
     """Brokers, a coordinator, an idle fleet, an observer; everything stopped on exit."""
@@ -103,6 +117,7 @@ class Bed:
     background: int | None = None
     fleet_cpu_share: float = 0.0
     cpus: dict[str, list[int]] | None = None
+    publisher_affinity: dict[str, int] = field(default_factory=dict)
     """The CPUs of the coordinator and of the rest of the bed; None: not pinned."""
 
     @classmethod
@@ -123,8 +138,10 @@ class Bed:
         original = os.sched_getaffinity(0)
         cpus = pinning(getattr(args, "coordinator_cpu", -1), original)
         if cpus is not None:
-            # Children inherit the CPUs of the thread that starts them.
-            os.sched_setaffinity(0, cpus["bed"])
+            # Children inherit the CPUs of the thread that starts them; every thread of
+            # this process goes to the bed's CPUs (numpy's OpenBLAS worker, started at
+            # import, would otherwise keep all of them, the coordinator's included).
+            _pin_threads(cpus["bed"])
         try:
             edges = -(-idle // args.per_broker) if idle > args.per_broker else 0
             core = start_broker(work, sup, "core", None)
@@ -167,7 +184,7 @@ class Bed:
                 await observer.disconnect()
         finally:
             sup.stop_all()
-            os.sched_setaffinity(0, original)
+            _pin_threads(original)
 
     # -- plumbing
 
@@ -381,6 +398,7 @@ class Bed:
             # tell the heartbeats' own share from the round's work).
             rx0 = await self._received()
             jif0, brk0 = cpu_jiffies(), self._brokers_cpu()
+            times0, sirq0, procs0 = cpu_times(), softirqs(), all_proc_cpu()
             hb0, cpu0, w0 = self._heartbeats(), proc_cpu(self.coordinator.pid), time.monotonic()
             t0, fetched, model_bytes = await self._publish(
                 frames_file, n if fetch_model else 0, model_topic
@@ -389,6 +407,7 @@ class Bed:
             ingest = await self._until_done(rid, n, m)
             hb1, cpu1, w1 = self._heartbeats(), proc_cpu(self.coordinator.pid), time.monotonic()
             jif1, brk1 = cpu_jiffies(), self._brokers_cpu()
+            times1, sirq1, procs1 = cpu_times(), softirqs(), all_proc_cpu()
             rx1 = await self._received()
         finally:
             for s in summers:
@@ -417,7 +436,26 @@ class Bed:
         # busy fraction (/proc/stat) and the CPU-s of the mosquittos this bed started.
         entry["cpu_busy_in_cpu_window"] = cpu_busy(jif0, jif1)
         entry["brokers_cpu_s_in_cpu_window"] = round(brk1 - brk0, 3)
+        # The busy share by /proc/stat field, the softirqs each CPU ran, and the CPU-s
+        # of the processes outside the bed (other jobs, kernel threads such as
+        # ksoftirqd/0), to place work on the coordinator's CPU outside its process.
+        entry["cpu_busy_split_in_cpu_window"] = cpu_busy_split(times0, times1)
+        entry["softirqs_in_cpu_window"] = softirqs_delta(sirq0, sirq1)
+        entry["others_cpu_in_cpu_window"] = others_cpu(procs0, procs1, self.pids())
         return entry
+
+    def pids(self) -> set[int]:
+        """This process and every child the bed started (the publishers included)."""
+        return {os.getpid(), *(c.pid for c in self.sup.children)}
+
+    def affinities(self) -> dict[str, dict[str, int]]:
+        """The CPUs each running process of the bed may use, read back from the kernel
+        per thread (child name -> CPU list -> threads); "bench" is this process."""
+        out = {"bench": affinity(os.getpid()), "publisher": self.publisher_affinity}
+        for c in self.sup.children:
+            if c.proc.poll() is None:
+                out[c.name] = affinity(c.pid)
+        return out
 
     def _brokers_cpu(self) -> float:
         """User + system CPU-s of every mosquitto of the bed so far."""
@@ -508,6 +546,7 @@ class Bed:
         ]
         child = self.sup.start(f"publisher-{frames_file.stem}", argv)
         child.expected_exit = True
+        self.publisher_affinity = affinity(child.pid)  # read while it runs
         deadline = time.monotonic() + 3600
         while not result.exists():
             if child.proc.poll() not in (None, 0) or time.monotonic() > deadline:

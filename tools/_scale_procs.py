@@ -259,6 +259,114 @@ def cpu_busy(
     }
 
 
+_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+_BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq", "steal")
+
+
+def cpu_times() -> dict[str, dict[str, int]]:
+    """Each CPU's jiffies by ``/proc/stat`` field (by CPU number, as a string)."""
+    out: dict[str, dict[str, int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *rest = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            out[name[3:]] = dict(zip(_STAT_FIELDS, map(int, rest[:8]), strict=True))
+    return out
+
+
+def cpu_busy_split(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, dict[str, float]]:
+    """Each CPU's busy share between two ``cpu_times`` readings, by field (user, nice,
+    system, irq, softirq, steal over the total; they add up to ``cpu_busy``)."""
+    out: dict[str, dict[str, float]] = {}
+    for cpu, b in before.items():
+        if cpu not in after:
+            continue
+        d = {f: after[cpu][f] - b[f] for f in _STAT_FIELDS}
+        total = max(1, sum(d.values()))
+        out[cpu] = {f: round(d[f] / total, 3) for f in _BUSY_FIELDS}
+    return out
+
+
+def softirqs() -> dict[str, dict[str, int]]:
+    """``/proc/softirqs``: each CPU's count of each softirq (by CPU number, as a string)."""
+    lines = Path("/proc/softirqs").read_text().splitlines()
+    cpus = [c[3:] for c in lines[0].split()]
+    out: dict[str, dict[str, int]] = {c: {} for c in cpus}
+    for line in lines[1:]:
+        name, *counts = line.split()
+        for cpu, n in zip(cpus, counts, strict=False):
+            out[cpu][name.rstrip(":")] = int(n)
+    return out
+
+
+def softirqs_delta(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    """The softirqs each CPU ran between two ``softirqs`` readings (those that ran)."""
+    return {
+        cpu: {k: n - b.get(k, 0) for k, n in after[cpu].items() if n - b.get(k, 0)}
+        for cpu, b in before.items()
+        if cpu in after
+    }
+
+
+def affinity(pid: int) -> dict[str, int]:
+    """The CPUs each thread of a process may run on, as the kernel says: CPU list
+    (e.g. "1" or "0-1") -> number of threads; empty when the process is gone."""
+    out: dict[str, int] = {}
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            cpus = sorted(os.sched_getaffinity(tid))
+        except OSError:
+            continue
+        key = ",".join(map(str, cpus))
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def all_proc_cpu() -> dict[int, tuple[str, float]]:
+    """Every process on the machine (kernel threads included): name and user + system
+    CPU-s so far."""
+    out: dict[int, tuple[str, float]] = {}
+    tck = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        head, tail = text.rsplit(")", 1)
+        fields = tail.split()
+        out[int(entry)] = (head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / tck)
+    return out
+
+
+def others_cpu(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    exclude: set[int],
+    top: int = 8,
+) -> dict[str, Any]:
+    """CPU-s between two ``all_proc_cpu`` readings of the processes not in ``exclude``
+    (the machine's other jobs and kernel threads): the total and the busiest."""
+    spent = {
+        f"{name}[{pid}]": cpu - before[pid][1]
+        for pid, (name, cpu) in after.items()
+        if pid in before and pid not in exclude and cpu > before[pid][1]
+    }
+    busiest = sorted(spent.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "total_s": round(sum(spent.values()), 3),
+        "busiest_s": {k: round(v, 3) for k, v in busiest},
+    }
+
+
 def proc_vm(pid: int, key: str) -> int:
     """A ``/proc/<pid>/status`` figure in kB (0 when the process is gone)."""
     return _proc_field(pid, "status", key)

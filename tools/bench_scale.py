@@ -180,6 +180,7 @@ async def _idle_row(work: Path, args: argparse.Namespace, k: int) -> dict[str, A
             "interval_s": args.interval,
             "brokers": len(bed.brokers),
             "cpus": bed.cpus,
+            "affinity": bed.affinities(),
             "fleet": bed.fleet_counts(),
             "coordinator_idle": load,
             "n": n,

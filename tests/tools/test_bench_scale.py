@@ -76,10 +76,32 @@ def test_scale_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     for r in windows:
         busy = r["cpu_busy_in_cpu_window"]
         assert busy and all(0 <= b <= 1 for b in busy.values()), busy
+        _check_split(r, busy)
+    if cpus is not None:
+        _check_affinity(loaded["affinity"], cpus)
     # they carried the rounds' updates (one round alone may fall under a clock tick)
     assert sum(r["brokers_cpu_s_in_cpu_window"] for r in windows) > 0
     assert fleet["coordinator_idle"]["devices_alive"] == 150
     _check_table(capsys.readouterr().out, result)
+
+
+def _check_split(r: dict[str, Any], busy: dict[str, float]) -> None:
+    """A window's busy share by /proc/stat field, softirqs and other processes' CPU."""
+    split = r["cpu_busy_split_in_cpu_window"]
+    assert split.keys() == busy.keys()
+    for cpu, fields in split.items():  # the fields add up to the busy share
+        assert abs(sum(fields.values()) - busy[cpu]) <= 0.01, (fields, busy[cpu])
+    assert r["softirqs_in_cpu_window"].keys() == busy.keys()
+    assert r["others_cpu_in_cpu_window"]["total_s"] >= 0
+
+
+def _check_affinity(aff: dict[str, dict[str, int]], cpus: dict[str, list[int]]) -> None:
+    """Every thread of every process of the bed, read back, on the bed's CPUs (the
+    coordinator's alone on its own)."""
+    assert {"bench", "publisher", "coordinator", "core", "idle0"} <= aff.keys(), aff
+    for name, threads in aff.items():
+        want = cpus["coordinator"] if name == "coordinator" else cpus["bed"]
+        assert set(threads) == {",".join(map(str, want))}, (name, threads)
 
 
 def _tables(text: str) -> dict[str, list[dict[str, str]]]:
