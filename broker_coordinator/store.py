@@ -63,7 +63,9 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import numpy as np
 
+from maskfl.aggregator_gpu import Words
 from maskfl.protocol.errors import MaskflError, StorageError, sqlite_errors
 from maskfl.protocol.messages import HEADER_SIZE, GlobalModel, Header, decode_message
 from maskfl.protocol.phases import Phase
@@ -1099,6 +1101,10 @@ class CheckpointFiles:
             return
         _write_durably(final, final.with_name(final.name + ".tmp"), [data], "sum2 mask")
 
+    def add_mask_into(self, round_id: int, digest: bytes, out: Words) -> None:
+        """Add a sum2 mask into ``out``; its file must hold exactly ``out``'s words."""
+        add_from_file(out, self.mask_path(round_id, digest), 0, "sum2 mask", whole=True)
+
     def map_mask(self, round_id: int, digest: bytes, size: int) -> memoryview:
         """The mask's ``size`` bytes, mapped read-only from its file (unmapped when the
         last view of it goes). The sum2 phase wrote the file, so the page cache
@@ -1168,16 +1174,9 @@ class UpdateLog:
             raise StorageError(f"cannot append to {self.path(round_id)}: {exc}") from exc
         return offsets
 
-    def read(self, round_id: int, offset: int, length: int) -> bytes:
-        try:
-            with open(self.path(round_id), "rb") as f:
-                f.seek(offset)
-                data = f.read(length)
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.path(round_id)}: {exc}") from exc
-        if len(data) != length:
-            raise StorageError(f"{self.path(round_id)} is shorter than the database says")
-        return data
+    def add_into(self, round_id: int, offset: int, out: Words) -> None:
+        """Add the ``out.size`` words logged at ``offset`` into ``out`` (:func:`add_from_file`)."""
+        add_from_file(out, self.path(round_id), offset, "update log")
 
     def prune(self, keep_round: int | None = None) -> None:
         keep = None if keep_round is None else self.path(keep_round)
@@ -1190,3 +1189,28 @@ class UpdateLog:
 def now() -> float:
     """Wall-clock seconds: phase deadlines must survive a restart, so not monotonic."""
     return time.time()
+
+
+_SLICE_BYTES = 16 << 20
+
+
+def add_from_file(out: Words, path: Path, offset: int, what: str, *, whole: bool = False) -> None:
+    """Add the ``out.size`` words stored at ``offset`` in ``path`` into ``out`` (wrapping
+    as ``out``'s dtype does), 16 MiB at a time: no model-sized buffer besides ``out``
+    (blocking I/O: the unmask runs it in a worker thread). ``whole``:
+    the file must hold exactly those words."""
+    step = max(1, _SLICE_BYTES // out.itemsize)
+    part = np.empty(min(step, out.size), dtype=out.dtype)
+    try:
+        with path.open("rb") as f:
+            if whole and os.fstat(f.fileno()).st_size != out.nbytes:
+                raise StorageError(f"{what} {path} is not {out.nbytes} bytes long")
+            f.seek(offset)
+            for start in range(0, out.size, step):
+                n = min(step, out.size - start)
+                view = part[:n]
+                if f.readinto(view.data.cast("B")) != view.nbytes:
+                    raise StorageError(f"{what} {path} is shorter than the round says")
+                np.add(out[start : start + n], view, out=out[start : start + n])
+    except OSError as exc:
+        raise StorageError(f"{what} {path} unreadable: {exc}") from exc

@@ -19,18 +19,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import resource
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from maskfl.aggregator_gpu import (
     DigestVote,
     MaskVoteTieError,
-    Words,
     WordsLike,
     plurality_of_digests,
 )
@@ -169,8 +166,7 @@ class UnmaskPhase(StepPhase):
         # mapped mask counts in the RSS as it is read, as much as a buffer would.
         mask = np.zeros(s.vector_words, dtype)
         for vote in winners:
-            path = s.checkpoints.mask_path(rid, vote.digest)
-            await asyncio.to_thread(_add_from_file, mask, path, 0, "sum2 mask", whole=True)
+            await asyncio.to_thread(s.checkpoints.add_mask_into, rid, vote.digest, mask)
         for u in dropped:
             words = kept.pop(u.digest, None)
             if words is not None:
@@ -181,8 +177,7 @@ class UnmaskPhase(StepPhase):
                         f"update from {u.device_id}: {u.log_length} bytes in the update log, "
                         f"not {mask.nbytes}"
                     )
-                path = s.update_log.path(rid)
-                await asyncio.to_thread(_add_from_file, mask, path, u.log_offset, "update log")
+                await asyncio.to_thread(s.update_log.add_into, rid, u.log_offset, mask)
             else:
                 raise RoundFailedError(
                     f"update from {u.device_id} must be dropped (its seed did not open) but its "
@@ -486,27 +481,3 @@ class UnmaskPhase(StepPhase):
             log.warning("round %d: fleet evaluation not published: %s", state.round_id, exc)
             return None
         return fleet if fleet.examples else None
-
-
-_SLICE_BYTES = 16 << 20
-
-
-def _add_from_file(out: Words, path: Path, offset: int, what: str, *, whole: bool = False) -> None:
-    """Add the ``out.size`` words stored at ``offset`` in ``path`` into ``out``, 16 MiB
-    at a time (in a worker thread: no model-sized buffer besides ``out``). ``whole``:
-    the file must hold exactly those words."""
-    step = max(1, _SLICE_BYTES // out.itemsize)
-    part = np.empty(min(step, out.size), dtype=out.dtype)
-    try:
-        with path.open("rb") as f:
-            if whole and os.fstat(f.fileno()).st_size != out.nbytes:
-                raise StorageError(f"{what} {path} is not {out.nbytes} bytes long")
-            f.seek(offset)
-            for start in range(0, out.size, step):
-                n = min(step, out.size - start)
-                view = part[:n]
-                if f.readinto(view.data.cast("B")) != view.nbytes:
-                    raise StorageError(f"{what} {path} is shorter than the round says")
-                np.add(out[start : start + n], view, out=out[start : start + n])
-    except OSError as exc:
-        raise StorageError(f"{what} {path} unreadable: {exc}") from exc

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskfl.broker_coordinator.phases.unmask import _add_from_file
+from maskfl.broker_coordinator.store import add_from_file
 from maskfl.protocol.errors import StorageError
 from maskfl.protocol.phases import Phase
 from maskfl.protocol.topics import Topics
@@ -110,16 +110,16 @@ def test_stored_words_are_added_in_slices(
     mask buffer a slice at a time (no second model-sized buffer, mapped or not),
     wrapping modulo 2^w as the aggregate does; a mask file of the wrong size or a short
     update log is a storage error."""
-    monkeypatch.setattr("maskfl.broker_coordinator.phases.unmask._SLICE_BYTES", 40)
+    monkeypatch.setattr("maskfl.broker_coordinator.store._SLICE_BYTES", 40)
     rng = np.random.default_rng(3)
     out = rng.integers(0, 2**32, 103, dtype=np.uint32)
     stored = rng.integers(0, 2**32, 103, dtype=np.uint32)
     path = tmp_path / "words"
     path.write_bytes(bytes(offset) + stored.tobytes() + b"tail")
     expected = out + stored  # uint32 wraps
-    _add_from_file(out, path, offset, "test words")
+    add_from_file(out, path, offset, "test words")
     np.testing.assert_array_equal(out, expected)
     with pytest.raises(StorageError, match="is not 412 bytes long"):  # a mask file: exact
-        _add_from_file(out, path, 0, "sum2 mask", whole=True)
+        add_from_file(out, path, 0, "sum2 mask", whole=True)
     with pytest.raises(StorageError, match="shorter than the round says"):
-        _add_from_file(out, path, len(stored.tobytes()), "update log")
+        add_from_file(out, path, len(stored.tobytes()), "update log")
